@@ -1,0 +1,56 @@
+"""torchwatch: catch the silent failures of PyTorch models at inference time.
+
+>>> import torch, torchwatch as tw
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+>>> with tw.attach(model) as watch:
+...     _ = model(torch.randn(8, 4))
+...     print(watch.snapshot()["0"].count)
+32
+"""
+
+from __future__ import annotations
+
+from .alerts import Alert, FirstNonFinite
+from .errors import (
+    CanaryError,
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    NonFiniteError,
+    TorchwatchError,
+    TorchwatchWarning,
+)
+from .sinks import JsonlSink, MemorySink, Record, Sink, TensorBoardSink
+from .snapshot import Snapshot
+from .stats import DEFAULT_CAST_DTYPES, ModuleStats, tensor_stats
+from .watch import Watch, attach
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("torchwatch")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "DEFAULT_CAST_DTYPES",
+    "Alert",
+    "CanaryError",
+    "ConfigError",
+    "FirstNonFinite",
+    "FormatError",
+    "IntegrityError",
+    "JsonlSink",
+    "MemorySink",
+    "ModuleStats",
+    "NonFiniteError",
+    "Record",
+    "Sink",
+    "Snapshot",
+    "TensorBoardSink",
+    "TorchwatchError",
+    "TorchwatchWarning",
+    "Watch",
+    "attach",
+    "tensor_stats",
+]

@@ -1,0 +1,60 @@
+"""Alerts, and the record of where NaN/Inf first appeared."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Something a person should look at.
+
+    Attributes:
+        rule: which rule fired (``"nonfinite"`` for NaN/Inf).
+        module: fully-qualified name of the module (for ``"nonfinite"``: the origin, i.e. the
+            first module in execution order whose output was not finite on that call).
+        stat: the statistic (``"nan"``, ``"posinf"``, ``"neginf"``, ...).
+        value: what was measured.
+        expected: what was expected.
+        call: index of the root call of the watched model (0-based; -1 outside any root call).
+        time: Unix time when it was detected.
+        cohort, trace_id: labels from :meth:`torchwatch.Watch.context` active on that call.
+        message: one sentence for a person.
+    """
+
+    rule: str
+    module: str
+    stat: str
+    value: float
+    expected: float
+    call: int
+    time: float
+    cohort: str | None
+    trace_id: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FirstNonFinite:
+    """Where a module's output first stopped being finite (since the last reset).
+
+    Attributes:
+        module: the module (output position) this record is about.
+        call: root-call index of the first call on which it produced NaN/Inf.
+        trace_id, cohort: labels of that call.
+        origin: the first module, in execution order, to produce NaN/Inf on that call; where
+            the failure started, as opposed to the layers it spread to.
+    """
+
+    module: str
+    call: int
+    trace_id: str | None
+    cohort: str | None
+    origin: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

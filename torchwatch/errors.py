@@ -1,0 +1,67 @@
+"""Exceptions and warnings raised by torchwatch.
+
+The tree::
+
+    TorchwatchError(Exception)
+    ├── ConfigError(TorchwatchError, ValueError)    bad argument or selector, at setup time
+    ├── FormatError(TorchwatchError, ValueError)    a file torchwatch cannot read
+    ├── IntegrityError(TorchwatchError)             weights differ from their manifest
+    ├── CanaryError(TorchwatchError)                reference outputs do not match
+    └── NonFiniteError(TorchwatchError)             NaN/Inf seen with on_nonfinite="raise"
+
+    TorchwatchWarning(UserWarning)                  something was skipped or disabled; inference goes on
+
+Every message says what failed, names the module, tensor or file, gives expected vs. got where
+there is one, and says how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CanaryError",
+    "ConfigError",
+    "FormatError",
+    "IntegrityError",
+    "NonFiniteError",
+    "TorchwatchError",
+    "TorchwatchWarning",
+]
+
+
+class TorchwatchError(Exception):
+    """Base class of every exception torchwatch raises on purpose."""
+
+
+class ConfigError(TorchwatchError, ValueError):
+    """An argument, selector or configuration is invalid; raised before anything is changed."""
+
+
+class FormatError(TorchwatchError, ValueError):
+    """A file is missing, truncated, corrupt or of an unknown format version."""
+
+
+class IntegrityError(TorchwatchError):
+    """Loaded weights do not match the manifest they are checked against."""
+
+
+class CanaryError(TorchwatchError):
+    """A model's outputs on the reference batch differ from the recorded ones."""
+
+
+class NonFiniteError(TorchwatchError):
+    """A forward produced NaN or Inf while ``on_nonfinite="raise"``.
+
+    Raised after the forward of the watched model completed.
+
+    Attributes:
+        alert: the :class:`torchwatch.Alert` describing it; ``alert.module`` is the first module,
+            in execution order, whose output was not finite on that call.
+    """
+
+    def __init__(self, message: str, alert: object) -> None:
+        super().__init__(message)
+        self.alert = alert
+
+
+class TorchwatchWarning(UserWarning):
+    """torchwatch skipped or disabled something (a failing hook or sink); inference continues."""

@@ -1,0 +1,438 @@
+/*
+ * Activation statistics of a dense CPU tensor in one read.
+ *
+ * The tensor is walked in blocks of TW_BLOCK elements. A block is small enough to stay in
+ * L1 while it is visited two or three times, so main memory is read once. Per block:
+ *
+ *   pass A  sum (f32, used only as a shift), min, max, smallest nonzero |x|, zero count;
+ *   pass B  sum and sum of squares of (x - shift), so variance never suffers from
+ *           sum/sum-of-squares cancellation however large the mean is;
+ *   counts  subnormal / would-underflow / would-overflow, only when pass A shows the block
+ *           can hold any (its smallest nonzero |x| or its largest |x| crosses a threshold).
+ *
+ * Blocks are merged with Chan's parallel formula. A block holding NaN/Inf or values too
+ * large for f32 accumulators takes the portable exact path (double arithmetic), which is
+ * also the whole kernel on CPUs without AVX2 and the reference the tests compare against.
+ *
+ * The caller passes the address of a dense tensor and its length; it is the caller's job to
+ * keep the tensor alive and to pass the right dtype code. The GIL is released while reading.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TW_X86 1
+#endif
+
+#define TW_BLOCK 2048
+#define TW_MAXCAST 8
+/* Above this magnitude (x - shift)^2 could overflow the f32 accumulators of pass B. */
+#define TW_FAST_LIMIT 1e18f
+
+enum { TW_F32 = 0, TW_F64 = 1, TW_F16 = 2, TW_BF16 = 3 };
+
+typedef struct {
+    int k;                        /* number of cast dtypes */
+    double tiny;                  /* smallest normal of the tensor's own dtype */
+    double under[TW_MAXCAST];     /* 0 < |x| <= under[i]  -> becomes 0 when cast */
+    double over[TW_MAXCAST];      /* finite, |x| > over[i] -> beyond the cast dtype's max */
+    float tinyf, underf[TW_MAXCAST], overf[TW_MAXCAST];
+} plan_t;
+
+typedef struct {
+    int64_t nfin, nan, posinf, neginf, zeros, subnormal;
+    int64_t under[TW_MAXCAST], over[TW_MAXCAST];
+    double mean, m2, min, max;    /* over finite elements */
+} acc_t;
+
+static void chan_merge(acc_t *acc, int64_t nb, double mean_b, double m2_b) {
+    if (nb == 0) return;
+    if (acc->nfin == 0) {
+        acc->nfin = nb; acc->mean = mean_b; acc->m2 = m2_b;
+        return;
+    }
+    int64_t n = acc->nfin + nb;
+    double delta = mean_b - acc->mean;
+    double wb = (double)nb / (double)n;
+    acc->mean += delta * wb;
+    acc->m2 += m2_b + delta * delta * (double)acc->nfin * wb;
+    acc->nfin = n;
+}
+
+static void merge_range(acc_t *acc, double mn, double mx) {
+    if (mn < acc->min) acc->min = mn;
+    if (mx > acc->max) acc->max = mx;
+}
+
+/* ---- portable exact path ------------------------------------------------------------ */
+
+#define TW_EXACT_BLOCK(NAME, T, ABS, MAXV)                                                  \
+static void NAME(const T *x, int n, const plan_t *p, acc_t *acc) {                          \
+    double s = 0, mn = INFINITY, mx = -INFINITY;                                            \
+    int64_t nfin = 0;                                                                       \
+    for (int i = 0; i < n; i++) {                                                           \
+        double v = (double)x[i], a = ABS(x[i]);                                             \
+        if (!(a <= MAXV)) {                                                                 \
+            if (v != v) acc->nan++;                                                         \
+            else if (v > 0) acc->posinf++;                                                  \
+            else acc->neginf++;                                                             \
+            continue;                                                                       \
+        }                                                                                   \
+        nfin++; s += v;                                                                     \
+        if (v < mn) mn = v;                                                                 \
+        if (v > mx) mx = v;                                                                 \
+        if (v == 0) { acc->zeros++; continue; }                                             \
+        if (a < p->tiny) acc->subnormal++;                                                  \
+        for (int k = 0; k < p->k; k++) {                                                    \
+            acc->under[k] += a <= p->under[k];                                              \
+            acc->over[k] += a > p->over[k];                                                 \
+        }                                                                                   \
+    }                                                                                       \
+    if (nfin == 0) return;                                                                  \
+    double m = s / (double)nfin, sd = 0, sq = 0;                                            \
+    for (int i = 0; i < n; i++) {                                                           \
+        if (!(ABS(x[i]) <= MAXV)) continue;                                                 \
+        double d = (double)x[i] - m;                                                        \
+        sd += d; sq += d * d;                                                               \
+    }                                                                                       \
+    double m2 = sq - sd * sd / (double)nfin;                                                \
+    chan_merge(acc, nfin, m + sd / (double)nfin, m2 > 0 ? m2 : 0);                          \
+    merge_range(acc, mn, mx);                                                               \
+}
+
+TW_EXACT_BLOCK(exact_block_f32, float, fabsf, FLT_MAX)
+TW_EXACT_BLOCK(exact_block_f64, double, fabs, DBL_MAX)
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {                      /* subnormal half: normalise into a float */
+        exp = 113;
+        while (!(man & 0x400u)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* ---- AVX2 path ----------------------------------------------------------------------- */
+
+#ifdef TW_X86
+#define TW_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+TW_AVX2 static inline int64_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return (int64_t)(uint32_t)_mm_cvtsi128_si32(s);
+}
+
+TW_AVX2 static inline double hsum_ps_as_pd(__m256 v) {
+    __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                              _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
+TW_AVX2 static inline float hmin_ps(__m256 v) {
+    __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+TW_AVX2 static inline float hmax_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+TW_AVX2 static inline uint32_t hmin_epu32(__m256i v) {
+    __m128i m = _mm_min_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+    return (uint32_t)_mm_cvtsi128_si32(m);
+}
+
+/* Number of x with 0 < |x| <= t (or < t when strict). x is finite here. */
+TW_AVX2 static int64_t count_small(const float *x, int n, float t, int strict) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 vt = _mm256_set1_ps(t), zero = _mm256_setzero_ps();
+    __m256i c = _mm256_setzero_si256();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
+        __m256 in = strict ? _mm256_cmp_ps(a, vt, _CMP_LT_OQ) : _mm256_cmp_ps(a, vt, _CMP_LE_OQ);
+        in = _mm256_and_ps(in, _mm256_cmp_ps(a, zero, _CMP_NEQ_OQ));
+        c = _mm256_sub_epi32(c, _mm256_castps_si256(in));
+    }
+    int64_t r = hsum_epi32(c);
+    for (; i < n; i++) {
+        float a = fabsf(x[i]);
+        r += a != 0 && (strict ? a < t : a <= t);
+    }
+    return r;
+}
+
+/* Number of x with |x| > t. x is finite here. */
+TW_AVX2 static int64_t count_large(const float *x, int n, float t) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 vt = _mm256_set1_ps(t);
+    __m256i c = _mm256_setzero_si256();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
+        c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(a, vt, _CMP_GT_OQ)));
+    }
+    int64_t r = hsum_epi32(c);
+    for (; i < n; i++) r += fabsf(x[i]) > t;
+    return r;
+}
+
+TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t *acc) {
+    const __m256i absmask = _mm256_set1_epi32(0x7fffffff), one = _mm256_set1_epi32(1);
+    const __m256i izero = _mm256_setzero_si256();
+    __m256 vmn = _mm256_set1_ps(INFINITY), vmx = _mm256_set1_ps(-INFINITY);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    __m256i nzmin = _mm256_set1_epi32(-1), zeros = _mm256_setzero_si256();
+    int i = 0;
+    /* pass A: min_ps(v, m) returns m when v is NaN, so NaN never wins; the sum catches it */
+    for (; i + 16 <= n; i += 16) {
+        __m256 v = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
+        __m256i av = _mm256_and_si256(_mm256_castps_si256(v), absmask);
+        __m256i aw = _mm256_and_si256(_mm256_castps_si256(w), absmask);
+        s0 = _mm256_add_ps(s0, v);
+        s1 = _mm256_add_ps(s1, w);
+        vmn = _mm256_min_ps(w, _mm256_min_ps(v, vmn));
+        vmx = _mm256_max_ps(w, _mm256_max_ps(v, vmx));
+        /* |x| bits - 1 as unsigned: zero wraps to the maximum, so the min is the smallest nonzero */
+        nzmin = _mm256_min_epu32(nzmin, _mm256_sub_epi32(av, one));
+        nzmin = _mm256_min_epu32(nzmin, _mm256_sub_epi32(aw, one));
+        zeros = _mm256_sub_epi32(zeros, _mm256_cmpeq_epi32(av, izero));
+        zeros = _mm256_sub_epi32(zeros, _mm256_cmpeq_epi32(aw, izero));
+    }
+    float sum = (float)hsum_ps_as_pd(_mm256_add_ps(s0, s1));
+    float mn = hmin_ps(vmn), mx = hmax_ps(vmx);
+    uint32_t nzbits = hmin_epu32(nzmin) + 1u;
+    int64_t nzero = hsum_epi32(zeros);
+    for (int j = i; j < n; j++) {
+        float v = x[j];
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        bits &= 0x7fffffffu;
+        sum += v;
+        if (v < mn) mn = v;
+        if (v > mx) mx = v;
+        if (bits == 0) nzero++;
+        else if (bits < nzbits || nzbits == 0) nzbits = bits;
+    }
+    /* A finite sum means no NaN/Inf (they would propagate); the magnitude bound keeps pass B
+       inside f32 range. Anything else takes the exact path. */
+    if (!(fabsf(sum) <= FLT_MAX) || !(mn >= -TW_FAST_LIMIT) || !(mx <= TW_FAST_LIMIT)) {
+        exact_block_f32(x, n, p, acc);
+        return;
+    }
+    float minabs_nz;
+    memcpy(&minabs_nz, &nzbits, sizeof minabs_nz);
+    if (nzbits == 0) minabs_nz = INFINITY;     /* every element is zero */
+
+    /* pass B: shifted moments, f32 lanes folded into double every 256 elements */
+    const float shift = sum / (float)n;
+    const __m256 vs = _mm256_set1_ps(shift);
+    double sd = 0, sq = 0;
+    i = 0;
+    while (i + 16 <= n) {
+        __m256 d0 = _mm256_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
+        int end = i + 256 < n ? i + 256 : n;
+        for (; i + 16 <= end; i += 16) {
+            __m256 a = _mm256_sub_ps(_mm256_loadu_ps(x + i), vs);
+            __m256 b = _mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vs);
+            d0 = _mm256_add_ps(d0, a);
+            d1 = _mm256_add_ps(d1, b);
+            q0 = _mm256_fmadd_ps(a, a, q0);
+            q1 = _mm256_fmadd_ps(b, b, q1);
+        }
+        sd += hsum_ps_as_pd(d0) + hsum_ps_as_pd(d1);
+        sq += hsum_ps_as_pd(q0) + hsum_ps_as_pd(q1);
+    }
+    for (; i < n; i++) {
+        double d = (double)x[i] - (double)shift;
+        sd += d; sq += d * d;
+    }
+    double m2 = sq - sd * sd / (double)n;
+    chan_merge(acc, n, (double)shift + sd / (double)n, m2 > 0 ? m2 : 0);
+    merge_range(acc, mn, mx);
+    acc->zeros += nzero;
+
+    if (minabs_nz < p->tinyf) acc->subnormal += count_small(x, n, p->tinyf, 1);
+    float amax = -mn > mx ? -mn : mx;
+    for (int k = 0; k < p->k; k++) {
+        if (minabs_nz <= p->underf[k]) acc->under[k] += count_small(x, n, p->underf[k], 0);
+        if (amax > p->overf[k]) acc->over[k] += count_large(x, n, p->overf[k]);
+    }
+}
+
+TW_AVX2 static void simd_half_to_float(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+TW_AVX2 static void simd_bf16_to_float(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(w, 16));
+    }
+    for (; i < n; i++) dst[i] = bf16_to_float(src[i]);
+}
+#endif
+
+static int simd_cpu = 0;    /* set once at import */
+
+static int cpu_has_simd(void) {
+#ifdef TW_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int simd, acc_t *acc) {
+    float scratch[TW_BLOCK];
+    for (Py_ssize_t off = 0; off < n; off += TW_BLOCK) {
+        int b = (int)(n - off < TW_BLOCK ? n - off : TW_BLOCK);
+        if (dtype == TW_F64) {
+            exact_block_f64((const double *)data + off, b, p, acc);
+            continue;
+        }
+        const float *x = scratch;
+        if (dtype == TW_F32) {
+            x = (const float *)data + off;
+        } else {
+            const uint16_t *src = (const uint16_t *)data + off;
+#ifdef TW_X86
+            if (simd && dtype == TW_F16) simd_half_to_float(src, scratch, b);
+            else if (simd) simd_bf16_to_float(src, scratch, b);
+            else
+#endif
+            for (int i = 0; i < b; i++)
+                scratch[i] = dtype == TW_F16 ? half_to_float(src[i]) : bf16_to_float(src[i]);
+        }
+#ifdef TW_X86
+        if (simd) { simd_block_f32(x, b, p, acc); continue; }
+#endif
+        exact_block_f32(x, b, p, acc);
+    }
+}
+
+static int read_thresholds(PyObject *seq, double *out, const char *what) {
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (fast == NULL) return -1;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(fast);
+    if (k > TW_MAXCAST) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "at most %d cast dtypes, got %zd", TW_MAXCAST, k);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        out[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        if (out[i] == -1.0 && PyErr_Occurred()) { Py_DECREF(fast); return -1; }
+    }
+    Py_DECREF(fast);
+    return (int)k;
+}
+
+PyDoc_STRVAR(tensor_stats_doc,
+"tensor_stats(address, numel, dtype_code, tiny, under, over, exact) -> tuple\n\n"
+"Statistics of `numel` dense elements at `address` (dtype codes: 0 f32, 1 f64, 2 f16,\n"
+"3 bf16). Returns (finite, nan, posinf, neginf, zeros, subnormal, mean, m2, min, max,\n"
+"underflow counts, overflow counts). `exact` forces the portable path.");
+
+static PyObject *tensor_stats(PyObject *self, PyObject *args) {
+    unsigned long long address;
+    Py_ssize_t n;
+    int dtype, exact;
+    double tiny;
+    PyObject *under, *over;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnidOOp", &address, &n, &dtype, &tiny, &under, &over, &exact))
+        return NULL;
+    if (dtype < TW_F32 || dtype > TW_BF16) return PyErr_Format(PyExc_ValueError, "bad dtype code %d", dtype);
+    if (n < 0) return PyErr_Format(PyExc_ValueError, "negative numel %zd", n);
+    plan_t p;
+    memset(&p, 0, sizeof p);
+    int ku = read_thresholds(under, p.under, "under must be a sequence of floats");
+    if (ku < 0) return NULL;
+    int ko = read_thresholds(over, p.over, "over must be a sequence of floats");
+    if (ko < 0) return NULL;
+    if (ku != ko) return PyErr_Format(PyExc_ValueError, "%d underflow but %d overflow thresholds", ku, ko);
+    p.k = ku;
+    p.tiny = tiny;
+    p.tinyf = (float)tiny;
+    for (int k = 0; k < p.k; k++) {
+        p.underf[k] = (float)p.under[k];
+        p.overf[k] = (float)p.over[k];
+    }
+    acc_t acc;
+    memset(&acc, 0, sizeof acc);
+    acc.min = INFINITY;
+    acc.max = -INFINITY;
+    int simd = !exact && simd_cpu;
+    Py_BEGIN_ALLOW_THREADS
+    run((const void *)(uintptr_t)address, n, dtype, &p, simd, &acc);
+    Py_END_ALLOW_THREADS
+    PyObject *u = PyTuple_New(p.k), *o = PyTuple_New(p.k);
+    if (u == NULL || o == NULL) { Py_XDECREF(u); Py_XDECREF(o); return NULL; }
+    for (int k = 0; k < p.k; k++) {
+        PyTuple_SET_ITEM(u, k, PyLong_FromLongLong(acc.under[k]));
+        PyTuple_SET_ITEM(o, k, PyLong_FromLongLong(acc.over[k]));
+    }
+    return Py_BuildValue("LLLLLLddddNN", (long long)acc.nfin, (long long)acc.nan,
+                         (long long)acc.posinf, (long long)acc.neginf, (long long)acc.zeros,
+                         (long long)acc.subnormal, acc.mean, acc.m2, acc.min, acc.max, u, o);
+}
+
+static PyObject *simd_available(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyBool_FromLong(simd_cpu);
+}
+
+static PyMethodDef methods[] = {
+    {"tensor_stats", tensor_stats, METH_VARARGS, tensor_stats_doc},
+    {"simd_available", simd_available, METH_NOARGS, "Whether this CPU runs the AVX2 path."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_cstats", "Single-pass CPU activation statistics.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__cstats(void) {
+    simd_cpu = cpu_has_simd();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,83 @@
+"""What a sink receives, and the interface it implements."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..alerts import Alert, FirstNonFinite
+from ..stats import ModuleStats
+
+ROOT_LABEL = "<root>"  # how the watched model's own output is named where "" would be unreadable
+
+
+@dataclass(frozen=True)
+class Record:
+    """One flush: the statistics of the root calls since the previous flush.
+
+    Attributes:
+        step: root calls of the watched model seen so far (the x axis of every chart).
+        time: Unix time of the flush.
+        calls: root calls in this interval; ``sampled`` of them were measured.
+        stats: per output position (``fqn``, ``fqn[1]``, ``fqn.key``), the interval's statistics.
+        alerts: alerts raised in this interval.
+        nonfinite: modules whose first NaN/Inf (since the last reset) fell in this interval.
+        errors: hook and sink failures so far, by module or sink.
+    """
+
+    step: int
+    time: float
+    calls: int
+    sampled: int
+    stats: Mapping[str, ModuleStats]
+    alerts: tuple[Alert, ...] = ()
+    nonfinite: Mapping[str, FirstNonFinite] = field(default_factory=dict)
+    errors: Mapping[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: NaN and infinities become ``null``."""
+        return _json_safe(
+            {
+                "step": self.step,
+                "time": self.time,
+                "calls": self.calls,
+                "sampled": self.sampled,
+                "modules": {name: s.to_dict() for name, s in self.stats.items()},
+                "alerts": [a.to_dict() for a in self.alerts],
+                "nonfinite": {name: r.to_dict() for name, r in self.nonfinite.items()},
+                "errors": dict(self.errors),
+            }
+        )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class Sink:
+    """Base class of sinks. Sinks run on torchwatch's writer thread, never the serving thread.
+
+    Subclasses implement :meth:`write` and, where they hold resources, :meth:`flush` and
+    :meth:`close`. An exception from any of them disables the sink (reported once); inference
+    and the other sinks go on.
+    """
+
+    def write(self, record: Record) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Push buffered output to its destination."""
+
+    def close(self) -> None:
+        """Release files, writers and ports; the sink is not used afterwards."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

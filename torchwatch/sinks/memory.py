@@ -1,0 +1,38 @@
+"""Keep flush records in memory (tests, notebooks, custom exporters)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from .base import Record, Sink
+
+
+class MemorySink(Sink):
+    """Keeps the last ``maxlen`` flush :class:`Record` objects in :attr:`records`.
+
+    Args:
+        maxlen: how many records to keep (oldest dropped first); ``None`` keeps all.
+
+    Example:
+        >>> import torch, torchwatch as tw
+        >>> sink = tw.MemorySink()
+        >>> with tw.attach(torch.nn.Linear(4, 2), sinks=[sink]) as watch:
+        ...     _ = watch.model(torch.randn(3, 4))
+        >>> sink.records[-1].stats[""].count  # "" is the watched model itself
+        6
+    """
+
+    def __init__(self, maxlen: int | None = 1000) -> None:
+        self._records: collections.deque[Record] = collections.deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+
+    def write(self, record: Record) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    @property
+    def records(self) -> list[Record]:
+        """The kept records, oldest first (a copy)."""
+        with self._lock:
+            return list(self._records)

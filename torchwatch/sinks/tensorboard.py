@@ -1,0 +1,158 @@
+"""TensorBoard event files, with a dashboard layout that opens on what matters."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from .base import ROOT_LABEL, Record, Sink
+
+# Per-module scalars written at every flush (the ``step`` is the root-call count).
+MOMENT_TAGS = ("mean", "std", "min", "max", "absmax")
+COUNT_TAGS = ("nan", "posinf", "neginf")
+FRACTION_TAGS = ("zeros", "subnormal")
+
+_writers: dict[str, list[Any]] = {}  # logdir -> [EventFileWriter, users]
+_writers_lock = threading.Lock()
+
+
+def _import_tensorboard() -> Any:
+    try:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        raise ImportError(
+            "TensorBoardSink needs the tensorboard package: pip install 'torchwatch[tensorboard]'"
+        ) from None
+    return event_pb2, summary_pb2, EventFileWriter
+
+
+def _acquire(logdir: str) -> Any:
+    """One event-file writer per log directory per process, shared by the sinks using it."""
+    _, _, EventFileWriter = _import_tensorboard()
+    with _writers_lock:
+        entry = _writers.get(logdir)
+        if entry is None:
+            os.makedirs(logdir, exist_ok=True)
+            entry = _writers[logdir] = [EventFileWriter(logdir, max_queue_size=1000, flush_secs=30), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release(logdir: str) -> None:
+    with _writers_lock:
+        entry = _writers.get(logdir)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _writers[logdir]
+            entry[0].close()
+
+
+def layout(cast_dtypes: tuple[str, ...] | list[str]) -> dict[str, dict[str, list[Any]]]:
+    """The ``custom_scalars`` layout: non-finite counts, cast under/overflow, dead units."""
+    casts = {}
+    for name in cast_dtypes:
+        casts[f"would underflow in {name} (fraction)"] = ["Multiline", [rf".*/underflow_frac_{name}$"]]
+        casts[f"would overflow in {name} (fraction)"] = ["Multiline", [rf".*/overflow_frac_{name}$"]]
+    return {
+        "torchwatch: NaN / Inf": {
+            "NaN per interval": ["Multiline", [r".*/nan$"]],
+            "+Inf per interval": ["Multiline", [r".*/posinf$"]],
+            "-Inf per interval": ["Multiline", [r".*/neginf$"]],
+        },
+        "torchwatch: fp16 / bf16 / fp8 casts": casts,
+        "torchwatch: dead units and range": {
+            "zero fraction": ["Multiline", [r".*/zeros_frac$"]],
+            "abs-max": ["Multiline", [r".*/absmax$"]],
+        },
+    }
+
+
+class TensorBoardSink(Sink):
+    """Writes each flush as TensorBoard scalars under ``logdir``.
+
+    Tags are grouped by module path (TensorBoard groups by the part before the first ``/``;
+    the watched model's own output is ``<root>``):
+
+    * ``<fqn>/mean``, ``/std``, ``/min``, ``/max``, ``/absmax`` over finite elements;
+    * ``<fqn>/nan``, ``/posinf``, ``/neginf``: counts in the interval since the previous flush;
+    * ``<fqn>/zeros_frac``, ``/subnormal_frac``: fractions of the interval's elements;
+    * ``<fqn>/underflow_frac_<dtype>``, ``/overflow_frac_<dtype>`` for each cast dtype;
+    * ``torchwatch/alerts``: alerts raised in the interval.
+
+    A ``custom_scalars`` layout (the *Custom Scalars* tab) puts NaN/Inf, cast under/overflow
+    and zero fractions of every module on shared charts. One event-file writer is shared per
+    log directory in a process; ``prefix`` keeps two watches writing to one directory apart.
+    The directory is created on the first write; if it cannot be, the sink is reported and
+    disabled and serving goes on. Requires the ``tensorboard`` extra.
+
+    Args:
+        logdir: the log directory (``tensorboard --logdir`` it).
+        prefix: prepended to every tag, e.g. ``"replica0/"``.
+
+    Raises:
+        ImportError: tensorboard is not installed.
+
+    Example:
+        >>> import tempfile, torch, torchwatch as tw
+        >>> logdir = tempfile.mkdtemp()
+        >>> with tw.attach(torch.nn.Linear(4, 2), sinks=[tw.TensorBoardSink(logdir)]) as watch:
+        ...     _ = watch.model(torch.randn(3, 4))
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str], *, prefix: str = "") -> None:
+        self._pb = _import_tensorboard()
+        self.logdir = os.path.abspath(os.fspath(logdir))
+        self.prefix = prefix
+        self._writer: Any = None
+        self._layout_written = False
+
+    def _scalars(self, record: Record) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        for name, s in record.stats.items():
+            base = f"{self.prefix}{name or ROOT_LABEL}/"
+            out += [(base + tag, getattr(s, tag)) for tag in MOMENT_TAGS]
+            out += [(base + tag, float(getattr(s, tag))) for tag in COUNT_TAGS]
+            count = max(s.count, 1)
+            out += [(f"{base}{tag}_frac", getattr(s, tag) / count) for tag in FRACTION_TAGS]
+            out += [(f"{base}underflow_frac_{k}", v / count) for k, v in s.underflow.items()]
+            out += [(f"{base}overflow_frac_{k}", v / count) for k, v in s.overflow.items()]
+        out.append((f"{self.prefix}torchwatch/alerts", float(len(record.alerts))))
+        return out
+
+    def write(self, record: Record) -> None:
+        event_pb2, summary_pb2, _ = self._pb
+        if self._writer is None:
+            self._writer = _acquire(self.logdir)
+        if not self._layout_written:
+            self._write_layout(record, event_pb2)
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in self._scalars(record)]
+        event = event_pb2.Event(wall_time=record.time, step=record.step, summary=summary_pb2.Summary(value=values))
+        self._writer.add_event(event)
+
+    def _write_layout(self, record: Record, event_pb2: Any) -> None:
+        from torch.utils.tensorboard.summary import custom_scalars
+
+        names: list[str] = []
+        for s in record.stats.values():
+            names += [k for k in s.underflow if k not in names]
+        summary = custom_scalars(layout(names))
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
+        self._layout_written = True
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer = None
+            _release(self.logdir)
+
+    def __repr__(self) -> str:
+        return f"TensorBoardSink({self.logdir!r})"

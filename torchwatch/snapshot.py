@@ -1,0 +1,84 @@
+"""A read-only view of what a watch has measured since its last reset."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .alerts import FirstNonFinite
+from .stats import ModuleStats
+
+
+class Snapshot(Mapping[str, ModuleStats]):
+    """Statistics per output position, since the last :meth:`Watch.reset`.
+
+    Keys are fully-qualified module names (``""`` for the watched model itself), with the output
+    position appended for every tensor but the first: ``fqn[1]``, ``fqn.key``. Keys are in the
+    order the positions were first measured, which is execution order.
+
+    Attributes:
+        calls: root calls of the watched model since the last reset.
+        sampled: how many of them were measured (``every=N`` sampling).
+        cohort: the cohort this snapshot is restricted to (``None``: all calls).
+        nonfinite: for each position that produced NaN/Inf, where it first did
+            (:class:`FirstNonFinite`: root call, trace id, and the origin module of that call).
+        errors: hook and sink failures by module or sink (never raised to the caller).
+
+    Example:
+        >>> import torch, torchwatch as tw
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> with tw.attach(model) as watch:
+        ...     _ = model(torch.randn(2, 4))
+        ...     snap = watch.snapshot()
+        >>> list(snap), snap["1"].calls, snap.calls
+        (['0', '1'], 1, 1)
+    """
+
+    def __init__(
+        self,
+        stats: Mapping[str, ModuleStats],
+        *,
+        calls: int,
+        sampled: int,
+        cohort: str | None = None,
+        nonfinite: Mapping[str, FirstNonFinite] | None = None,
+        errors: Mapping[str, int] | None = None,
+    ) -> None:
+        self._stats = dict(stats)
+        self.calls = calls
+        self.sampled = sampled
+        self.cohort = cohort
+        self.nonfinite: dict[str, FirstNonFinite] = dict(nonfinite or {})
+        self.errors: dict[str, int] = dict(errors or {})
+
+    def __getitem__(self, name: str) -> ModuleStats:
+        try:
+            return self._stats[name]
+        except KeyError:
+            raise KeyError(
+                f"{name!r} has no statistics in this snapshot; measured positions: {list(self._stats)[:8]}"
+                f"{' ...' if len(self._stats) > 8 else ''}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stats)
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: ``{"calls", "sampled", "cohort", "modules", "nonfinite", "errors"}``."""
+        return {
+            "calls": self.calls,
+            "sampled": self.sampled,
+            "cohort": self.cohort,
+            "modules": {name: s.to_dict() for name, s in self._stats.items()},
+            "nonfinite": {name: r.to_dict() for name, r in self.nonfinite.items()},
+            "errors": dict(self.errors),
+        }
+
+    def __repr__(self) -> str:
+        bad = sum(1 for s in self._stats.values() if s.nonfinite)
+        return (
+            f"Snapshot({len(self._stats)} positions, calls={self.calls}, sampled={self.sampled}, non-finite in {bad})"
+        )

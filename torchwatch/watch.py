@@ -1,0 +1,693 @@
+"""``attach()``: forward hooks that measure module outputs, with sampling, labels and flushing.
+
+Flow: the watched model's forward pre-hook opens a *root call* (index, sampled or not, labels);
+each selected module's forward hook measures the floating-point tensors it returned and merges
+them into the current window's accumulators; the forward hook of the model closes the call
+(non-finite provenance, ``on_nonfinite``) and every ``flush_every`` root calls the window is
+folded into the totals since the last reset and handed to the sinks' background thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import contextvars
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._accumulators import DeviceAccumulator, HostAccumulator, new_device_accumulator
+from ._casts import CastPlan, cast_plan, normalize_cast_dtypes
+from ._outputs import tensors_in
+from ._select import select_modules
+from .alerts import Alert, FirstNonFinite
+from .errors import ConfigError, NonFiniteError, TorchwatchWarning
+from .kernels import device_stats, host_stats, measurable
+from .sinks._dispatch import Dispatcher
+from .sinks.base import Record, Sink
+from .snapshot import Snapshot
+from .stats import DEFAULT_CAST_DTYPES, ModuleStats, merge_all
+
+NONFINITE_POLICIES = ("ignore", "warn", "raise")
+OTHER_COHORT = "__other__"
+MAX_ALERTS = 1000  # alerts kept in watch.alerts (oldest dropped first)
+
+# (cohort, trace_id) of the calls made in this context; see Watch.context.
+_labels: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar(
+    "torchwatch_labels", default=(None, None)
+)
+_watches: weakref.WeakKeyDictionary[nn.Module, Watch] = weakref.WeakKeyDictionary()
+_live: weakref.WeakSet[Watch] = weakref.WeakSet()
+_registry_lock = threading.Lock()
+
+
+class _Call:
+    """One measured root call, private to the thread running it."""
+
+    __slots__ = ("cohort", "events", "index", "ledger", "seq", "trace_id")
+
+    def __init__(self, index: int, cohort: str | None, trace_id: str | None) -> None:
+        self.index = index
+        self.cohort = cohort
+        self.trace_id = trace_id
+        self.seq = 0  # measurements so far: execution order within the call
+        self.events: list[tuple[int, str, int, int, int]] = []  # host NaN/Inf: (seq, name, nan, +inf, -inf)
+        self.ledger: list[tuple[int, str, torch.Tensor]] = []  # device measurements: (seq, name, ints)
+
+
+class Watch:
+    """Hooks on one model, their statistics, alerts and sinks. Create it with :func:`attach`.
+
+    A ``Watch`` holds the model weakly: dropping the model frees it and its hooks. It is a
+    context manager; leaving the block detaches.
+
+    Attributes:
+        modules: fully-qualified names of the watched modules.
+        every: one root call in ``every`` is measured.
+        flush_every: root calls between flushes to the sinks.
+        cast_dtypes: the dtypes would-underflow/overflow are counted against.
+        on_nonfinite: ``"ignore" | "warn" | "raise"`` or a callable taking an :class:`Alert`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modules: Any = None,
+        every: int = 1,
+        sinks: Iterable[Sink] = (),
+        flush_every: int = 100,
+        cast_dtypes: Iterable[object] = DEFAULT_CAST_DTYPES,
+        on_nonfinite: str | Callable[[Alert], object] = "warn",
+        max_cohorts: int = 16,
+        _device_path: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+        self.every = _positive_int("every", every)
+        self.flush_every = _positive_int("flush_every", flush_every)
+        self._max_cohorts = _positive_int("max_cohorts", max_cohorts)
+        self.cast_dtypes = normalize_cast_dtypes(cast_dtypes)
+        self.on_nonfinite = _nonfinite_policy(on_nonfinite)
+        sinks = _sink_list(sinks)
+        selected = select_modules(model, modules)
+        self.modules = [name for name, _ in selected]
+        self._device_path = _device_path  # measure CPU tensors the way accelerator ones are (tests)
+
+        self._model = weakref.ref(model)
+        self._lock = threading.Lock()  # window, totals, provenance, alerts: short critical sections
+        self._flush_lock = threading.RLock()  # one flush / snapshot / reset at a time
+        self._tls = threading.local()
+        self._plans: dict[torch.dtype, CastPlan] = {}
+        self._calls = 0
+        self._window: dict[tuple[str | None, str, torch.device | None], HostAccumulator | DeviceAccumulator] = {}
+        self._window_calls = 0
+        self._window_sampled = 0
+        self._window_alerts: list[Alert] = []
+        self._window_nonfinite: dict[str, FirstNonFinite] = {}
+        self._pending_ledgers: list[
+            tuple[_Call, list[tuple[int, str, int, int, int]], list[tuple[int, str]], torch.Tensor]
+        ] = []
+        self._totals: dict[tuple[str | None, str], ModuleStats] = {}
+        self._order: dict[str, None] = {}  # positions in first-measured order
+        self._since_reset_calls = 0
+        self._since_reset_sampled = 0
+        self._first_nonfinite: dict[str, FirstNonFinite] = {}
+        self._alerts: collections.deque[Alert] = collections.deque(maxlen=MAX_ALERTS)
+        self._errors: collections.Counter[str] = collections.Counter()
+        self._warned: set[str] = set()
+        self._cohorts: set[str | None] = {None}
+        self._seen: set[str] = set()
+        self._completed_sampled = 0
+        self._unseen_checked = False
+
+        self._dispatcher = Dispatcher(sinks, self._sink_failed) if sinks else None
+        self._stat_hooks = [(weakref.ref(module), self._make_hook(name)) for name, module in selected]
+        self._stat_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._installed = 0  # sampled calls in flight that need the module hooks (every > 1)
+        self._install_lock = threading.Lock()
+        self.attached = False
+
+        with _registry_lock:
+            other = _watches.get(model)
+            if other is not None and other.attached:
+                raise ConfigError(
+                    f"this {type(model).__name__} is already watched by {other!r}; "
+                    "call watch.detach() before attaching again, or keep using that watch"
+                )
+            self._root_handles = [
+                model.register_forward_pre_hook(self._enter_root, prepend=True),
+                model.register_forward_hook(self._exit_root, always_call=True),
+            ]
+            if self.every == 1:
+                self._install()
+            _watches[model] = self
+            _live.add(self)
+            self.attached = True
+        if hasattr(model, "_orig_mod"):
+            self._warn_once(
+                "compiled",
+                "attach() was given a torch.compile'd module; hooks added after compiling are ignored "
+                "by compiled code. Attach to the module first, then call torch.compile on it.",
+            )
+
+    # ---- public API --------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The watched model, or None once it was garbage-collected."""
+        return self._model()
+
+    @property
+    def calls(self) -> int:
+        """Root calls of the watched model seen since attaching."""
+        return self._calls
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Alerts raised so far (the last 1000), oldest first."""
+        with self._lock:
+            return list(self._alerts)
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Failures torchwatch caught instead of breaking inference: hook errors by module
+        name, sink failures as ``"sink:<sink>"``, ``on_nonfinite`` callable errors."""
+        with self._lock:
+            return dict(self._errors)
+
+    @contextlib.contextmanager
+    def context(self, *, cohort: str | None = None, trace_id: str | None = None) -> Iterator[None]:
+        """Label the root calls made inside the block (this thread / async task only).
+
+        Alerts and non-finite records carry the labels; ``snapshot(cohort=...)`` restricts the
+        statistics to one cohort. Arguments left ``None`` keep the value of an outer block.
+        At most ``max_cohorts`` distinct cohorts are kept apart; later ones are merged into
+        ``"__other__"`` (warned once).
+
+        Example:
+            >>> import torch, torchwatch as tw
+            >>> model = torch.nn.Linear(3, 3)
+            >>> with tw.attach(model) as watch:
+            ...     with watch.context(cohort="eu", trace_id="req-1"):
+            ...         _ = model(torch.randn(1, 3))
+            ...     _ = model(torch.randn(2, 3))
+            ...     watch.snapshot(cohort="eu")[""].count, watch.snapshot()[""].count
+            (3, 9)
+        """
+        outer_cohort, outer_trace = _labels.get()
+        token = _labels.set(
+            (outer_cohort if cohort is None else str(cohort), outer_trace if trace_id is None else str(trace_id))
+        )
+        try:
+            yield
+        finally:
+            _labels.reset(token)
+
+    def snapshot(self, *, cohort: str | None = None) -> Snapshot:
+        """Statistics merged since the last :meth:`reset` (waits for the device on GPU).
+
+        Args:
+            cohort: only calls made under ``context(cohort=...)``; ``None`` for all calls.
+        """
+        with self._flush_lock:
+            with self._lock:
+                window = {key: acc.to_stats(self.cast_dtypes) for key, acc in self._window.items()}
+                order = list(self._order)
+                totals = dict(self._totals)
+                calls = self._since_reset_calls + self._window_calls
+                sampled = self._since_reset_sampled + self._window_sampled
+                first = dict(self._first_nonfinite)
+                errors = dict(self._errors)
+            self._check_unseen()
+        parts: dict[str, list[ModuleStats]] = {}
+        for (c, name), s in totals.items():
+            if cohort is None or c == cohort:
+                parts.setdefault(name, []).append(s)
+        for (c, name, _), s in window.items():
+            if cohort is None or c == cohort:
+                parts.setdefault(name, []).append(s)
+        stats = {name: merge_all(parts[name]) for name in order if name in parts}
+        if cohort is not None:
+            first = {k: v for k, v in first.items() if v.cohort == cohort}
+        return Snapshot(stats, calls=calls, sampled=sampled, cohort=cohort, nonfinite=first, errors=errors)
+
+    def flush(self, *, timeout: float = 30.0) -> None:
+        """Send the statistics gathered since the previous flush to the sinks and wait until
+        they are written (at most ``timeout`` seconds)."""
+        self._flush(wait=True, timeout=timeout)
+
+    def reset(self) -> None:
+        """Forget statistics and non-finite records (alerts and error counts are kept)."""
+        with self._flush_lock:
+            self._resolve_ledgers()
+            with self._lock:
+                self._window = {}
+                self._totals = {}
+                self._order = {}
+                self._window_calls = self._window_sampled = 0
+                self._since_reset_calls = self._since_reset_sampled = 0
+                self._first_nonfinite = {}
+                self._window_nonfinite = {}
+
+    def detach(self, *, timeout: float = 30.0) -> None:
+        """Remove every hook this watch added, flush, and close the sinks. Safe to call twice."""
+        with _registry_lock:
+            if not self.attached:
+                return
+            self.attached = False
+            for handle in self._root_handles:
+                handle.remove()
+            with self._install_lock:
+                for handle in self._stat_handles:
+                    handle.remove()
+                self._stat_handles = []
+            model = self._model()
+            if model is not None and _watches.get(model) is self:
+                del _watches[model]
+            _live.discard(self)
+        self._flush(wait=False)
+        if self._dispatcher is not None:
+            self._dispatcher.close(timeout)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        model = self._model()
+        name = type(model).__name__ if model is not None else "<collected>"
+        state = "attached" if self.attached else "detached"
+        return f"Watch({name}, {len(self.modules)} modules, every={self.every}, calls={self._calls}, {state})"
+
+    # ---- hook management -----------------------------------------------------------------
+
+    def _install(self) -> None:
+        """Register the per-module hooks (refcounted across concurrent sampled calls)."""
+        with self._install_lock:
+            self._installed += 1
+            if self._installed == 1:
+                for module_ref, hook in self._stat_hooks:
+                    module = module_ref()
+                    if module is not None:
+                        self._stat_handles.append(module.register_forward_hook(hook))
+
+    def _uninstall(self) -> None:
+        with self._install_lock:
+            self._installed -= 1
+            if self._installed == 0:
+                for handle in self._stat_handles:
+                    handle.remove()
+                self._stat_handles = []
+
+    def _make_hook(self, fqn: str) -> Callable[[nn.Module, Any, Any], None]:
+        on_output = self._on_output
+
+        def torchwatch_hook(module: nn.Module, args: Any, output: Any) -> None:
+            on_output(fqn, output)
+
+        return torchwatch_hook
+
+    # ---- root calls ------------------------------------------------------------------------
+
+    def _enter_root(self, module: nn.Module, args: Any) -> None:
+        tls = self._tls
+        depth = getattr(tls, "depth", 0)
+        tls.depth = depth + 1
+        if depth:  # the model calling itself: part of the outer call
+            return
+        with self._lock:
+            index = self._calls
+            self._calls += 1
+            self._window_calls += 1
+            sampled = index % self.every == 0
+            if sampled:
+                self._window_sampled += 1
+        tls.flush_due = (index + 1) % self.flush_every == 0
+        if not sampled:
+            tls.call = None
+            return
+        cohort, trace_id = _labels.get()
+        tls.call = _Call(index, self._bounded_cohort(cohort), trace_id)
+        if self.every > 1:
+            self._install()
+
+    def _exit_root(self, module: nn.Module, args: Any, output: Any) -> None:
+        tls = self._tls
+        tls.depth -= 1
+        if tls.depth:
+            return
+        call = tls.call
+        tls.call = None
+        alert = None
+        if call is not None:
+            if self.every > 1:
+                self._uninstall()
+            alert = self._finish_call(call)
+            self._completed_sampled += 1
+        if tls.flush_due:
+            self._flush(wait=False)
+        if alert is not None and self.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"{alert.message}. Look at that module's inputs and weights; "
+                'pass on_nonfinite="warn" to keep serving and only record it.',
+                alert,
+            )
+
+    def _bounded_cohort(self, cohort: str | None) -> str | None:
+        if cohort in self._cohorts:
+            return cohort
+        with self._lock:
+            if len(self._cohorts) <= self._max_cohorts:
+                self._cohorts.add(cohort)
+                return cohort
+        self._warn_once(
+            "cohorts",
+            f"more than {self._max_cohorts} cohorts; cohort {cohort!r} and later new ones are merged "
+            f"into {OTHER_COHORT!r}. Raise attach(max_cohorts=...) if you need them apart.",
+        )
+        return OTHER_COHORT
+
+    # ---- measuring -------------------------------------------------------------------------
+
+    def _on_output(self, fqn: str, output: Any) -> None:
+        tls = self._tls
+        call = getattr(tls, "call", None)
+        orphan = False
+        if call is None:
+            if getattr(tls, "depth", 0):
+                return  # an unsampled root call in this thread; the hooks are up for another
+            orphan = True
+            call = self._orphan_call(fqn)
+        try:
+            if fqn not in self._seen:
+                self._seen.add(fqn)
+            if type(output) is torch.Tensor:
+                self._measure(call, fqn, output)
+            else:
+                for label, tensor in tensors_in(output):
+                    self._measure(call, fqn + label, tensor)
+        except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+            self._hook_failed(fqn, exc)
+        if orphan:
+            self._finish_call(call)
+
+    def _orphan_call(self, fqn: str) -> _Call:
+        self._warn_once(
+            "orphan",
+            f"{fqn!r} ran outside a call of the watched model (model.forward() called directly, a "
+            "submodule called on its own, or another thread); its statistics are recorded with call "
+            "index -1. Call the model itself, model(x), to get call indices and sampling.",
+        )
+        cohort, trace_id = _labels.get()
+        return _Call(-1, self._bounded_cohort(cohort), trace_id)
+
+    def _measure(self, call: _Call, name: str, x: torch.Tensor) -> None:
+        if not measurable(x):
+            return
+        plan = self._plans.get(x.dtype)
+        if plan is None:
+            plan = self._plans[x.dtype] = cast_plan(x.dtype, self.cast_dtypes)
+        seq = call.seq
+        call.seq = seq + 1
+        if (x.device.type == "cpu" and not self._device_path) or x.numel() == 0:
+            raw = host_stats(x, plan)
+            key = (call.cohort, name, None)
+            with self._lock:
+                acc = self._window.get(key)
+                if acc is None:
+                    acc = self._window[key] = HostAccumulator(len(plan.names))
+                    self._order.setdefault(name)
+                acc.add(raw)
+            if raw[1] or raw[2] or raw[3]:
+                call.events.append((seq, name, raw[1], raw[2], raw[3]))
+            return
+        with torch.no_grad():
+            ints, floats = device_stats(x.detach(), plan)
+        key = (call.cohort, name, x.device)
+        with self._lock:
+            acc = self._window.get(key)
+            if acc is None:
+                acc = self._window[key] = new_device_accumulator(len(plan.names), x.device)
+                self._order.setdefault(name)
+            acc.add(ints, floats)
+        call.ledger.append((seq, name, ints))
+
+    # ---- non-finite provenance -------------------------------------------------------------
+
+    def _finish_call(self, call: _Call) -> Alert | None:
+        """Resolve where NaN/Inf started on this call; device results wait for the next flush
+        unless ``on_nonfinite="raise"`` needs them now."""
+        if not call.ledger:
+            return self._nonfinite_found(call, call.events) if call.events else None
+        with torch.no_grad():
+            # columns nan, +inf, -inf of each packed measurement; one small device tensor
+            counts = torch.stack([ints for _, _, ints in call.ledger])[:, 1:4]
+        rows = [(seq, name) for seq, name, _ in call.ledger]
+        if self.on_nonfinite == "raise":
+            return self._nonfinite_found(call, _merge_events(call.events, rows, counts.tolist()))
+        with self._lock:
+            self._pending_ledgers.append((call, call.events, rows, counts))
+        return None
+
+    def _resolve_ledgers(self) -> None:
+        with self._lock:
+            pending, self._pending_ledgers = self._pending_ledgers, []
+        for call, events, rows, counts in pending:
+            merged = _merge_events(events, rows, counts.tolist())
+            if merged:
+                self._nonfinite_found(call, merged)
+
+    def _nonfinite_found(self, call: _Call, events: Sequence[tuple[int, str, int, int, int]]) -> Alert | None:
+        """Record first occurrences and raise the alert for one call's NaN/Inf events."""
+        if not events:
+            return None
+        _, origin, nan, posinf, neginf = events[0]
+        names = list(dict.fromkeys(name for _, name, *_ in events))
+        with self._lock:
+            for name in names:
+                if name not in self._first_nonfinite:
+                    record = FirstNonFinite(name, call.index, call.trace_id, call.cohort, origin)
+                    self._first_nonfinite[name] = self._window_nonfinite[name] = record
+        if self.on_nonfinite == "ignore":
+            return None
+        stat, value = ("nan", nan) if nan else ("posinf", posinf) if posinf else ("neginf", neginf)
+        where = f"call {call.index}" if call.index >= 0 else "a call outside the watched model"
+        trace = f" (trace {call.trace_id!r})" if call.trace_id is not None else ""
+        kind = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}[stat]
+        message = f"{kind} first appeared in {origin!r} on {where}{trace}"
+        if len(names) > 1:
+            message += f" and spread to {len(names) - 1} later module output(s)"
+        alert = Alert(
+            rule="nonfinite", module=origin, stat=stat, value=float(value), expected=0.0, call=call.index,
+            time=time.time(), cohort=call.cohort, trace_id=call.trace_id, message=message,
+        )  # fmt: skip
+        with self._lock:
+            self._alerts.append(alert)
+            self._window_alerts.append(alert)
+        if self.on_nonfinite == "warn":
+            self._warn_once(f"nonfinite:{origin}", f"{message}; see watch.alerts (warned once per origin module)")
+        elif callable(self.on_nonfinite):
+            try:
+                self.on_nonfinite(alert)
+            except Exception as exc:  # noqa: BLE001 - only "raise" may raise into serving code
+                with self._lock:
+                    self._errors["on_nonfinite"] += 1
+                self._warn_once("callback", f"the on_nonfinite callable raised {exc!r}; it was ignored")
+        return alert
+
+    # ---- flushing --------------------------------------------------------------------------
+
+    def _flush(self, *, wait: bool, timeout: float = 30.0) -> None:
+        with self._flush_lock:
+            self._resolve_ledgers()
+            with self._lock:
+                window, self._window = self._window, {}
+                calls, sampled = self._window_calls, self._window_sampled
+                self._window_calls = self._window_sampled = 0
+                alerts, self._window_alerts = tuple(self._window_alerts), []
+                nonfinite, self._window_nonfinite = self._window_nonfinite, {}
+                errors = dict(self._errors)
+                step = self._calls
+            converted = [((cohort, name), acc.to_stats(self.cast_dtypes)) for (cohort, name, _), acc in window.items()]
+            per_name: dict[str, list[ModuleStats]] = {}
+            with self._lock:
+                for key, s in converted:
+                    total = self._totals.get(key)
+                    self._totals[key] = s if total is None else total.merge(s)
+                    per_name.setdefault(key[1], []).append(s)
+                self._since_reset_calls += calls
+                self._since_reset_sampled += sampled
+                order = [name for name in self._order if name in per_name]
+            self._check_unseen()
+            if self._dispatcher is None or not (calls or alerts):
+                return
+            record = Record(
+                step=step, time=time.time(), calls=calls, sampled=sampled,
+                stats={name: merge_all(per_name[name]) for name in order},
+                alerts=alerts, nonfinite=nonfinite, errors=errors,
+            )  # fmt: skip
+        if not self._dispatcher.submit(record, wait=wait, timeout=timeout) and self._dispatcher.dropped:
+            self._warn_once("dropped", "sinks are slower than the flush rate; flush records were dropped")
+
+    # ---- failure reporting -----------------------------------------------------------------
+
+    def _check_unseen(self) -> None:
+        """Warn once if selected modules never ran while sampled calls completed."""
+        if self._unseen_checked or self._completed_sampled == 0:
+            return
+        self._unseen_checked = True
+        unseen = [name for name in self.modules if name not in self._seen]
+        if not unseen:
+            return
+        hint = ""
+        model = self._model()
+        if model is not None and any(
+            isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention)) for m in model.modules()
+        ):
+            hint = (
+                " nn.TransformerEncoderLayer/MultiheadAttention take a fused fast path in eval that "
+                "skips their submodules' hooks: select the layers themselves, or call "
+                "torch.backends.mha.set_fastpath_enabled(False)."
+            )
+        shown = ", ".join(repr(n) for n in unseen[:8]) + (" ..." if len(unseen) > 8 else "")
+        self._warn_once(
+            "unseen",
+            f"{len(unseen)} watched module(s) never ran in the calls measured so far: {shown}. They may "
+            f"be unused, or bypass hooks (called via .forward(), or a fused fast path).{hint}",
+        )
+
+    def _hook_failed(self, fqn: str, exc: BaseException) -> None:
+        with self._lock:
+            self._errors[fqn] += 1
+        self._warn_once(
+            f"hook:{fqn}",
+            f"measuring the output of {fqn!r} failed with {exc!r}; inference was not affected. "
+            f"Failures are counted in watch.errors[{fqn!r}] (warned once per module).",
+        )
+
+    def _sink_failed(self, sink: Sink, exc: BaseException) -> None:
+        with self._lock:
+            self._errors[f"sink:{sink!r}"] += 1
+        self._warn_once(
+            f"sink:{id(sink)}",
+            f"{sink!r} failed with {exc!r} and is disabled; inference and the other sinks go on. "
+            "Fix the destination (permissions, free space) and attach again to re-enable it.",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(f"torchwatch: {message}", TorchwatchWarning, stacklevel=3)
+
+
+def _merge_events(
+    events: list[tuple[int, str, int, int, int]], rows: list[tuple[int, str]], counts: list[list[int]]
+) -> list[tuple[int, str, int, int, int]]:
+    """Host events and device rows with NaN/Inf, in execution order."""
+    device = [(seq, name, *c) for (seq, name), c in zip(rows, counts, strict=True) if c[0] or c[1] or c[2]]
+    return sorted(events + device)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _nonfinite_policy(policy: object) -> str | Callable[[Alert], object]:
+    if callable(policy) or policy in NONFINITE_POLICIES:
+        return policy  # type: ignore[return-value]
+    raise ConfigError(
+        f"on_nonfinite={policy!r} is not valid: use one of {', '.join(map(repr, NONFINITE_POLICIES))} "
+        "or a callable taking a torchwatch.Alert"
+    )
+
+
+def _sink_list(sinks: Iterable[Sink]) -> list[Sink]:
+    if isinstance(sinks, Sink):
+        raise ConfigError(f"sinks must be a list of sinks, got a single {sinks!r}; write sinks=[{sinks!r}]")
+    try:
+        items = list(sinks)
+    except TypeError:
+        raise ConfigError(f"sinks must be a list of sinks, got {sinks!r}") from None
+    bad = [s for s in items if not callable(getattr(s, "write", None))]
+    if bad:
+        raise ConfigError(
+            f"sinks: {bad[0]!r} is not a sink (it has no write(record) method); use tw.TensorBoardSink, "
+            "tw.JsonlSink, tw.MemorySink or a subclass of tw.Sink"
+        )
+    return items
+
+
+def attach(
+    model: nn.Module,
+    *,
+    modules: Any = None,
+    every: int = 1,
+    sinks: Iterable[Sink] = (),
+    flush_every: int = 100,
+    cast_dtypes: Iterable[object] = DEFAULT_CAST_DTYPES,
+    on_nonfinite: str | Callable[[Alert], object] = "warn",
+    max_cohorts: int = 16,
+) -> Watch:
+    """Start measuring the outputs of ``model``'s modules on every ``every``-th call.
+
+    Args:
+        model: the model; its own ``model(...)`` calls are the *root calls* that are counted,
+            sampled and labelled.
+        modules: which modules: ``None`` (every leaf module except Dropout/Identity), a regex
+            matched against the whole fully-qualified name, a list of names, a tuple of module
+            types, or a callable ``(fqn, module) -> bool``.
+        every: measure one root call in ``every`` (the first is always measured). Unsampled
+            calls run no per-module Python hook at all.
+        sinks: where flushes go: :class:`TensorBoardSink`, :class:`JsonlSink`, :class:`MemorySink`.
+        flush_every: root calls between flushes (also on :meth:`Watch.flush`, detach and exit).
+        cast_dtypes: dtypes to count would-underflow/overflow against (at most 8).
+        on_nonfinite: on NaN/Inf: ``"ignore"`` (record only), ``"warn"`` (an :class:`Alert` and
+            one warning per origin module), ``"raise"`` (:class:`NonFiniteError` after the forward
+            completes) or a callable receiving the :class:`Alert`. On accelerators ``"warn"`` and
+            callables run at the next flush; ``"raise"`` waits for the device once per call.
+        max_cohorts: distinct ``context(cohort=...)`` values kept apart.
+
+    Returns:
+        The :class:`Watch`, also a context manager that detaches on exit.
+
+    Raises:
+        ConfigError: a bad argument, a selector that matches nothing, or a model that is
+            already watched (one watch per model: detach it first or keep using it).
+
+    Example:
+        >>> import torch, torchwatch as tw
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> watch = tw.attach(model)
+        >>> _ = model(torch.randn(4, 8))
+        >>> watch.snapshot()["1"].zeros >= 0, watch.snapshot()["2"].count
+        (True, 8)
+        >>> watch.detach()
+    """
+    return Watch(
+        model, modules=modules, every=every, sinks=sinks, flush_every=flush_every,
+        cast_dtypes=cast_dtypes, on_nonfinite=on_nonfinite, max_cohorts=max_cohorts,
+    )  # fmt: skip
+
+
+@atexit.register
+def _detach_all() -> None:
+    """Flush and close every live watch when the interpreter exits."""
+    for watch in list(_live):
+        try:
+            watch.detach(timeout=10.0)
+        except Exception:  # noqa: BLE001, S110 - nothing left to report to at exit
+            pass
