@@ -4,16 +4,18 @@ A raw measurement (from :mod:`torchwatch.kernels`) is the tuple
 ``(finite, nan, posinf, neginf, zeros, subnormal, mean, m2, min, max, under, over)``;
 ``mean``/``m2`` are over finite elements, ``min``/``max`` are +inf/-inf when there were none.
 
-Device measurements are the same fields packed in two tensors (``ints`` int64 and
-``floats`` float64, see :func:`torchwatch.kernels.torch_ops.device_stats`); the device
-accumulator merges them with tensor ops only, so nothing waits for the device until
-:meth:`DeviceAccumulator.to_stats` is called at flush time.
+Every accumulator has ``add(...)`` and ``state() -> (calls, raw totals)``. Host accumulators
+take raw tuples (the C ``_cstats.Accumulator`` where the kernel was built, else
+:class:`HostAccumulator`). :class:`DeviceAccumulator` takes the same fields packed in two
+tensors and merges them with tensor ops only, so nothing waits for the device until
+``state()`` is called at flush time.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -21,28 +23,17 @@ from .stats import ModuleStats, chan
 
 Raw = tuple  # (finite, nan, posinf, neginf, zeros, subnormal, mean, m2, min, max, under, over)
 
-# Layout of the packed device tensors.
-INT_FIELDS = ("finite", "nan", "posinf", "neginf", "zeros", "subnormal")
-N_INT = len(INT_FIELDS)
-FLOAT_FIELDS = ("mean", "m2", "min", "max")
+N_INT = 6  # finite, nan, posinf, neginf, zeros, subnormal: the leading ints of raw and packed forms
 
 
-def merge_raw(a: Raw, b: Raw) -> Raw:
-    """Two raw measurements of disjoint parts of one tensor, as one."""
-    n, mean, m2 = chan(a[0], a[6], a[7], b[0], b[6], b[7])
-    return (
-        n, a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5],
-        mean, m2, min(a[8], b[8]), max(a[9], b[9]),
-        tuple(x + y for x, y in zip(a[10], b[10], strict=True)),
-        tuple(x + y for x, y in zip(a[11], b[11], strict=True)),
-    )  # fmt: skip
+class Accumulator(Protocol):
+    def state(self) -> tuple[int, Raw]: ...
 
 
-def _to_stats(
-    calls: int, ints: Sequence[int], mean: float, m2: float, lo: float, hi: float,
-    under: Sequence[int], over: Sequence[int], names: Sequence[str],
-) -> ModuleStats:  # fmt: skip
-    finite, nan, posinf, neginf, zeros, subnormal = ints
+def to_module_stats(acc: Accumulator, names: Sequence[str]) -> ModuleStats:
+    """The accumulator's totals as :class:`ModuleStats` (waits for the device, if any)."""
+    calls, raw = acc.state()
+    finite, nan, posinf, neginf, zeros, subnormal, mean, m2, lo, hi, under, over = raw
     return ModuleStats(
         calls=calls,
         count=finite + nan + posinf + neginf,
@@ -62,7 +53,11 @@ def _to_stats(
 
 
 class HostAccumulator:
-    """Totals kept as Python numbers: exact integers, float64 moments."""
+    """Totals kept as Python numbers: exact integers, float64 moments.
+
+    The compiled kernel provides the same interface in C (``_cstats.Accumulator``), which
+    :func:`new_host_accumulator` prefers; this class is used where it was not built.
+    """
 
     __slots__ = ("calls", "ints", "m2", "max", "mean", "min", "over", "under")
 
@@ -81,31 +76,39 @@ class HostAccumulator:
         _, self.mean, self.m2 = chan(ints[0], self.mean, self.m2, raw[0], raw[6], raw[7])
         for i in range(N_INT):
             ints[i] += raw[i]
-        if raw[8] < self.min:
-            self.min = raw[8]
-        if raw[9] > self.max:
-            self.max = raw[9]
+        self.min = min(self.min, raw[8])
+        self.max = max(self.max, raw[9])
         for i, c in enumerate(raw[10]):
             self.under[i] += c
         for i, c in enumerate(raw[11]):
             self.over[i] += c
         self.calls += 1
 
-    def to_stats(self, names: Sequence[str]) -> ModuleStats:
-        return _to_stats(self.calls, self.ints, self.mean, self.m2, self.min, self.max, self.under, self.over, names)
+    def state(self) -> tuple[int, Raw]:
+        return self.calls, (*self.ints, self.mean, self.m2, self.min, self.max, tuple(self.under), tuple(self.over))
+
+
+def new_host_accumulator(k: int) -> HostAccumulator:
+    """An accumulator for raw host measurements (in C where the kernel was built)."""
+    from .kernels import cpu
+
+    return cpu.new_accumulator(k) if cpu.available else HostAccumulator(k)
 
 
 class DeviceAccumulator:
     """Totals kept in two small tensors on the measured tensor's device.
 
-    Must be created outside ``torch.inference_mode`` (it is updated in place from both sides);
-    :func:`new_device_accumulator` takes care of that.
+    Packed layout: ``ints`` int64 ``[finite, nan, posinf, neginf, zeros, subnormal, *under,
+    *over]``, ``floats`` float64 ``[mean, m2, min, max]``. Must be created outside
+    ``torch.inference_mode`` (it is updated in place from both sides); use
+    :func:`new_device_accumulator`.
     """
 
-    __slots__ = ("calls", "floats", "ints")
+    __slots__ = ("calls", "floats", "ints", "k")
 
     def __init__(self, k: int, device: torch.device) -> None:
         self.calls = 0
+        self.k = k
         self.ints = torch.zeros(N_INT + 2 * k, dtype=torch.int64, device=device)
         self.floats = torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=device)
 
@@ -128,12 +131,15 @@ class DeviceAccumulator:
         self.ints.add_(ints)
         self.calls += 1
 
-    def to_stats(self, names: Sequence[str]) -> ModuleStats:
+    def state(self) -> tuple[int, Raw]:
         """Read the totals back (waits for the device)."""
-        ints = self.ints.tolist()
-        mean, m2, lo, hi = self.floats.tolist()
-        k = len(names)
-        return _to_stats(self.calls, ints[:N_INT], mean, m2, lo, hi, ints[N_INT : N_INT + k], ints[N_INT + k :], names)
+        return self.calls, unpack(self.ints, self.floats, self.k)
+
+
+def unpack(ints: torch.Tensor, floats: torch.Tensor, k: int) -> Raw:
+    """Packed tensors as a raw tuple (a device-to-host copy)."""
+    i = ints.tolist()
+    return (*i[:N_INT], *floats.tolist(), tuple(i[N_INT : N_INT + k]), tuple(i[N_INT + k :]))
 
 
 def new_device_accumulator(k: int, device: torch.device) -> DeviceAccumulator:

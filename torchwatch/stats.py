@@ -156,7 +156,7 @@ def tensor_stats(x: torch.Tensor, *, cast_dtypes: Iterable[object] = DEFAULT_CAS
         >>> tw.tensor_stats(torch.tensor([70000.0, 1.0]), cast_dtypes=["float16"]).overflow
         {'float16': 1}
     """
-    from ._accumulators import HostAccumulator
+    from ._accumulators import new_host_accumulator, to_module_stats
     from ._casts import cast_plan, normalize_cast_dtypes
     from .errors import ConfigError
     from .kernels import host_stats, measurable
@@ -167,9 +167,9 @@ def tensor_stats(x: torch.Tensor, *, cast_dtypes: Iterable[object] = DEFAULT_CAS
             f"tensor_stats needs a dense floating-point tensor, got {_describe(x)}; "
             "convert it with .float() or .to_dense() first"
         )
-    acc = HostAccumulator(len(names))
+    acc = new_host_accumulator(len(names))
     acc.add(host_stats(x.detach(), cast_plan(x.dtype, names)))
-    return acc.to_stats(names)
+    return to_module_stats(acc, names)
 
 
 def _describe(x: object) -> str:

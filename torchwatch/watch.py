@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._accumulators import DeviceAccumulator, HostAccumulator, new_device_accumulator
+from ._accumulators import Accumulator, new_device_accumulator, new_host_accumulator, to_module_stats
 from ._casts import CastPlan, cast_plan, normalize_cast_dtypes
 from ._outputs import tensors_in
 from ._select import select_modules
 from .alerts import Alert, FirstNonFinite
 from .errors import ConfigError, NonFiniteError, TorchwatchWarning
-from .kernels import device_stats, host_stats, measurable
+from .kernels import PLAIN_TENSOR_TYPES, device_stats, host_stats, measurable
 from .sinks._dispatch import Dispatcher
 from .sinks.base import Record, Sink
 from .snapshot import Snapshot
@@ -37,6 +37,7 @@ from .stats import DEFAULT_CAST_DTYPES, ModuleStats, merge_all
 
 NONFINITE_POLICIES = ("ignore", "warn", "raise")
 OTHER_COHORT = "__other__"
+_NO_PLAN = object()
 MAX_ALERTS = 1000  # alerts kept in watch.alerts (oldest dropped first)
 
 # (cohort, trace_id) of the calls made in this context; see Watch.context.
@@ -107,7 +108,7 @@ class Watch:
         self._tls = threading.local()
         self._plans: dict[torch.dtype, CastPlan] = {}
         self._calls = 0
-        self._window: dict[tuple[str | None, str, torch.device | None], HostAccumulator | DeviceAccumulator] = {}
+        self._window: dict[tuple[str | None, str, torch.device | None], Accumulator] = {}
         self._window_calls = 0
         self._window_sampled = 0
         self._window_alerts: list[Alert] = []
@@ -219,7 +220,7 @@ class Watch:
         """
         with self._flush_lock:
             with self._lock:
-                window = {key: acc.to_stats(self.cast_dtypes) for key, acc in self._window.items()}
+                window = {key: to_module_stats(acc, self.cast_dtypes) for key, acc in self._window.items()}
                 order = list(self._order)
                 totals = dict(self._totals)
                 calls = self._since_reset_calls + self._window_calls
@@ -412,24 +413,29 @@ class Watch:
         return _Call(-1, self._bounded_cohort(cohort), trace_id)
 
     def _measure(self, call: _Call, name: str, x: torch.Tensor) -> None:
-        if not measurable(x):
+        # Cheapest checks first: in a real forward every tensor attribute is a cache-cold call.
+        if type(x) not in PLAIN_TENSOR_TYPES:
             return
-        plan = self._plans.get(x.dtype)
-        if plan is None:
-            plan = self._plans[x.dtype] = cast_plan(x.dtype, self.cast_dtypes)
+        plan = self._plans.get(x.dtype, _NO_PLAN)
+        if plan is _NO_PLAN:
+            plan = self._plans[x.dtype] = cast_plan(x.dtype, self.cast_dtypes) if x.dtype.is_floating_point else None
+        if plan is None or x.layout is not torch.strided:
+            return
         seq = call.seq
         call.seq = seq + 1
-        if (x.device.type == "cpu" and not self._device_path) or x.numel() == 0:
+        if (x.is_cpu and not self._device_path) or (measurable(x) and x.numel() == 0):
             raw = host_stats(x, plan)
             key = (call.cohort, name, None)
             with self._lock:
                 acc = self._window.get(key)
                 if acc is None:
-                    acc = self._window[key] = HostAccumulator(len(plan.names))
+                    acc = self._window[key] = new_host_accumulator(len(plan.names))
                     self._order.setdefault(name)
                 acc.add(raw)
             if raw[1] or raw[2] or raw[3]:
                 call.events.append((seq, name, raw[1], raw[2], raw[3]))
+            return
+        if not measurable(x):
             return
         with torch.no_grad():
             ints, floats = device_stats(x.detach(), plan)
@@ -518,7 +524,8 @@ class Watch:
                 nonfinite, self._window_nonfinite = self._window_nonfinite, {}
                 errors = dict(self._errors)
                 step = self._calls
-            converted = [((cohort, name), acc.to_stats(self.cast_dtypes)) for (cohort, name, _), acc in window.items()]
+            names = self.cast_dtypes
+            converted = [((cohort, name), to_module_stats(acc, names)) for (cohort, name, _), acc in window.items()]
             per_name: dict[str, list[ModuleStats]] = {}
             with self._lock:
                 for key, s in converted:
@@ -570,9 +577,9 @@ class Watch:
         with self._lock:
             self._errors[fqn] += 1
         self._warn_once(
-            f"hook:{fqn}",
+            f"hook:{type(exc).__name__}",
             f"measuring the output of {fqn!r} failed with {exc!r}; inference was not affected. "
-            f"Failures are counted in watch.errors[{fqn!r}] (warned once per module).",
+            "Failures are counted per module in watch.errors (warned once per kind of error).",
         )
 
     def _sink_failed(self, sink: Sink, exc: BaseException) -> None:

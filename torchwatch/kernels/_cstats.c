@@ -4,7 +4,8 @@
  * The tensor is walked in blocks of TW_BLOCK elements. A block is small enough to stay in
  * L1 while it is visited two or three times, so main memory is read once. Per block:
  *
- *   pass A  sum (f32, used only as a shift), min, max, smallest nonzero |x|, zero count;
+ *   pass A  sum (f32, used only as a shift), min, max, smallest |x|, and the count of the
+ *           most often hit underflow threshold (zeros are counted only if the block has one);
  *   pass B  sum and sum of squares of (x - shift), so variance never suffers from
  *           sum/sum-of-squares cancellation however large the mean is;
  *   counts  subnormal / would-underflow / would-overflow, only when pass A shows the block
@@ -43,6 +44,7 @@ typedef struct {
     double under[TW_MAXCAST];     /* 0 < |x| <= under[i]  -> becomes 0 when cast */
     double over[TW_MAXCAST];      /* finite, |x| > over[i] -> beyond the cast dtype's max */
     float tinyf, underf[TW_MAXCAST], overf[TW_MAXCAST];
+    int inline_under;             /* index of the largest underflow threshold, -1 if none */
 } plan_t;
 
 typedef struct {
@@ -209,14 +211,43 @@ TW_AVX2 static int64_t count_large(const float *x, int n, float t) {
     return r;
 }
 
-TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t *acc) {
+/* Number of zeros; *nzbits becomes the smallest nonzero |x| bit pattern (0 if none). */
+TW_AVX2 static int64_t count_zeros(const float *x, int n, uint32_t *nzbits) {
     const __m256i absmask = _mm256_set1_epi32(0x7fffffff), one = _mm256_set1_epi32(1);
     const __m256i izero = _mm256_setzero_si256();
+    __m256i c = izero, nzmin = _mm256_set1_epi32(-1);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), absmask);
+        c = _mm256_sub_epi32(c, _mm256_cmpeq_epi32(a, izero));
+        /* |x| bits - 1 as unsigned: zero wraps to the maximum and never wins the min */
+        nzmin = _mm256_min_epu32(nzmin, _mm256_sub_epi32(a, one));
+    }
+    int64_t r = hsum_epi32(c);
+    uint32_t m = hmin_epu32(nzmin) + 1u;
+    for (; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        bits &= 0x7fffffffu;
+        if (bits == 0) r++;
+        else if (m == 0 || bits < m) m = bits;
+    }
+    *nzbits = m;
+    return r;
+}
+
+TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t *acc) {
+    const __m256i absmask = _mm256_set1_epi32(0x7fffffff), izero = _mm256_setzero_si256();
+    /* The largest underflow threshold (fp8's, if any) is hit by almost every block of real
+       activations, so it is counted inline; the rarer ones get a pass only when needed. */
+    const int inl = p->inline_under;
+    const __m256 tin = _mm256_set1_ps(inl >= 0 ? p->underf[inl] : -1.0f);
     __m256 vmn = _mm256_set1_ps(INFINITY), vmx = _mm256_set1_ps(-INFINITY);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    __m256i nzmin = _mm256_set1_epi32(-1), zeros = _mm256_setzero_si256();
+    __m256i amin = _mm256_set1_epi32(0x7fffffff), small = izero;
     int i = 0;
-    /* pass A: min_ps(v, m) returns m when v is NaN, so NaN never wins; the sum catches it */
+    /* pass A. min_ps(v, m) returns m when v is NaN, so NaN never wins; the sum catches it.
+       |x| bits compare like |x|, so an integer min gives the smallest |x|. */
     for (; i + 16 <= n; i += 16) {
         __m256 v = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
         __m256i av = _mm256_and_si256(_mm256_castps_si256(v), absmask);
@@ -225,16 +256,15 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         s1 = _mm256_add_ps(s1, w);
         vmn = _mm256_min_ps(w, _mm256_min_ps(v, vmn));
         vmx = _mm256_max_ps(w, _mm256_max_ps(v, vmx));
-        /* |x| bits - 1 as unsigned: zero wraps to the maximum, so the min is the smallest nonzero */
-        nzmin = _mm256_min_epu32(nzmin, _mm256_sub_epi32(av, one));
-        nzmin = _mm256_min_epu32(nzmin, _mm256_sub_epi32(aw, one));
-        zeros = _mm256_sub_epi32(zeros, _mm256_cmpeq_epi32(av, izero));
-        zeros = _mm256_sub_epi32(zeros, _mm256_cmpeq_epi32(aw, izero));
+        amin = _mm256_min_epu32(amin, _mm256_min_epu32(av, aw));
+        small = _mm256_sub_epi32(small, _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(av), tin, _CMP_LE_OQ)));
+        small = _mm256_sub_epi32(small, _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(aw), tin, _CMP_LE_OQ)));
     }
     float sum = (float)hsum_ps_as_pd(_mm256_add_ps(s0, s1));
     float mn = hmin_ps(vmn), mx = hmax_ps(vmx);
-    uint32_t nzbits = hmin_epu32(nzmin) + 1u;
-    int64_t nzero = hsum_epi32(zeros);
+    uint32_t abits = hmin_epu32(amin);
+    int64_t nsmall = hsum_epi32(small);
+    const float tinl = inl >= 0 ? p->underf[inl] : -1.0f;
     for (int j = i; j < n; j++) {
         float v = x[j];
         uint32_t bits;
@@ -243,8 +273,8 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         sum += v;
         if (v < mn) mn = v;
         if (v > mx) mx = v;
-        if (bits == 0) nzero++;
-        else if (bits < nzbits || nzbits == 0) nzbits = bits;
+        if (bits < abits) abits = bits;
+        nsmall += fabsf(v) <= tinl;
     }
     /* A finite sum means no NaN/Inf (they would propagate); the magnitude bound keeps pass B
        inside f32 range. Anything else takes the exact path. */
@@ -252,9 +282,13 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         exact_block_f32(x, n, p, acc);
         return;
     }
+    /* Zeros are only counted in blocks that hold one (ReLU outputs, padding); elsewhere the
+       smallest |x| is already the smallest nonzero one. */
+    int64_t nzero = 0;
+    if (abits == 0) nzero = count_zeros(x, n, &abits);
     float minabs_nz;
-    memcpy(&minabs_nz, &nzbits, sizeof minabs_nz);
-    if (nzbits == 0) minabs_nz = INFINITY;     /* every element is zero */
+    memcpy(&minabs_nz, &abits, sizeof minabs_nz);
+    if (abits == 0) minabs_nz = INFINITY;      /* every element is zero */
 
     /* pass B: shifted moments, f32 lanes folded into double every 256 elements */
     const float shift = sum / (float)n;
@@ -287,7 +321,8 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     if (minabs_nz < p->tinyf) acc->subnormal += count_small(x, n, p->tinyf, 1);
     float amax = -mn > mx ? -mn : mx;
     for (int k = 0; k < p->k; k++) {
-        if (minabs_nz <= p->underf[k]) acc->under[k] += count_small(x, n, p->underf[k], 0);
+        if (k == inl) acc->under[k] += nsmall - nzero;
+        else if (minabs_nz <= p->underf[k]) acc->under[k] += count_small(x, n, p->underf[k], 0);
         if (amax > p->overf[k]) acc->over[k] += count_large(x, n, p->overf[k]);
     }
 }
@@ -349,6 +384,23 @@ static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int 
     }
 }
 
+static void acc_reset(acc_t *acc) {
+    memset(acc, 0, sizeof *acc);
+    acc->min = INFINITY;
+    acc->max = -INFINITY;
+}
+
+static void acc_merge(acc_t *dst, const acc_t *src, int k) {
+    chan_merge(dst, src->nfin, src->mean, src->m2);
+    merge_range(dst, src->min, src->max);
+    dst->nan += src->nan; dst->posinf += src->posinf; dst->neginf += src->neginf;
+    dst->zeros += src->zeros; dst->subnormal += src->subnormal;
+    for (int i = 0; i < k; i++) { dst->under[i] += src->under[i]; dst->over[i] += src->over[i]; }
+}
+
+
+/* ---- Python interface ----------------------------------------------------------------- */
+
 static int read_thresholds(PyObject *seq, double *out, const char *what) {
     PyObject *fast = PySequence_Fast(seq, what);
     if (fast == NULL) return -1;
@@ -366,8 +418,83 @@ static int read_thresholds(PyObject *seq, double *out, const char *what) {
     return (int)k;
 }
 
+/* Plan: the thresholds of one source dtype, parsed once. */
+typedef struct {
+    PyObject_HEAD
+    plan_t plan;
+} PlanObject;
+
+static int plan_init(PlanObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tiny", "under", "over", NULL};
+    double tiny;
+    PyObject *under, *over;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "dOO", kwlist, &tiny, &under, &over)) return -1;
+    plan_t *p = &self->plan;
+    memset(p, 0, sizeof *p);
+    int ku = read_thresholds(under, p->under, "under must be a sequence of floats");
+    if (ku < 0) return -1;
+    int ko = read_thresholds(over, p->over, "over must be a sequence of floats");
+    if (ko < 0) return -1;
+    if (ku != ko) {
+        PyErr_Format(PyExc_ValueError, "%d underflow but %d overflow thresholds", ku, ko);
+        return -1;
+    }
+    p->k = ku;
+    p->tiny = tiny;
+    p->tinyf = (float)tiny;
+    p->inline_under = -1;
+    for (int k = 0; k < p->k; k++) {
+        p->underf[k] = (float)p->under[k];
+        p->overf[k] = (float)p->over[k];
+        if (p->under[k] > 0 && (p->inline_under < 0 || p->under[k] > p->under[p->inline_under]))
+            p->inline_under = k;
+    }
+    return 0;
+}
+
+static PyTypeObject PlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "torchwatch.kernels._cstats.Plan",
+    .tp_doc = PyDoc_STR("Plan(tiny, under, over): thresholds for one source dtype."),
+    .tp_basicsize = sizeof(PlanObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)plan_init,
+};
+
+static PyObject *acc_to_tuple(const acc_t *acc, int k) {
+    PyObject *u = PyTuple_New(k), *o = PyTuple_New(k);
+    if (u == NULL || o == NULL) { Py_XDECREF(u); Py_XDECREF(o); return NULL; }
+    for (int i = 0; i < k; i++) {
+        PyTuple_SET_ITEM(u, i, PyLong_FromLongLong(acc->under[i]));
+        PyTuple_SET_ITEM(o, i, PyLong_FromLongLong(acc->over[i]));
+    }
+    return Py_BuildValue("LLLLLLddddNN", (long long)acc->nfin, (long long)acc->nan,
+                         (long long)acc->posinf, (long long)acc->neginf, (long long)acc->zeros,
+                         (long long)acc->subnormal, acc->mean, acc->m2, acc->min, acc->max, u, o);
+}
+
+static int tuple_to_acc(PyObject *raw, acc_t *acc, int k) {
+    PyObject *u, *o;
+    long long v[6];
+    if (!PyArg_ParseTuple(raw, "LLLLLLddddOO", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                          &acc->mean, &acc->m2, &acc->min, &acc->max, &u, &o))
+        return -1;
+    acc->nfin = v[0]; acc->nan = v[1]; acc->posinf = v[2]; acc->neginf = v[3];
+    acc->zeros = v[4]; acc->subnormal = v[5];
+    if (!PyTuple_Check(u) || !PyTuple_Check(o) || PyTuple_GET_SIZE(u) != k || PyTuple_GET_SIZE(o) != k) {
+        PyErr_Format(PyExc_ValueError, "expected %d underflow and overflow counts", k);
+        return -1;
+    }
+    for (int i = 0; i < k; i++) {
+        acc->under[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(u, i));
+        acc->over[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(o, i));
+    }
+    return PyErr_Occurred() ? -1 : 0;
+}
+
 PyDoc_STRVAR(tensor_stats_doc,
-"tensor_stats(address, numel, dtype_code, tiny, under, over, exact) -> tuple\n\n"
+"tensor_stats(address, numel, dtype_code, plan, exact) -> tuple\n\n"
 "Statistics of `numel` dense elements at `address` (dtype codes: 0 f32, 1 f64, 2 f16,\n"
 "3 bf16). Returns (finite, nan, posinf, neginf, zeros, subnormal, mean, m2, min, max,\n"
 "underflow counts, overflow counts). `exact` forces the portable path.");
@@ -376,45 +503,75 @@ static PyObject *tensor_stats(PyObject *self, PyObject *args) {
     unsigned long long address;
     Py_ssize_t n;
     int dtype, exact;
-    double tiny;
-    PyObject *under, *over;
+    PlanObject *plan;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KnidOOp", &address, &n, &dtype, &tiny, &under, &over, &exact))
-        return NULL;
+    if (!PyArg_ParseTuple(args, "KniO!p", &address, &n, &dtype, &PlanType, &plan, &exact)) return NULL;
     if (dtype < TW_F32 || dtype > TW_BF16) return PyErr_Format(PyExc_ValueError, "bad dtype code %d", dtype);
     if (n < 0) return PyErr_Format(PyExc_ValueError, "negative numel %zd", n);
-    plan_t p;
-    memset(&p, 0, sizeof p);
-    int ku = read_thresholds(under, p.under, "under must be a sequence of floats");
-    if (ku < 0) return NULL;
-    int ko = read_thresholds(over, p.over, "over must be a sequence of floats");
-    if (ko < 0) return NULL;
-    if (ku != ko) return PyErr_Format(PyExc_ValueError, "%d underflow but %d overflow thresholds", ku, ko);
-    p.k = ku;
-    p.tiny = tiny;
-    p.tinyf = (float)tiny;
-    for (int k = 0; k < p.k; k++) {
-        p.underf[k] = (float)p.under[k];
-        p.overf[k] = (float)p.over[k];
-    }
+    const plan_t *p = &plan->plan;  /* kept alive by args while the GIL is released */
     acc_t acc;
-    memset(&acc, 0, sizeof acc);
-    acc.min = INFINITY;
-    acc.max = -INFINITY;
+    acc_reset(&acc);
     int simd = !exact && simd_cpu;
     Py_BEGIN_ALLOW_THREADS
-    run((const void *)(uintptr_t)address, n, dtype, &p, simd, &acc);
+    run((const void *)(uintptr_t)address, n, dtype, p, simd, &acc);
     Py_END_ALLOW_THREADS
-    PyObject *u = PyTuple_New(p.k), *o = PyTuple_New(p.k);
-    if (u == NULL || o == NULL) { Py_XDECREF(u); Py_XDECREF(o); return NULL; }
-    for (int k = 0; k < p.k; k++) {
-        PyTuple_SET_ITEM(u, k, PyLong_FromLongLong(acc.under[k]));
-        PyTuple_SET_ITEM(o, k, PyLong_FromLongLong(acc.over[k]));
-    }
-    return Py_BuildValue("LLLLLLddddNN", (long long)acc.nfin, (long long)acc.nan,
-                         (long long)acc.posinf, (long long)acc.neginf, (long long)acc.zeros,
-                         (long long)acc.subnormal, acc.mean, acc.m2, acc.min, acc.max, u, o);
+    return acc_to_tuple(&acc, p->k);
 }
+
+/* Accumulator: running totals of raw measurements; merging happens under the GIL. */
+typedef struct {
+    PyObject_HEAD
+    int k;
+    long long calls;
+    acc_t acc;
+} AccObject;
+
+static int accobj_init(AccObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"k", NULL};
+    int k;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &k)) return -1;
+    if (k < 0 || k > TW_MAXCAST) {
+        PyErr_Format(PyExc_ValueError, "k must be in [0, %d], got %d", TW_MAXCAST, k);
+        return -1;
+    }
+    self->k = k;
+    self->calls = 0;
+    acc_reset(&self->acc);
+    return 0;
+}
+
+static PyObject *accobj_add(AccObject *self, PyObject *raw) {
+    acc_t one;
+    acc_reset(&one);
+    if (tuple_to_acc(raw, &one, self->k) < 0) return NULL;
+    acc_merge(&self->acc, &one, self->k);
+    self->calls++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *accobj_state(AccObject *self, PyObject *unused) {
+    (void)unused;
+    PyObject *raw = acc_to_tuple(&self->acc, self->k);
+    if (raw == NULL) return NULL;
+    return Py_BuildValue("LN", self->calls, raw);
+}
+
+static PyMethodDef acc_methods[] = {
+    {"add", (PyCFunction)accobj_add, METH_O, "Merge one raw measurement (counts as one call)."},
+    {"state", (PyCFunction)accobj_state, METH_NOARGS, "(calls, raw totals)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject AccType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "torchwatch.kernels._cstats.Accumulator",
+    .tp_doc = PyDoc_STR("Accumulator(k): totals of raw measurements with k cast dtypes."),
+    .tp_basicsize = sizeof(AccObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)accobj_init,
+    .tp_methods = acc_methods,
+};
 
 static PyObject *simd_available(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
@@ -434,5 +591,20 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__cstats(void) {
     simd_cpu = cpu_has_simd();
-    return PyModule_Create(&module);
+    if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&AccType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&PlanType);
+    if (PyModule_AddObject(m, "Plan", (PyObject *)&PlanType) < 0) {
+        Py_DECREF(&PlanType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&AccType);
+    if (PyModule_AddObject(m, "Accumulator", (PyObject *)&AccType) < 0) {
+        Py_DECREF(&AccType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

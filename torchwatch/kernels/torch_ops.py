@@ -57,10 +57,3 @@ def device_stats(x: torch.Tensor, plan: CastPlan) -> tuple[torch.Tensor, torch.T
         )
     )
     return torch.stack(counts), floats
-
-
-def unpack(ints: torch.Tensor, floats: torch.Tensor, k: int) -> tuple:
-    """Packed CPU tensors as the raw tuple the host accumulator takes."""
-    i = ints.tolist()
-    f = floats.tolist()
-    return (*i[:6], *f, tuple(i[6 : 6 + k]), tuple(i[6 + k :]))
