@@ -129,8 +129,11 @@ class Watch:
         self._completed_sampled = 0
         self._unseen_checked = False
 
-        self._dispatcher = Dispatcher(sinks, self._sink_failed) if sinks else None
-        self._stat_hooks = [(weakref.ref(module), self._make_hook(name)) for name, module in selected]
+        self._dispatcher = Dispatcher(sinks, _weak_callback(self._sink_failed)) if sinks else None
+        if self._dispatcher is not None:  # a watch dropped without detach() still stops its thread
+            weakref.finalize(self, self._dispatcher.close, 0)
+        # The model's own hook must run before _exit_root closes the call: it goes first.
+        self._stat_hooks = [(weakref.ref(module), self._make_hook(name), module is model) for name, module in selected]
         self._stat_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._installed = 0  # sampled calls in flight that need the module hooks (every > 1)
         self._install_lock = threading.Lock()
@@ -219,6 +222,7 @@ class Watch:
             cohort: only calls made under ``context(cohort=...)``; ``None`` for all calls.
         """
         with self._flush_lock:
+            self._resolve_ledgers()
             with self._lock:
                 window = {key: to_module_stats(acc, self.cast_dtypes) for key, acc in self._window.items()}
                 order = list(self._order)
@@ -297,10 +301,10 @@ class Watch:
         with self._install_lock:
             self._installed += 1
             if self._installed == 1:
-                for module_ref, hook in self._stat_hooks:
+                for module_ref, hook, is_root in self._stat_hooks:
                     module = module_ref()
                     if module is not None:
-                        self._stat_handles.append(module.register_forward_hook(hook))
+                        self._stat_handles.append(module.register_forward_hook(hook, prepend=is_root))
 
     def _uninstall(self) -> None:
         with self._install_lock:
@@ -536,13 +540,17 @@ class Watch:
                 self._since_reset_sampled += sampled
                 order = [name for name in self._order if name in per_name]
             self._check_unseen()
-            if self._dispatcher is None or not (calls or alerts):
+            if self._dispatcher is None:
                 return
-            record = Record(
-                step=step, time=time.time(), calls=calls, sampled=sampled,
-                stats={name: merge_all(per_name[name]) for name in order},
-                alerts=alerts, nonfinite=nonfinite, errors=errors,
-            )  # fmt: skip
+            record = None
+            if calls or alerts:
+                record = Record(
+                    step=step, time=time.time(), calls=calls, sampled=sampled,
+                    stats={name: merge_all(per_name[name]) for name in order},
+                    alerts=alerts, nonfinite=nonfinite, errors=errors,
+                )  # fmt: skip
+            elif not wait:
+                return
         if not self._dispatcher.submit(record, wait=wait, timeout=timeout) and self._dispatcher.dropped:
             self._warn_once("dropped", "sinks are slower than the flush rate; flush records were dropped")
 
@@ -597,6 +605,18 @@ class Watch:
                 return
             self._warned.add(key)
         warnings.warn(f"torchwatch: {message}", TorchwatchWarning, stacklevel=3)
+
+
+def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
+    """Call ``method`` while its object lives; the sinks' thread must not keep a watch alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call
 
 
 def _merge_events(

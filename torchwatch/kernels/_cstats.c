@@ -6,13 +6,13 @@
  *
  *   pass A  sum (f32, used only as a shift), min, max, smallest |x|, and the count of the
  *           most often hit underflow threshold (zeros are counted only if the block has one);
- *   pass B  sum and sum of squares of (x - shift), so variance never suffers from
- *           sum/sum-of-squares cancellation however large the mean is;
+ *   pass B  sum and sum of squares of (x - shift), scaled by a power of two, so variance
+ *           never suffers from sum/sum-of-squares cancellation however large the mean is;
  *   counts  subnormal / would-underflow / would-overflow, only when pass A shows the block
  *           can hold any (its smallest nonzero |x| or its largest |x| crosses a threshold).
  *
- * Blocks are merged with Chan's parallel formula. A block holding NaN/Inf or values too
- * large for f32 accumulators takes the portable exact path (double arithmetic), which is
+ * Blocks are merged with Chan's parallel formula. A block holding NaN/Inf, or only values
+ * near the bottom of the float range, takes the portable exact path (double arithmetic), which is
  * also the whole kernel on CPUs without AVX2 and the reference the tests compare against.
  *
  * The caller passes the address of a dense tensor and its length; it is the caller's job to
@@ -33,8 +33,9 @@
 
 #define TW_BLOCK 2048
 #define TW_MAXCAST 8
-/* Above this magnitude (x - shift)^2 could overflow the f32 accumulators of pass B. */
-#define TW_FAST_LIMIT 1e18f
+/* Blocks whose largest |x| is below this take the exact path (their scaled squares would
+   still be fine, but such blocks are rare and the exact path is simpler to trust). */
+#define TW_FAST_MIN 0x1p-60f
 
 enum { TW_F32 = 0, TW_F64 = 1, TW_F16 = 2, TW_BF16 = 3 };
 
@@ -276,9 +277,19 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         if (bits < abits) abits = bits;
         nsmall += fabsf(v) <= tinl;
     }
-    /* A finite sum means no NaN/Inf (they would propagate); the magnitude bound keeps pass B
-       inside f32 range. Anything else takes the exact path. */
-    if (!(fabsf(sum) <= FLT_MAX) || !(mn >= -TW_FAST_LIMIT) || !(mx <= TW_FAST_LIMIT)) {
+    /* A finite sum means no NaN/Inf (they would propagate). */
+    if (!(fabsf(sum) <= FLT_MAX)) {
+        exact_block_f32(x, n, p, acc);
+        return;
+    }
+    float amax = -mn > mx ? -mn : mx;
+    if (amax == 0) {                            /* padding: every element is zero */
+        chan_merge(acc, n, 0.0, 0.0);
+        merge_range(acc, 0.0, 0.0);
+        acc->zeros += n;
+        return;
+    }
+    if (amax < TW_FAST_MIN) {                   /* squares would fall below float range */
         exact_block_f32(x, n, p, acc);
         return;
     }
@@ -288,19 +299,23 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     if (abits == 0) nzero = count_zeros(x, n, &abits);
     float minabs_nz;
     memcpy(&minabs_nz, &abits, sizeof minabs_nz);
-    if (abits == 0) minabs_nz = INFINITY;      /* every element is zero */
 
-    /* pass B: shifted moments, f32 lanes folded into double every 256 elements */
-    const float shift = sum / (float)n;
-    const __m256 vs = _mm256_set1_ps(shift);
+    /* pass B: moments of (x - shift) * scale, f32 lanes folded into double every 256
+       elements. scale is a power of two bringing |x| near 1, so squares neither overflow nor
+       go subnormal, and fma(x, scale, -shift * scale) rounds exactly like (x - shift). */
+    int e;
+    frexpf(amax, &e);
+    if (e > 126) e = 126;                       /* keep scale a normal float */
+    const float shift = sum / (float)n, scale = ldexpf(1.0f, -e);
+    const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-shift * scale);
     double sd = 0, sq = 0;
     i = 0;
     while (i + 16 <= n) {
         __m256 d0 = _mm256_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
         int end = i + 256 < n ? i + 256 : n;
         for (; i + 16 <= end; i += 16) {
-            __m256 a = _mm256_sub_ps(_mm256_loadu_ps(x + i), vs);
-            __m256 b = _mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vs);
+            __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), vscale, vshift);
+            __m256 b = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), vscale, vshift);
             d0 = _mm256_add_ps(d0, a);
             d1 = _mm256_add_ps(d1, b);
             q0 = _mm256_fmadd_ps(a, a, q0);
@@ -310,16 +325,16 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         sq += hsum_ps_as_pd(q0) + hsum_ps_as_pd(q1);
     }
     for (; i < n; i++) {
-        double d = (double)x[i] - (double)shift;
+        double d = ((double)x[i] - (double)shift) * (double)scale;
         sd += d; sq += d * d;
     }
-    double m2 = sq - sd * sd / (double)n;
-    chan_merge(acc, n, (double)shift + sd / (double)n, m2 > 0 ? m2 : 0);
+    const double inv = ldexp(1.0, e);
+    double m2 = (sq - sd * sd / (double)n) * inv * inv;
+    chan_merge(acc, n, (double)shift + sd / (double)n * inv, m2 > 0 ? m2 : 0);
     merge_range(acc, mn, mx);
     acc->zeros += nzero;
 
     if (minabs_nz < p->tinyf) acc->subnormal += count_small(x, n, p->tinyf, 1);
-    float amax = -mn > mx ? -mn : mx;
     for (int k = 0; k < p->k; k++) {
         if (k == inl) acc->under[k] += nsmall - nzero;
         else if (minabs_nz <= p->underf[k]) acc->under[k] += count_small(x, n, p->underf[k], 0);

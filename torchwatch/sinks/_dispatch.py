@@ -29,8 +29,9 @@ class Dispatcher:
         self._closed = False
         self.dropped = 0
 
-    def submit(self, record: Record, *, wait: bool = False, timeout: float = 30.0) -> bool:
-        """Queue a record; with ``wait``, also block until sinks wrote and flushed it.
+    def submit(self, record: Record | None, *, wait: bool = False, timeout: float = 30.0) -> bool:
+        """Queue a record; with ``wait``, also block until sinks wrote and flushed everything
+        queued so far. ``None`` sends nothing (with ``wait``: just the wait).
 
         Returns False when the record was dropped (queue full, closed, or timed out waiting).
         """
@@ -46,7 +47,10 @@ class Dispatcher:
         return done.wait(timeout) if done is not None else True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Deliver what is queued, close every sink and stop the thread."""
+        """Deliver what is queued, close every sink and stop the thread.
+
+        Waits up to ``timeout`` seconds for that; with 0 it only asks the thread to finish.
+        """
         if self._closed:
             return
         self._closed = True
@@ -54,10 +58,11 @@ class Dispatcher:
             self._close_sinks()
             return
         try:
-            self._queue.put(_STOP, timeout=timeout)
+            self._queue.put(_STOP, timeout=timeout or None)
         except queue.Full:
             return
-        self._thread.join(timeout)
+        if timeout:
+            self._thread.join(timeout)
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -73,7 +78,8 @@ class Dispatcher:
                 self._close_sinks()
                 return
             record, done = item  # type: ignore[misc]
-            self._call_all("write", record)
+            if record is not None:
+                self._call_all("write", record)
             if done is not None:
                 self._call_all("flush")
                 done.set()

@@ -25,8 +25,9 @@ class JsonlSink(Sink):
     Example:
         >>> import json, tempfile, torch, torchwatch as tw
         >>> path = tempfile.mkdtemp() + "/stats.jsonl"
-        >>> with tw.attach(torch.nn.Linear(4, 2), sinks=[tw.JsonlSink(path)]) as watch:
-        ...     _ = watch.model(torch.randn(3, 4))
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with tw.attach(model, sinks=[tw.JsonlSink(path)]):
+        ...     _ = model(torch.randn(3, 4))
         >>> json.loads(open(path).readline())["modules"][""]["count"]
         6
     """

@@ -17,8 +17,9 @@ class MemorySink(Sink):
     Example:
         >>> import torch, torchwatch as tw
         >>> sink = tw.MemorySink()
-        >>> with tw.attach(torch.nn.Linear(4, 2), sinks=[sink]) as watch:
-        ...     _ = watch.model(torch.randn(3, 4))
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with tw.attach(model, sinks=[sink]):
+        ...     _ = model(torch.randn(3, 4))
         >>> sink.records[-1].stats[""].count  # "" is the watched model itself
         6
     """

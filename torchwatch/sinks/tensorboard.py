@@ -98,10 +98,13 @@ class TensorBoardSink(Sink):
         ImportError: tensorboard is not installed.
 
     Example:
-        >>> import tempfile, torch, torchwatch as tw
+        >>> import os, tempfile, torch, torchwatch as tw
         >>> logdir = tempfile.mkdtemp()
-        >>> with tw.attach(torch.nn.Linear(4, 2), sinks=[tw.TensorBoardSink(logdir)]) as watch:
-        ...     _ = watch.model(torch.randn(3, 4))
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with tw.attach(model, sinks=[tw.TensorBoardSink(logdir)]):
+        ...     _ = model(torch.randn(3, 4))
+        >>> sorted(os.listdir(logdir))[0].startswith("events.out.tfevents")
+        True
     """
 
     def __init__(self, logdir: str | os.PathLike[str], *, prefix: str = "") -> None:

@@ -1,0 +1,109 @@
+"""The CPU kernel's fast and exact paths, the torch-ops path and the accumulators agree."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _strategies import float_tensors
+from hypothesis import given
+
+import torchwatch as tw
+from torchwatch import _accumulators
+from torchwatch._accumulators import HostAccumulator, new_device_accumulator, to_module_stats
+from torchwatch._casts import cast_plan
+from torchwatch.kernels import cpu, device_stats, host_stats
+from torchwatch.stats import DEFAULT_CAST_DTYPES
+
+pytestmark = pytest.mark.skipif(not cpu.available, reason="the C kernel was not built")
+NAMES = DEFAULT_CAST_DTYPES
+
+
+def _close(a: tuple, b: tuple) -> bool:
+    """Counts and extremes identical; moments to 1e-6 of the spread."""
+    if a[:6] != b[:6] or a[8:] != b[8:]:
+        return False
+    n = a[0]
+    if n == 0:
+        return True
+    scale = max(math.sqrt(max(b[7], 0.0) / n), abs(b[6]) * 1e-9, 1e-300)
+    return (
+        abs(a[6] - b[6]) <= 1e-6 * scale + 1e-300
+        and abs(math.sqrt(max(a[7], 0) / n) - math.sqrt(max(b[7], 0) / n)) <= 1e-6 * scale + 1e-300
+    )
+
+
+@given(x=float_tensors(dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+def test_simd_exact_and_torch_ops_paths_agree(x):
+    big = x.abs().max().item() if x.numel() else 0.0
+    if x.numel() and not (1e-150 < big < 1e150 or big == 0 or math.isnan(big)):
+        return
+    plan = cast_plan(x.dtype, NAMES)
+    fast = host_stats(x, plan)
+    exact = host_stats(x, plan, exact=True)
+    if x.numel():
+        ints, floats = device_stats(x, plan)
+        ops = _accumulators.unpack(ints, floats, len(NAMES))
+        assert _close(ops, exact), (ops, exact)
+    assert _close(fast, exact), (fast, exact)
+
+
+@given(
+    x=float_tensors(dtypes=(torch.float32,), shapes=((5000,),)),
+    y=float_tensors(dtypes=(torch.float32,), shapes=((3,), (2100,))),
+)
+def test_c_python_and_device_accumulators_merge_identically(x, y):
+    plan = cast_plan(torch.float32, NAMES)
+    c_acc, py_acc = cpu.new_accumulator(len(NAMES)), HostAccumulator(len(NAMES))
+    dev_acc = new_device_accumulator(len(NAMES), torch.device("cpu"))
+    for t in (x, y, x):
+        raw = host_stats(t, plan, exact=True)
+        c_acc.add(raw)
+        py_acc.add(raw)
+        dev_acc.add(*device_stats(t, plan))
+    c, p, d = (to_module_stats(a, NAMES).to_dict() for a in (c_acc, py_acc, dev_acc))
+    for key in c:  # same raw inputs, same formula: equal up to the order of float additions
+        same = c[key] == p[key] or (isinstance(c[key], float) and math.isclose(c[key], p[key], rel_tol=1e-12))
+        assert same or (math.isnan(c[key]) and math.isnan(p[key])), key
+    spread = max(c["std"], abs(c["mean"]) * 1e-9) if c["count"] else 0.0
+    for key in c:
+        if key in ("mean", "std"):
+            assert (math.isnan(c[key]) and math.isnan(d[key])) or abs(c[key] - d[key]) <= 1e-6 * spread, key
+        else:
+            assert c[key] == d[key], key
+
+
+def test_without_the_c_kernel_everything_still_works(monkeypatch):
+    monkeypatch.setattr(cpu, "available", False)
+    x = torch.randn(1000) * 100
+    x[3] = math.nan
+    s = tw.tensor_stats(x)
+    assert s.nan == 1 and s.count == 1000 and math.isclose(s.mean, x[~x.isnan()].double().mean().item(), rel_tol=1e-9)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with tw.attach(model) as watch:
+        model(torch.randn(3, 4))
+        assert watch.snapshot()["1"].count == 12
+
+
+def test_plan_and_accumulator_reject_bad_input():
+    with pytest.raises(ValueError, match="at most 8 cast dtypes, got 9"):
+        cpu._cstats.Plan(1e-38, [0.0] * 9, [1.0] * 9)
+    with pytest.raises(ValueError, match="1 underflow but 2 overflow thresholds"):
+        cpu._cstats.Plan(1e-38, [0.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="k must be in \\[0, 8\\], got 9"):
+        cpu._cstats.Accumulator(9)
+    acc = cpu._cstats.Accumulator(1)
+    with pytest.raises(ValueError, match="expected 1 underflow and overflow counts"):
+        acc.add((0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, (), ()))
+    plan = cpu.native_plan(cast_plan(torch.float32, ()))
+    with pytest.raises(ValueError, match="bad dtype code 9"):
+        cpu._cstats.tensor_stats(0, 0, 9, plan, False)
+
+
+def test_simd_path_is_used_where_the_cpu_has_avx2():
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+        assert cpu.simd() == ("avx2" in flags and "fma" in flags and "f16c" in flags) or not flags

@@ -1,0 +1,76 @@
+"""Attach/detach cycles leave nothing behind; dropping the model frees it."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+import weakref
+
+import torch
+from _models import mlp
+from torch import nn
+
+import torchwatch as tw
+from torchwatch import watch as watch_module
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_ten_thousand_attach_detach_cycles_leave_no_hook_and_no_growth():
+    model = mlp()
+    x = torch.randn(2, 16)
+    baseline_hooks = _hooks(model)
+
+    def cycles(n: int) -> None:
+        for i in range(n):
+            watch = tw.attach(model, every=1 + i % 3)
+            if i % 100 == 0:
+                model(x)
+            watch.detach()
+
+    cycles(200)  # warm caches (cast plans, kernel plans)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    cycles(10_000)
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    growth = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert _hooks(model) == baseline_hooks
+    assert len(watch_module._watches) == 0 and len(watch_module._live) == 0
+    assert growth < 64 * 1024, f"{growth} bytes retained after 10,000 cycles"
+
+
+def test_dropped_model_is_freed_with_or_without_detach():
+    for detach in (True, False):
+        model = mlp()
+        watch = tw.attach(model, sinks=[tw.MemorySink()], flush_every=1)
+        model(torch.randn(1, 16))
+        if detach:
+            watch.detach()
+        ref = weakref.ref(model)
+        del model
+        gc.collect()
+        assert ref() is None
+        assert watch.model is None
+
+
+def test_no_activation_outlives_its_hook():
+    model = mlp()
+    x = torch.randn(4, 16)
+    tracked: list[weakref.ref] = []
+    model.register_forward_hook(lambda m, a, o: tracked.append(weakref.ref(o)))
+    for layer in model:
+        layer.register_forward_hook(lambda m, a, o: tracked.append(weakref.ref(o)))
+    with tw.attach(model, on_nonfinite="ignore"):
+        model(x)
+        gc.collect()
+        assert all(r() is None for r in tracked)
+    with tw.Watch(model, on_nonfinite="ignore", _device_path=True):
+        tracked.clear()
+        model(x)
+        gc.collect()
+        assert all(r() is None for r in tracked)

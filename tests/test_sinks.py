@@ -1,0 +1,263 @@
+"""Sinks: memory, JSONL, TensorBoard (read back by TensorBoard itself), failures, exit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import warnings
+
+import pytest
+import torch
+from _models import Inject, mlp
+
+import torchwatch as tw
+from torchwatch.sinks.tensorboard import layout
+
+
+def _run(model, n: int, width: int = 16) -> None:
+    for _ in range(n):
+        model(torch.randn(2, width))
+
+
+def test_memory_sink_gets_one_record_per_interval_and_a_last_one_on_detach():
+    sink = tw.MemorySink()
+    model = mlp()
+    with tw.attach(model, sinks=[sink], flush_every=3):
+        _run(model, 7)
+    records = sink.records
+    assert [(r.step, r.calls, r.sampled) for r in records] == [(3, 3, 3), (6, 3, 3), (7, 1, 1)]
+    assert records[0].stats["0"].calls == 3 and records[2].stats["0"].calls == 1
+
+
+def test_flush_waits_until_the_sinks_have_written():
+    sink = tw.MemorySink()
+    model = mlp()
+    with tw.attach(model, sinks=[sink], flush_every=1000) as watch:
+        _run(model, 2)
+        watch.flush()
+        assert len(sink.records) == 1 and sink.records[0].calls == 2
+        watch.flush()  # nothing new: nothing is sent
+        assert len(sink.records) == 1
+
+
+def test_memory_sink_keeps_the_last_maxlen_records():
+    sink = tw.MemorySink(maxlen=2)
+    model = mlp()
+    with tw.attach(model, sinks=[sink], flush_every=1):
+        _run(model, 5)
+    assert [r.step for r in sink.records] == [4, 5]
+
+
+def test_jsonl_lines_are_strict_json_with_nan_as_null(tmp_path):
+    path = tmp_path / "logs" / "stats.jsonl"
+    model = mlp(inject=Inject(at=(1,)))
+    model[0].weight.data[0] = 0.0
+    model[0].bias.data[0] = 0.0
+    with tw.attach(model, sinks=[tw.JsonlSink(path)], flush_every=1, on_nonfinite="ignore"):
+        _run(model, 2)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    for line in lines:
+        assert "NaN" not in line and "Infinity" not in line
+    assert first["format"] == "torchwatch.jsonl/1"
+    assert first["modules"]["0"]["zeros"] == 2  # the zeroed unit
+    assert second["modules"]["1"]["nan"] == 2
+    assert second["nonfinite"]["1"]["origin"] == "1"
+    back = tw.ModuleStats.from_dict(second["modules"]["1"])
+    assert back.nan == 2 and back.count == 32
+
+
+def test_jsonl_appends_across_restarts(tmp_path):
+    path = tmp_path / "s.jsonl"
+    for _ in range(2):
+        model = mlp()
+        with tw.attach(model, sinks=[tw.JsonlSink(path)]):
+            _run(model, 1)
+    assert len(path.read_text().splitlines()) == 2
+
+
+def _event_accumulator(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_events_read_back_with_tensorboards_own_reader(tmp_path):
+    model = mlp(inject=Inject(at=(3,)))
+    alerts = []
+    with tw.attach(model, sinks=[tw.TensorBoardSink(tmp_path)], flush_every=2, on_nonfinite=alerts.append) as watch:
+        _run(model, 4)
+        snap = watch.snapshot()
+    acc = _event_accumulator(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    for name in ("0", "1", "6"):
+        for stat in ("mean", "std", "min", "max", "absmax", "nan", "posinf", "neginf", "zeros_frac", "subnormal_frac"):
+            assert f"{name}/{stat}" in tags
+        for dtype in tw.DEFAULT_CAST_DTYPES:
+            assert f"{name}/underflow_frac_{dtype}" in tags and f"{name}/overflow_frac_{dtype}" in tags
+    assert "torchwatch/alerts" in tags
+    nan = acc.Scalars("1/nan")
+    assert [(e.step, e.value) for e in nan] == [(2, 0.0), (4, 2.0)]
+    assert acc.Scalars("torchwatch/alerts")[-1].value == 1.0  # the alert of call 3 (from the injector)
+    mx = acc.Scalars("0/max")
+    assert mx[-1].step == 4 and math.isclose(max(e.value for e in mx), snap["0"].max, rel_tol=1e-6)
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_root_output_is_tagged_root(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    with tw.attach(model, sinks=[tw.TensorBoardSink(tmp_path)]):
+        model(torch.randn(1, 3))
+    assert "<root>/mean" in _event_accumulator(tmp_path).Tags()["scalars"]
+
+
+def test_layout_puts_nonfinite_and_cast_charts_first():
+    lay = layout(["float16"])
+    assert next(iter(lay)) == "torchwatch: NaN / Inf"
+    assert lay["torchwatch: fp16 / bf16 / fp8 casts"]["would underflow in float16 (fraction)"] == [
+        "Multiline", [r".*/underflow_frac_float16$"]
+    ]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback URL we built
+        return json.loads(response.read())
+
+
+def test_a_real_tensorboard_server_serves_the_torchwatch_tags(tmp_path):
+    run_dir = tmp_path / "serve"
+    model = mlp()
+    with tw.attach(model, sinks=[tw.TensorBoardSink(run_dir)], flush_every=2):
+        _run(model, 4)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        tags: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                tags = _get_json(f"{base}/data/plugin/scalars/tags")
+                if tags.get("serve"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert "0/mean" in tags["serve"] and "5/nan" in tags["serve"]
+        values = _get_json(f"{base}/data/plugin/scalars/scalars?run=serve&tag=0/nan")
+        assert [row[1] for row in values] == [2, 4]  # [wall_time, step, value] rows
+        lay = _get_json(f"{base}/data/plugin/custom_scalars/layout")
+        assert lay["category"][0]["title"] == "torchwatch: NaN / Inf"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+class Exploding(tw.Sink):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def write(self, record):
+        self.calls += 1
+        raise OSError(28, "No space left on device")
+
+    def __repr__(self) -> str:
+        return "Exploding()"
+
+
+def test_a_failing_sink_is_reported_once_and_disabled_while_the_others_go_on():
+    bad, good = Exploding(), tw.MemorySink()
+    model = mlp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tw.attach(model, sinks=[bad, good], flush_every=1) as watch:
+            _run(model, 4)
+            watch.flush()
+            errors = watch.errors
+    assert bad.calls == 1
+    assert len(good.records) == 4
+    assert errors == {"sink:Exploding()": 1}
+    messages = [str(w.message) for w in caught if issubclass(w.category, tw.TorchwatchWarning)]
+    assert messages == [
+        "torchwatch: Exploding() failed with OSError(28, 'No space left on device') and is disabled; inference and "
+        "the other sinks go on. Fix the destination (permissions, free space) and attach again to re-enable it."
+    ]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_disables_the_jsonl_sink_without_touching_inference():
+    model = mlp()
+    x = torch.randn(2, 16)
+    want = model(x)
+    with pytest.warns(tw.TorchwatchWarning, match=r"JsonlSink\('/dev/full'\) failed with OSError\(28"), tw.attach(
+        model, sinks=[tw.JsonlSink("/dev/full")], flush_every=1
+    ) as watch:  # fmt: skip
+        assert torch.equal(model(x), want)
+        watch.flush()
+        assert torch.equal(model(x), want)
+
+
+def test_an_unwritable_log_directory_disables_the_tensorboard_sink(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model = mlp()
+    with pytest.warns(tw.TorchwatchWarning, match="TensorBoardSink.* failed with (NotADirectoryError|FileExistsError)"):
+        with tw.attach(model, sinks=[tw.TensorBoardSink(blocker / "logs")], flush_every=1) as watch:
+            _run(model, 2)
+            watch.flush()
+            assert list(watch.errors) == [f"sink:TensorBoardSink({str(blocker / 'logs')!r})"]
+
+
+def test_statistics_are_flushed_at_interpreter_exit(tmp_path):
+    path = tmp_path / "exit.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import torch, torchwatch as tw
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        watch = tw.attach(model, sinks=[tw.JsonlSink({str(path)!r}), tw.TensorBoardSink({str(tmp_path / "tb")!r})])
+        for _ in range(3):
+            model(torch.randn(2, 4))
+        # no detach, no flush: the exit handler must write the 3 calls
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    record = json.loads(path.read_text().splitlines()[-1])
+    assert record["calls"] == 3 and record["modules"]["0"]["calls"] == 3
+    assert _event_accumulator(tmp_path / "tb").Scalars("1/mean")[-1].step == 3
+
+
+def test_tensorboard_sink_needs_tensorboard(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(
+        ImportError, match=r"TensorBoardSink needs the tensorboard package: pip install 'torchwatch\[tensorboard\]'"
+    ):
+        tw.TensorBoardSink("runs")
