@@ -254,6 +254,7 @@ def test_a_failing_hook_never_changes_the_output_and_is_counted_and_warned_once(
         raise MemoryError("no room")
 
     monkeypatch.setattr(watch_module, "host_stats", explode)
+    monkeypatch.setattr(watch_module.cpu_kernel, "tensor_stats", explode)
     with tw.attach(model) as watch:
         with pytest.warns(tw.TorchwatchWarning) as record:
             out1 = model(x)

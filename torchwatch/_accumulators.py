@@ -110,7 +110,10 @@ class DeviceAccumulator:
         self.calls = 0
         self.k = k
         self.ints = torch.zeros(N_INT + 2 * k, dtype=torch.int64, device=device)
-        self.floats = torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=device)
+        # filled on the device: torch.tensor([...], device=...) would be a blocking host copy
+        self.floats = torch.zeros(4, dtype=torch.float64, device=device)
+        self.floats[2] = math.inf
+        self.floats[3] = -math.inf
 
     def add(self, ints: torch.Tensor, floats: torch.Tensor) -> None:
         """Merge one packed measurement; enqueues tensor ops only (no host sync)."""

@@ -30,6 +30,7 @@ from ._select import select_modules
 from .alerts import Alert, FirstNonFinite
 from .errors import ConfigError, NonFiniteError, TorchwatchWarning
 from .kernels import PLAIN_TENSOR_TYPES, device_stats, host_stats, measurable
+from .kernels import cpu as cpu_kernel
 from .sinks._dispatch import Dispatcher
 from .sinks.base import Record, Sink
 from .snapshot import Snapshot
@@ -106,7 +107,8 @@ class Watch:
         self._lock = threading.Lock()  # window, totals, provenance, alerts: short critical sections
         self._flush_lock = threading.RLock()  # one flush / snapshot / reset at a time
         self._tls = threading.local()
-        self._plans: dict[torch.dtype, CastPlan] = {}
+        self._plans: dict[torch.dtype, CastPlan | None] = {}
+        self._cpu_kernel: dict[torch.dtype, tuple[int, object, bool]] = {}  # dtype -> C kernel arguments
         self._calls = 0
         self._window: dict[tuple[str | None, str, torch.device | None], Accumulator] = {}
         self._window_calls = 0
@@ -406,6 +408,14 @@ class Watch:
         if orphan:
             self._finish_call(call)
 
+    def _new_plan(self, dtype: torch.dtype) -> CastPlan | None:
+        """The cast plan of a dtype (None if not floating point), and its CPU kernel arguments."""
+        plan = cast_plan(dtype, self.cast_dtypes) if dtype.is_floating_point else None
+        if plan is not None and cpu_kernel.available and dtype in cpu_kernel.DTYPE_CODES:
+            self._cpu_kernel[dtype] = (cpu_kernel.DTYPE_CODES[dtype], cpu_kernel.native_plan(plan), False)
+        self._plans[dtype] = plan
+        return plan
+
     def _orphan_call(self, fqn: str) -> _Call:
         self._warn_once(
             "orphan",
@@ -422,13 +432,17 @@ class Watch:
             return
         plan = self._plans.get(x.dtype, _NO_PLAN)
         if plan is _NO_PLAN:
-            plan = self._plans[x.dtype] = cast_plan(x.dtype, self.cast_dtypes) if x.dtype.is_floating_point else None
+            plan = self._new_plan(x.dtype)
         if plan is None or x.layout is not torch.strided:
             return
         seq = call.seq
         call.seq = seq + 1
         if (x.is_cpu and not self._device_path) or (measurable(x) and x.numel() == 0):
-            raw = host_stats(x, plan)
+            kernel = self._cpu_kernel.get(x.dtype)
+            if kernel is not None and x.is_cpu and x.is_contiguous():  # the common case, inlined
+                raw = cpu_kernel.tensor_stats(x.data_ptr(), x.numel(), *kernel)
+            else:
+                raw = host_stats(x, plan)
             key = (call.cohort, name, None)
             with self._lock:
                 acc = self._window.get(key)

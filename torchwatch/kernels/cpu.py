@@ -17,6 +17,9 @@ except ImportError:  # built without a C compiler: the torch-ops path takes over
     _cstats = None
 
 available = _cstats is not None
+# The kernel itself, for callers that hold ``native_plan(plan)`` already (the hooks):
+# tensor_stats(address, numel, code, native_plan, exact) -> raw tuple.
+tensor_stats = _cstats.tensor_stats if available else None
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
