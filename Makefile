@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py requirements/constraints.txt torchwatch/kernel
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/torchwatch demo
+	$(BIN)/torchwatch demo --logdir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -28,7 +28,8 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/overhead.py --json benchmarks/last-run.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info torchwatch/kernels/*.so

@@ -112,7 +112,7 @@ def run(batches: list[int], quick: bool, every16_batches: list[int]) -> dict:
             ("HF DebugUnderflowOverflow", setup_hf_debug, 1, 2 if quick else int(10 * scale)),
         ]
         if batch in every16_batches:
-            configs.insert(1, ("torchwatch, every=16", setup_torchwatch(16), 16, 2 if quick else int(10 * scale)))
+            configs.insert(1, ("torchwatch, every=16", setup_torchwatch(16), 16, 2 if quick else int(20 * scale)))
         if _available("torchinstruments"):
             configs.append(
                 ("torchinstruments, every forward", setup_torchinstruments, 1, 1 if quick or batch > 1 else 2)

@@ -263,7 +263,7 @@ def test_a_failing_hook_never_changes_the_output_and_is_counted_and_warned_once(
         assert watch.errors == {"0": 2, "1": 2, "3": 2, "4": 2, "5": 2}
     messages = [str(w.message) for w in record]
     assert len(messages) == 1
-    assert "measuring the output of '0' failed with MemoryError('no room'); inference was not affected" in messages[0]
+    assert "the torchwatch hook of '0' failed with MemoryError('no room'); inference was not affected" in messages[0]
 
 
 @pytest.mark.parametrize("mode", ["plain", "no_grad", "inference_mode", "train"])
@@ -432,3 +432,42 @@ def test_bad_arguments_are_config_errors_that_change_nothing(kwargs, message):
 def test_attach_needs_a_module():
     with pytest.raises(tw.ConfigError, match="attach\\(\\) needs a torch.nn.Module, got function"):
         tw.attach(lambda x: x)
+
+
+def test_failures_in_the_root_bookkeeping_never_reach_the_caller(monkeypatch):
+    model = mlp()
+    x = torch.randn(2, 16)
+    want = model(x)
+    with tw.attach(model, flush_every=1) as watch:
+
+        def broken_flush(**kwargs):
+            raise RuntimeError("flush exploded")
+
+        monkeypatch.setattr(watch, "_flush", broken_flush)
+        with pytest.warns(
+            tw.TorchwatchWarning,
+            match="the torchwatch hook of '\\(root call\\)' failed with RuntimeError\\('flush exploded'\\)",
+        ):
+            assert torch.equal(model(x), want)
+        assert watch.errors == {"(root call)": 1}
+        monkeypatch.undo()
+
+
+def test_attaching_while_a_call_is_running_does_not_break_it():
+    class AttachesMidway(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.watch = None
+
+        def forward(self, x):
+            if self.watch is None:
+                self.watch = tw.attach(self)  # the exit hook of this call has no matching entry
+            return self.lin(x)
+
+    model = AttachesMidway()
+    with pytest.warns(tw.TorchwatchWarning, match="'lin' ran outside a call"):
+        model(torch.randn(1, 2))
+    model(torch.randn(1, 2))
+    assert model.watch.calls == 1 and model.watch.snapshot()["lin"].calls == 2
+    model.watch.detach()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -58,3 +59,27 @@ class FirstNonFinite:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def nonfinite_alert(
+    origin: str, counts: tuple[int, int, int], *, spread: int, call: int, cohort: str | None, trace_id: str | None
+) -> Alert:
+    """The ``"nonfinite"`` alert for one call.
+
+    Args:
+        origin: the first output position, in execution order, that held NaN/Inf on the call.
+        counts: its (nan, +inf, -inf) counts; the alert's ``stat`` is the first nonzero one.
+        spread: how many later output positions were non-finite too.
+        call, cohort, trace_id: the call's index and labels.
+    """
+    stat, value = next((s, v) for s, v in zip(("nan", "posinf", "neginf"), counts, strict=True) if v)
+    where = f"call {call}" if call >= 0 else "a call outside the watched model"
+    trace = f" (trace {trace_id!r})" if trace_id is not None else ""
+    kind = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}[stat]
+    message = f"{kind} first appeared in {origin!r} on {where}{trace}"
+    if spread:
+        message += f" and spread to {spread} later module output(s)"
+    return Alert(
+        rule="nonfinite", module=origin, stat=stat, value=float(value), expected=0.0, call=call,
+        time=time.time(), cohort=cohort, trace_id=trace_id, message=message,
+    )  # fmt: skip

@@ -27,7 +27,7 @@ from ._accumulators import Accumulator, new_device_accumulator, new_host_accumul
 from ._casts import CastPlan, cast_plan, normalize_cast_dtypes
 from ._outputs import tensors_in
 from ._select import select_modules
-from .alerts import Alert, FirstNonFinite
+from .alerts import Alert, FirstNonFinite, nonfinite_alert
 from .errors import ConfigError, NonFiniteError, TorchwatchWarning
 from .kernels import PLAIN_TENSOR_TYPES, device_stats, host_stats, measurable
 from .kernels import cpu as cpu_kernel
@@ -39,6 +39,7 @@ from .stats import DEFAULT_CAST_DTYPES, ModuleStats, merge_all
 NONFINITE_POLICIES = ("ignore", "warn", "raise")
 OTHER_COHORT = "__other__"
 _NO_PLAN = object()
+ROOT_CALL = "(root call)"  # the key of watch.errors for failures in the model's own hooks
 MAX_ALERTS = 1000  # alerts kept in watch.alerts (oldest dropped first)
 
 # (cohort, trace_id) of the calls made in this context; see Watch.context.
@@ -185,7 +186,8 @@ class Watch:
     @property
     def errors(self) -> dict[str, int]:
         """Failures torchwatch caught instead of breaking inference: hook errors by module
-        name, sink failures as ``"sink:<sink>"``, ``on_nonfinite`` callable errors."""
+        name (``"(root call)"`` for the model's own call bookkeeping), sink failures as
+        ``"sink:<sink>"``, and ``"on_nonfinite"`` for errors of an ``on_nonfinite`` callable."""
         with self._lock:
             return dict(self._errors)
 
@@ -332,37 +334,46 @@ class Watch:
         tls.depth = depth + 1
         if depth:  # the model calling itself: part of the outer call
             return
-        with self._lock:
-            index = self._calls
-            self._calls += 1
-            self._window_calls += 1
-            sampled = index % self.every == 0
+        tls.call = None
+        tls.flush_due = False
+        try:
+            with self._lock:
+                index = self._calls
+                self._calls += 1
+                self._window_calls += 1
+                sampled = index % self.every == 0
+                if sampled:
+                    self._window_sampled += 1
+            tls.flush_due = (index + 1) % self.flush_every == 0
             if sampled:
-                self._window_sampled += 1
-        tls.flush_due = (index + 1) % self.flush_every == 0
-        if not sampled:
+                cohort, trace_id = _labels.get()
+                tls.call = _Call(index, self._bounded_cohort(cohort), trace_id)
+                if self.every > 1:
+                    self._install()
+        except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
             tls.call = None
-            return
-        cohort, trace_id = _labels.get()
-        tls.call = _Call(index, self._bounded_cohort(cohort), trace_id)
-        if self.every > 1:
-            self._install()
+            self._hook_failed(ROOT_CALL, exc)
 
     def _exit_root(self, module: nn.Module, args: Any, output: Any) -> None:
         tls = self._tls
-        tls.depth -= 1
-        if tls.depth:
+        depth = getattr(tls, "depth", 0)
+        if depth == 0:  # attached while this call was already running
             return
-        call = tls.call
-        tls.call = None
+        tls.depth = depth - 1
+        if depth > 1:
+            return
+        call, tls.call = tls.call, None
         alert = None
-        if call is not None:
-            if self.every > 1:
-                self._uninstall()
-            alert = self._finish_call(call)
-            self._completed_sampled += 1
-        if tls.flush_due:
-            self._flush(wait=False)
+        try:
+            if call is not None:
+                if self.every > 1:
+                    self._uninstall()
+                alert = self._finish_call(call)
+                self._completed_sampled += 1
+            if tls.flush_due:
+                self._flush(wait=False)
+        except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+            self._hook_failed(ROOT_CALL, exc)
         if alert is not None and self.on_nonfinite == "raise":
             raise NonFiniteError(
                 f"{alert.message}. Look at that module's inputs and weights; "
@@ -389,13 +400,12 @@ class Watch:
     def _on_output(self, fqn: str, output: Any) -> None:
         tls = self._tls
         call = getattr(tls, "call", None)
-        orphan = False
-        if call is None:
-            if getattr(tls, "depth", 0):
-                return  # an unsampled root call in this thread; the hooks are up for another
-            orphan = True
-            call = self._orphan_call(fqn)
+        if call is None and getattr(tls, "depth", 0):
+            return  # an unsampled root call in this thread; the hooks are up for another
         try:
+            orphan = call is None
+            if orphan:
+                call = self._orphan_call(fqn)
             if fqn not in self._seen:
                 self._seen.add(fqn)
             if type(output) is torch.Tensor:
@@ -403,10 +413,10 @@ class Watch:
             else:
                 for label, tensor in tensors_in(output):
                     self._measure(call, fqn + label, tensor)
+            if orphan:
+                self._finish_call(call)
         except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
             self._hook_failed(fqn, exc)
-        if orphan:
-            self._finish_call(call)
 
     def _new_plan(self, dtype: torch.dtype) -> CastPlan | None:
         """The cast plan of a dtype (None if not floating point), and its CPU kernel arguments."""
@@ -495,7 +505,7 @@ class Watch:
         """Record first occurrences and raise the alert for one call's NaN/Inf events."""
         if not events:
             return None
-        _, origin, nan, posinf, neginf = events[0]
+        _, origin, nan, posinf, neginf = events[0]  # the first in execution order
         names = list(dict.fromkeys(name for _, name, *_ in events))
         with self._lock:
             for name in names:
@@ -504,17 +514,11 @@ class Watch:
                     self._first_nonfinite[name] = self._window_nonfinite[name] = record
         if self.on_nonfinite == "ignore":
             return None
-        stat, value = ("nan", nan) if nan else ("posinf", posinf) if posinf else ("neginf", neginf)
-        where = f"call {call.index}" if call.index >= 0 else "a call outside the watched model"
-        trace = f" (trace {call.trace_id!r})" if call.trace_id is not None else ""
-        kind = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}[stat]
-        message = f"{kind} first appeared in {origin!r} on {where}{trace}"
-        if len(names) > 1:
-            message += f" and spread to {len(names) - 1} later module output(s)"
-        alert = Alert(
-            rule="nonfinite", module=origin, stat=stat, value=float(value), expected=0.0, call=call.index,
-            time=time.time(), cohort=call.cohort, trace_id=call.trace_id, message=message,
+        alert = nonfinite_alert(
+            origin, (nan, posinf, neginf), spread=len(names) - 1, call=call.index, cohort=call.cohort,
+            trace_id=call.trace_id,
         )  # fmt: skip
+        message = alert.message
         with self._lock:
             self._alerts.append(alert)
             self._window_alerts.append(alert)
@@ -600,7 +604,7 @@ class Watch:
             self._errors[fqn] += 1
         self._warn_once(
             f"hook:{type(exc).__name__}",
-            f"measuring the output of {fqn!r} failed with {exc!r}; inference was not affected. "
+            f"the torchwatch hook of {fqn!r} failed with {exc!r}; inference was not affected. "
             "Failures are counted per module in watch.errors (warned once per kind of error).",
         )
 
