@@ -22,6 +22,14 @@ class Alert:
         time: Unix time when it was detected.
         cohort, trace_id: labels from :meth:`torchwatch.Watch.context` active on that call.
         message: one sentence for a person.
+
+    Example:
+        >>> import torch, torchwatch as tw
+        >>> model, seen = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh()), []
+        >>> with tw.attach(model, on_nonfinite=seen.append) as watch:
+        ...     _ = model(torch.tensor([1.0, float("inf")]))
+        >>> seen[0].rule, seen[0].module, seen[0].stat, seen[0].call
+        ('nonfinite', '0', 'posinf', 0)
     """
 
     rule: str
@@ -49,6 +57,16 @@ class FirstNonFinite:
         trace_id, cohort: labels of that call.
         origin: the first module, in execution order, to produce NaN/Inf on that call; where
             the failure started, as opposed to the layers it spread to.
+
+    Example:
+        >>> import torch, torchwatch as tw
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> with tw.attach(model, on_nonfinite="ignore") as watch:
+        ...     with watch.context(trace_id="req-7"):
+        ...         _ = model(torch.tensor([[float("nan"), 1.0]]))
+        ...     first = watch.snapshot().nonfinite["1"]
+        >>> first.origin, first.call, first.trace_id
+        ('0', 0, 'req-7')
     """
 
     module: str

@@ -68,6 +68,16 @@ class Sink:
     Subclasses implement :meth:`write` and, where they hold resources, :meth:`flush` and
     :meth:`close`. An exception from any of them disables the sink (reported once); inference
     and the other sinks go on.
+
+    Example:
+        >>> import torch, torchwatch as tw
+        >>> class PrintNaN(tw.Sink):
+        ...     def write(self, record):
+        ...         print(record.step, {name: s.nan for name, s in record.stats.items() if s.nan})
+        >>> model = torch.nn.Sequential(torch.nn.ReLU())
+        >>> with tw.attach(model, sinks=[PrintNaN()], on_nonfinite="ignore"):
+        ...     _ = model(torch.tensor([float("nan"), 1.0]))
+        1 {'0': 1}
     """
 
     def write(self, record: Record) -> None:
