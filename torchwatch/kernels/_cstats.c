@@ -613,20 +613,20 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__cstats(void) {
     simd_cpu = cpu_has_simd();
-    if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&AccType) < 0) return NULL;
+    PyTypeObject *types[] = {&PlanType, &AccType};
+    const char *names[] = {"Plan", "Accumulator"};
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    Py_INCREF(&PlanType);
-    if (PyModule_AddObject(m, "Plan", (PyObject *)&PlanType) < 0) {
-        Py_DECREF(&PlanType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&AccType);
-    if (PyModule_AddObject(m, "Accumulator", (PyObject *)&AccType) < 0) {
-        Py_DECREF(&AccType);
-        Py_DECREF(m);
-        return NULL;
+    for (int i = 0; i < 2; i++) {
+        if (PyType_Ready(types[i]) < 0) goto fail;
+        Py_INCREF(types[i]);
+        if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) {
+            Py_DECREF(types[i]);
+            goto fail;
+        }
     }
     return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }
