@@ -61,5 +61,6 @@ def host_stats(x: torch.Tensor, plan: CastPlan, *, exact: bool = False) -> Raw:
     if x.numel() == 0:
         k = len(plan.names)
         return (*(0,) * N_INT, 0.0, 0.0, float("inf"), float("-inf"), (0,) * k, (0,) * k)
-    ints, floats = device_stats(x, plan)
+    with torch.no_grad():
+        ints, floats = device_stats(x, plan)
     return unpack(ints, floats, len(plan.names))

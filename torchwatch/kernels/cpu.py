@@ -56,6 +56,4 @@ def raw_stats(address: int, numel: int, code: int, plan: CastPlan, exact: bool =
     One core does the work: splitting across cores was measured to gain nothing inside a
     forward, where torch's OpenMP workers keep spinning on the other cores between ops.
     """
-    entry = _native.get(id(plan))
-    native = entry[1] if entry is not None else native_plan(plan)
-    return _cstats.tensor_stats(address, numel, code, native, exact)
+    return _cstats.tensor_stats(address, numel, code, native_plan(plan), exact)
