@@ -14,6 +14,7 @@ Usage:
     python benchmarks/overhead.py                     # batch 1 and 8, all peers (~10 minutes)
     python benchmarks/overhead.py --batches 1 --quick # a short smoke run
     python benchmarks/overhead.py --json out.json     # also write the numbers as JSON
+    python benchmarks/overhead.py --gpu               # the GPU section (benchmarks/gpu_overhead.py)
 """
 
 from __future__ import annotations
@@ -205,7 +206,13 @@ def main() -> None:
     p.add_argument("--every16-batches", type=int, nargs="*", default=[1], help="batches to time every=16 at")
     p.add_argument("--quick", action="store_true", help="few rounds: a smoke run, not a measurement")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--gpu", action="store_true", help="run the GPU section instead (benchmarks/gpu_overhead.py)")
     args = p.parse_args()
+    if args.gpu:
+        import gpu_overhead
+
+        gpu_overhead.run(["bert", "gpt2"], smoke=False, out_path=args.json)
+        return
     results = run(args.batches, args.quick, args.every16_batches)
     _print_table(results)
     if args.json:

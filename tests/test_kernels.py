@@ -11,9 +11,10 @@ from hypothesis import given
 
 import torchwatch as tw
 from torchwatch import _accumulators
-from torchwatch._accumulators import HostAccumulator, new_device_accumulator, to_module_stats
+from torchwatch._accumulators import HostAccumulator, stats_from_raw, to_module_stats
 from torchwatch._casts import cast_plan
-from torchwatch.kernels import cpu, device_stats, host_stats
+from torchwatch._table import DeviceTable
+from torchwatch.kernels import cpu, device_stats, host_stats, torch_ops
 from torchwatch.stats import DEFAULT_CAST_DTYPES
 
 pytestmark = pytest.mark.skipif(not cpu.available, reason="the C kernel was not built")
@@ -56,13 +57,15 @@ def test_simd_exact_and_torch_ops_paths_agree(x):
 def test_c_python_and_device_accumulators_merge_identically(x, y):
     plan = cast_plan(torch.float32, NAMES)
     c_acc, py_acc = cpu.new_accumulator(len(NAMES)), HostAccumulator(len(NAMES))
-    dev_acc = new_device_accumulator(len(NAMES), torch.device("cpu"))
-    for t in (x, y, x):
+    table = DeviceTable(torch.device("cpu"), len(NAMES), 2)
+    table.slot("t")
+    for call, t in enumerate((x, y, x)):
         raw = host_stats(t, plan, exact=True)
         c_acc.add(raw)
         py_acc.add(raw)
-        dev_acc.add(*device_stats(t, plan))
-    c, p, d = (to_module_stats(a, NAMES).to_dict() for a in (c_acc, py_acc, dev_acc))
+        torch_ops.merge_into(table, 0, t, plan, call, use_flag=False)
+    c, p = (to_module_stats(a, NAMES).to_dict() for a in (c_acc, py_acc))
+    d = stats_from_raw(*table.read_active().stats["t"], NAMES).to_dict()
     for key in c:  # same raw inputs, same formula: equal up to the order of float additions
         same = c[key] == p[key] or (isinstance(c[key], float) and math.isclose(c[key], p[key], rel_tol=1e-12))
         assert same or (math.isnan(c[key]) and math.isnan(p[key])), key

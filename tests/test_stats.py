@@ -12,9 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torchwatch as tw
-from torchwatch._accumulators import HostAccumulator, new_device_accumulator, to_module_stats
+from torchwatch._accumulators import HostAccumulator, stats_from_raw, to_module_stats
 from torchwatch._casts import cast_plan
-from torchwatch.kernels import cpu, device_stats, host_stats
+from torchwatch._table import DeviceTable
+from torchwatch.kernels import cpu, host_stats, torch_ops
 from torchwatch.stats import DEFAULT_CAST_DTYPES, ModuleStats, chan, merge_all
 
 NAMES = DEFAULT_CAST_DTYPES
@@ -24,12 +25,12 @@ def stats_via(path: str, x: torch.Tensor, names=NAMES) -> ModuleStats:
     """One tensor measured through each implementation the hooks can use."""
     plan = cast_plan(x.dtype, names)
     if path == "device":
-        acc = new_device_accumulator(len(names), x.device)
-        if x.numel():
-            acc.add(*device_stats(x, plan))
-        else:
-            acc.calls += 1
-        return to_module_stats(acc, names)
+        table = DeviceTable(x.device, len(names), 4)
+        if x.numel() == 0:
+            return tw.ModuleStats(calls=1, underflow=dict.fromkeys(names, 0), overflow=dict.fromkeys(names, 0))
+        torch_ops.merge_into(table, 0, x, plan, 0, use_flag=False)
+        table.slot("x")
+        return stats_from_raw(*table.read_active().stats["x"], names)
     acc = HostAccumulator(len(names))
     acc.add(host_stats(x, plan, exact=(path == "exact")))
     return to_module_stats(acc, names)

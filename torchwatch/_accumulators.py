@@ -4,11 +4,9 @@ A raw measurement (from :mod:`torchwatch.kernels`) is the tuple
 ``(finite, nan, posinf, neginf, zeros, subnormal, mean, m2, min, max, under, over)``;
 ``mean``/``m2`` are over finite elements, ``min``/``max`` are +inf/-inf when there were none.
 
-Every accumulator has ``add(...)`` and ``state() -> (calls, raw totals)``. Host accumulators
-take raw tuples (the C ``_cstats.Accumulator`` where the kernel was built, else
-:class:`HostAccumulator`). :class:`DeviceAccumulator` takes the same fields packed in two
-tensors and merges them with tensor ops only, so nothing waits for the device until
-``state()`` is called at flush time.
+Host accumulators take raw tuples with ``add(raw)`` and report ``state() -> (calls, raw totals)``:
+the C ``_cstats.Accumulator`` where the kernel was built, else :class:`HostAccumulator`.
+Accelerator measurements go to a :class:`torchwatch._table.DeviceTable` instead.
 """
 
 from __future__ import annotations
@@ -31,8 +29,12 @@ class Accumulator(Protocol):
 
 
 def to_module_stats(acc: Accumulator, names: Sequence[str]) -> ModuleStats:
-    """The accumulator's totals as :class:`ModuleStats` (waits for the device, if any)."""
-    calls, raw = acc.state()
+    """The accumulator's totals as :class:`ModuleStats`."""
+    return stats_from_raw(*acc.state(), names)
+
+
+def stats_from_raw(calls: int, raw: Raw, names: Sequence[str]) -> ModuleStats:
+    """``calls`` measurements merged into one raw tuple, as :class:`ModuleStats`."""
     finite, nan, posinf, neginf, zeros, subnormal, mean, m2, lo, hi, under, over = raw
     return ModuleStats(
         calls=calls,
@@ -95,56 +97,7 @@ def new_host_accumulator(k: int) -> HostAccumulator:
     return cpu.new_accumulator(k) if cpu.available else HostAccumulator(k)
 
 
-class DeviceAccumulator:
-    """Totals kept in two small tensors on the measured tensor's device.
-
-    Packed layout: ``ints`` int64 ``[finite, nan, posinf, neginf, zeros, subnormal, *under,
-    *over]``, ``floats`` float64 ``[mean, m2, min, max]``. Must be created outside
-    ``torch.inference_mode`` (it is updated in place from both sides); use
-    :func:`new_device_accumulator`.
-    """
-
-    __slots__ = ("calls", "floats", "ints", "k")
-
-    def __init__(self, k: int, device: torch.device) -> None:
-        self.calls = 0
-        self.k = k
-        self.ints = torch.zeros(N_INT + 2 * k, dtype=torch.int64, device=device)
-        # filled on the device: torch.tensor([...], device=...) would be a blocking host copy
-        self.floats = torch.zeros(4, dtype=torch.float64, device=device)
-        self.floats[2] = math.inf
-        self.floats[3] = -math.inf
-
-    def add(self, ints: torch.Tensor, floats: torch.Tensor) -> None:
-        """Merge one packed measurement; enqueues tensor ops only (no host sync)."""
-        acc = self.floats
-        n_a = self.ints[0].to(torch.float64)
-        n_b = ints[0].to(torch.float64)
-        w_b = n_b / (n_a + n_b).clamp(min=1.0)  # 0 when both are empty
-        delta = floats[0] - acc[0]
-        merged = torch.stack(
-            (
-                acc[0] + delta * w_b,
-                acc[1] + floats[1] + delta * delta * n_a * w_b,
-                torch.minimum(acc[2], floats[2]),
-                torch.maximum(acc[3], floats[3]),
-            )
-        )
-        acc.copy_(merged)
-        self.ints.add_(ints)
-        self.calls += 1
-
-    def state(self) -> tuple[int, Raw]:
-        """Read the totals back (waits for the device)."""
-        return self.calls, unpack(self.ints, self.floats, self.k)
-
-
 def unpack(ints: torch.Tensor, floats: torch.Tensor, k: int) -> Raw:
     """Packed tensors as a raw tuple (a device-to-host copy)."""
     i = ints.tolist()
     return (*i[:N_INT], *floats.tolist(), tuple(i[N_INT : N_INT + k]), tuple(i[N_INT + k :]))
-
-
-def new_device_accumulator(k: int, device: torch.device) -> DeviceAccumulator:
-    with torch.inference_mode(False), torch.no_grad():
-        return DeviceAccumulator(k, device)

@@ -1,10 +1,16 @@
 """``attach()``: forward hooks that measure module outputs, with sampling, labels and flushing.
 
 Flow: the watched model's forward pre-hook opens a *root call* (index, sampled or not, labels);
-each selected module's forward hook measures the floating-point tensors it returned and merges
-them into the current window's accumulators; the forward hook of the model closes the call
-(non-finite provenance, ``on_nonfinite``) and every ``flush_every`` root calls the window is
-folded into the totals since the last reset and handed to the sinks' background thread.
+each selected module's forward hook measures the floating-point tensors it returned (CPU tensors
+through the C kernel into host accumulators; others into the slots of a device table, see
+:mod:`torchwatch._table`); the model's forward hook closes the call (non-finite provenance,
+``on_nonfinite``). Every ``flush_every`` root calls the serving thread swaps the window and starts
+the device copies; the watch's worker thread waits for them, folds the window into the totals
+since the last reset and hands a record to the sinks.
+
+Under ``torch.compile`` or CUDA-graph capture the hooks run once, at trace time, so they take a
+*graph path*: device-side operations only. The root pre-hook advances a call counter on the
+device and sets the sampling flag there; the statistics kernels read both.
 """
 
 from __future__ import annotations
@@ -13,34 +19,40 @@ import atexit
 import collections
 import contextlib
 import contextvars
+import functools
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._accumulators import Accumulator, new_device_accumulator, new_host_accumulator, to_module_stats
-from ._casts import CastPlan, cast_plan, normalize_cast_dtypes
+from ._accumulators import new_host_accumulator, stats_from_raw, to_module_stats
+from ._casts import CastPlan, _float_dtypes, cast_plan, normalize_cast_dtypes
 from ._outputs import tensors_in
+from ._provenance import device_origins
 from ._select import select_modules
+from ._table import C_NAN, C_NEGINF, CALLS, ENABLED, DeviceTable
 from .alerts import Alert, FirstNonFinite, nonfinite_alert
 from .errors import ConfigError, NonFiniteError, TorchwatchWarning
-from .kernels import PLAIN_TENSOR_TYPES, device_stats, host_stats, measurable
+from .kernels import PLAIN_TENSOR_TYPES, host_stats, measurable, torch_ops
 from .kernels import cpu as cpu_kernel
-from .sinks._dispatch import Dispatcher
+from .sinks._dispatch import Worker
 from .sinks.base import Record, Sink
 from .snapshot import Snapshot
 from .stats import DEFAULT_CAST_DTYPES, ModuleStats, merge_all
 
 NONFINITE_POLICIES = ("ignore", "warn", "raise")
+SAMPLING_MODES = ("python", "device")
 OTHER_COHORT = "__other__"
-_NO_PLAN = object()
 ROOT_CALL = "(root call)"  # the key of watch.errors for failures in the model's own hooks
+WORKER = "(worker)"  # the key of watch.errors for failures while finishing a flush
 MAX_ALERTS = 1000  # alerts kept in watch.alerts (oldest dropped first)
+MAX_TRACE_IDS = 4096  # recent call index -> trace id, to label device-side provenance
+_NO_PLAN = object()
 
 # (cohort, trace_id) of the calls made in this context; see Watch.context.
 _labels: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar(
@@ -51,10 +63,13 @@ _live: weakref.WeakSet[Watch] = weakref.WeakSet()
 _registry_lock = threading.Lock()
 
 
+_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
 class _Call:
     """One measured root call, private to the thread running it."""
 
-    __slots__ = ("cohort", "events", "index", "ledger", "seq", "trace_id")
+    __slots__ = ("cohort", "device", "events", "index", "seq", "trace_id")
 
     def __init__(self, index: int, cohort: str | None, trace_id: str | None) -> None:
         self.index = index
@@ -62,7 +77,7 @@ class _Call:
         self.trace_id = trace_id
         self.seq = 0  # measurements so far: execution order within the call
         self.events: list[tuple[int, str, int, int, int]] = []  # host NaN/Inf: (seq, name, nan, +inf, -inf)
-        self.ledger: list[tuple[int, str, torch.Tensor]] = []  # device measurements: (seq, name, ints)
+        self.device: list[tuple[int, str, DeviceTable, int]] = []  # device measurements: (seq, name, table, slot)
 
 
 class Watch:
@@ -74,6 +89,7 @@ class Watch:
     Attributes:
         modules: fully-qualified names of the watched modules.
         every: one root call in ``every`` is measured.
+        sampling: ``"python"`` or ``"device"`` (see :func:`attach`).
         flush_every: root calls between flushes to the sinks.
         cast_dtypes: the dtypes would-underflow/overflow are counted against.
         on_nonfinite: ``"ignore" | "warn" | "raise"`` or a callable taking an :class:`Alert`.
@@ -85,6 +101,7 @@ class Watch:
         *,
         modules: Any = None,
         every: int = 1,
+        sampling: str = "python",
         sinks: Iterable[Sink] = (),
         flush_every: int = 100,
         cast_dtypes: Iterable[object] = DEFAULT_CAST_DTYPES,
@@ -95,6 +112,9 @@ class Watch:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         self.every = _positive_int("every", every)
+        if sampling not in SAMPLING_MODES:
+            raise ConfigError(f"sampling={sampling!r} is not valid: use 'python' (eager) or 'device' (graphs)")
+        self.sampling = sampling
         self.flush_every = _positive_int("flush_every", flush_every)
         self._max_cohorts = _positive_int("max_cohorts", max_cohorts)
         self.cast_dtypes = normalize_cast_dtypes(cast_dtypes)
@@ -107,23 +127,29 @@ class Watch:
         self._model = weakref.ref(model)
         self._lock = threading.Lock()  # window, totals, provenance, alerts: short critical sections
         self._flush_lock = threading.RLock()  # one flush / snapshot / reset at a time
+        self._merge_lock = threading.Lock()  # device merges are several ops: one thread at a time
         self._tls = threading.local()
+        # Every plan up front: under torch.compile a hook may not run Python that touches tensors.
         self._plans: dict[torch.dtype, CastPlan | None] = {}
         self._cpu_kernel: dict[torch.dtype, tuple[int, object, bool]] = {}  # dtype -> C kernel arguments
+        for name in _float_dtypes():
+            self._new_plan(getattr(torch, name))
+        self._tables: dict[torch.device, DeviceTable] = {}
+        self._cuda = False  # a table lives on a CUDA device: graph capture is possible
+        self._table_capacity = 4 * len(selected) + 64
         self._calls = 0
-        self._window: dict[tuple[str | None, str, torch.device | None], Accumulator] = {}
+        self._window: dict[tuple[str | None, str], Any] = {}
         self._window_calls = 0
         self._window_sampled = 0
         self._window_alerts: list[Alert] = []
         self._window_nonfinite: dict[str, FirstNonFinite] = {}
-        self._pending_ledgers: list[
-            tuple[_Call, list[tuple[int, str, int, int, int]], list[tuple[int, str]], torch.Tensor]
-        ] = []
         self._totals: dict[tuple[str | None, str], ModuleStats] = {}
         self._order: dict[str, None] = {}  # positions in first-measured order
         self._since_reset_calls = 0
         self._since_reset_sampled = 0
+        self._device_root_calls: dict[torch.device, int] = {}  # device call counters at the last read
         self._first_nonfinite: dict[str, FirstNonFinite] = {}
+        self._trace_ids: collections.OrderedDict[int, str] = collections.OrderedDict()
         self._alerts: collections.deque[Alert] = collections.deque(maxlen=MAX_ALERTS)
         self._errors: collections.Counter[str] = collections.Counter()
         self._warned: set[str] = set()
@@ -132,15 +158,15 @@ class Watch:
         self._completed_sampled = 0
         self._unseen_checked = False
 
-        self._dispatcher = Dispatcher(sinks, _weak_callback(self._sink_failed)) if sinks else None
-        if self._dispatcher is not None:  # a watch dropped without detach() still stops its thread
-            weakref.finalize(self, self._dispatcher.close, 0)
+        self._worker = Worker(sinks, _weak_callback(self._sink_failed), _weak_callback(self._job_failed))
+        weakref.finalize(self, self._worker.close, 0)  # a watch dropped without detach() stops its thread
         # The model's own hook must run before _exit_root closes the call: it goes first.
         self._stat_hooks = [(weakref.ref(module), self._make_hook(name), module is model) for name, module in selected]
         self._stat_handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._installed = 0  # sampled calls in flight that need the module hooks (every > 1)
+        self._installed = 0  # sampled calls in flight that need the module hooks (python sampling)
         self._install_lock = threading.Lock()
         self.attached = False
+        self._new_table(_model_device(model))  # before any trace: tables cannot be made inside one
 
         with _registry_lock:
             other = _watches.get(model)
@@ -153,7 +179,7 @@ class Watch:
                 model.register_forward_pre_hook(self._enter_root, prepend=True),
                 model.register_forward_hook(self._exit_root, always_call=True),
             ]
-            if self.every == 1:
+            if self.every == 1 or self.sampling == "device":
                 self._install()
             _watches[model] = self
             _live.add(self)
@@ -174,7 +200,8 @@ class Watch:
 
     @property
     def calls(self) -> int:
-        """Root calls of the watched model seen since attaching."""
+        """Root calls of the watched model run eagerly since attaching (graph replays are
+        counted on the device and show in snapshots and records)."""
         return self._calls
 
     @property
@@ -186,8 +213,9 @@ class Watch:
     @property
     def errors(self) -> dict[str, int]:
         """Failures torchwatch caught instead of breaking inference: hook errors by module
-        name (``"(root call)"`` for the model's own call bookkeeping), sink failures as
-        ``"sink:<sink>"``, and ``"on_nonfinite"`` for errors of an ``on_nonfinite`` callable."""
+        name (``"(root call)"`` for the model's own call bookkeeping, ``"(worker)"`` for
+        finishing a flush), sink failures as ``"sink:<sink>"``, and ``"on_nonfinite"`` for
+        errors of an ``on_nonfinite`` callable."""
         with self._lock:
             return dict(self._errors)
 
@@ -198,7 +226,8 @@ class Watch:
         Alerts and non-finite records carry the labels; ``snapshot(cohort=...)`` restricts the
         statistics to one cohort. Arguments left ``None`` keep the value of an outer block.
         At most ``max_cohorts`` distinct cohorts are kept apart; later ones are merged into
-        ``"__other__"`` (warned once).
+        ``"__other__"`` (warned once). Labels are Python state: calls replayed from a compiled
+        graph or a CUDA graph are unlabelled.
 
         Example:
             >>> import torch, torchwatch as tw
@@ -226,21 +255,29 @@ class Watch:
             cohort: only calls made under ``context(cohort=...)``; ``None`` for all calls.
         """
         with self._flush_lock:
-            self._resolve_ledgers()
+            self._worker.submit(None, wait=True)  # finish the flushes already started
             with self._lock:
                 window = {key: to_module_stats(acc, self.cast_dtypes) for key, acc in self._window.items()}
-                order = list(self._order)
                 totals = dict(self._totals)
                 calls = self._since_reset_calls + self._window_calls
                 sampled = self._since_reset_sampled + self._window_sampled
                 first = dict(self._first_nonfinite)
                 errors = dict(self._errors)
+            reads = [(table, table.read_active()) for table in list(self._tables.values()) if table.keys]
+            for table, read in reads:
+                graph_calls = read.root_calls - self._device_root_calls.get(table.device, 0)
+                calls += graph_calls
+                sampled += graph_calls if self.every == 1 else len(range(0, graph_calls, self.every))
+                for key, (n, raw) in read.stats.items():
+                    window[key] = (
+                        window[key].merge(self._raw_stats(n, raw)) if key in window else self._raw_stats(n, raw)
+                    )
+                for name, record in self._device_firsts(read.nonfinite).items():
+                    first.setdefault(name, record)
+            order = list(self._order)
             self._check_unseen()
         parts: dict[str, list[ModuleStats]] = {}
-        for (c, name), s in totals.items():
-            if cohort is None or c == cohort:
-                parts.setdefault(name, []).append(s)
-        for (c, name, _), s in window.items():
+        for (c, name), s in list(totals.items()) + list(window.items()):
             if cohort is None or c == cohort:
                 parts.setdefault(name, []).append(s)
         stats = {name: merge_all(parts[name]) for name in order if name in parts}
@@ -256,7 +293,10 @@ class Watch:
     def reset(self) -> None:
         """Forget statistics and non-finite records (alerts and error counts are kept)."""
         with self._flush_lock:
-            self._resolve_ledgers()
+            self._worker.submit(None, wait=True)
+            for table in list(self._tables.values()):
+                self._device_root_calls[table.device] = int(table.control[CALLS])
+                table.reset()
             with self._lock:
                 self._window = {}
                 self._totals = {}
@@ -283,8 +323,7 @@ class Watch:
                 del _watches[model]
             _live.discard(self)
         self._flush(wait=False)
-        if self._dispatcher is not None:
-            self._dispatcher.close(timeout)
+        self._worker.close(timeout)
 
     def __enter__(self) -> Watch:
         return self
@@ -326,9 +365,16 @@ class Watch:
 
         return torchwatch_hook
 
+    def _graph_mode(self) -> bool:
+        """True while torch.compile traces, or while a CUDA graph is being captured."""
+        return _compiling() or (self._cuda and torch.cuda.is_current_stream_capturing())
+
     # ---- root calls ------------------------------------------------------------------------
 
     def _enter_root(self, module: nn.Module, args: Any) -> None:
+        if self._graph_mode():
+            self._tick()
+            return
         tls = self._tls
         depth = getattr(tls, "depth", 0)
         tls.depth = depth + 1
@@ -348,13 +394,24 @@ class Watch:
             if sampled:
                 cohort, trace_id = _labels.get()
                 tls.call = _Call(index, self._bounded_cohort(cohort), trace_id)
-                if self.every > 1:
+                if trace_id is not None and self._tables:
+                    self._remember_trace(index, trace_id)
+                if self.every > 1 and self.sampling == "python":
                     self._install()
         except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
             tls.call = None
             self._hook_failed(ROOT_CALL, exc)
 
+    def _tick(self) -> None:
+        """Graph path of a root call: count it and decide sampling on the device."""
+        for table in self._tables.values():
+            control = table.control
+            control[CALLS] += 1
+            control[ENABLED] = ((control[CALLS] - 1) % self.every == 0).to(torch.int64)
+
     def _exit_root(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._graph_mode():
+            return
         tls = self._tls
         depth = getattr(tls, "depth", 0)
         if depth == 0:  # attached while this call was already running
@@ -366,7 +423,7 @@ class Watch:
         alert = None
         try:
             if call is not None:
-                if self.every > 1:
+                if self.every > 1 and self.sampling == "python":
                     self._uninstall()
                 alert = self._finish_call(call)
                 self._completed_sampled += 1
@@ -395,9 +452,18 @@ class Watch:
         )
         return OTHER_COHORT
 
+    def _remember_trace(self, index: int, trace_id: str) -> None:
+        with self._lock:
+            self._trace_ids[index] = trace_id
+            if len(self._trace_ids) > MAX_TRACE_IDS:
+                self._trace_ids.popitem(last=False)
+
     # ---- measuring -------------------------------------------------------------------------
 
     def _on_output(self, fqn: str, output: Any) -> None:
+        if self._graph_mode():
+            self._graph_output(fqn, output)
+            return
         tls = self._tls
         call = getattr(tls, "call", None)
         if call is None and getattr(tls, "depth", 0):
@@ -426,6 +492,18 @@ class Watch:
         self._plans[dtype] = plan
         return plan
 
+    def _new_table(self, device: torch.device) -> DeviceTable:
+        with self._lock:
+            table = self._tables.get(device)
+            if table is None:
+                table = DeviceTable(device, len(self.cast_dtypes), self._table_capacity)
+                table.kernel = _triton_for(device)
+                if table.kernel is not None:
+                    table.scratch = table.kernel.Workspace(table, [p for p in self._plans.values() if p is not None])
+                self._tables = {**self._tables, device: table}
+                self._cuda = self._cuda or device.type == "cuda"
+        return table
+
     def _orphan_call(self, fqn: str) -> _Call:
         self._warn_once(
             "orphan",
@@ -453,7 +531,7 @@ class Watch:
                 raw = cpu_kernel.tensor_stats(x.data_ptr(), x.numel(), *kernel)
             else:
                 raw = host_stats(x, plan)
-            key = (call.cohort, name, None)
+            key = (call.cohort, name)
             with self._lock:
                 acc = self._window.get(key)
                 if acc is None:
@@ -465,46 +543,74 @@ class Watch:
             return
         if not measurable(x):
             return
-        with torch.no_grad():
-            ints, floats = device_stats(x.detach(), plan)
-        key = (call.cohort, name, x.device)
-        with self._lock:
-            acc = self._window.get(key)
-            if acc is None:
-                acc = self._window[key] = new_device_accumulator(len(plan.names), x.device)
+        table = self._tables.get(x.device) or self._new_table(x.device)
+        slot = table.slot((call.cohort, name))
+        if slot is None:
+            self._table_full(name)
+            return
+        if name not in self._order:
+            with self._lock:
                 self._order.setdefault(name)
-            acc.add(ints, floats)
-        call.ledger.append((seq, name, ints))
+        with self._merge_lock, torch.no_grad():
+            _merge_for(table, x)(table, slot, x.detach(), plan, call.index, use_flag=False)
+        call.device.append((seq, name, table, slot))
+
+    def _graph_output(self, fqn: str, output: Any) -> None:
+        """Graph path of a module's hook: device-side operations only, nothing to wait for."""
+        items = (("", output),) if isinstance(output, torch.Tensor) else tensors_in(output)
+        for label, x in items:
+            if type(x) not in PLAIN_TENSOR_TYPES or not x.is_floating_point() or x.layout is not torch.strided:
+                continue
+            plan = self._plans.get(x.dtype)
+            table = self._tables.get(x.device)
+            if plan is None or table is None or x.numel() == 0:
+                continue
+            name = fqn + label
+            slot = table.slot((None, name), tracing=_compiling())
+            if slot is None:
+                continue
+            self._order.setdefault(name)
+            self._seen.add(fqn)
+            call = table.control[CALLS] - 1
+            with torch.no_grad():
+                _merge_for(table, x)(table, slot, x.detach(), plan, call, use_flag=True)
+
+    def _table_full(self, name: str) -> None:
+        self._warn_once(
+            "table-full",
+            f"more than {self._table_capacity} output positions on one device; {name!r} and later new ones "
+            "are not measured. Select fewer modules with attach(modules=...).",
+        )
 
     # ---- non-finite provenance -------------------------------------------------------------
 
     def _finish_call(self, call: _Call) -> Alert | None:
-        """Resolve where NaN/Inf started on this call; device results wait for the next flush
-        unless ``on_nonfinite="raise"`` needs them now."""
-        if not call.ledger:
-            return self._nonfinite_found(call, call.events) if call.events else None
-        with torch.no_grad():
-            # columns nan, +inf, -inf of each packed measurement; one small device tensor
-            counts = torch.stack([ints for _, _, ints in call.ledger])[:, 1:4]
-        rows = [(seq, name) for seq, name, _ in call.ledger]
-        if self.on_nonfinite == "raise":
-            return self._nonfinite_found(call, _merge_events(call.events, rows, counts.tolist()))
-        with self._lock:
-            self._pending_ledgers.append((call, call.events, rows, counts))
-        return None
+        """Resolve where NaN/Inf started on this call. Device measurements are resolved at the
+        next flush, unless ``on_nonfinite="raise"`` needs them now (one wait for the device)."""
+        events = call.events
+        if call.device and self.on_nonfinite == "raise":
+            events = sorted(events + self._device_events(call))
+        return self._nonfinite_found(call, events) if events else None
 
-    def _resolve_ledgers(self) -> None:
-        with self._lock:
-            pending, self._pending_ledgers = self._pending_ledgers, []
-        for call, events, rows, counts in pending:
-            merged = _merge_events(events, rows, counts.tolist())
-            if merged:
-                self._nonfinite_found(call, merged)
+    def _device_events(self, call: _Call) -> list[tuple[int, str, int, int, int]]:
+        """This call's device measurements that held NaN/Inf: one read per table (waits)."""
+        found = []
+        with self._flush_lock:
+            columns = {}
+            for table in {id(t): t for _, _, t, _ in call.device}.values():
+                half = table.active
+                columns[id(table)] = (
+                    table.nfcalls[half, :, 1].tolist(),
+                    table.counts[half, :, C_NAN : C_NEGINF + 1].tolist(),
+                )
+            for seq, name, table, slot in call.device:
+                last, counts = columns[id(table)]
+                if last[slot] == call.index:  # counts are the window's, a hint at the kind
+                    found.append((seq, name, *(counts[slot] if any(counts[slot]) else (1, 0, 0))))
+        return found
 
-    def _nonfinite_found(self, call: _Call, events: Sequence[tuple[int, str, int, int, int]]) -> Alert | None:
+    def _nonfinite_found(self, call: _Call, events: list[tuple[int, str, int, int, int]]) -> Alert | None:
         """Record first occurrences and raise the alert for one call's NaN/Inf events."""
-        if not events:
-            return None
         _, origin, nan, posinf, neginf = events[0]  # the first in execution order
         names = list(dict.fromkeys(name for _, name, *_ in events))
         with self._lock:
@@ -518,12 +624,19 @@ class Watch:
             origin, (nan, posinf, neginf), spread=len(names) - 1, call=call.index, cohort=call.cohort,
             trace_id=call.trace_id,
         )  # fmt: skip
-        message = alert.message
+        self._deliver(alert)
+        return alert
+
+    def _deliver(self, alert: Alert, *, window: bool = True) -> None:
+        """Keep the alert and act on it; ``window``: also send it with the next flush's record."""
         with self._lock:
             self._alerts.append(alert)
-            self._window_alerts.append(alert)
+            if window:
+                self._window_alerts.append(alert)
         if self.on_nonfinite == "warn":
-            self._warn_once(f"nonfinite:{origin}", f"{message}; see watch.alerts (warned once per origin module)")
+            self._warn_once(
+                f"nonfinite:{alert.module}", f"{alert.message}; see watch.alerts (warned once per origin module)"
+            )
         elif callable(self.on_nonfinite):
             try:
                 self.on_nonfinite(alert)
@@ -531,46 +644,101 @@ class Watch:
                 with self._lock:
                     self._errors["on_nonfinite"] += 1
                 self._warn_once("callback", f"the on_nonfinite callable raised {exc!r}; it was ignored")
-        return alert
+
+    def _device_firsts(self, ranges: dict[Hashable, tuple[int, int]]) -> dict[str, FirstNonFinite]:
+        """FirstNonFinite records for positions not seen non-finite before, from a device window."""
+        with self._lock:
+            order = {name: i for i, name in enumerate(self._order)}
+            known = set(self._first_nonfinite)
+            traces = dict(self._trace_ids)
+        keyed = {key: r for key, r in ranges.items() if key[1] not in known}
+        if not keyed:
+            return {}
+        origins = device_origins(ranges, {key: order.get(key[1], len(order)) for key in ranges})
+        return {
+            key[1]: FirstNonFinite(key[1], call, traces.get(call), key[0], origin[1])
+            for key, (call, origin) in origins.items()
+            if key in keyed
+        }
 
     # ---- flushing --------------------------------------------------------------------------
 
     def _flush(self, *, wait: bool, timeout: float = 30.0) -> None:
+        """Swap the window and start the device copies here; the worker thread does the rest."""
         with self._flush_lock:
-            self._resolve_ledgers()
             with self._lock:
                 window, self._window = self._window, {}
                 calls, sampled = self._window_calls, self._window_sampled
                 self._window_calls = self._window_sampled = 0
-                alerts, self._window_alerts = tuple(self._window_alerts), []
+                alerts, self._window_alerts = self._window_alerts, []
                 nonfinite, self._window_nonfinite = self._window_nonfinite, {}
-                errors = dict(self._errors)
                 step = self._calls
-            names = self.cast_dtypes
-            converted = [((cohort, name), to_module_stats(acc, names)) for (cohort, name, _), acc in window.items()]
-            per_name: dict[str, list[ModuleStats]] = {}
+            reads = [(table, table.flip()[1]) for table in list(self._tables.values()) if table.keys]
+            if not (calls or window or reads or alerts or nonfinite):
+                job = None  # nothing happened since the last flush
+            else:
+                job = functools.partial(self._finish_flush, step, calls, sampled, window, reads, alerts, nonfinite)
+        if job is not None or wait:
+            self._worker.submit(job, wait=wait, timeout=timeout)
+
+    def _finish_flush(self, step, calls, sampled, window, reads, alerts, nonfinite) -> Record | None:
+        """Worker thread: wait for the copies, fold the window into the totals, make the record."""
+        converted = [(key, to_module_stats(acc, self.cast_dtypes)) for key, acc in window.items()]
+        firsts: dict[str, FirstNonFinite] = {}
+        window_counts: dict[str, tuple[int, int, int]] = {}
+        for table, handle in reads:
+            read = table.read(handle)
             with self._lock:
-                for key, s in converted:
-                    total = self._totals.get(key)
-                    self._totals[key] = s if total is None else total.merge(s)
-                    per_name.setdefault(key[1], []).append(s)
-                self._since_reset_calls += calls
-                self._since_reset_sampled += sampled
-                order = [name for name in self._order if name in per_name]
-            self._check_unseen()
-            if self._dispatcher is None:
-                return
-            record = None
-            if calls or alerts:
-                record = Record(
-                    step=step, time=time.time(), calls=calls, sampled=sampled,
-                    stats={name: merge_all(per_name[name]) for name in order},
-                    alerts=alerts, nonfinite=nonfinite, errors=errors,
-                )  # fmt: skip
-            elif not wait:
-                return
-        if not self._dispatcher.submit(record, wait=wait, timeout=timeout) and self._dispatcher.dropped:
-            self._warn_once("dropped", "sinks are slower than the flush rate; flush records were dropped")
+                graph_calls = read.root_calls - self._device_root_calls.get(table.device, 0)
+                self._device_root_calls[table.device] = read.root_calls
+            calls += graph_calls
+            step += graph_calls
+            sampled += graph_calls if self.every == 1 else len(range(0, graph_calls, self.every))
+            converted += [(key, self._raw_stats(n, raw)) for key, (n, raw) in read.stats.items()]
+            window_counts.update({key[1]: tuple(raw[1:4]) for key, (_, raw) in read.stats.items() if any(raw[1:4])})
+            firsts.update(self._device_firsts(read.nonfinite))
+        per_name: dict[str, list[ModuleStats]] = {}
+        with self._lock:
+            for key, s in converted:
+                total = self._totals.get(key)
+                self._totals[key] = s if total is None else total.merge(s)
+                per_name.setdefault(key[1], []).append(s)
+            self._since_reset_calls += calls
+            self._since_reset_sampled += sampled
+            new_firsts = {name: r for name, r in firsts.items() if name not in self._first_nonfinite}
+            self._first_nonfinite.update(new_firsts)
+            order = [name for name in self._order if name in per_name]
+            errors = dict(self._errors)
+        alerts = list(alerts) + self._device_alerts(new_firsts, window_counts)
+        nonfinite = {**nonfinite, **new_firsts}
+        self._check_unseen()
+        if not (calls or alerts):
+            return None
+        return Record(
+            step=step, time=time.time(), calls=calls, sampled=sampled,
+            stats={name: merge_all(per_name[name]) for name in order},
+            alerts=tuple(alerts), nonfinite=nonfinite, errors=errors,
+        )  # fmt: skip
+
+    def _device_alerts(self, firsts: dict[str, FirstNonFinite], counts: dict[str, tuple[int, int, int]]) -> list[Alert]:
+        """One alert per origin among positions that went non-finite on the device this window."""
+        if self.on_nonfinite == "ignore" or not firsts:
+            return []
+        by_origin: dict[tuple[str, int], list[FirstNonFinite]] = {}
+        for record in firsts.values():
+            by_origin.setdefault((record.origin, record.call), []).append(record)
+        out = []
+        for (origin, call), records in sorted(by_origin.items(), key=lambda item: item[0][1]):
+            alert = nonfinite_alert(
+                origin, counts.get(origin, (1, 0, 0)), spread=len(records) - 1, call=call,
+                cohort=records[0].cohort, trace_id=records[0].trace_id,
+            )  # fmt: skip
+            self._deliver(alert, window=False)  # it goes out with the record being made
+            out.append(alert)
+        return out
+
+    def _raw_stats(self, calls: int, raw: tuple) -> ModuleStats:
+        return stats_from_raw(calls, raw, self.cast_dtypes)
 
     # ---- failure reporting -----------------------------------------------------------------
 
@@ -608,6 +776,11 @@ class Watch:
             "Failures are counted per module in watch.errors (warned once per kind of error).",
         )
 
+    def _job_failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._errors[WORKER] += 1
+        self._warn_once(f"worker:{type(exc).__name__}", f"finishing a flush failed with {exc!r}; its window was lost")
+
     def _sink_failed(self, sink: Sink, exc: BaseException) -> None:
         with self._lock:
             self._errors[f"sink:{sink!r}"] += 1
@@ -625,8 +798,36 @@ class Watch:
         warnings.warn(f"torchwatch: {message}", TorchwatchWarning, stacklevel=3)
 
 
+@functools.cache
+def _triton_for(device: torch.device) -> Any:
+    """The Triton kernel module for CUDA devices where Triton imports, else None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from .kernels import triton_stats
+    except ImportError:
+        return None
+    return triton_stats
+
+
+def _merge_for(table: DeviceTable, x: torch.Tensor) -> Callable[..., None]:
+    """The table's fused kernel where it takes this dtype, else the torch-ops twin."""
+    kernel = table.kernel
+    if kernel is not None and kernel.supports(x):
+        return kernel.merge_into
+    return torch_ops.merge_into
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
-    """Call ``method`` while its object lives; the sinks' thread must not keep a watch alive."""
+    """Call ``method`` while its object lives; the worker thread must not keep a watch alive."""
     ref = weakref.WeakMethod(method)
 
     def call(*args: Any) -> None:
@@ -635,14 +836,6 @@ def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
             bound(*args)
 
     return call
-
-
-def _merge_events(
-    events: list[tuple[int, str, int, int, int]], rows: list[tuple[int, str]], counts: list[list[int]]
-) -> list[tuple[int, str, int, int, int]]:
-    """Host events and device rows with NaN/Inf, in execution order."""
-    device = [(seq, name, *c) for (seq, name), c in zip(rows, counts, strict=True) if c[0] or c[1] or c[2]]
-    return sorted(events + device)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -681,6 +874,7 @@ def attach(
     *,
     modules: Any = None,
     every: int = 1,
+    sampling: str = "python",
     sinks: Iterable[Sink] = (),
     flush_every: int = 100,
     cast_dtypes: Iterable[object] = DEFAULT_CAST_DTYPES,
@@ -691,19 +885,25 @@ def attach(
 
     Args:
         model: the model; its own ``model(...)`` calls are the *root calls* that are counted,
-            sampled and labelled.
+            sampled and labelled. Attach after moving it to its device and before
+            ``torch.compile`` (hooks added after compiling are ignored by compiled code).
         modules: which modules: ``None`` (every leaf module except Dropout/Identity), a regex
             matched against the whole fully-qualified name, a list of names, a tuple of module
             types, or a callable ``(fqn, module) -> bool``.
-        every: measure one root call in ``every`` (the first is always measured). Unsampled
-            calls run no per-module Python hook at all.
+        every: measure one root call in ``every`` (the first is always measured).
+        sampling: ``"python"`` (default): unsampled eager calls run no per-module hook at all.
+            ``"device"``: the hooks stay installed and a counter on the device decides which calls
+            count, so sampling also works inside ``torch.compile`` and captured CUDA graphs
+            (where Python does not run per call). Same as ``"python"`` when ``every == 1``.
         sinks: where flushes go: :class:`TensorBoardSink`, :class:`JsonlSink`, :class:`MemorySink`.
-        flush_every: root calls between flushes (also on :meth:`Watch.flush`, detach and exit).
+        flush_every: eager root calls between flushes (also on :meth:`Watch.flush`,
+            :meth:`Watch.snapshot` reads, detach and exit).
         cast_dtypes: dtypes to count would-underflow/overflow against (at most 8).
         on_nonfinite: on NaN/Inf: ``"ignore"`` (record only), ``"warn"`` (an :class:`Alert` and
             one warning per origin module), ``"raise"`` (:class:`NonFiniteError` after the forward
             completes) or a callable receiving the :class:`Alert`. On accelerators ``"warn"`` and
-            callables run at the next flush; ``"raise"`` waits for the device once per call.
+            callables run when the window is flushed (one alert per origin per window);
+            ``"raise"`` waits for the device once per call, and cannot raise from compiled code.
         max_cohorts: distinct ``context(cohort=...)`` values kept apart.
 
     Returns:
@@ -723,7 +923,7 @@ def attach(
         >>> watch.detach()
     """
     return Watch(
-        model, modules=modules, every=every, sinks=sinks, flush_every=flush_every,
+        model, modules=modules, every=every, sampling=sampling, sinks=sinks, flush_every=flush_every,
         cast_dtypes=cast_dtypes, on_nonfinite=on_nonfinite, max_cohorts=max_cohorts,
     )  # fmt: skip
 

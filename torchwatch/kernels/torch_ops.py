@@ -12,6 +12,7 @@ import math
 import torch
 
 from .._casts import CastPlan
+from .._table import ACTIVE, C_FINITE, CALL_NONFINITE, ENABLED
 
 _INF = math.inf
 
@@ -57,3 +58,51 @@ def device_stats(x: torch.Tensor, plan: CastPlan) -> tuple[torch.Tensor, torch.T
         )
     )
     return torch.stack(counts), floats
+
+
+def _at_most(t: torch.Tensor, bound: int | torch.Tensor) -> torch.Tensor:
+    return torch.minimum(t, bound) if isinstance(bound, torch.Tensor) else t.clamp(max=bound)
+
+
+def _at_least(t: torch.Tensor, bound: int | torch.Tensor) -> torch.Tensor:
+    return torch.maximum(t, bound) if isinstance(bound, torch.Tensor) else t.clamp(min=bound)
+
+
+def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | torch.Tensor, *, use_flag: bool) -> None:
+    """Measure a non-empty tensor and merge it into ``table``'s slot, with tensor ops only.
+
+    The same effect as the Triton kernel: one more call, counts added, moments Chan-merged,
+    the non-finite call range widened, all in the active half (and only when the sampling
+    flag is set, with ``use_flag``). ``call`` is the root-call index (an int, or a device
+    tensor under graph capture). Nothing waits for the device.
+    """
+    ints, floats = device_stats(x, plan)
+    control = table.control
+    sel = torch.arange(2, device=control.device) == control[ACTIVE]  # [2] halves
+    if use_flag:
+        sel = sel & (control[ENABLED] != 0)
+    counts = table.counts[:, slot]  # [2, 7 + 2K] view
+    n_a = counts[:, C_FINITE].to(torch.float64)
+    n_b = ints[0].to(torch.float64)
+    counts.add_(sel.to(torch.int64)[:, None] * torch.cat((torch.ones_like(ints[:1]), ints))[None, :])
+
+    moments = table.moments[:, slot]  # [2, 4]
+    w_b = n_b / (n_a + n_b).clamp(min=1.0)
+    delta = floats[0] - moments[:, 0]
+    merged = torch.stack(
+        (
+            moments[:, 0] + delta * w_b,
+            moments[:, 1] + floats[1] + delta * delta * n_a * w_b,
+            torch.minimum(moments[:, 2], floats[2]),
+            torch.maximum(moments[:, 3], floats[3]),
+        ),
+        dim=1,
+    )
+    moments.copy_(torch.where(sel[:, None], merged, moments))
+
+    nonfinite = ints[1] + ints[2] + ints[3]
+    hit = sel & (nonfinite > 0)
+    nfcalls = table.nfcalls[:, slot]  # [2, 2]
+    widened = torch.stack((_at_most(nfcalls[:, 0], call), _at_least(nfcalls[:, 1], call)), dim=1)
+    nfcalls.copy_(torch.where(hit[:, None], widened, nfcalls))
+    control[CALL_NONFINITE] += nonfinite * sel.any().to(torch.int64)

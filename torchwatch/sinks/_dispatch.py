@@ -1,4 +1,9 @@
-"""The writer thread: sinks are called here, never on the serving thread."""
+"""The watch's background thread: finishes flushes and writes sinks, off the serving thread.
+
+A flush on the serving thread only swaps windows and starts device copies; the job it queues
+here waits for those copies, folds the window into the totals, and returns a :class:`Record`
+that this thread hands to the sinks.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +13,50 @@ from collections.abc import Callable, Sequence
 
 from .base import Record, Sink
 
-MAX_PENDING = 64  # records waiting for slow sinks; beyond this new ones are dropped and counted
+# Records waiting behind this many jobs are not written (the sinks are too slow); the
+# statistics themselves are never dropped.
+MAX_BACKLOG = 64
 
 _STOP = object()
 
 
-class Dispatcher:
-    """Hands flush records to sinks on one daemon thread, started on first use.
+class Worker:
+    """Runs jobs in order on one daemon thread, started on first use.
 
-    A sink whose ``write``/``flush`` raises is disabled and reported through ``on_failure``
-    (once per sink); the others keep receiving records.
+    A job is a callable returning a :class:`Record` (written to every active sink) or ``None``.
+    A sink whose ``write``/``flush``/``close`` raises is disabled and reported through
+    ``on_sink_failure`` (once per sink); a job that raises is reported through ``on_job_failure``.
     """
 
-    def __init__(self, sinks: Sequence[Sink], on_failure: Callable[[Sink, BaseException], None]) -> None:
+    def __init__(
+        self,
+        sinks: Sequence[Sink],
+        on_sink_failure: Callable[[Sink, BaseException], None],
+        on_job_failure: Callable[[BaseException], None],
+    ) -> None:
         self._active = list(sinks)
-        self._on_failure = on_failure
-        self._queue: queue.Queue[object] = queue.Queue(MAX_PENDING)
+        self._on_sink_failure = on_sink_failure
+        self._on_job_failure = on_job_failure
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
-        self.dropped = 0
+        self.dropped = 0  # records not written because the sinks fell behind
 
-    def submit(self, record: Record | None, *, wait: bool = False, timeout: float = 30.0) -> bool:
-        """Queue a record; with ``wait``, also block until sinks wrote and flushed everything
-        queued so far. ``None`` sends nothing (with ``wait``: just the wait).
-
-        Returns False when the record was dropped (queue full, closed, or timed out waiting).
-        """
-        if self._closed or not self._active:
+    def submit(self, job: Callable[[], Record | None] | None, *, wait: bool = False, timeout: float = 30.0) -> bool:
+        """Queue a job; with ``wait``, block until it and everything before it ran and the sinks
+        were flushed. ``None`` queues nothing but still waits. Returns False if closed or timed out."""
+        if self._closed:
             return False
+        if job is None and self._thread is None:
+            return True  # nothing ever queued: nothing to wait for
         self._ensure_thread()
         done = threading.Event() if wait else None
-        try:
-            self._queue.put((record, done), block=wait, timeout=timeout if wait else None)
-        except queue.Full:
-            self.dropped += 1
-            return False
+        self._queue.put((job, done))
         return done.wait(timeout) if done is not None else True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Deliver what is queued, close every sink and stop the thread.
+        """Run what is queued, close every sink and stop the thread.
 
         Waits up to ``timeout`` seconds for that; with 0 it only asks the thread to finish.
         """
@@ -57,10 +66,7 @@ class Dispatcher:
         if self._thread is None:
             self._close_sinks()
             return
-        try:
-            self._queue.put(_STOP, timeout=timeout or None)
-        except queue.Full:
-            return
+        self._queue.put(_STOP)
         if timeout:
             self._thread.join(timeout)
 
@@ -68,7 +74,7 @@ class Dispatcher:
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="torchwatch-sinks", daemon=True)
+                    self._thread = threading.Thread(target=self._run, name="torchwatch-worker", daemon=True)
                     self._thread.start()
 
     def _run(self) -> None:
@@ -77,12 +83,25 @@ class Dispatcher:
             if item is _STOP:
                 self._close_sinks()
                 return
-            record, done = item  # type: ignore[misc]
-            if record is not None:
-                self._call_all("write", record)
+            job, done = item  # type: ignore[misc]
+            if job is not None:
+                self._run_job(job)
             if done is not None:
                 self._call_all("flush")
                 done.set()
+
+    def _run_job(self, job: Callable[[], Record | None]) -> None:
+        try:
+            record = job()
+        except Exception as exc:  # noqa: BLE001 - reported; the thread must keep serving later jobs
+            self._on_job_failure(exc)
+            return
+        if record is None:
+            return
+        if self._queue.qsize() > MAX_BACKLOG:
+            self.dropped += 1
+            return
+        self._call_all("write", record)
 
     def _call_all(self, method: str, *args: object) -> None:
         for sink in list(self._active):
@@ -90,7 +109,7 @@ class Dispatcher:
                 getattr(sink, method)(*args)
             except Exception as exc:  # noqa: BLE001 - any sink failure disables that sink only
                 self._active.remove(sink)
-                self._on_failure(sink, exc)
+                self._on_sink_failure(sink, exc)
                 _close_quietly(sink)
 
     def _close_sinks(self) -> None:

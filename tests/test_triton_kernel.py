@@ -1,0 +1,131 @@
+"""The fused Triton kernel against its torch-ops twin and the float64 oracle.
+
+Without a GPU this runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set in
+conftest.py), so the kernel is checked on every push; on a GPU the same tests run compiled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from _oracle import assert_matches, oracle
+from _strategies import float_tensors
+from hypothesis import given, settings
+
+from torchwatch._accumulators import stats_from_raw
+from torchwatch._casts import cast_plan
+from torchwatch._table import CALL_NONFINITE, CALLS, ENABLED, DeviceTable
+from torchwatch.kernels import torch_ops
+from torchwatch.stats import DEFAULT_CAST_DTYPES
+
+triton_stats = pytest.importorskip("torchwatch.kernels.triton_stats")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NAMES = DEFAULT_CAST_DTYPES
+SMALL_SHAPES = ((1,), (7,), (16,), (3, 5), (2047,), (2049,), (4100,), (5, 2, 700))
+
+
+def _table() -> DeviceTable:
+    table = DeviceTable(DEVICE, len(NAMES), 4)
+    table.scratch = triton_stats.Workspace(table, [cast_plan(d, NAMES) for d in triton_stats.DTYPES])
+    return table
+
+
+def _read(table: DeviceTable, key: str = "x"):
+    read = table.read_active()
+    return stats_from_raw(*read.stats[key], NAMES), read
+
+
+@settings(max_examples=int(os.environ.get("TRITON_EXAMPLES", "40")))
+@given(x=float_tensors(dtypes=triton_stats.DTYPES, shapes=SMALL_SHAPES))
+def test_kernel_matches_the_oracle(x):
+    table = _table()
+    table.slot("x")
+    triton_stats.merge_into(table, 0, x.to(DEVICE), cast_plan(x.dtype, NAMES), 5, use_flag=False)
+    stats, read = _read(table)
+    assert stats.calls == 1
+    assert_matches(stats, oracle(x))
+    if stats.nonfinite:
+        assert read.nonfinite["x"] == (5, 5)
+    assert int(table.control[CALL_NONFINITE]) == stats.nonfinite
+
+
+@settings(max_examples=15)
+@given(
+    xs=float_tensors(dtypes=(torch.float32,), shapes=((4100,), (3,), (2049,))),
+    ys=float_tensors(dtypes=(torch.float32,), shapes=((9000,), (1,))),
+)
+def test_kernel_and_torch_ops_twin_accumulate_the_same_slot(xs, ys):
+    twin, kernel = _table(), _table()
+    for table in (twin, kernel):
+        table.slot("x")
+    plan = cast_plan(torch.float32, NAMES)
+    for call, x in enumerate((xs, ys, xs)):
+        torch_ops.merge_into(twin, 0, x.to(DEVICE), plan, call, use_flag=False)
+        triton_stats.merge_into(kernel, 0, x.to(DEVICE), plan, call, use_flag=False)
+    a, read_a = _read(twin)
+    b, read_b = _read(kernel)
+    a, b = a.to_dict(), b.to_dict()
+    spread = max(a["std"], abs(a["mean"]) * 1e-9) if a["count"] and not math.isnan(a["std"]) else 0.0
+    for key in ("mean", "std"):
+        assert (math.isnan(a[key]) and math.isnan(b[key])) or abs(a.pop(key) - b.pop(key)) <= 1e-6 * spread, key
+    a.pop("mean", None), a.pop("std", None), b.pop("mean", None), b.pop("std", None)
+    assert a == b
+    assert read_a.nonfinite == read_b.nonfinite
+
+
+def test_sampling_flag_and_device_call_counter():
+    table = _table()
+    table.slot("x")
+    plan = cast_plan(torch.float32, NAMES)
+    x = torch.tensor([1.0, math.nan, 3.0], device=DEVICE)
+    for call in range(4):
+        table.control[CALLS] = call + 1
+        table.control[ENABLED] = int(call % 2 == 0)
+        triton_stats.merge_into(table, 0, x, plan, table.control[CALLS] - 1, use_flag=True)
+    stats, read = _read(table)
+    assert (stats.calls, stats.count, stats.nan) == (2, 6, 2)  # calls 0 and 2 only
+    assert read.nonfinite["x"] == (0, 2)
+
+
+def test_the_inactive_half_is_untouched_and_flips_keep_windows_apart():
+    table = _table()
+    table.slot("x")
+    plan = cast_plan(torch.float16, NAMES)
+    triton_stats.merge_into(table, 0, torch.ones(10, dtype=torch.float16, device=DEVICE), plan, 0, use_flag=False)
+    half, handle = table.flip()
+    triton_stats.merge_into(table, 0, torch.zeros(4, dtype=torch.float16, device=DEVICE), plan, 1, use_flag=False)
+    first = table.read(handle)
+    calls, raw = first.stats["x"]
+    assert (calls, raw[0], raw[4]) == (1, 10, 0)  # 10 finite, no zeros
+    now = table.read_active()
+    calls, raw = now.stats["x"]
+    assert (calls, raw[0], raw[4]) == (1, 4, 4)
+    assert int(table.counts[half].sum()) == 0  # the finished half was cleared after the copy
+
+
+def test_a_large_tensor_uses_many_programs_and_stays_exact():
+    n = triton_stats.BLOCK * 40 + 17
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 1e3 + 5e4
+    x[::1001] = 0.0
+    table = _table()
+    table.slot("x")
+    triton_stats.merge_into(table, 0, x.to(DEVICE), cast_plan(x.dtype, NAMES), 0, use_flag=False)
+    stats, _ = _read(table)
+    assert_matches(stats, oracle(x))
+
+
+def test_dense_permutations_are_read_in_place_and_slices_are_copied():
+    base = torch.randn(2, 3, 4, 5)
+    cases = [(base.to(memory_format=torch.channels_last), True), (base.transpose(1, 3), True), (base[:, :, ::2], False)]
+    for x, in_place in cases:
+        flat = triton_stats._flat(x)
+        assert flat.shape == (x.numel(),)
+        assert (flat.data_ptr() == x.data_ptr()) is in_place
+        assert torch.equal(flat.sort().values, x.reshape(-1).sort().values)
+        table = _table()
+        table.slot("x")
+        triton_stats.merge_into(table, 0, x.to(DEVICE), cast_plan(x.dtype, NAMES), 0, use_flag=False)
+        assert_matches(_read(table)[0], oracle(x))

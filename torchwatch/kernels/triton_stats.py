@@ -1,0 +1,232 @@
+"""One fused Triton kernel: every statistic of an activation in one read, merged into its slot.
+
+Each program walks a strided share of the (dense, flattened) tensor in tiles. Per tile it counts
+NaN/+Inf/-Inf/zeros/subnormals/would-underflow/would-overflow exactly (integers), takes min/max
+over finite values, and the tile's (n, mean, M2) by two passes over registers in float64; tiles are
+folded into the program's running moments with Chan's formula. Each program writes its partial
+result to the slot's workspace and takes a ticket; the program holding the last ticket reduces
+all partials (Chan again, as a tree) and merges them into the slot of the active half of the
+:class:`~torchwatch._table.DeviceTable`, then returns the ticket counter to zero. One launch, one
+read of the activation, no atomics on the statistics, no host sync; the launch can be captured
+in a CUDA graph or a compiled region, where the sampling flag on the device decides whether a
+replay counts.
+
+Tested on CPU tensors with ``TRITON_INTERPRET=1`` against the torch oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._casts import CastPlan
+from .._table import ACTIVE, CALL_NONFINITE, ENABLED, N_FIXED, NO_CALL, mark_static
+
+BLOCK = 2048
+MAX_PROGRAMS = 256
+# partial row: n, mean, m2, min, max, nan, posinf, neginf, zeros, subnormal, under[K], over[K]
+N_PART_FIXED = 10
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr, n_elements, iters,
+    part_ptr, ticket_ptr,
+    counts_ptr, moments_ptr, nfcalls_ptr, control_ptr,
+    slot, capacity, call,
+    under_ptr, over_ptr, tiny_bits,
+    K: tl.constexpr, IS_BF16: tl.constexpr, USE_FLAG: tl.constexpr, CALL_FROM_DEVICE: tl.constexpr,
+    BLOCK: tl.constexpr, P_POW2: tl.constexpr,
+):  # fmt: skip
+    enabled = 1
+    if USE_FLAG:
+        enabled = tl.load(control_ptr + ENABLED)
+    if enabled != 0:
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        npart = N_PART_FIXED + 2 * K
+        inf = float("inf")
+        run_n = tl.zeros((), tl.float64)
+        run_mean = tl.zeros((), tl.float64)
+        run_m2 = tl.zeros((), tl.float64)
+        lo = tl.full((), inf, tl.float32)
+        hi = tl.full((), -inf, tl.float32)
+        c_nan = tl.zeros((), tl.int64)
+        c_pinf = tl.zeros((), tl.int64)
+        c_ninf = tl.zeros((), tl.int64)
+        c_zero = tl.zeros((), tl.int64)
+        c_sub = tl.zeros((), tl.int64)
+        cols = tl.arange(0, 8)
+        c_under = tl.zeros((8,), tl.int64)
+        c_over = tl.zeros((8,), tl.int64)
+        for i in range(0, iters):  # this program's tiles: pid, pid + nprog, ...
+            offs = (pid + i * nprog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            inside = offs < n_elements
+            if IS_BF16:  # widened by hand: exact for subnormals on every backend
+                raw = tl.load(x_ptr + offs, mask=inside, other=0).to(tl.int32) & 0xFFFF
+                v = (raw << 16).to(tl.float32, bitcast=True)
+            else:
+                v = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+            # Classify on the bits of |x|: they order like |x|, and no flush-to-zero can touch them.
+            bits = v.to(tl.int32, bitcast=True)
+            ab = bits & 0x7FFFFFFF
+            fin = inside & (ab < 0x7F800000)
+            nz = fin & (ab != 0)
+            c_nan += tl.sum((inside & (ab > 0x7F800000)).to(tl.int32), axis=0)
+            c_pinf += tl.sum((inside & (bits == 0x7F800000)).to(tl.int32), axis=0)
+            c_ninf += tl.sum((inside & (ab == 0x7F800000) & (bits != 0x7F800000)).to(tl.int32), axis=0)
+            c_zero += tl.sum((inside & (ab == 0)).to(tl.int32), axis=0)
+            c_sub += tl.sum((nz & (ab < tiny_bits)).to(tl.int32), axis=0)
+            for k in tl.static_range(K):
+                t_under = tl.load(under_ptr + k)
+                t_over = tl.load(over_ptr + k)
+                under_k = tl.sum((nz & (ab <= t_under)).to(tl.int32), axis=0)
+                over_k = tl.sum((fin & (ab > t_over)).to(tl.int32), axis=0)
+                c_under += tl.where(cols == k, under_k, 0).to(tl.int64)
+                c_over += tl.where(cols == k, over_k, 0).to(tl.int64)
+            lo = tl.minimum(lo, tl.min(tl.where(fin, v, inf), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(fin, v, -inf), axis=0))
+            # the tile's moments: two passes over registers, in float64
+            v64 = tl.where(fin, v.to(tl.float64), 0.0)
+            n_t = tl.sum(fin.to(tl.float64), axis=0)
+            mean_t = tl.sum(v64, axis=0) / tl.maximum(n_t, 1.0)
+            d = tl.where(fin, v64 - mean_t, 0.0)
+            sd = tl.sum(d, axis=0)
+            m2_t = tl.sum(d * d, axis=0) - sd * sd / tl.maximum(n_t, 1.0)
+            mean_t = mean_t + sd / tl.maximum(n_t, 1.0)
+            run_n, run_mean, run_m2 = _chan(run_n, run_mean, run_m2, n_t, mean_t, tl.maximum(m2_t, 0.0))
+
+        row = part_ptr + pid * npart
+        tl.store(row + 0, run_n)
+        tl.store(row + 1, run_mean)
+        tl.store(row + 2, run_m2)
+        tl.store(row + 3, lo.to(tl.float64))
+        tl.store(row + 4, hi.to(tl.float64))
+        tl.store(row + 5, c_nan.to(tl.float64))
+        tl.store(row + 6, c_pinf.to(tl.float64))
+        tl.store(row + 7, c_ninf.to(tl.float64))
+        tl.store(row + 8, c_zero.to(tl.float64))
+        tl.store(row + 9, c_sub.to(tl.float64))
+        tl.store(row + N_PART_FIXED + cols, c_under.to(tl.float64), mask=cols < K)
+        tl.store(row + N_PART_FIXED + K + cols, c_over.to(tl.float64), mask=cols < K)
+
+        # the last program to finish folds every partial into the slot
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == nprog - 1:
+            rows = tl.arange(0, P_POW2)
+            live = rows < nprog
+            base = part_ptr + rows * npart
+            p_n = tl.load(base + 0, mask=live, other=0.0)
+            p_mean = tl.load(base + 1, mask=live, other=0.0)
+            p_m2 = tl.load(base + 2, mask=live, other=0.0)
+            n_b, mean_b, m2_b = tl.reduce((p_n, p_mean, p_m2), 0, _chan)
+            lo_b = tl.min(tl.load(base + 3, mask=live, other=inf), axis=0)
+            hi_b = tl.max(tl.load(base + 4, mask=live, other=-inf), axis=0)
+
+            active = tl.load(control_ptr + ACTIVE)
+            crow = counts_ptr + (active * capacity + slot) * (N_FIXED + 2 * K)
+            mrow = moments_ptr + (active * capacity + slot) * 4
+            frow = nfcalls_ptr + (active * capacity + slot) * 2
+            nonfinite = tl.zeros((), tl.int64)
+            tl.store(crow + 0, tl.load(crow + 0) + 1)  # calls
+            n_a = tl.load(crow + 1).to(tl.float64)
+            tl.store(crow + 1, tl.load(crow + 1) + n_b.to(tl.int64))
+            for j in tl.static_range(5):  # nan, posinf, neginf, zeros, subnormal
+                c = tl.sum(tl.load(base + 5 + j, mask=live, other=0.0), axis=0).to(tl.int64)
+                tl.store(crow + 2 + j, tl.load(crow + 2 + j) + c)
+                if j < 3:
+                    nonfinite += c
+            for k in tl.static_range(2 * K):
+                c = tl.sum(tl.load(base + N_PART_FIXED + k, mask=live, other=0.0), axis=0).to(tl.int64)
+                tl.store(crow + N_FIXED + k, tl.load(crow + N_FIXED + k) + c)
+            mean_a = tl.load(mrow + 0)
+            m2_a = tl.load(mrow + 1)
+            _, mean_n, m2_n = _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+            tl.store(mrow + 0, mean_n)
+            tl.store(mrow + 1, m2_n)
+            tl.store(mrow + 2, tl.minimum(tl.load(mrow + 2), lo_b))
+            tl.store(mrow + 3, tl.maximum(tl.load(mrow + 3), hi_b))
+            if nonfinite > 0:
+                if CALL_FROM_DEVICE:  # noqa: SIM108 - a constexpr branch, resolved at compile time
+                    call_index = tl.load(control_ptr + 0) - 1
+                else:
+                    call_index = call
+                tl.store(frow + 0, tl.minimum(tl.load(frow + 0), call_index))
+                tl.store(frow + 1, tl.maximum(tl.load(frow + 1), call_index))
+                tl.atomic_add(control_ptr + CALL_NONFINITE, nonfinite)
+            tl.atomic_xchg(ticket_ptr, 0)
+
+
+class Workspace:
+    """Per-slot partial rows and tickets of one :class:`DeviceTable`, and the thresholds of
+    each cast plan on its device: all allocated up front, never inside a trace or a capture."""
+
+    def __init__(self, table, plans: list[CastPlan]) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            self.partials = torch.zeros(
+                table.capacity, MAX_PROGRAMS, N_PART_FIXED + 2 * table.k, dtype=torch.float64, device=table.device
+            )
+            self.tickets = torch.zeros(table.capacity, dtype=torch.int32, device=table.device)
+            # thresholds as the int32 bits of float32 |x| (exact for every dtype the kernel reads)
+            self.thresholds = {
+                id(plan): (_bits(plan.under, table.device), _bits(plan.over, table.device)) for plan in plans
+            }
+        self.tiny_bits = {id(plan): _bits_of(plan.tiny) for plan in plans}
+        mark_static(self.partials, self.tickets, *(t for pair in self.thresholds.values() for t in pair))
+
+
+def _bits(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor((*values, 0.0), dtype=torch.float32).view(torch.int32).to(device)
+
+
+def _bits_of(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32))
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of every element of ``x`` (order is irrelevant to the statistics).
+
+    A dense tensor in any dimension order (channels_last, a transpose) is viewed without a copy;
+    only a tensor with gaps (a strided slice) is copied.
+    """
+    if x.is_contiguous():
+        return x.reshape(-1)
+    order = sorted(range(x.dim()), key=lambda d: (x.stride(d), x.size(d)), reverse=True)
+    y = x.permute(order)
+    return y.reshape(-1) if y.is_contiguous() else x.contiguous().reshape(-1)
+
+
+def supports(x: torch.Tensor) -> bool:
+    return x.dtype in DTYPES
+
+
+def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | torch.Tensor, *, use_flag: bool) -> None:
+    """The Triton twin of :func:`torchwatch.kernels.torch_ops.merge_into` (same effect)."""
+    ws = table.scratch
+    flat = _flat(x)
+    is_bf16 = flat.dtype == torch.bfloat16
+    if is_bf16:
+        flat = flat.view(torch.int16)
+    n = flat.numel()
+    programs = max(1, min(MAX_PROGRAMS, triton.cdiv(n, BLOCK)))
+    under, over = ws.thresholds[id(plan)]
+    from_device = isinstance(call, torch.Tensor)
+    _stats_kernel[(programs,)](
+        flat, n, triton.cdiv(triton.cdiv(n, BLOCK), programs),
+        ws.partials[slot], ws.tickets[slot:],
+        table.counts, table.moments, table.nfcalls, table.control,
+        slot, table.capacity, 0 if from_device else int(min(call, NO_CALL - 1)),
+        under, over, ws.tiny_bits[id(plan)],
+        K=len(plan.names), IS_BF16=is_bf16, USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device,
+        BLOCK=BLOCK, P_POW2=triton.next_power_of_2(programs), num_warps=8,
+    )  # fmt: skip
