@@ -471,3 +471,39 @@ def test_attaching_while_a_call_is_running_does_not_break_it():
     model(torch.randn(1, 2))
     assert model.watch.calls == 1 and model.watch.snapshot()["lin"].calls == 2
     model.watch.detach()
+
+
+def test_device_path_flushes_finish_on_the_worker_thread():
+    """The CPU twin of the GPU flush: flip the table, copy the finished half, fold it in later."""
+    model = mlp(inject=Inject(at=(3,)))
+    sink = tw.MemorySink()
+    seen = []
+    with tw.Watch(model, sinks=[sink], flush_every=2, on_nonfinite=seen.append, _device_path=True) as watch:
+        for i in range(5):
+            with watch.context(trace_id=f"t{i}"):
+                model(torch.randn(2, 16))
+        watch.flush()
+        snap = watch.snapshot()
+    assert [(r.step, r.calls) for r in sink.records] == [(2, 2), (4, 2), (5, 1)]
+    assert [r.stats["0"].calls for r in sink.records] == [2, 2, 1]
+    assert snap["0"].calls == 5
+    assert [(a.module, a.call, a.trace_id) for a in seen] == [("1", 3, "t3")]  # one alert per origin per window
+    assert sink.records[1].nonfinite["6"].origin == "1"
+
+
+def test_bad_sampling_mode_is_a_config_error():
+    with pytest.raises(
+        tw.ConfigError, match="sampling='gpu' is not valid: use 'python' \\(eager\\) or 'device' \\(graphs\\)"
+    ):
+        tw.attach(mlp(), sampling="gpu")
+
+
+def test_device_sampling_keeps_hooks_installed_and_counts_in_python_when_eager():
+    probe = HookProbe()
+    model = nn.Sequential(nn.Linear(3, 3), probe)
+    with tw.attach(model, every=3, sampling="device") as watch:
+        for _ in range(7):
+            model(torch.randn(1, 3))
+        snap = watch.snapshot()
+    assert probe.seen == [1] * 7  # hooks entered on every call ...
+    assert snap["1"].calls == 3 and snap.sampled == 3  # ... but only calls 0, 3 and 6 are measured

@@ -1,9 +1,10 @@
 """One fused Triton kernel: every statistic of an activation in one read, merged into its slot.
 
-Each program walks a strided share of the (dense, flattened) tensor in tiles. Per tile it counts
-NaN/+Inf/-Inf/zeros/subnormals/would-underflow/would-overflow exactly (integers), takes min/max
-over finite values, and the tile's (n, mean, M2) by two passes over registers in float64; tiles are
-folded into the program's running moments with Chan's formula. Each program writes its partial
+Each program walks a strided share of the (dense, flattened) tensor in tiles. A tile only updates
+per-lane accumulators: integer counts of NaN/+Inf/-Inf/zeros/subnormals/would-underflow/
+would-overflow (classified on the bits of |x|), min/max over finite values, and float64 sums of
+x - shift and its square, where the shift is the program's first-tile mean (so the variance does
+not cancel however large the mean is). Each program reduces its lanes once, writes its partial
 result to the slot's workspace and takes a ticket; the program holding the last ticket reduces
 all partials (Chan again, as a tree) and merges them into the slot of the active half of the
 :class:`~torchwatch._table.DeviceTable`, then returns the ticket counter to zero. One launch, one
@@ -23,7 +24,7 @@ import triton.language as tl
 from .._casts import CastPlan
 from .._table import ACTIVE, CALL_NONFINITE, ENABLED, N_FIXED, NO_CALL, mark_static
 
-BLOCK = 2048
+BLOCK = 1024
 MAX_PROGRAMS = 256
 # partial row: n, mean, m2, min, max, nan, posinf, neginf, zeros, subnormal, under[K], over[K]
 N_PART_FIXED = 10
@@ -45,8 +46,8 @@ def _stats_kernel(
     counts_ptr, moments_ptr, nfcalls_ptr, control_ptr,
     slot, capacity, call,
     under_ptr, over_ptr, tiny_bits,
-    K: tl.constexpr, IS_BF16: tl.constexpr, USE_FLAG: tl.constexpr, CALL_FROM_DEVICE: tl.constexpr,
-    BLOCK: tl.constexpr, P_POW2: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, IS_BF16: tl.constexpr, USE_FLAG: tl.constexpr,
+    CALL_FROM_DEVICE: tl.constexpr, BLOCK: tl.constexpr, P_POW2: tl.constexpr,
 ):  # fmt: skip
     enabled = 1
     if USE_FLAG:
@@ -56,21 +57,26 @@ def _stats_kernel(
         nprog = tl.num_programs(0)
         npart = N_PART_FIXED + 2 * K
         inf = float("inf")
-        run_n = tl.zeros((), tl.float64)
-        run_mean = tl.zeros((), tl.float64)
-        run_m2 = tl.zeros((), tl.float64)
-        lo = tl.full((), inf, tl.float32)
-        hi = tl.full((), -inf, tl.float32)
-        c_nan = tl.zeros((), tl.int64)
-        c_pinf = tl.zeros((), tl.int64)
-        c_ninf = tl.zeros((), tl.int64)
-        c_zero = tl.zeros((), tl.int64)
-        c_sub = tl.zeros((), tl.int64)
-        cols = tl.arange(0, 8)
-        c_under = tl.zeros((8,), tl.int64)
-        c_over = tl.zeros((8,), tl.int64)
+        lanes = tl.arange(0, BLOCK)
+        kcols = tl.arange(0, KP)
+        t_under = tl.load(under_ptr + kcols, mask=kcols < K, other=-1)  # int32 bits of float32 |x|
+        t_over = tl.load(over_ptr + kcols, mask=kcols < K, other=0x7F800000)
+        # Tiles only update per-lane accumulators; each program reduces once, at the end.
+        shift = tl.zeros((), tl.float64)  # the first tile's mean: moments are taken of x - shift
+        s1 = tl.zeros((BLOCK,), tl.float64)
+        s2 = tl.zeros((BLOCK,), tl.float64)
+        lo = tl.full((BLOCK,), inf, tl.float32)
+        hi = tl.full((BLOCK,), -inf, tl.float32)
+        c_fin = tl.zeros((BLOCK,), tl.int32)
+        c_nan = tl.zeros((BLOCK,), tl.int32)
+        c_pinf = tl.zeros((BLOCK,), tl.int32)
+        c_ninf = tl.zeros((BLOCK,), tl.int32)
+        c_zero = tl.zeros((BLOCK,), tl.int32)
+        c_sub = tl.zeros((BLOCK,), tl.int32)
+        c_under = tl.zeros((BLOCK, KP), tl.int32)
+        c_over = tl.zeros((BLOCK, KP), tl.int32)
         for i in range(0, iters):  # this program's tiles: pid, pid + nprog, ...
-            offs = (pid + i * nprog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            offs = (pid + i * nprog).to(tl.int64) * BLOCK + lanes
             inside = offs < n_elements
             if IS_BF16:  # widened by hand: exact for subnormals on every backend
                 raw = tl.load(x_ptr + offs, mask=inside, other=0).to(tl.int32) & 0xFFFF
@@ -82,43 +88,40 @@ def _stats_kernel(
             ab = bits & 0x7FFFFFFF
             fin = inside & (ab < 0x7F800000)
             nz = fin & (ab != 0)
-            c_nan += tl.sum((inside & (ab > 0x7F800000)).to(tl.int32), axis=0)
-            c_pinf += tl.sum((inside & (bits == 0x7F800000)).to(tl.int32), axis=0)
-            c_ninf += tl.sum((inside & (ab == 0x7F800000) & (bits != 0x7F800000)).to(tl.int32), axis=0)
-            c_zero += tl.sum((inside & (ab == 0)).to(tl.int32), axis=0)
-            c_sub += tl.sum((nz & (ab < tiny_bits)).to(tl.int32), axis=0)
-            for k in tl.static_range(K):
-                t_under = tl.load(under_ptr + k)
-                t_over = tl.load(over_ptr + k)
-                under_k = tl.sum((nz & (ab <= t_under)).to(tl.int32), axis=0)
-                over_k = tl.sum((fin & (ab > t_over)).to(tl.int32), axis=0)
-                c_under += tl.where(cols == k, under_k, 0).to(tl.int64)
-                c_over += tl.where(cols == k, over_k, 0).to(tl.int64)
-            lo = tl.minimum(lo, tl.min(tl.where(fin, v, inf), axis=0))
-            hi = tl.maximum(hi, tl.max(tl.where(fin, v, -inf), axis=0))
-            # the tile's moments: two passes over registers, in float64
-            v64 = tl.where(fin, v.to(tl.float64), 0.0)
-            n_t = tl.sum(fin.to(tl.float64), axis=0)
-            mean_t = tl.sum(v64, axis=0) / tl.maximum(n_t, 1.0)
-            d = tl.where(fin, v64 - mean_t, 0.0)
-            sd = tl.sum(d, axis=0)
-            m2_t = tl.sum(d * d, axis=0) - sd * sd / tl.maximum(n_t, 1.0)
-            mean_t = mean_t + sd / tl.maximum(n_t, 1.0)
-            run_n, run_mean, run_m2 = _chan(run_n, run_mean, run_m2, n_t, mean_t, tl.maximum(m2_t, 0.0))
+            c_fin += fin.to(tl.int32)
+            c_nan += (inside & (ab > 0x7F800000)).to(tl.int32)
+            c_pinf += (inside & (bits == 0x7F800000)).to(tl.int32)
+            c_ninf += (inside & (ab == 0x7F800000) & (bits != 0x7F800000)).to(tl.int32)
+            c_zero += (inside & (ab == 0)).to(tl.int32)
+            c_sub += (nz & (ab < tiny_bits)).to(tl.int32)
+            c_under += (nz[:, None] & (ab[:, None] <= t_under[None, :])).to(tl.int32)
+            c_over += (fin[:, None] & (ab[:, None] > t_over[None, :])).to(tl.int32)
+            lo = tl.minimum(lo, tl.where(fin, v, inf))
+            hi = tl.maximum(hi, tl.where(fin, v, -inf))
+            v64 = v.to(tl.float64)
+            if i == 0:
+                shift = tl.sum(tl.where(fin, v64, 0.0), axis=0) / tl.maximum(tl.sum(fin.to(tl.float64), axis=0), 1.0)
+            d = tl.where(fin, v64 - shift, 0.0)
+            s1 += d
+            s2 += d * d
 
+        n = tl.sum(c_fin, axis=0).to(tl.float64)
+        sd = tl.sum(s1, axis=0)
+        mean = shift + sd / tl.maximum(n, 1.0)
+        m2 = tl.maximum(tl.sum(s2, axis=0) - sd * sd / tl.maximum(n, 1.0), 0.0)
         row = part_ptr + pid * npart
-        tl.store(row + 0, run_n)
-        tl.store(row + 1, run_mean)
-        tl.store(row + 2, run_m2)
-        tl.store(row + 3, lo.to(tl.float64))
-        tl.store(row + 4, hi.to(tl.float64))
-        tl.store(row + 5, c_nan.to(tl.float64))
-        tl.store(row + 6, c_pinf.to(tl.float64))
-        tl.store(row + 7, c_ninf.to(tl.float64))
-        tl.store(row + 8, c_zero.to(tl.float64))
-        tl.store(row + 9, c_sub.to(tl.float64))
-        tl.store(row + N_PART_FIXED + cols, c_under.to(tl.float64), mask=cols < K)
-        tl.store(row + N_PART_FIXED + K + cols, c_over.to(tl.float64), mask=cols < K)
+        tl.store(row + 0, n)
+        tl.store(row + 1, tl.where(n > 0, mean, 0.0))
+        tl.store(row + 2, m2)
+        tl.store(row + 3, tl.min(lo, axis=0).to(tl.float64))
+        tl.store(row + 4, tl.max(hi, axis=0).to(tl.float64))
+        tl.store(row + 5, tl.sum(c_nan, axis=0).to(tl.float64))
+        tl.store(row + 6, tl.sum(c_pinf, axis=0).to(tl.float64))
+        tl.store(row + 7, tl.sum(c_ninf, axis=0).to(tl.float64))
+        tl.store(row + 8, tl.sum(c_zero, axis=0).to(tl.float64))
+        tl.store(row + 9, tl.sum(c_sub, axis=0).to(tl.float64))
+        tl.store(row + N_PART_FIXED + kcols, tl.sum(c_under, axis=0).to(tl.float64), mask=kcols < K)
+        tl.store(row + N_PART_FIXED + K + kcols, tl.sum(c_over, axis=0).to(tl.float64), mask=kcols < K)
 
         # the last program to finish folds every partial into the slot
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
@@ -227,6 +230,7 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
         table.counts, table.moments, table.nfcalls, table.control,
         slot, table.capacity, 0 if from_device else int(min(call, NO_CALL - 1)),
         under, over, ws.tiny_bits[id(plan)],
-        K=len(plan.names), IS_BF16=is_bf16, USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device,
-        BLOCK=BLOCK, P_POW2=triton.next_power_of_2(programs), num_warps=8,
+        K=len(plan.names), KP=max(2, triton.next_power_of_2(len(plan.names))), IS_BF16=is_bf16,
+        USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device, BLOCK=BLOCK, P_POW2=triton.next_power_of_2(programs),
+        num_warps=8,
     )  # fmt: skip
