@@ -231,6 +231,7 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
         slot, table.capacity, 0 if from_device else int(min(call, NO_CALL - 1)),
         under, over, ws.tiny_bits[id(plan)],
         K=len(plan.names), KP=max(2, triton.next_power_of_2(len(plan.names))), IS_BF16=is_bf16,
-        USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device, BLOCK=BLOCK, P_POW2=triton.next_power_of_2(programs),
+        # P_POW2 fixed at the workspace's row count: one compiled variant per dtype, whatever the size
+        USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device, BLOCK=BLOCK, P_POW2=MAX_PROGRAMS,
         num_warps=8,
     )  # fmt: skip
