@@ -217,33 +217,74 @@ def run(models: list[str], smoke: bool, out_path: str | None) -> dict:
 
 
 def kernel_throughput(bandwidth: float, smoke: bool) -> dict:
-    """The stats kernel alone: read bandwidth on a 256 MB fp16 tensor vs the copy bandwidth."""
+    """The stats kernel alone on a 256 MB tensor: read bandwidth vs the copy bandwidth.
+
+    On a GPU, also a sweep of tile size, warps and program count around the shipped choice;
+    each configuration's result is checked against the torch-ops twin before it is timed.
+    """
+    from torchwatch._accumulators import stats_from_raw
     from torchwatch._casts import cast_plan
     from torchwatch._table import DeviceTable
+    from torchwatch.kernels import torch_ops
     from torchwatch.stats import DEFAULT_CAST_DTYPES
 
+    names = DEFAULT_CAST_DTYPES
     nbytes = 2**20 if smoke else 2**28
-    x = torch.randn(nbytes // 2, dtype=torch.float16, device=DEVICE)
-    table = DeviceTable(DEVICE, len(DEFAULT_CAST_DTYPES), 4)
-    plan = cast_plan(x.dtype, DEFAULT_CAST_DTYPES)
-    table.slot("x")
     if DEVICE.type == "cuda":
         from torchwatch.kernels import triton_stats as kernel
-
-        table.scratch = kernel.Workspace(table, [plan])
     else:
-        from torchwatch.kernels import torch_ops as kernel
-    fn = lambda: kernel.merge_into(table, 0, x, plan, 0, use_flag=False)  # noqa: E731
-    fn()
-    t = min(_time(fn, 5) for _ in range(3)) / 5
-    read_bw = nbytes / t
-    return {
-        "kernel": kernel.__name__.rsplit(".", 1)[-1],
-        "ms": round(1e3 * t, 4),
-        "read_GBps": round(read_bw / 1e9, 1),
+        kernel = torch_ops
+
+    def stats(merge, x: torch.Tensor, make_scratch: bool):
+        table = DeviceTable(DEVICE, len(names), 4)
+        plan = cast_plan(x.dtype, names)
+        if make_scratch:
+            table.scratch = kernel.Workspace(table, [plan])
+        table.slot("x")
+        fn = lambda: merge(table, 0, x, plan, 0, use_flag=False)  # noqa: E731
+        return table, fn
+
+    def measure(x: torch.Tensor, check: bool) -> dict:
+        table, fn = stats(kernel.merge_into, x, kernel is not torch_ops)
+        fn()
+        out = {}
+        if check:
+            twin, twin_fn = stats(torch_ops.merge_into, x, False)
+            twin_fn()
+            got = stats_from_raw(*table.read_active().stats["x"], names).to_dict()
+            want = stats_from_raw(*twin.read_active().stats["x"], names).to_dict()
+            close = lambda a, b: a == b if not isinstance(b, float) else abs(a - b) <= 1e-6 * max(1.0, abs(b))  # noqa: E731
+            out["matches_twin"] = all(close(got[k], want[k]) for k in want)
+        t = min(_time(fn, 5) for _ in range(3)) / 5
+        read_bw = x.numel() * x.element_size() / t
         # the copy moves each byte twice (read + write); a pure read can use the whole bandwidth
-        "fraction_of_copy_bandwidth": round(read_bw / bandwidth, 3),
-    }
+        out.update(ms=round(1e3 * t, 4), read_GBps=round(read_bw / 1e9, 1),
+                   fraction_of_copy_bandwidth=round(read_bw / bandwidth, 3))  # fmt: skip
+        return out
+
+    result: dict = {"kernel": kernel.__name__.rsplit(".", 1)[-1]}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.randn(nbytes // torch.finfo(dtype).bits * 8, device=DEVICE).to(dtype)
+        x[::1000003] = float("nan")
+        x[1::999983] = float("inf")
+        x[2::77777] = 1e-30
+        x[3::77777] = 3e5
+        result[str(dtype).removeprefix("torch.")] = measure(x, check=True)
+        if dtype == torch.float16 and DEVICE.type == "cuda":  # tile, warps and programs
+            default = (kernel.BLOCK, kernel.NUM_WARPS, kernel.MAX_PROGRAMS)
+            sweep = {}
+            for block, warps, programs in ((512, 4, 256), (1024, 4, 512), (512, 4, 1024), (1024, 8, 1024),
+                                           (2048, 8, 512), (256, 2, 2048), (512, 2, 1024)):  # fmt: skip
+                kernel.BLOCK, kernel.NUM_WARPS, kernel.MAX_PROGRAMS = block, warps, programs
+                r = measure(x, check=True)
+                sweep[f"block{block}_warps{warps}_programs{programs}"] = (
+                    r["matches_twin"],
+                    r["fraction_of_copy_bandwidth"],
+                )
+            kernel.BLOCK, kernel.NUM_WARPS, kernel.MAX_PROGRAMS = default
+            result["float16_sweep"] = sweep
+        del x
+    return result
 
 
 def _device_name() -> str:

@@ -129,3 +129,59 @@ def test_dense_permutations_are_read_in_place_and_slices_are_copied():
         table.slot("x")
         triton_stats.merge_into(table, 0, x.to(DEVICE), cast_plan(x.dtype, NAMES), 0, use_flag=False)
         assert_matches(_read(table)[0], oracle(x))
+
+
+
+
+@pytest.mark.parametrize("names", [("float8_e5m2",), ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")])
+@pytest.mark.parametrize("dtype", triton_stats.DTYPES)
+def test_one_to_four_cast_dtypes_are_counted_exactly(dtype, names):
+    x = torch.cat([torch.randn(3000) * 1e-3, torch.tensor([1e-30, 1e-9, 3e-6, 7e4, 1e6, 1e30, -1e-40, 0.0])])
+    x = x.to(dtype)
+    table = DeviceTable(DEVICE, len(names), 4)
+    plan = cast_plan(x.dtype, names)
+    table.scratch = triton_stats.Workspace(table, [plan])
+    table.slot("x")
+    triton_stats.merge_into(table, 0, x.to(DEVICE), plan, 0, use_flag=False)
+    read = table.read_active()
+    assert_matches(stats_from_raw(*read.stats["x"], names), oracle(x, names))
+
+
+def test_more_cast_dtypes_than_the_kernel_keeps_go_to_the_twin():
+    x = torch.ones(3)
+    assert triton_stats.supports(x, triton_stats.MAX_CAST_DTYPES)
+    assert not triton_stats.supports(x, triton_stats.MAX_CAST_DTYPES + 1)
+    assert not triton_stats.supports(x.double(), 1)
+
+
+@pytest.mark.parametrize("src", [torch.float16, torch.bfloat16])
+def test_skipped_cast_columns_are_exactly_those_no_value_can_cross(src):
+    """Every finite value of a 16-bit dtype, cast for real: a column the kernel skips must
+    never be crossed, and a column it counts must be crossed by some value."""
+    names = ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(src)
+    values = values[torch.isfinite(values) & (values != 0)]
+    under_live, over_live = triton_stats.live_columns(cast_plan(src, names))
+    for j, name in enumerate(names):
+        dst = getattr(torch, name)
+        cast = values.to(dst).to(torch.float64)
+        underflows = bool((cast == 0).any())
+        overflows = bool((values.to(torch.float64).abs() > torch.finfo(dst).max).any())
+        assert bool(under_live >> j & 1) == underflows, (name, "under")
+        assert bool(over_live >> j & 1) == overflows, (name, "over")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="a GPU compiles the kernel in the tests above")
+def test_the_kernel_compiles_to_gpu_code_without_a_gpu():
+    """The interpreter runs Python semantics; Triton's compiler is stricter (globals must be
+    constexpr, types must agree across branches). Every variant is compiled for sm_80 and sm_90
+    (Triton ships ptxas, so no GPU is needed), in a process without the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("_compile_kernel.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["compiled", "24"], done.stdout

@@ -83,12 +83,14 @@ class CastPlan:
         tiny: smallest normal number of the source dtype (subnormal bound).
         under: per cast dtype, the largest |x| that still becomes 0 (0.0 if none does).
         over: per cast dtype, ``finfo(dst).max``.
+        src_max: ``finfo(src).max`` (no value of the source dtype exceeds an ``over`` above it).
     """
 
     names: tuple[str, ...]
     tiny: float
     under: tuple[float, ...]
     over: tuple[float, ...]
+    src_max: float = float("inf")
 
 
 def _from_bits(bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -128,4 +130,5 @@ def cast_plan(src: torch.dtype, names: tuple[str, ...]) -> CastPlan:
         tiny=float(torch.finfo(src).tiny),
         under=tuple(underflow_threshold(src, dst) for dst in dsts),
         over=tuple(float(torch.finfo(dst).max) for dst in dsts),
+        src_max=float(torch.finfo(src).max),
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,8 @@ class DeviceTable:
         self._lock = threading.Lock()
         self._reset_done: torch.cuda.Event | None = None
         self._side: torch.cuda.Stream | None = None
+        # pinned host buffers for flushed halves, reused once the worker has decoded them
+        self._free_host: list[tuple[torch.Tensor, ...]] = []
         with torch.inference_mode(False), torch.no_grad():
             self.counts = torch.zeros(2, capacity, n_counts(k), dtype=torch.int64, device=device)
             self.moments = torch.zeros(2, capacity, 4, dtype=torch.float64, device=device)
@@ -69,6 +72,7 @@ class DeviceTable:
             self._clear(slice(None))
         if device.type == "cuda":
             mark_static(self.counts, self.moments, self.nfcalls, self.control)
+            self._free_host = [self._new_host_buffers(), self._new_host_buffers()]
         self.kernel: Any = None  # the fused-kernel module for this device, if any (set by the watch)
         self.scratch: Any = None  # that kernel's per-slot workspace
 
@@ -94,12 +98,13 @@ class DeviceTable:
         return slot
 
     def _clear(self, half: int | slice) -> None:
+        # fill_ with Python scalars: kernel arguments, never a host-to-device copy
         self.counts[half].zero_()
         self.moments[half].zero_()
-        self.moments[half][..., 2] = math.inf
-        self.moments[half][..., 3] = -math.inf
-        self.nfcalls[half][..., 0] = NO_CALL
-        self.nfcalls[half][..., 1] = -1
+        self.moments[half][..., 2].fill_(math.inf)
+        self.moments[half][..., 3].fill_(-math.inf)
+        self.nfcalls[half][..., 0].fill_(NO_CALL)
+        self.nfcalls[half][..., 1].fill_(-1)
 
     def flip(self) -> tuple[int, object]:
         """Send new measurements to the other half; start copying the finished one to the host.
@@ -112,7 +117,7 @@ class DeviceTable:
                 stream = torch.cuda.current_stream(self.device)
                 if self._reset_done is not None:
                     stream.wait_event(self._reset_done)  # the half we switch to was cleared
-                self.control[ACTIVE] = 1 - done
+                self.control[ACTIVE].fill_(1 - done)
                 self.active = 1 - done
                 flipped = torch.cuda.Event()
                 flipped.record(stream)
@@ -125,27 +130,38 @@ class DeviceTable:
                     self._reset_done = torch.cuda.Event()
                     self._reset_done.record(self._side)
                 return done, (host, self._reset_done, list(self.keys))
-            self.control[ACTIVE] = 1 - done
+            self.control[ACTIVE].fill_(1 - done)
             self.active = 1 - done
             host = self._copy_half(done, non_blocking=False)
             self._clear(done)
             return done, (host, None, list(self.keys))
 
-    def _copy_half(self, half: int, *, non_blocking: bool) -> tuple[torch.Tensor, ...]:
+    def _new_host_buffers(self) -> tuple[torch.Tensor, ...]:
         pin = self.device.type == "cuda"
-        out = []
-        for t in (self.counts[half], self.moments[half], self.nfcalls[half], self.control):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        parts = (self.counts[0], self.moments[0], self.nfcalls[0], self.control)
+        return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in parts)
+
+    def _copy_half(self, half: int, *, non_blocking: bool) -> tuple[torch.Tensor, ...]:
+        try:
+            out = self._free_host.pop()  # atomic under the GIL; the worker appends
+        except IndexError:  # the worker is behind: one more buffer set
+            out = self._new_host_buffers()
+        for host, t in zip(out, (self.counts[half], self.moments[half], self.nfcalls[half], self.control), strict=True):
             host.copy_(t, non_blocking=non_blocking)
-            out.append(host)
-        return tuple(out)
+        return out
 
     def read(self, handle: object) -> WindowRead:
         """Wait for a :meth:`flip`'s copy (off the serving thread) and decode it."""
-        (counts, moments, nfcalls, control), event, keys = handle  # type: ignore[misc]
+        host, event, keys = handle  # type: ignore[misc]
         if event is not None:
-            event.synchronize()
-        return decode(counts, moments, nfcalls, control, keys, self.k)
+            # poll rather than cudaEventSynchronize: this thread never blocks inside CUDA
+            while not event.query():
+                time.sleep(0.0002)
+        try:
+            return decode(*host, keys, self.k)
+        finally:
+            if self.device.type == "cuda":
+                self._free_host.append(host)
 
     def read_active(self) -> WindowRead:
         """The half being written now (waits for the device; for snapshots)."""

@@ -813,7 +813,7 @@ def _triton_for(device: torch.device) -> Any:
 def _merge_for(table: DeviceTable, x: torch.Tensor) -> Callable[..., None]:
     """The table's fused kernel where it takes this dtype, else the torch-ops twin."""
     kernel = table.kernel
-    if kernel is not None and kernel.supports(x):
+    if kernel is not None and kernel.supports(x, table.k):
         return kernel.merge_into
     return torch_ops.merge_into
 

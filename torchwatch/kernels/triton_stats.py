@@ -26,9 +26,17 @@ from .._table import ACTIVE, CALL_NONFINITE, ENABLED, N_FIXED, NO_CALL, mark_sta
 
 BLOCK = 1024
 MAX_PROGRAMS = 256
+NUM_WARPS = 8
+MAX_CAST_DTYPES = 4  # under/over columns the kernel keeps per launch
 # partial row: n, mean, m2, min, max, nan, posinf, neginf, zeros, subnormal, under[K], over[K]
 N_PART_FIXED = 10
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A @triton.jit function may read only globals that are tl.constexpr (the interpreter does not check).
+_N_PART = tl.constexpr(N_PART_FIXED)
+_N_FIXED = tl.constexpr(N_FIXED)
+_ACTIVE = tl.constexpr(ACTIVE)
+_ENABLED = tl.constexpr(ENABLED)
+_CALL_NONFINITE = tl.constexpr(CALL_NONFINITE)
 
 
 @triton.jit
@@ -40,44 +48,67 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def _count_below(acc, nz, ab, t_ptr, J: tl.constexpr, LIVE: tl.constexpr):
+    """Add this tile's nonzero finite lanes with |x| <= threshold J (bits) to ``acc``."""
+    if (LIVE >> J) & 1:
+        acc += (nz & (ab <= tl.load(t_ptr + J))).to(tl.int32)
+    return acc
+
+
+@triton.jit
+def _count_above(acc, fin, ab, t_ptr, J: tl.constexpr, LIVE: tl.constexpr):
+    """Add this tile's finite lanes with |x| > threshold J (bits) to ``acc``."""
+    if (LIVE >> J) & 1:
+        acc += (fin & (ab > tl.load(t_ptr + J))).to(tl.int32)
+    return acc
+
+
+@triton.jit
 def _stats_kernel(
     x_ptr, n_elements, iters,
     part_ptr, ticket_ptr,
     counts_ptr, moments_ptr, nfcalls_ptr, control_ptr,
     slot, capacity, call,
     under_ptr, over_ptr, tiny_bits,
-    K: tl.constexpr, KP: tl.constexpr, IS_BF16: tl.constexpr, USE_FLAG: tl.constexpr,
-    CALL_FROM_DEVICE: tl.constexpr, BLOCK: tl.constexpr, P_POW2: tl.constexpr,
+    K: tl.constexpr, UNDER_LIVE: tl.constexpr, OVER_LIVE: tl.constexpr, IS_BF16: tl.constexpr,
+    USE_FLAG: tl.constexpr, CALL_FROM_DEVICE: tl.constexpr, BLOCK: tl.constexpr, P_POW2: tl.constexpr,
 ):  # fmt: skip
     enabled = 1
     if USE_FLAG:
-        enabled = tl.load(control_ptr + ENABLED)
+        enabled = tl.load(control_ptr + _ENABLED)
     if enabled != 0:
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
-        npart = N_PART_FIXED + 2 * K
+        npart = _N_PART + 2 * K
         inf = float("inf")
         lanes = tl.arange(0, BLOCK)
-        kcols = tl.arange(0, KP)
-        t_under = tl.load(under_ptr + kcols, mask=kcols < K, other=-1)  # int32 bits of float32 |x|
-        t_over = tl.load(over_ptr + kcols, mask=kcols < K, other=0x7F800000)
-        # Tiles only update per-lane accumulators; each program reduces once, at the end.
+        # Tiles only update per-lane accumulators; each program reduces once, at the end. The
+        # cast columns are separate accumulators, and only those whose threshold some value of
+        # the source dtype can cross are counted at all (UNDER_LIVE/OVER_LIVE bits).
         shift = tl.zeros((), tl.float64)  # the first tile's mean: moments are taken of x - shift
         s1 = tl.zeros((BLOCK,), tl.float64)
         s2 = tl.zeros((BLOCK,), tl.float64)
         lo = tl.full((BLOCK,), inf, tl.float32)
         hi = tl.full((BLOCK,), -inf, tl.float32)
-        c_fin = tl.zeros((BLOCK,), tl.int32)
+        n_in = tl.zeros((), tl.int64)
         c_nan = tl.zeros((BLOCK,), tl.int32)
         c_pinf = tl.zeros((BLOCK,), tl.int32)
         c_ninf = tl.zeros((BLOCK,), tl.int32)
         c_zero = tl.zeros((BLOCK,), tl.int32)
         c_sub = tl.zeros((BLOCK,), tl.int32)
-        c_under = tl.zeros((BLOCK, KP), tl.int32)
-        c_over = tl.zeros((BLOCK, KP), tl.int32)
+        u0 = tl.zeros((BLOCK,), tl.int32)
+        u1 = tl.zeros((BLOCK,), tl.int32)
+        u2 = tl.zeros((BLOCK,), tl.int32)
+        u3 = tl.zeros((BLOCK,), tl.int32)
+        o0 = tl.zeros((BLOCK,), tl.int32)
+        o1 = tl.zeros((BLOCK,), tl.int32)
+        o2 = tl.zeros((BLOCK,), tl.int32)
+        o3 = tl.zeros((BLOCK,), tl.int32)
         for i in range(0, iters):  # this program's tiles: pid, pid + nprog, ...
-            offs = (pid + i * nprog).to(tl.int64) * BLOCK + lanes
+            start = (pid + i * nprog).to(tl.int64) * BLOCK
+            offs = start + lanes
             inside = offs < n_elements
+            n_in += tl.minimum(tl.maximum(n_elements - start, 0), BLOCK)
             if IS_BF16:  # widened by hand: exact for subnormals on every backend
                 raw = tl.load(x_ptr + offs, mask=inside, other=0).to(tl.int32) & 0xFFFF
                 v = (raw << 16).to(tl.float32, bitcast=True)
@@ -86,26 +117,35 @@ def _stats_kernel(
             # Classify on the bits of |x|: they order like |x|, and no flush-to-zero can touch them.
             bits = v.to(tl.int32, bitcast=True)
             ab = bits & 0x7FFFFFFF
-            fin = inside & (ab < 0x7F800000)
+            fin = ab < 0x7F800000  # masked-off lanes read 0: finite, counted out of zeros below
             nz = fin & (ab != 0)
-            c_fin += fin.to(tl.int32)
-            c_nan += (inside & (ab > 0x7F800000)).to(tl.int32)
-            c_pinf += (inside & (bits == 0x7F800000)).to(tl.int32)
-            c_ninf += (inside & (ab == 0x7F800000) & (bits != 0x7F800000)).to(tl.int32)
+            c_nan += (ab > 0x7F800000).to(tl.int32)
+            c_pinf += (bits == 0x7F800000).to(tl.int32)
+            c_ninf += (bits == -8388608).to(tl.int32)  # 0xFF800000 as int32
             c_zero += (inside & (ab == 0)).to(tl.int32)
             c_sub += (nz & (ab < tiny_bits)).to(tl.int32)
-            c_under += (nz[:, None] & (ab[:, None] <= t_under[None, :])).to(tl.int32)
-            c_over += (fin[:, None] & (ab[:, None] > t_over[None, :])).to(tl.int32)
-            lo = tl.minimum(lo, tl.where(fin, v, inf))
-            hi = tl.maximum(hi, tl.where(fin, v, -inf))
+            u0 = _count_below(u0, nz, ab, under_ptr, 0, UNDER_LIVE)
+            u1 = _count_below(u1, nz, ab, under_ptr, 1, UNDER_LIVE)
+            u2 = _count_below(u2, nz, ab, under_ptr, 2, UNDER_LIVE)
+            u3 = _count_below(u3, nz, ab, under_ptr, 3, UNDER_LIVE)
+            o0 = _count_above(o0, fin, ab, over_ptr, 0, OVER_LIVE)
+            o1 = _count_above(o1, fin, ab, over_ptr, 1, OVER_LIVE)
+            o2 = _count_above(o2, fin, ab, over_ptr, 2, OVER_LIVE)
+            o3 = _count_above(o3, fin, ab, over_ptr, 3, OVER_LIVE)
+            fin_in = fin & inside
+            lo = tl.minimum(lo, tl.where(fin_in, v, inf))
+            hi = tl.maximum(hi, tl.where(fin_in, v, -inf))
             v64 = v.to(tl.float64)
             if i == 0:
-                shift = tl.sum(tl.where(fin, v64, 0.0), axis=0) / tl.maximum(tl.sum(fin.to(tl.float64), axis=0), 1.0)
-            d = tl.where(fin, v64 - shift, 0.0)
+                shift = tl.sum(tl.where(fin_in, v64, 0.0), axis=0) / tl.maximum(
+                    tl.sum(fin_in.to(tl.float64), axis=0), 1.0
+                )
+            d = tl.where(fin_in, v64 - shift, 0.0)
             s1 += d
             s2 += d * d
 
-        n = tl.sum(c_fin, axis=0).to(tl.float64)
+        c_nonfinite = tl.sum(c_nan + c_pinf + c_ninf, axis=0)
+        n = (n_in - c_nonfinite).to(tl.float64)
         sd = tl.sum(s1, axis=0)
         mean = shift + sd / tl.maximum(n, 1.0)
         m2 = tl.maximum(tl.sum(s2, axis=0) - sd * sd / tl.maximum(n, 1.0), 0.0)
@@ -120,8 +160,19 @@ def _stats_kernel(
         tl.store(row + 7, tl.sum(c_ninf, axis=0).to(tl.float64))
         tl.store(row + 8, tl.sum(c_zero, axis=0).to(tl.float64))
         tl.store(row + 9, tl.sum(c_sub, axis=0).to(tl.float64))
-        tl.store(row + N_PART_FIXED + kcols, tl.sum(c_under, axis=0).to(tl.float64), mask=kcols < K)
-        tl.store(row + N_PART_FIXED + K + kcols, tl.sum(c_over, axis=0).to(tl.float64), mask=kcols < K)
+        under = row + _N_PART
+        over = row + _N_PART + K
+        tl.store(under + 0, tl.sum(u0, axis=0).to(tl.float64))
+        tl.store(over + 0, tl.sum(o0, axis=0).to(tl.float64))
+        if K > 1:
+            tl.store(under + 1, tl.sum(u1, axis=0).to(tl.float64))
+            tl.store(over + 1, tl.sum(o1, axis=0).to(tl.float64))
+        if K > 2:
+            tl.store(under + 2, tl.sum(u2, axis=0).to(tl.float64))
+            tl.store(over + 2, tl.sum(o2, axis=0).to(tl.float64))
+        if K > 3:
+            tl.store(under + 3, tl.sum(u3, axis=0).to(tl.float64))
+            tl.store(over + 3, tl.sum(o3, axis=0).to(tl.float64))
 
         # the last program to finish folds every partial into the slot
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
@@ -136,8 +187,8 @@ def _stats_kernel(
             lo_b = tl.min(tl.load(base + 3, mask=live, other=inf), axis=0)
             hi_b = tl.max(tl.load(base + 4, mask=live, other=-inf), axis=0)
 
-            active = tl.load(control_ptr + ACTIVE)
-            crow = counts_ptr + (active * capacity + slot) * (N_FIXED + 2 * K)
+            active = tl.load(control_ptr + _ACTIVE)
+            crow = counts_ptr + (active * capacity + slot) * (_N_FIXED + 2 * K)
             mrow = moments_ptr + (active * capacity + slot) * 4
             frow = nfcalls_ptr + (active * capacity + slot) * 2
             nonfinite = tl.zeros((), tl.int64)
@@ -150,8 +201,8 @@ def _stats_kernel(
                 if j < 3:
                     nonfinite += c
             for k in tl.static_range(2 * K):
-                c = tl.sum(tl.load(base + N_PART_FIXED + k, mask=live, other=0.0), axis=0).to(tl.int64)
-                tl.store(crow + N_FIXED + k, tl.load(crow + N_FIXED + k) + c)
+                c = tl.sum(tl.load(base + _N_PART + k, mask=live, other=0.0), axis=0).to(tl.int64)
+                tl.store(crow + _N_FIXED + k, tl.load(crow + _N_FIXED + k) + c)
             mean_a = tl.load(mrow + 0)
             m2_a = tl.load(mrow + 1)
             _, mean_n, m2_n = _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
@@ -166,7 +217,7 @@ def _stats_kernel(
                     call_index = call
                 tl.store(frow + 0, tl.minimum(tl.load(frow + 0), call_index))
                 tl.store(frow + 1, tl.maximum(tl.load(frow + 1), call_index))
-                tl.atomic_add(control_ptr + CALL_NONFINITE, nonfinite)
+                tl.atomic_add(control_ptr + _CALL_NONFINITE, nonfinite)
             tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -185,6 +236,7 @@ class Workspace:
                 id(plan): (_bits(plan.under, table.device), _bits(plan.over, table.device)) for plan in plans
             }
         self.tiny_bits = {id(plan): _bits_of(plan.tiny) for plan in plans}
+        self.live = {id(plan): live_columns(plan) for plan in plans}
         mark_static(self.partials, self.tickets, *(t for pair in self.thresholds.values() for t in pair))
 
 
@@ -209,8 +261,20 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1) if y.is_contiguous() else x.contiguous().reshape(-1)
 
 
-def supports(x: torch.Tensor) -> bool:
-    return x.dtype in DTYPES
+def live_columns(plan: CastPlan) -> tuple[int, int]:
+    """Bitmasks of the cast columns some value of the source dtype can cross (the others stay 0).
+
+    A float16 activation can never underflow or overflow a bfloat16 cast, for instance; the
+    kernel skips such columns entirely.
+    """
+    under = sum(1 << j for j, t in enumerate(plan.under) if t > 0.0)
+    over = sum(1 << j for j, t in enumerate(plan.over) if t < plan.src_max)
+    return under, over
+
+
+def supports(x: torch.Tensor, k: int) -> bool:
+    """Whether the kernel takes this tensor with ``k`` cast dtypes (the torch-ops twin does otherwise)."""
+    return x.dtype in DTYPES and k <= MAX_CAST_DTYPES
 
 
 def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | torch.Tensor, *, use_flag: bool) -> None:
@@ -230,8 +294,8 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
         table.counts, table.moments, table.nfcalls, table.control,
         slot, table.capacity, 0 if from_device else int(min(call, NO_CALL - 1)),
         under, over, ws.tiny_bits[id(plan)],
-        K=len(plan.names), KP=max(2, triton.next_power_of_2(len(plan.names))), IS_BF16=is_bf16,
+        K=len(plan.names), UNDER_LIVE=ws.live[id(plan)][0], OVER_LIVE=ws.live[id(plan)][1], IS_BF16=is_bf16,
         # P_POW2 fixed at the workspace's row count: one compiled variant per dtype, whatever the size
         USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device, BLOCK=BLOCK, P_POW2=MAX_PROGRAMS,
-        num_warps=8,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
