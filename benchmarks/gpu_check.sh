@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check for a lent device machine (see the device tool): CUDA tests, then GPU benchmarks.
-# Run from the repository root; results go to $OUT (default /tmp/torchwatch-gpu). At most ~7 minutes:
-# tests 3, benchmark $BENCH_S seconds (default 240; results are rewritten after every section, so a
+# Run from the repository root; results go to $OUT (default /tmp/torchwatch-gpu). At most ~10 minutes:
+# tests 3, compile probe 3, benchmark $BENCH_S seconds (default 240; results are rewritten after every section, so a
 # cut-short run still leaves numbers in gpu.json).
 #   device run: bash benchmarks/gpu_check.sh
 set -u
@@ -22,6 +22,9 @@ timeout 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" --timeout=120 -rf
   tests/test_cuda.py tests/test_triton_kernel.py > "$OUT/tests.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/tests.txt"
 tail -60 "$OUT/tests.txt"
+
+# does a compiled BERT-base launch the stats kernel for every watched output? (RESULTS.md: unverified)
+timeout 170 $PY benchmarks/_compile_probe.py 2>&1 | grep -v -i warn | tail -20 | tee "$OUT/compile_probe.txt"
 
 timeout "${BENCH_S:-240}" $PY benchmarks/gpu_overhead.py --models ${MODELS:-bert} --json "$OUT/gpu.json" 2>&1 \
   | grep -v Warning | tee "$OUT/bench.txt" | tail -30

@@ -63,7 +63,9 @@ def _count_above(acc, fin, ab, t_ptr, J: tl.constexpr, LIVE: tl.constexpr):
     return acc
 
 
-@triton.jit
+# Integers that change from call to call are not specialised on (Triton would compile a variant
+# for 1 and for multiples of 16: a JIT stall on root call 16 in production).
+@triton.jit(do_not_specialize=["iters", "slot", "capacity", "call", "tiny_bits"])
 def _stats_kernel(
     x_ptr, n_elements, iters,
     part_ptr, ticket_ptr,
