@@ -7,6 +7,7 @@ Skipped without a GPU. Each path here has a CPU twin that CI runs: the torch-ops
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -20,18 +21,25 @@ import torchwatch as tw
 pytestmark = cuda
 
 
+@contextlib.contextmanager
+def no_sync():
+    """Any host synchronisation inside the block raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_an_instrumented_forward_never_synchronises():
     model = mlp(inject=Inject(at=(1,))).cuda()
     x = torch.randn(8, 16, device="cuda")
     with tw.attach(model, on_nonfinite="warn", flush_every=10**9) as watch:
         model(x)  # the first call learns the output positions
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_sync():
             for _ in range(3):
                 model(x)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         snap = watch.snapshot()  # reading happens here, off the hot path
     assert snap["0"].calls == 4
     assert snap.nonfinite["6"].origin == "1"
@@ -45,13 +53,9 @@ def test_a_flush_does_not_synchronise_the_serving_thread():
     with tw.attach(model, sinks=[sink], flush_every=2) as watch:
         model(x)
         model(x)  # flushes: the copy runs on a side stream, the worker thread waits for it
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_sync():
             for _ in range(4):
                 model(x)  # two more flushes
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         watch.flush()
     assert [r.calls for r in sink.records] == [2, 2, 2]
     assert all(r.stats["0"].calls == 2 for r in sink.records)
@@ -107,3 +111,20 @@ def test_raise_policy_on_gpu():
     model = mlp(inject=Inject(at=(0,))).cuda()
     with tw.attach(model, on_nonfinite="raise"), pytest.raises(tw.NonFiniteError, match="in '1' on call 0"):
         model(torch.randn(2, 16, device="cuda"))
+
+
+def test_drift_monitoring_never_synchronises():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+    ref = tw.Reference.fit(model, [torch.randn(64, 16) for _ in range(40)], modules=["1"], window=8,
+                           components=4, features=16, resamples=500)  # fmt: skip
+    model.cuda()
+    x = torch.randn(8, 16, device="cuda")
+    with tw.attach(model, drift=ref, flush_every=2) as watch:
+        model(x)
+        model(x)  # a flush: the drift rings are copied on the side stream
+        with no_sync():
+            for _ in range(4):
+                model(x)
+        snap = watch.snapshot()
+    assert snap.drift["1"].windows == 6
+    assert watch.errors == {}

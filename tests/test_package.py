@@ -13,6 +13,7 @@ EXPECTED = {
     "Alert", "CanaryError", "ConfigError", "DEFAULT_CAST_DTYPES", "FirstNonFinite", "FormatError", "IntegrityError",
     "JsonlSink", "MemorySink", "ModuleStats", "NonFiniteError", "Record", "Sink", "Snapshot", "TensorBoardSink",
     "TorchwatchError", "TorchwatchWarning", "Watch", "attach", "tensor_stats",
+    "CalibrationReport", "DriftStatus", "Reference", "arl_windows",
 }  # fmt: skip
 
 

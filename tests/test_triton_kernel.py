@@ -131,8 +131,6 @@ def test_dense_permutations_are_read_in_place_and_slices_are_copied():
         assert_matches(_read(table)[0], oracle(x))
 
 
-
-
 @pytest.mark.parametrize("names", [("float8_e5m2",), ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")])
 @pytest.mark.parametrize("dtype", triton_stats.DTYPES)
 def test_one_to_four_cast_dtypes_are_counted_exactly(dtype, names):

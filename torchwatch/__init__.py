@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from .alerts import Alert, FirstNonFinite
+from .drift import CalibrationReport, DriftStatus, Reference, arl_windows
 from .errors import (
     CanaryError,
     ConfigError,
@@ -35,8 +36,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "DEFAULT_CAST_DTYPES",
     "Alert",
+    "CalibrationReport",
     "CanaryError",
     "ConfigError",
+    "DriftStatus",
     "FirstNonFinite",
     "FormatError",
     "IntegrityError",
@@ -45,12 +48,14 @@ __all__ = [
     "ModuleStats",
     "NonFiniteError",
     "Record",
+    "Reference",
     "Sink",
     "Snapshot",
     "TensorBoardSink",
     "TorchwatchError",
     "TorchwatchWarning",
     "Watch",
+    "arl_windows",
     "attach",
     "tensor_stats",
 ]

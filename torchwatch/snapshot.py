@@ -23,6 +23,8 @@ class Snapshot(Mapping[str, ModuleStats]):
         nonfinite: for each position that produced NaN/Inf, where it first did
             (:class:`FirstNonFinite`: root call, trace id, and the origin module of that call).
         errors: hook and sink failures by module or sink (never raised to the caller).
+        drift: per drift-monitored module, its :class:`~torchwatch.drift.DriftStatus`
+            (score, p-value, alarm, windows); empty without ``attach(drift=...)``.
 
     Example:
         >>> import torch, torchwatch as tw
@@ -43,6 +45,7 @@ class Snapshot(Mapping[str, ModuleStats]):
         cohort: str | None = None,
         nonfinite: Mapping[str, FirstNonFinite] | None = None,
         errors: Mapping[str, int] | None = None,
+        drift: Mapping[str, Any] | None = None,
     ) -> None:
         self._stats = dict(stats)
         self.calls = calls
@@ -50,6 +53,7 @@ class Snapshot(Mapping[str, ModuleStats]):
         self.cohort = cohort
         self.nonfinite: dict[str, FirstNonFinite] = dict(nonfinite or {})
         self.errors: dict[str, int] = dict(errors or {})
+        self.drift: dict[str, Any] = dict(drift or {})
 
     def __getitem__(self, name: str) -> ModuleStats:
         try:
@@ -67,7 +71,7 @@ class Snapshot(Mapping[str, ModuleStats]):
         return len(self._stats)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: ``{"calls", "sampled", "cohort", "modules", "nonfinite", "errors"}``."""
+        """Plain data: ``{"calls", "sampled", "cohort", "modules", "nonfinite", "errors", "drift"}``."""
         return {
             "calls": self.calls,
             "sampled": self.sampled,
@@ -75,6 +79,7 @@ class Snapshot(Mapping[str, ModuleStats]):
             "modules": {name: s.to_dict() for name, s in self._stats.items()},
             "nonfinite": {name: r.to_dict() for name, r in self.nonfinite.items()},
             "errors": dict(self.errors),
+            "drift": {name: d.to_dict() for name, d in self.drift.items()},
         }
 
     def __repr__(self) -> str:

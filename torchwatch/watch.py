@@ -107,6 +107,8 @@ class Watch:
         cast_dtypes: Iterable[object] = DEFAULT_CAST_DTYPES,
         on_nonfinite: str | Callable[[Alert], object] = "warn",
         max_cohorts: int = 16,
+        drift: Any = None,
+        drift_arl: float | None = None,
         _device_path: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -123,6 +125,7 @@ class Watch:
         selected = select_modules(model, modules)
         self.modules = [name for name, _ in selected]
         self._device_path = _device_path  # measure CPU tensors the way accelerator ones are (tests)
+        self._drift, drift_modules = _drift_monitor(model, drift, drift_arl)
 
         self._model = weakref.ref(model)
         self._lock = threading.Lock()  # window, totals, provenance, alerts: short critical sections
@@ -163,6 +166,7 @@ class Watch:
         # The model's own hook must run before _exit_root closes the call: it goes first.
         self._stat_hooks = [(weakref.ref(module), self._make_hook(name), module is model) for name, module in selected]
         self._stat_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._drift_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._installed = 0  # sampled calls in flight that need the module hooks (python sampling)
         self._install_lock = threading.Lock()
         self.attached = False
@@ -181,6 +185,8 @@ class Watch:
             ]
             if self.every == 1 or self.sampling == "device":
                 self._install()
+            # drift sees every call (windows count samples), whatever the statistics' sampling
+            self._drift_handles = [m.register_forward_hook(self._make_drift_hook(n)) for n, m in drift_modules]
             _watches[model] = self
             _live.add(self)
             self.attached = True
@@ -276,6 +282,7 @@ class Watch:
                     first.setdefault(name, record)
             order = list(self._order)
             self._check_unseen()
+            drift = self._drift_now(calls)
         parts: dict[str, list[ModuleStats]] = {}
         for (c, name), s in list(totals.items()) + list(window.items()):
             if cohort is None or c == cohort:
@@ -283,7 +290,7 @@ class Watch:
         stats = {name: merge_all(parts[name]) for name in order if name in parts}
         if cohort is not None:
             first = {k: v for k, v in first.items() if v.cohort == cohort}
-        return Snapshot(stats, calls=calls, sampled=sampled, cohort=cohort, nonfinite=first, errors=errors)
+        return Snapshot(stats, calls=calls, sampled=sampled, cohort=cohort, nonfinite=first, errors=errors, drift=drift)
 
     def flush(self, *, timeout: float = 30.0) -> None:
         """Send the statistics gathered since the previous flush to the sinks and wait until
@@ -305,6 +312,8 @@ class Watch:
                 self._since_reset_calls = self._since_reset_sampled = 0
                 self._first_nonfinite = {}
                 self._window_nonfinite = {}
+            if self._drift is not None:
+                self._drift.reset()
 
     def detach(self, *, timeout: float = 30.0) -> None:
         """Remove every hook this watch added, flush, and close the sinks. Safe to call twice."""
@@ -315,9 +324,9 @@ class Watch:
             for handle in self._root_handles:
                 handle.remove()
             with self._install_lock:
-                for handle in self._stat_handles:
+                for handle in self._stat_handles + self._drift_handles:
                     handle.remove()
-                self._stat_handles = []
+                self._stat_handles = self._drift_handles = []
             model = self._model()
             if model is not None and _watches.get(model) is self:
                 del _watches[model]
@@ -364,6 +373,23 @@ class Watch:
             on_output(fqn, output)
 
         return torchwatch_hook
+
+    def _make_drift_hook(self, fqn: str) -> Callable[[nn.Module, Any, Any], None]:
+        observe = self._drift_observe
+
+        def torchwatch_drift_hook(module: nn.Module, args: Any, output: Any) -> None:
+            observe(fqn, output)
+
+        return torchwatch_drift_hook
+
+    def _drift_observe(self, fqn: str, output: Any) -> None:
+        if self._graph_mode():
+            self._drift.observe(fqn, output, locked=False)
+            return
+        try:
+            self._drift.observe(fqn, output)
+        except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+            self._hook_failed(fqn, exc)
 
     def _graph_mode(self) -> bool:
         """True while torch.compile traces, or while a CUDA graph is being captured."""
@@ -645,6 +671,24 @@ class Watch:
                     self._errors["on_nonfinite"] += 1
                 self._warn_once("callback", f"the on_nonfinite callable raised {exc!r}; it was ignored")
 
+    def _deliver_drift(self, alert: Alert, *, window: bool) -> None:
+        """Keep a drift alarm (and send it with a record); warn once per module."""
+        with self._lock:
+            self._alerts.append(alert)
+            if window:
+                self._window_alerts.append(alert)
+        self._warn_once(f"drift:{alert.module}", f"{alert.message}; see watch.alerts (warned once per module)")
+
+    def _drift_now(self, step: int) -> dict:
+        """Evaluate the drift windows completed so far (snapshot: the caller holds the flush lock
+        and the worker is idle); alarms go out with the next record."""
+        if self._drift is None:
+            return {}
+        statuses, alerts = self._drift.process(self._drift.start_read(), step)
+        for alert in alerts:
+            self._deliver_drift(alert, window=True)
+        return statuses
+
     def _device_firsts(self, ranges: dict[Hashable, tuple[int, int]]) -> dict[str, FirstNonFinite]:
         """FirstNonFinite records for positions not seen non-finite before, from a device window."""
         with self._lock:
@@ -674,14 +718,17 @@ class Watch:
                 nonfinite, self._window_nonfinite = self._window_nonfinite, {}
                 step = self._calls
             reads = [(table, table.flip()[1]) for table in list(self._tables.values()) if table.keys]
+            drift = self._drift.start_read() if self._drift is not None and (calls or reads) else None
             if not (calls or window or reads or alerts or nonfinite):
                 job = None  # nothing happened since the last flush
             else:
-                job = functools.partial(self._finish_flush, step, calls, sampled, window, reads, alerts, nonfinite)
+                job = functools.partial(
+                    self._finish_flush, step, calls, sampled, window, reads, alerts, nonfinite, drift
+                )
         if job is not None or wait:
             self._worker.submit(job, wait=wait, timeout=timeout)
 
-    def _finish_flush(self, step, calls, sampled, window, reads, alerts, nonfinite) -> Record | None:
+    def _finish_flush(self, step, calls, sampled, window, reads, alerts, nonfinite, drift) -> Record | None:
         """Worker thread: wait for the copies, fold the window into the totals, make the record."""
         converted = [(key, to_module_stats(acc, self.cast_dtypes)) for key, acc in window.items()]
         firsts: dict[str, FirstNonFinite] = {}
@@ -710,6 +757,12 @@ class Watch:
             order = [name for name in self._order if name in per_name]
             errors = dict(self._errors)
         alerts = list(alerts) + self._device_alerts(new_firsts, window_counts)
+        drift_status: dict = {}
+        if drift is not None:
+            drift_status, drift_alerts = self._drift.process(drift, step)
+            for alert in drift_alerts:
+                self._deliver_drift(alert, window=False)
+            alerts += drift_alerts
         nonfinite = {**nonfinite, **new_firsts}
         self._check_unseen()
         if not (calls or alerts):
@@ -717,7 +770,7 @@ class Watch:
         return Record(
             step=step, time=time.time(), calls=calls, sampled=sampled,
             stats={name: merge_all(per_name[name]) for name in order},
-            alerts=tuple(alerts), nonfinite=nonfinite, errors=errors,
+            alerts=tuple(alerts), nonfinite=nonfinite, errors=errors, drift=drift_status,
         )  # fmt: skip
 
     def _device_alerts(self, firsts: dict[str, FirstNonFinite], counts: dict[str, tuple[int, int, int]]) -> list[Alert]:
@@ -838,6 +891,29 @@ def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
     return call
 
 
+def _drift_monitor(model: nn.Module, drift: Any, arl: Any) -> tuple[Any, list[tuple[str, nn.Module]]]:
+    """The drift monitor for ``attach(drift=..., drift_arl=...)`` and the modules it hooks."""
+    if drift is None:
+        if arl is not None:
+            raise ConfigError("drift_arl needs drift=: pass a torchwatch.Reference to monitor")
+        return None, []
+    from ._drift_online import DriftMonitor
+    from .drift import Reference
+
+    if not isinstance(drift, Reference):
+        raise ConfigError(f"drift= takes a torchwatch.Reference (Reference.fit or .load), got {type(drift).__name__}")
+    if arl is not None and (isinstance(arl, bool) or not isinstance(arl, (int, float)) or not arl > 1):
+        raise ConfigError(f"drift_arl must be a number of windows > 1, got {arl!r}")
+    names = dict(model.named_modules())
+    missing = [n for n in drift.modules if n not in names]
+    if missing:
+        raise ConfigError(
+            f"the drift reference monitors modules this model does not have: {missing}; "
+            f"fit the reference on this model (its modules include {list(names)[1:6]})"
+        )
+    return DriftMonitor(drift, _model_device(model), arl), [(n, names[n]) for n in drift.modules]
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -880,6 +956,8 @@ def attach(
     cast_dtypes: Iterable[object] = DEFAULT_CAST_DTYPES,
     on_nonfinite: str | Callable[[Alert], object] = "warn",
     max_cohorts: int = 16,
+    drift: Any = None,
+    drift_arl: float | None = None,
 ) -> Watch:
     """Start measuring the outputs of ``model``'s modules on every ``every``-th call.
 
@@ -905,6 +983,13 @@ def attach(
             callables run when the window is flushed (one alert per origin per window);
             ``"raise"`` waits for the device once per call, and cannot raise from compiled code.
         max_cohorts: distinct ``context(cohort=...)`` values kept apart.
+        drift: a :class:`~torchwatch.Reference`: monitor its modules' embeddings for drift on
+            every call (whatever ``every`` is). Each window of ``reference.window`` samples is
+            evaluated at the next flush or snapshot; alarms are :class:`Alert` s with
+            ``rule="drift"`` in ``watch.alerts`` and the sinks (one warning per module), and
+            ``snapshot().drift[fqn]`` holds the :class:`~torchwatch.DriftStatus`.
+        drift_arl: target windows between false alarms (default: the reference's ``arl``);
+            :func:`~torchwatch.arl_windows` turns "one a week at 50 requests/s" into windows.
 
     Returns:
         The :class:`Watch`, also a context manager that detaches on exit.
@@ -924,7 +1009,8 @@ def attach(
     """
     return Watch(
         model, modules=modules, every=every, sampling=sampling, sinks=sinks, flush_every=flush_every,
-        cast_dtypes=cast_dtypes, on_nonfinite=on_nonfinite, max_cohorts=max_cohorts,
+        cast_dtypes=cast_dtypes, on_nonfinite=on_nonfinite, max_cohorts=max_cohorts, drift=drift,
+        drift_arl=drift_arl,
     )  # fmt: skip
 
 

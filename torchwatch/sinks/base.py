@@ -25,6 +25,8 @@ class Record:
         alerts: alerts raised in this interval.
         nonfinite: modules whose first NaN/Inf (since the last reset) fell in this interval.
         errors: hook and sink failures so far, by module or sink.
+        drift: per drift-monitored module, its :class:`~torchwatch.drift.DriftStatus` after
+            the windows completed in this interval (empty without ``attach(drift=...)``).
     """
 
     step: int
@@ -35,6 +37,7 @@ class Record:
     alerts: tuple[Alert, ...] = ()
     nonfinite: Mapping[str, FirstNonFinite] = field(default_factory=dict)
     errors: Mapping[str, int] = field(default_factory=dict)
+    drift: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: NaN and infinities become ``null``."""
@@ -48,6 +51,7 @@ class Record:
                 "alerts": [a.to_dict() for a in self.alerts],
                 "nonfinite": {name: r.to_dict() for name, r in self.nonfinite.items()},
                 "errors": dict(self.errors),
+                "drift": {name: d.to_dict() for name, d in self.drift.items()},
             }
         )
 

@@ -82,7 +82,10 @@ class TensorBoardSink(Sink):
     * ``<fqn>/nan``, ``/posinf``, ``/neginf``: counts in the interval since the previous flush;
     * ``<fqn>/zeros_frac``, ``/subnormal_frac``: fractions of the interval's elements;
     * ``<fqn>/underflow_frac_<dtype>``, ``/overflow_frac_<dtype>`` for each cast dtype;
-    * ``torchwatch/alerts``: alerts raised in the interval.
+    * ``torchwatch/alerts``: alerts raised in the interval;
+    * ``drift/<fqn>/score``, ``/p_value``, ``/alarms`` for modules under drift monitoring: the
+      detector's statistic, the module's p-value for the last window, and drift alarms
+      attributed to the module in the interval.
 
     A ``custom_scalars`` layout (the *Custom Scalars* tab) puts NaN/Inf, cast under/overflow
     and zero fractions of every module on shared charts. One event-file writer is shared per
@@ -125,6 +128,10 @@ class TensorBoardSink(Sink):
             out += [(f"{base}underflow_frac_{k}", v / count) for k, v in s.underflow.items()]
             out += [(f"{base}overflow_frac_{k}", v / count) for k, v in s.overflow.items()]
         out.append((f"{self.prefix}torchwatch/alerts", float(len(record.alerts))))
+        for name, d in record.drift.items():
+            base = f"{self.prefix}drift/{name or ROOT_LABEL}/"
+            alarms = sum(1 for a in record.alerts if a.rule == "drift" and a.module == name)
+            out += [(base + "score", d.score), (base + "p_value", d.p_value), (base + "alarms", float(alarms))]
         return out
 
     def write(self, record: Record) -> None:

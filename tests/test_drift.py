@@ -1,0 +1,419 @@
+"""Embedding drift: statistics and p-values against brute force, calibration on null streams,
+detection, the online path inside the hooks, files and errors."""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchwatch as tw
+from torchwatch import _sequential
+from torchwatch._drift_online import RING, DriftMonitor
+from torchwatch.drift import _lower_p, _Reservoir, _upper_p
+
+D = 12
+
+
+def passthrough(d: int = D) -> nn.Module:
+    """A model whose module "0" outputs its input: embeddings are exactly the data we feed."""
+    layer = nn.Linear(d, d)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(d))
+        layer.bias.zero_()
+    return nn.Sequential(layer, nn.Tanh())
+
+
+def gaussian(n: int, seed: int, d: int = D, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * scale + shift
+
+
+@pytest.fixture(scope="module")
+def ref() -> tw.Reference:
+    data = gaussian(12_000, seed=1)
+    return tw.Reference.fit(
+        passthrough(), data.split(200), modules=["0"], window=16, components=6, features=32, arl=200, resamples=4000
+    )
+
+
+def _windows(ref: tw.Reference, x: torch.Tensor) -> np.ndarray:
+    """Joint p-values of consecutive windows of ``x``, computed offline from the reference."""
+    m = ref.modules["0"]
+    rows = m.sample_features(x.double().numpy())
+    w = ref.window
+    n = rows.shape[0] // w
+    sums = rows[: n * w].reshape(n, w, -1).sum(1)
+    stats = m.window_statistics(np.full(n, w), sums)
+    return ref.joint_p(m.module_p(stats)[:, None])
+
+
+# ---- statistics and p-values against brute force -----------------------------------------------
+
+
+def test_window_statistics_match_their_definitions(ref):
+    m = ref.modules["0"]
+    x = gaussian(16, seed=5).double().numpy()
+    z = (x - m.mean) @ m.basis * m.scale
+    phi = math.sqrt(2 / m.features) * np.cos(z @ m.omega + m.phase)
+    resid = np.log(((x - m.mean) ** 2).sum(1) - (((x - m.mean) @ m.basis) ** 2).sum(1) + m.resid_floor[0])
+    rows = m.sample_features(x)
+    got = m.window_statistics(np.array([16]), rows.sum(0, keepdims=True))[0]
+    want = [
+        16 * (z.mean(0) ** 2).sum(),
+        16 * ((phi.mean(0) - m.rff_ref) ** 2).sum(),
+        4 * (resid.mean() - m.resid_mean) / m.resid_std,
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_upper_p_counts_in_the_bulk_and_keeps_shrinking_in_the_tail():
+    null = np.sort(np.random.default_rng(0).gamma(2.0, size=2000))
+    values = np.quantile(null, [0.1, 0.5, 0.9, 0.97])
+    brute = [(1 + (null >= v).sum()) / (1 + null.size) for v in values]
+    np.testing.assert_allclose(_upper_p(null, values), brute)
+    far = _upper_p(null, np.array([null.max(), null.max() * 2, null.max() * 4]))
+    assert far[0] > far[1] > far[2] > 0  # beyond the sample, from the fitted tail
+    assert far[2] < 1 / null.size
+
+
+def test_lower_p_counts_minima_and_extrapolates_linearly():
+    null = np.sort(np.random.default_rng(1).uniform(size=(3000, 3)).min(1))
+    values = np.quantile(null, [0.05, 0.5])
+    brute = [(1 + (null <= v).sum()) / (1 + null.size) for v in values]
+    np.testing.assert_allclose(_lower_p(null, values), brute)
+    tiny = _lower_p(null, np.array([1e-6, 1e-8]))
+    assert 2e-6 < tiny[0] < 5e-6 and tiny[1] == pytest.approx(tiny[0] / 100)  # P(min of 3 <= x) ≈ 3x
+
+
+def test_cusum_arl_matches_simulation():
+    cdf = _sequential.uniform_cdf(_sequential.DEFAULT_DELTA)
+    h = _sequential.threshold_for(100, cdf)
+    assert _sequential.arl(h, cdf) == pytest.approx(100, rel=0.01)
+    rng = np.random.default_rng(2)
+    runs = []
+    for _ in range(2000):
+        c = _sequential.Cusum(h)
+        t = 1
+        while not c.update(float(rng.uniform())):
+            t += 1
+        runs.append(t)
+    assert np.mean(runs) == pytest.approx(100, rel=0.08)  # standard error ≈ 2.2%
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+
+
+def test_p_values_on_fresh_null_windows_are_uniform_and_the_arl_is_on_target(ref):
+    p = _windows(ref, gaussian(16 * 6000, seed=99))
+    # uniform: the fraction below each level is the level (binomial bounds, 6000 windows)
+    for level in (0.01, 0.05, 0.2, 0.5):
+        frac = float((p <= level).mean())
+        assert abs(frac - level) < 4.5 * math.sqrt(level * (1 - level) / p.size) + 0.004, (level, frac)
+    for target in (50, 200, 2000):
+        h = ref.threshold(target)
+        arl = _sequential.arl(h, _sequential.empirical_cdf(p, ref.delta))
+        assert 0.75 * target < arl < 1.5 * target, (target, arl)
+
+
+def test_calibration_check_reports_the_holdout(ref):
+    report = ref.calibration_check(arl=200, simulated_arl=50)
+    assert report.holdout_windows == 12_000 * 0.2 // 16
+    low, high = report.expected_arl_interval
+    assert low < report.expected_arl < high
+    assert low < 200 * 1.1 and high > 200 / 1.1  # the target inside the (rough) interval
+    assert report.uniformity_p_value > 1e-3
+    assert report.run_lengths["p10"] < report.run_lengths["p50"] < report.run_lengths["p90"]
+    assert 25 < report.run_lengths["mean"] < 100
+
+
+def test_a_null_stream_through_the_hooks_raises_few_alarms(ref):
+    model = passthrough()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tw.TorchwatchWarning)
+        with tw.attach(model, drift=ref, drift_arl=50, flush_every=25) as watch:
+            for batch in gaussian(16 * 1500, seed=7).split(48):
+                model(batch)
+            status = watch.snapshot().drift["0"]
+    alarms = sum(1 for a in watch.alerts if a.rule == "drift")
+    assert status.windows == 1500
+    assert 8 <= alarms <= 70  # 1500 windows at ARL 50: about 30 (Poisson-ish bounds)
+
+
+# ---- detection -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "within"),
+    [
+        (lambda n: gaussian(n, seed=3, shift=0.7), 3),  # mean shift
+        (lambda n: gaussian(n, seed=4, scale=1.6), 6),  # spread
+        (lambda n: torch.cat([gaussian(n, seed=5)[: n - n // 10], gaussian(n // 10, seed=6, shift=4.0)])
+         [torch.randperm(n, generator=torch.Generator().manual_seed(0))], 30),  # a new 10% cluster
+    ],
+)  # fmt: skip
+def test_a_clear_shift_alarms_within_a_few_windows(ref, make, within):
+    p = _windows(ref, make(16 * 200))
+    cusum = _sequential.Cusum(ref.threshold(), ref.delta)
+    first = next((i for i, pv in enumerate(p) if cusum.update(float(pv))), None)
+    assert first is not None and first < within, first
+
+
+def test_an_alarm_names_the_module_statistic_and_directions(ref):
+    model = passthrough()
+    with warnings.catch_warnings(record=True) as caught, tw.attach(model, drift=ref) as watch:
+        warnings.simplefilter("always")
+        for batch in gaussian(16 * 10, seed=8, shift=1.0).split(16):
+            model(batch)
+        snap = watch.snapshot()
+    drift = [a for a in watch.alerts if a.rule == "drift"]
+    assert drift and drift[0].module == "0" and drift[0].stat in tw.drift.STATISTICS
+    assert "PCA directions that moved most" in drift[0].message
+    assert snap.drift["0"].alarm and snap.drift["0"].windows == 10
+    assert sum("drift in '0'" in str(w.message) for w in caught) == 1  # warned once per module
+
+
+# ---- the online path ------------------------------------------------------------------------------
+
+
+def test_online_window_sums_equal_the_offline_features(ref):
+    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    x = gaussian(16 * 3 + 5, seed=11)
+    for batch in x.split(7):  # batches straddle windows
+        monitor.observe("0", batch)
+    read = monitor.start_read()
+    assert read.counts["0"] == x.shape[0]
+    rows = ref.modules["0"].sample_features(x.double().numpy())
+    for w in range(4):
+        want = rows[16 * w : 16 * (w + 1)].sum(0)
+        got = read.rows["0"][w]
+        assert got[0] == min(16, x.shape[0] - 16 * w)
+        np.testing.assert_allclose(got[1:], want, rtol=1e-4, atol=1e-4)  # float32 projection on the device
+
+
+def test_windows_beyond_the_ring_between_flushes_keep_the_latest(ref):
+    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    x = gaussian(16 * (RING + 10), seed=12)
+    monitor.observe("0", x)
+    statuses, _ = monitor.process(monitor.start_read(), step=1)
+    assert statuses["0"].windows == RING  # the oldest 10 windows were overwritten, not mixed
+
+
+def test_concurrent_threads_count_every_sample(ref):
+    model = passthrough()
+    with tw.attach(model, drift=ref, flush_every=10**9) as watch:
+        barrier = threading.Barrier(4)
+
+        def serve(seed: int) -> None:
+            barrier.wait()
+            for batch in gaussian(16 * 40, seed=seed).split(16):
+                model(batch)
+
+        threads = [threading.Thread(target=serve, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert watch.snapshot().drift["0"].windows == 160
+    assert watch.errors == {}
+
+
+def test_3d_outputs_are_averaged_and_a_custom_reduce_is_used(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8))
+    seq = torch.randn(600, 5, 8)
+    ref3 = tw.Reference.fit(model, seq.split(50), modules=["0"], window=8, components=4, features=16, resamples=500)
+    x = seq[:8]
+    np.testing.assert_allclose(ref3.modules["0"].mean, model(seq).mean(1).mean(0).detach().double().numpy(), atol=0.2)
+
+    def first_token(output):
+        return output[:, 0]
+
+    ref_tok = tw.Reference.fit(model, seq.split(50), modules=["0"], window=8, components=4, features=16,
+                               resamples=500, reduce=first_token)  # fmt: skip
+    assert ref_tok.reduce is first_token and ref_tok.reduce_name == "first_token"
+    ref_tok.save(tmp_path / "tok.safetensors")
+    with pytest.raises(tw.ConfigError, match="custom reduce 'first_token'"):
+        tw.Reference.load(tmp_path / "tok.safetensors")
+    loaded = tw.Reference.load(tmp_path / "tok.safetensors", reduce=first_token)
+    with tw.attach(model, drift=loaded) as watch:
+        model(x)
+    assert watch.errors == {}
+
+
+def test_compiled_forward_keeps_filling_the_windows(ref):
+    torch._dynamo.reset()
+    model = passthrough()
+    with tw.attach(model, drift=ref) as watch:
+        compiled = torch.compile(model, fullgraph=True)
+        for batch in gaussian(16 * 6, seed=13).split(32):
+            compiled(batch)
+        assert watch.snapshot().drift["0"].windows == 6
+    assert watch.errors == {}
+
+
+def test_reset_clears_the_detector(ref):
+    model = passthrough()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tw.TorchwatchWarning)
+        with tw.attach(model, drift=ref) as watch:
+            model(gaussian(64, seed=14, shift=2.0))
+            assert watch.snapshot().drift["0"].alarm
+            watch.reset()
+            after = watch.snapshot().drift["0"]
+    assert not after.alarm and after.windows == 0 and after.score == 0.0
+
+
+def test_a_reference_for_other_dimensions_fails_in_the_hook_not_the_forward(ref):
+    model = passthrough(D + 1)
+    with pytest.warns(tw.TorchwatchWarning, match="12-dimensional"), tw.attach(model, drift=ref) as watch:
+        out = model(torch.randn(4, D + 1))
+    assert out.shape == (4, D + 1) and watch.errors == {"0": 1}
+
+
+# ---- sinks -------------------------------------------------------------------------------------------
+
+
+def test_drift_reaches_tensorboard_and_jsonl(ref, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = passthrough()
+    logdir = tmp_path / "tb"
+    jsonl = tmp_path / "log.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tw.TorchwatchWarning)
+        with tw.attach(model, drift=ref, flush_every=2, sinks=[tw.TensorBoardSink(logdir), tw.JsonlSink(jsonl)]):
+            for batch in gaussian(16 * 4, seed=15, shift=2.0).split(16):
+                model(batch)
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"drift/0/score", "drift/0/p_value", "drift/0/alarms"} <= set(tags)
+    assert sum(e.value for e in acc.Scalars("drift/0/alarms")) >= 1
+    import json
+
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines[-1]["drift"]["0"]["windows"] == 4
+    assert any(a["rule"] == "drift" for line in lines for a in line["alerts"])
+
+
+# ---- files -----------------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip(ref, tmp_path):
+    path = tmp_path / "ref.safetensors"
+    ref.save(path)
+    back = tw.Reference.load(path)
+    assert (back.window, back.arl, back.delta) == (ref.window, ref.arl, ref.delta)
+    for key in tw.drift.ModuleReference.ARRAYS:
+        np.testing.assert_array_equal(getattr(back.modules["0"], key), getattr(ref.modules["0"], key))
+    x = gaussian(16 * 20, seed=16)
+    np.testing.assert_array_equal(_windows(back, x), _windows(ref, x))
+    assert back.threshold(500) == ref.threshold(500)
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_state_does_not_grow_with_the_reference(tmp_path):
+    sizes = {}
+    for n in (3000, 30_000):
+        r = tw.Reference.fit(passthrough(), gaussian(n, seed=17).split(500), modules=["0"], window=16,
+                             components=6, features=32, resamples=2000, max_samples=3000)  # fmt: skip
+        r.save(tmp_path / f"{n}.safetensors")
+        sizes[n] = (tmp_path / f"{n}.safetensors").stat().st_size
+    assert sizes[3000] == sizes[30_000]
+
+
+def test_reservoir_is_uniform_over_the_stream():
+    hits = np.zeros(1000)
+    for seed in range(300):
+        r = _Reservoir(100, seed)
+        for chunk in np.arange(1000.0).reshape(-1, 1).reshape(20, 50, 1):
+            r.add(chunk)
+        hits[r.rows()[:, 0].astype(int)] += 1
+    # each of 1000 rows kept with probability 0.1: 30 expected out of 300 draws
+    assert hits[:500].sum() == pytest.approx(hits[500:].sum(), rel=0.1)
+    assert hits.min() > 5 and hits.max() < 65
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda b: b[: len(b) // 2], "not a readable safetensors"),
+        (lambda b: b"\x00" * 64, "not a readable safetensors"),
+        (lambda b: b.replace(b"torchwatch.reference/1", b"torchwatch.reference/9"), "not a torchwatch reference"),
+    ],
+)
+def test_damaged_files_raise_format_error(ref, tmp_path, damage, match):
+    path = tmp_path / "ref.safetensors"
+    ref.save(path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(tw.FormatError, match=match):
+        tw.Reference.load(path)
+
+
+def test_inconsistent_arrays_raise_format_error(ref, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "ref.safetensors"
+    ref.save(path)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    bad = dict(tensors, **{"m0.omega": tensors["m0.omega"][:, :-2]})
+    save_file(bad, str(path), metadata=meta)
+    with pytest.raises(tw.FormatError, match="has shape .* expected .* 30 features"):
+        tw.Reference.load(path)
+    nan = dict(tensors, **{"m0.mean": np.full_like(tensors["m0.mean"], np.nan)})
+    save_file(nan, str(path), metadata=meta)
+    with pytest.raises(tw.FormatError, match="mean holds NaN"):
+        tw.Reference.load(path)
+    missing = {k: v for k, v in tensors.items() if k != "m0.basis"}
+    save_file(missing, str(path), metadata=meta)
+    with pytest.raises(tw.FormatError, match="lacks 'm0.basis'"):
+        tw.Reference.load(path)
+    with pytest.raises(tw.FormatError, match="does not exist"):
+        tw.Reference.load(tmp_path / "nope.safetensors")
+
+
+# ---- configuration errors ------------------------------------------------------------------------
+
+
+def test_attach_rejects_bad_drift_arguments(ref):
+    with pytest.raises(tw.ConfigError, match="takes a torchwatch.Reference"):
+        tw.attach(passthrough(), drift="ref.safetensors")
+    with pytest.raises(tw.ConfigError, match="does not have"):
+        tw.attach(nn.Sequential(nn.Tanh(), nn.Tanh(), nn.Linear(2, 2)).get_submodule("2"), drift=ref)
+    with pytest.raises(tw.ConfigError, match="drift_arl needs drift="):
+        tw.attach(passthrough(), drift_arl=100)
+    with pytest.raises(tw.ConfigError, match="drift_arl must be"):
+        tw.attach(passthrough(), drift=ref, drift_arl=0.5)
+
+
+def test_fit_rejects_what_it_cannot_use():
+    model = passthrough()
+    data = gaussian(3000, seed=18).split(100)
+    with pytest.raises(tw.ConfigError, match="not found: \\['nope'\\]"):
+        tw.Reference.fit(model, data, modules=["nope"])
+    with pytest.raises(tw.ConfigError, match="at least one window"):
+        tw.Reference.fit(model, gaussian(40, seed=19).split(20), modules=["0"])
+    with pytest.raises(tw.ConfigError, match="NaN/Inf"):
+        tw.Reference.fit(model, [torch.full((100, D), math.nan)] * 30, modules=["0"], resamples=100)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3))
+    with pytest.raises(tw.ConfigError, match="pass reduce="):
+        tw.Reference.fit(conv, [torch.randn(4, 1, 8, 8)], modules=["0"])
+    with pytest.raises(tw.ConfigError, match="window must be a positive integer"):
+        tw.Reference.fit(model, data, modules=["0"], window=0)
+    with pytest.raises(tw.ConfigError, match="splits"):
+        tw.Reference.fit(model, data, modules=["0"], splits=(0.5, 0.5, 0.5))
+
+
+def test_arl_windows_converts_days_and_rate():
+    assert tw.arl_windows(days=1, requests_per_second=10, window=100) == 8640
+    with pytest.raises(tw.ConfigError):
+        tw.arl_windows(days=0, requests_per_second=10, window=100)

@@ -1,0 +1,226 @@
+"""Drift detection in the hooks: device-side window sums, host-side windows and detector.
+
+In a hook, :meth:`DriftMonitor.observe` reduces a module's output to one vector per sample,
+projects it (mean, PCA basis, whitening, random features, residual energy — all device tensors)
+and adds each sample's row to the running sums of *its* window in a ring of window rows, with
+the window index computed on the device from a device-side sample counter. Nothing is read back
+and no sample is kept, so this runs inside compiled graphs and CUDA-graph replays.
+
+At a flush the ring is copied (on a side stream on CUDA); the worker thread turns every window
+completed since the previous flush into the three statistics and their calibrated p-values
+(:mod:`torchwatch.drift`), feeds the joint p-value to the CUSUM, and attributes an alarm to the
+module and statistic with the smallest p-value and to the PCA directions that moved most.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._sequential import Cusum
+from ._table import mark_static
+from .alerts import Alert
+from .drift import STATISTICS, DriftStatus, Reference
+from .errors import ConfigError
+
+RING = 1024  # windows kept on the device between flushes
+
+
+@dataclass
+class _Module:
+    name: str
+    params: tuple[torch.Tensor, ...]  # mean, basis, scale, omega, phase, residual floor (float32)
+    sums: torch.Tensor  # [RING, 2 + k + m] float64: n, residual, z..., phi...
+    count: torch.Tensor  # [1] int64: samples observed
+    done: int = 0  # windows evaluated
+    p_value: float = math.nan
+    alarm: bool = False
+
+
+@dataclass
+class DriftRead:
+    """A flush's copy of the rings, waited for off the serving thread."""
+
+    rows: dict[str, np.ndarray]
+    counts: dict[str, int]
+    event: Any
+
+
+class DriftMonitor:
+    """The online side of a :class:`~torchwatch.drift.Reference` for one watch."""
+
+    def __init__(self, ref: Reference, device: torch.device, arl: float | None) -> None:
+        self.ref = ref
+        self.device = device
+        self.arl = float(arl or ref.arl)
+        self.cusum = Cusum(ref.threshold(self.arl), ref.delta)
+        self.windows = 0
+        self._lock = threading.Lock()  # eager observers from several threads
+        self._side: Any = None
+        self.modules: dict[str, _Module] = {}
+        with torch.inference_mode(False), torch.no_grad():
+            for name, m in ref.modules.items():
+                params = tuple(
+                    torch.as_tensor(a, dtype=torch.float32, device=device)
+                    for a in (m.mean, m.basis, m.scale, m.omega, m.phase, m.resid_floor)
+                )
+                sums = torch.zeros(RING, 2 + m.components + m.features, dtype=torch.float64, device=device)
+                count = torch.zeros(1, dtype=torch.int64, device=device)
+                if device.type == "cuda":
+                    mark_static(*params, sums, count)
+                self.modules[name] = _Module(name, params, sums, count)
+
+    # ---- hot path ------------------------------------------------------------------------
+
+    def observe(self, name: str, output: Any, *, locked: bool = True) -> None:
+        """Add this output's samples to their windows (device ops only; traceable).
+
+        ``locked``: take the monitor's lock (eager calls from several threads); graph mode
+        (tracing, capture) passes False.
+        """
+        mod = self.modules[name]
+        mean = mod.params[0]
+        e = self.ref.reduce(output)
+        if e.dim() != 2 or e.shape[1] != mean.shape[0]:
+            raise ConfigError(
+                f"drift for {name!r}: the reference was fit on {mean.shape[0]}-dimensional embeddings, but this "
+                f"output reduces to shape {tuple(e.shape)}; fit the reference on this model (or pass its reduce=)"
+            )
+        if e.device != self.device:
+            raise ConfigError(
+                f"drift for {name!r} was set up on {self.device} but its output is on {e.device}; "
+                "attach after moving the model to its device"
+            )
+        if locked:
+            with self._lock:
+                self._add(mod, e)
+        else:
+            self._add(mod, e)
+
+    def _add(self, mod: _Module, e: torch.Tensor) -> None:
+        mean, basis, scale, omega, phase, floor = mod.params
+        with torch.no_grad():
+            c = e.detach().to(torch.float32) - mean
+            p = c @ basis
+            z = p * scale
+            phi = torch.cos(z @ omega + phase) * math.sqrt(2.0 / omega.shape[1])
+            r = torch.log(((c * c).sum(1) - (p * p).sum(1)).clamp(min=0) + floor)
+            rows = torch.cat((torch.ones_like(r)[:, None], r[:, None], z, phi), dim=1).to(torch.float64)
+            position = mod.count + torch.arange(rows.shape[0], device=self.device)
+            index = torch.div(position, self.ref.window, rounding_mode="floor") % RING
+            mod.sums.index_add_(0, index, rows)
+            mod.count += rows.shape[0]
+
+    # ---- flush ---------------------------------------------------------------------------
+
+    def start_read(self) -> DriftRead:
+        """Copy the rings and counters (asynchronously on CUDA)."""
+        with torch.no_grad():
+            if self.device.type != "cuda":
+                with self._lock:  # counts first: every sample they count is already in the sums
+                    counts = {n: int(m.count) for n, m in self.modules.items()}
+                    rows = {n: m.sums.cpu().numpy().copy() for n, m in self.modules.items()}
+                return DriftRead(rows, counts, None)
+            stream = torch.cuda.current_stream(self.device)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+            if self._side is None:
+                self._side = torch.cuda.Stream(self.device)
+            host: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            with torch.cuda.stream(self._side):
+                self._side.wait_event(ready)
+                for n, m in self.modules.items():
+                    rows = torch.empty(m.sums.shape, dtype=torch.float64, pin_memory=True)
+                    count = torch.empty(1, dtype=torch.int64, pin_memory=True)
+                    count.copy_(m.count, non_blocking=True)
+                    rows.copy_(m.sums, non_blocking=True)
+                    host[n] = (rows, count)
+                copied = torch.cuda.Event()
+                copied.record(self._side)
+            return DriftRead(host, {}, copied)  # type: ignore[arg-type]
+
+    def process(self, read: DriftRead, step: int) -> tuple[dict[str, DriftStatus], list[Alert]]:
+        """Evaluate every window completed in ``read`` (worker thread); returns statuses and alarms."""
+        if read.event is not None:
+            while not read.event.query():  # poll: this thread never blocks inside CUDA
+                time.sleep(0.0002)
+            rows = {n: r.numpy() for n, (r, _) in read.rows.items()}
+            counts = {n: int(c) for n, (_, c) in read.rows.items()}
+        else:
+            rows, counts = read.rows, read.counts
+        complete = min(counts[n] // self.ref.window for n in self.modules)
+        start = max(min(m.done for m in self.modules.values()), complete - RING)
+        alerts: list[Alert] = []
+        for w in range(start, complete):
+            alerts += self._evaluate(w, {n: rows[n][w % RING] for n in self.modules}, step)
+        for m in self.modules.values():
+            m.done = max(m.done, complete)
+        self._clear_rows(start, complete)
+        return self.statuses(), alerts
+
+    def _evaluate(self, w: int, rows: dict[str, np.ndarray], step: int) -> list[Alert]:
+        module_p, stats, per_stat = {}, {}, {}
+        for name, row in rows.items():
+            ref = self.ref.modules[name]
+            s = ref.window_statistics(row[None, 0], row[None, 1:])
+            stats[name] = s[0]
+            per_stat[name] = ref.p_values(s)[0]
+            module_p[name] = float(ref.module_p(s)[0])
+            self.modules[name].p_value = module_p[name]
+        joint = float(self.ref.joint_p(np.array([list(module_p.values())]))[0])
+        self.windows += 1
+        if not self.cusum.update(joint):
+            return []
+        name = min(module_p, key=module_p.get)
+        j = int(np.argmin(per_stat[name]))
+        self.modules[name].alarm = True
+        ref = self.ref.modules[name]
+        row = rows[name]
+        n = max(row[0], 1.0)
+        moved = row[2 : 2 + ref.components] / n * math.sqrt(n)  # standard normal per direction
+        top = np.argsort(-np.abs(moved))[:3]
+        nulls = (ref.null_mean_shift, ref.null_mmd, ref.null_novelty)
+        message = (
+            f"drift in {name!r}: {STATISTICS[j]} = {stats[name][j]:.3g} (reference median "
+            f"{float(np.median(nulls[j])):.3g}, p = {per_stat[name][j]:.2g}) in window {w}; "
+            "PCA directions that moved most: " + ", ".join(f"#{i} ({moved[i]:+.1f} sd)" for i in top)
+        )
+        return [
+            Alert(
+                rule="drift", module=name, stat=STATISTICS[j], value=float(stats[name][j]),
+                expected=float(np.median(nulls[j])), call=step, time=time.time(), cohort=None, trace_id=None,
+                message=message,
+            )
+        ]  # fmt: skip
+
+    def _clear_rows(self, start: int, stop: int) -> None:
+        """Zero the evaluated windows' rows so the ring can reuse them (ordered after the copy)."""
+        if stop <= start:
+            return
+        rows = torch.arange(start, stop) % RING
+        with torch.no_grad(), torch.inference_mode(False):
+            for m in self.modules.values():
+                if self._side is not None:
+                    with torch.cuda.stream(self._side):
+                        m.sums.index_fill_(0, rows.to(self.device, non_blocking=True), 0.0)
+                else:
+                    m.sums.index_fill_(0, rows, 0.0)
+
+    def statuses(self) -> dict[str, DriftStatus]:
+        return {
+            name: DriftStatus(self.cusum.value, m.p_value, m.alarm, self.windows, self.cusum.threshold)
+            for name, m in self.modules.items()
+        }
+
+    def reset(self) -> None:
+        self.cusum.value = 0.0
+        self.windows = 0
+        for m in self.modules.values():
+            m.alarm = False
+            m.p_value = math.nan
