@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench bench-drift clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt torchwatch/kernels/_cstats.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,16 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/overhead.py --json benchmarks/last-run.json
 
+# alibi-detect (the drift peer) needs numpy<2 and pins of its own: a separate environment.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml requirements/drift-bench.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e . -r requirements/drift-bench.txt
+	touch $@
+
+bench-drift: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/drift.py --json benchmarks/drift-last-run.json
+
 clean:
-	rm -rf $(VENV) build *.egg-info torchwatch/kernels/*.so
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info torchwatch/kernels/*.so

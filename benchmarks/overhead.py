@@ -60,6 +60,21 @@ def setup_torchwatch(every: int) -> Callable[[nn.Module], object]:
     return setup
 
 
+def pooler_reference(model: nn.Module) -> tw.Reference:
+    """A drift reference on BERT's pooled output (``pooler.activation``, 768-d), from random ids."""
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randint(0, model.config.vocab_size, (16, SEQ), generator=g) for _ in range(14)]
+    return tw.Reference.fit(model, data, modules=["pooler.activation"], window=8, resamples=2000)
+
+
+def setup_torchwatch_drift(ref: tw.Reference) -> Callable[[nn.Module], object]:
+    def setup(model: nn.Module) -> object:
+        logdir = tempfile.mkdtemp(prefix="tw-bench-")
+        return tw.attach(model, sinks=[tw.TensorBoardSink(logdir)], flush_every=100, drift=ref)
+
+    return setup
+
+
 def setup_item_hooks(model: nn.Module) -> object:
     """What people write by hand: seven statistics, one .item() each, on the same modules."""
 
@@ -104,11 +119,13 @@ def _rss_mb() -> float:
 def run(batches: list[int], quick: bool, every16_batches: list[int]) -> dict:
     base = bert_base()
     results: dict = {"machine": _machine(), "date": datetime.date.today().isoformat(), "batches": {}}
+    ref = pooler_reference(base)
     for batch in batches:
         ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), generator=torch.Generator().manual_seed(1))
         scale = 1 if batch == 1 else 0.4
         configs = [
             ("torchwatch, every forward", setup_torchwatch(1), 1, 6 if quick else int(40 * scale)),
+            ("torchwatch + drift (pooler)", setup_torchwatch_drift(ref), 1, 4 if quick else int(20 * scale)),
             ("hand-written .item() hooks", setup_item_hooks, 1, 2 if quick else int(10 * scale)),
             ("HF DebugUnderflowOverflow", setup_hf_debug, 1, 2 if quick else int(10 * scale)),
         ]
