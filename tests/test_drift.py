@@ -295,6 +295,13 @@ def test_drift_reaches_tensorboard_and_jsonl(ref, tmp_path):
     tags = acc.Tags()["scalars"]
     assert {"drift/0/score", "drift/0/p_value", "drift/0/alarms"} <= set(tags)
     assert sum(e.value for e in acc.Scalars("drift/0/alarms")) >= 1
+    import re
+
+    from torchwatch.sinks.tensorboard import layout
+
+    charts = layout([])["torchwatch: embedding drift"]
+    for _, (_, (pattern,)) in charts.items():
+        assert [t for t in tags if re.match(pattern, t)], pattern  # the dashboard's drift charts find the tags
     import json
 
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]

@@ -53,7 +53,7 @@ def _release(logdir: str) -> None:
 
 
 def layout(cast_dtypes: tuple[str, ...] | list[str]) -> dict[str, dict[str, list[Any]]]:
-    """The ``custom_scalars`` layout: non-finite counts, cast under/overflow, dead units."""
+    """The ``custom_scalars`` layout: non-finite counts, cast under/overflow, dead units, drift."""
     casts = {}
     for name in cast_dtypes:
         casts[f"would underflow in {name} (fraction)"] = ["Multiline", [rf".*/underflow_frac_{name}$"]]
@@ -68,6 +68,11 @@ def layout(cast_dtypes: tuple[str, ...] | list[str]) -> dict[str, dict[str, list
         "torchwatch: dead units and range": {
             "zero fraction": ["Multiline", [r".*/zeros_frac$"]],
             "abs-max": ["Multiline", [r".*/absmax$"]],
+        },
+        "torchwatch: embedding drift": {
+            "detector score (alarms at its threshold)": ["Multiline", [r"(.*/)?drift/.*/score$"]],
+            "p-value of the last window": ["Multiline", [r"(.*/)?drift/.*/p_value$"]],
+            "drift alarms per interval": ["Multiline", [r"(.*/)?drift/.*/alarms$"]],
         },
     }
 
