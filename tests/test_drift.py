@@ -196,12 +196,23 @@ def test_online_window_sums_equal_the_offline_features(ref):
         np.testing.assert_allclose(got[1:], want, rtol=1e-4, atol=1e-4)  # float32 projection on the device
 
 
-def test_windows_beyond_the_ring_between_flushes_keep_the_latest(ref):
+def test_windows_beyond_the_ring_between_flushes_are_skipped_and_reported(ref):
     monitor = DriftMonitor(ref, torch.device("cpu"), None)
     x = gaussian(16 * (RING + 10), seed=12)
     monitor.observe("0", x)
     statuses, _ = monitor.process(monitor.start_read(), step=1)
-    assert statuses["0"].windows == RING  # the oldest 10 windows were overwritten, not mixed
+    # windows 0-9 were overwritten by 1024-1033 landing on their rows; those rows then hold two
+    # windows' sums, so they are skipped too rather than evaluated as windows of the wrong size
+    assert statuses["0"].windows == RING - 10 and monitor.lost == 20
+    monitor.observe("0", gaussian(16 * 3, seed=13))
+    statuses, _ = monitor.process(monitor.start_read(), step=2)
+    assert statuses["0"].windows == RING - 10 + 3 and monitor.lost == 20  # the ring is clean again
+
+
+def test_a_watch_warns_when_windows_outrun_its_flushes(ref):
+    model = passthrough()
+    with pytest.warns(tw.TorchwatchWarning, match="drift windows completed faster"), tw.attach(model, drift=ref):
+        model(gaussian(16 * (RING + 1), seed=14))
 
 
 def test_concurrent_threads_count_every_sample(ref):

@@ -61,6 +61,7 @@ class DriftMonitor:
         self.arl = float(arl or ref.arl)
         self.cusum = Cusum(ref.threshold(self.arl), ref.delta)
         self.windows = 0
+        self.lost = 0  # windows not evaluated because more than RING completed between flushes
         self._lock = threading.Lock()  # eager observers from several threads
         self._side: Any = None
         self.modules: dict[str, _Module] = {}
@@ -155,10 +156,16 @@ class DriftMonitor:
         else:
             rows, counts = read.rows, read.counts
         complete = min(counts[n] // self.ref.window for n in self.modules)
-        start = max(min(m.done for m in self.modules.values()), complete - RING)
+        done = min(m.done for m in self.modules.values())
+        start = max(done, complete - RING)
+        self.lost += start - done  # overwritten in the ring before a flush read them
         alerts: list[Alert] = []
         for w in range(start, complete):
-            alerts += self._evaluate(w, {n: rows[n][w % RING] for n in self.modules}, step)
+            window = {n: rows[n][w % RING] for n in self.modules}
+            if any(row[0] != self.ref.window for row in window.values()):
+                self.lost += 1  # a later window landed on the same row before this one was read
+                continue
+            alerts += self._evaluate(w, window, step)
         for m in self.modules.values():
             m.done = max(m.done, complete)
         self._clear_rows(start, complete)
@@ -210,7 +217,8 @@ class DriftMonitor:
                     with torch.cuda.stream(self._side):
                         m.sums.index_fill_(0, rows.to(self.device, non_blocking=True), 0.0)
                 else:
-                    m.sums.index_fill_(0, rows, 0.0)
+                    with self._lock:
+                        m.sums.index_fill_(0, rows, 0.0)
 
     def statuses(self) -> dict[str, DriftStatus]:
         return {

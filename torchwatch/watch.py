@@ -32,6 +32,7 @@ from torch import nn
 
 from ._accumulators import new_host_accumulator, stats_from_raw, to_module_stats
 from ._casts import CastPlan, _float_dtypes, cast_plan, normalize_cast_dtypes
+from ._drift_online import RING, DriftMonitor
 from ._outputs import tensors_in
 from ._provenance import device_origins
 from ._select import select_modules
@@ -687,7 +688,16 @@ class Watch:
         statuses, alerts = self._drift.process(self._drift.start_read(), step)
         for alert in alerts:
             self._deliver_drift(alert, window=True)
+        self._warn_lost_windows()
         return statuses
+
+    def _warn_lost_windows(self) -> None:
+        if self._drift.lost:
+            self._warn_once(
+                "drift-lost",
+                f"{self._drift.lost} drift windows completed faster than flushes read them and were skipped "
+                f"(the device ring holds {RING}); flush more often (attach(flush_every=...)) or use a larger window",
+            )
 
     def _device_firsts(self, ranges: dict[Hashable, tuple[int, int]]) -> dict[str, FirstNonFinite]:
         """FirstNonFinite records for positions not seen non-finite before, from a device window."""
@@ -762,6 +772,7 @@ class Watch:
             drift_status, drift_alerts = self._drift.process(drift, step)
             for alert in drift_alerts:
                 self._deliver_drift(alert, window=False)
+            self._warn_lost_windows()
             alerts += drift_alerts
         nonfinite = {**nonfinite, **new_firsts}
         self._check_unseen()
@@ -897,7 +908,6 @@ def _drift_monitor(model: nn.Module, drift: Any, arl: Any) -> tuple[Any, list[tu
         if arl is not None:
             raise ConfigError("drift_arl needs drift=: pass a torchwatch.Reference to monitor")
         return None, []
-    from ._drift_online import DriftMonitor
     from .drift import Reference
 
     if not isinstance(drift, Reference):
