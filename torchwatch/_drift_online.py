@@ -45,10 +45,10 @@ class _Module:
 
 @dataclass
 class DriftRead:
-    """A flush's copy of the rings, waited for off the serving thread."""
+    """A flush's copy of the rings: per module (window sums, sample count) on the host, and the
+    CUDA event that marks the copy done (None on CPU); waited for off the serving thread."""
 
-    rows: dict[str, np.ndarray]
-    counts: dict[str, int]
+    host: dict[str, tuple[torch.Tensor, torch.Tensor]]
     event: Any
 
 
@@ -124,10 +124,8 @@ class DriftMonitor:
         """Copy the rings and counters (asynchronously on CUDA)."""
         with torch.no_grad():
             if self.device.type != "cuda":
-                with self._lock:  # counts first: every sample they count is already in the sums
-                    counts = {n: int(m.count) for n, m in self.modules.items()}
-                    rows = {n: m.sums.cpu().numpy().copy() for n, m in self.modules.items()}
-                return DriftRead(rows, counts, None)
+                with self._lock:  # no observer between the count and the sums
+                    return DriftRead({n: (m.sums.clone(), m.count.clone()) for n, m in self.modules.items()}, None)
             stream = torch.cuda.current_stream(self.device)
             ready = torch.cuda.Event()
             ready.record(stream)
@@ -144,17 +142,15 @@ class DriftMonitor:
                     host[n] = (rows, count)
                 copied = torch.cuda.Event()
                 copied.record(self._side)
-            return DriftRead(host, {}, copied)  # type: ignore[arg-type]
+            return DriftRead(host, copied)
 
     def process(self, read: DriftRead, step: int) -> tuple[dict[str, DriftStatus], list[Alert]]:
         """Evaluate every window completed in ``read`` (worker thread); returns statuses and alarms."""
         if read.event is not None:
             while not read.event.query():  # poll: this thread never blocks inside CUDA
                 time.sleep(0.0002)
-            rows = {n: r.numpy() for n, (r, _) in read.rows.items()}
-            counts = {n: int(c) for n, (_, c) in read.rows.items()}
-        else:
-            rows, counts = read.rows, read.counts
+        rows = {n: sums.numpy() for n, (sums, _) in read.host.items()}
+        counts = {n: int(count) for n, (_, count) in read.host.items()}
         complete = min(counts[n] // self.ref.window for n in self.modules)
         done = min(m.done for m in self.modules.values())
         start = max(done, complete - RING)

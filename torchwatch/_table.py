@@ -87,8 +87,9 @@ class DeviceTable:
             return slot
         if tracing:
             return self._assign(key)
-        with self._lock:
-            return self.slots.get(key, None) if key in self.slots else self._assign(key)
+        with self._lock:  # another thread may have assigned it meanwhile
+            slot = self.slots.get(key)
+            return slot if slot is not None else self._assign(key)
 
     def _assign(self, key: Hashable) -> int | None:
         if len(self.keys) >= self.capacity:
