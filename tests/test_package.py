@@ -14,6 +14,8 @@ EXPECTED = {
     "JsonlSink", "MemorySink", "ModuleStats", "NonFiniteError", "Record", "Sink", "Snapshot", "TensorBoardSink",
     "TorchwatchError", "TorchwatchWarning", "Watch", "attach", "tensor_stats",
     "CalibrationReport", "DriftStatus", "Reference", "arl_windows",
+    "Canary", "CanaryReport", "Fingerprint", "FingerprintChange", "Manifest", "OutputCheck", "SelfTestReport",
+    "Tolerances", "WeightReport", "fingerprint", "selftest", "verify_weights",
 }  # fmt: skip
 
 

@@ -182,4 +182,4 @@ def test_the_kernel_compiles_to_gpu_code_without_a_gpu():
     script = Path(__file__).with_name("_compile_kernel.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.split() == ["compiled", "24"], done.stdout
+    assert done.stdout.split() == ["compiled", "24", "fingerprint", "2"], done.stdout

@@ -1,7 +1,7 @@
 """The ``torchwatch`` command line.
 
-Exit codes: 0 ok, 1 a check failed (the demo did not catch its failure), 2 bad usage or
-unreadable input.
+Exit codes: 0 ok, 1 a check failed (weights or canary outputs differ, or the demo did not
+catch its failure), 2 bad usage or unreadable input.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--logdir", help="where TensorBoard and JSONL logs go (default: a new temporary directory)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(handler=_demo)
+    from .integrity._cli import add_commands
+
+    add_commands(sub)
     return p
 
 

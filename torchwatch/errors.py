@@ -41,11 +41,28 @@ class FormatError(TorchwatchError, ValueError):
 
 
 class IntegrityError(TorchwatchError):
-    """Loaded weights do not match the manifest they are checked against."""
+    """Loaded weights do not match the manifest they are checked against (or the manifest was tampered with).
+
+    Attributes:
+        report: the :class:`torchwatch.WeightReport` (or :class:`torchwatch.SelfTestReport`) with
+            every failed tensor by name, when there is one; else None.
+    """
+
+    def __init__(self, message: str, *, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class CanaryError(TorchwatchError):
-    """A model's outputs on the reference batch differ from the recorded ones."""
+    """A model's outputs on the reference batch differ from the recorded ones.
+
+    Attributes:
+        report: the :class:`torchwatch.CanaryReport` naming each failed output, when there is one.
+    """
+
+    def __init__(self, message: str, *, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class NonFiniteError(TorchwatchError):

@@ -169,6 +169,7 @@ class Watch:
         self._stat_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._drift_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._installed = 0  # sampled calls in flight that need the module hooks (python sampling)
+        self._fingerprint_monitor: Any = None
         self._install_lock = threading.Lock()
         self.attached = False
         self._new_table(_model_device(model))  # before any trace: tables cannot be made inside one
@@ -332,8 +333,56 @@ class Watch:
             if model is not None and _watches.get(model) is self:
                 del _watches[model]
             _live.discard(self)
+        if self._fingerprint_monitor is not None:
+            self._fingerprint_monitor.stop(timeout)
         self._flush(wait=False)
         self._worker.close(timeout)
+
+    def verify_fingerprint_every(self, seconds: float, *, baseline: Any = None) -> Any:
+        """Re-check the model's weights in memory every ``seconds``, on a background thread.
+
+        Each check takes a :func:`torchwatch.fingerprint` (on the weights' device, on a side
+        stream for CUDA) and compares it with ``baseline``. A change raises one ``"fingerprint"``
+        :class:`Alert` per distinct corruption: in :attr:`alerts`, in the next record sent to the
+        sinks, and as a warning once per module. Calling it again replaces the previous monitor;
+        :meth:`detach` stops it.
+
+        Args:
+            seconds: period between checks (> 0).
+            baseline: the :class:`torchwatch.Fingerprint` of the validated weights, e.g.
+                ``tw.selftest(...).fingerprint``; default: one taken now.
+
+        Returns:
+            The :class:`~torchwatch.integrity.monitor.FingerprintMonitor` (``check_now()``,
+            ``checks``, ``changes``, ``stop()``).
+
+        Raises:
+            ConfigError: ``seconds`` is not a positive number, the watch is detached or the model is gone.
+
+        Example:
+            >>> import torch, torchwatch as tw
+            >>> model = torch.nn.Linear(4, 2)
+            >>> with tw.attach(model) as watch:
+            ...     monitor = watch.verify_fingerprint_every(3600)
+            ...     with torch.no_grad():
+            ...         model.bias[1] = 7.0
+            ...     changes = monitor.check_now()
+            ...     print(changes[0].tensor, watch.alerts[-1].rule)
+            bias fingerprint
+        """
+        from .integrity.monitor import FingerprintMonitor
+
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ConfigError(f"verify_fingerprint_every() needs a positive number of seconds, got {seconds!r}")
+        model = self._model()
+        if not self.attached or model is None:
+            raise ConfigError("verify_fingerprint_every() needs an attached watch whose model is alive")
+        if self._fingerprint_monitor is not None:
+            self._fingerprint_monitor.stop()
+        self._fingerprint_monitor = FingerprintMonitor(
+            model, float(seconds), baseline, _weak_callback(self._deliver_fingerprint)
+        )
+        return self._fingerprint_monitor
 
     def __enter__(self) -> Watch:
         return self
@@ -679,6 +728,13 @@ class Watch:
             if window:
                 self._window_alerts.append(alert)
         self._warn_once(f"drift:{alert.module}", f"{alert.message}; see watch.alerts (warned once per module)")
+
+    def _deliver_fingerprint(self, alert: Alert) -> None:
+        """Keep a weight-corruption alert, send it with the next record, warn once per module."""
+        with self._lock:
+            self._alerts.append(alert)
+            self._window_alerts.append(alert)
+        self._warn_once(f"fingerprint:{alert.module}", f"{alert.message} (warned once per module; see watch.alerts)")
 
     def _drift_now(self, step: int) -> dict:
         """Evaluate the drift windows completed so far (snapshot: the caller holds the flush lock

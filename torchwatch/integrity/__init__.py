@@ -1,0 +1,31 @@
+"""Startup self-test and in-memory checks: is the loaded model the one that was validated?
+
+* :class:`Manifest` / :func:`verify_weights` — sha256 of every tensor, from a checkpoint's bytes
+  or from memory, optionally pinned and HMAC-signed;
+* :func:`fingerprint` — a fast on-device fingerprint that locates a changed chunk;
+* :class:`Canary` — a reference batch and its recorded outputs;
+* :func:`selftest` — all of the above before serving.
+"""
+
+from __future__ import annotations
+
+from .canary import Canary, CanaryReport, OutputCheck, Tolerances
+from .fingerprint import Fingerprint, FingerprintChange, fingerprint
+from .manifest import Manifest, TensorEntry, WeightReport, verify_weights
+from .selftest import SelfTestReport, selftest
+
+__all__ = [
+    "Canary",
+    "CanaryReport",
+    "Fingerprint",
+    "FingerprintChange",
+    "Manifest",
+    "OutputCheck",
+    "SelfTestReport",
+    "TensorEntry",
+    "Tolerances",
+    "WeightReport",
+    "fingerprint",
+    "selftest",
+    "verify_weights",
+]

@@ -1,0 +1,218 @@
+"""Reading safetensors files without trusting them and without loading any pickle.
+
+The header is checked before a byte of tensor data is touched: its claimed length against the
+file size and a hard cap, its JSON, every entry's dtype, shape and byte range (the range must
+hold exactly ``numel * itemsize`` bytes, ranges may not overlap, and together they must fill
+the data section: a file with missing or trailing bytes is truncated or corrupt).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .._files import shown
+from ..errors import FormatError
+
+# The reference implementation refuses headers above 100 MB; so do we, before reading them.
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "C64": ("complex64", 8),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F64": ("float64", 8),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: where its bytes are and what they mean."""
+
+    name: str
+    dtype: str  # torch name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A checked safetensors header."""
+
+    path: str
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+    file_size: int
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Parse and check the header of one safetensors file.
+
+    Raises:
+        FormatError: the file is missing, unreadable, truncated, or its header is malformed; the
+            message names the file and what is wrong.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(
+                    f"{shown(path)} is not a safetensors file: {size} bytes, shorter than its 8-byte header length"
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise FormatError(
+                    f"{shown(path)} is not a valid safetensors file: its header claims {n:,} bytes but the file has "
+                    f"{size:,} bytes in all (limit {MAX_HEADER_BYTES:,}); the file is truncated or corrupt"
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FormatError(f"{shown(path)} does not exist") from None
+    except IsADirectoryError:
+        raise FormatError(f"{shown(path)} is a directory, not a safetensors file") from None
+    except OSError as exc:
+        raise FormatError(f"cannot read {shown(path)}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{shown(path)} has a corrupt safetensors header (not UTF-8 JSON: {exc})") from None
+    if not isinstance(doc, dict):
+        raise FormatError(
+            f"{shown(path)} has a corrupt safetensors header (a JSON {type(doc).__name__}, not an object)"
+        )
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{shown(path)}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    entries = {name: _entry(path, name, info, data_start) for name, info in doc.items()}
+    _check_layout(path, entries, data_start, size)
+    return Header(path, entries, metadata, size)
+
+
+def _entry(path: str, name: str, info: object, data_start: int) -> Entry:
+    where = f"{shown(path)}, tensor {name!r}"
+    if not isinstance(info, dict):
+        raise FormatError(f"{where}: header entry is not an object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if code not in DTYPES:
+        raise FormatError(f"{where}: unknown dtype {code!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise FormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+    dtype, itemsize = DTYPES[code]
+    nbytes = math.prod(shape) * itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise FormatError(
+            f"{where}: {code} {tuple(shape)} needs {nbytes:,} bytes but its data_offsets span "
+            f"{offsets[1] - offsets[0]:,}; the header is corrupt"
+        )
+    return Entry(name, dtype, tuple(shape), data_start + offsets[0], nbytes)
+
+
+def _check_layout(path: str, entries: dict[str, Entry], data_start: int, size: int) -> None:
+    end = data_start
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.nbytes)):
+        if e.start < end:
+            raise FormatError(f"{shown(path)}: tensor {e.name!r} overlaps the tensor before it; the header is corrupt")
+        if e.start > end:
+            raise FormatError(f"{shown(path)}: {e.start - end:,} bytes before tensor {e.name!r} belong to no tensor")
+        end = e.start + e.nbytes
+    if end > size:
+        raise FormatError(
+            f"{shown(path)} is truncated: its tensors need {end:,} bytes, the file has {size:,}; "
+            "download or copy it again"
+        )
+    if end < size:
+        raise FormatError(f"{shown(path)} has {size - end:,} bytes after its last tensor; the file is corrupt")
+
+
+def checkpoint_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The safetensors files of a checkpoint given as a file, a directory, an index or a list.
+
+    A directory means every ``*.safetensors`` file in it (sorted); a ``*.index.json`` means the
+    shards it names. Raises FormatError when nothing is found or a listed file is missing.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise FormatError(f"directory {shown(path)} holds no *.safetensors file")
+            return files
+        if path.endswith(".json"):
+            return _index_files(path)
+        return [path]
+    files = [os.fspath(p) for p in source]
+    if not files:
+        raise FormatError("no safetensors file given")
+    return files
+
+
+def _index_files(path: str) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except FileNotFoundError:
+        raise FormatError(f"{shown(path)} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(
+            f"{shown(path)} is not a safetensors index (a JSON object with a 'weight_map'): {exc!r}"
+        ) from None
+    base = os.path.dirname(path)
+    return [os.path.join(base, s) for s in shards]
+
+
+def entry_files(files: Sequence[str]) -> dict[str, tuple[str, Entry]]:
+    """Like :func:`read_headers`, keeping the file each tensor is in."""
+    out: dict[str, tuple[str, Entry]] = {}
+    for path in files:
+        for name, e in read_header(path).entries.items():
+            if name in out:
+                raise FormatError(f"tensor {name!r} is in both {shown(out[name][0])} and {shown(path)}")
+            out[name] = (path, e)
+    return out
+
+
+def load(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of one checked file, on the CPU, plus its metadata."""
+    header = read_header(path)
+    tensors: dict[str, torch.Tensor] = {}
+    with open(header.path, "rb") as f:
+        for name, e in header.entries.items():
+            f.seek(e.start)
+            data = bytearray(f.read(e.nbytes))
+            if len(data) != e.nbytes:  # the file shrank since its header was read
+                raise FormatError(f"{shown(header.path)} is truncated at tensor {name!r}")
+            dtype = getattr(torch, e.dtype)
+            flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+            tensors[name] = flat.view(dtype).reshape(e.shape).clone()
+    return tensors, header.metadata

@@ -1,0 +1,563 @@
+"""Known-answer tests: a reference batch and the outputs the validated model gave on it.
+
+A canary catches what a weight manifest cannot: a model that loads the right bytes but computes
+differently — another kernel, a changed default (TF32), a broken fused path, a preprocessing or
+config change inside the model, a faulty device.
+
+File format (safetensors, DESIGN §5): tensors ``input/<i>`` and ``expected/<i>`` and
+``__metadata__`` with ``format`` (``torchwatch.canary/1``), ``input_kind`` (tensor, tuple or
+dict) and ``input_keys``, ``output_names``, ``manifest_digest``, ``dtype``, ``device``,
+``device_name``, ``cpu_capability``, ``threads``, ``tf32``, ``torch`` and ``tolerances``.
+
+How outputs are compared (``mode="auto"`` picks from the metadata; any mode can be forced):
+
+* ``"bitwise"`` — same device model, dtype, torch version, thread count and TF32 setting:
+  re-running the same batch there is bitwise identical, so any difference is a finding.
+* ``"tolerance"`` — same device type and dtype, something else differs: elementwise
+  ``|got - expected| <= atol + rtol * |expected|`` with the defaults of ``torch.testing``
+  (fp16 1e-3/1e-5, bf16 1.6e-2/1e-5, fp32 1.3e-6/1e-5, fp64 1e-7/1e-7).
+* ``"summary"`` — another device type or dtype: relative L2 error, cosine similarity and, for
+  logits, top-1 agreement, because elementwise tolerances fail on a few percent of values
+  across devices even when the model is right (TF32, bf16, batch-dependent kernels).
+
+Integer and bool outputs are compared exactly in every mode; NaN must be where it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._files import atomic_write, shown
+from ..errors import CanaryError, ConfigError, FormatError
+from . import _safetensors
+
+__all__ = ["Canary", "CanaryReport", "OutputCheck", "Tolerances"]
+
+FORMAT = "torchwatch.canary/1"
+MODES = ("auto", "bitwise", "tolerance", "summary")
+MAX_OUTPUTS = 4096
+
+# torch.testing.assert_close defaults
+TESTING_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float16": (1e-3, 1e-5),
+    "bfloat16": (1.6e-2, 1e-5),
+    "float32": (1.3e-6, 1e-5),
+    "float64": (1e-7, 1e-7),
+}
+# summary mode, by the less precise of the two dtypes: (max relative L2 error, min cosine)
+SUMMARY_LIMITS: dict[str, tuple[float, float]] = {
+    "float64": (1e-3, 0.9999),
+    "float32": (1e-2, 0.999),
+    "float16": (2e-2, 0.999),
+    "bfloat16": (5e-2, 0.995),
+}
+_PRECISION = ("float64", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Limits used by :meth:`Canary.verify`; None means the per-dtype default above.
+
+    Attributes:
+        rtol, atol: elementwise tolerances (``"tolerance"`` mode).
+        max_rel_l2, min_cosine: summary limits (``"summary"`` mode).
+        min_top1: least fraction of rows whose argmax agrees, for logits outputs (``"summary"``).
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    max_rel_l2: float | None = None
+    min_cosine: float | None = None
+    min_top1: float = 0.99
+
+    def __post_init__(self) -> None:
+        for name in ("rtol", "atol", "max_rel_l2"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"Tolerances.{name} must be a finite number >= 0, got {v!r}")
+        for name in ("min_cosine", "min_top1"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and -1 <= v <= 1):
+                raise ConfigError(f"Tolerances.{name} must be in [-1, 1], got {v!r}")
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """How one output compared.
+
+    Attributes:
+        name: the output's name (``"logits"``, ``"0"``, ``"hidden_states.3"``, ``"output"`` for a
+            plain tensor).
+        passed: whether it met the mode's criteria.
+        max_abs: largest absolute difference (finite positions), rel_l2: ||got - expected|| /
+            ||expected||, cosine: cosine similarity, top1_agree: fraction of rows (last dimension)
+            with the same argmax, or None where that means nothing; mismatched: elements outside
+            the elementwise tolerance (``"tolerance"`` mode) or differing (``"bitwise"``).
+        reason: why it failed, for a person; "" when it passed.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    passed: bool
+    max_abs: float = float("nan")
+    rel_l2: float = float("nan")
+    cosine: float = float("nan")
+    top1_agree: float | None = None
+    mismatched: int = 0
+    reason: str = ""
+
+
+@dataclass
+class CanaryReport:
+    """What :meth:`Canary.verify` found.
+
+    Attributes:
+        ok: every recorded output is present and passed.
+        mode: the comparison used; mode_reason: why that one was chosen.
+        outputs: one :class:`OutputCheck` per recorded output.
+        unexpected_outputs: outputs the model gives now that were not recorded.
+        seconds: wall time (the forward included).
+    """
+
+    ok: bool
+    mode: str
+    mode_reason: str
+    outputs: list[OutputCheck]
+    unexpected_outputs: list[str]
+    seconds: float
+
+    @property
+    def failed(self) -> list[OutputCheck]:
+        return [o for o in self.outputs if not o.passed]
+
+    def summary(self) -> str:
+        head = f"canary {'OK' if self.ok else 'FAILED'} ({self.mode}: {self.mode_reason}), {len(self.outputs)} outputs"
+        lines = [head]
+        for o in self.failed[:10]:
+            lines.append(f"  {o.name!r}: {o.reason}")
+        if len(self.failed) > 10:
+            lines.append(f"  ... and {len(self.failed) - 10} more failed outputs")
+        if not self.ok:
+            lines.append(
+                "  fix: check the weights (torchwatch verify), the device/dtype/TF32 settings and the preprocessing; "
+                "if the model changed on purpose, record a new canary"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "mode": self.mode, "mode_reason": self.mode_reason,
+            "outputs": [_jsonable(dataclasses.asdict(o)) for o in self.outputs],
+            "unexpected_outputs": self.unexpected_outputs, "seconds": self.seconds,
+        }  # fmt: skip
+
+    def raise_for_failure(self) -> None:
+        """Raise :class:`torchwatch.CanaryError` (carrying this report) unless ``ok``."""
+        if not self.ok:
+            raise CanaryError(self.summary(), report=self)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+# ---- environment ----------------------------------------------------------------------------
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _environment(device: torch.device) -> dict[str, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tf32 = f"{torch.backends.cuda.matmul.allow_tf32},{torch.backends.cudnn.allow_tf32}"
+    else:
+        name, tf32 = _cpu_name(), "n/a"
+    return {
+        "device": device.type,
+        "device_name": name,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": str(torch.get_num_threads()) if device.type == "cpu" else "n/a",
+        "tf32": tf32,
+        "torch": torch.__version__,
+    }
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    device, dtype = torch.device("cpu"), None
+    for t in list(model.parameters()) + list(model.buffers()):
+        device = t.device
+        if t.is_floating_point():
+            return device, t.dtype
+    return device, dtype
+
+
+# ---- inputs and outputs ---------------------------------------------------------------------
+
+
+def _inputs_to_tensors(inputs: Any) -> tuple[str, list[str], list[torch.Tensor]]:
+    if isinstance(inputs, torch.Tensor):
+        return "tensor", [], [inputs]
+    if isinstance(inputs, (tuple, list)):
+        kind, keys, values = "tuple", [], list(inputs)
+    elif isinstance(inputs, Mapping):
+        kind, keys, values = "dict", [str(k) for k in inputs], list(inputs.values())
+    else:
+        raise ConfigError(
+            f"canary inputs must be a tensor, a tuple/list or a dict of tensors, got {type(inputs).__name__}"
+        )
+    bad = [keys[i] if keys else str(i) for i, v in enumerate(values) if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConfigError(f"canary inputs must all be tensors; not tensors: {', '.join(bad)}")
+    return kind, keys, values
+
+
+def _call(model: torch.nn.Module, kind: str, keys: list[str], values: list[torch.Tensor]) -> Any:
+    if kind == "tensor":
+        return model(values[0])
+    if kind == "tuple":
+        return model(*values)
+    return model(**dict(zip(keys, values, strict=True)))
+
+
+def flatten_outputs(output: Any) -> dict[str, torch.Tensor]:
+    """Every tensor in a model's output with a stable dotted name (``"output"`` for a bare tensor)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, name: str, depth: int) -> None:
+        if len(found) >= MAX_OUTPUTS or depth > 16:
+            return
+        if isinstance(obj, torch.Tensor):
+            found[name or "output"] = obj
+            return
+        if isinstance(obj, Mapping):  # dicts and HF ModelOutput (non-None fields)
+            items = [(str(k), v) for k, v in obj.items()]
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            items = [(f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj)]
+        elif isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+            items = list(zip(obj._fields, obj, strict=True))
+        elif isinstance(obj, (tuple, list)):
+            items = [(str(i), v) for i, v in enumerate(obj)]
+        else:
+            return
+        for key, value in items:
+            walk(value, f"{name}.{key}" if name else key, depth + 1)
+
+    walk(output, "", 0)
+    return found
+
+
+# ---- comparison -----------------------------------------------------------------------------
+
+
+def _less_precise(a: str, b: str) -> str:
+    ranks = [_PRECISION.index(d) if d in _PRECISION else 0 for d in (a, b)]
+    return _PRECISION[max(ranks)]
+
+
+def _is_logits(name: str, t: torch.Tensor, n_outputs: int) -> bool:
+    if t.dim() < 2 or t.shape[-1] < 2:
+        return False
+    return "logit" in name.lower() or n_outputs == 1
+
+
+def _compare(name: str, got: torch.Tensor, exp: torch.Tensor, mode: str, tol: Tolerances, logits: bool) -> OutputCheck:
+    shape, dtype = tuple(exp.shape), str(exp.dtype).removeprefix("torch.")
+    got_dtype = str(got.dtype).removeprefix("torch.")
+    if tuple(got.shape) != shape:
+        return OutputCheck(name, shape, dtype, False, reason=f"shape {list(got.shape)}, expected {list(shape)}")
+    got = got.detach().cpu()
+    if not exp.is_floating_point() or not got.is_floating_point():
+        if got_dtype != dtype or not torch.equal(got, exp):
+            diff = int((got.to(exp.dtype) != exp).sum()) if got.shape == exp.shape else -1
+            why = f"{diff} of {exp.numel()} values differ ({got_dtype} vs {dtype}, compared exactly)"
+            return OutputCheck(name, shape, dtype, False, mismatched=diff, reason=why)
+        return OutputCheck(name, shape, dtype, True)
+    g, e = got.double(), exp.double()
+    nan_g, nan_e = torch.isnan(g), torch.isnan(e)
+    finite = torch.isfinite(g) & torch.isfinite(e)
+    d = (g - e)[finite]
+    max_abs = float(d.abs().max()) if d.numel() else 0.0
+    norm_e = float(e[finite].norm())
+    rel_l2 = float(d.norm()) / norm_e if norm_e > 0 else (0.0 if float(d.norm()) == 0 else math.inf)
+    norm_g = float(g[finite].norm())
+    cosine = (
+        float((g[finite] * e[finite]).sum()) / (norm_g * norm_e)
+        if norm_g > 0 and norm_e > 0
+        else (1.0 if norm_g == norm_e else 0.0)
+    )
+    top1 = None
+    if logits:
+        top1 = float((g.argmax(-1) == e.argmax(-1)).double().mean()) if g.numel() else 1.0
+    same_specials = bool(torch.equal(nan_g, nan_e) and torch.equal(g[~finite & ~nan_g], e[~finite & ~nan_e]))
+    stats = {"max_abs": max_abs, "rel_l2": rel_l2, "cosine": cosine, "top1_agree": top1}
+
+    if mode == "bitwise":
+        same = got_dtype == dtype and torch.equal(got.reshape(-1).view(torch.uint8), exp.reshape(-1).view(torch.uint8))
+        if same:
+            return OutputCheck(name, shape, dtype, True, **stats)
+        differ = int((g != e).sum() - (nan_g & nan_e).sum())
+        return OutputCheck(name, shape, dtype, False, mismatched=differ, **stats,
+                           reason=f"{differ} of {exp.numel()} values differ bitwise (max |diff| {max_abs:.3g}, "
+                                  f"rel L2 {rel_l2:.3g})")  # fmt: skip
+    if not same_specials:
+        why = f"NaN/Inf in different places ({int(nan_g.sum())} NaN now, {int(nan_e.sum())} recorded)"
+        return OutputCheck(name, shape, dtype, False, **stats, reason=why)
+    if mode == "tolerance":
+        rtol_d, atol_d = TESTING_TOLERANCES.get(_less_precise(dtype, got_dtype), (1.3e-6, 1e-5))
+        rtol = tol.rtol if tol.rtol is not None else rtol_d
+        atol = tol.atol if tol.atol is not None else atol_d
+        bad = int((~torch.isclose(g, e, rtol=rtol, atol=atol, equal_nan=True)).sum())
+        if bad == 0:
+            return OutputCheck(name, shape, dtype, True, **stats)
+        return OutputCheck(name, shape, dtype, False, mismatched=bad, **stats,
+                           reason=f"{bad} of {exp.numel()} values outside rtol={rtol:g}, atol={atol:g} "
+                                  f"(max |diff| {max_abs:.3g})")  # fmt: skip
+    max_l2_d, min_cos_d = SUMMARY_LIMITS.get(_less_precise(dtype, got_dtype), (1e-2, 0.999))
+    max_l2 = tol.max_rel_l2 if tol.max_rel_l2 is not None else max_l2_d
+    min_cos = tol.min_cosine if tol.min_cosine is not None else min_cos_d
+    reasons = []
+    if not rel_l2 <= max_l2:
+        reasons.append(f"rel L2 {rel_l2:.3g} > {max_l2:g}")
+    if not cosine >= min_cos:
+        reasons.append(f"cosine {cosine:.6f} < {min_cos:g}")
+    if top1 is not None and top1 < tol.min_top1:
+        reasons.append(f"top-1 agreement {top1:.3f} < {tol.min_top1:g}")
+    return OutputCheck(name, shape, dtype, not reasons, **stats, reason="; ".join(reasons))
+
+
+# ---- the canary -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A reference batch, the outputs the validated model gave on it, and where it ran.
+
+    Create with :meth:`record`, keep with :meth:`save`/:meth:`load`, check with :meth:`verify`.
+
+    Example:
+        >>> import torch, torchwatch as tw
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Softmax(-1))
+        >>> canary = tw.Canary.record(model, torch.randn(16, 8))
+        >>> canary.verify(model).ok
+        True
+        >>> with torch.no_grad():
+        ...     model[0].weight[0, 0] += 1e-3
+        >>> report = canary.verify(model)
+        >>> report.ok, report.mode, report.failed[0].name
+        (False, 'bitwise', 'output')
+    """
+
+    inputs: tuple[torch.Tensor, ...]
+    input_kind: str
+    input_keys: tuple[str, ...]
+    expected: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @classmethod
+    def record(
+        cls, model: torch.nn.Module, inputs: Any, *, manifest: Any = None, tolerances: Tolerances | None = None
+    ) -> Canary:
+        """Run ``model`` on ``inputs`` (in inference mode) and keep inputs, outputs and environment.
+
+        Args:
+            model: the validated model, in the mode it serves in (``eval()``).
+            inputs: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``).
+            manifest: the :class:`torchwatch.Manifest` (or its digest) of the weights, so a
+                self-test can check that canary and manifest belong together.
+            tolerances: limits to store with the canary (used unless verify() is given others).
+
+        Raises:
+            ConfigError: inputs are not tensors, or the model fails or returns no tensor.
+        """
+        kind, keys, values = _inputs_to_tensors(inputs)
+        device, dtype = _model_device_dtype(model)
+        try:
+            with torch.inference_mode():
+                out = _call(model, kind, keys, [v.to(device) for v in values])
+        except Exception as exc:  # noqa: BLE001 - reported as the user's configuration problem
+            raise ConfigError(f"the model failed on the canary inputs ({_describe(keys, values)}): {exc!r}") from None
+        expected = {n: t.detach().cpu().contiguous().clone() for n, t in flatten_outputs(out).items()}
+        if not expected:
+            raise ConfigError(f"the model returned no tensor on the canary inputs (got {type(out).__name__})")
+        digest = getattr(manifest, "digest", manifest)
+        metadata = {
+            "format": FORMAT,
+            **_environment(device),
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "none",
+            "manifest_digest": str(digest) if digest else "",
+            "input_kind": kind,
+            "input_keys": json.dumps(keys),
+            "output_names": json.dumps(list(expected)),
+            "tolerances": json.dumps(dataclasses.asdict(tolerances) if tolerances else {}),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        inputs_cpu = tuple(v.detach().cpu().contiguous().clone() for v in values)
+        return cls(inputs_cpu, kind, tuple(keys), expected, metadata)
+
+    @property
+    def manifest_digest(self) -> str | None:
+        return self.metadata.get("manifest_digest") or None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the canary as one safetensors file (atomically)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"input/{i}": t for i, t in enumerate(self.inputs)}
+        tensors.update({f"expected/{i}": t for i, t in enumerate(self.expected.values())})
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Canary:
+        """Read a canary file.
+
+        Raises:
+            FormatError: missing, truncated or corrupt file, not a canary, an unknown format version,
+                or tensors that do not match its metadata.
+        """
+        where = f"canary {shown(path)}"
+        tensors, meta = _safetensors.load(path)
+        if meta.get("format") != FORMAT:
+            raise FormatError(f"{where} has format {meta.get('format')!r}; this torchwatch reads {FORMAT!r}")
+        try:
+            kind = meta["input_kind"]
+            keys = json.loads(meta["input_keys"])
+            names = json.loads(meta["output_names"])
+            json.loads(meta.get("tolerances", "{}"))
+        except (KeyError, ValueError) as exc:
+            raise FormatError(f"{where} has unreadable metadata ({exc!r}); record it again") from None
+        n_in = sum(1 for k in tensors if k.startswith("input/"))
+        if kind not in ("tensor", "tuple", "dict") or not isinstance(names, list) or not isinstance(keys, list):
+            raise FormatError(f"{where} has unreadable metadata (input_kind={kind!r})")
+        if (kind == "dict" and len(keys) != n_in) or (kind == "tensor" and n_in != 1):
+            raise FormatError(f"{where}: {n_in} input tensors do not fit input_kind={kind!r} with keys {keys}")
+        try:
+            inputs = tuple(tensors[f"input/{i}"] for i in range(n_in))
+            expected = {str(name): tensors[f"expected/{i}"] for i, name in enumerate(names)}
+        except KeyError as exc:
+            raise FormatError(f"{where} lacks tensor {exc.args[0]!r}; it is truncated or not a canary") from None
+        return cls(inputs, kind, tuple(keys), expected, dict(meta))
+
+    def choose_mode(self, model: torch.nn.Module) -> tuple[str, str]:
+        """The comparison ``mode="auto"`` uses for this model, and why."""
+        device, dtype = _model_device_dtype(model)
+        now = _environment(device)
+        now["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "none"
+        m = self.metadata
+        if m.get("device") != now["device"]:
+            return "summary", f"recorded on {m.get('device')}, running on {now['device']}"
+        if m.get("dtype") != now["dtype"]:
+            return "summary", f"recorded in {m.get('dtype')}, running in {now['dtype']}"
+        differ = [k for k in ("device_name", "cpu_capability", "threads", "tf32", "torch") if m.get(k) != now[k]]
+        if differ:
+            k = differ[0]
+            return "tolerance", f"{k} differs: recorded {m.get(k)!r}, now {now[k]!r}"
+        return "bitwise", "same device, dtype, torch, threads and TF32 setting"
+
+    def verify(
+        self,
+        model: torch.nn.Module,
+        *,
+        mode: str = "auto",
+        tolerances: Tolerances | None = None,
+        raise_on_failure: bool = False,
+    ) -> CanaryReport:
+        """Run ``model`` on the stored inputs and compare with the stored outputs.
+
+        Inputs go to the model's device; floating inputs are cast to the model's dtype when it
+        differs from the recorded one.
+
+        Args:
+            model: the model to check.
+            mode: ``"auto"`` (from the metadata; see the module docstring), ``"bitwise"``,
+                ``"tolerance"`` or ``"summary"``.
+            tolerances: limits (default: the ones stored at record time, else per-dtype defaults).
+            raise_on_failure: raise :class:`torchwatch.CanaryError` instead of returning a failed report.
+
+        Raises:
+            ConfigError: a bad mode, or the model fails on the stored inputs (wrong input shapes
+                for this model, say); the message gives the inputs' shapes.
+            CanaryError: only with ``raise_on_failure=True``.
+        """
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r} is not valid: use one of {', '.join(MODES)}")
+        start = time.perf_counter()
+        if mode == "auto":
+            mode, why = self.choose_mode(model)
+        else:
+            why = "chosen by the caller"
+        if tolerances is None:
+            stored = json.loads(self.metadata.get("tolerances", "{}") or "{}")
+            try:
+                tolerances = Tolerances(**stored)
+            except TypeError:
+                tolerances = Tolerances()
+        device, dtype = _model_device_dtype(model)
+        recorded = self.metadata.get("dtype")
+        values = []
+        for v in self.inputs:
+            v = v.to(device)
+            if v.is_floating_point() and dtype is not None and recorded != str(dtype).removeprefix("torch."):
+                v = v.to(dtype)
+            values.append(v)
+        try:
+            with torch.inference_mode():
+                out = _call(model, self.input_kind, list(self.input_keys), values)
+        except Exception as exc:  # noqa: BLE001 - the canary does not fit this model
+            raise ConfigError(
+                f"the model failed on the canary inputs ({_describe(list(self.input_keys), values)}): {exc!r}; "
+                "is this the model the canary was recorded for?"
+            ) from None
+        got = flatten_outputs(out)
+        checks = []
+        n_out = len(self.expected)
+        for name, exp in self.expected.items():
+            if name not in got:
+                checks.append(OutputCheck(name, tuple(exp.shape), str(exp.dtype).removeprefix("torch."), False,
+                                          reason="the model no longer returns this output"))  # fmt: skip
+                continue
+            checks.append(_compare(name, got[name], exp, mode, tolerances, _is_logits(name, exp, n_out)))
+        unexpected = [n for n in got if n not in self.expected]
+        report = CanaryReport(
+            ok=all(c.passed for c in checks), mode=mode, mode_reason=why, outputs=checks,
+            unexpected_outputs=unexpected, seconds=time.perf_counter() - start,
+        )  # fmt: skip
+        if raise_on_failure:
+            report.raise_for_failure()
+        return report
+
+    def __repr__(self) -> str:
+        return (
+            f"Canary({len(self.inputs)} inputs, outputs {list(self.expected)[:4]}"
+            f"{'…' if len(self.expected) > 4 else ''}, recorded on {self.metadata.get('device_name')})"
+        )
+
+
+def _describe(keys: list[str], values: list[torch.Tensor]) -> str:
+    names = keys or [str(i) for i in range(len(values))]
+    return ", ".join(
+        f"{n}: {str(v.dtype).removeprefix('torch.')}{list(v.shape)}" for n, v in zip(names, values, strict=False)
+    )
