@@ -66,3 +66,13 @@ class Wrapper(nn.Module):
     def forward(self, x: torch.Tensor):
         self.inner(x)
         return x.sum()
+
+
+def classifier(seed: int = 0) -> nn.Sequential:
+    """A small deterministic classifier (factory for CLI tests: ``_models:classifier``)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 10)).eval()
+
+
+def classifier_inputs() -> torch.Tensor:
+    return torch.randn(64, 12, generator=torch.Generator().manual_seed(5))

@@ -361,6 +361,7 @@ class Watch:
 
         Example:
             >>> import torch, torchwatch as tw
+            >>> import warnings; warnings.simplefilter("ignore", tw.TorchwatchWarning)
             >>> model = torch.nn.Linear(4, 2)
             >>> with tw.attach(model) as watch:
             ...     monitor = watch.verify_fingerprint_every(3600)

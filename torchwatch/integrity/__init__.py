@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 from .canary import Canary, CanaryReport, OutputCheck, Tolerances
-from .fingerprint import Fingerprint, FingerprintChange, fingerprint
+from .fingerprinting import Fingerprint, FingerprintChange, fingerprint
 from .manifest import Manifest, TensorEntry, WeightReport, verify_weights
-from .selftest import SelfTestReport, selftest
+from .startup import SelfTestReport, selftest
 
 __all__ = [
     "Canary",

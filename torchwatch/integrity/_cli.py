@@ -62,7 +62,10 @@ def load_weights(model: torch.nn.Module, weights: list[str]) -> None:
     state: dict[str, torch.Tensor] = {}
     for path in _safetensors.checkpoint_files(weights if len(weights) > 1 else weights[0]):
         state.update(_safetensors.load(path)[0])
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ConfigError(f"the weights do not fit the model: {str(exc).splitlines()[-1].strip()}") from None
     own = model.state_dict()
     ptrs = {own[k].untyped_storage().data_ptr() for k in state if k in own}
     missing = [k for k in result.missing_keys if own[k].untyped_storage().data_ptr() not in ptrs]

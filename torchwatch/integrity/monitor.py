@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from ..alerts import Alert
-from .fingerprint import Fingerprint, FingerprintChange, fingerprint
+from .fingerprinting import Fingerprint, FingerprintChange, fingerprint
 
 __all__ = ["FingerprintMonitor"]
 

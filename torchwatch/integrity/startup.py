@@ -11,8 +11,8 @@ import torch
 
 from ..errors import CanaryError, ConfigError, IntegrityError
 from .canary import Canary, CanaryReport, Tolerances
-from .fingerprint import Fingerprint
-from .fingerprint import fingerprint as take_fingerprint
+from .fingerprinting import Fingerprint
+from .fingerprinting import fingerprint as take_fingerprint
 from .manifest import Key, Manifest, WeightReport, verify_weights
 
 __all__ = ["SelfTestReport", "selftest"]

@@ -1,0 +1,140 @@
+"""`torchwatch manifest | verify | canary`: exit codes 0/1/2, named failures, --json, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _models import classifier, classifier_inputs
+from safetensors.torch import save_file
+
+import torchwatch as tw
+from torchwatch import cli
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    model = classifier()
+    path = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), path)
+    return path
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_manifest_and_verify_a_checkpoint(ckpt, tmp_path, capsys):
+    m = tmp_path / "m.json"
+    code, out, _ = _run(capsys, "manifest", ckpt, "-o", m)
+    assert code == 0 and f"wrote '{m}': 6 tensors" in out
+    assert tw.Manifest.load(m) == tw.Manifest.from_safetensors(ckpt)
+    code, out, _ = _run(capsys, "verify", ckpt, "--manifest", m)
+    assert code == 0 and out.startswith("weights OK: 6 tensors")
+    code, out, _ = _run(capsys, "verify", "--model", "_models:classifier", "--manifest", m, "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+
+    code, out, _ = _run(capsys, "verify", "--model", "_models:classifier", "--weights", ckpt, "--manifest", m)
+    assert code == 0
+    state = classifier(seed=9).state_dict()
+    save_file({**classifier().state_dict(), "3.bias": state["3.bias"]}, ckpt)
+    code, out, _ = _run(capsys, "verify", ckpt, "--manifest", m, "--json")
+    assert code == 1 and json.loads(out)["mismatched"] == ["3.bias"]
+    code, out, _ = _run(capsys, "verify", ckpt, "--manifest", m)
+    assert code == 1 and "1 with different bytes: '3.bias'" in out
+
+
+def test_manifest_from_a_model_spec_signed_and_pinned(tmp_path, capsys):
+    m, key = tmp_path / "m.json", tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    code, out, _ = _run(capsys, "manifest", "--model", "_models:classifier", "-o", m, "--key", key, "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["signed"] and doc["tensors"] == 6
+    args = ("verify", "--model", "_models:classifier", "--manifest", m)
+    assert _run(capsys, *args, "--key", key, "--expected-digest", doc["digest"])[0] == 0
+    code, out, _ = _run(capsys, *args, "--expected-digest", "0" * 64)
+    assert code == 1 and "not the manifest that was pinned" in out
+    other = tmp_path / "other-key"
+    other.write_bytes(os.urandom(32))
+    code, out, _ = _run(capsys, *args, "--key", other)
+    assert code == 1 and "failed signature verification" in out
+
+
+def test_canary_record_and_verify(tmp_path, capsys):
+    inputs, c, m = tmp_path / "in.safetensors", tmp_path / "c.safetensors", tmp_path / "m.json"
+    save_file({"x": classifier_inputs()}, inputs)
+    assert _run(capsys, "manifest", "--model", "_models:classifier", "-o", m)[0] == 0
+    code, out, _ = _run(capsys, "canary", "record", "--model", "_models:classifier", "--inputs", inputs, "-o", c,
+                        "--manifest", m)  # fmt: skip
+    assert code == 0 and "1 inputs, 1 outputs (output)" in out
+    assert tw.Canary.load(c).manifest_digest == tw.Manifest.load(m).digest
+    code, out, _ = _run(capsys, "canary", "verify", c, "--model", "_models:classifier")
+    assert code == 0 and out.startswith("canary OK (bitwise")
+    code, out, _ = _run(capsys, "canary", "verify", c, "--model", "_models:classifier", "--json", "--mode", "summary")
+    assert code == 0 and json.loads(out)["outputs"][0]["cosine"] == pytest.approx(1.0)
+    # same architecture, other weights: fails and names the output
+    code, out, _ = _run(capsys, "canary", "verify", c, "--model", "_models:classifier", "--weights",
+                        _save(tmp_path, classifier(seed=4)))  # fmt: skip
+    assert code == 1 and "'output':" in out
+    # inputs from a function spec
+    code, _, _ = _run(capsys, "canary", "record", "--model", "_models:classifier", "--inputs",
+                      "_models:classifier_inputs", "-o", c)  # fmt: skip
+    assert code == 0 and torch.equal(tw.Canary.load(c).inputs[0], classifier_inputs())
+
+
+def _save(tmp_path, model) -> str:
+    path = tmp_path / "other.safetensors"
+    save_file(model.state_dict(), path)
+    return str(path)
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(ckpt, tmp_path, capsys):
+    m = tmp_path / "m.json"
+    cases = [
+        (("manifest", tmp_path / "none.safetensors", "-o", m), "does not exist"),
+        (("manifest", ckpt, "--model", "_models:classifier", "-o", m), "not both"),
+        (("manifest", "--model", "nowhere_module:f", "-o", m), "cannot import 'nowhere_module'"),
+        (("manifest", "--model", "_models", "-o", m), "must look like 'package.module:factory'"),
+        (("manifest", "--model", "_models:missing", "-o", m), "has no attribute 'missing'"),
+        (("manifest", "--model", "_models:classifier_inputs", "-o", m), "returned Tensor, not a torch.nn.Module"),
+        (("verify", ckpt, "--manifest", tmp_path / "none.json"), "manifest '"),
+        (("canary", "verify", ckpt, "--model", "_models:classifier"), "has format None"),
+        (("manifest", ckpt, "-o", m, "--threads", "0"), "must be a positive integer"),
+    ]
+    for argv, message in cases:
+        code, _out, err = _run(capsys, *argv)
+        assert code == 2 and message in err, (argv, err)
+        assert "Traceback" not in err
+    assert not m.exists()
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(ckpt.read_bytes()[:-100])
+    code, _, err = _run(capsys, "manifest", truncated, "-o", m)
+    assert code == 2 and "is truncated" in err and not m.exists()
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"0.weight": torch.zeros(3, 3)}, wrong)
+    code, _, err = _run(capsys, "verify", "--model", "_models:classifier", "--weights", wrong, "--manifest", m)
+    assert code == 2 and "the weights do not fit the model" in err
+    save_file({"x": torch.randn(2, 5)}, tmp_path / "in.safetensors")
+    code, _, err = _run(capsys, "canary", "record", "--model", "_models:classifier", "--inputs",
+                        tmp_path / "in.safetensors", "-o", tmp_path / "c.safetensors")  # fmt: skip
+    assert code == 2 and "the model failed on the canary inputs (0: float32[2, 5])" in err
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_non_utf8_output_path_from_a_real_process(ckpt, tmp_path):
+    out = os.fsencode(tmp_path) + b"/m-\xff.json"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    done = subprocess.run([sys.executable, "-m", "torchwatch", "manifest", os.fsencode(ckpt), "-o", out],
+                          capture_output=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert b"m-\\xff.json" in done.stdout and os.path.exists(out)
+    bad = os.fsencode(tmp_path) + b"/no-\xfe.safetensors"
+    done = subprocess.run([sys.executable, "-m", "torchwatch", "verify", bad, "--manifest", out],
+                          capture_output=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and b"no-\\xfe.safetensors' does not exist" in done.stderr
