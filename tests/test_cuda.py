@@ -128,3 +128,62 @@ def test_drift_monitoring_never_synchronises():
         snap = watch.snapshot()
     assert snap.drift["1"].windows == 6
     assert watch.errors == {}
+
+
+# ---- integrity on the GPU (CPU twins: test_fingerprint.py, test_manifest.py, test_canary.py) ----
+
+
+def _weights_model() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(300, 1000), torch.nn.LayerNorm(1000), torch.nn.Linear(1000, 77))
+    model.register_buffer("odd", torch.arange(13, dtype=torch.int16), persistent=False)  # 26 bytes: padded
+    return model.eval()
+
+
+def test_fingerprint_on_cuda_equals_the_cpu_fingerprint_of_the_same_bytes():
+    model = _weights_model()
+    on_cpu = tw.fingerprint(model, chunk_bytes=1 << 14)
+    model.cuda()
+    triton_fp = tw.fingerprint(model, chunk_bytes=1 << 14)
+    twin_fp = tw.fingerprint(model, chunk_bytes=1 << 14, backend="torch")
+    assert triton_fp == twin_fp == on_cpu
+    assert {p.device for p in triton_fp.tensors.values()} == {"cuda:0"}
+
+
+def test_fingerprint_and_manifest_see_writes_still_queued_on_the_serving_stream():
+    model = _weights_model().cuda()
+    before = tw.fingerprint(model)
+    manifest = tw.Manifest.from_model(model)
+    torch.cuda._sleep(200_000_000)  # keep the default stream busy, then queue a write behind it
+    with torch.no_grad():
+        model[2].bias.add_(1.0)
+    changes = before.diff(tw.fingerprint(model))
+    assert [(c.tensor, c.chunk) for c in changes] == [("2.bias", 0)]
+    torch.cuda._sleep(200_000_000)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    assert tw.verify_weights(model, manifest).mismatched == ["0.weight", "2.bias"]
+
+
+def test_manifest_from_a_cuda_model_equals_the_cpu_one_and_the_file():
+    model = _weights_model()
+    cpu_manifest = tw.Manifest.from_model(model)
+    model.cuda().half()
+    from_gpu = tw.Manifest.from_model(model)
+    assert from_gpu.tensors["odd"] == cpu_manifest.tensors["odd"]
+    assert from_gpu.tensors["0.weight"].dtype == "float16"
+    assert from_gpu == tw.Manifest.from_model(model.cpu())
+
+
+def test_canary_across_devices_uses_summary_metrics_and_same_device_is_bitwise():
+    torch.manual_seed(0)
+    model = mlp(64)
+    x = torch.randn(256, 64)
+    canary = tw.Canary.record(model, x)
+    report = canary.verify(model.cuda())
+    assert report.mode == "summary" and report.ok, report.summary()
+    on_gpu = tw.Canary.record(model, x)
+    again = on_gpu.verify(model)
+    assert again.mode == "bitwise" and again.ok, again.summary()
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1e-3
+    assert not on_gpu.verify(model).ok

@@ -58,7 +58,7 @@ def test_both_backends_match_the_numpy_oracle(dtype, numel, backend, seed):
 
 
 def test_misaligned_views_are_read_from_their_own_bytes():
-    base = torch.arange(1001, dtype=torch.int16)
+    base = torch.arange(1001, dtype=torch.int16, device=DEVICE)
     module = torch.nn.Module()
     module.register_buffer("v", base[3:])  # storage offset of 6 bytes: not word-aligned
     for backend in ("torch", "triton"):
@@ -75,7 +75,7 @@ def _model() -> torch.nn.Module:
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_single_bit_flip_anywhere_is_located_to_its_chunk(backend):
-    model = _model()
+    model = _model().to(DEVICE)
     base = tw.fingerprint(model, chunk_bytes=CHUNK, backend=backend)
     gen = torch.Generator().manual_seed(1)
     for name, t in [("0.weight", model[0].weight), ("1.bias", model[1].bias), ("table", model.table)]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -193,7 +194,9 @@ def fingerprint(
     Args:
         model: the model.
         chunk_bytes: bytes per chunk, a power of two >= 16 KiB: the resolution of :meth:`Fingerprint.diff`.
-        backend: ``"auto"`` (Triton on CUDA when available, else torch ops), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA when available, else torch ops), ``"triton"`` (CUDA
+            only; CPU tensors too under ``TRITON_INTERPRET=1``, which is how CI tests the kernel) or
+            ``"torch"``.
         stream: CUDA stream to run on (default: a side stream that first waits for the work already
             queued on the device, so serving kernels launched later are not held up by it).
 
@@ -220,6 +223,8 @@ def fingerprint(
         by_device.setdefault(t.device, []).append(name)
     sums: dict[str, tuple[int, ...]] = {}
     for device, names in by_device.items():
+        if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"backend='triton' needs CUDA tensors, and {names[0]!r} is on {device}; use 'auto'")
         use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and _triton_ok())
         if use_triton:
             sums.update(_device_sums_triton(device, {n: tensors[n] for n in names}, chunk_words, stream))
