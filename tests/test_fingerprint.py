@@ -199,3 +199,14 @@ def test_torch_mixer_blocks_do_not_change_the_sums():
     a = TorchMixer(torch.device("cpu"), block=1 << 10).chunk_sums(words, 7, 1 << 13)
     b = TorchMixer(torch.device("cpu"), block=1 << 16).chunk_sums(words, 7, 1 << 13)
     assert a == b and len(a) == -(-words.numel() // (1 << 13))
+
+
+def test_cached_chunk_table_follows_tensors_that_moved():
+    model = _model().to(DEVICE)
+    first = tw.fingerprint(model, chunk_bytes=CHUNK, backend="triton")
+    assert tw.fingerprint(model, chunk_bytes=CHUNK, backend="triton") == first  # table reused
+    model[0].weight.data = model[0].weight.data.clone()  # same bytes, another address
+    assert tw.fingerprint(model, chunk_bytes=CHUNK, backend="triton") == first
+    model[0].weight.data = model[0].weight.data.flip(0).contiguous()
+    changed = {c.tensor for c in first.diff(tw.fingerprint(model, chunk_bytes=CHUNK, backend="triton"))}
+    assert changed == {"0.weight"}

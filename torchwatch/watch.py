@@ -170,6 +170,7 @@ class Watch:
         self._drift_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._installed = 0  # sampled calls in flight that need the module hooks (python sampling)
         self._fingerprint_monitor: Any = None
+        self._triton_in_compile = False  # benchmarks/_compile_probe.py sets it to reproduce the crash
         self._install_lock = threading.Lock()
         self.attached = False
         self._new_table(_model_device(model))  # before any trace: tables cannot be made inside one
@@ -649,8 +650,13 @@ class Watch:
             self._order.setdefault(name)
             self._seen.add(fqn)
             call = table.control[CALLS] - 1
+            # Inside torch.compile the statistics are torch ops that inductor fuses into its own
+            # kernels: it knows the real layout of every buffer it passes them. The hand-written
+            # kernel is for eager launches and captured CUDA graphs (a compiled BERT-base that
+            # launched it crashed with an illegal memory access on an H200; see RESULTS.md).
+            merge = torch_ops.merge_into if _compiling() and not self._triton_in_compile else _merge_for(table, x)
             with torch.no_grad():
-                _merge_for(table, x)(table, slot, x.detach(), plan, call, use_flag=True)
+                merge(table, slot, x.detach(), plan, call, use_flag=True)
 
     def _table_full(self, name: str) -> None:
         self._warn_once(

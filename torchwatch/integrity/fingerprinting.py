@@ -13,10 +13,12 @@ each tensor once (tied weights under their first name).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -247,6 +249,39 @@ def _triton_ok() -> bool:
     return True
 
 
+# Chunk tables on the device, by (device, chunk words, (name, address, words) of every tensor): a
+# periodic re-check of an unchanged model reuses its table instead of rebuilding thousands of rows.
+_TABLES: collections.OrderedDict[tuple[Any, ...], torch.Tensor] = collections.OrderedDict()
+_TABLES_MAX = 8
+_tables_lock = threading.Lock()
+
+
+def _chunk_table(device: torch.device, words: dict[str, torch.Tensor], chunk_words: int) -> torch.Tensor:
+    key = (device, chunk_words, tuple((n, w.data_ptr(), w.numel()) for n, w in words.items()))
+    with _tables_lock:
+        table = _TABLES.get(key)
+        if table is not None:
+            _TABLES.move_to_end(key)
+            return table
+    parts = []
+    for n, w in words.items():
+        c0 = torch.arange(0, w.numel(), chunk_words, dtype=torch.int64)
+        rows = torch.stack(
+            [
+                w.data_ptr() + 8 * c0,
+                (w.numel() - c0).clamp(max=chunk_words),
+                fingerprint_ops.signed(position(_salt(n), 0)) + c0,
+            ]
+        )
+        parts.append(rows.t())
+    table = torch.cat(parts).contiguous().to(device) if parts else torch.empty(0, 3, dtype=torch.int64, device=device)
+    with _tables_lock:
+        _TABLES[key] = table
+        while len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    return table
+
+
 def _device_sums_triton(
     device: torch.device, tensors: dict[str, torch.Tensor], chunk_words: int, stream: torch.cuda.Stream | None
 ) -> dict[str, tuple[int, ...]]:
@@ -257,19 +292,25 @@ def _device_sums_triton(
         side = stream or torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
     ctx = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+    sums: dict[str, tuple[int, ...]] = {}
     with ctx:
-        words = {n: as_words(t) for n, t in tensors.items()}  # padded copies only for odd sizes
-        rows: list[tuple[int, int, int]] = []
-        spans: dict[str, tuple[int, int]] = {}
-        for n, w in words.items():
-            first, salt, count = len(rows), _salt(n), w.numel()
-            rows.extend(
-                (w.data_ptr() + 8 * c0, min(chunk_words, count - c0), fingerprint_ops.signed(position(salt, c0)))
-                for c0 in range(0, count, chunk_words)
-            )
-            spans[n] = (first, len(rows))
-        table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).to(device)
-        out = torch.empty(len(rows), dtype=torch.int64, device=device)
+        aligned = {}
+        for n, t in tensors.items():
+            w = as_words(t)
+            if w.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() or t.numel() == 0:
+                aligned[n] = w
+            else:  # odd size or misaligned view: a padded copy, too small to be worth the kernel
+                sums[n] = tuple(TorchMixer(device, block=1 << 16).chunk_sums(w, _salt(n), chunk_words))
+        aligned = {n: w for n, w in aligned.items() if w.numel()}
+        table = _chunk_table(device, aligned, chunk_words)
+        out = torch.empty(table.shape[0], dtype=torch.int64, device=device)
         triton_fingerprint.chunk_sums(table, out, chunk_words)
         values = [fingerprint_ops.unsigned(v) for v in out.tolist()]  # waits for this stream only
-    return {n: tuple(values[a:b]) for n, (a, b) in spans.items()}
+    i = 0
+    for n, w in aligned.items():
+        count = -(-w.numel() // chunk_words)
+        sums[n] = tuple(values[i : i + count])
+        i += count
+    for n in tensors:
+        sums.setdefault(n, ())
+    return {n: sums[n] for n in tensors}

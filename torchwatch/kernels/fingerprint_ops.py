@@ -25,6 +25,7 @@ M2 = 0x94D049BB133111EB
 SALT_BITS = 24
 INDEX_BITS = 40
 BLOCK = 1 << 16  # words per torch step on CPU: temporaries stay in L2
+GPU_BLOCK = 1 << 22  # on an accelerator: 32 MB per temporary, few launches
 
 _MASK64 = (1 << 64) - 1
 
@@ -55,29 +56,44 @@ def as_words(t: torch.Tensor) -> torch.Tensor:
 
 
 class TorchMixer:
-    """Chunk sums with torch ops on any device; reuses its buffers between calls."""
+    """Chunk sums with torch ops on any device; reuses its buffers between calls.
 
-    def __init__(self, device: torch.device, block: int = BLOCK) -> None:
-        self.block = block
-        self.keys = (torch.arange(1, block + 1, dtype=torch.int64, device=device) * signed(G)).contiguous()
-        self.x = torch.empty(block, dtype=torch.int64, device=device)
-        self.t = torch.empty(block, dtype=torch.int64, device=device)
-        self.k = torch.empty(block, dtype=torch.int64, device=device)
+    ``block`` words are mixed per step: small on CPU (temporaries stay in L2), large on an
+    accelerator (fewer launches). Block and chunk sizes are powers of two, so one divides the other.
+    """
+
+    def __init__(self, device: torch.device, block: int | None = None) -> None:
+        self.block = block or (BLOCK if device.type == "cpu" else GPU_BLOCK)
+        self.keys = (torch.arange(1, self.block + 1, dtype=torch.int64, device=device) * signed(G)).contiguous()
+        self.x = torch.empty(self.block, dtype=torch.int64, device=device)
+        self.t = torch.empty(self.block, dtype=torch.int64, device=device)
+        self.k = torch.empty(self.block, dtype=torch.int64, device=device)
 
     def chunk_sums(self, words: torch.Tensor, salt: int, chunk_words: int) -> list[int]:
         """Unsigned 64-bit sums of each ``chunk_words`` chunk of ``words`` (int64, 1-D)."""
-        sums: list[torch.Tensor] = []
         n = words.numel()
-        for c0 in range(0, n, chunk_words):
-            parts = [
-                self._block_sum(words[b0 : b0 + min(self.block, n - b0, c0 + chunk_words - b0)], position(salt, b0))
-                for b0 in range(c0, min(c0 + chunk_words, n), self.block)
-            ]
-            sums.append(torch.stack(parts).sum() if len(parts) > 1 else parts[0])
+        if n == 0:
+            return []
+        sums: list[torch.Tensor] = []
+        if self.block >= chunk_words:  # a step covers whole chunks: sum each row of a (chunks, words) view
+            for b0 in range(0, n, self.block):
+                x = self._mix(words[b0 : b0 + self.block], position(salt, b0))
+                full = x.numel() // chunk_words
+                if full:
+                    sums.append(x[: full * chunk_words].view(full, chunk_words).sum(1))
+                if x.numel() % chunk_words:
+                    sums.append(x[full * chunk_words :].sum().view(1))
+        else:  # a chunk takes several steps
+            for c0 in range(0, n, chunk_words):
+                parts = [
+                    self._mix(words[b0 : min(b0 + self.block, c0 + chunk_words, n)], position(salt, b0)).sum()
+                    for b0 in range(c0, min(c0 + chunk_words, n), self.block)
+                ]
+                sums.append(torch.stack(parts).sum().view(1))
         # one read at the end (one device sync on an accelerator)
-        return [unsigned(v) for v in torch.stack(sums).tolist()] if sums else []
+        return [unsigned(v) for v in torch.cat(sums).tolist()]
 
-    def _block_sum(self, w: torch.Tensor, p0: int) -> torch.Tensor:
+    def _mix(self, w: torch.Tensor, p0: int) -> torch.Tensor:
         m = w.numel()
         x, t, k = self.x[:m], self.t[:m], self.k[:m]
         # (p0 + i + 1) * G == p0 * G + (i + 1) * G  (mod 2**64)
@@ -91,4 +107,4 @@ class TorchMixer:
         torch.bitwise_right_shift(x, 29, out=t)
         t.bitwise_and_((1 << 35) - 1)
         x.bitwise_xor_(t)
-        return x.sum()
+        return x

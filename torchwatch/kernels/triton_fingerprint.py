@@ -29,13 +29,15 @@ def _fingerprint_kernel(table_ptr, out_ptr, CHUNK: tl.constexpr, BLOCK: tl.const
     n = tl.load(table_ptr + 3 * c + 1)
     p0 = tl.load(table_ptr + 3 * c + 2).to(tl.uint64, bitcast=True)
     base = address.to(tl.pointer_type(tl.int64))
+    lanes = tl.arange(0, BLOCK)
+    # key of word i is (p0 + i + 1) * G: per-lane part once, one scalar product per tile
+    lane_keys = (lanes.to(tl.uint64) + 1) * _G
     acc = tl.zeros([BLOCK], dtype=tl.uint64)
     for start in range(0, CHUNK, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+        offs = start + lanes
         live = offs < n
         w = tl.load(base + offs, mask=live, other=0).to(tl.uint64, bitcast=True)
-        k = (p0 + offs.to(tl.uint64) + 1) * _G
-        x = (w ^ k) * _M1
+        x = (w ^ (lane_keys + (p0 + start) * _G)) * _M1
         x = x ^ (x >> 31)
         x = x * _M2
         x = x ^ (x >> 29)
@@ -43,8 +45,10 @@ def _fingerprint_kernel(table_ptr, out_ptr, CHUNK: tl.constexpr, BLOCK: tl.const
     tl.store(out_ptr + c, tl.sum(acc, axis=0).to(tl.int64, bitcast=True))
 
 
-def chunk_sums(table: torch.Tensor, out: torch.Tensor, chunk_words: int) -> None:
+def chunk_sums(
+    table: torch.Tensor, out: torch.Tensor, chunk_words: int, *, block: int = BLOCK, num_warps: int = NUM_WARPS
+) -> None:
     """Fill ``out[c]`` with the sum of chunk ``c`` described by ``table[c]`` (both int64, on device)."""
     if table.shape[0] == 0:
         return
-    _fingerprint_kernel[(table.shape[0],)](table, out, CHUNK=chunk_words, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _fingerprint_kernel[(table.shape[0],)](table, out, CHUNK=chunk_words, BLOCK=block, num_warps=num_warps)
