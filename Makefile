@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-drift clean
+.PHONY: demo test lint format bench bench-drift bench-integrity clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt torchwatch/kernels/_cstats.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,4 +43,15 @@ bench-drift: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python benchmarks/drift.py --json benchmarks/drift-last-run.json
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info torchwatch/kernels/*.so
+	rm -rf $(VENV) $(BENCH_VENV) $(PEER_VENV) build *.egg-info torchwatch/kernels/*.so
+
+# model-signing (the hashing peer) pins its own dependencies: a separate environment without torch.
+PEER_VENV := .venv-integrity-peer
+$(PEER_VENV)/.installed: requirements/integrity-peer.txt
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet -r requirements/integrity-peer.txt
+	touch $@
+
+bench-integrity: $(STAMP) $(PEER_VENV)/.installed
+	$(BIN)/python benchmarks/integrity.py --peer-python $(PEER_VENV)/bin/python --json benchmarks/integrity-last.json
+
