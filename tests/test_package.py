@@ -16,6 +16,7 @@ EXPECTED = {
     "CalibrationReport", "DriftStatus", "Reference", "arl_windows",
     "Canary", "CanaryReport", "Fingerprint", "FingerprintChange", "Manifest", "OutputCheck", "SelfTestReport",
     "Tolerances", "WeightReport", "fingerprint", "selftest", "verify_weights",
+    "CircuitBreaker", "CircuitOpenError", "IncidentLog", "PrometheusSink", "rules",
 }  # fmt: skip
 
 
@@ -51,6 +52,6 @@ def test_package_ships_type_information():
 def test_error_tree():
     assert issubclass(tw.ConfigError, tw.TorchwatchError) and issubclass(tw.ConfigError, ValueError)
     assert issubclass(tw.FormatError, ValueError)
-    for cls in (tw.IntegrityError, tw.CanaryError, tw.NonFiniteError):
+    for cls in (tw.IntegrityError, tw.CanaryError, tw.NonFiniteError, tw.CircuitOpenError):
         assert issubclass(cls, tw.TorchwatchError)
     assert issubclass(tw.TorchwatchWarning, UserWarning)

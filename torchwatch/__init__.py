@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+from . import rules
 from .alerts import Alert, FirstNonFinite
+from .containment import CircuitBreaker
 from .drift import CalibrationReport, DriftStatus, Reference, arl_windows
 from .errors import (
     CanaryError,
+    CircuitOpenError,
     ConfigError,
     FormatError,
     IntegrityError,
@@ -35,7 +38,7 @@ from .integrity import (
     selftest,
     verify_weights,
 )
-from .sinks import JsonlSink, MemorySink, Record, Sink, TensorBoardSink
+from .sinks import IncidentLog, JsonlSink, MemorySink, PrometheusSink, Record, Sink, TensorBoardSink
 from .snapshot import Snapshot
 from .stats import DEFAULT_CAST_DTYPES, ModuleStats, tensor_stats
 from .watch import Watch, attach
@@ -54,12 +57,15 @@ __all__ = [
     "Canary",
     "CanaryError",
     "CanaryReport",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "ConfigError",
     "DriftStatus",
     "Fingerprint",
     "FingerprintChange",
     "FirstNonFinite",
     "FormatError",
+    "IncidentLog",
     "IntegrityError",
     "JsonlSink",
     "Manifest",
@@ -67,6 +73,7 @@ __all__ = [
     "ModuleStats",
     "NonFiniteError",
     "OutputCheck",
+    "PrometheusSink",
     "Record",
     "Reference",
     "SelfTestReport",
@@ -81,6 +88,7 @@ __all__ = [
     "arl_windows",
     "attach",
     "fingerprint",
+    "rules",
     "selftest",
     "tensor_stats",
     "verify_weights",

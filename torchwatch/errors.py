@@ -7,7 +7,8 @@ The tree::
     ├── FormatError(TorchwatchError, ValueError)    a file torchwatch cannot read
     ├── IntegrityError(TorchwatchError)             weights differ from their manifest
     ├── CanaryError(TorchwatchError)                reference outputs do not match
-    └── NonFiniteError(TorchwatchError)             NaN/Inf seen with on_nonfinite="raise"
+    ├── NonFiniteError(TorchwatchError)             NaN/Inf seen with on_nonfinite="raise"
+    └── CircuitOpenError(TorchwatchError)           a CircuitBreaker without fallback is open
 
     TorchwatchWarning(UserWarning)                  something was skipped or disabled; inference goes on
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "CanaryError",
+    "CircuitOpenError",
     "ConfigError",
     "FormatError",
     "IntegrityError",
@@ -78,6 +80,10 @@ class NonFiniteError(TorchwatchError):
     def __init__(self, message: str, alert: object) -> None:
         super().__init__(message)
         self.alert = alert
+
+
+class CircuitOpenError(TorchwatchError):
+    """A :class:`torchwatch.CircuitBreaker` with no fallback is open: the model is not called."""
 
 
 class TorchwatchWarning(UserWarning):

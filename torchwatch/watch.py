@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import rules as _rules
 from ._accumulators import new_host_accumulator, stats_from_raw, to_module_stats
 from ._casts import CastPlan, _float_dtypes, cast_plan, normalize_cast_dtypes
 from ._drift_online import RING, DriftMonitor
@@ -110,6 +111,8 @@ class Watch:
         max_cohorts: int = 16,
         drift: Any = None,
         drift_arl: float | None = None,
+        rules: Iterable[Any] | None = None,
+        alert_policy: Any = None,
         _device_path: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -122,6 +125,10 @@ class Watch:
         self._max_cohorts = _positive_int("max_cohorts", max_cohorts)
         self.cast_dtypes = normalize_cast_dtypes(cast_dtypes)
         self.on_nonfinite = _nonfinite_policy(on_nonfinite)
+        self.rules = _rules.normalize(rules, self.cast_dtypes)
+        self.alert_policy = alert_policy if alert_policy is not None else _rules.AlertPolicy()
+        if not isinstance(self.alert_policy, _rules.AlertPolicy):
+            raise ConfigError(f"alert_policy must be a tw.rules.AlertPolicy, got {type(alert_policy).__name__}")
         sinks = _sink_list(sinks)
         selected = select_modules(model, modules)
         self.modules = [name for name, _ in selected]
@@ -170,6 +177,9 @@ class Watch:
         self._drift_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._installed = 0  # sampled calls in flight that need the module hooks (python sampling)
         self._fingerprint_monitor: Any = None
+        self._trips = 0  # tripping alerts so far; healthy while it equals _trips_cleared
+        self._trips_cleared = 0
+        self._trip_alert: Alert | None = None
         self._triton_in_compile = False  # benchmarks/_compile_probe.py sets it to reproduce the crash
         self._install_lock = threading.Lock()
         self.attached = False
@@ -218,6 +228,32 @@ class Watch:
         """Alerts raised so far (the last 1000), oldest first."""
         with self._lock:
             return list(self._alerts)
+
+    @property
+    def healthy(self) -> bool:
+        """False from a *tripping* alert until :meth:`mark_healthy`.
+
+        Tripping alerts: NaN/Inf (``"nonfinite"``), weights changed in memory
+        (``"fingerprint"``) and rules created with ``trips=True`` (by default: any value that
+        would overflow a cast to float16/bfloat16). On CPU a NaN/Inf trips at the end of the call
+        that produced it; on accelerators and for rules, at the flush that sees it. Reading it
+        costs one attribute comparison (no lock).
+        """
+        return self._trips == self._trips_cleared
+
+    @property
+    def trips(self) -> int:
+        """Tripping alerts since attaching (only grows; :class:`~torchwatch.CircuitBreaker` watches it)."""
+        return self._trips
+
+    @property
+    def last_trip(self) -> Alert | None:
+        """The most recent tripping alert, or None."""
+        return self._trip_alert
+
+    def mark_healthy(self) -> None:
+        """Declare the current trips handled (after a fix or a reload): :attr:`healthy` is True again."""
+        self._trips_cleared = self._trips
 
     @property
     def errors(self) -> dict[str, int]:
@@ -701,14 +737,20 @@ class Watch:
                 if name not in self._first_nonfinite:
                     record = FirstNonFinite(name, call.index, call.trace_id, call.cohort, origin)
                     self._first_nonfinite[name] = self._window_nonfinite[name] = record
-        if self.on_nonfinite == "ignore":
-            return None
         alert = nonfinite_alert(
             origin, (nan, posinf, neginf), spread=len(names) - 1, call=call.index, cohort=call.cohort,
             trace_id=call.trace_id,
         )  # fmt: skip
+        self._trip(alert)  # health follows NaN/Inf whatever the notification policy
+        if self.on_nonfinite == "ignore":
+            return None
         self._deliver(alert)
         return alert
+
+    def _trip(self, alert: Alert) -> None:
+        with self._lock:
+            self._trip_alert = alert
+            self._trips += 1
 
     def _deliver(self, alert: Alert, *, window: bool = True) -> None:
         """Keep the alert and act on it; ``window``: also send it with the next flush's record."""
@@ -738,6 +780,7 @@ class Watch:
 
     def _deliver_fingerprint(self, alert: Alert) -> None:
         """Keep a weight-corruption alert, send it with the next record, warn once per module."""
+        self._trip(alert)
         with self._lock:
             self._alerts.append(alert)
             self._window_alerts.append(alert)
@@ -839,16 +882,61 @@ class Watch:
             alerts += drift_alerts
         nonfinite = {**nonfinite, **new_firsts}
         self._check_unseen()
+        now = time.time()
+        alerts += self._run_rules(step, now, converted, drift_status)
+        alerts = [a for a in alerts if self.alert_policy.admit(a, now)]
         if not (calls or alerts):
             return None
         return Record(
-            step=step, time=time.time(), calls=calls, sampled=sampled,
+            step=step, time=now, calls=calls, sampled=sampled,
             stats={name: merge_all(per_name[name]) for name in order},
             alerts=tuple(alerts), nonfinite=nonfinite, errors=errors, drift=drift_status,
         )  # fmt: skip
 
+    def _run_rules(self, step: int, now: float, converted: list, drift_status: dict) -> list[Alert]:
+        """Worker thread: evaluate the rules on this interval, once per cohort."""
+        if not self.rules or not converted:
+            return []
+        by_cohort: dict[str | None, dict[str, list[ModuleStats]]] = {}
+        for (cohort, name), s in converted:
+            by_cohort.setdefault(cohort, {}).setdefault(name, []).append(s)
+        out: list[Alert] = []
+        for cohort, per_name in by_cohort.items():
+            interval = _rules.Interval(
+                step,
+                now,
+                cohort,
+                {n: merge_all(v) for n, v in per_name.items()},
+                drift_status if cohort is None else {},
+            )
+            for rule in self.rules:
+                try:
+                    found = list((rule.evaluate if isinstance(rule, _rules.Rule) else rule)(interval) or ())
+                except Exception as exc:  # noqa: BLE001 - a broken rule never stops the flush
+                    name = _rules.rule_name(rule)
+                    with self._lock:
+                        self._errors[f"rule:{name}"] += 1
+                    self._warn_once(f"rule:{name}", f"rule {name!r} raised {exc!r}; counted in watch.errors")
+                    continue
+                for alert in found:
+                    if not isinstance(alert, Alert):
+                        continue
+                    if _rules.trips(rule):
+                        self._trip(alert)
+                    out.append(alert)
+        if out:
+            with self._lock:
+                self._alerts.extend(out)
+            for alert in out:
+                self._warn_once(f"{alert.rule}:{alert.module}", f"{alert.message} (warned once per rule and module)")
+        return out
+
     def _device_alerts(self, firsts: dict[str, FirstNonFinite], counts: dict[str, tuple[int, int, int]]) -> list[Alert]:
         """One alert per origin among positions that went non-finite on the device this window."""
+        if counts:  # NaN/Inf on the device this window (first or not): the watch is unhealthy
+            origin = next(iter(counts))
+            self._trip(nonfinite_alert(origin, counts[origin], spread=len(counts) - 1, call=-1, cohort=None,
+                                       trace_id=None))  # fmt: skip
         if self.on_nonfinite == "ignore" or not firsts:
             return []
         by_origin: dict[tuple[str, int], list[FirstNonFinite]] = {}
@@ -1031,6 +1119,8 @@ def attach(
     max_cohorts: int = 16,
     drift: Any = None,
     drift_arl: float | None = None,
+    rules: Iterable[Any] | None = None,
+    alert_policy: Any = None,
 ) -> Watch:
     """Start measuring the outputs of ``model``'s modules on every ``every``-th call.
 
@@ -1063,6 +1153,12 @@ def attach(
             ``snapshot().drift[fqn]`` holds the :class:`~torchwatch.DriftStatus`.
         drift_arl: target windows between false alarms (default: the reference's ``arl``);
             :func:`~torchwatch.arl_windows` turns "one a week at 50 requests/s" into windows.
+        rules: alert rules evaluated at each flush, off the serving thread (default:
+            :func:`torchwatch.rules.defaults`: cast overflow/underflow limits and baseline control
+            charts of abs-max, std and zero fraction); ``[]`` turns them off. NaN/Inf and drift
+            alerts are built in.
+        alert_policy: a :class:`torchwatch.rules.AlertPolicy` (de-duplication cool-down and rate
+            limit for what reaches the sinks; default: 5 minutes per rule/module/stat/cohort, 60 a minute).
 
     Returns:
         The :class:`Watch`, also a context manager that detaches on exit.
@@ -1083,7 +1179,7 @@ def attach(
     return Watch(
         model, modules=modules, every=every, sampling=sampling, sinks=sinks, flush_every=flush_every,
         cast_dtypes=cast_dtypes, on_nonfinite=on_nonfinite, max_cohorts=max_cohorts, drift=drift,
-        drift_arl=drift_arl,
+        drift_arl=drift_arl, rules=rules, alert_policy=alert_policy,
     )  # fmt: skip
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from .base import Record, Sink
+from .incidents import IncidentLog
 from .jsonl import JsonlSink
 from .memory import MemorySink
+from .prometheus import PrometheusSink
 from .tensorboard import TensorBoardSink
 
-__all__ = ["JsonlSink", "MemorySink", "Record", "Sink", "TensorBoardSink"]
+__all__ = ["IncidentLog", "JsonlSink", "MemorySink", "PrometheusSink", "Record", "Sink", "TensorBoardSink"]

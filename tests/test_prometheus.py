@@ -1,0 +1,110 @@
+"""PrometheusSink, checked by scraping it over HTTP on 127.0.0.1 and parsing the exposition."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import torch
+
+import torchwatch as tw
+
+prometheus_client = pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            out[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid")))] = s.value
+    return out
+
+
+def test_scraped_values_equal_the_snapshot(quiet):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    sink = tw.PrometheusSink(port=0, model_name="m1")
+    with tw.attach(model, sinks=[sink], flush_every=5, on_nonfinite=[].append) as watch:
+        for i in range(12):
+            x = torch.randn(3, 4) * 1e5
+            if i == 7:
+                x[0, 0] = float("nan")
+            model(x)
+        watch.flush()
+        snap = watch.snapshot()
+        got = _scrape(sink.port)
+
+    def key(name: str, **labels: str) -> tuple[str, tuple]:
+        return name, tuple(sorted({"model": "m1", **labels}.items()))
+
+    assert got[key("torchwatch_calls_total")] == 12
+    for name in ("0", "1"):
+        s = snap[name]
+        assert got[key("torchwatch_elements_total", module=name)] == s.count
+        assert got[key("torchwatch_zeros_total", module=name)] == s.zeros
+        assert got[key("torchwatch_nonfinite_total", module=name, kind="nan")] == s.nan
+        assert got[key("torchwatch_cast_overflow_total", module=name, dtype="float16")] == s.overflow["float16"]
+    assert s.nan > 0 and s.overflow["float16"] > 0
+    assert got[key("torchwatch_alerts_total", rule="nonfinite")] >= 1
+    assert key("torchwatch_absmax", module="0") in got
+
+
+def test_registers_into_the_application_registry_and_bounds_module_labels():
+    registry = prometheus_client.CollectorRegistry()
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(5)])
+    with tw.attach(model, sinks=[tw.PrometheusSink(registry=registry, max_modules=2)]) as watch:
+        model(torch.randn(1, 2))
+        watch.flush()
+    text = prometheus_client.generate_latest(registry).decode()
+    modules = {line.split('module="')[1].split('"')[0] for line in text.splitlines()
+               if line.startswith("torchwatch_elements_total{")}  # fmt: skip
+    assert modules == {"0", "1", "__other__"}
+
+
+def test_a_taken_port_disables_the_sink_once_and_inference_goes_on():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        model = torch.nn.Linear(2, 2)
+        with pytest.warns(tw.TorchwatchWarning, match=f"cannot serve Prometheus metrics on 127.0.0.1:{port}"):
+            with tw.attach(model, sinks=[tw.PrometheusSink(port=port)]) as watch:
+                for _ in range(3):
+                    model(torch.ones(1, 2))
+                    watch.flush()
+        assert sum(v for k, v in watch.errors.items() if k.startswith("sink:")) == 1
+
+
+WORKER = r"""
+import sys, torch, torchwatch as tw
+model = torch.nn.Linear(4, 4)
+with tw.attach(model, sinks=[tw.PrometheusSink(model_name="mp")]) as watch:
+    for _ in range(int(sys.argv[1])):
+        model(torch.randn(2, 4))
+"""
+
+
+def test_multiprocess_mode_sums_counters_across_workers(tmp_path):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for calls in (7, 11):
+        subprocess.run([sys.executable, "-c", WORKER, str(calls)], env=env, check=True, timeout=120)
+    code = (
+        "import os, sys, urllib.request\n"
+        "from torchwatch.sinks.prometheus import serve_multiprocess\n"
+        "server = serve_multiprocess(0)\n"
+        "print(urllib.request.urlopen(f'http://127.0.0.1:{server.server_address[1]}/metrics').read().decode())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120, capture_output=True, text=True)
+    values = {
+        s.name: s.value
+        for f in text_string_to_metric_families(out.stdout)
+        for s in f.samples
+        if s.name in ("torchwatch_calls_total", "torchwatch_elements_total")
+    }
+    assert values["torchwatch_calls_total"] == 18
+    assert values["torchwatch_elements_total"] == 18 * 2 * 4

@@ -1,0 +1,353 @@
+"""Alert rules: turn each flush interval's statistics into alerts a person can trust.
+
+Rules run on the flush worker thread, never in a forward. Each receives one :class:`Interval` per
+cohort (the statistics of the root calls since the previous flush) and returns alerts. Built in:
+
+* ``"nonfinite"`` — any NaN/Inf, with the module where it started (always on; see
+  :class:`torchwatch.Alert`), and ``"drift"`` alarms when ``attach(drift=...)`` is used.
+* :class:`CastRange` — the fraction of values that would overflow (become inf, or saturate for
+  fp8) or underflow (become 0) if cast to a dtype is above a fixed limit.
+* :class:`ControlChart` — a statistic leaving its own baseline: abs-max, std or the fraction of
+  zeros (dead units) of every module, each on its own two-sided CUSUM chart. The baseline (median
+  and robust spread of the transformed statistic) is learned during a warm-up of ``warmup``
+  intervals per series — one series per (cohort, module, statistic), so cohorts get baselines of
+  their own — and the chart's threshold is computed (Markov chain, not simulated) for a target
+  in-control average run length ``arl`` under a Gaussian model of the standardised values
+  (Siegmund's approximation of the CUSUM's ARL: instant, so rules never hold up a flush).
+
+False alarms, stated: the ARL is per series, so a watch with ``S`` series expects about
+``S / arl`` false alarms per interval under that model. Interval statistics are not exactly
+Gaussian (a batch's abs-max has a heavier right tail), so ``tests/test_rules.py`` measures the rate
+on clean traffic; the measured figure is in ``docs/concepts.md``.
+
+Custom rules are objects with ``evaluate(interval) -> iterable of Alert`` (and a ``name``), or
+plain callables with that signature.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .alerts import Alert
+from .errors import ConfigError
+from .stats import ModuleStats
+
+__all__ = [
+    "AlertPolicy",
+    "CastRange",
+    "ControlChart",
+    "Interval",
+    "Rule",
+    "defaults",
+]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """What a rule sees: one cohort's statistics over one flush interval.
+
+    Attributes:
+        step: root calls of the watched model so far (the end of the interval).
+        time: Unix time of the flush.
+        cohort: the ``watch.context(cohort=...)`` label, or None.
+        stats: per output position, the interval's :class:`ModuleStats`.
+        drift: per drift-monitored module, its status (cohort None only).
+    """
+
+    step: int
+    time: float
+    cohort: str | None
+    stats: Mapping[str, ModuleStats]
+    drift: Mapping[str, Any] = field(default_factory=dict)
+
+    def alert(self, rule: str, module: str, stat: str, value: float, expected: float, message: str) -> Alert:
+        """An :class:`Alert` stamped with this interval's step, time and cohort."""
+        return Alert(
+            rule=rule, module=module, stat=stat, value=float(value), expected=float(expected), call=self.step - 1,
+            time=self.time, cohort=self.cohort, trace_id=None, message=message,
+        )  # fmt: skip
+
+
+@runtime_checkable
+class Rule(Protocol):
+    """A rule: ``evaluate`` returns the alerts one interval raises."""
+
+    name: str
+
+    def evaluate(self, interval: Interval) -> Iterable[Alert]: ...
+
+
+def _where(cohort: str | None) -> str:
+    return f" (cohort {cohort!r})" if cohort is not None else ""
+
+
+@dataclass
+class CastRange:
+    """Alert when the fraction of a module's values that a cast would break exceeds ``max_fraction``.
+
+    Args:
+        dtype: a name in ``attach(cast_dtypes=...)``, e.g. ``"float16"``.
+        kind: ``"overflow"`` (|x| above the dtype's max: inf, or saturation for fp8) or
+            ``"underflow"`` (nonzero values that become 0).
+        max_fraction: the largest tolerated fraction of the interval's elements (0: any).
+        trips: whether the alert marks the watch unhealthy (see :attr:`torchwatch.Watch.healthy`).
+    """
+
+    dtype: str
+    kind: str = "overflow"
+    max_fraction: float = 0.0
+    trips: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("overflow", "underflow"):
+            raise ConfigError(f"CastRange kind={self.kind!r} is not valid: use 'overflow' or 'underflow'")
+        if not (0 <= self.max_fraction < 1):
+            raise ConfigError(f"CastRange max_fraction must be in [0, 1), got {self.max_fraction!r}")
+        self.name = self.name or f"cast_{self.kind}"
+
+    def evaluate(self, interval: Interval) -> list[Alert]:
+        out = []
+        for module, s in interval.stats.items():
+            counts = s.overflow if self.kind == "overflow" else s.underflow
+            n = counts.get(self.dtype)
+            if n is None or s.count == 0:
+                continue
+            fraction = n / s.count
+            if fraction > self.max_fraction:
+                verb = "overflow (become inf or saturate)" if self.kind == "overflow" else "underflow to 0"
+                out.append(interval.alert(
+                    self.name, module, f"{self.kind}.{self.dtype}", fraction, self.max_fraction,
+                    f"{n:,} of {s.count:,} values of {module!r}{_where(interval.cohort)} would {verb} in "
+                    f"{self.dtype} ({fraction:.3%}, limit {self.max_fraction:.3%})",
+                ))  # fmt: skip
+        return out
+
+
+def _absmax(s: ModuleStats) -> float:
+    return math.log(s.absmax) if s.absmax > 0 and math.isfinite(s.absmax) else math.nan
+
+
+def _std(s: ModuleStats) -> float:
+    return math.log(s.std) if s.std > 0 and math.isfinite(s.std) else math.nan
+
+
+def _zeros(s: ModuleStats) -> float:
+    return s.zeros / s.count if s.count else math.nan
+
+
+# statistic -> (how it is charted, the smallest standard deviation the chart assumes, words)
+STATISTICS: dict[str, tuple[Callable[[ModuleStats], float], float, str]] = {
+    "absmax": (_absmax, 0.10, "log abs-max"),  # a batch maximum is Gumbel-like: wider floor
+    "std": (_std, 0.05, "log std"),
+    "zero_fraction": (_zeros, 0.01, "fraction of zeros"),
+}
+
+
+def _siegmund_arl(h: float, k: float) -> float:
+    """In-control ARL of a one-sided CUSUM of N(0, 1) values with reference ``k`` and threshold ``h``
+    (Siegmund's approximation, within a few percent of the exact value for k around 0.5)."""
+    delta, b = -k, h + 1.166
+    return (math.exp(-2 * delta * b) + 2 * delta * b - 1) / (2 * delta * delta)
+
+
+@functools.lru_cache(maxsize=64)
+def cusum_threshold(arl: float, k: float) -> float:
+    """Threshold of a two-sided Gaussian CUSUM (two one-sided charts) with in-control ARL ``arl``."""
+    lo, hi = 0.0, 1.0
+    while _siegmund_arl(hi, k) < 2 * arl:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _siegmund_arl(mid, k) < 2 * arl else (lo, mid)
+    return hi
+
+
+class _Series:
+    __slots__ = ("hi", "lo", "mu", "sigma", "warm")
+
+    def __init__(self) -> None:
+        self.warm: list[float] = []
+        self.mu = self.sigma = math.nan
+        self.hi = self.lo = 0.0
+
+
+class ControlChart:
+    """A statistic of every module on its own two-sided CUSUM chart, baselines learned in warm-up.
+
+    Args:
+        stat: ``"absmax"``, ``"std"`` (charted on a log scale) or ``"zero_fraction"``.
+        warmup: intervals per series used to learn its baseline (median, 1.4826 x MAD).
+        arl: target in-control average run length per series, in intervals.
+        k: CUSUM reference value in standard deviations (0.5 detects shifts of ~1 sd fastest).
+        min_sigma: floor on the learned spread (default: 0.10 on the log scale for abs-max, whose
+            batch-to-batch spread is Gumbel-like and badly estimated from a short warm-up; 0.05 for
+            std; 0.01 for the zero fraction): shifts smaller than that are not worth an alert.
+        max_series: series kept (cohorts x modules); later ones are not charted.
+        min_elements: intervals in which a module produced fewer elements are not charted (their
+            statistics are too noisy to hold a baseline; flush less often to chart them).
+
+    Example:
+        >>> from torchwatch import rules
+        >>> chart = rules.ControlChart("absmax", warmup=10, arl=1000)
+        >>> round(chart.threshold, 2)
+        5.75
+    """
+
+    def __init__(
+        self,
+        stat: str,
+        *,
+        warmup: int = 30,
+        arl: float = 10_000,
+        k: float = 0.5,
+        min_sigma: float | None = None,
+        max_series: int = 4096,
+        min_elements: int = 4096,
+        trips: bool = False,
+    ) -> None:
+        if stat not in STATISTICS:
+            raise ConfigError(f"ControlChart stat={stat!r} is not valid: use one of {', '.join(STATISTICS)}")
+        if not (isinstance(warmup, int) and warmup >= 5):
+            raise ConfigError(f"ControlChart warmup must be an integer >= 5 intervals, got {warmup!r}")
+        if not arl > 1:
+            raise ConfigError(f"ControlChart arl must be > 1 interval, got {arl!r}")
+        self.stat, self.warmup, self.arl, self.k = stat, warmup, float(arl), float(k)
+        self.value_of, default_sigma, self.words = STATISTICS[stat]
+        self.min_sigma = default_sigma if min_sigma is None else float(min_sigma)
+        self.max_series, self.min_elements, self.trips = max_series, min_elements, trips
+        self.name = f"baseline_{stat}"
+        self._series: dict[tuple[str | None, str], _Series] = {}
+
+    @property
+    def threshold(self) -> float:
+        """The CUSUM threshold for the target ARL (computed once per (arl, k), on first use)."""
+        return cusum_threshold(self.arl, self.k)
+
+    def evaluate(self, interval: Interval) -> list[Alert]:
+        out = []
+        for module, s in interval.stats.items():
+            if s.count < self.min_elements:
+                continue
+            key = (interval.cohort, module)
+            series = self._series.get(key)
+            if series is None:
+                if len(self._series) >= self.max_series:
+                    continue
+                series = self._series[key] = _Series()
+            v = self.value_of(s)
+            if math.isnan(v):
+                continue
+            if len(series.warm) < self.warmup:
+                series.warm.append(v)
+                if len(series.warm) == self.warmup:
+                    values = np.asarray(series.warm)
+                    series.mu = float(np.median(values))
+                    series.sigma = max(1.4826 * float(np.median(np.abs(values - series.mu))), self.min_sigma)
+                continue
+            z = (v - series.mu) / series.sigma
+            threshold = self.threshold
+            series.hi = max(0.0, series.hi + z - self.k)
+            series.lo = max(0.0, series.lo - z - self.k)
+            if series.hi >= threshold or series.lo >= threshold:
+                direction = "above" if series.hi >= threshold else "below"
+                series.hi = series.lo = 0.0
+                shown, expected = self._shown(v), self._shown(series.mu)
+                out.append(interval.alert(
+                    self.name, module, self.stat, shown, expected,
+                    f"{self.words} of {module!r}{_where(interval.cohort)} left its baseline: {shown:.4g} now, "
+                    f"{expected:.4g} expected ({z:+.1f} sd, {direction})",
+                ))  # fmt: skip
+        return out
+
+    def _shown(self, v: float) -> float:
+        return v if self.stat == "zero_fraction" else math.exp(v)
+
+    def baseline(self, module: str, cohort: str | None = None) -> tuple[float, float] | None:
+        """``(expected value, spread)`` learned for a series, on the charted scale; None in warm-up."""
+        series = self._series.get((cohort, module))
+        if series is None or math.isnan(series.mu):
+            return None
+        return series.mu, series.sigma
+
+
+def defaults(cast_dtypes: Sequence[str] = ("float16", "bfloat16", "float8_e4m3fn")) -> list[Rule]:
+    """The rules ``attach()`` uses when given none.
+
+    * overflow on a cast to fp16/bf16: any value (``trips``: marks the watch unhealthy);
+      to fp8: more than 0.1% of values (fp8's range is small: saturation is routine at a low rate);
+    * underflow to 0 on a cast to fp16/bf16: more than 1% of nonzero-able values;
+    * abs-max, std and zero fraction leaving their baselines (warm-up 30 intervals, ARL 10,000,
+      intervals of at least 4096 elements per module).
+    """
+    out: list[Rule] = []
+    for name in cast_dtypes:
+        if name in ("float16", "bfloat16"):
+            out.append(CastRange(name, "overflow", 0.0, trips=True))
+            out.append(CastRange(name, "underflow", 0.01))
+        elif name.startswith("float8"):
+            out.append(CastRange(name, "overflow", 1e-3))
+    out += [ControlChart("absmax"), ControlChart("std"), ControlChart("zero_fraction")]
+    return out
+
+
+@dataclass
+class AlertPolicy:
+    """De-duplication and rate limiting of alerts before they reach sinks and the incident log.
+
+    Args:
+        cooldown: seconds during which a repeat of the same (rule, module, stat, cohort) is
+            suppressed (counted in :attr:`suppressed`).
+        max_per_minute: at most this many alerts admitted per rolling minute, all kinds together.
+    """
+
+    cooldown: float = 300.0
+    max_per_minute: int = 60
+    suppressed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.cooldown >= 0 and self.max_per_minute >= 1):
+            raise ConfigError("AlertPolicy needs cooldown >= 0 and max_per_minute >= 1")
+        self._last: dict[tuple[Any, ...], float] = {}
+        self._recent: list[float] = []
+
+    def admit(self, alert: Alert, now: float | None = None) -> bool:
+        """Whether to let ``alert`` through (and remember it)."""
+        now = time.time() if now is None else now
+        key = (alert.rule, alert.module, alert.stat, alert.cohort)
+        last = self._last.get(key)
+        self._recent = [t for t in self._recent if now - t < 60.0]
+        if (last is not None and now - last < self.cooldown) or len(self._recent) >= self.max_per_minute:
+            self.suppressed += 1
+            return False
+        self._last[key] = now
+        self._recent.append(now)
+        return True
+
+
+def normalize(rules: Iterable[Any] | None, cast_dtypes: Sequence[str]) -> list[Any]:
+    """Check a ``rules=`` argument: None means :func:`defaults`; items need ``evaluate`` or a call."""
+    if rules is None:
+        return defaults(cast_dtypes)
+    out = list(rules)
+    for r in out:
+        if not (isinstance(r, Rule) or callable(r)):
+            raise ConfigError(
+                f"rules must be Rule objects (with evaluate(interval)) or callables, got {type(r).__name__}"
+            )
+    return out
+
+
+def rule_name(rule: Any) -> str:
+    return getattr(rule, "name", None) or getattr(rule, "__name__", type(rule).__name__)
+
+
+def trips(rule: Any) -> bool:
+    return bool(getattr(rule, "trips", False))

@@ -1,0 +1,96 @@
+"""An append-only incident log: one JSON line per alert, fsynced, readable after any crash."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .._files import shown
+from ..errors import FormatError
+from .base import Record, Sink, _json_safe
+
+FORMAT = "torchwatch.incident/1"
+
+
+class IncidentLog(Sink):
+    """Appends every alert that passed the alert policy to ``path``, one JSON object per line.
+
+    Each line: ``{"format": "torchwatch.incident/1", "step": ..., "rule", "module", "stat",
+    "value", "expected", "call", "time", "cohort", "trace_id", "message"}``. The lines of one flush
+    are written with a single ``write`` and the file is fsynced before the sink returns, so an
+    alert that was reported is on disk. A process killed in the middle of a write leaves at most
+    one partial last line; it is cut off when the log is opened again, so the log a restarted
+    process continues is always whole lines (:meth:`read` also skips it).
+
+    Args:
+        path: the ``.jsonl`` file (parent directories are created).
+
+    Example:
+        >>> import tempfile, torch, torchwatch as tw
+        >>> path = tempfile.mkdtemp() + "/incidents.jsonl"
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> with tw.attach(model, sinks=[tw.IncidentLog(path)], on_nonfinite=[].append):
+        ...     _ = model(torch.tensor([[float("nan"), 1.0]]))
+        >>> [(i["rule"], i["module"]) for i in tw.IncidentLog.read(path)]
+        [('nonfinite', '0')]
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(fd).st_size
+        if size:
+            tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+            if not tail.endswith(b"\n"):  # a write torn by a crash: keep whole lines only
+                cut = tail.rfind(b"\n")
+                os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
+        return fd
+
+    def write(self, record: Record) -> None:
+        if not record.alerts:
+            return
+        if self._fd is None:
+            self._fd = self._open()
+        lines = "".join(
+            json.dumps(_json_safe({"format": FORMAT, "step": record.step, **a.to_dict()}), separators=(",", ":")) + "\n"
+            for a in record.alerts
+        ).encode()
+        os.write(self._fd, lines)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def read(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+        """Every complete incident in the log, oldest first (a torn last line is skipped).
+
+        Raises:
+            FormatError: the file is missing, or a complete line is not an incident.
+        """
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise FormatError(f"cannot read incident log {shown(path)}: {exc.strerror or exc}") from None
+        out = []
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines[:-1], 1):  # the part after the last newline is torn or empty
+            try:
+                item = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise FormatError(f"{shown(path)} line {number} is not JSON; it is not an incident log") from None
+            if not isinstance(item, dict) or item.get("format") != FORMAT:
+                raise FormatError(f"{shown(path)} line {number} is not a torchwatch incident ({FORMAT})")
+            out.append(item)
+        return out
+
+    def __repr__(self) -> str:
+        return f"IncidentLog({self.path!r})"
