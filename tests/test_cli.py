@@ -7,27 +7,39 @@ import json
 import subprocess
 import sys
 
+import torchwatch as tw
 from torchwatch import cli, demo
 
 
-def test_demo_catches_its_silent_failure_and_names_the_origin(tmp_path):
+def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(tmp_path, capsys):
     out = io.StringIO()
-    outcome = demo.run(requests=40, logdir=str(tmp_path), out=out)
+    outcome = demo.run(logdir=str(tmp_path), out=out)
     text = out.getvalue()
-    assert outcome.caught
-    assert (outcome.origin, outcome.first_call, outcome.first_trace) == ("0", 20, "req-00020")
-    assert outcome.accuracy["before"] > 0.9 > outcome.accuracy["after"]
-    assert "origin    module '0' (Standardize) produced the first Inf/NaN" in text
-    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in text
-    records = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
-    firsts = [r["nonfinite"] for r in records if r["nonfinite"]]
-    assert len(firsts) == 1  # each position's first NaN/Inf is reported once, in its interval
-    assert (firsts[0]["0"]["origin"], firsts[0]["0"]["call"]) == ("0", 20)
-    assert sum(r["calls"] for r in records) == 40
+    assert outcome.caught, text
+    assert outcome.startup_refused and outcome.startup_passed
+    assert "replica B refused: 10 with different bytes" in text
+    for phase, (rule, module) in demo.EXPECTED.items():
+        caught = outcome.first(phase, rule, module)
+        assert caught is not None and caught.request <= 32, (phase, rule)  # within 32 requests
+    assert not [c for c in outcome.timeline if c.phase == "clean"]  # no false alarm on clean traffic
+    assert outcome.accuracy["clean"] > 0.95
+    assert outcome.fallback_answers["fp16 overflow"] > 0  # the breaker answered while unhealthy
+    assert "Every failure was caught" in text and f"tensorboard --logdir {tmp_path / 'tensorboard'}" in text
+    incidents = tw.IncidentLog.read(tmp_path / "incidents.jsonl")
+    assert {"fingerprint", "drift", "cast_overflow", "baseline_absmax"} <= {i["rule"] for i in incidents}
+    assert cli.main(["report", str(tmp_path)]) == 1  # the logs hold alerts
+    report = capsys.readouterr().out
+    assert "Worst cast overflow:" in report and "fingerprint" in report and "alarm(s), first at call" in report
+    assert cli.main(["report", str(tmp_path), "--json", "--html", str(tmp_path / "r.html")]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["problems"] and summary["drift"][0]["module"] == "4" and summary["drift"][0]["alarms"] >= 1
+    assert {"fingerprint", "drift", "cast_overflow"} <= {a["rule"] for a in summary["alerts"]}
+    page = (tmp_path / "r.html").read_text()
+    assert page.startswith("<!doctype html>") and page.count("<svg") >= 3
 
 
 def test_cli_exit_codes(tmp_path, capsys):
-    assert cli.main(["demo", "--requests", "20", "--logdir", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--logdir", str(tmp_path)]) == 0
     assert cli.main([]) == 2
     assert "usage: torchwatch" in capsys.readouterr().err
     assert cli.main(["demo", "--requests", "0"]) == 2
@@ -40,3 +52,27 @@ def test_python_dash_m_runs_the_same_cli():
     result = subprocess.run([sys.executable, "-m", "torchwatch"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "demo" in result.stderr
+
+
+def test_report_exit_codes_and_tensorboard_only_logs(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no torchwatch log" in capsys.readouterr().err
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    clean = tmp_path / "clean"
+    with tw.attach(model, sinks=[tw.JsonlSink(clean / "s.jsonl"), tw.TensorBoardSink(clean / "tb")], rules=[]):
+        for _ in range(5):
+            model(torch.randn(2, 4))
+    assert cli.main(["report", str(clean)]) == 0
+    out = capsys.readouterr().out
+    assert "5 calls" in out and "NaN/Inf: none" in out and "Alerts: none" in out
+    broken = tmp_path / "broken"
+    with tw.attach(model, sinks=[tw.TensorBoardSink(broken)], on_nonfinite="ignore", rules=[]):
+        model(torch.full((1, 4), float("nan")))
+    assert cli.main(["report", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert "TensorBoard logs hold counts only" in out and "nan          4" in out

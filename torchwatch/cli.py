@@ -20,6 +20,31 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.caught else EXIT_FAILED
 
 
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from . import report
+    from ._files import atomic_write
+    from .errors import TorchwatchError
+
+    try:
+        data = report.load(args.logdir)
+        summary = report.summarize(data, top=args.top)
+        if args.html:
+            page = report.html_page(summary, data)
+
+            def write(tmp: str) -> None:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(page)
+
+            atomic_write(args.html, write)
+    except TorchwatchError as exc:
+        print(f"torchwatch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(summary, indent=1, default=str) if args.json else report.text(summary))
+    return EXIT_FAILED if summary["problems"] else EXIT_OK
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -35,15 +60,28 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="serve a small model, inject a silent failure, show what was caught",
-        description="Train a small classifier, serve traffic, break it silently halfway and show what "
-        "torchwatch caught. Exit 0 if the failure was caught, 1 if not.",
+        help="serve a small model through five silent failures, show what caught each",
+        description="Train a small classifier, self-test it at startup, serve traffic through five silent "
+        "failures (preprocessing bug, fp16 overflow, corrupted weight, input drift) and show what torchwatch "
+        "caught and when. Exit 0 if every failure was caught, 1 if not.",
     )
-    demo.add_argument("--requests", type=_positive, default=400, help="requests to serve (default: 400)")
-    demo.add_argument("--batch", type=_positive, default=8, help="rows per request (default: 8)")
+    demo.add_argument("--requests", type=_positive, default=150, help="requests per phase (default: 150)")
+    demo.add_argument("--batch", type=_positive, default=16, help="rows per request (default: 16)")
     demo.add_argument("--logdir", help="where TensorBoard and JSONL logs go (default: a new temporary directory)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(handler=_demo)
+    rep = sub.add_parser(
+        "report",
+        help="summarise a log directory: non-finite origins, worst casts, drift, alerts",
+        description="Read the statistics JSONL, incident logs and TensorBoard events under LOGDIR and print "
+        "what needs attention first. Exit 0 if the logs hold no NaN/Inf, drift alarm or alert, 1 if they do, "
+        "2 if the directory holds no readable torchwatch log.",
+    )
+    rep.add_argument("logdir", help="the directory the sinks wrote to")
+    rep.add_argument("--json", action="store_true", help="print the report as JSON")
+    rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with charts")
+    rep.add_argument("--top", type=_positive, default=5, help="modules listed per cast dtype (default 5)")
+    rep.set_defaults(handler=_report)
     from .integrity._cli import add_commands
 
     add_commands(sub)

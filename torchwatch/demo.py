@@ -1,19 +1,30 @@
-"""``torchwatch demo``: serve a small model, break it silently, show what torchwatch caught.
+"""``torchwatch demo``: a model serving traffic through five silent failures, and what caught each.
 
 The model is built and trained here in about a second (no download): a feature-standardising
-input layer followed by an MLP classifier. Traffic runs in two phases; in the second a config
-reload sets one feature's scale to zero, so that feature becomes Inf, the network turns it into
-NaN, and ``argmax`` quietly answers class 0. Nothing raises. torchwatch names the module
-where it started, the request that first hit it, and how far it spread.
+input layer and an MLP classifier over 16 features. At release its weights get a manifest and a
+reference batch a canary; at startup the self-test refuses a replica that loaded stale weights and
+admits the right one. Then traffic runs through phases, each breaking the model without an
+exception:
+
+1. clean — baselines are learned;
+2. a preprocessing bug — raw, unscaled inputs (x 255);
+3. fp16 overflow — one feature arrives in the wrong unit (x 10^5): values no fp16 cast survives;
+4. a corrupted weight — one bit of one weight flips in memory;
+5. input drift — the traffic's class centres move.
+
+torchwatch's rules, fingerprint monitor and drift detector report each; a circuit breaker answers
+from a fallback while the model is unhealthy; everything goes to TensorBoard, a JSONL log and an
+incident log, and ``torchwatch report`` summarises them.
 """
 
 from __future__ import annotations
 
-import math
+import copy
 import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -21,10 +32,22 @@ import torch
 from torch import nn
 
 from .alerts import Alert
-from .sinks import JsonlSink, TensorBoardSink
+from .containment import CircuitBreaker
+from .drift import Reference
+from .errors import IntegrityError, TorchwatchWarning
+from .integrity import Canary, Manifest, selftest
+from .sinks import IncidentLog, JsonlSink, TensorBoardSink
 from .watch import attach
 
-FEATURES, CLASSES = 16, 4
+FEATURES, CLASSES, HIDDEN = 16, 4, 64
+PHASES = ("clean", "preprocessing bug", "fp16 overflow", "corrupted weight", "input drift")
+# what each phase must be caught by: (rule, module or None for any)
+EXPECTED = {
+    "preprocessing bug": ("baseline_absmax", None),
+    "fp16 overflow": ("cast_overflow", None),
+    "corrupted weight": ("fingerprint", "4"),
+    "input drift": ("drift", "4"),
+}
 
 
 class Standardize(nn.Module):
@@ -46,12 +69,12 @@ def build_model(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     x, y = sample(centres, 2048, g)
     model = nn.Sequential(
         Standardize(x.mean(0), x.std(0)),
-        nn.Linear(FEATURES, 64),
-        nn.LayerNorm(64),
+        nn.Linear(FEATURES, HIDDEN),
+        nn.LayerNorm(HIDDEN),
         nn.GELU(),
-        nn.Linear(64, 64),
+        nn.Linear(HIDDEN, HIDDEN),
         nn.GELU(),
-        nn.Linear(64, CLASSES),
+        nn.Linear(HIDDEN, CLASSES),
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
@@ -67,101 +90,180 @@ def sample(centres: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Ten
 
 
 @dataclass
+class Caught:
+    """The first alert of a kind in a phase."""
+
+    phase: str
+    request: int  # requests served since the phase began when it was raised
+    alert: Alert
+
+
+@dataclass
 class Outcome:
     """What the demo observed; ``caught`` is what the exit code reports."""
 
     requests: int
-    accuracy: dict[str, float]
-    alerts: list[Alert] = field(default_factory=list)
-    origin: str | None = None
-    first_call: int | None = None
-    first_trace: str | None = None
-    spread: list[str] = field(default_factory=list)
+    startup_refused: bool = False
+    startup_passed: bool = False
+    timeline: list[Caught] = field(default_factory=list)
+    accuracy: dict[str, float] = field(default_factory=dict)
+    fallback_answers: dict[str, int] = field(default_factory=dict)
     logdir: str = ""
+
+    def first(self, phase: str, rule: str, module: str | None = None) -> Caught | None:
+        return next(
+            (
+                c
+                for c in self.timeline
+                if c.phase == phase and c.alert.rule == rule and module in (None, c.alert.module)
+            ),
+            None,
+        )
 
     @property
     def caught(self) -> bool:
-        return self.origin == "0"
+        return (
+            self.startup_refused
+            and self.startup_passed
+            and all(self.first(phase, rule, module) for phase, (rule, module) in EXPECTED.items())
+        )
 
 
 def run(
-    *, requests: int = 400, batch: int = 8, logdir: str | None = None, seed: int = 0, out: TextIO = sys.stdout
+    *, requests: int = 150, batch: int = 16, logdir: str | None = None, seed: int = 0, out: TextIO = sys.stdout
 ) -> Outcome:
-    """Serve ``requests`` batches, break the model halfway, and report. Returns the outcome."""
+    """Serve ``requests`` batches per phase through the five phases, and report. Returns the outcome.
+
+    The alerts are printed as a timeline at the end, so torchwatch's own warnings are silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TorchwatchWarning)
+        return _run(requests, batch, logdir, seed, out)
+
+
+def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) -> Outcome:
     torch.manual_seed(seed)
     logdir = logdir or tempfile.mkdtemp(prefix="torchwatch-demo-")
     say = out.write
-    say("torchwatch demo: a classifier serving traffic; halfway, a config reload sets one\n")
-    say("feature's scale to 0. Nothing raises. What does torchwatch see?\n\n")
+    outcome = Outcome(requests=requests, logdir=logdir)
+    say("torchwatch demo: a classifier serving traffic through five silent failures. Nothing raises.\n\n")
     started = time.perf_counter()
     model, centres = build_model(seed)
-    say(f"  model     trained in {time.perf_counter() - started:.1f}s: {_describe(model)}\n")
-
-    alerts: list[Alert] = []
-    sinks = [TensorBoardSink(os.path.join(logdir, "tensorboard")), JsonlSink(os.path.join(logdir, "stats.jsonl"))]
-    watch = attach(model, sinks=sinks, flush_every=25, on_nonfinite=alerts.append)
     g = torch.Generator().manual_seed(seed + 1)
-    correct = {"before": [0, 0], "after": [0, 0]}
-    broken_at = requests // 2
-    with watch, torch.inference_mode():
-        for i in range(requests):
-            if i == broken_at:
-                model[0].scale[3] = 0.0  # the silent failure: a bad config reload
-            x, y = sample(centres, batch, g)
-            with watch.context(trace_id=f"req-{i:05d}"):
-                pred = model(x).argmax(-1)
-            phase = "before" if i < broken_at else "after"
-            correct[phase][0] += int((pred == y).sum())
-            correct[phase][1] += batch
-            _progress(i + 1, requests, out)
-        snap = watch.snapshot()
-    accuracy = {k: c / max(n, 1) for k, (c, n) in correct.items()}
-    first = snap.nonfinite
-    origin = next(iter(first.values())).origin if first else None
-    outcome = Outcome(
-        requests=requests, accuracy=accuracy, alerts=alerts, origin=origin,
-        first_call=first[origin].call if origin in first else None,
-        first_trace=first[origin].trace_id if origin in first else None,
-        spread=[name for name in first if name != origin], logdir=logdir,
-    )  # fmt: skip
-    _report(outcome, snap, model, out)
+    say(f"  release   trained a {_describe(model)} in {time.perf_counter() - started:.1f}s; ")
+    manifest_path, canary_path = (
+        os.path.join(logdir, "model.manifest.json"),
+        os.path.join(logdir, "model.canary.safetensors"),
+    )
+    os.makedirs(logdir, exist_ok=True)
+    manifest = Manifest.from_model(model)
+    manifest.save(manifest_path)
+    Canary.record(model, sample(centres, 64, g)[0], manifest=manifest).save(canary_path)
+    say("wrote its manifest and canary\n")
+
+    stale, _ = build_model(seed + 7)  # a replica that loaded last week's checkpoint
+    try:
+        selftest(stale, manifest=manifest_path, canary=canary_path)
+    except IntegrityError as exc:
+        outcome.startup_refused = True
+        say(f"  startup   replica B refused: {exc.report.weights.summary().splitlines()[1].strip()}\n")
+    served = copy.deepcopy(model)
+    report = selftest(served, manifest=manifest_path, canary=canary_path)
+    outcome.startup_passed = report.ok
+    say(f"  startup   replica A passed the self-test in {report.seconds:.2f}s (weights, canary bitwise, fingerprint)\n")
+
+    reference = Reference.fit(
+        served, (sample(centres, 256, g)[0] for _ in range(16)), modules=["4"], window=32, arl=20_000
+    )
+    sinks = [
+        TensorBoardSink(os.path.join(logdir, "tensorboard")),
+        JsonlSink(os.path.join(logdir, "stats.jsonl")),
+        IncidentLog(os.path.join(logdir, "incidents.jsonl")),
+    ]
+    watch = attach(served, sinks=sinks, flush_every=4, drift=reference, on_nonfinite="ignore")
+    monitor = watch.verify_fingerprint_every(3600, baseline=report.fingerprint)  # checked each tick below
+    fallback = {"n": 0}
+
+    def answer_from_fallback(x: torch.Tensor) -> torch.Tensor:  # e.g. a cached or simpler model
+        fallback["n"] += 1
+        return torch.zeros(len(x), CLASSES)
+
+    breaker = CircuitBreaker(watch, fallback=answer_from_fallback, cooldown=0.02)
+    say(f"  serving   {len(PHASES)} phases x {requests} requests of {batch} rows\n")
+    seen = 0
+    pristine = served[4].weight.detach().clone()
+    total = len(PHASES) * requests
+    with torch.inference_mode():
+        for p, phase in enumerate(PHASES):
+            correct, fallback["n"] = [0, 0], 0
+            if phase == "corrupted weight":
+                served[4].weight.view(-1).view(torch.int32)[77] ^= 1 << 29  # one exponent bit
+            for i in range(requests):
+                x, y = sample(centres, batch, g)
+                if phase == "preprocessing bug":
+                    x = x * 255.0
+                elif phase == "fp16 overflow":
+                    x[:, 5] *= 1e5
+                elif phase == "input drift":
+                    shift = min(1.0, i / (requests / 3))
+                    x = x + shift * 2.5 * torch.linspace(-1, 1, FEATURES)
+                with watch.context(trace_id=f"{phase[:4]}-{i:04d}"):
+                    pred = breaker(x).argmax(-1)
+                correct[0] += int((pred == y).sum())
+                correct[1] += batch
+                if i % 8 == 7:
+                    monitor.check_now()
+                    watch.flush()
+                for alert in watch.alerts[seen:]:
+                    if not any(c.phase == phase and c.alert.rule == alert.rule for c in outcome.timeline):
+                        outcome.timeline.append(Caught(phase, i, alert))
+                seen = len(watch.alerts)
+                _progress(p * requests + i + 1, total, phase, out)
+            watch.flush()
+            for alert in watch.alerts[seen:]:
+                if not any(c.phase == phase and c.alert.rule == alert.rule for c in outcome.timeline):
+                    outcome.timeline.append(Caught(phase, requests, alert))
+            seen = len(watch.alerts)
+            outcome.accuracy[phase] = correct[0] / max(correct[1], 1)
+            outcome.fallback_answers[phase] = fallback["n"]
+            if phase == "corrupted weight":  # the operator reloads the validated weights
+                served[4].weight.copy_(pristine)
+            watch.mark_healthy()
+    watch.detach()
+    _report(outcome, out)
     return outcome
 
 
 def _describe(model: nn.Module) -> str:
     params = sum(p.numel() for p in model.parameters())
-    return f"{len(model)} layers, {params:,} parameters"
+    return f"{len(model)}-layer classifier ({params:,} parameters)"
 
 
-def _progress(done: int, total: int, out: TextIO) -> None:
+def _progress(done: int, total: int, phase: str, out: TextIO) -> None:
     if not out.isatty():
         return
     width = 30
     filled = width * done // total
-    out.write(f"\r  serving   [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    out.write(f"\r  serving   [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {phase:<20}")
     if done == total:
         out.write("\n")
     out.flush()
 
 
-def _report(o: Outcome, snap, model: nn.Module, out: TextIO) -> None:
+def _report(o: Outcome, out: TextIO) -> None:
     say = out.write
-    say(f"  served    {o.requests} requests; no exception was raised\n")
-    say(f"  accuracy  {o.accuracy['before']:.1%} before the reload, {o.accuracy['after']:.1%} after\n\n")
-    if o.origin is None:
-        say("torchwatch saw no non-finite values: the failure was NOT caught.\n")
-        return
-    names = {n: type(m).__name__ for n, m in model.named_modules()}
-    say("What torchwatch caught:\n")
-    say(f"  origin    module {o.origin!r} ({names.get(o.origin, '?')}) produced the first Inf/NaN\n")
-    say(f"  when      root call {o.first_call}, request {o.first_trace!r}\n")
-    say(f"  spread    to {len(o.spread)} later outputs: {', '.join(repr(n) for n in o.spread)}\n")
-    say(f"  alerts    {len(o.alerts)} (one per affected call); first: {o.alerts[0].message}\n\n")
-    say("  module  kind         calls       NaN      +Inf      -Inf  finite abs-max\n")
-    for name, s in snap.items():
-        absmax = "-" if math.isnan(s.absmax) else f"{s.absmax:.3g}"
-        say(
-            f"  {name:<7} {names.get(name, '?'):<12} {s.calls:>5} {s.nan:>9,} {s.posinf:>9,} {s.neginf:>9,}  {absmax}\n"
-        )
-    say(f"\nLogs: {o.logdir}\n  tensorboard --logdir {os.path.join(o.logdir, 'tensorboard')}\n")
-    say("  (the Custom Scalars tab opens on NaN/Inf per module; stats.jsonl has every flush)\n")
+    say("\nWhat happened, phase by phase (accuracy of the answers served; fallback answers while unhealthy):\n")
+    for phase in PHASES:
+        accuracy, fallbacks = o.accuracy.get(phase, 0), o.fallback_answers.get(phase, 0)
+        say(f"  {phase:<18} accuracy {accuracy:6.1%}   fallback answers {fallbacks:>4}\n")
+    say("\nTimeline of what torchwatch caught (first alert of each kind per phase):\n")
+    for c in o.timeline:
+        say(f"  {c.phase:<18} request {c.request:>4}  {c.alert.rule:<16} {c.alert.message}\n")
+    missed = [phase for phase, (rule, module) in EXPECTED.items() if not o.first(phase, rule, module)]
+    if missed:
+        say(f"\nNOT caught as expected: {', '.join(missed)}\n")
+    else:
+        say("\nEvery failure was caught; the stale replica never served.\n")
+    say(f"\nLogs: {o.logdir}\n")
+    say(f"  tensorboard --logdir {os.path.join(o.logdir, 'tensorboard')}   (Custom Scalars: NaN/Inf, casts, drift)\n")
+    say(f"  torchwatch report {o.logdir}                 (summary; --html report.html for charts)\n")

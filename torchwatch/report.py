@@ -1,0 +1,355 @@
+"""``torchwatch report LOGDIR``: what a person needs first, from the logs torchwatch wrote.
+
+Reads, anywhere under the directory, the :class:`~torchwatch.JsonlSink` statistics files
+(exact counts and where NaN/Inf started), :class:`~torchwatch.IncidentLog` files (every alert),
+and, when there is no statistics JSONL, TensorBoard event files (the per-interval scalars; they do
+not record where NaN/Inf started). Prints: modules that went non-finite and the origin, the worst
+cast underflow/overflow, drift alarms, and the alerts timeline — as text, JSON, or a small
+self-contained HTML page with inline SVG charts.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._files import shown
+from .errors import FormatError
+
+STATS_FORMAT = "torchwatch.jsonl/1"
+INCIDENT_FORMAT = "torchwatch.incident/1"
+
+
+@dataclass
+class ModuleSeries:
+    """One module's per-interval values (x axis: step)."""
+
+    steps: list[int] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)
+    absmax: list[float] = field(default_factory=list)
+    count: int = 0
+    nan: int = 0
+    posinf: int = 0
+    neginf: int = 0
+    first_nonfinite_step: int | None = None
+    under: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # per-interval fractions
+    over: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    under_total: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # counts (JSONL)
+    over_total: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+@dataclass
+class LogData:
+    """Everything read from a log directory."""
+
+    logdir: str
+    sources: list[str] = field(default_factory=list)
+    exact: bool = True  # counts from JSONL (True) or fractions from TensorBoard scalars
+    calls: int = 0
+    steps: int = 0
+    first_time: float | None = None
+    last_time: float | None = None
+    modules: dict[str, ModuleSeries] = field(default_factory=dict)
+    origins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    drift: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def _walk(logdir: str) -> tuple[list[str], list[str], list[str]]:
+    stats, incidents, events = [], [], []
+    for root, _, files in os.walk(logdir):
+        for f in sorted(files):
+            path = os.path.join(root, f)
+            if f.startswith("events.out.tfevents"):
+                events.append(path)
+            elif f.endswith(".jsonl"):
+                with open(path, "rb") as fh:
+                    head = fh.readline()
+                if STATS_FORMAT.encode() in head:
+                    stats.append(path)
+                elif INCIDENT_FORMAT.encode() in head:
+                    incidents.append(path)
+    return stats, incidents, events
+
+
+def load(logdir: str | os.PathLike[str]) -> LogData:
+    """Read every torchwatch log under ``logdir``.
+
+    Raises:
+        FormatError: the directory does not exist or holds no torchwatch log.
+    """
+    logdir = os.fspath(logdir)
+    if not os.path.isdir(logdir):
+        raise FormatError(f"log directory {shown(logdir)} does not exist")
+    stats, incidents, events = _walk(logdir)
+    if not (stats or incidents or events):
+        raise FormatError(
+            f"{shown(logdir)} holds no torchwatch log (statistics *.jsonl, incident *.jsonl or TensorBoard events)"
+        )
+    data = LogData(logdir)
+    for path in stats:
+        _read_stats(path, data)
+    if not stats:
+        for path in events:
+            _read_events(path, data)
+    seen = {(a.get("time"), a.get("rule"), a.get("module")) for a in data.alerts}
+    from .sinks.incidents import IncidentLog
+
+    for path in incidents:
+        data.sources.append(path)
+        for a in IncidentLog.read(path):
+            key = (a.get("time"), a.get("rule"), a.get("module"))
+            if key not in seen:
+                seen.add(key)
+                data.alerts.append(a)
+    data.alerts.sort(key=lambda a: (a.get("time") or 0, a.get("call") or 0))
+    return data
+
+
+def _read_stats(path: str, data: LogData) -> None:
+    data.sources.append(path)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if number == len(lines):  # a torn last line of a killed process
+                continue
+            raise FormatError(f"{shown(path)} line {number} is not JSON") from None
+        if r.get("format") != STATS_FORMAT:
+            raise FormatError(f"{shown(path)} line {number} is not a torchwatch statistics record")
+        step, t = int(r.get("step", 0)), r.get("time")
+        data.calls += int(r.get("calls", 0))
+        data.steps = max(data.steps, step)
+        if t is not None:
+            data.first_time = t if data.first_time is None else min(data.first_time, t)
+            data.last_time = t if data.last_time is None else max(data.last_time, t)
+        for name, s in (r.get("modules") or {}).items():
+            m = data.modules.setdefault(name, ModuleSeries())
+            count = int(s.get("count") or 0)
+            bad = int(s.get("nan") or 0) + int(s.get("posinf") or 0) + int(s.get("neginf") or 0)
+            m.steps.append(step)
+            m.nonfinite.append(bad)
+            m.absmax.append(s.get("absmax") if s.get("absmax") is not None else math.nan)
+            m.count += count
+            m.nan += int(s.get("nan") or 0)
+            m.posinf += int(s.get("posinf") or 0)
+            m.neginf += int(s.get("neginf") or 0)
+            if bad and m.first_nonfinite_step is None:
+                m.first_nonfinite_step = step
+            for dtype, n in (s.get("underflow") or {}).items():
+                m.under[dtype].append(n / count if count else 0.0)
+                m.under_total[dtype] += n
+            for dtype, n in (s.get("overflow") or {}).items():
+                m.over[dtype].append(n / count if count else 0.0)
+                m.over_total[dtype] += n
+        for name, first in (r.get("nonfinite") or {}).items():
+            data.origins.setdefault(name, first)
+        for name, d in (r.get("drift") or {}).items():
+            data.drift.setdefault(name, []).append((step, d.get("score") or 0.0, d.get("p_value") or 1.0))
+        data.alerts += [a for a in r.get("alerts") or [] if isinstance(a, dict)]
+        data.errors.update(r.get("errors") or {})
+
+
+def _read_events(path: str, data: LogData) -> None:
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise FormatError("reading TensorBoard logs needs tensorboard: pip install 'torchwatch[tensorboard]'") from None
+    data.sources.append(path)
+    data.exact = False
+    acc = EventAccumulator(path, size_guidance={"scalars": 0})
+    acc.Reload()
+    by_module: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(dict)
+    for tag in acc.Tags().get("scalars", []):
+        module, _, stat = tag.rpartition("/")
+        by_module[module][stat] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    for module, tags in by_module.items():
+        if module == "torchwatch":
+            data.steps = max([data.steps] + [step for step, _ in tags.get("alerts", [])])
+            continue
+        if module.startswith("drift/"):
+            name = module.removeprefix("drift/")
+            scores, ps = dict(tags.get("score", [])), dict(tags.get("p_value", []))
+            data.drift[name] = [(s, scores[s], ps.get(s, 1.0)) for s in sorted(scores)]
+            for s, alarms in tags.get("alarms", []):
+                for _ in range(int(alarms)):
+                    data.alerts.append(
+                        {"rule": "drift", "module": name, "call": s, "time": None, "message": "drift alarm"}
+                    )
+            continue
+        m = data.modules.setdefault(module, ModuleSeries())
+        nan, pos, neg = (dict(tags.get(k, [])) for k in ("nan", "posinf", "neginf"))
+        for step, v in tags.get("absmax", []):
+            bad = int(nan.get(step, 0) + pos.get(step, 0) + neg.get(step, 0))
+            m.steps.append(step)
+            m.absmax.append(v)
+            m.nonfinite.append(bad)
+            m.nan += int(nan.get(step, 0))
+            m.posinf += int(pos.get(step, 0))
+            m.neginf += int(neg.get(step, 0))
+            if bad and m.first_nonfinite_step is None:
+                m.first_nonfinite_step = step
+            data.steps = max(data.steps, step)
+        for stat, values in tags.items():
+            for kind, target in (("underflow_frac_", m.under), ("overflow_frac_", m.over)):
+                if stat.startswith(kind):
+                    target[stat.removeprefix(kind)] = [v for _, v in values]
+
+
+def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
+    """The report as plain data (what ``--json`` prints)."""
+    nonfinite = []
+    for name, m in data.modules.items():
+        if m.nan or m.posinf or m.neginf:
+            origin = data.origins.get(name, {})
+            nonfinite.append({
+                "module": name, "nan": m.nan, "posinf": m.posinf, "neginf": m.neginf,
+                "first_step": m.first_nonfinite_step, "origin": origin.get("origin"),
+                "first_call": origin.get("call"), "first_trace": origin.get("trace_id"),
+            })  # fmt: skip
+    nonfinite.sort(key=lambda x: x["first_call"] if x["first_call"] is not None else x["first_step"] or 0)
+    casts: dict[str, dict[str, list[dict[str, Any]]]] = {"overflow": {}, "underflow": {}}
+    for kind in ("overflow", "underflow"):
+        per_dtype: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for name, m in data.modules.items():
+            series = m.over if kind == "overflow" else m.under
+            totals = m.over_total if kind == "overflow" else m.under_total
+            for dtype, fractions in series.items():
+                if data.exact:
+                    fraction = totals[dtype] / m.count if m.count else 0.0
+                else:
+                    fraction = sum(fractions) / len(fractions) if fractions else 0.0
+                if fraction > 0:
+                    per_dtype[dtype].append({"module": name, "fraction": fraction, "worst_interval": max(fractions)})
+        for dtype, rows in per_dtype.items():
+            casts[kind][dtype] = sorted(rows, key=lambda r: -r["fraction"])[:top]
+    drift = []
+    for name, series in data.drift.items():
+        alarms = [a for a in data.alerts if a.get("rule") == "drift" and a.get("module") == name]
+        drift.append({
+            "module": name, "windows_logged": len(series), "alarms": len(alarms),
+            "first_alarm_call": alarms[0].get("call") if alarms else None,
+            "last_score": series[-1][1] if series else None, "last_p_value": series[-1][2] if series else None,
+        })  # fmt: skip
+    problems = bool(nonfinite or any(d["alarms"] for d in drift) or data.alerts)
+    return {
+        "logdir": data.logdir, "sources": data.sources, "exact_counts": data.exact, "calls": data.calls,
+        "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
+        "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
+        "problems": problems,
+    }  # fmt: skip
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+
+
+def text(summary: dict[str, Any]) -> str:
+    """The report for a terminal."""
+    lines = [f"torchwatch report: {summary['logdir']}"]
+    span = f", {_when(summary['first_time'])} to {_when(summary['last_time'])}" if summary["first_time"] else ""
+    calls = f"{summary['calls']:,} calls" if summary["exact_counts"] else f"up to step {summary['steps']:,}"
+    lines.append(f"  {calls}{span}; read {len(summary['sources'])} file(s)")
+    lines.append("")
+    if summary["nonfinite"]:
+        lines.append("NaN/Inf:")
+        first = summary["nonfinite"][0]
+        if first["origin"] is not None:
+            trace = f", request {first['first_trace']!r}" if first["first_trace"] else ""
+            lines.append(f"  started in {first['origin']!r} on call {first['first_call']}{trace}")
+        else:
+            lines.append("  (TensorBoard logs hold counts only: the origin is in the statistics JSONL)")
+        for row in summary["nonfinite"][:10]:
+            lines.append(
+                f"  {row['module'] or '<root>':<40} nan {row['nan']:>10,}  +inf {row['posinf']:>8,}  "
+                f"-inf {row['neginf']:>8,}  first at step {row['first_step']}"
+            )
+        more = len(summary["nonfinite"]) - 10
+        if more > 0:
+            lines.append(f"  ... and {more} more modules")
+    else:
+        lines.append("NaN/Inf: none")
+    for kind in ("overflow", "underflow"):
+        rows = summary["casts"][kind]
+        if not rows:
+            continue
+        lines.append(f"\nWorst cast {kind}:")
+        for dtype, items in rows.items():
+            for r in items:
+                lines.append(
+                    f"  {dtype:<14} {r['module'] or '<root>':<40} {r['fraction']:.3%} overall, "
+                    f"{r['worst_interval']:.3%} worst interval"
+                )
+    if summary["drift"]:
+        lines.append("\nDrift:")
+        for d in summary["drift"]:
+            alarm = f"{d['alarms']} alarm(s), first at call {d['first_alarm_call']}" if d["alarms"] else "no alarm"
+            lines.append(f"  {d['module'] or '<root>':<40} {alarm}; last p-value {d['last_p_value']:.3g}")
+    lines.append(f"\nAlerts ({len(summary['alerts'])}):" if summary["alerts"] else "\nAlerts: none")
+    for a in summary["alerts"][:40]:
+        lines.append(
+            f"  {_when(a.get('time'))}  call {a.get('call')!s:>7}  {a.get('rule', '?'):<18} {a.get('message', '')}"
+        )
+    if len(summary["alerts"]) > 40:
+        lines.append(f"  ... and {len(summary['alerts']) - 40} more (see --json)")
+    if summary["errors"]:
+        lines.append(
+            "\nErrors caught (inference went on): " + ", ".join(f"{k}: {v}" for k, v in summary["errors"].items())
+        )
+    return "\n".join(lines)
+
+
+def _svg(title: str, xs: list[int], ys: list[float], *, width: int = 560, height: int = 110) -> str:
+    pts = [(x, y) for x, y in zip(xs, ys, strict=False) if y is not None and math.isfinite(y)]
+    if not pts:
+        return ""
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    sx = (width - 60) / max(x1 - x0, 1)
+    sy = (height - 30) / (y1 - y0) if y1 > y0 else 0.0
+    path = " ".join(f"{50 + (x - x0) * sx:.1f},{height - 20 - (y - y0) * sy:.1f}" for x, y in pts)
+    return (
+        f'<figure><figcaption>{html.escape(title)}</figcaption><svg width="{width}" height="{height}" '
+        f'role="img" aria-label="{html.escape(title)}"><polyline fill="none" stroke="#c0392b" stroke-width="1.5" '
+        f'points="{path}"/><text x="2" y="14" font-size="10">{y1:.3g}</text><text x="2" y="{height - 20}" '
+        f'font-size="10">{y0:.3g}</text><text x="50" y="{height - 4}" font-size="10">step {x0}</text>'
+        f'<text x="{width - 80}" y="{height - 4}" font-size="10">step {x1}</text></svg></figure>'
+    )
+
+
+def html_page(summary: dict[str, Any], data: LogData) -> str:
+    """A self-contained HTML page: the text report plus inline SVG charts of what went wrong."""
+    charts = []
+    for row in summary["nonfinite"][:4]:
+        m = data.modules[row["module"]]
+        charts.append(_svg(f"NaN/Inf per interval: {row['module'] or '<root>'}", m.steps, m.nonfinite))
+    for kind in ("overflow", "underflow"):
+        for dtype, rows in summary["casts"][kind].items():
+            for r in rows[:2]:
+                m = data.modules[r["module"]]
+                series = (m.over if kind == "overflow" else m.under)[dtype]
+                charts.append(_svg(f"{kind} fraction to {dtype}: {r['module'] or '<root>'}", m.steps, series))
+    for name, series in list(data.drift.items())[:4]:
+        charts.append(_svg(f"drift score: {name or '<root>'}", [s for s, _, _ in series], [v for _, v, _ in series]))
+    worst = sorted(data.modules.items(), key=lambda kv: -max((v for v in kv[1].absmax if math.isfinite(v)), default=0))
+    for name, m in worst[:3]:
+        charts.append(_svg(f"abs-max: {name or '<root>'}", m.steps, m.absmax))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>torchwatch report</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:900px}pre{background:#f6f6f6;padding:1em;"
+        "overflow-x:auto}figure{margin:1em 0}figcaption{font-size:13px;color:#333}</style></head><body>"
+        f"<h1>torchwatch report</h1><pre>{html.escape(text(summary))}</pre><h2>Charts</h2>"
+        + "".join(c for c in charts if c)
+        + "</body></html>\n"
+    )
