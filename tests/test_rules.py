@@ -166,3 +166,21 @@ def test_rules_off_and_nonfinite_trips_even_when_ignored():
     with tw.attach(model, rules=[], on_nonfinite="ignore") as watch:
         model(torch.full((2, WIDTH), float("nan")))
         assert not watch.healthy and watch.trips == 1 and watch.alerts == []
+
+
+def test_device_path_nan_trips_at_the_flush_every_window():
+    """The accelerator path (its CPU twin): NaN/Inf is resolved at flush and trips each window it appears in."""
+    model = _model()
+    with tw.Watch(model, rules=[], on_nonfinite="ignore", _device_path=True) as watch:
+        model(torch.full((2, WIDTH), float("nan")))
+        assert watch.healthy  # not known before the flush on an accelerator
+        watch.flush()
+        assert not watch.healthy and watch.last_trip.rule == "nonfinite"
+        watch.mark_healthy()
+        model(torch.full((2, WIDTH), float("nan")))  # not a first occurrence any more: still trips
+        watch.flush()
+        assert not watch.healthy and watch.trips == 2
+        watch.mark_healthy()
+        model(torch.randn(2, WIDTH))
+        watch.flush()
+        assert watch.healthy
