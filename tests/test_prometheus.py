@@ -52,6 +52,7 @@ def test_scraped_values_equal_the_snapshot(quiet):
     assert s.nan > 0 and s.overflow["float16"] > 0
     assert got[key("torchwatch_alerts_total", rule="nonfinite")] >= 1
     assert key("torchwatch_absmax", module="0") in got
+    assert 0 < got[key("torchwatch_latency_seconds", quantile="0.99")] < 10
 
 
 def test_registers_into_the_application_registry_and_bounds_module_labels():

@@ -44,6 +44,7 @@ __all__ = [
     "CastRange",
     "ControlChart",
     "Interval",
+    "LatencySLO",
     "Rule",
     "defaults",
 ]
@@ -59,6 +60,7 @@ class Interval:
         cohort: the ``watch.context(cohort=...)`` label, or None.
         stats: per output position, the interval's :class:`ModuleStats`.
         drift: per drift-monitored module, its status (cohort None only).
+        latency: root-call latency of the interval (cohort None only; all calls), or None.
     """
 
     step: int
@@ -66,6 +68,7 @@ class Interval:
     cohort: str | None
     stats: Mapping[str, ModuleStats]
     drift: Mapping[str, Any] = field(default_factory=dict)
+    latency: Any = None
 
     def alert(self, rule: str, module: str, stat: str, value: float, expected: float, message: str) -> Alert:
         """An :class:`Alert` stamped with this interval's step, time and cohort."""
@@ -276,6 +279,51 @@ class ControlChart:
         if series is None or math.isnan(series.mu):
             return None
         return series.mu, series.sigma
+
+
+@dataclass
+class LatencySLO:
+    """Alert when a latency quantile of an interval exceeds a service-level objective.
+
+    Args:
+        max_ms: the objective, in milliseconds.
+        quantile: ``"p50"``, ``"p95"`` or ``"p99"`` (within the sketch's 1% relative accuracy).
+        min_calls: intervals with fewer calls are not judged (a p99 of 10 calls is their maximum).
+        trips: whether the alert marks the watch unhealthy.
+
+    Example:
+        >>> from torchwatch import rules
+        >>> from torchwatch.latency import LatencySketch
+        >>> sketch = LatencySketch()
+        >>> sketch.add_all([0.010] * 90 + [0.250] * 10)
+        >>> interval = rules.Interval(100, 0.0, None, {}, latency=sketch.stats())
+        >>> [a.stat for a in rules.LatencySLO(max_ms=100, quantile="p95", min_calls=50).evaluate(interval)]
+        ['latency.p95_ms']
+    """
+
+    max_ms: float
+    quantile: str = "p99"
+    min_calls: int = 100
+    trips: bool = False
+    name: str = "latency_slo"
+
+    def __post_init__(self) -> None:
+        if self.quantile not in ("p50", "p95", "p99"):
+            raise ConfigError(f"LatencySLO quantile={self.quantile!r} is not valid: use 'p50', 'p95' or 'p99'")
+        if not self.max_ms > 0:
+            raise ConfigError(f"LatencySLO max_ms must be > 0, got {self.max_ms!r}")
+
+    def evaluate(self, interval: Interval) -> list[Alert]:
+        lat = interval.latency
+        if lat is None or lat.count < self.min_calls:
+            return []
+        value = getattr(lat, f"{self.quantile}_ms")
+        if not value > self.max_ms:
+            return []
+        return [interval.alert(
+            self.name, "", f"latency.{self.quantile}_ms", value, self.max_ms,
+            f"{self.quantile} latency {value:.1f} ms over {lat.count} calls exceeds its objective, {self.max_ms:g} ms",
+        )]  # fmt: skip
 
 
 def defaults(cast_dtypes: Sequence[str] = ("float16", "bfloat16", "float8_e4m3fn")) -> list[Rule]:

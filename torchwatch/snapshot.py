@@ -25,6 +25,9 @@ class Snapshot(Mapping[str, ModuleStats]):
         errors: hook and sink failures by module or sink (never raised to the caller).
         drift: per drift-monitored module, its :class:`~torchwatch.drift.DriftStatus`
             (score, p-value, alarm, windows); empty without ``attach(drift=...)``.
+        latency: root-call latency since the last reset (:class:`~torchwatch.latency.LatencyStats`,
+            ms; wall time on CPU, CUDA-event time on GPU, device time of calls still running not yet
+            included); None in a cohort snapshot.
 
     Example:
         >>> import torch, torchwatch as tw
@@ -46,6 +49,7 @@ class Snapshot(Mapping[str, ModuleStats]):
         nonfinite: Mapping[str, FirstNonFinite] | None = None,
         errors: Mapping[str, int] | None = None,
         drift: Mapping[str, Any] | None = None,
+        latency: Any = None,
     ) -> None:
         self._stats = dict(stats)
         self.calls = calls
@@ -54,6 +58,7 @@ class Snapshot(Mapping[str, ModuleStats]):
         self.nonfinite: dict[str, FirstNonFinite] = dict(nonfinite or {})
         self.errors: dict[str, int] = dict(errors or {})
         self.drift: dict[str, Any] = dict(drift or {})
+        self.latency = latency
 
     def __getitem__(self, name: str) -> ModuleStats:
         try:
@@ -71,7 +76,7 @@ class Snapshot(Mapping[str, ModuleStats]):
         return len(self._stats)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: ``{"calls", "sampled", "cohort", "modules", "nonfinite", "errors", "drift"}``."""
+        """Plain data: ``{"calls", "sampled", "cohort", "modules", "nonfinite", "errors", "drift", "latency"}``."""
         return {
             "calls": self.calls,
             "sampled": self.sampled,
@@ -80,6 +85,7 @@ class Snapshot(Mapping[str, ModuleStats]):
             "nonfinite": {name: r.to_dict() for name, r in self.nonfinite.items()},
             "errors": dict(self.errors),
             "drift": {name: d.to_dict() for name, d in self.drift.items()},
+            "latency": self.latency.to_dict() if self.latency is not None else None,
         }
 
     def __repr__(self) -> str:

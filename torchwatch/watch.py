@@ -42,6 +42,7 @@ from .alerts import Alert, FirstNonFinite, nonfinite_alert
 from .errors import ConfigError, NonFiniteError, TorchwatchWarning
 from .kernels import PLAIN_TENSOR_TYPES, host_stats, measurable, torch_ops
 from .kernels import cpu as cpu_kernel
+from .latency import CallTimer
 from .sinks._dispatch import Worker
 from .sinks.base import Record, Sink
 from .snapshot import Snapshot
@@ -177,6 +178,7 @@ class Watch:
         self._drift_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._installed = 0  # sampled calls in flight that need the module hooks (python sampling)
         self._fingerprint_monitor: Any = None
+        self._timer = CallTimer(cuda=_model_device(model).type == "cuda")
         self._trips = 0  # tripping alerts so far; healthy while it equals _trips_cleared
         self._trips_cleared = 0
         self._trip_alert: Alert | None = None
@@ -329,7 +331,9 @@ class Watch:
         stats = {name: merge_all(parts[name]) for name in order if name in parts}
         if cohort is not None:
             first = {k: v for k, v in first.items() if v.cohort == cohort}
-        return Snapshot(stats, calls=calls, sampled=sampled, cohort=cohort, nonfinite=first, errors=errors, drift=drift)
+        latency = self._timer.peek() if cohort is None else None
+        return Snapshot(stats, calls=calls, sampled=sampled, cohort=cohort, nonfinite=first, errors=errors, drift=drift,
+                        latency=latency)  # fmt: skip
 
     def flush(self, *, timeout: float = 30.0) -> None:
         """Send the statistics gathered since the previous flush to the sinks and wait until
@@ -340,6 +344,7 @@ class Watch:
         """Forget statistics and non-finite records (alerts and error counts are kept)."""
         with self._flush_lock:
             self._worker.submit(None, wait=True)
+            self._timer.reset()
             for table in list(self._tables.values()):
                 self._device_root_calls[table.device] = int(table.control[CALLS])
                 table.reset()
@@ -497,6 +502,7 @@ class Watch:
         tls.call = None
         tls.flush_due = False
         try:
+            tls.t0 = self._timer.start()
             with self._lock:
                 index = self._calls
                 self._calls += 1
@@ -536,6 +542,7 @@ class Watch:
         call, tls.call = tls.call, None
         alert = None
         try:
+            self._timer.stop(tls.t0)
             if call is not None:
                 if self.every > 1 and self.sampling == "python":
                     self._uninstall()
@@ -883,32 +890,31 @@ class Watch:
         nonfinite = {**nonfinite, **new_firsts}
         self._check_unseen()
         now = time.time()
-        alerts += self._run_rules(step, now, converted, drift_status)
+        latency = self._timer.take()
+        alerts += self._run_rules(step, now, converted, drift_status, latency)
         alerts = [a for a in alerts if self.alert_policy.admit(a, now)]
         if not (calls or alerts):
             return None
         return Record(
             step=step, time=now, calls=calls, sampled=sampled,
             stats={name: merge_all(per_name[name]) for name in order},
-            alerts=tuple(alerts), nonfinite=nonfinite, errors=errors, drift=drift_status,
+            alerts=tuple(alerts), nonfinite=nonfinite, errors=errors, drift=drift_status, latency=latency,
         )  # fmt: skip
 
-    def _run_rules(self, step: int, now: float, converted: list, drift_status: dict) -> list[Alert]:
+    def _run_rules(self, step: int, now: float, converted: list, drift_status: dict, latency: Any) -> list[Alert]:
         """Worker thread: evaluate the rules on this interval, once per cohort."""
-        if not self.rules or not converted:
+        if not self.rules or not (converted or latency.count):
             return []
-        by_cohort: dict[str | None, dict[str, list[ModuleStats]]] = {}
+        by_cohort: dict[str | None, dict[str, list[ModuleStats]]] = {None: {}}
         for (cohort, name), s in converted:
             by_cohort.setdefault(cohort, {}).setdefault(name, []).append(s)
         out: list[Alert] = []
         for cohort, per_name in by_cohort.items():
-            interval = _rules.Interval(
-                step,
-                now,
-                cohort,
-                {n: merge_all(v) for n, v in per_name.items()},
-                drift_status if cohort is None else {},
-            )
+            stats = {n: merge_all(v) for n, v in per_name.items()}
+            if cohort is None:  # calls of every cohort: latency is not split by cohort
+                interval = _rules.Interval(step, now, None, stats, drift_status, latency)
+            else:
+                interval = _rules.Interval(step, now, cohort, stats)
             for rule in self.rules:
                 try:
                     found = list((rule.evaluate if isinstance(rule, _rules.Rule) else rule)(interval) or ())

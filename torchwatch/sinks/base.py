@@ -27,6 +27,8 @@ class Record:
         errors: hook and sink failures so far, by module or sink.
         drift: per drift-monitored module, its :class:`~torchwatch.drift.DriftStatus` after
             the windows completed in this interval (empty without ``attach(drift=...)``).
+        latency: root-call latency in the interval (:class:`~torchwatch.latency.LatencyStats`:
+            count, mean, max, p50/p95/p99 in ms; wall time on CPU, CUDA-event time on GPU), or None.
     """
 
     step: int
@@ -38,6 +40,7 @@ class Record:
     nonfinite: Mapping[str, FirstNonFinite] = field(default_factory=dict)
     errors: Mapping[str, int] = field(default_factory=dict)
     drift: Mapping[str, Any] = field(default_factory=dict)
+    latency: Any = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: NaN and infinities become ``null``."""
@@ -52,6 +55,7 @@ class Record:
                 "nonfinite": {name: r.to_dict() for name, r in self.nonfinite.items()},
                 "errors": dict(self.errors),
                 "drift": {name: d.to_dict() for name, d in self.drift.items()},
+                "latency": self.latency.to_dict() if self.latency is not None else None,
             }
         )
 

@@ -24,6 +24,8 @@ class PrometheusSink(Sink):
     * ``torchwatch_absmax``, ``torchwatch_std`` — gauges, the latest interval;
     * ``torchwatch_drift_score``, ``torchwatch_drift_p_value`` — gauges per drift-monitored module;
     * ``torchwatch_alerts_total{rule}``;
+    * ``torchwatch_latency_seconds{quantile="0.5"|"0.95"|"0.99"}`` — gauges, the latest interval's
+      root-call latency quantiles (1% relative accuracy);
     * ``torchwatch_last_flush_timestamp_seconds``.
 
     Ratios are for PromQL, e.g. NaN per element over five minutes:
@@ -104,6 +106,7 @@ class PrometheusSink(Sink):
         self.drift_p = g("torchwatch_drift_p_value", "Drift p-value of the latest window.", m)
         self.alerts = counter("torchwatch_alerts", "Alerts raised.", ("rule",))
         self.last_flush = g("torchwatch_last_flush_timestamp_seconds", "Unix time of the latest flush.")
+        self.latency = g("torchwatch_latency_seconds", "Root-call latency quantiles, latest interval.", ("quantile",))
         self._modules: set[str] = set()
         if port is not None:
             try:
@@ -148,6 +151,10 @@ class PrometheusSink(Sink):
             self.drift_p.labels(model, module).set(status.p_value)
         for alert in record.alerts:
             self.alerts.labels(model, alert.rule).inc()
+        lat = record.latency
+        if lat is not None and lat.count:
+            for q, value in (("0.5", lat.p50_ms), ("0.95", lat.p95_ms), ("0.99", lat.p99_ms)):
+                self.latency.labels(model, q).set(value / 1e3)
         self.last_flush.labels(model).set(record.time)
 
     def close(self) -> None:

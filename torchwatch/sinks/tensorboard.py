@@ -88,6 +88,7 @@ class TensorBoardSink(Sink):
     * ``<fqn>/zeros_frac``, ``/subnormal_frac``: fractions of the interval's elements;
     * ``<fqn>/underflow_frac_<dtype>``, ``/overflow_frac_<dtype>`` for each cast dtype;
     * ``torchwatch/alerts``: alerts raised in the interval;
+    * ``torchwatch/latency_p50_ms``, ``_p95_ms``, ``_p99_ms``, ``_max_ms``: root-call latency;
     * ``drift/<fqn>/score``, ``/p_value``, ``/alarms`` for modules under drift monitoring: the
       detector's statistic, the module's p-value for the last window, and drift alarms
       attributed to the module in the interval.
@@ -133,6 +134,10 @@ class TensorBoardSink(Sink):
             out += [(f"{base}underflow_frac_{k}", v / count) for k, v in s.underflow.items()]
             out += [(f"{base}overflow_frac_{k}", v / count) for k, v in s.overflow.items()]
         out.append((f"{self.prefix}torchwatch/alerts", float(len(record.alerts))))
+        lat = record.latency
+        if lat is not None and lat.count:
+            for tag in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
+                out.append((f"{self.prefix}torchwatch/latency_{tag}", getattr(lat, tag)))
         for name, d in record.drift.items():
             base = f"{self.prefix}drift/{name or ROOT_LABEL}/"
             alarms = sum(1 for a in record.alerts if a.rule == "drift" and a.module == name)

@@ -1,0 +1,132 @@
+"""Root-call latency: the sketch's error bound against numpy, CUDA-event timing's CPU twin, the SLO rule."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torchwatch as tw
+from torchwatch import rules
+from torchwatch.latency import CallTimer, LatencySketch
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(1e-6, 100.0, allow_nan=False), min_size=1, max_size=400),
+    accuracy=st.sampled_from([0.01, 0.05]),
+)
+def test_quantiles_are_within_the_relative_accuracy_of_the_data(values, accuracy):
+    sketch = LatencySketch(accuracy)
+    sketch.add_all(values)
+    ordered = np.sort(np.asarray(values))
+    for q in (0.0, 0.5, 0.95, 0.99, 1.0):
+        exact = ordered[math.floor(q * (len(values) - 1))]
+        assert abs(sketch.quantile(q) - exact) <= accuracy * exact * (1 + 1e-9), (q, sketch.quantile(q), exact)
+    assert sketch.count == len(values) and sketch.max == max(values)
+
+
+def test_merging_equals_sketching_everything():
+    rng = np.random.default_rng(0)
+    a, b = rng.lognormal(-4, 1, 500), rng.lognormal(-3, 0.5, 300)
+    left, right, both = LatencySketch(), LatencySketch(), LatencySketch()
+    left.add_all(a)
+    right.add_all(b)
+    both.add_all(np.concatenate([a, b]))
+    merged = left.merge(right)
+    assert merged.buckets == both.buckets and merged.count == 800
+    assert merged.quantile(0.99) == both.quantile(0.99)
+    with pytest.raises(tw.ConfigError, match="different accuracy"):
+        left.merge(LatencySketch(0.05))
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event: a clock the test advances, and a device that finishes late."""
+
+    clock = 0.0
+    done_until = 0.0
+
+    def __init__(self) -> None:
+        self.t = None
+
+    def record(self) -> None:
+        self.t = FakeEvent.clock
+
+    def query(self) -> bool:
+        return self.t <= FakeEvent.done_until
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return (end.t - self.t) * 1e3  # milliseconds, like CUDA events
+
+
+def test_device_timings_are_read_only_when_finished():
+    timer = CallTimer(cuda=True, event_factory=FakeEvent)
+    FakeEvent.clock, FakeEvent.done_until = 0.0, -1.0
+    for duration in (0.010, 0.020, 0.030):
+        token = timer.start()
+        FakeEvent.clock += duration
+        timer.stop(token)
+    FakeEvent.done_until = 0.030  # the device has finished the first two calls only
+    first = timer.take()
+    assert first.count == 2 and first.max_ms == pytest.approx(20.0)
+    FakeEvent.done_until = 1.0
+    second = timer.take()
+    assert second.count == 1 and second.p50_ms == pytest.approx(30.0, rel=0.01)
+    assert timer.peek().count == 3
+
+
+def test_watch_reports_latency_in_snapshots_records_and_sinks(tmp_path):
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.004)
+            return x * 2
+
+    model = Slow()
+    sink = tw.MemorySink()
+    with tw.attach(model, sinks=[sink, tw.JsonlSink(tmp_path / "s.jsonl")], flush_every=5, rules=[]) as watch:
+        for _ in range(10):
+            model(torch.ones(2))
+        snap = watch.snapshot()
+        watch.flush()
+    assert snap.latency.count == 10
+    assert 4.0 <= snap.latency.p50_ms < 100.0 and snap.latency.max_ms >= snap.latency.p99_ms
+    assert [r.latency.count for r in sink.records] == [5, 5]
+    lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert lines[0]["latency"]["count"] == 5 and lines[0]["latency"]["p95_ms"] >= 4.0
+
+
+def test_slo_rule_fires_on_slow_calls_and_validates(quiet):
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.003)
+            return x
+
+    model = Slow()
+    with tw.attach(model, flush_every=10, rules=[rules.LatencySLO(max_ms=1.0, min_calls=10)]) as watch:
+        for _ in range(10):
+            model(torch.ones(1))
+        watch.flush()
+    (alert,) = [a for a in watch.alerts if a.rule == "latency_slo"]
+    assert alert.stat == "latency.p99_ms" and alert.value > 3.0 and alert.expected == 1.0
+    with pytest.raises(tw.ConfigError, match="quantile='p90' is not valid"):
+        rules.LatencySLO(max_ms=5, quantile="p90")
+    with pytest.raises(tw.ConfigError, match="max_ms must be > 0"):
+        rules.LatencySLO(max_ms=0)
+
+
+def test_timings_stay_bounded_without_flushes():
+    timer = CallTimer()
+    for _ in range(10_000):
+        timer.stop(timer.start())
+    assert len(timer._raw) < 4096 and timer.peek().count == 10_000
+    FakeEvent.clock, FakeEvent.done_until = 0.0, -1.0  # a device that never finishes
+    gpu = CallTimer(cuda=True, event_factory=FakeEvent)
+    for _ in range(5000):
+        gpu.stop(gpu.start())
+    assert len(gpu._pending) == 4096 and gpu.dropped == 5000 - 4096
