@@ -130,3 +130,17 @@ def test_timings_stay_bounded_without_flushes():
     for _ in range(5000):
         gpu.stop(gpu.start())
     assert len(gpu._pending) == 4096 and gpu.dropped == 5000 - 4096
+
+
+def test_a_failing_timer_costs_neither_the_answer_nor_the_statistics(quiet):
+    model = torch.nn.Linear(3, 3)
+    with tw.attach(model, rules=[]) as watch:
+
+        def broken(token):
+            raise RuntimeError("event pool exhausted")
+
+        watch._timer.stop = broken
+        out = model(torch.ones(2, 3))
+        snap = watch.snapshot()
+    assert out.shape == (2, 3) and snap[""].count == 6 and snap.calls == 1
+    assert watch.errors.get("(root call)") == 1

@@ -501,6 +501,7 @@ class Watch:
             return
         tls.call = None
         tls.flush_due = False
+        tls.t0 = None
         try:
             tls.t0 = self._timer.start()
             with self._lock:
@@ -542,7 +543,11 @@ class Watch:
         call, tls.call = tls.call, None
         alert = None
         try:
-            self._timer.stop(tls.t0)
+            if tls.t0 is not None:
+                self._timer.stop(tls.t0)
+        except Exception as exc:  # noqa: BLE001 - timing must not cost the call its statistics
+            self._hook_failed(ROOT_CALL, exc)
+        try:
             if call is not None:
                 if self.every > 1 and self.sampling == "python":
                     self._uninstall()
