@@ -184,3 +184,15 @@ def test_device_path_nan_trips_at_the_flush_every_window():
         model(torch.randn(2, WIDTH))
         watch.flush()
         assert watch.healthy
+
+
+def test_one_warning_per_rule_however_many_modules_alert():
+    model = _model()
+    with tw.attach(model, flush_every=4, rules=[rules.CastRange("float16", "overflow")]) as watch:
+        with pytest.warns(tw.TorchwatchWarning) as caught:
+            for _ in range(3):
+                model(torch.randn(64, WIDTH) * 1e6)  # every module overflows float16
+                watch.flush()
+    messages = [str(w.message) for w in caught if "would overflow" in str(w.message)]
+    assert len(messages) == 1 and "warned once per rule" in messages[0]
+    assert {a.module for a in watch.alerts if a.rule == "cast_overflow"} == {"0", "1", "2"}  # Tanh is bounded

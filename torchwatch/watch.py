@@ -939,7 +939,8 @@ class Watch:
             with self._lock:
                 self._alerts.extend(out)
             for alert in out:
-                self._warn_once(f"{alert.rule}:{alert.module}", f"{alert.message} (warned once per rule and module)")
+                # one warning per rule: a fault that moves every module must not flood the log
+                self._warn_once(f"rule-alert:{alert.rule}", f"{alert.message} (warned once per rule; see watch.alerts)")
         return out
 
     def _device_alerts(self, firsts: dict[str, FirstNonFinite], counts: dict[str, tuple[int, int, int]]) -> list[Alert]:
