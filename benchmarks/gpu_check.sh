@@ -19,7 +19,7 @@ timeout 60 $PY benchmarks/_sync_probe.py 2>&1 | tee "$OUT/sync_probe.txt"
 
 # CPU statistics use the torch-ops twin here (the C kernel is not built: CI tests it).
 timeout 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" --timeout=120 -rfE --tb=short \
-  tests/test_cuda.py tests/test_triton_kernel.py tests/test_fingerprint.py > "$OUT/tests.txt" 2>&1
+  tests/test_cuda.py tests/test_triton_kernel.py tests/test_fingerprint.py tests/test_latency.py > "$OUT/tests.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/tests.txt"
 tail -60 "$OUT/tests.txt"
 

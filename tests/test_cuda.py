@@ -187,3 +187,17 @@ def test_canary_across_devices_uses_summary_metrics_and_same_device_is_bitwise()
     with torch.no_grad():
         model[0].weight[0, 0] += 1e-3
     assert not on_gpu.verify(model).ok
+
+
+def test_latency_on_cuda_uses_events_without_a_host_sync():
+    model = mlp(64).cuda()
+    x = torch.randn(32, 64, device="cuda")
+    with tw.attach(model, flush_every=10**6, rules=[]) as watch:
+        model(x)
+        with no_sync():
+            for _ in range(20):
+                model(x)
+        torch.cuda.synchronize()
+        snap = watch.snapshot()
+    assert watch._timer.cuda and snap.latency.count == 21
+    assert 0 < snap.latency.p50_ms < 1000 and watch.errors == {}
