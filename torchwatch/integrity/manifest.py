@@ -468,9 +468,9 @@ def verify_weights(
     aliased: dict[str, str] = {}
     mismatched: list[str] = []
     if isinstance(model_or_path, torch.nn.Module):
-        state = model_or_path.state_dict()
-        skip |= _select(state.keys(), ignore)
         named, model_aliases = _model_tensors(model_or_path)
+        state = named.keys() | model_aliases.keys()  # every state_dict name
+        skip |= _select(state, ignore)
         have: dict[str, tuple[str, tuple[int, ...]]] = {
             n: (_dtype_name(t.dtype), tuple(t.shape)) for n, t in named.items()
         }
