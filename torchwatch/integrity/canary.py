@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .._files import atomic_write, shown
+from .._outputs import _children
 from ..errors import CanaryError, ConfigError, FormatError
 from . import _safetensors
 
@@ -243,7 +244,11 @@ def _call(model: torch.nn.Module, kind: str, keys: list[str], values: list[torch
 
 
 def flatten_outputs(output: Any) -> dict[str, torch.Tensor]:
-    """Every tensor in a model's output with a stable dotted name (``"output"`` for a bare tensor)."""
+    """Every tensor in a model's output with a stable dotted name (``"output"`` for a bare tensor).
+
+    Walks containers the way the watch does (:func:`torchwatch._outputs._children`: dataclasses and
+    HF ``ModelOutput`` by field, namedtuples, sequences, mappings); ``None`` fields are skipped.
+    """
     found: dict[str, torch.Tensor] = {}
 
     def walk(obj: Any, name: str, depth: int) -> None:
@@ -252,17 +257,9 @@ def flatten_outputs(output: Any) -> dict[str, torch.Tensor]:
         if isinstance(obj, torch.Tensor):
             found[name or "output"] = obj
             return
-        if isinstance(obj, Mapping):  # dicts and HF ModelOutput (non-None fields)
-            items = [(str(k), v) for k, v in obj.items()]
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            items = [(f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj)]
-        elif isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
-            items = list(zip(obj._fields, obj, strict=True))
-        elif isinstance(obj, (tuple, list)):
-            items = [(str(i), v) for i, v in enumerate(obj)]
-        else:
-            return
-        for key, value in items:
+        children = _children(obj)
+        for key, value in children or ():
+            key = key[1:] if key.startswith(".") else key[1:-1]  # ".field" / "[i]" -> "field" / "i"
             walk(value, f"{name}.{key}" if name else key, depth + 1)
 
     walk(output, "", 0)
