@@ -782,21 +782,19 @@ class Watch:
                     self._errors["on_nonfinite"] += 1
                 self._warn_once("callback", f"the on_nonfinite callable raised {exc!r}; it was ignored")
 
-    def _deliver_drift(self, alert: Alert, *, window: bool) -> None:
-        """Keep a drift alarm (and send it with a record); warn once per module."""
+    def _deliver_monitor(self, alert: Alert, *, window: bool) -> None:
+        """Keep an alert of a built-in monitor (drift, fingerprint), send it with a record when
+        ``window``, and warn once per rule and module."""
         with self._lock:
             self._alerts.append(alert)
             if window:
                 self._window_alerts.append(alert)
-        self._warn_once(f"drift:{alert.module}", f"{alert.message}; see watch.alerts (warned once per module)")
+        self._warn_once(f"{alert.rule}:{alert.module}", f"{alert.message}; see watch.alerts (warned once per module)")
 
     def _deliver_fingerprint(self, alert: Alert) -> None:
-        """Keep a weight-corruption alert, send it with the next record, warn once per module."""
+        """Weights changed in memory: trip the watch, then keep and send the alert like drift's."""
         self._trip(alert)
-        with self._lock:
-            self._alerts.append(alert)
-            self._window_alerts.append(alert)
-        self._warn_once(f"fingerprint:{alert.module}", f"{alert.message} (warned once per module; see watch.alerts)")
+        self._deliver_monitor(alert, window=True)
 
     def _drift_now(self, step: int) -> dict:
         """Evaluate the drift windows completed so far (snapshot: the caller holds the flush lock
@@ -805,7 +803,7 @@ class Watch:
             return {}
         statuses, alerts = self._drift.process(self._drift.start_read(), step)
         for alert in alerts:
-            self._deliver_drift(alert, window=True)
+            self._deliver_monitor(alert, window=True)
         self._warn_lost_windows()
         return statuses
 
@@ -889,7 +887,7 @@ class Watch:
         if drift is not None:
             drift_status, drift_alerts = self._drift.process(drift, step)
             for alert in drift_alerts:
-                self._deliver_drift(alert, window=False)
+                self._deliver_monitor(alert, window=False)
             self._warn_lost_windows()
             alerts += drift_alerts
         nonfinite = {**nonfinite, **new_firsts}
