@@ -295,12 +295,14 @@ def _device_sums_triton(
     sums: dict[str, tuple[int, ...]] = {}
     with ctx:
         aligned = {}
+        mixer = None
         for n, t in tensors.items():
             w = as_words(t)
             if w.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() or t.numel() == 0:
                 aligned[n] = w
             else:  # odd size or misaligned view: a padded copy, too small to be worth the kernel
-                sums[n] = tuple(TorchMixer(device, block=1 << 16).chunk_sums(w, _salt(n), chunk_words))
+                mixer = mixer or TorchMixer(device, block=1 << 16)
+                sums[n] = tuple(mixer.chunk_sums(w, _salt(n), chunk_words))
         aligned = {n: w for n, w in aligned.items() if w.numel()}
         table = _chunk_table(device, aligned, chunk_words)
         out = torch.empty(table.shape[0], dtype=torch.int64, device=device)
