@@ -42,7 +42,7 @@ def test_open_half_open_close_cycle():
 
 def test_without_fallback_the_caller_gets_circuit_open_error():
     _model, watch, breaker, _ = _setup(cooldown=60)
-    with pytest.raises(tw.CircuitOpenError, match="circuit open: NaN first appeared in '0'"):
+    with pytest.raises(tw.CircuitOpenError, match="circuit open: NaN arrived with the model's input '<input>'"):
         breaker(torch.tensor([[NAN, 1.0]]))
     with pytest.raises(tw.CircuitOpenError):
         breaker(torch.ones(1, 2))

@@ -57,7 +57,7 @@ def test_every_float_position_is_measured_and_the_rest_skipped():
 
     model = nn.Sequential(Structured(make))
     x = torch.randn(2, 3)
-    with tw.attach(model) as watch:
+    with tw.attach(model, inputs=False) as watch:
         out = model(x)
         snap = watch.snapshot()
     assert torch.equal(out[0], x * 2)
@@ -120,7 +120,7 @@ _structures = st.recursive(
 def test_no_output_structure_breaks_the_model_call(spec):
     model = nn.Sequential(Structured(lambda x: _build(spec, x)), nn.Identity())
     x = torch.randn(2, 3)
-    with tw.attach(model, modules=["0"], on_nonfinite="ignore") as watch:
+    with tw.attach(model, modules=["0"], on_nonfinite="ignore", inputs=False) as watch:
         out = model(x)
         snap = watch.snapshot()
     assert type(out) is type(_build(spec, x))

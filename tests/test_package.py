@@ -17,6 +17,8 @@ EXPECTED = {
     "Canary", "CanaryReport", "Fingerprint", "FingerprintChange", "Manifest", "OutputCheck", "SelfTestReport",
     "Tolerances", "WeightReport", "fingerprint", "selftest", "verify_weights",
     "CircuitBreaker", "CircuitOpenError", "IncidentLog", "PrometheusSink", "rules",
+    "IdStats", "InputMonitor", "InputStats", "OutputMonitor", "OutputQuality", "Comparison", "Shadow", "compare",
+    "shadow",
 }  # fmt: skip
 
 

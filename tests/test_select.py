@@ -77,4 +77,4 @@ def test_attach_uses_the_selector():
     m = model()
     with tw.attach(m, modules=(nn.LayerNorm,)) as watch:
         m(torch.randn(2, 4))
-        assert list(watch.snapshot()) == ["3"]
+        assert list(watch.snapshot()) == ["<input>", "3"]  # the root call's input is measured too

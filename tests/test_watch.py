@@ -50,7 +50,8 @@ def test_stats_of_every_watched_output_match_the_oracle():
         snap = watch.snapshot()
     for h in handles:
         h.remove()
-    assert list(snap) == ["0", "1", "3", "4", "5"]  # execution order, Dropout skipped
+    assert list(snap) == ["<input>", "0", "1", "3", "4", "5"]  # execution order, Dropout skipped
+    outputs["<input>"] = x
     for name in snap:
         assert_matches(snap[name], oracle(outputs[name]))
 
@@ -134,7 +135,7 @@ def test_snapshot_of_an_unknown_name_says_what_exists():
     with tw.attach(model) as watch:
         model(torch.randn(1, 16))
         with pytest.raises(
-            KeyError, match="'nope' has no statistics in this snapshot; measured positions: \\['0', '1'"
+            KeyError, match="'nope' has no statistics in this snapshot; measured positions: \\['<input>', '0', '1'"
         ):
             watch.snapshot()["nope"]
 
@@ -260,10 +261,12 @@ def test_a_failing_hook_never_changes_the_output_and_is_counted_and_warned_once(
             out1 = model(x)
             out2 = model(x)
         assert torch.equal(out1, expected) and torch.equal(out2, expected)
-        assert watch.errors == {"0": 2, "1": 2, "3": 2, "4": 2, "5": 2}
+        assert watch.errors == {"<input>": 2, "0": 2, "1": 2, "3": 2, "4": 2, "5": 2}
     messages = [str(w.message) for w in record]
     assert len(messages) == 1
-    assert "the torchwatch hook of '0' failed with MemoryError('no room'); inference was not affected" in messages[0]
+    assert (
+        "the torchwatch hook of '<input>' failed with MemoryError('no room'); inference was not affected" in messages[0]
+    )
 
 
 @pytest.mark.parametrize("mode", ["plain", "no_grad", "inference_mode", "train"])
@@ -332,7 +335,7 @@ def test_root_leaf_module_is_named_empty_string():
     model = nn.Linear(3, 2)
     with tw.attach(model) as watch:
         model(torch.randn(4, 3))
-        assert list(watch.snapshot()) == [""]
+        assert list(watch.snapshot()) == ["<input>", ""]
         assert watch.snapshot()[""].count == 8
 
 
@@ -394,7 +397,7 @@ def test_output_of_a_wrapper_root_is_measured_and_nested_modules_too():
     model = Wrapper(mlp())
     with tw.attach(model, modules=lambda fqn, m: fqn in ("", "inner.0")) as watch:
         model(torch.randn(2, 16))
-        assert list(watch.snapshot()) == ["inner.0", ""]
+        assert list(watch.snapshot()) == ["<input>", "inner.0", ""]
         assert watch.snapshot()[""].count == 1
 
 

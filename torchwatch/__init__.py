@@ -14,6 +14,7 @@ from . import rules
 from .alerts import Alert, FirstNonFinite
 from .containment import CircuitBreaker
 from .drift import CalibrationReport, DriftStatus, Reference, arl_windows
+from .edges import IdStats, InputMonitor, InputStats, OutputMonitor, OutputQuality
 from .errors import (
     CanaryError,
     CircuitOpenError,
@@ -38,6 +39,7 @@ from .integrity import (
     selftest,
     verify_weights,
 )
+from .shadow import Comparison, Shadow, compare, shadow
 from .sinks import IncidentLog, JsonlSink, MemorySink, PrometheusSink, Record, Sink, TensorBoardSink
 from .snapshot import Snapshot
 from .stats import DEFAULT_CAST_DTYPES, ModuleStats, tensor_stats
@@ -59,13 +61,17 @@ __all__ = [
     "CanaryReport",
     "CircuitBreaker",
     "CircuitOpenError",
+    "Comparison",
     "ConfigError",
     "DriftStatus",
     "Fingerprint",
     "FingerprintChange",
     "FirstNonFinite",
     "FormatError",
+    "IdStats",
     "IncidentLog",
+    "InputMonitor",
+    "InputStats",
     "IntegrityError",
     "JsonlSink",
     "Manifest",
@@ -73,10 +79,13 @@ __all__ = [
     "ModuleStats",
     "NonFiniteError",
     "OutputCheck",
+    "OutputMonitor",
+    "OutputQuality",
     "PrometheusSink",
     "Record",
     "Reference",
     "SelfTestReport",
+    "Shadow",
     "Sink",
     "Snapshot",
     "TensorBoardSink",
@@ -87,9 +96,11 @@ __all__ = [
     "WeightReport",
     "arl_windows",
     "attach",
+    "compare",
     "fingerprint",
     "rules",
     "selftest",
+    "shadow",
     "tensor_stats",
     "verify_weights",
 ]

@@ -28,6 +28,11 @@ class Snapshot(Mapping[str, ModuleStats]):
         latency: root-call latency since the last reset (:class:`~torchwatch.latency.LatencyStats`,
             ms; wall time on CPU, CUDA-event time on GPU, device time of calls still running not yet
             included); None in a cohort snapshot.
+        inputs: per root-call input position, its :class:`~torchwatch.InputStats` (empty in a
+            cohort snapshot); float inputs' ModuleStats are under the same ``"<input>"`` names.
+        outputs: :class:`~torchwatch.OutputQuality` with ``attach(outputs=...)`` (None otherwise
+            and in a cohort snapshot).
+        timing: per module, :class:`~torchwatch.latency.LatencyStats` with ``attach(timing=True)``.
 
     Example:
         >>> import torch, torchwatch as tw
@@ -50,6 +55,9 @@ class Snapshot(Mapping[str, ModuleStats]):
         errors: Mapping[str, int] | None = None,
         drift: Mapping[str, Any] | None = None,
         latency: Any = None,
+        inputs: Mapping[str, Any] | None = None,
+        outputs: Any = None,
+        timing: Mapping[str, Any] | None = None,
     ) -> None:
         self._stats = dict(stats)
         self.calls = calls
@@ -59,6 +67,9 @@ class Snapshot(Mapping[str, ModuleStats]):
         self.errors: dict[str, int] = dict(errors or {})
         self.drift: dict[str, Any] = dict(drift or {})
         self.latency = latency
+        self.inputs: dict[str, Any] = dict(inputs or {})
+        self.outputs = outputs
+        self.timing: dict[str, Any] = dict(timing or {})
 
     def __getitem__(self, name: str) -> ModuleStats:
         try:
@@ -76,7 +87,8 @@ class Snapshot(Mapping[str, ModuleStats]):
         return len(self._stats)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: ``{"calls", "sampled", "cohort", "modules", "nonfinite", "errors", "drift", "latency"}``."""
+        """Plain data: ``{"calls", "sampled", "cohort", "modules", "nonfinite", "errors", "drift", "latency",
+        "inputs", "outputs", "timing"}``."""
         return {
             "calls": self.calls,
             "sampled": self.sampled,
@@ -86,6 +98,9 @@ class Snapshot(Mapping[str, ModuleStats]):
             "errors": dict(self.errors),
             "drift": {name: d.to_dict() for name, d in self.drift.items()},
             "latency": self.latency.to_dict() if self.latency is not None else None,
+            "inputs": {name: i.to_dict() for name, i in self.inputs.items()},
+            "outputs": self.outputs.to_dict() if self.outputs is not None else None,
+            "timing": {name: t.to_dict() for name, t in self.timing.items()},
         }
 
     def __repr__(self) -> str:

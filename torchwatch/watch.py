@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import edges as _edges
 from . import rules as _rules
 from ._accumulators import new_host_accumulator, stats_from_raw, to_module_stats
 from ._casts import CastPlan, _float_dtypes, cast_plan, normalize_cast_dtypes
@@ -51,6 +52,7 @@ from .stats import DEFAULT_CAST_DTYPES, ModuleStats, merge_all
 NONFINITE_POLICIES = ("ignore", "warn", "raise")
 SAMPLING_MODES = ("python", "device")
 OTHER_COHORT = "__other__"
+OUTPUT = "<output>"  # the key of watch.errors for failures of the output-quality monitor
 ROOT_CALL = "(root call)"  # the key of watch.errors for failures in the model's own hooks
 WORKER = "(worker)"  # the key of watch.errors for failures while finishing a flush
 MAX_ALERTS = 1000  # alerts kept in watch.alerts (oldest dropped first)
@@ -114,6 +116,9 @@ class Watch:
         drift_arl: float | None = None,
         rules: Iterable[Any] | None = None,
         alert_policy: Any = None,
+        inputs: Any = True,
+        outputs: Any = None,
+        timing: bool = False,
         _device_path: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -178,7 +183,18 @@ class Watch:
         self._drift_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._installed = 0  # sampled calls in flight that need the module hooks (python sampling)
         self._fingerprint_monitor: Any = None
-        self._timer = CallTimer(cuda=_model_device(model).type == "cuda")
+        cuda = _model_device(model).type == "cuda"
+        self._timer = CallTimer(cuda=cuda)
+        in_config, out_config = _input_monitor(inputs), _output_monitor(outputs)
+        self._inputs = _edges._InputAccumulators(in_config) if in_config is not None else None
+        self._outputs = _edges._OutputAccumulator(out_config) if out_config is not None else None
+        self._input_totals: dict[str, _edges.InputStats] = {}
+        self._output_total: _edges.OutputQuality | None = None
+        if not isinstance(timing, bool):
+            raise ConfigError(f"timing must be True or False, got {timing!r}")
+        self._module_timers = {name: CallTimer(cuda=cuda) for name, _ in selected} if timing else {}
+        self._timing_hooks = [(weakref.ref(module), self._make_timing_hooks(name)) for name, module in selected
+                              if timing]  # fmt: skip
         self._trips = 0  # tripping alerts so far; healthy while it equals _trips_cleared
         self._trips_cleared = 0
         self._trip_alert: Alert | None = None
@@ -195,7 +211,7 @@ class Watch:
                     "call watch.detach() before attaching again, or keep using that watch"
                 )
             self._root_handles = [
-                model.register_forward_pre_hook(self._enter_root, prepend=True),
+                model.register_forward_pre_hook(self._enter_root, prepend=True, with_kwargs=True),
                 model.register_forward_hook(self._exit_root, always_call=True),
             ]
             if self.every == 1 or self.sampling == "device":
@@ -324,6 +340,7 @@ class Watch:
             order = list(self._order)
             self._check_unseen()
             drift = self._drift_now(calls)
+            inputs, outputs = self._edges_to_host(self._take_edges(keep=True), fold=False)
         parts: dict[str, list[ModuleStats]] = {}
         for (c, name), s in list(totals.items()) + list(window.items()):
             if cohort is None or c == cohort:
@@ -331,9 +348,13 @@ class Watch:
         stats = {name: merge_all(parts[name]) for name in order if name in parts}
         if cohort is not None:
             first = {k: v for k, v in first.items() if v.cohort == cohort}
-        latency = self._timer.peek() if cohort is None else None
-        return Snapshot(stats, calls=calls, sampled=sampled, cohort=cohort, nonfinite=first, errors=errors, drift=drift,
-                        latency=latency)  # fmt: skip
+        whole = cohort is None  # latency, inputs and outputs are not split by cohort
+        return Snapshot(
+            stats, calls=calls, sampled=sampled, cohort=cohort, nonfinite=first, errors=errors, drift=drift,
+            latency=self._timer.peek() if whole else None, inputs=inputs if whole else {},
+            outputs=outputs if whole else None,
+            timing={n: t for n, timer in self._module_timers.items() if (t := timer.peek()).count} if whole else {},
+        )  # fmt: skip
 
     def flush(self, *, timeout: float = 30.0) -> None:
         """Send the statistics gathered since the previous flush to the sinks and wait until
@@ -345,6 +366,9 @@ class Watch:
         with self._flush_lock:
             self._worker.submit(None, wait=True)
             self._timer.reset()
+            for timer in self._module_timers.values():
+                timer.reset()
+            self._take_edges(keep=False)
             for table in list(self._tables.values()):
                 self._device_root_calls[table.device] = int(table.control[CALLS])
                 table.reset()
@@ -356,6 +380,7 @@ class Watch:
                 self._since_reset_calls = self._since_reset_sampled = 0
                 self._first_nonfinite = {}
                 self._window_nonfinite = {}
+                self._input_totals, self._output_total = {}, None
             if self._drift is not None:
                 self._drift.reset()
 
@@ -379,6 +404,61 @@ class Watch:
             self._fingerprint_monitor.stop(timeout)
         self._flush(wait=False)
         self._worker.close(timeout)
+
+    def record_labels(self, trace_ids: str | Iterable[str], labels: Any) -> int:
+        """Feed back the true classes of earlier calls: accuracy and calibration error (ECE).
+
+        Needs ``attach(outputs=...)`` and calls made under ``watch.context(trace_id=...)``; the
+        predictions of the last ``OutputMonitor.max_traces`` such calls are kept. Labels count in
+        the next flush's ``record.outputs`` and in ``snapshot().outputs`` (``accuracy``, ``ece``).
+        Runs on the caller's thread (it may wait for the device), never in a forward.
+
+        Args:
+            trace_ids: one trace id, or a sequence of them.
+            labels: for one trace id, that call's labels (an int, or a sequence/tensor with one
+                integer class per row of its logits); for a sequence, one such item per trace id.
+                Negative labels (-100) mark rows to leave out.
+
+        Returns:
+            The number of rows labelled. Trace ids with no kept prediction (never seen, or too
+            old) are skipped and counted in ``watch.errors["labels:unknown trace id"]``.
+
+        Raises:
+            ConfigError: no output monitor, mismatched lengths, a label count that differs from
+                the call's rows, or non-integer labels; nothing is recorded then.
+
+        Example:
+            >>> import torch, torchwatch as tw
+            >>> model = torch.nn.Linear(4, 3)
+            >>> watch = tw.attach(model, outputs=True)
+            >>> with watch.context(trace_id="req-1"):
+            ...     logits = model(torch.randn(2, 4))
+            >>> watch.record_labels("req-1", logits.argmax(-1))
+            2
+            >>> watch.snapshot().outputs.accuracy
+            1.0
+            >>> watch.detach()
+        """
+        if self._outputs is None:
+            raise ConfigError("record_labels() needs output monitoring: attach(model, outputs='logits') or a selector")
+        if isinstance(trace_ids, str):
+            ids, items = [trace_ids], [labels]
+        else:
+            ids = [str(t) for t in trace_ids]
+            items = list(labels) if not isinstance(labels, torch.Tensor) else list(labels.unbind(0))
+            if len(items) != len(ids):
+                raise ConfigError(f"record_labels: {len(ids)} trace ids but {len(items)} labels; give one per trace id")
+        rows, unknown = self._outputs.record_labels(ids, items)
+        if unknown:
+            with self._lock:
+                self._errors["labels:unknown trace id"] += len(unknown)
+            self._warn_once(
+                "labels-unknown",
+                f"record_labels: no kept prediction for trace id(s) {unknown[:3]}{' ...' if len(unknown) > 3 else ''} "
+                "(never seen under watch.context(trace_id=...), sampled out, or older than OutputMonitor.max_traces); "
+                'skipped and counted in watch.errors["labels:unknown trace id"]',
+            )
+        return rows
 
     def verify_fingerprint_every(self, seconds: float, *, baseline: Any = None) -> Any:
         """Re-check the model's weights in memory every ``seconds``, on a background thread.
@@ -450,6 +530,11 @@ class Watch:
                     module = module_ref()
                     if module is not None:
                         self._stat_handles.append(module.register_forward_hook(hook, prepend=is_root))
+                for module_ref, (before, after) in self._timing_hooks:
+                    module = module_ref()
+                    if module is not None:  # after: first, so the statistics are not timed
+                        self._stat_handles.append(module.register_forward_pre_hook(before))
+                        self._stat_handles.append(module.register_forward_hook(after, prepend=True))
 
     def _uninstall(self) -> None:
         with self._install_lock:
@@ -466,6 +551,30 @@ class Watch:
             on_output(fqn, output)
 
         return torchwatch_hook
+
+    def _make_timing_hooks(self, fqn: str) -> tuple[Callable[..., None], Callable[..., None]]:
+        timer = self._module_timers[fqn]
+        tls = self._tls
+
+        def torchwatch_time_start(module: nn.Module, args: Any) -> None:
+            if self._graph_mode():
+                return
+            try:
+                stack = tls.__dict__.setdefault("timing", {}).setdefault(fqn, [])
+                stack.append(timer.start())
+            except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                self._hook_failed(fqn, exc)
+
+        def torchwatch_time_stop(module: nn.Module, args: Any, output: Any) -> None:
+            stack = getattr(tls, "timing", {}).get(fqn)
+            if not stack or self._graph_mode():
+                return
+            try:
+                timer.stop(stack.pop())
+            except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                self._hook_failed(fqn, exc)
+
+        return torchwatch_time_start, torchwatch_time_stop
 
     def _make_drift_hook(self, fqn: str) -> Callable[[nn.Module, Any, Any], None]:
         observe = self._drift_observe
@@ -490,7 +599,7 @@ class Watch:
 
     # ---- root calls ------------------------------------------------------------------------
 
-    def _enter_root(self, module: nn.Module, args: Any) -> None:
+    def _enter_root(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if self._graph_mode():
             self._tick()
             return
@@ -522,6 +631,35 @@ class Watch:
         except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
             tls.call = None
             self._hook_failed(ROOT_CALL, exc)
+        if tls.call is not None and self._inputs is not None:
+            try:
+                with torch.no_grad():
+                    self._observe_inputs(tls.call, args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                self._hook_failed(_edges.INPUT, exc)
+
+    def _observe_inputs(self, call: _Call, args: Any, kwargs: dict[str, Any]) -> None:
+        """The root call's tensor arguments: floats measured like outputs (plus channel means),
+        integers into frequency sketches."""
+        acc = self._inputs
+        limit = acc.config.max_inputs
+        n = 0
+        for base, value in [*((f"[{i}]" if i else "", v) for i, v in enumerate(args)),
+                            *((f".{k}", v) for k, v in kwargs.items())]:  # fmt: skip
+            found = (("", value),) if type(value) is torch.Tensor else tensors_in(value)
+            for label, x in found:
+                if n >= limit:
+                    return
+                if type(x) not in PLAIN_TENSOR_TYPES or x.layout is not torch.strided or x.is_meta:
+                    continue
+                name = _edges.INPUT + base + label
+                if x.is_floating_point():
+                    n += 1
+                    self._measure(call, name, x)
+                    acc.add_float(name, x)
+                elif x.dtype in _edges.ID_DTYPES:
+                    n += 1
+                    acc.add_ids(name, x)
 
     def _tick(self) -> None:
         """Graph path of a root call: count it and decide sampling on the device."""
@@ -551,6 +689,8 @@ class Watch:
             if call is not None:
                 if self.every > 1 and self.sampling == "python":
                     self._uninstall()
+                if self._outputs is not None:
+                    self._observe_output(output, call.trace_id)
                 alert = self._finish_call(call)
                 self._completed_sampled += 1
             if tls.flush_due:
@@ -563,6 +703,21 @@ class Watch:
                 'pass on_nonfinite="warn" to keep serving and only record it.',
                 alert,
             )
+
+    def _observe_output(self, output: Any, trace_id: str | None) -> None:
+        try:
+            with torch.no_grad():
+                self._outputs.observe(output, trace_id)
+        except _edges.OutputError as exc:
+            with self._lock:
+                self._errors["outputs"] += 1
+            self._warn_once(
+                "outputs",
+                f"output quality not measured: {exc}. Pass attach(outputs=...) the key, index or a callable that "
+                'selects the logits. Counted in watch.errors["outputs"]; inference was not affected.',
+            )
+        except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+            self._hook_failed(OUTPUT, exc)
 
     def _bounded_cohort(self, cohort: str | None) -> str | None:
         if cohort in self._cohorts:
@@ -845,16 +1000,38 @@ class Watch:
                 step = self._calls
             reads = [(table, table.flip()[1]) for table in list(self._tables.values()) if table.keys]
             drift = self._drift.start_read() if self._drift is not None and (calls or reads) else None
-            if not (calls or window or reads or alerts or nonfinite):
+            edges = self._take_edges(keep=False)
+            if not (calls or window or reads or alerts or nonfinite or edges[1] is not None):
                 job = None  # nothing happened since the last flush
             else:
                 job = functools.partial(
-                    self._finish_flush, step, calls, sampled, window, reads, alerts, nonfinite, drift
+                    self._finish_flush, step, calls, sampled, window, reads, alerts, nonfinite, drift, edges
                 )
         if job is not None or wait:
             self._worker.submit(job, wait=wait, timeout=timeout)
 
-    def _finish_flush(self, step, calls, sampled, window, reads, alerts, nonfinite, drift) -> Record | None:
+    def _take_edges(self, *, keep: bool) -> tuple[dict[str, Any], Any]:
+        """Device copies of the input and output accumulators (zeroed unless ``keep``)."""
+        inputs = self._inputs.take(keep=keep) if self._inputs is not None else {}
+        outputs = self._outputs.take(keep=keep) if self._outputs is not None else None
+        return inputs, outputs
+
+    def _edges_to_host(self, edges: tuple[dict[str, Any], Any], *, fold: bool) -> tuple[dict, Any]:
+        """Host statistics of taken accumulators; ``fold``: add them to the totals since the reset."""
+        inputs = _edges.inputs_to_host(edges[0])
+        outputs = _edges.output_to_host(edges[1])
+        with self._lock:
+            totals = dict(self._input_totals)
+            for name, stats in inputs.items():
+                totals[name] = totals[name].merge(stats) if name in totals else stats
+            total_out = self._output_total
+            if outputs is not None:
+                total_out = outputs if total_out is None else total_out.merge(outputs)
+            if fold:
+                self._input_totals, self._output_total = totals, total_out
+        return (inputs, outputs) if fold else (totals, total_out)
+
+    def _finish_flush(self, step, calls, sampled, window, reads, alerts, nonfinite, drift, edges) -> Record | None:
         """Worker thread: wait for the copies, fold the window into the totals, make the record."""
         converted = [(key, to_module_stats(acc, self.cast_dtypes)) for key, acc in window.items()]
         firsts: dict[str, FirstNonFinite] = {}
@@ -894,7 +1071,9 @@ class Watch:
         self._check_unseen()
         now = time.time()
         latency = self._timer.take()
-        alerts += self._run_rules(step, now, converted, drift_status, latency)
+        inputs, outputs = self._edges_to_host(edges, fold=True)
+        timing = {name: t for name, timer in self._module_timers.items() if (t := timer.take()).count}
+        alerts += self._run_rules(step, now, converted, drift_status, latency, inputs, outputs)
         alerts = [a for a in alerts if self.alert_policy.admit(a, now)]
         if not (calls or alerts):
             return None
@@ -902,11 +1081,14 @@ class Watch:
             step=step, time=now, calls=calls, sampled=sampled,
             stats={name: merge_all(per_name[name]) for name in order},
             alerts=tuple(alerts), nonfinite=nonfinite, errors=errors, drift=drift_status, latency=latency,
+            inputs=inputs, outputs=outputs, timing=timing,
         )  # fmt: skip
 
-    def _run_rules(self, step: int, now: float, converted: list, drift_status: dict, latency: Any) -> list[Alert]:
+    def _run_rules(
+        self, step: int, now: float, converted: list, drift_status: dict, latency: Any, inputs: dict, outputs: Any
+    ) -> list[Alert]:
         """Worker thread: evaluate the rules on this interval, once per cohort."""
-        if not self.rules or not (converted or latency.count):
+        if not self.rules or not (converted or latency.count or inputs or outputs is not None):
             return []
         by_cohort: dict[str | None, dict[str, list[ModuleStats]]] = {None: {}}
         for (cohort, name), s in converted:
@@ -915,7 +1097,7 @@ class Watch:
         for cohort, per_name in by_cohort.items():
             stats = {n: merge_all(v) for n, v in per_name.items()}
             if cohort is None:  # calls of every cohort: latency is not split by cohort
-                interval = _rules.Interval(step, now, None, stats, drift_status, latency)
+                interval = _rules.Interval(step, now, None, stats, drift_status, latency, inputs, outputs)
             else:
                 interval = _rules.Interval(step, now, cohort, stats)
             for rule in self.rules:
@@ -1085,6 +1267,31 @@ def _drift_monitor(model: nn.Module, drift: Any, arl: Any) -> tuple[Any, list[tu
     return DriftMonitor(drift, _model_device(model), arl), [(n, names[n]) for n in drift.modules]
 
 
+def _input_monitor(inputs: Any) -> _edges.InputMonitor | None:
+    if inputs is True:
+        return _edges.InputMonitor()
+    if inputs is False or inputs is None:
+        return None
+    if isinstance(inputs, _edges.InputMonitor):
+        return inputs
+    raise ConfigError(f"inputs= takes True, False or a tw.InputMonitor, got {inputs!r}")
+
+
+def _output_monitor(outputs: Any) -> _edges.OutputMonitor | None:
+    if outputs is None or outputs is False:
+        return None
+    if outputs is True:
+        return _edges.OutputMonitor(select=None)
+    if isinstance(outputs, _edges.OutputMonitor):
+        return outputs
+    if isinstance(outputs, (str, int)) or callable(outputs):
+        return _edges.OutputMonitor(select=outputs)
+    raise ConfigError(
+        f"outputs= takes a key ('logits'), an index, a callable output -> logits, True (the output is the "
+        f"logits) or a tw.OutputMonitor, got {outputs!r}"
+    )
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -1131,6 +1338,9 @@ def attach(
     drift_arl: float | None = None,
     rules: Iterable[Any] | None = None,
     alert_policy: Any = None,
+    inputs: Any = True,
+    outputs: Any = None,
+    timing: bool = False,
 ) -> Watch:
     """Start measuring the outputs of ``model``'s modules on every ``every``-th call.
 
@@ -1169,6 +1379,18 @@ def attach(
             alerts are built in.
         alert_policy: a :class:`torchwatch.rules.AlertPolicy` (de-duplication cool-down and rate
             limit for what reaches the sinks; default: 5 minutes per rule/module/stat/cohort, 60 a minute).
+        inputs: measure the root call's tensor arguments (default True): floating-point ones as
+            ``"<input>"`` positions (``"<input>[1]"``, ``"<input>.key"`` for others) with the
+            statistics of any output plus per-channel means; integer ones (token ids) in frequency
+            sketches. ``snapshot().inputs`` / ``record.inputs``; a :class:`~torchwatch.InputMonitor`
+            to configure, False to turn off. Eager calls only (not inside compiled graphs).
+        outputs: output-quality monitoring of a classifier/LM head (default off): ``"logits"`` (a
+            key or attribute of the output), an index, a callable ``output -> logits``, True for a
+            model that returns the logits, or a :class:`~torchwatch.OutputMonitor`. Confidence,
+            margin, entropy, predicted classes, abstentions; accuracy and ECE with
+            :meth:`Watch.record_labels`. Eager calls only.
+        timing: also time each watched module (pre- and post-hooks: wall clock on CPU, CUDA events
+            on GPU; costs about 2 us per module per sampled call on CPU). ``snapshot().timing``.
 
     Returns:
         The :class:`Watch`, also a context manager that detaches on exit.
@@ -1189,7 +1411,7 @@ def attach(
     return Watch(
         model, modules=modules, every=every, sampling=sampling, sinks=sinks, flush_every=flush_every,
         cast_dtypes=cast_dtypes, on_nonfinite=on_nonfinite, max_cohorts=max_cohorts, drift=drift,
-        drift_arl=drift_arl, rules=rules, alert_policy=alert_policy,
+        drift_arl=drift_arl, rules=rules, alert_policy=alert_policy, inputs=inputs, outputs=outputs, timing=timing,
     )  # fmt: skip
 
 

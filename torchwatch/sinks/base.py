@@ -29,6 +29,10 @@ class Record:
             the windows completed in this interval (empty without ``attach(drift=...)``).
         latency: root-call latency in the interval (:class:`~torchwatch.latency.LatencyStats`:
             count, mean, max, p50/p95/p99 in ms; wall time on CPU, CUDA-event time on GPU), or None.
+        inputs: per root-call input position, its :class:`~torchwatch.InputStats` (channel means,
+            integer frequencies); float inputs' ModuleStats are in ``stats`` under the same name.
+        outputs: the interval's :class:`~torchwatch.OutputQuality` with ``attach(outputs=...)``, or None.
+        timing: per module, its :class:`~torchwatch.latency.LatencyStats` with ``attach(timing=True)``.
     """
 
     step: int
@@ -41,6 +45,9 @@ class Record:
     errors: Mapping[str, int] = field(default_factory=dict)
     drift: Mapping[str, Any] = field(default_factory=dict)
     latency: Any = None
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    outputs: Any = None
+    timing: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: NaN and infinities become ``null``."""
@@ -56,6 +63,9 @@ class Record:
                 "errors": dict(self.errors),
                 "drift": {name: d.to_dict() for name, d in self.drift.items()},
                 "latency": self.latency.to_dict() if self.latency is not None else None,
+                "inputs": {name: i.to_dict() for name, i in self.inputs.items()},
+                "outputs": self.outputs.to_dict() if self.outputs is not None else None,
+                "timing": {name: t.to_dict() for name, t in self.timing.items()},
             }
         )
 
