@@ -413,3 +413,23 @@ def test_edge_chart_false_alarm_rate_on_clean_channels_is_near_its_nominal_rate(
         inputs = {"<input>": tw.InputStats("float", 100, tuple(shifted.sum(0)))}
         found += chart.evaluate(tw.rules.Interval(t, 0.0, None, stats, inputs=inputs))
     assert "channel_mean[5]" in [a.stat for a in found]
+
+
+def test_report_shows_output_quality_latency_and_inputs(tmp_path):
+    from torchwatch import report
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with tw.attach(model, outputs=True, flush_every=5, sinks=[tw.JsonlSink(tmp_path / "s.jsonl")]) as watch:
+        for i in range(20):
+            with watch.context(trace_id=str(i)), torch.no_grad():
+                y = model(torch.randn(6, 4))
+            watch.record_labels(str(i), y.argmax(-1))
+        snap = watch.snapshot()
+    summary = report.summarize(report.load(tmp_path))
+    out = summary["outputs"]
+    assert out["rows"] == 120 and out["labelled"] == 120 and out["accuracy"] == 1.0
+    assert out["confidence"] == pytest.approx(snap.outputs.confidence, rel=1e-9)
+    assert summary["latency"]["calls"] == 20 and summary["inputs"][0]["input"] == "<input>"
+    shown = report.text(summary)
+    assert "Output quality:" in shown and "accuracy 100.00%" in shown and "Latency: 20 calls" in shown
+    assert "channel means" in shown

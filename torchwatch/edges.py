@@ -556,7 +556,7 @@ class _OutputAccumulator:
 
     def take(self, *, keep: bool = False) -> tuple[Any, ...] | None:
         with self._lock:
-            if self._sums is None and not self._labelled:
+            if not (self._rows or self._labelled):
                 return None
             with _state_mode():
                 sums = None if self._sums is None else self._sums.clone()

@@ -24,6 +24,7 @@ from .errors import FormatError
 
 STATS_FORMAT = "torchwatch.jsonl/1"
 INCIDENT_FORMAT = "torchwatch.incident/1"
+COMPARISON_FORMAT = "torchwatch.comparison/1"
 
 
 @dataclass
@@ -60,10 +61,14 @@ class LogData:
     drift: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    outputs: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (step, record["outputs"])
+    latency: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    inputs: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # the last of each comparison file
 
 
-def _walk(logdir: str) -> tuple[list[str], list[str], list[str]]:
-    stats, incidents, events = [], [], []
+def _walk(logdir: str) -> tuple[list[str], list[str], list[str], list[str]]:
+    stats, incidents, events, comparisons = [], [], [], []
     for root, _, files in os.walk(logdir):
         for f in sorted(files):
             path = os.path.join(root, f)
@@ -76,7 +81,9 @@ def _walk(logdir: str) -> tuple[list[str], list[str], list[str]]:
                     stats.append(path)
                 elif INCIDENT_FORMAT.encode() in head:
                     incidents.append(path)
-    return stats, incidents, events
+                elif COMPARISON_FORMAT.encode() in head:
+                    comparisons.append(path)
+    return stats, incidents, events, comparisons
 
 
 def load(logdir: str | os.PathLike[str]) -> LogData:
@@ -88,8 +95,8 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
     logdir = os.fspath(logdir)
     if not os.path.isdir(logdir):
         raise FormatError(f"log directory {shown(logdir)} does not exist")
-    stats, incidents, events = _walk(logdir)
-    if not (stats or incidents or events):
+    stats, incidents, events, comparisons = _walk(logdir)
+    if not (stats or incidents or events or comparisons):
         raise FormatError(
             f"{shown(logdir)} holds no torchwatch log (statistics *.jsonl, incident *.jsonl or TensorBoard events)"
         )
@@ -110,6 +117,12 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
                 seen.add(key)
                 data.alerts.append(a)
     data.alerts.sort(key=lambda a: (a.get("time") or 0, a.get("call") or 0))
+    from .shadow import Comparison
+
+    for path in comparisons:
+        data.sources.append(path)
+        c = Comparison.load(path)
+        data.comparisons.append({"file": path, **c.to_dict()})
     return data
 
 
@@ -159,6 +172,12 @@ def _read_stats(path: str, data: LogData) -> None:
             data.drift.setdefault(name, []).append((step, d.get("score") or 0.0, d.get("p_value") or 1.0))
         data.alerts += [a for a in r.get("alerts") or [] if isinstance(a, dict)]
         data.errors.update(r.get("errors") or {})
+        if isinstance(r.get("outputs"), dict):
+            data.outputs.append((step, r["outputs"]))
+        if isinstance(r.get("latency"), dict) and r["latency"].get("count"):
+            data.latency.append((step, r["latency"]))
+        for name, i in (r.get("inputs") or {}).items():
+            data.inputs.setdefault(name, []).append((step, i))
 
 
 def _read_events(path: str, data: LogData) -> None:
@@ -242,13 +261,70 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
             "first_alarm_call": alarms[0].get("call") if alarms else None,
             "last_score": series[-1][1] if series else None, "last_p_value": series[-1][2] if series else None,
         })  # fmt: skip
-    problems = bool(nonfinite or any(d["alarms"] for d in drift) or data.alerts)
+    comparisons = list(data.comparisons)
+    problems = bool(
+        nonfinite or any(d["alarms"] for d in drift) or data.alerts or any(not c["ok"] for c in comparisons)
+    )
     return {
+        "outputs": _output_summary(data.outputs), "latency": _latency_summary(data.latency),
+        "inputs": _input_summary(data.inputs), "comparisons": comparisons,
         "logdir": data.logdir, "sources": data.sources, "exact_counts": data.exact, "calls": data.calls,
         "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
         "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
         "problems": problems,
     }  # fmt: skip
+
+
+def _output_summary(series: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] | None:
+    """Output quality over the log: row-weighted means, the worst interval, labelled accuracy and ECE."""
+    rows = [(step, o) for step, o in series if o.get("rows")]
+    if not rows and not any(o.get("labelled") for _, o in series):
+        return None
+    total = sum(o["rows"] - (o.get("nonfinite") or 0) for _, o in rows)
+
+    def mean(key: str) -> float | None:
+        vals = [(o[key], o["rows"] - (o.get("nonfinite") or 0)) for _, o in rows if o.get(key) is not None]
+        return sum(v * n for v, n in vals) / sum(n for _, n in vals) if vals and total else None
+
+    labelled = [(o["labelled"], o.get("accuracy"), o.get("ece")) for _, o in series if o.get("labelled")]
+    n = sum(x[0] for x in labelled)
+    lowest = min(rows, key=lambda r: r[1].get("confidence") or math.inf) if rows else None
+    return {
+        "rows": sum(o["rows"] for _, o in rows), "confidence": mean("confidence"), "margin": mean("margin"),
+        "normalized_entropy": mean("normalized_entropy"), "abstention_rate": mean("abstention_rate"),
+        "lowest_confidence": lowest[1].get("confidence") if lowest else None,
+        "lowest_confidence_step": lowest[0] if lowest else None, "labelled": n,
+        "accuracy": sum(k * (a or 0) for k, a, _ in labelled) / n if n else None,
+        "ece": sum(k * (e or 0) for k, _, e in labelled) / n if n else None,
+    }  # fmt: skip
+
+
+def _latency_summary(series: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] | None:
+    if not series:
+        return None
+    worst = max(series, key=lambda s: s[1].get("p99_ms") or 0)
+    return {
+        "intervals": len(series), "calls": sum(s["count"] for _, s in series),
+        "last_p50_ms": series[-1][1].get("p50_ms"), "last_p99_ms": series[-1][1].get("p99_ms"),
+        "worst_p99_ms": worst[1].get("p99_ms"), "worst_p99_step": worst[0],
+        "max_ms": max(s.get("max_ms") or 0 for _, s in series),
+    }  # fmt: skip
+
+
+def _input_summary(inputs: dict[str, list[tuple[int, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    out = []
+    for name, series in inputs.items():
+        ids = [i["ids"] for _, i in series if i.get("ids")]
+        row: dict[str, Any] = {"input": name, "kind": series[-1][1].get("kind"), "intervals": len(series)}
+        if ids:
+            row["min"], row["max"] = min(i["min"] for i in ids), max(i["max"] for i in ids)
+            row["top1_fraction_max"] = max(i["top1_fraction"] for i in ids)
+            row["last_top"] = ids[-1].get("top", [])[:3]
+        means = [i["channel_means"] for _, i in series if i.get("channel_means")]
+        if means:
+            row["last_channel_means"] = means[-1][:8]
+        out.append(row)
+    return out
 
 
 def _when(t: float | None) -> str:
@@ -296,6 +372,49 @@ def text(summary: dict[str, Any]) -> str:
         for d in summary["drift"]:
             alarm = f"{d['alarms']} alarm(s), first at call {d['first_alarm_call']}" if d["alarms"] else "no alarm"
             lines.append(f"  {d['module'] or '<root>':<40} {alarm}; last p-value {d['last_p_value']:.3g}")
+    if summary["outputs"]:
+        o = summary["outputs"]
+        lines.append("\nOutput quality:")
+        lines.append(
+            f"  {o['rows']:,} predictions: confidence {_f(o['confidence'], '.3f')} (lowest interval "
+            f"{_f(o['lowest_confidence'], '.3f')} at step {o['lowest_confidence_step']}), "
+            f"margin {_f(o['margin'], '.3f')}, normalised entropy {_f(o['normalized_entropy'], '.3f')}, "
+            f"abstained {_f(o['abstention_rate'], '.2%')}"
+        )
+        if o["labelled"]:
+            lines.append(
+                f"  {o['labelled']:,} labelled: accuracy {_f(o['accuracy'], '.2%')}, ECE {_f(o['ece'], '.3f')}"
+            )
+    if summary["latency"]:
+        lat = summary["latency"]
+        lines.append(
+            f"\nLatency: {lat['calls']:,} calls; last interval p50 {_f(lat['last_p50_ms'], '.2f')} ms, p99 "
+            f"{_f(lat['last_p99_ms'], '.2f')} ms; worst p99 {_f(lat['worst_p99_ms'], '.2f')} ms at step "
+            f"{lat['worst_p99_step']}; max {_f(lat['max_ms'], '.2f')} ms"
+        )
+    if summary["inputs"]:
+        lines.append("\nInputs:")
+        for i in summary["inputs"]:
+            if "top1_fraction_max" in i:
+                top = ", ".join(f"{v if v is not None else '?'} x{c:,}" for v, c, _ in i["last_top"])
+                lines.append(f"  {i['input']:<28} ids {i['min']}..{i['max']}, most frequent value up to "
+                             f"{i['top1_fraction_max']:.1%} of an interval; last top: {top}")  # fmt: skip
+            elif "last_channel_means" in i:
+                means = ", ".join(f"{m:.3g}" for m in i["last_channel_means"])
+                lines.append(f"  {i['input']:<28} channel means (last interval): {means}")
+    for c in summary["comparisons"]:
+        lines.append(f"\nComparison ({c['kind']}, {os.path.basename(c['file'])}): {c['calls']:,} calls compared, "
+                     + ("OK" if c["ok"] else "DIFFERENT"))  # fmt: skip
+        if c["kind"] == "shadow":
+            lines.append(f"  {c['seen']:,} primary calls seen, {c['sampled']:,} sampled, {c['dropped']:,} dropped, "
+                         f"{c['errors']:,} candidate errors")  # fmt: skip
+        for o in c["outputs"]:
+            top1 = f"top-1 agreement {o['top1']:.2%}, " if o.get("top1") is not None else ""
+            lines.append(f"  {o['name']:<20} {top1}rel L2 {_f(o['rel_l2'], '.3g')}, cosine {_f(o['cosine'], '.5f')}, "
+                         f"max |diff| {_f(o['max_abs'], '.3g')}")  # fmt: skip
+        for m in c["modules"][:5]:
+            lines.append(f"  module {m['name'] or '<root>'} {m['stat']}: {_f(m['a'], '.4g')} -> {_f(m['b'], '.4g')}")
+        lines += [f"  ! {f}" for f in c["failures"]]
     lines.append(f"\nAlerts ({len(summary['alerts'])}):" if summary["alerts"] else "\nAlerts: none")
     for a in summary["alerts"][:40]:
         lines.append(
@@ -308,6 +427,10 @@ def text(summary: dict[str, Any]) -> str:
             "\nErrors caught (inference went on): " + ", ".join(f"{k}: {v}" for k, v in summary["errors"].items())
         )
     return "\n".join(lines)
+
+
+def _f(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None else "n/a"
 
 
 def _svg(title: str, xs: list[int], ys: list[float], *, width: int = 560, height: int = 110) -> str:

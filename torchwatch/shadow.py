@@ -157,7 +157,13 @@ class Comparison:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as one JSON line (atomically); ``torchwatch report`` shows files of these."""
-        atomic_write(path, (json.dumps(_json_safe(self.to_dict())) + "\n").encode())
+        line = json.dumps(_json_safe(self.to_dict())) + "\n"
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(line)
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Comparison:
@@ -336,6 +342,8 @@ def compare(
 
     if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
         raise ConfigError("compare() needs two torch.nn.Module models")
+    if model_a is model_b:
+        raise ConfigError("compare() needs two different models; deep-copy one to compare a model with itself")
     if (inputs is None) == (batches is None):
         raise ConfigError("compare() takes one batch as inputs= or an iterable as batches=, not both or neither")
     notes = []

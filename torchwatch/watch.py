@@ -1075,7 +1075,7 @@ class Watch:
         timing = {name: t for name, timer in self._module_timers.items() if (t := timer.take()).count}
         alerts += self._run_rules(step, now, converted, drift_status, latency, inputs, outputs)
         alerts = [a for a in alerts if self.alert_policy.admit(a, now)]
-        if not (calls or alerts):
+        if not (calls or alerts or (outputs is not None and outputs.labelled)):
             return None
         return Record(
             step=step, time=now, calls=calls, sampled=sampled,

@@ -1,0 +1,158 @@
+"""What the input, output-quality and per-module timing monitors cost on BERT-base CPU inference,
+on top of the activation statistics; and what shadow mode costs the primary.
+
+Method (as ``overhead.py``): each configuration runs on its own copy of the same model (same
+weights). In every round each pair's two blocks run back to back, in alternating order, and the
+per-pair ratio of block times is kept; reported are medians and interquartile ranges of the ratios.
+
+* ``stats``: ``tw.attach(model, inputs=False)`` — activation statistics and latency only;
+* ``+ inputs/outputs``: ``inputs=True, outputs="logits"`` (the three integer inputs' frequency
+  sketches and the classifier head's quality); compared with ``stats``;
+* ``+ timing``: the same plus ``timing=True``; compared with ``stats``;
+* ``stats`` is also compared with the plain model, for scale.
+
+Shadow: per-call latency of a plain primary vs the same primary with ``tw.shadow(primary, candidate,
+sample=s)``, blocks of calls interleaved; medians, p99 and means.
+
+Usage:
+    python benchmarks/edges.py                 # batch 1 and 8, and the shadow section (~8 minutes)
+    python benchmarks/edges.py --quick         # a smoke run, not a measurement
+    python benchmarks/edges.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+import torchwatch as tw
+
+SEQ = 128
+
+
+def bert_classifier() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(num_labels=3)).eval()
+
+
+def batch(size: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(size)
+    ids = torch.randint(1000, 30000, (size, SEQ), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, SEQ * 3 // 4 :] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def _block(model: nn.Module, inputs: dict[str, torch.Tensor], n: int) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(n):
+            model(**inputs)
+    return time.perf_counter() - start
+
+
+def _summary(ratios: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median_pct": 100 * (statistics.median(ratios) - 1), "q1_pct": 100 * (q[0] - 1),
+            "q3_pct": 100 * (q[2] - 1), "pairs": len(ratios)}  # fmt: skip
+
+
+def monitors(batches: list[int], rounds: int) -> dict:
+    base = bert_classifier()
+    logdir = tempfile.mkdtemp(prefix="tw-edges-")
+    models = {name: copy.deepcopy(base) for name in ("plain", "stats", "edges", "timing")}
+    sink = lambda name: [tw.TensorBoardSink(f"{logdir}/{name}")]  # noqa: E731
+    watches = [
+        tw.attach(models["stats"], inputs=False, sinks=sink("stats")),
+        tw.attach(models["edges"], inputs=True, outputs="logits", sinks=sink("edges")),
+        tw.attach(models["timing"], inputs=True, outputs="logits", timing=True, sinks=sink("timing")),
+    ]
+    pairs = {"stats vs plain": ("plain", "stats"), "+ inputs/outputs vs stats": ("stats", "edges"),
+             "+ timing vs stats": ("stats", "timing")}  # fmt: skip
+    out: dict = {}
+    for size in batches:
+        inputs = batch(size)
+        n = max(2, 24 // size)
+        for m in models.values():
+            _block(m, inputs, 3)  # warm-up
+        ratios: dict[str, list[float]] = {k: [] for k in pairs}
+        for r in range(rounds):
+            for label, (a, b) in pairs.items():
+                if r % 2:
+                    tb, ta = _block(models[b], inputs, n), _block(models[a], inputs, n)
+                else:
+                    ta, tb = _block(models[a], inputs, n), _block(models[b], inputs, n)
+                ratios[label].append(tb / ta)
+        ms = 1e3 * _block(models["plain"], inputs, n) / n
+        out[f"batch {size}"] = {"plain_ms_per_call": ms, **{k: _summary(v) for k, v in ratios.items()}}
+        shown = {k: round(v["median_pct"], 2) for k, v in out[f"batch {size}"].items() if isinstance(v, dict)}
+        print(f"batch {size}: plain {ms:.1f} ms/call", shown)
+    snap = watches[1].snapshot()
+    out["check"] = {"input_positions": sorted(snap.inputs), "output_rows": snap.outputs.rows}
+    for w in watches:
+        w.detach()
+    return out
+
+
+def shadow_cost(samples: list[float], calls: int, block: int) -> dict:
+    base = bert_classifier()
+    primaries = {s: copy.deepcopy(base) for s in [0.0, *samples]}
+    shadows = {s: tw.shadow(primaries[s], copy.deepcopy(base), sample=s, seed=1, max_pending=4) for s in samples}
+    inputs = batch(1)
+    lat: dict[float, list[float]] = {s: [] for s in primaries}
+    for m in primaries.values():
+        _block(m, inputs, 3)
+    with torch.inference_mode():
+        for _ in range(calls // block):
+            for s, model in primaries.items():
+                for _ in range(block):
+                    t = time.perf_counter()
+                    model(**inputs)
+                    lat[s].append(time.perf_counter() - t)
+    out = {}
+    for s, values in lat.items():
+        values.sort()
+        p99 = values[int(0.99 * len(values))]
+        out[f"sample {s}"] = {"median_ms": 1e3 * statistics.median(values), "p99_ms": 1e3 * p99,
+                              "mean_ms": 1e3 * statistics.fmean(values), "calls": len(values)}  # fmt: skip
+    for s, sh in shadows.items():
+        r = sh.close()
+        out[f"sample {s}"].update(compared=r.calls, dropped=r.dropped, top1=r.outputs[0].top1 if r.outputs else None)
+    plain = out["sample 0.0"]
+    for s in samples:
+        o = out[f"sample {s}"]
+        o["median_pct"] = 100 * (o["median_ms"] / plain["median_ms"] - 1)
+        o["mean_pct"] = 100 * (o["mean_ms"] / plain["mean_ms"] - 1)
+    print("shadow:", json.dumps(out, indent=1))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--quick", action="store_true", help="few rounds: a smoke run, not a measurement")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    results = {
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")},
+        "monitors": monitors(args.batches, 3 if args.quick else 15),
+        "shadow": shadow_cost([0.01, 0.1], 40 if args.quick else 400, 20),
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
