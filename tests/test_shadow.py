@@ -195,3 +195,16 @@ def test_comparison_files_round_trip_and_bad_ones_are_refused(tmp_path):
         with pytest.raises(tw.ConfigError, match="sample"):
             tw.shadow(a, _model(1), sample=bad)
     assert math.isfinite(back.outputs[0].rel_l2)
+
+
+def test_module_statistics_need_a_watched_primary_and_a_selectable_candidate():
+    primary = _model()
+    with tw.shadow(primary, copy.deepcopy(primary), sample=1.0) as sh:
+        primary(torch.randn(2, 16))
+        sh.wait()
+        assert sh.report().modules == () and "primary is not watched" in sh.report().notes[0]
+    with tw.attach(primary), tw.shadow(primary, nn.Identity(), sample=1.0) as sh:  # nothing to select in it
+        primary(torch.randn(2, 16))
+        sh.wait()
+        result = sh.report()
+    assert "selected no module" in result.notes[0] and result.calls == 1 and result.outputs[0].mismatched_shapes == 1

@@ -407,14 +407,17 @@ class Shadow:
         self._write_every = write_every
         self._notes: list[str] = []
         self._primary_watch = _watches.get(primary)
+        self._watch = None
         other = _watches.get(candidate)
-        if other is not None and other.attached:
-            self._notes.append("the candidate is already watched: module statistics not compared")
-            self._watch = None
-        else:
-            self._watch = attach(candidate, modules=modules, rules=[], on_nonfinite="ignore", inputs=False)
-        if self._primary_watch is None:
+        if self._primary_watch is None or not self._primary_watch.attached:
             self._notes.append("the primary is not watched (tw.attach): module statistics not compared")
+        elif other is not None and other.attached:
+            self._notes.append("the candidate is already watched: module statistics not compared")
+        else:
+            try:
+                self._watch = attach(candidate, modules=modules, rules=[], on_nonfinite="ignore", inputs=False)
+            except ConfigError as exc:  # e.g. a selector that matches none of the candidate's modules
+                self._notes.append(f"module statistics not compared: {exc}")
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="torchwatch-shadow", daemon=True)
         self._thread.start()
