@@ -8,7 +8,9 @@ Skipped without a GPU. Each path here has a CPU twin that CI runs: the torch-ops
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import threading
 
 import pytest
 import torch
@@ -201,3 +203,57 @@ def test_latency_on_cuda_uses_events_without_a_host_sync():
         snap = watch.snapshot()
     assert watch._timer.cuda and snap.latency.count == 21
     assert 0 < snap.latency.p50_ms < 1000 and watch.errors == {}
+
+
+def test_input_and_output_monitors_never_synchronise_and_equal_the_cpu_figures():
+    torch.manual_seed(0)
+    cpu_model = torch.nn.Sequential(torch.nn.Embedding(3000, 8), torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    ids = torch.randint(0, 2500, (16, 8))
+    results = []
+    for model, x in ((cpu_model, ids), (gpu_model, ids.cuda())):
+        with tw.attach(model, outputs=True, timing=True, flush_every=2) as watch:
+            with watch.context(trace_id="t0"), torch.no_grad():
+                model(x)  # the first call makes the accumulators
+            if x.is_cuda:
+                with no_sync():
+                    for _ in range(3):  # includes a flush: device-side copies only
+                        model(x)
+            else:
+                for _ in range(3):
+                    model(x)
+            snap = watch.snapshot()
+            results.append((snap.inputs["<input>"].ids, snap.outputs))
+            assert watch.record_labels("t0", torch.zeros(16, dtype=torch.long)) == 16
+    (cpu_ids, cpu_q), (gpu_ids, gpu_q) = results
+    assert (gpu_ids.count, gpu_ids.min, gpu_ids.max) == (cpu_ids.count, cpu_ids.min, cpu_ids.max)
+    assert (gpu_ids.counts == cpu_ids.counts).all()
+    assert gpu_q.rows == cpu_q.rows == 64
+    assert gpu_q.confidence == pytest.approx(cpu_q.confidence, rel=1e-4)
+    assert gpu_q.normalized_entropy == pytest.approx(cpu_q.normalized_entropy, rel=1e-4)
+
+
+def test_shadow_on_cuda_agrees_for_a_copy_and_leaves_the_primary_alone():
+    primary = mlp().cuda().eval()
+    release = threading.Event()
+
+    class Held(torch.nn.Module):  # the sync-debug mode is process-wide: the shadow thread waits it out
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = copy.deepcopy(primary)
+
+        def forward(self, x):
+            release.wait(60)
+            return self.inner(x)
+
+    x = torch.randn(8, 16, device="cuda")
+    with torch.no_grad():
+        expected = primary(x)
+    with tw.shadow(primary, Held(), sample=1.0, max_pending=64) as sh:
+        with torch.no_grad(), no_sync():
+            outs = [primary(x) for _ in range(10)]
+        release.set()
+        assert sh.wait()
+        result = sh.report()
+    assert all(torch.equal(o, expected) for o in outs)
+    assert result.calls == 10 and result.outputs[0].rel_l2 == 0.0

@@ -20,10 +20,10 @@ from torchwatch.edges import RING, _IdAccumulator, hashed_bucket
 # ---- integer frequency sketch -----------------------------------------------------------------
 
 
-def _sketch(values: np.ndarray, exact: int = 64, hashed: int = 32) -> tw.IdStats:
-    acc = _IdAccumulator(torch.device("cpu"), exact, hashed)
+def _sketch(values: np.ndarray, exact: int = 64, hashed: int = 32, path: str | None = None) -> tw.IdStats:
+    acc = _IdAccumulator(torch.device("cpu"), exact, hashed, path=path)
     acc.add(torch.from_numpy(values))
-    return tw.IdStats.from_state(acc.take().numpy(), exact, hashed)
+    return tw.IdStats.from_state(acc.take()[0].numpy(), exact, hashed)
 
 
 def _oracle_counts(values: np.ndarray, exact: int, hashed: int) -> np.ndarray:
@@ -36,11 +36,13 @@ def _oracle_counts(values: np.ndarray, exact: int, hashed: int) -> np.ndarray:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.one_of(st.integers(-3, 80), st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=300))
 def test_id_sketch_counts_match_a_python_oracle(values):
+    """Every path: the C pass, numpy (CPU without the extension) and torch ops (the device path)."""
     v = np.array(values, dtype=np.int64)
-    s = _sketch(v)
-    assert s.count == len(v) and s.min == v.min() and s.max == v.max()
-    np.testing.assert_array_equal(s.counts, _oracle_counts(v, 64, 32))
-    assert s.top1_fraction == pytest.approx(_oracle_counts(v, 64, 32).max() / len(v))
+    for path in ("c", "numpy", "torch"):
+        s = _sketch(v, path=path)
+        assert s.count == len(v) and s.min == v.min() and s.max == v.max()
+        np.testing.assert_array_equal(s.counts, _oracle_counts(v, 64, 32))
+        assert s.top1_fraction == pytest.approx(_oracle_counts(v, 64, 32).max() / len(v))
 
 
 def test_id_sketch_top_values_distinct_estimate_and_merge():
@@ -58,12 +60,13 @@ def test_id_sketch_top_values_distinct_estimate_and_merge():
     assert merged.count == len(v) and merged.min == v.min() and merged.max == v.max()
 
 
-def test_id_sketch_ring_names_recent_values():
-    acc = _IdAccumulator(torch.device("cpu"), 4, 8)
+@pytest.mark.parametrize("path", ["c", "numpy", "torch"])
+def test_id_sketch_ring_names_recent_values(path):
+    acc = _IdAccumulator(torch.device("cpu"), 4, 8, path=path)
     for i in range(40):
         acc.add(torch.full((3,), 1000 + i))
-    s = tw.IdStats.from_state(acc.take().numpy(), 4, 8)
-    assert len(s.recent) == min(40 * 3, RING) and set(s.recent) <= set(range(1000, 1040))
+    s = tw.IdStats.from_state(acc.take()[0].numpy(), 4, 8)
+    assert len(s.recent) == min(40 * 3, RING) and set(s.recent) == set(range(1000, 1040))
 
 
 # ---- input monitors through a watch -------------------------------------------------------------
@@ -141,10 +144,13 @@ def _quality_oracle(logits: np.ndarray, threshold: float) -> dict[str, float]:
     }  # fmt: skip
 
 
-def test_output_quality_matches_plain_softmax_and_counts_classes():
+@pytest.mark.parametrize("path", ["c", "numpy", "torch"])
+def test_output_quality_matches_plain_softmax_and_counts_classes(path):
     model = Tagger()
     ids = torch.randint(0, 2000, (6, 10))
-    with tw.attach(model, outputs=tw.OutputMonitor("logits", abstain_below=0.3)) as watch:
+    monitor = tw.OutputMonitor("logits", abstain_below=0.3)
+    with tw.Watch(model, outputs=monitor, _device_path=path == "torch") as watch:
+        watch._outputs.path = path
         with torch.no_grad():
             out = model(ids)["logits"]
             model(ids[:2])
@@ -160,7 +166,7 @@ def test_lm_head_last_position_and_nonfinite_rows_are_left_out():
     model = Tagger()
     ids = torch.randint(0, 2000, (3, 7))
     monitor = tw.OutputMonitor("logits", positions="last")
-    with tw.attach(model, outputs=monitor, on_nonfinite="ignore") as watch:
+    with tw.Watch(model, outputs=monitor, on_nonfinite="ignore", _device_path=True) as watch:
         with torch.no_grad():
             out = model(ids)["logits"]
         q = watch.snapshot().outputs

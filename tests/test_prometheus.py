@@ -109,3 +109,22 @@ def test_multiprocess_mode_sums_counters_across_workers(tmp_path):
     }
     assert values["torchwatch_calls_total"] == 18
     assert values["torchwatch_elements_total"] == 18 * 2 * 4
+
+
+def test_output_quality_and_labels_are_scraped_over_http(quiet):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    sink = tw.PrometheusSink(port=0, model_name="m2")
+    with tw.attach(model, sinks=[sink], outputs=True, flush_every=100) as watch:
+        for i in range(6):
+            with watch.context(trace_id=str(i)), torch.no_grad():
+                y = model(torch.randn(5, 4))
+            watch.record_labels(str(i), y.argmax(-1) if i % 2 else torch.full((5,), 7))
+        watch.flush()
+        q = watch.snapshot().outputs
+        got = _scrape(sink.port)
+    labels = (("model", "m2"),)
+    assert got[("torchwatch_predictions_total", labels)] == 30
+    assert got[("torchwatch_labelled_total", labels)] == 30
+    assert got[("torchwatch_labelled_correct_total", labels)] == 15  # odd calls labelled with their own argmax
+    assert got[("torchwatch_output_quality", (("model", "m2"), ("stat", "confidence")))] == pytest.approx(q.confidence)
+    assert not any(name == "torchwatch_input_top1_fraction" for name, _ in got)  # float input: no id sketch

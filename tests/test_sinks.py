@@ -261,3 +261,21 @@ def test_tensorboard_sink_needs_tensorboard(monkeypatch):
         ImportError, match=r"TensorBoardSink needs the tensorboard package: pip install 'torchwatch\[tensorboard\]'"
     ):
         tw.TensorBoardSink("runs")
+
+
+def test_tensorboard_carries_input_output_and_timing_scalars(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with tw.attach(model, sinks=[tw.TensorBoardSink(tmp_path)], outputs=True, timing=True, flush_every=4) as watch:
+        for i in range(8):
+            with watch.context(trace_id=str(i)), torch.no_grad():
+                y = model(torch.randint(0, 50, (2, 3)))
+            watch.record_labels(str(i), y.argmax(-1))
+        watch.flush()
+        snap = watch.snapshot()
+    acc = _event_accumulator(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    assert {"inputs/<input>/top1_fraction", "outputs/confidence", "outputs/accuracy", "timing/2/p50_ms"} <= tags
+    assert [e.value for e in acc.Scalars("outputs/accuracy")][-1] == 1.0
+    confidence = acc.Scalars("outputs/confidence")
+    assert len(confidence) == 2 and all(0 < e.value <= 1 for e in confidence)
+    assert snap.outputs.rows == 16

@@ -29,7 +29,7 @@ class Alert:
         >>> with tw.attach(model, on_nonfinite=seen.append) as watch:
         ...     _ = model(torch.tensor([1.0, float("inf")]))
         >>> seen[0].rule, seen[0].module, seen[0].stat, seen[0].call
-        ('nonfinite', '0', 'posinf', 0)
+        ('nonfinite', '<input>', 'posinf', 0)
     """
 
     rule: str
@@ -66,7 +66,7 @@ class FirstNonFinite:
         ...         _ = model(torch.tensor([[float("nan"), 1.0]]))
         ...     first = watch.snapshot().nonfinite["1"]
         >>> first.origin, first.call, first.trace_id
-        ('0', 0, 'req-7')
+        ('<input>', 0, 'req-7')
     """
 
     module: str

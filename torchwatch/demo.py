@@ -1,4 +1,4 @@
-"""``torchwatch demo``: a model serving traffic through five silent failures, and what caught each.
+"""``torchwatch demo``: a model serving traffic through silent failures, and what caught each.
 
 The model is built and trained here in about a second (no download): a feature-standardising
 input layer and an MLP classifier over 16 features. At release its weights get a manifest and a
@@ -10,9 +10,12 @@ exception:
 2. a preprocessing bug — raw, unscaled inputs (x 255);
 3. fp16 overflow — one feature arrives in the wrong unit (x 10^5): values no fp16 cast survives;
 4. a corrupted weight — one bit of one weight flips in memory;
-5. input drift — the traffic's class centres move.
+5. input drift — the traffic's class centres move;
+6. candidate v2 — a new version, run in shadow on half of the clean traffic, was exported with
+   a label map that swaps two classes: it disagrees with the serving version on those classes.
 
-torchwatch's rules, fingerprint monitor and drift detector report each; a circuit breaker answers
+Labels are fed back after each request (``watch.record_labels``) for accuracy and calibration.
+torchwatch's rules, fingerprint monitor, drift detector and shadow comparison report each; a circuit breaker answers
 from a fallback while the model is unhealthy; everything goes to TensorBoard, a JSONL log and an
 incident log, and ``torchwatch report`` summarises them.
 """
@@ -26,7 +29,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -36,17 +39,19 @@ from .containment import CircuitBreaker
 from .drift import Reference
 from .errors import IntegrityError, TorchwatchWarning
 from .integrity import Canary, Manifest, selftest
+from .shadow import shadow
 from .sinks import IncidentLog, JsonlSink, TensorBoardSink
 from .watch import attach
 
 FEATURES, CLASSES, HIDDEN = 16, 4, 64
-PHASES = ("clean", "preprocessing bug", "fp16 overflow", "corrupted weight", "input drift")
+PHASES = ("clean", "preprocessing bug", "fp16 overflow", "corrupted weight", "input drift", "candidate v2")
 # what each phase must be caught by: (rule, module or None for any)
 EXPECTED = {
     "preprocessing bug": ("baseline_absmax", None),
     "fp16 overflow": ("cast_overflow", None),
     "corrupted weight": ("fingerprint", "4"),
     "input drift": ("drift", "4"),
+    "candidate v2": ("shadow", None),
 }
 
 
@@ -107,6 +112,7 @@ class Outcome:
     startup_passed: bool = False
     timeline: list[Caught] = field(default_factory=list)
     accuracy: dict[str, float] = field(default_factory=dict)
+    shadow: Any = None  # the candidate's final Comparison
     fallback_answers: dict[str, int] = field(default_factory=dict)
     logdir: str = ""
 
@@ -180,7 +186,7 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
         JsonlSink(os.path.join(logdir, "stats.jsonl")),
         IncidentLog(os.path.join(logdir, "incidents.jsonl")),
     ]
-    watch = attach(served, sinks=sinks, flush_every=4, drift=reference, on_nonfinite="ignore")
+    watch = attach(served, sinks=sinks, flush_every=4, drift=reference, on_nonfinite="ignore", outputs=True)
     monitor = watch.verify_fingerprint_every(3600, baseline=report.fingerprint)  # checked each tick below
     fallback = {"n": 0}
 
@@ -193,11 +199,20 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
     seen = 0
     pristine = served[4].weight.detach().clone()
     total = len(PHASES) * requests
+    candidate = copy.deepcopy(model)  # v2: exported with classes 0 and 1 swapped in its label map
+    with torch.no_grad():
+        for t in (candidate[-1].weight, candidate[-1].bias):
+            t[[0, 1]] = t[[1, 0]].clone()
+    shadowing = None
     with torch.inference_mode():
         for p, phase in enumerate(PHASES):
             correct, fallback["n"] = [0, 0], 0
             if phase == "corrupted weight":
                 served[4].weight.view(-1).view(torch.int32)[77] ^= 1 << 29  # one exponent bit
+            if phase == "candidate v2":
+                watch.reset()  # the shadow's module comparison uses the primary's statistics since a reset
+                shadowing = shadow(served, candidate, sample=0.5, seed=seed, min_calls=8,
+                                   path=os.path.join(logdir, "shadow.jsonl"))  # fmt: skip
             for i in range(requests):
                 x, y = sample(centres, batch, g)
                 if phase == "preprocessing bug":
@@ -207,18 +222,25 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
                 elif phase == "input drift":
                     shift = min(1.0, i / (requests / 3))
                     x = x + shift * 2.5 * torch.linspace(-1, 1, FEATURES)
-                with watch.context(trace_id=f"{phase[:4]}-{i:04d}"):
+                trace, served_by_fallback = f"{phase[:4]}-{i:04d}", fallback["n"]
+                with watch.context(trace_id=trace):
                     pred = breaker(x).argmax(-1)
+                if fallback["n"] == served_by_fallback:  # the model answered: its labels arrive later
+                    watch.record_labels(trace, y)
                 correct[0] += int((pred == y).sum())
                 correct[1] += batch
                 if i % 8 == 7:
                     monitor.check_now()
+                    if shadowing is not None:
+                        shadowing.wait()
                     watch.flush()
                 for alert in watch.alerts[seen:]:
                     if not any(c.phase == phase and c.alert.rule == alert.rule for c in outcome.timeline):
                         outcome.timeline.append(Caught(phase, i, alert))
                 seen = len(watch.alerts)
                 _progress(p * requests + i + 1, total, phase, out)
+            if shadowing is not None:
+                outcome.shadow = shadowing.close()
             watch.flush()
             for alert in watch.alerts[seen:]:
                 if not any(c.phase == phase and c.alert.rule == alert.rule for c in outcome.timeline):
@@ -259,6 +281,8 @@ def _report(o: Outcome, out: TextIO) -> None:
     say("\nTimeline of what torchwatch caught (first alert of each kind per phase):\n")
     for c in o.timeline:
         say(f"  {c.phase:<18} request {c.request:>4}  {c.alert.rule:<16} {c.alert.message}\n")
+    if o.shadow is not None:
+        say("\nCandidate v2 in shadow:\n  " + o.shadow.summary().replace("\n", "\n  ") + "\n")
     missed = [phase for phase, (rule, module) in EXPECTED.items() if not o.first(phase, rule, module)]
     if missed:
         say(f"\nNOT caught as expected: {', '.join(missed)}\n")

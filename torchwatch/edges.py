@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .kernels.cpu import _cstats
 
 __all__ = ["IdStats", "InputMonitor", "InputStats", "OutputMonitor", "OutputQuality"]
 
@@ -49,6 +51,28 @@ def _state_mode() -> Any:
     return torch.inference_mode(False)
 
 
+def _start_copy(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying an accumulator to the host without waiting: a pinned buffer and an event on
+    CUDA (the caller may zero the accumulator right after; stream order keeps the copy first)."""
+    with _state_mode():
+        if t.device.type != "cuda":
+            return t.clone(), None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+
+def _finish_copy(started: tuple[torch.Tensor, Any]) -> torch.Tensor:
+    """Wait (off the serving thread) for :func:`_start_copy`: polls the event, never blocks in CUDA."""
+    host, done = started
+    if done is not None:
+        while not done.query():
+            time.sleep(0.0002)
+    return host
+
+
 def hashed_bucket(value: int, buckets: int) -> int:
     """The hashed bucket of an integer outside the exact range (host oracle of the device op)."""
     return ((value % _P) * _A + _B) % _P % buckets
@@ -61,14 +85,22 @@ class _IdAccumulator:
     """Device-side counts for one integer input (or the predicted classes of an output).
 
     ``state`` (int64): [count, min, max, ring position, counts[exact + hashed], ring[RING]].
+    On CPU the same arithmetic runs in one pass of the C extension (``_cstats.id_counts``), or in
+    numpy where it was not built (a torch op costs ~5-20 us there, the C pass ~1 us for 128 ids);
+    ``path="torch"`` forces the device path on CPU (its twin, tested), ``path="numpy"`` the fallback.
     """
 
-    def __init__(self, device: torch.device, exact: int, hashed: int) -> None:
+    def __init__(self, device: torch.device, exact: int, hashed: int, *, torch_path: bool = False,
+                 path: str | None = None) -> None:  # fmt: skip
         self.exact, self.hashed = exact, hashed
         self._base = 4
         self._ring = 4 + exact + hashed
         with _state_mode():
             self.state = torch.zeros(self._ring + RING, dtype=torch.int64, device=device)
+        if path is None:
+            path = "torch" if device.type != "cpu" or torch_path else "c" if _cstats is not None else "numpy"
+        self.path = path
+        self._np = self.state.numpy() if path != "torch" else None
         self._fresh()
 
     def _fresh(self) -> None:
@@ -78,11 +110,20 @@ class _IdAccumulator:
             self.state[2] = big.min
 
     def add(self, ids: torch.Tensor) -> None:
+        if self.path == "c":  # fewest tensor calls: each costs microseconds on a small CPU
+            v = ids if ids.dtype is torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+            n = v.numel()
+            if n:
+                _cstats.id_counts(v.data_ptr(), n, self.state.data_ptr(), self.exact, self.hashed, RING, RING_PER_CALL)
+            return
         v = ids.detach().reshape(-1)
         n = v.numel()
         if n == 0:
             return
         v = v.to(torch.int64)
+        if self._np is not None:
+            self._add_numpy(v.numpy(), n)
+            return
         s = self.state
         s[0:1] += n
         torch.minimum(s[1:2], v.min().reshape(1), out=s[1:2])
@@ -96,10 +137,25 @@ class _IdAccumulator:
         s[self._ring :].index_copy_(0, where, sample)
         s[3:4] += sample.numel()
 
-    def take(self) -> torch.Tensor:
-        """A device copy of the counts; the accumulator restarts (ring kept: it names buckets)."""
-        with _state_mode():
-            out = self.state.clone()
+    def _add_numpy(self, v: np.ndarray, n: int) -> None:
+        s, exact = self._np, self.exact
+        s[0] += n
+        s[1] = min(s[1], v.min())
+        s[2] = max(s[2], v.max())
+        bucket = (v % _P * _A + _B) % _P % self.hashed + exact
+        index = np.where((v >= 0) & (v < exact), v, bucket)
+        s[self._base : self._ring] += np.bincount(index, minlength=exact + self.hashed)
+        m = min(n, RING_PER_CALL)
+        sample = v[:: max(1, n // m)][:m]
+        s[self._ring + (s[3] + np.arange(len(sample))) % RING] = sample
+        s[3] += len(sample)
+
+    def take(self, *, keep: bool = False) -> tuple[torch.Tensor, Any]:
+        """Start a host copy of the counts (see :func:`_start_copy`); unless ``keep``, the
+        accumulator restarts (the ring is kept: it names buckets)."""
+        out = _start_copy(self.state)
+        if keep:
+            return out
         self.state[: self._ring].zero_()
         self._fresh()
         return out
@@ -256,8 +312,9 @@ class InputStats:
 class _InputAccumulators:
     """Per input position: channel sums (float) or an id sketch (integer), on the input's device."""
 
-    def __init__(self, config: InputMonitor) -> None:
+    def __init__(self, config: InputMonitor, *, torch_path: bool = False) -> None:
         self.config = config
+        self.torch_path = torch_path
         self._lock = threading.Lock()
         self._ids: dict[str, _IdAccumulator] = {}
         self._channels: dict[str, list[Any]] = {}  # name -> [elements per channel (host), sums (device)]
@@ -279,7 +336,9 @@ class _InputAccumulators:
         with self._lock:
             acc = self._ids.get(name)
             if acc is None or acc.state.device != x.device:
-                acc = self._ids[name] = _IdAccumulator(x.device, self.config.exact_ids, self.config.hashed_ids)
+                acc = self._ids[name] = _IdAccumulator(
+                    x.device, self.config.exact_ids, self.config.hashed_ids, torch_path=self.torch_path
+                )
             acc.add(x)
 
     def take(self, *, keep: bool = False) -> dict[str, Any]:
@@ -290,13 +349,13 @@ class _InputAccumulators:
                 n, sums = slot
                 if n:
                     with _state_mode():
-                        out[name] = ("float", n, sums.clone())
+                        out[name] = ("float", n, _start_copy(sums))
                     if not keep:
                         slot[0] = 0
                         sums.zero_()
             for name, acc in self._ids.items():
                 with _state_mode():
-                    state = acc.state.clone() if keep else acc.take()
+                    state = acc.take(keep=keep)
                 out[name] = ("ids", state, acc.exact, acc.hashed)
             return out
 
@@ -306,9 +365,9 @@ def inputs_to_host(taken: Mapping[str, Any]) -> dict[str, InputStats]:
     out = {}
     for name, item in taken.items():
         if item[0] == "float":
-            out[name] = InputStats("float", item[1], tuple(item[2].cpu().tolist()))
+            out[name] = InputStats("float", item[1], tuple(_finish_copy(item[2]).tolist()))
         else:
-            ids = IdStats.from_state(item[1].cpu().numpy(), item[2], item[3])
+            ids = IdStats.from_state(_finish_copy(item[1]).numpy(), item[2], item[3])
             if ids.count:
                 out[name] = InputStats("ids", ids=ids)
     return out
@@ -471,8 +530,10 @@ def _merged(a: Any, b: Any, merge: Callable[[Any, Any], Any]) -> Any:
 class _OutputAccumulator:
     """Device-side sums of one watch's output quality, plus predictions kept for labels."""
 
-    def __init__(self, config: OutputMonitor) -> None:
+    def __init__(self, config: OutputMonitor, *, torch_path: bool = False) -> None:
         self.config = config
+        self.torch_path = torch_path
+        self.path = "torch" if torch_path else None  # tests set "numpy" to run the fallback
         self._lock = threading.Lock()
         self._sums: torch.Tensor | None = None
         self._rows = 0
@@ -486,6 +547,74 @@ class _OutputAccumulator:
         z = self.config.logits(output).float()
         if z.shape[0] == 0:
             return
+        if z.device.type == "cpu" and not self.torch_path and _cstats is not None and self.path != "numpy":
+            self._observe_c(z, trace_id)
+            return
+        if z.device.type == "cpu" and not self.torch_path:
+            sums, pred, conf = self._quality_numpy(z)
+        else:
+            sums, pred, conf = self._quality_torch(z)
+        self._add(sums, pred, conf, z.shape[0], trace_id)
+
+    def _observe_c(self, z: torch.Tensor, trace_id: str | None) -> None:
+        """The CPU path of :meth:`_quality_torch`: one pass of the C extension, adding into the sums."""
+        z = z if z.is_contiguous() else z.contiguous()
+        rows, k = z.shape
+        pred = torch.empty(rows, dtype=torch.int64)
+        conf = torch.empty(rows, dtype=torch.float32) if trace_id is not None else None
+        with self._lock:
+            if self._sums is None or self._sums.device.type != "cpu":
+                self._new_sums(torch.device("cpu"))
+            _cstats.logit_quality(z.data_ptr(), rows, k, float(self.config.abstain_below), self._sums.data_ptr(),
+                                  pred.data_ptr(), conf.data_ptr() if conf is not None else 0)  # fmt: skip
+            self._rows += rows
+            self._classes.add(pred)
+            if trace_id is not None:
+                self._keep(trace_id, pred, conf)
+
+    def _new_sums(self, device: torch.device) -> None:  # caller holds the lock
+        with _state_mode():
+            self._sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
+        self._classes = _IdAccumulator(device, self.config.max_classes, 1024, torch_path=self.torch_path)
+
+    def _keep(self, trace_id: str, pred: torch.Tensor, conf: torch.Tensor) -> None:  # caller holds the lock
+        self._traces.pop(trace_id, None)
+        self._traces[trace_id] = (pred, conf)
+        if len(self._traces) > self.config.max_traces:
+            del self._traces[next(iter(self._traces))]
+
+    def _add(self, sums: torch.Tensor, pred: torch.Tensor, conf: torch.Tensor, rows: int, trace_id: str | None) -> None:
+        with self._lock:
+            if self._sums is None or self._sums.device != sums.device:
+                self._new_sums(sums.device)
+            self._sums += sums
+            self._rows += rows
+            self._classes.add(pred)
+            if trace_id is not None:
+                self._keep(trace_id, pred, conf)
+
+    def _quality_numpy(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The CPU path without the C extension: the same quantities in numpy (float32)."""
+        z = z.numpy()
+        finite = np.isfinite(z).all(axis=-1)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            shifted = z - z.max(axis=-1, keepdims=True)
+            e = np.exp(shifted)
+            total = e.sum(axis=-1, keepdims=True)
+            p = e / total
+            logp = shifted - np.log(total)
+            top2 = np.partition(p, p.shape[-1] - 2, axis=-1)[:, -2:]
+            conf, second = top2.max(axis=-1), top2.min(axis=-1)
+            entropy = -np.where(p > 0, p * logp, 0.0).sum(axis=-1)
+        values = np.stack([conf, conf * conf, conf - second, entropy, entropy / math.log(z.shape[-1]),
+                           (conf < self.config.abstain_below).astype(np.float32)])  # fmt: skip
+        sums = np.append(np.where(finite, values, 0.0).sum(axis=1, dtype=np.float64), float((~finite).sum()))
+        pred = torch.from_numpy(p.argmax(axis=-1))
+        return torch.from_numpy(sums), pred, torch.from_numpy(np.where(finite, conf, np.nan))
+
+    def _quality_torch(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-interval sums (confidence, its square, margin, entropy, normalised entropy,
+        abstentions over finite rows; non-finite rows), predicted classes and confidences."""
         logp = torch.log_softmax(z, dim=-1)
         p = logp.exp()
         top = p.topk(2, dim=-1)
@@ -498,20 +627,7 @@ class _OutputAccumulator:
         ])  # fmt: skip
         sums = torch.cat([torch.where(finite, values, 0.0).sum(dim=1, dtype=torch.float64),
                           (~finite).sum().reshape(1).to(torch.float64)])  # fmt: skip
-        pred = top.indices[:, 0]
-        with self._lock:
-            if self._sums is None or self._sums.device != sums.device:
-                with _state_mode():
-                    self._sums = torch.zeros(sums.shape, dtype=sums.dtype, device=sums.device)
-                self._classes = _IdAccumulator(sums.device, self.config.max_classes, 1024)
-            self._sums += sums
-            self._rows += z.shape[0]
-            self._classes.add(pred)
-            if trace_id is not None:
-                self._traces.pop(trace_id, None)
-                self._traces[trace_id] = (pred, torch.where(finite, conf, math.nan))
-                if len(self._traces) > self.config.max_traces:
-                    del self._traces[next(iter(self._traces))]
+        return sums, top.indices[:, 0], torch.where(finite, conf, math.nan)
 
     def record_labels(self, trace_ids: list[str], labels: list[Any]) -> tuple[int, list[str]]:
         """Match labels to kept predictions (host side; may wait for the device). Checks every
@@ -559,10 +675,10 @@ class _OutputAccumulator:
             if not (self._rows or self._labelled):
                 return None
             with _state_mode():
-                sums = None if self._sums is None else self._sums.clone()
+                sums = None if self._sums is None else _start_copy(self._sums)
                 classes = None
                 if self._classes is not None:
-                    state = self._classes.state.clone() if keep else self._classes.take()
+                    state = self._classes.take(keep=keep)
                     classes = (state, self._classes.exact, self._classes.hashed)
             out = (self._rows, sums, classes, self._labelled, self._bins.copy())
             if not keep:
@@ -577,6 +693,6 @@ def output_to_host(taken: tuple[Any, ...] | None) -> OutputQuality | None:
     if taken is None:
         return None
     rows, sums, classes, labelled, bins = taken
-    ids = IdStats.from_state(classes[0].cpu().numpy(), classes[1], classes[2]) if classes is not None else None
-    values = tuple(sums.cpu().tolist()) if sums is not None else (0.0,) * len(_SUMS)
+    ids = IdStats.from_state(_finish_copy(classes[0]).numpy(), classes[1], classes[2]) if classes is not None else None
+    values = tuple(_finish_copy(sums).tolist()) if sums is not None else (0.0,) * len(_SUMS)
     return OutputQuality(rows, values, ids, labelled, bins)

@@ -26,6 +26,7 @@ plain callables with that signature.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -390,12 +391,12 @@ class EdgeChart:
             if step is not None:
                 z, direction = step
                 what = "input" if rule == "input_shift" else "output"
-                out.append(interval.alert(
+                out.append((z, interval.alert(
                     rule, position, signal, value, series.mu,
                     f"{signal} of {what} {position!r} left its baseline: {value:.4g} now, {series.mu:.4g} expected "
                     f"({z:+.1f} sd, {direction})",
-                ))  # fmt: skip
-        return out
+                )))  # fmt: skip
+        return _one_per_channel_group(out)
 
     def baseline(self, position: str, signal: str) -> tuple[float, float] | None:
         """``(expected value, spread)`` of a signal's series; None in warm-up."""
@@ -403,6 +404,27 @@ class EdgeChart:
         if series is None or math.isnan(series.mu):
             return None
         return series.mu, series.sigma
+
+
+def _one_per_channel_group(found: list[tuple[float, Alert]]) -> list[Alert]:
+    """One alert per input for its channel means (a unit change in one feature moves the input's
+    std and so every channel's standardised mean): the channel that moved most, naming the others."""
+    out: list[Alert] = []
+    groups: dict[str, list[tuple[float, Alert]]] = {}
+    for z, alert in found:
+        if alert.stat.startswith("channel_mean["):
+            groups.setdefault(alert.module, []).append((z, alert))
+        else:
+            out.append(alert)
+    for items in groups.values():
+        items.sort(key=lambda item: -abs(item[0]))
+        worst = items[0][1]
+        if len(items) > 1:
+            others = ", ".join(a.stat.removeprefix("channel_mean") for _, a in items[1:6])
+            more = f" and {len(items) - 6} more" if len(items) > 6 else ""
+            worst = dataclasses.replace(worst, message=f"{worst.message}; channels {others}{more} moved too")
+        out.append(worst)
+    return out
 
 
 @dataclass

@@ -40,6 +40,7 @@ __all__ = ["Comparison", "ModuleDiff", "OutputAgreement", "Shadow", "compare", "
 
 FORMAT = "torchwatch.comparison/1"
 MODULE_STATS = ("mean", "std", "absmax", "zero_fraction", "nonfinite_fraction")
+SHADOW_STATS = ("mean", "std", "zero_fraction", "nonfinite_fraction")
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,9 @@ class _Comparer:
             return tuple(acc.result(name) for name, acc in self._outputs.items())
 
 
-def module_diffs(stats_a: Mapping[str, Any], stats_b: Mapping[str, Any]) -> tuple[ModuleDiff, ...]:
+def module_diffs(
+    stats_a: Mapping[str, Any], stats_b: Mapping[str, Any], stats: tuple[str, ...] = MODULE_STATS
+) -> tuple[ModuleDiff, ...]:
     """Statistic differences of the positions both snapshots measured, largest score first."""
     out = []
     for name, a in stats_a.items():
@@ -283,6 +286,8 @@ def module_diffs(stats_a: Mapping[str, Any], stats_b: Mapping[str, Any]) -> tupl
                                    abs(b.nonfinite / b.count - a.nonfinite / a.count)),
         }  # fmt: skip
         for stat, (va, vb, score) in values.items():
+            if stat not in stats:
+                continue
             out.append(ModuleDiff(name, stat, float(va), float(vb), float(score) if not math.isnan(score) else 0.0))
     out.sort(key=lambda m: -m.score)
     return tuple(out)
@@ -505,8 +510,10 @@ class Shadow:
                 stat, value, limit = "top1", o.top1, self.min_top1
             else:
                 stat, value, limit = "rel_l2", o.rel_l2, self.max_rel_l2
+            watch = self._primary_watch
+            call = watch.calls - 1 if watch is not None else self.seen - 1  # the primary's call count
             alert = Alert(
-                rule="shadow", module=o.name, stat=stat, value=float(value), expected=float(limit), call=self.seen - 1,
+                rule="shadow", module=o.name, stat=stat, value=float(value), expected=float(limit), call=call,
                 time=time.time(), cohort=None, trace_id=None,
                 message=f"shadow candidate disagrees with the primary on {o.name!r}: {stat} {value:.4g} over "
                 f"{o.calls} calls (limit {limit:g})",
@@ -550,7 +557,8 @@ class Shadow:
         diffs: tuple[ModuleDiff, ...] = ()
         pw = self._primary_watch
         if self._watch is not None and pw is not None and pw.attached:
-            diffs = module_diffs(pw.snapshot(), self._watch.snapshot())
+            # a maximum grows with the number of calls seen: not comparable between sample and whole
+            diffs = module_diffs(pw.snapshot(), self._watch.snapshot(), SHADOW_STATS)
         return Comparison(
             "shadow", self._comparer.calls, self._comparer.results(), diffs, seen=self.seen, sampled=self.sampled,
             dropped=self.dropped, errors=self.errors, notes=tuple(self._notes), min_top1=self.min_top1,

@@ -41,7 +41,7 @@ class Snapshot(Mapping[str, ModuleStats]):
         ...     _ = model(torch.randn(2, 4))
         ...     snap = watch.snapshot()
         >>> list(snap), snap["1"].calls, snap.calls
-        (['0', '1'], 1, 1)
+        (['<input>', '0', '1'], 1, 1)
     """
 
     def __init__(

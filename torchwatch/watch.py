@@ -186,8 +186,9 @@ class Watch:
         cuda = _model_device(model).type == "cuda"
         self._timer = CallTimer(cuda=cuda)
         in_config, out_config = _input_monitor(inputs), _output_monitor(outputs)
-        self._inputs = _edges._InputAccumulators(in_config) if in_config is not None else None
-        self._outputs = _edges._OutputAccumulator(out_config) if out_config is not None else None
+        torch_path = _device_path  # CPU tensors through the device path's torch ops (tests)
+        self._inputs = _edges._InputAccumulators(in_config, torch_path=torch_path) if in_config else None
+        self._outputs = _edges._OutputAccumulator(out_config, torch_path=torch_path) if out_config else None
         self._input_totals: dict[str, _edges.InputStats] = {}
         self._output_total: _edges.OutputQuality | None = None
         if not isinstance(timing, bool):

@@ -595,6 +595,114 @@ static PyTypeObject AccType = {
     .tp_methods = acc_methods,
 };
 
+PyDoc_STRVAR(id_counts_doc,
+"id_counts(address, numel, state_address, exact, hashed, ring, per_call)\n"
+"Fold `numel` int64 values at `address` into an id sketch state (int64): [count, min, max,\n"
+"ring position, counts[exact + hashed], ring[ring]]. Values in [0, exact) are counted exactly,\n"
+"others in bucket ((v mod p) * a + b) mod p mod hashed (p = 2^31 - 1); `per_call` evenly spaced\n"
+"values go to the ring. Same arithmetic as torchwatch.edges' numpy and torch paths.");
+
+static PyObject *id_counts(PyObject *self, PyObject *args) {
+    unsigned long long address, state_address;
+    Py_ssize_t n;
+    long long exact, hashed, ring, per_call;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnKLLLL", &address, &n, &state_address, &exact, &hashed, &ring, &per_call))
+        return NULL;
+    if (n < 0 || exact < 1 || hashed < 1 || ring < 1 || per_call < 1)
+        return PyErr_Format(PyExc_ValueError, "id_counts: bad sizes");
+    const int64_t *v = (const int64_t *)(uintptr_t)address;
+    int64_t *s = (int64_t *)(uintptr_t)state_address;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t *counts = s + 4, *ringbuf = s + 4 + exact + hashed;
+    const int64_t P = 2147483647LL;
+    int64_t lo = s[1], hi = s[2];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t x = v[i];
+        if (x < lo) lo = x;
+        if (x > hi) hi = x;
+        if (x >= 0 && x < exact) {
+            counts[x]++;
+        } else {
+            int64_t r = x % P;
+            if (r < 0) r += P;
+            uint64_t h = ((uint64_t)r * 1103515245ULL + 12345ULL) % (uint64_t)P % (uint64_t)hashed;
+            counts[exact + (int64_t)h]++;
+        }
+    }
+    s[0] += n;
+    s[1] = lo;
+    s[2] = hi;
+    if (n > 0) {
+        Py_ssize_t m = n < per_call ? n : (Py_ssize_t)per_call;
+        Py_ssize_t step = n / m > 1 ? n / m : 1;
+        for (Py_ssize_t j = 0; j < m; j++) ringbuf[(s[3] + j) % ring] = v[j * step];
+        s[3] += m;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(logit_quality_doc,
+"logit_quality(address, rows, classes, abstain_below, sums_address, pred_address, conf_address)\n"
+"For `rows` x `classes` float32 logits: per row the softmax confidence (max probability), margin\n"
+"(top-1 minus top-2 probability), entropy, argmax. Adds to float64 sums[7]: confidence, its\n"
+"square, margin, entropy, entropy / log(classes), abstentions (confidence < abstain_below) over\n"
+"finite rows, and the number of rows with NaN/Inf; writes int64 pred[rows] and float32\n"
+"conf[rows] (NaN for non-finite rows; not written when conf_address is 0).");
+
+static PyObject *logit_quality(PyObject *self, PyObject *args) {
+    unsigned long long address, sums_address, pred_address, conf_address;
+    Py_ssize_t rows, k;
+    double abstain;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnndKKK", &address, &rows, &k, &abstain, &sums_address, &pred_address,
+                          &conf_address))
+        return NULL;
+    if (rows < 0 || k < 2) return PyErr_Format(PyExc_ValueError, "logit_quality: bad shape");
+    const float *z = (const float *)(uintptr_t)address;
+    double *sums = (double *)(uintptr_t)sums_address;
+    int64_t *pred = (int64_t *)(uintptr_t)pred_address;
+    float *conf_out = (float *)(uintptr_t)conf_address;
+    Py_BEGIN_ALLOW_THREADS
+    const double log_k = log((double)k);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *row = z + r * k;
+        int finite = 1;
+        Py_ssize_t arg = 0;
+        double m1 = -INFINITY, m2 = -INFINITY;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            double x = row[i];
+            if (!isfinite(x)) finite = 0;
+            if (x > m1) { m2 = m1; m1 = x; arg = i; }
+            else if (x > m2) m2 = x;
+        }
+        pred[r] = arg;
+        if (!finite) {
+            sums[6] += 1.0;
+            if (conf_out) conf_out[r] = NAN;
+            continue;
+        }
+        double total = 0.0, weighted = 0.0;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            double d = (double)row[i] - m1, e = exp(d);
+            total += e;
+            weighted += e * d;
+        }
+        double conf = 1.0 / total, second = exp(m2 - m1) / total;
+        double entropy = log(total) - weighted / total;
+        sums[0] += conf;
+        sums[1] += conf * conf;
+        sums[2] += conf - second;
+        sums[3] += entropy;
+        sums[4] += entropy / log_k;
+        sums[5] += conf < abstain ? 1.0 : 0.0;
+        if (conf_out) conf_out[r] = (float)conf;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *simd_available(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     return PyBool_FromLong(simd_cpu);
@@ -603,6 +711,8 @@ static PyObject *simd_available(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"tensor_stats", tensor_stats, METH_VARARGS, tensor_stats_doc},
     {"simd_available", simd_available, METH_NOARGS, "Whether this CPU runs the AVX2 path."},
+    {"id_counts", id_counts, METH_VARARGS, id_counts_doc},
+    {"logit_quality", logit_quality, METH_VARARGS, logit_quality_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -95,7 +95,7 @@ class Sink:
         >>> model = torch.nn.Sequential(torch.nn.ReLU())
         >>> with tw.attach(model, sinks=[PrintNaN()], on_nonfinite="ignore"):
         ...     _ = model(torch.tensor([float("nan"), 1.0]))
-        1 {'0': 1}
+        1 {'<input>': 1, '0': 1}
     """
 
     def write(self, record: Record) -> None:

@@ -33,7 +33,7 @@ class IncidentLog(Sink):
         >>> with tw.attach(model, sinks=[tw.IncidentLog(path)], on_nonfinite=[].append):
         ...     _ = model(torch.tensor([[float("nan"), 1.0]]))
         >>> [(i["rule"], i["module"]) for i in tw.IncidentLog.read(path)]
-        [('nonfinite', '0')]
+        [('nonfinite', '<input>')]
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

@@ -26,6 +26,10 @@ class PrometheusSink(Sink):
     * ``torchwatch_alerts_total{rule}``;
     * ``torchwatch_latency_seconds{quantile="0.5"|"0.95"|"0.99"}`` — gauges, the latest interval's
       root-call latency quantiles (1% relative accuracy);
+    * with ``attach(outputs=...)``: ``torchwatch_output_quality{stat="confidence"|"margin"|
+      "normalized_entropy"|"abstention_rate"}`` (gauges, latest interval), ``torchwatch_predictions_total``,
+      ``torchwatch_labelled_total``, ``torchwatch_labelled_correct_total`` (accuracy over any window in PromQL);
+    * ``torchwatch_input_top1_fraction{input}`` — an integer input's most frequent value's share;
     * ``torchwatch_last_flush_timestamp_seconds``.
 
     Ratios are for PromQL, e.g. NaN per element over five minutes:
@@ -107,6 +111,11 @@ class PrometheusSink(Sink):
         self.alerts = counter("torchwatch_alerts", "Alerts raised.", ("rule",))
         self.last_flush = g("torchwatch_last_flush_timestamp_seconds", "Unix time of the latest flush.")
         self.latency = g("torchwatch_latency_seconds", "Root-call latency quantiles, latest interval.", ("quantile",))
+        self.output = g("torchwatch_output_quality", "Output quality of the latest interval.", ("stat",))
+        self.predictions = counter("torchwatch_predictions", "Prediction rows measured.")
+        self.labelled = counter("torchwatch_labelled", "Prediction rows with labels fed back.")
+        self.correct = counter("torchwatch_labelled_correct", "Labelled rows predicted right.")
+        self.top1 = g("torchwatch_input_top1_fraction", "Share of an integer input's most frequent value.", ("input",))
         self._modules: set[str] = set()
         if port is not None:
             try:
@@ -155,6 +164,17 @@ class PrometheusSink(Sink):
         if lat is not None and lat.count:
             for q, value in (("0.5", lat.p50_ms), ("0.95", lat.p95_ms), ("0.99", lat.p99_ms)):
                 self.latency.labels(model, q).set(value / 1e3)
+        q = record.outputs
+        if q is not None:
+            self.predictions.labels(model).inc(q.rows)
+            for stat in ("confidence", "margin", "normalized_entropy", "abstention_rate") if q.rows else ():
+                self.output.labels(model, stat).set(getattr(q, stat))
+            if q.labelled:
+                self.labelled.labels(model).inc(q.labelled)
+                self.correct.labels(model).inc(round(q.accuracy * q.labelled))
+        for name, i in record.inputs.items():
+            if i.ids is not None:
+                self.top1.labels(model, self._module(name)).set(i.ids.top1_fraction)
         self.last_flush.labels(model).set(record.time)
 
     def close(self) -> None:

@@ -89,6 +89,10 @@ class TensorBoardSink(Sink):
     * ``<fqn>/underflow_frac_<dtype>``, ``/overflow_frac_<dtype>`` for each cast dtype;
     * ``torchwatch/alerts``: alerts raised in the interval;
     * ``torchwatch/latency_p50_ms``, ``_p95_ms``, ``_p99_ms``, ``_max_ms``: root-call latency;
+    * ``inputs/<input>/channel_mean_<c>``, ``/top1_fraction``, ``/distinct``: input monitors;
+    * ``outputs/confidence``, ``/margin``, ``/normalized_entropy``, ``/abstention_rate``, and
+      ``/accuracy``, ``/ece`` in intervals with labels (``attach(outputs=...)``);
+    * ``timing/<fqn>/p50_ms``, ``/p99_ms`` with ``attach(timing=True)``;
     * ``drift/<fqn>/score``, ``/p_value``, ``/alarms`` for modules under drift monitoring: the
       detector's statistic, the module's p-value for the last window, and drift alarms
       attributed to the module in the interval.
@@ -138,10 +142,28 @@ class TensorBoardSink(Sink):
         if lat is not None and lat.count:
             for tag in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
                 out.append((f"{self.prefix}torchwatch/latency_{tag}", getattr(lat, tag)))
+        out += self._edge_scalars(record)
         for name, d in record.drift.items():
             base = f"{self.prefix}drift/{name or ROOT_LABEL}/"
             alarms = sum(1 for a in record.alerts if a.rule == "drift" and a.module == name)
             out += [(base + "score", d.score), (base + "p_value", d.p_value), (base + "alarms", float(alarms))]
+        return out
+
+    def _edge_scalars(self, record: Record) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        for name, i in record.inputs.items():
+            base = f"{self.prefix}inputs/{name}/"
+            out += [(f"{base}channel_mean_{c}", m) for c, m in enumerate(i.channel_means or ())]
+            if i.ids is not None:
+                out += [(base + "top1_fraction", i.ids.top1_fraction), (base + "distinct", i.ids.distinct)]
+        q = record.outputs
+        if q is not None:
+            tags = ["confidence", "margin", "normalized_entropy", "abstention_rate"] if q.rows else []
+            tags += ["accuracy", "ece"] if q.labelled else []
+            out += [(f"{self.prefix}outputs/{tag}", getattr(q, tag)) for tag in tags]
+        for name, t in record.timing.items():
+            base = f"{self.prefix}timing/{name or ROOT_LABEL}/"
+            out += [(base + "p50_ms", t.p50_ms), (base + "p99_ms", t.p99_ms)]
         return out
 
     def write(self, record: Record) -> None:
