@@ -17,6 +17,7 @@ sample=s)``, blocks of calls interleaved; medians, p99 and means.
 Usage:
     python benchmarks/edges.py                 # batch 1 and 8, and the shadow sections (~12 minutes)
     python benchmarks/edges.py --quick         # a smoke run, not a measurement
+    python benchmarks/edges.py --micro         # only the serving-thread microbenchmarks
     python benchmarks/edges.py --json out.json
 """
 
@@ -104,6 +105,42 @@ def monitors(batches: list[int], rounds: int) -> dict:
     return out
 
 
+class _Head(nn.Module):
+    """BERT-shaped inputs, a 3-class head and almost no work: what remains is the monitors' cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return {"logits": self.classifier(torch.ones(input_ids.shape[0], 4))}
+
+
+def monitor_call_cost(calls: int) -> dict:
+    """Serving-thread microseconds per call of the input and output monitors (three [1, 128]
+    integer inputs, a 3-class head), and of timing one module, on a model that does almost nothing."""
+    inputs = batch(1)
+    models = {name: _Head() for name in ("stats", "edges", "timing")}
+    watches = [
+        tw.attach(models["stats"], inputs=False, rules=[]),
+        tw.attach(models["edges"], outputs="logits", rules=[]),
+        tw.attach(models["timing"], outputs="logits", timing=True, rules=[]),
+    ]
+    per: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():
+        _block(m, inputs, 100)
+    for _ in range(15):
+        for name, m in models.items():
+            per[name].append(1e6 * _block(m, inputs, calls // 15) / (calls // 15))
+    us = {k: statistics.median(v) for k, v in per.items()}
+    for w in watches:
+        w.detach()
+    out = {"stats_only_us": us["stats"], "inputs_outputs_added_us": us["edges"] - us["stats"],
+           "timing_one_module_added_us": us["timing"] - us["edges"]}  # fmt: skip
+    print("monitor call cost:", out)
+    return out
+
+
 def shadow_hook_cost(calls: int) -> dict:
     """Serving-thread cost of shadow mode on a 100-us model: the hooks on unsampled calls, and the
     copies on sampled ones, amortised at sample=0.01 (the candidate is a no-op so that nothing else
@@ -168,10 +205,21 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--quick", action="store_true", help="few rounds: a smoke run, not a measurement")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--micro", action="store_true", help="only the serving-thread microbenchmarks (~1 minute)")
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    micro = {"monitor_call_cost": monitor_call_cost(3_000 if args.quick else 30_000)}
+    if args.micro:
+        micro["shadow_hooks"] = shadow_hook_cost(2_000 if args.quick else 40_000)
+        results = {"machine": machine, **micro}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     results = {
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")},
+        "machine": machine,
+        **micro,
         "monitors": monitors(args.batches, 3 if args.quick else 15),
         "shadow_hooks": shadow_hook_cost(2_000 if args.quick else 40_000),
         "shadow": shadow_cost([0.01], 40 if args.quick else 240, 20),

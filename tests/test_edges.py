@@ -439,3 +439,25 @@ def test_report_shows_output_quality_latency_and_inputs(tmp_path):
     shown = report.text(summary)
     assert "Output quality:" in shown and "accuracy 100.00%" in shown and "Latency: 20 calls" in shown
     assert "channel means" in shown
+
+
+def test_a_constant_image_from_a_stuck_camera_is_caught(quiet):
+    rng = np.random.default_rng(2)
+    model = _cnn()
+    watch = tw.attach(model, flush_every=5)
+    assert _run(model, watch, [_normalize(_images(8, rng)) for _ in range(5 * 40)]) == []
+    found = _run(model, watch, [torch.full((8, 3, 16, 16), 0.5) for _ in range(5 * 3)], _normalize)
+    assert any(a.rule == "baseline_std" and a.module == "<input>" for a in found), [(a.rule, a.module) for a in found]
+    watch.detach()
+
+
+def test_an_exactly_constant_input_is_charted_not_skipped(quiet):
+    """std 0 has no logarithm: the log-scale charts place it far below any baseline."""
+    rng = np.random.default_rng(4)
+    model = _cnn()
+    watch = tw.attach(model, flush_every=5, rules=[tw.rules.ControlChart("std")])
+    assert _run(model, watch, [_normalize(_images(8, rng)) for _ in range(5 * 40)]) == []
+    found = _run(model, watch, [torch.full((8, 3, 16, 16), 0.25) for _ in range(5 * 2)])
+    hits = [a for a in found if a.module == "<input>"]
+    assert hits and hits[0].value == pytest.approx(1e-30)
+    watch.detach()

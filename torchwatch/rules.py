@@ -141,12 +141,21 @@ class CastRange:
         return out
 
 
+LOG_ZERO = math.log(1e-30)  # where a log-scale chart puts an exact 0: a constant input is a shift too
+
+
+def _log_scale(v: float) -> float:
+    if not math.isfinite(v):
+        return math.nan
+    return math.log(v) if v > 0 else LOG_ZERO
+
+
 def _absmax(s: ModuleStats) -> float:
-    return math.log(s.absmax) if s.absmax > 0 and math.isfinite(s.absmax) else math.nan
+    return _log_scale(s.absmax)
 
 
 def _std(s: ModuleStats) -> float:
-    return math.log(s.std) if s.std > 0 and math.isfinite(s.std) else math.nan
+    return _log_scale(s.std)
 
 
 def _zeros(s: ModuleStats) -> float:
