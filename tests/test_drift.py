@@ -439,3 +439,18 @@ def test_arl_windows_converts_days_and_rate():
     assert tw.arl_windows(days=1, requests_per_second=10, window=100) == 8640
     with pytest.raises(tw.ConfigError):
         tw.arl_windows(days=0, requests_per_second=10, window=100)
+
+
+def test_reset_drops_the_window_being_filled(ref):
+    """A window half-filled with drifted samples before a reset must not be completed by clean
+    samples after it and then blamed on the clean traffic."""
+    model = passthrough()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tw.TorchwatchWarning)
+        with tw.attach(model, drift=ref, flush_every=10**6) as watch:
+            model(gaussian(ref.window // 2, seed=15, shift=4.0))  # half a window, far off
+            watch.reset()
+            for i in range(4):
+                model(gaussian(ref.window, seed=30 + i))
+            after = watch.snapshot().drift["0"]
+    assert after.windows == 4 and not after.alarm and after.p_value > 1e-3

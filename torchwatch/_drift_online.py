@@ -223,8 +223,19 @@ class DriftMonitor:
         }
 
     def reset(self) -> None:
+        """Restart the detector, and drop the window being filled (waits for the device): after a
+        reset no window mixes samples from before it with samples after it."""
         self.cusum.value = 0.0
         self.windows = 0
-        for m in self.modules.values():
-            m.alarm = False
-            m.p_value = math.nan
+        window = self.ref.window
+        with torch.no_grad(), torch.inference_mode(False), self._lock:
+            if self._side is not None:
+                self._side.synchronize()  # row clears still queued
+            for m in self.modules.values():
+                m.alarm = False
+                m.p_value = math.nan
+                count = int(m.count)
+                start = count - count % window
+                if count != start:
+                    m.sums[(start // window) % RING].zero_()
+                    m.count.fill_(start)
