@@ -439,6 +439,8 @@ def test_report_shows_output_quality_latency_and_inputs(tmp_path):
     shown = report.text(summary)
     assert "Output quality:" in shown and "accuracy 100.00%" in shown and "Latency: 20 calls" in shown
     assert "channel means" in shown
+    page = report.html_page(summary, report.load(tmp_path))
+    assert "<figcaption>output confidence" in page and "<figcaption>latency p99 (ms)" in page
 
 
 def test_a_constant_image_from_a_stuck_camera_is_caught(quiet):

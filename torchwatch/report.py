@@ -465,6 +465,13 @@ def html_page(summary: dict[str, Any], data: LogData) -> str:
                 charts.append(_svg(f"{kind} fraction to {dtype}: {r['module'] or '<root>'}", m.steps, series))
     for name, series in list(data.drift.items())[:4]:
         charts.append(_svg(f"drift score: {name or '<root>'}", [s for s, _, _ in series], [v for _, v, _ in series]))
+    rows = [(step, o) for step, o in data.outputs if o.get("rows")]
+    for stat in ("confidence", "abstention_rate") if rows else ():
+        charts.append(_svg(f"output {stat}", [st for st, _ in rows], [o.get(stat) for _, o in rows]))
+    if data.latency:
+        charts.append(
+            _svg("latency p99 (ms)", [st for st, _ in data.latency], [v.get("p99_ms") for _, v in data.latency])
+        )
     worst = sorted(data.modules.items(), key=lambda kv: -max((v for v in kv[1].absmax if math.isfinite(v)), default=0))
     for name, m in worst[:3]:
         charts.append(_svg(f"abs-max: {name or '<root>'}", m.steps, m.absmax))
