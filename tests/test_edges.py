@@ -463,3 +463,15 @@ def test_an_exactly_constant_input_is_charted_not_skipped(quiet):
     hits = [a for a in found if a.module == "<input>"]
     assert hits and hits[0].value == pytest.approx(1e-30)
     watch.detach()
+
+
+def test_x255_on_a_small_tabular_input_is_caught_by_the_input_scale_chart(quiet):
+    """16 features, one row a call, flushes of 20 calls: 320 input values an interval, below
+    ControlChart's 4096, so only the edge chart's scale signal can see a missing normalisation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    watch = tw.attach(model, flush_every=20)
+    assert _run(model, watch, [torch.rand(1, 16) for _ in range(20 * 35)]) == []
+    found = _run(model, watch, [torch.rand(1, 16) for _ in range(20 * 2)], lambda x: x * 255)
+    assert any(a.rule == "input_shift" and a.stat == "log_rms" for a in found), [(a.rule, a.stat) for a in found]
+    watch.detach()

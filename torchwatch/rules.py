@@ -312,9 +312,10 @@ class EdgeChart:
 
     One series per signal, each learned and charted like :class:`ControlChart`'s:
 
+    * floating-point inputs: their scale (log of the root mean square; a x255 rescale, a dead
+      input), charted from 64 values per interval, where :class:`ControlChart` needs 4096;
     * floating-point inputs with few channels: each channel's mean in units of the input's standard
-      deviation (a channel swap, a wrong normalisation; a pure rescale such as x255 leaves these
-      alone and moves the ``"<input>"`` abs-max and std charts instead);
+      deviation (a channel swap, a wrong normalisation; a pure rescale leaves these alone);
     * integer inputs: the share of the most frequent value (padding-only or constant batches) and
       the share of distinct values (a surge of one out-of-vocabulary id, a collapsed vocabulary);
     * outputs (``attach(outputs=...)``): mean confidence, margin, normalised entropy, abstention
@@ -354,6 +355,11 @@ class EdgeChart:
         for name, inp in interval.inputs.items():
             means = inp.channel_means
             s = interval.stats.get(name)
+            if s is not None and s.count >= self.min_count and s.count - s.nonfinite > 0:
+                # the input's scale (log RMS): a x255 or a dead (all-zero) input, also where the input
+                # is too small per interval for ControlChart's min_elements
+                rms = math.sqrt(max(s.mean * s.mean + s.std * s.std, 0.0))
+                out.append(("input_shift", name, "log_rms", _log_scale(rms), 0.05))
             if means is not None and s is not None and s.std > 0 and inp.channel_elements >= self.min_count:
                 out += [("input_shift", name, f"channel_mean[{c}]", m / s.std, 0.02) for c, m in enumerate(means)]
             ids = inp.ids
