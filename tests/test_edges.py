@@ -475,3 +475,22 @@ def test_x255_on_a_small_tabular_input_is_caught_by_the_input_scale_chart(quiet)
     found = _run(model, watch, [torch.rand(1, 16) for _ in range(20 * 2)], lambda x: x * 255)
     assert any(a.rule == "input_shift" and a.stat == "log_rms" for a in found), [(a.rule, a.stat) for a in found]
     watch.detach()
+
+
+def test_edge_chart_false_alarms_on_clean_classifier_traffic(quiet):
+    """Inputs, outputs and class mix of a clean MLP classifier, 3000 intervals at ARL 1000: the
+    rate over all series stays under the nominal 1/1000 per series-interval (measured 0.34x)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    chart = tw.rules.EdgeChart(arl=1000)
+    policy = tw.rules.AlertPolicy(cooldown=0, max_per_minute=10**9)
+    intervals = 3000
+    with tw.attach(model, outputs=True, flush_every=5, rules=[chart], alert_policy=policy) as watch:
+        with torch.no_grad():
+            for _ in range(intervals * 5):
+                model(torch.randn(16, 8))
+        watch.flush()
+        alarms = len(watch.alerts)
+    series = len(chart._series)
+    assert series == 8 + 1 + 4 + 1  # channel means, log RMS, four output signals, class mix
+    assert alarms / (series * (intervals - chart.warmup)) < 1e-3
