@@ -348,15 +348,12 @@ class _InputAccumulators:
             for name, slot in self._channels.items():
                 n, sums = slot
                 if n:
-                    with _state_mode():
-                        out[name] = ("float", n, _start_copy(sums))
+                    out[name] = ("float", n, _start_copy(sums))
                     if not keep:
                         slot[0] = 0
                         sums.zero_()
             for name, acc in self._ids.items():
-                with _state_mode():
-                    state = acc.take(keep=keep)
-                out[name] = ("ids", state, acc.exact, acc.hashed)
+                out[name] = ("ids", acc.take(keep=keep), acc.exact, acc.hashed)
             return out
 
 
@@ -674,12 +671,10 @@ class _OutputAccumulator:
         with self._lock:
             if not (self._rows or self._labelled):
                 return None
-            with _state_mode():
-                sums = None if self._sums is None else _start_copy(self._sums)
-                classes = None
-                if self._classes is not None:
-                    state = self._classes.take(keep=keep)
-                    classes = (state, self._classes.exact, self._classes.hashed)
+            sums = None if self._sums is None else _start_copy(self._sums)
+            classes = None
+            if self._classes is not None:
+                classes = (self._classes.take(keep=keep), self._classes.exact, self._classes.hashed)
             out = (self._rows, sums, classes, self._labelled, self._bins.copy())
             if not keep:
                 if self._sums is not None:
