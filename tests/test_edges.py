@@ -435,6 +435,7 @@ def test_report_shows_output_quality_latency_and_inputs(tmp_path):
     out = summary["outputs"]
     assert out["rows"] == 120 and out["labelled"] == 120 and out["accuracy"] == 1.0
     assert out["confidence"] == pytest.approx(snap.outputs.confidence, rel=1e-9)
+    assert out["ece"] == pytest.approx(snap.outputs.ece, rel=1e-9)  # pooled from the bins, not averaged
     assert summary["latency"]["calls"] == 20 and summary["inputs"][0]["input"] == "<input>"
     shown = report.text(summary)
     assert "Output quality:" in shown and "accuracy 100.00%" in shown and "Latency: 20 calls" in shown

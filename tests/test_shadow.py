@@ -208,3 +208,17 @@ def test_module_statistics_need_a_watched_primary_and_a_selectable_candidate():
         sh.wait()
         result = sh.report()
     assert "selected no module" in result.notes[0] and result.calls == 1 and result.outputs[0].mismatched_shapes == 1
+
+
+def test_the_rollout_example_runs_and_its_logs_report_the_comparison(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "examples" / "shadow_rollout.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "DIFFERENT" in done.stdout and "accuracy" in done.stdout
+    summary = report.summarize(report.load(tmp_path))
+    assert summary["comparisons"][0]["ok"] is False and summary["outputs"]["labelled"] == 6400

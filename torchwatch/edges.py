@@ -517,6 +517,7 @@ class OutputQuality:
             "entropy": self.entropy, "normalized_entropy": self.normalized_entropy,
             "abstention_rate": self.abstention_rate, "classes": self.classes.to_dict() if self.classes else None,
             "labelled": self.labelled, "accuracy": self.accuracy, "ece": self.ece,
+            "calibration_bins": self.bins.tolist() if self.labelled else None,  # [count, confidence sum, correct]
         }  # fmt: skip
 
 

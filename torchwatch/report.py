@@ -288,6 +288,11 @@ def _output_summary(series: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] 
 
     labelled = [(o["labelled"], o.get("accuracy"), o.get("ece")) for _, o in series if o.get("labelled")]
     n = sum(x[0] for x in labelled)
+    bins = [o["calibration_bins"] for _, o in series if o.get("labelled") and o.get("calibration_bins")]
+    ece = None
+    if n and len(bins) == len(labelled):  # pooled exactly: ECE does not average over intervals
+        pooled = [[sum(col) for col in zip(*rows, strict=True)] for rows in zip(*bins, strict=True)]
+        ece = sum(abs(correct - conf) for _, conf, correct in pooled) / n
     lowest = min(rows, key=lambda r: r[1].get("confidence") or math.inf) if rows else None
     return {
         "rows": sum(o["rows"] for _, o in rows), "confidence": mean("confidence"), "margin": mean("margin"),
@@ -295,7 +300,7 @@ def _output_summary(series: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] 
         "lowest_confidence": lowest[1].get("confidence") if lowest else None,
         "lowest_confidence_step": lowest[0] if lowest else None, "labelled": n,
         "accuracy": sum(k * (a or 0) for k, a, _ in labelled) / n if n else None,
-        "ece": sum(k * (e or 0) for k, _, e in labelled) / n if n else None,
+        "ece": ece,
     }  # fmt: skip
 
 
