@@ -14,6 +14,7 @@ rather than making the primary wait.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -485,7 +486,7 @@ class Shadow:
                 if event is not None:
                     stream = stream or torch.cuda.Stream()
                     stream.wait_event(event)
-                with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     got = self._candidate(*args, **kwargs)
                     self._comparer.add(expected, got)
             except Exception as exc:  # noqa: BLE001 - a failing candidate is the finding, not a crash
@@ -586,14 +587,6 @@ class Shadow:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def shadow(
