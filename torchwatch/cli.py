@@ -60,10 +60,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="serve a small model through five silent failures, show what caught each",
-        description="Train a small classifier, self-test it at startup, serve traffic through five silent "
-        "failures (preprocessing bug, fp16 overflow, corrupted weight, input drift) and show what torchwatch "
-        "caught and when. Exit 0 if every failure was caught, 1 if not.",
+        help="serve a small model through six silent failures, show what caught each",
+        description="Train a small classifier, self-test it at startup, serve traffic through six silent "
+        "failures (preprocessing bug, fp16 overflow, corrupted weight, input drift, a candidate version in "
+        "shadow that disagrees) and show what torchwatch caught and when. Exit 0 if every failure was caught, "
+        "1 if not.",
     )
     demo.add_argument("--requests", type=_positive, default=150, help="requests per phase (default: 150)")
     demo.add_argument("--batch", type=_positive, default=16, help="rows per request (default: 16)")

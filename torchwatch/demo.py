@@ -138,7 +138,7 @@ class Outcome:
 def run(
     *, requests: int = 150, batch: int = 16, logdir: str | None = None, seed: int = 0, out: TextIO = sys.stdout
 ) -> Outcome:
-    """Serve ``requests`` batches per phase through the five phases, and report. Returns the outcome.
+    """Serve ``requests`` batches per phase through the six phases, and report. Returns the outcome.
 
     The alerts are printed as a timeline at the end, so torchwatch's own warnings are silenced here.
     """
@@ -152,7 +152,7 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
     logdir = logdir or tempfile.mkdtemp(prefix="torchwatch-demo-")
     say = out.write
     outcome = Outcome(requests=requests, logdir=logdir)
-    say("torchwatch demo: a classifier serving traffic through five silent failures. Nothing raises.\n\n")
+    say("torchwatch demo: a classifier serving traffic through six silent failures. Nothing raises.\n\n")
     started = time.perf_counter()
     model, centres = build_model(seed)
     g = torch.Generator().manual_seed(seed + 1)
