@@ -73,6 +73,17 @@ def _finish_copy(started: tuple[torch.Tensor, Any]) -> torch.Tensor:
     return host
 
 
+def resolve_path(device: torch.device, path: str | None) -> str:
+    """How a monitor computes on ``device``: ``"torch"`` ops on accelerators (or when forced, the
+    device path's CPU twin in tests); on CPU ``"c"`` (the extension) or ``"numpy"`` (without it, or
+    forced)."""
+    if device.type != "cpu" or path == "torch":
+        return "torch"
+    if path == "numpy" or _cstats is None:
+        return "numpy"
+    return "c"
+
+
 def hashed_bucket(value: int, buckets: int) -> int:
     """The hashed bucket of an integer outside the exact range (host oracle of the device op)."""
     return ((value % _P) * _A + _B) % _P % buckets
@@ -90,16 +101,13 @@ class _IdAccumulator:
     ``path="torch"`` forces the device path on CPU (its twin, tested), ``path="numpy"`` the fallback.
     """
 
-    def __init__(self, device: torch.device, exact: int, hashed: int, *, torch_path: bool = False,
-                 path: str | None = None) -> None:  # fmt: skip
+    def __init__(self, device: torch.device, exact: int, hashed: int, *, path: str | None = None) -> None:
         self.exact, self.hashed = exact, hashed
         self._base = 4
         self._ring = 4 + exact + hashed
         with _state_mode():
             self.state = torch.zeros(self._ring + RING, dtype=torch.int64, device=device)
-        if path is None:
-            path = "torch" if device.type != "cpu" or torch_path else "c" if _cstats is not None else "numpy"
-        self.path = path
+        self.path = path = resolve_path(device, path)
         self._np = self.state.numpy() if path != "torch" else None
         self._fresh()
 
@@ -312,9 +320,9 @@ class InputStats:
 class _InputAccumulators:
     """Per input position: channel sums (float) or an id sketch (integer), on the input's device."""
 
-    def __init__(self, config: InputMonitor, *, torch_path: bool = False) -> None:
+    def __init__(self, config: InputMonitor, *, path: str | None = None) -> None:
         self.config = config
-        self.torch_path = torch_path
+        self.path = path  # see resolve_path
         self._lock = threading.Lock()
         self._ids: dict[str, _IdAccumulator] = {}
         self._channels: dict[str, list[Any]] = {}  # name -> [elements per channel (host), sums (device)]
@@ -337,7 +345,7 @@ class _InputAccumulators:
             acc = self._ids.get(name)
             if acc is None or acc.state.device != x.device:
                 acc = self._ids[name] = _IdAccumulator(
-                    x.device, self.config.exact_ids, self.config.hashed_ids, torch_path=self.torch_path
+                    x.device, self.config.exact_ids, self.config.hashed_ids, path=self.path
                 )
             acc.add(x)
 
@@ -528,10 +536,9 @@ def _merged(a: Any, b: Any, merge: Callable[[Any, Any], Any]) -> Any:
 class _OutputAccumulator:
     """Device-side sums of one watch's output quality, plus predictions kept for labels."""
 
-    def __init__(self, config: OutputMonitor, *, torch_path: bool = False) -> None:
+    def __init__(self, config: OutputMonitor, *, path: str | None = None) -> None:
         self.config = config
-        self.torch_path = torch_path
-        self.path = "torch" if torch_path else None  # tests set "numpy" to run the fallback
+        self.path = path  # see resolve_path
         self._lock = threading.Lock()
         self._sums: torch.Tensor | None = None
         self._rows = 0
@@ -545,10 +552,11 @@ class _OutputAccumulator:
         z = self.config.logits(output).float()
         if z.shape[0] == 0:
             return
-        if z.device.type == "cpu" and not self.torch_path and _cstats is not None and self.path != "numpy":
+        path = resolve_path(z.device, self.path)
+        if path == "c":
             self._observe_c(z, trace_id)
             return
-        if z.device.type == "cpu" and not self.torch_path:
+        if path == "numpy":
             sums, pred, conf = self._quality_numpy(z)
         else:
             sums, pred, conf = self._quality_torch(z)
@@ -573,7 +581,7 @@ class _OutputAccumulator:
     def _new_sums(self, device: torch.device) -> None:  # caller holds the lock
         with _state_mode():
             self._sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
-        self._classes = _IdAccumulator(device, self.config.max_classes, 1024, torch_path=self.torch_path)
+        self._classes = _IdAccumulator(device, self.config.max_classes, 1024, path=self.path)
 
     def _keep(self, trace_id: str, pred: torch.Tensor, conf: torch.Tensor) -> None:  # caller holds the lock
         self._traces.pop(trace_id, None)

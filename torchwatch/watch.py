@@ -186,9 +186,9 @@ class Watch:
         cuda = _model_device(model).type == "cuda"
         self._timer = CallTimer(cuda=cuda)
         in_config, out_config = _input_monitor(inputs), _output_monitor(outputs)
-        torch_path = _device_path  # CPU tensors through the device path's torch ops (tests)
-        self._inputs = _edges._InputAccumulators(in_config, torch_path=torch_path) if in_config else None
-        self._outputs = _edges._OutputAccumulator(out_config, torch_path=torch_path) if out_config else None
+        path = "torch" if _device_path else None  # CPU tensors through the device path's torch ops (tests)
+        self._inputs = _edges._InputAccumulators(in_config, path=path) if in_config else None
+        self._outputs = _edges._OutputAccumulator(out_config, path=path) if out_config else None
         self._input_totals: dict[str, _edges.InputStats] = {}
         self._output_total: _edges.OutputQuality | None = None
         if not isinstance(timing, bool):
