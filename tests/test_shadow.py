@@ -222,3 +222,20 @@ def test_the_rollout_example_runs_and_its_logs_report_the_comparison(tmp_path):
     assert "DIFFERENT" in done.stdout and "accuracy" in done.stdout
     summary = report.summarize(report.load(tmp_path))
     assert summary["comparisons"][0]["ok"] is False and summary["outputs"]["labelled"] == 6400
+
+
+def test_compare_takes_a_mapping_batch_that_is_not_a_dict():
+    """A tokenizer's BatchEncoding is a Mapping, not a dict: it is passed as keyword arguments."""
+    import collections
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _model()
+
+        def forward(self, *, features):
+            return self.inner(features)
+
+    a = Keyword()
+    result = tw.compare(a, copy.deepcopy(a), collections.UserDict(features=torch.randn(4, 16)))
+    assert result.ok and result.outputs[0].rows == 4

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -514,8 +514,10 @@ def _check_fit_args(window, components, features, arl, delta, splits, resamples,
         raise ConfigError(f"Reference.fit: splits must be three positive fractions summing to 1, got {splits!r}")
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
+def call_batch(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on one batch the way torchwatch always does: a mapping as ``model(**batch)``
+    (a tokenizer's ``BatchEncoding`` too), a tuple or list as ``model(*batch)``, else ``model(batch)``."""
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
@@ -546,7 +548,7 @@ def _collect(
     try:
         with torch.inference_mode():
             for batch in batches:
-                _call(model, batch)
+                call_batch(model, batch)
                 if errors:
                     raise ConfigError(f"Reference.fit cannot use the output of {errors[0]}")
     finally:

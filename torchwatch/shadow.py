@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map_only
 
 from ._files import atomic_write, shown
 from .alerts import Alert
+from .drift import call_batch
 from .errors import ConfigError, FormatError, TorchwatchWarning
 from .integrity.canary import _is_logits, flatten_outputs
 from .sinks.base import _json_safe
@@ -300,14 +301,6 @@ def _rel(a: float, b: float) -> float:
     return abs(b - a) / abs(a) if a != 0 and math.isfinite(a) else math.inf
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def compare(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -366,7 +359,7 @@ def compare(
     try:
         with torch.no_grad():
             for batch in [inputs] if batches is None else batches:
-                comparer.add(_call(model_a, batch), _call(model_b, batch))
+                comparer.add(call_batch(model_a, batch), call_batch(model_b, batch))
         diffs = module_diffs(watches[0].snapshot(), watches[1].snapshot()) if watches else ()
     finally:
         for w in watches:
