@@ -66,3 +66,63 @@ def assert_matches(stats, expected: dict, *, rel: float = 1e-6) -> None:
         return
     assert abs(stats.mean - expected["mean"]) <= rel * scale + 1e-300, ("mean", stats.mean, expected["mean"])
     assert abs(stats.std - expected["std"]) <= rel * scale + 1e-300, ("std", stats.std, expected["std"])
+
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative bound of an n-term floating-point sum or
+    dot product, whatever the summation order or FMA use."""
+    return n * u / (1 - n * u)
+
+
+def _straddles(v: np.ndarray, err: np.ndarray, threshold: float) -> np.ndarray:
+    """Elements whose |value| could lie on either side of ``threshold`` given the error bound."""
+    a = np.abs(v)
+    return (a - err <= threshold) & (a + err >= threshold)
+
+
+def assert_within(
+    stats,
+    values: torch.Tensor,
+    err: torch.Tensor,
+    *,
+    rel: float = 1e-6,
+    cast_dtypes=("float16", "bfloat16", "float8_e4m3fn"),
+) -> None:
+    """``stats`` were measured on an activation that differs from ``values`` by at most ``err``
+    per element (a bound from the arithmetic, e.g. another summation order or vector math
+    library computing the same layers).
+
+    Then min/max/absmax and the mean move by at most max(err), the std by at most the RMS of
+    the differences <= max(err) (the population std is 1-Lipschitz in the RMS norm); a count
+    can change only by the elements whose interval [v - err, v + err] reaches its threshold.
+    """
+    want = oracle(values, cast_dtypes)
+    v = values.detach().reshape(-1).double().numpy()
+    e = err.detach().reshape(-1).double().numpy()
+    assert np.isfinite(v).all() and np.isfinite(e).all(), "finite activations only"
+    tiny = torch.finfo(values.dtype).tiny
+    ambiguous = {
+        "zeros": int((np.abs(v) <= e).sum()),
+        "subnormal": int((_straddles(v, e, tiny) | (np.abs(v) <= e)).sum()),
+    }
+    for key in ("count", "nan", "posinf", "neginf"):
+        assert getattr(stats, key) == want[key], (key, getattr(stats, key), want[key])
+    for key, slack in ambiguous.items():
+        assert abs(getattr(stats, key) - want[key]) <= slack, (key, getattr(stats, key), want[key], slack)
+    for name in cast_dtypes:
+        info = torch.finfo(getattr(torch, name))
+        # x.to(dtype) is 0 exactly when |x| <= half the smallest subnormal (ties go to even: 0)
+        smallest = info.smallest_normal * info.eps
+        slack = int((_straddles(v, e, smallest / 2) | (np.abs(v) <= e)).sum())
+        assert abs(stats.underflow[name] - want["underflow"][name]) <= slack, ("underflow", name)
+        slack = int(_straddles(v, e, info.max).sum())
+        assert abs(stats.overflow[name] - want["overflow"][name]) <= slack, ("overflow", name)
+    bound = float(e.max())
+    for key in ("min", "max", "absmax"):
+        assert abs(getattr(stats, key) - want[key]) <= bound, (key, getattr(stats, key), want[key], bound)
+    scale = max(want["std"], abs(want["mean"]) * 1e-9, 1e-300)
+    assert abs(stats.mean - want["mean"]) <= bound + rel * scale, ("mean", stats.mean, want["mean"], bound)
+    assert abs(stats.std - want["std"]) <= bound + rel * scale, ("std", stats.std, want["std"], bound)
