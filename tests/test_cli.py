@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,28 @@ def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(tmp_path, cap
     assert {"fingerprint", "drift", "cast_overflow"} <= {a["rule"] for a in summary["alerts"]}
     page = (tmp_path / "r.html").read_text()
     assert page.startswith("<!doctype html>") and page.count("<svg") >= 3
+
+
+def _timeline(outcome: demo.Outcome) -> tuple:
+    return (
+        [(c.phase, c.request, c.alert.rule, c.alert.module) for c in outcome.timeline],
+        outcome.fallback_answers,
+        outcome.accuracy,
+    )
+
+
+def test_demo_is_the_same_on_a_busy_machine(tmp_path):
+    """What the demo catches, when, and what the breaker answers do not depend on thread timing:
+    a second run while other processes keep every core busy gives the same timeline."""
+    first = demo.run(logdir=str(tmp_path / "idle"), out=io.StringIO())
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(2, os.cpu_count() or 2))]
+    try:
+        busy = demo.run(logdir=str(tmp_path / "busy"), out=io.StringIO())
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+    assert _timeline(busy) == _timeline(first)
 
 
 def test_cli_exit_codes(tmp_path, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -22,17 +21,21 @@ def _setup(**kwargs):
 
 
 def test_open_half_open_close_cycle():
-    model, watch, breaker, changes = _setup(fallback=lambda x: torch.full((len(x), 2), -1.0), cooldown=0.2)
+    now = [0.0]  # the breaker's clock: the test moves it, nothing sleeps
+    model, watch, breaker, changes = _setup(
+        fallback=lambda x: torch.full((len(x), 2), -1.0), cooldown=0.2, clock=lambda: now[0]
+    )
     good = torch.ones(3, 2)
     assert torch.equal(breaker(good), model(good)) and breaker.state == "closed"
     out = breaker(torch.tensor([[NAN, 1.0]]))
     assert out.tolist() == [[-1.0, -1.0]] and breaker.state == "open"  # the NaN answer never leaves
     assert breaker.reason.rule == "nonfinite"
-    assert breaker(good).tolist() == [[-1.0, -1.0]] * 3  # open: the model is not called
-    time.sleep(0.25)
+    now[0] = 0.19
+    assert breaker(good).tolist() == [[-1.0, -1.0]] * 3  # open, cool-down not over: the model is not called
+    now[0] = 0.2
     assert breaker(torch.tensor([[NAN, 0.0]])).tolist() == [[-1.0, -1.0]]  # half-open trial fails
     assert breaker.state == "open"
-    time.sleep(0.25)
+    now[0] = 0.45
     assert torch.equal(breaker(good), model(good)) and breaker.state == "closed"
     assert changes == [("closed", "open"), ("open", "half-open"), ("half-open", "open"), ("open", "half-open"),
                        ("half-open", "closed")]  # fmt: skip
@@ -84,5 +87,10 @@ def test_bad_arguments():
     with tw.attach(model) as watch:
         with pytest.raises(tw.ConfigError, match="fallback must be callable"):
             tw.CircuitBreaker(watch, fallback=3)
-        with pytest.raises(tw.ConfigError, match="cooldown must be >= 0"):
-            tw.CircuitBreaker(watch, cooldown=-1)
+        for cooldown in (-1, "x", float("nan"), float("inf"), True):
+            with pytest.raises(tw.ConfigError, match="cooldown must be a number of seconds >= 0"):
+                tw.CircuitBreaker(watch, cooldown=cooldown)
+        with pytest.raises(tw.ConfigError, match="clock must be a callable"):
+            tw.CircuitBreaker(watch, clock=0.0)
+        with pytest.raises(tw.ConfigError, match="on_change must be callable"):
+            tw.CircuitBreaker(watch, on_change="log")

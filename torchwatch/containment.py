@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ class CircuitBreaker:
             None raises :class:`torchwatch.CircuitOpenError` for the caller to handle.
         cooldown: seconds open before a trial call.
         on_change: called with ``(old_state, new_state, alert)`` on every transition (logging).
+        clock: the time source ``cooldown`` is measured in (default :func:`time.monotonic`); a
+            counter of requests makes the breaker's decisions reproducible (replays, tests).
 
     Example:
         >>> import torch, torchwatch as tw
@@ -53,14 +56,20 @@ class CircuitBreaker:
         fallback: Callable[..., Any] | None = None,
         cooldown: float = 30.0,
         on_change: Callable[[str, str, Any], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not hasattr(watch, "trips"):
             raise ConfigError(f"CircuitBreaker needs a torchwatch Watch, got {type(watch).__name__}")
         if fallback is not None and not callable(fallback):
             raise ConfigError("fallback must be callable (or None to raise CircuitOpenError)")
-        if not cooldown >= 0:
-            raise ConfigError(f"cooldown must be >= 0 seconds, got {cooldown!r}")
+        if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or not 0 <= cooldown < math.inf:
+            raise ConfigError(f"cooldown must be a number of seconds >= 0, got {cooldown!r}")
+        if on_change is not None and not callable(on_change):
+            raise ConfigError(f"on_change must be callable or None, got {type(on_change).__name__}")
+        if not callable(clock):
+            raise ConfigError(f"clock must be a callable returning the time, got {type(clock).__name__}")
         self.watch, self.fallback, self.cooldown, self.on_change = watch, fallback, float(cooldown), on_change
+        self._clock = clock
         self.state = CLOSED
         self.opened_at = 0.0
         self.reason: Any = None
@@ -93,7 +102,7 @@ class CircuitBreaker:
             if trips != self._seen:
                 self._open_locked(trips)
                 return False
-            if self.state == OPEN and time.monotonic() - self.opened_at >= self.cooldown:
+            if self.state == OPEN and self._clock() - self.opened_at >= self.cooldown:
                 self._set_locked(HALF_OPEN, self.reason)
                 return True
             return self.state == CLOSED
@@ -104,7 +113,7 @@ class CircuitBreaker:
 
     def _open_locked(self, trips: int) -> None:
         self._seen = trips
-        self.opened_at = time.monotonic()
+        self.opened_at = self._clock()
         self._set_locked(OPEN, self.watch.last_trip)
 
     def _set(self, state: str, reason: Any) -> None:

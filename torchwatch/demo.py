@@ -44,6 +44,8 @@ from .sinks import IncidentLog, JsonlSink, TensorBoardSink
 from .watch import attach
 
 FEATURES, CLASSES, HIDDEN = 16, 4, 64
+FLUSH_EVERY = 4  # requests between the demo's flushes
+NEVER = 2**62  # flush_every that never comes: the demo flushes itself
 PHASES = ("clean", "preprocessing bug", "fp16 overflow", "corrupted weight", "input drift", "candidate v2")
 # what each phase must be caught by: (rule, module or None for any)
 EXPECTED = {
@@ -186,15 +188,20 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
         JsonlSink(os.path.join(logdir, "stats.jsonl")),
         IncidentLog(os.path.join(logdir, "incidents.jsonl")),
     ]
-    watch = attach(served, sinks=sinks, flush_every=4, drift=reference, on_nonfinite="ignore", outputs=True)
+    # The demo flushes itself every FLUSH_EVERY requests and waits for each flush, so that what is
+    # caught, and when, is the same on every run and machine (a server would let flush_every
+    # flush in the background).
+    watch = attach(served, sinks=sinks, flush_every=NEVER, drift=reference, on_nonfinite="ignore", outputs=True)
     monitor = watch.verify_fingerprint_every(3600, baseline=report.fingerprint)  # checked each tick below
     fallback = {"n": 0}
+    served_requests = {"n": 0}
 
     def answer_from_fallback(x: torch.Tensor) -> torch.Tensor:  # e.g. a cached or simpler model
         fallback["n"] += 1
         return torch.zeros(len(x), CLASSES)
 
-    breaker = CircuitBreaker(watch, fallback=answer_from_fallback, cooldown=0.02)
+    # cool-down counted in requests, not seconds: a loaded machine must not change the answers
+    breaker = CircuitBreaker(watch, fallback=answer_from_fallback, cooldown=2, clock=lambda: served_requests["n"])
     say(f"  serving   {len(PHASES)} phases x {requests} requests of {batch} rows\n")
     seen = 0
     pristine = served[4].weight.detach().clone()
@@ -225,14 +232,16 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
                 trace, served_by_fallback = f"{phase[:4]}-{i:04d}", fallback["n"]
                 with watch.context(trace_id=trace):
                     pred = breaker(x).argmax(-1)
+                served_requests["n"] += 1
+                if shadowing is not None:
+                    shadowing.wait()  # the candidate's comparison of this request, before its alerts are read
                 if fallback["n"] == served_by_fallback:  # the model answered: its labels arrive later
                     watch.record_labels(trace, y)
                 correct[0] += int((pred == y).sum())
                 correct[1] += batch
-                if i % 8 == 7:
-                    monitor.check_now()
-                    if shadowing is not None:
-                        shadowing.wait()
+                if i % FLUSH_EVERY == FLUSH_EVERY - 1:
+                    if i % (2 * FLUSH_EVERY) == 2 * FLUSH_EVERY - 1:
+                        monitor.check_now()
                     watch.flush()
                 for alert in watch.alerts[seen:]:
                     if not any(c.phase == phase and c.alert.rule == alert.rule for c in outcome.timeline):
