@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import threading
+import time
 import tracemalloc
 import weakref
 
@@ -78,3 +80,23 @@ def test_no_activation_outlives_its_hook():
         model(x)
         gc.collect()
         assert all(r() is None for r in tracked)
+
+
+def _workers() -> int:
+    return sum(t.name == "torchwatch-worker" and t.is_alive() for t in threading.enumerate())
+
+
+def test_hot_swapping_models_without_detach_leaves_no_thread_behind():
+    """A server that replaces its model (and the watch with it) without detach(): once the old
+    ones are garbage, their writer threads end. The worker holds nothing between jobs."""
+    before = _workers()
+    for _ in range(20):
+        model = mlp()
+        watch = tw.attach(model, sinks=[tw.MemorySink()], flush_every=1)
+        model(torch.randn(1, 16))  # its flush is the worker's last job
+        del model, watch
+    deadline = time.monotonic() + 30  # a watch is freed by the cycle collector, then its thread ends
+    while _workers() > before and time.monotonic() < deadline:
+        gc.collect()  # a server's allocations trigger it; a worker mid-job held one more reference
+        time.sleep(0.01)
+    assert _workers() == before

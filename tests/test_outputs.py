@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 
+import pytest
 import torch
 from _models import Out, Pair, Structured
 from hypothesis import given
@@ -127,3 +129,26 @@ def test_no_output_structure_breaks_the_model_call(spec):
     measured = [t for _, t in tensors_in(out) if t.is_floating_point() and t.layout == torch.strided and not t.is_meta]
     assert sum(s.count for s in snap.values()) == sum(t.numel() for t in measured)
     assert watch.errors == {}
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_a_new_output_key_every_call_keeps_positions_bounded_and_counts_what_it_skips(device_path):
+    """A module returning a dict with a fresh key per call must not grow the watch without bound:
+    CPU tensors and device tables have the same capacity, and what is skipped is counted."""
+    calls = {"n": 0}
+
+    def fresh_key(x):
+        calls["n"] += 1
+        return {"logits": x * 1.0, f"k{calls['n']}": x * 2.0}  # the first key is the module's own position
+
+    model = Structured(fresh_key)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tw.Watch(model, inputs=False, _device_path=device_path, rules=[]) as watch:
+            capacity = watch._table_capacity
+            for _ in range(capacity + 50):
+                model(torch.ones(2))
+            snap = watch.snapshot()
+    assert len(snap) == capacity
+    assert snap.errors["positions not measured"] == 1 + (capacity + 50) - capacity  # "" and one key a call
+    assert sum("output positions" in str(w.message) for w in caught) == 1  # warned once

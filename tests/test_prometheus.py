@@ -61,7 +61,7 @@ def test_registers_into_the_application_registry_and_bounds_module_labels():
     with tw.attach(model, sinks=[tw.PrometheusSink(registry=registry, max_modules=2)]) as watch:
         model(torch.randn(1, 2))
         watch.flush()
-    text = prometheus_client.generate_latest(registry).decode()
+        text = prometheus_client.generate_latest(registry).decode()
     modules = {line.split('module="')[1].split('"')[0] for line in text.splitlines()
                if line.startswith("torchwatch_elements_total{")}  # fmt: skip
     assert modules == {"<input>", "0", "__other__"}  # the first two positions measured keep their label
@@ -128,3 +128,53 @@ def test_output_quality_and_labels_are_scraped_over_http(quiet):
     assert got[("torchwatch_labelled_correct_total", labels)] == 15  # odd calls labelled with their own argmax
     assert got[("torchwatch_output_quality", (("model", "m2"), ("stat", "confidence")))] == pytest.approx(q.confidence)
     assert not any(name == "torchwatch_input_top1_fraction" for name, _ in got)  # float input: no id sketch
+
+
+def test_two_models_share_the_default_registry_and_a_sink_can_be_made_again_after_a_reload(quiet):
+    registry = prometheus_client.REGISTRY
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)
+    with (
+        tw.attach(a, sinks=[tw.PrometheusSink(model_name="a")]) as wa,
+        tw.attach(b, sinks=[tw.PrometheusSink(model_name="b")]) as wb,
+    ):
+        with pytest.raises(tw.ConfigError, match="model_name='a' is already writing to this registry"):
+            tw.PrometheusSink(model_name="a")
+        a(torch.ones(1, 2))
+        b(torch.ones(4, 2))
+        wa.flush()
+        wb.flush()
+        assert registry.get_sample_value("torchwatch_calls_total", {"model": "a"}) == 1
+        assert registry.get_sample_value("torchwatch_elements_total", {"model": "b", "module": "<root>"}) == 12
+    # both detached: their series and metrics are gone, and a reloaded model gets a sink again
+    assert registry.get_sample_value("torchwatch_calls_total", {"model": "a"}) is None
+    with tw.attach(a, sinks=[tw.PrometheusSink(model_name="a")]) as wa:
+        a(torch.ones(1, 2))
+        wa.flush()
+        assert registry.get_sample_value("torchwatch_calls_total", {"model": "a"}) == 1
+
+
+def test_errors_and_merged_flushes_are_exported():
+    registry = prometheus_client.CollectorRegistry()
+    sink = tw.PrometheusSink(registry=registry, model_name="e")
+    sink.write(tw.Record(step=5, time=1.0, calls=5, sampled=5, stats={}, errors={"0": 2}, merged=3))
+    sink.write(tw.Record(step=9, time=2.0, calls=4, sampled=4, stats={}, errors={"0": 3, "sink:X()": 1}))
+    get = registry.get_sample_value
+    assert get("torchwatch_errors_total", {"model": "e", "kind": "0"}) == 3  # cumulative counts, not summed
+    assert get("torchwatch_errors_total", {"model": "e", "kind": "sink:X()"}) == 1
+    assert get("torchwatch_flushes_merged_total", {"model": "e"}) == 3
+    sink.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": 70000}, "port must be an integer from 0 to 65535"),
+        ({"port": "9100"}, "port must be an integer"),
+        ({"model_name": ""}, "model_name must be a non-empty string"),
+        ({"max_modules": 0}, "max_modules must be a positive integer"),
+        ({"addr": None}, "addr must be a host address string"),
+    ],
+)
+def test_bad_arguments_are_config_errors(kwargs, message):
+    with pytest.raises(tw.ConfigError, match=message):
+        tw.PrometheusSink(**kwargs)

@@ -174,11 +174,15 @@ class CallTimer:
 
     def take(self) -> LatencyStats:
         """The interval's statistics (finished device timings folded in); the window restarts."""
+        return self.take_sketch().stats()
+
+    def take_sketch(self) -> LatencySketch:
+        """Like :meth:`take`, as a mergeable sketch."""
         with self._lock:
             self._drain()
             window, self._window = self._window, LatencySketch(self._window.accuracy)
             self.total = self.total.merge(window)
-        return window.stats()
+        return window
 
     def peek(self) -> LatencyStats:
         """Statistics since the last reset, the current window included (finished device timings)."""

@@ -22,7 +22,8 @@ class Snapshot(Mapping[str, ModuleStats]):
         cohort: the cohort this snapshot is restricted to (``None``: all calls).
         nonfinite: for each position that produced NaN/Inf, where it first did
             (:class:`FirstNonFinite`: root call, trace id, and the origin module of that call).
-        errors: hook and sink failures by module or sink (never raised to the caller).
+        errors: what :attr:`Watch.errors` counts: failures caught (never raised to the caller) and
+            anything not recorded, by kind.
         drift: per drift-monitored module, its :class:`~torchwatch.drift.DriftStatus`
             (score, p-value, alarm, windows); empty without ``attach(drift=...)``.
         latency: root-call latency since the last reset (:class:`~torchwatch.latency.LatencyStats`,

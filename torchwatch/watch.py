@@ -19,6 +19,7 @@ import atexit
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import threading
 import time
@@ -38,12 +39,12 @@ from ._drift_online import RING, DriftMonitor
 from ._outputs import tensors_in
 from ._provenance import device_origins
 from ._select import select_modules
-from ._table import C_NAN, C_NEGINF, CALLS, ENABLED, DeviceTable
+from ._table import C_NAN, C_NEGINF, CALLS, ENABLED, DeviceTable, WindowRead
 from .alerts import Alert, FirstNonFinite, nonfinite_alert
 from .errors import ConfigError, NonFiniteError, TorchwatchWarning
 from .kernels import PLAIN_TENSOR_TYPES, host_stats, measurable, torch_ops
 from .kernels import cpu as cpu_kernel
-from .latency import CallTimer
+from .latency import CallTimer, LatencySketch
 from .sinks._dispatch import Worker
 from .sinks.base import Record, Sink
 from .snapshot import Snapshot
@@ -57,6 +58,14 @@ ROOT_CALL = "(root call)"  # the key of watch.errors for failures in the model's
 WORKER = "(worker)"  # the key of watch.errors for failures while finishing a flush
 MAX_ALERTS = 1000  # alerts kept in watch.alerts (oldest dropped first)
 MAX_TRACE_IDS = 4096  # recent call index -> trace id, to label device-side provenance
+MERGE_RECORDS_BEHIND = 8  # intervals waiting for the worker before it merges records for the sinks
+# intervals waiting for the worker before automatic flushes stop cutting new ones and merge into the
+# window (the last resort that bounds memory; normally the worker merges records, not intervals)
+MAX_PENDING_FLUSHES = 64
+RECORDS_NOT_WRITTEN = "records not written"  # flushes unfinished when detach() stopped waiting
+POSITIONS_NOT_MEASURED = "positions not measured"  # measurements of output positions beyond the capacity
+DRIFT_WINDOWS_LOST = "drift windows lost"  # completed faster than flushes read the device ring
+LATENCY_LOST = "latency timings lost"  # device timings no flush read in time
 _NO_PLAN = object()
 
 # (cohort, trace_id) of the calls made in this context; see Watch.context.
@@ -83,6 +92,85 @@ class _Call:
         self.seq = 0  # measurements so far: execution order within the call
         self.events: list[tuple[int, str, int, int, int]] = []  # host NaN/Inf: (seq, name, nan, +inf, -inf)
         self.device: list[tuple[int, str, DeviceTable, int]] = []  # device measurements: (seq, name, table, slot)
+
+
+@dataclasses.dataclass
+class _Interval:
+    """What one flush cut off on the serving thread, for the worker to finish."""
+
+    step: int  # eager root calls so far
+    calls: int
+    sampled: int
+    window: dict[tuple[str | None, str], Any]  # host accumulators
+    reads: list[tuple[DeviceTable, object]]  # device halves being copied
+    alerts: list[Alert]
+    nonfinite: dict[str, FirstNonFinite]
+    drift: Any
+    edges: tuple[dict[str, Any], Any]
+    merged: int  # automatic flushes folded into this one because the worker was behind
+
+
+@dataclasses.dataclass
+class _RecordParts:
+    """One or more flushed intervals on their way to becoming one :class:`Record` (worker thread)."""
+
+    step: int
+    time: float
+    calls: int
+    sampled: int
+    stats: list[tuple[tuple[str | None, str], ModuleStats]]  # per (cohort, position), one item per interval
+    alerts: list[Alert]
+    nonfinite: dict[str, FirstNonFinite]
+    drift: dict[str, Any]
+    latency: LatencySketch
+    inputs: dict[str, Any]
+    outputs: Any
+    timing: dict[str, LatencySketch]
+    merged: int
+
+    def merge(self, later: _RecordParts) -> _RecordParts:
+        """These intervals followed by ``later``'s, as one (counts add, statistics merge)."""
+        inputs = dict(self.inputs)
+        for name, stats in later.inputs.items():
+            inputs[name] = inputs[name].merge(stats) if name in inputs else stats
+        outputs = self.outputs
+        if later.outputs is not None:
+            outputs = later.outputs if outputs is None else outputs.merge(later.outputs)
+        timing = {n: self.timing[n].merge(t) if n in self.timing else t for n, t in later.timing.items()}
+        return _RecordParts(
+            step=later.step, time=later.time, calls=self.calls + later.calls, sampled=self.sampled + later.sampled,
+            stats=self.stats + later.stats, alerts=self.alerts + later.alerts,
+            nonfinite={**later.nonfinite, **self.nonfinite},  # the first occurrence wins
+            drift={**self.drift, **later.drift}, latency=self.latency.merge(later.latency), inputs=inputs,
+            outputs=outputs, timing={**self.timing, **timing}, merged=self.merged + later.merged + 1,
+        )  # fmt: skip
+
+    def record(self, order: Callable[[Iterable[str]], list[str]], errors: dict[str, int]) -> Record | None:
+        """The :class:`Record` for the sinks, or None when nothing at all happened."""
+        labelled = self.outputs is not None and self.outputs.labelled
+        if not (self.calls or self.stats or self.alerts or self.nonfinite or labelled):
+            return None
+        per_name: dict[str, list[ModuleStats]] = {}
+        for (_, name), s in self.stats:
+            per_name.setdefault(name, []).append(s)
+        return Record(
+            step=self.step, time=self.time, calls=self.calls, sampled=self.sampled,
+            stats={name: merge_all(per_name[name]) for name in order(per_name)}, alerts=tuple(self.alerts),
+            nonfinite=self.nonfinite, errors=errors, drift=self.drift, latency=self.latency.stats(),
+            inputs=self.inputs, outputs=self.outputs,
+            timing={n: t.stats() for n, t in self.timing.items() if t.count}, merged=self.merged,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _DevicePart:
+    """Device window reads, folded (see ``Watch._device_reads``)."""
+
+    calls: int = 0
+    sampled: int = 0
+    stats: list[tuple[tuple[str | None, str], ModuleStats]] = dataclasses.field(default_factory=list)
+    counts: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # NaN, +Inf, -Inf
+    firsts: dict[str, FirstNonFinite] = dataclasses.field(default_factory=dict)
 
 
 class Watch:
@@ -174,6 +262,10 @@ class Watch:
         self._seen: set[str] = set()
         self._completed_sampled = 0
         self._unseen_checked = False
+        self._merged = 0  # automatic flushes deferred into the next one
+        self._carry: _RecordParts | None = None  # worker thread: intervals held back while the sinks are behind
+        self._host_keys: set[tuple[str | None, str]] = set()  # host output positions admitted (bounded)
+        self._positions_dropped = 0
 
         self._worker = Worker(sinks, _weak_callback(self._sink_failed), _weak_callback(self._job_failed))
         weakref.finalize(self, self._worker.close, 0)  # a watch dropped without detach() stops its thread
@@ -276,12 +368,27 @@ class Watch:
 
     @property
     def errors(self) -> dict[str, int]:
-        """Failures torchwatch caught instead of breaking inference: hook errors by module
-        name (``"(root call)"`` for the model's own call bookkeeping, ``"(worker)"`` for
-        finishing a flush), sink failures as ``"sink:<sink>"``, and ``"on_nonfinite"`` for
-        errors of an ``on_nonfinite`` callable."""
+        """Failures torchwatch caught instead of breaking inference, and anything it could not
+        record, by kind: hook errors by module name (``"(root call)"`` for the model's own call
+        bookkeeping, ``"(worker)"`` for finishing a flush: that interval is lost), sink failures
+        as ``"sink:<sink>"`` (the sink is disabled), ``"on_nonfinite"`` for errors of an
+        ``on_nonfinite`` callable, ``"records not written"``
+        (intervals still queued when ``detach()`` stopped waiting), ``"positions not measured"``
+        (measurements of output positions beyond the capacity), ``"drift windows lost"`` and
+        ``"latency timings lost"``. The same
+        counts go out with every record (``record.errors``) and to Prometheus
+        (``torchwatch_errors_total{kind}``)."""
+        return self._error_counts()
+
+    def _error_counts(self) -> dict[str, int]:
+        """``watch.errors``: the counted failures plus what the monitors could not record."""
+        lost = {
+            POSITIONS_NOT_MEASURED: self._positions_dropped,
+            DRIFT_WINDOWS_LOST: self._drift.lost if self._drift is not None else 0,
+            LATENCY_LOST: self._timer.dropped + sum(t.dropped for t in self._module_timers.values()),
+        }
         with self._lock:
-            return dict(self._errors)
+            return {**self._errors, **{k: v for k, v in lost.items() if v}}
 
     @contextlib.contextmanager
     def context(self, *, cohort: str | None = None, trace_id: str | None = None) -> Iterator[None]:
@@ -326,21 +433,19 @@ class Watch:
                 calls = self._since_reset_calls + self._window_calls
                 sampled = self._since_reset_sampled + self._window_sampled
                 first = dict(self._first_nonfinite)
-                errors = dict(self._errors)
-            reads = [(table, table.read_active()) for table in list(self._tables.values()) if table.keys]
-            for table, read in reads:
-                graph_calls = read.root_calls - self._device_root_calls.get(table.device, 0)
-                calls += graph_calls
-                sampled += graph_calls if self.every == 1 else len(range(0, graph_calls, self.every))
-                for key, (n, raw) in read.stats.items():
-                    window[key] = (
-                        window[key].merge(self._raw_stats(n, raw)) if key in window else self._raw_stats(n, raw)
-                    )
-                for name, record in self._device_firsts(read.nonfinite).items():
-                    first.setdefault(name, record)
+            device = self._device_reads(
+                [(table, table.read_active()) for table in list(self._tables.values()) if table.keys], advance=False
+            )
+            calls += device.calls
+            sampled += device.sampled
+            for key, stats in device.stats:
+                window[key] = window[key].merge(stats) if key in window else stats
+            for name, record in device.firsts.items():
+                first.setdefault(name, record)
             order = list(self._order)
             self._check_unseen()
             drift = self._drift_now(calls)
+            errors = self._error_counts()
             inputs, outputs = self._edges_to_host(self._take_edges(keep=True), fold=False)
         parts: dict[str, list[ModuleStats]] = {}
         for (c, name), s in list(totals.items()) + list(window.items()):
@@ -404,7 +509,16 @@ class Watch:
         if self._fingerprint_monitor is not None:
             self._fingerprint_monitor.stop(timeout)
         self._flush(wait=False)
-        self._worker.close(timeout)
+        left = self._worker.close(timeout)
+        if left:
+            with self._lock:
+                self._errors[RECORDS_NOT_WRITTEN] += left
+            self._warn_once(
+                "not-written",
+                f"detach(): the sinks did not finish within {timeout:g} s; {left} flush(es) were not written by "
+                f"then (counted in watch.errors[{RECORDS_NOT_WRITTEN!r}]; they still are if the sinks recover). "
+                "Give detach(timeout=...) more time.",
+            )
 
     def record_labels(self, trace_ids: str | Iterable[str], labels: Any) -> int:
         """Feed back the true classes of earlier calls: accuracy and calibration error (ECE).
@@ -695,7 +809,7 @@ class Watch:
                 alert = self._finish_call(call)
                 self._completed_sampled += 1
             if tls.flush_due:
-                self._flush(wait=False)
+                self._flush(wait=False, automatic=True)
         except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
             self._hook_failed(ROOT_CALL, exc)
         if alert is not None and self.on_nonfinite == "raise":
@@ -817,9 +931,19 @@ class Watch:
             with self._lock:
                 acc = self._window.get(key)
                 if acc is None:
-                    acc = self._window[key] = new_host_accumulator(len(plan.names))
-                    self._order.setdefault(name)
-                acc.add(raw)
+                    if key not in self._host_keys:
+                        if len(self._host_keys) >= self._table_capacity:  # bounded like the device tables
+                            acc = None
+                        else:
+                            self._host_keys.add(key)
+                    if key in self._host_keys:
+                        acc = self._window[key] = new_host_accumulator(len(plan.names))
+                        self._order.setdefault(name)
+                if acc is not None:
+                    acc.add(raw)
+            if acc is None:
+                self._table_full(name)
+                return
             if raw[1] or raw[2] or raw[3]:
                 call.events.append((seq, name, raw[1], raw[2], raw[3]))
             return
@@ -863,10 +987,13 @@ class Watch:
                 merge(table, slot, x.detach(), plan, call, use_flag=True)
 
     def _table_full(self, name: str) -> None:
+        with self._lock:
+            self._positions_dropped += 1
         self._warn_once(
             "table-full",
-            f"more than {self._table_capacity} output positions on one device; {name!r} and later new ones "
-            "are not measured. Select fewer modules with attach(modules=...).",
+            f"more than {self._table_capacity} output positions (per device and cohort); {name!r} and later new "
+            f"ones are not measured (counted in watch.errors[{POSITIONS_NOT_MEASURED!r}]). Watch fewer modules "
+            "(attach(modules=...)), or return fewer distinct keys from a module.",
         )
 
     # ---- non-finite provenance -------------------------------------------------------------
@@ -989,27 +1116,42 @@ class Watch:
 
     # ---- flushing --------------------------------------------------------------------------
 
-    def _flush(self, *, wait: bool, timeout: float = 30.0) -> None:
-        """Swap the window and start the device copies here; the worker thread does the rest."""
-        with self._flush_lock:
+    def _flush(self, *, wait: bool, timeout: float = 30.0, automatic: bool = False) -> None:
+        """Swap the window and start the device copies here; the worker thread does the rest.
+
+        ``automatic`` (every ``flush_every`` calls, on the serving thread): when the worker
+        already has ``MAX_PENDING_FLUSHES`` intervals waiting (it cannot even keep up with
+        folding them), or another flush or snapshot is in progress, the window is left as it is
+        and goes out with the next flush, which says so in ``record.merged``: nothing is
+        dropped, memory stays bounded and the serving thread never waits.
+        """
+        if automatic:
+            if self._worker.pending >= MAX_PENDING_FLUSHES or not self._flush_lock.acquire(blocking=False):
+                with self._lock:
+                    self._merged += 1  # this interval goes out with the next flush (record.merged)
+                return
+        else:
+            self._flush_lock.acquire()
+        try:
             with self._lock:
                 window, self._window = self._window, {}
                 calls, sampled = self._window_calls, self._window_sampled
                 self._window_calls = self._window_sampled = 0
                 alerts, self._window_alerts = self._window_alerts, []
                 nonfinite, self._window_nonfinite = self._window_nonfinite, {}
+                merged, self._merged = self._merged, 0
                 step = self._calls
             reads = [(table, table.flip()[1]) for table in list(self._tables.values()) if table.keys]
             drift = self._drift.start_read() if self._drift is not None and (calls or reads) else None
             edges = self._take_edges(keep=False)
-            if not (calls or window or reads or alerts or nonfinite or edges[1] is not None):
-                job = None  # nothing happened since the last flush
-            else:
-                job = functools.partial(
-                    self._finish_flush, step, calls, sampled, window, reads, alerts, nonfinite, drift, edges
-                )
-        if job is not None or wait:
-            self._worker.submit(job, wait=wait, timeout=timeout)
+            if calls or window or reads or alerts or nonfinite or edges[1] is not None:
+                interval = _Interval(step, calls, sampled, window, reads, alerts, nonfinite, drift, edges, merged)
+                # queued under the lock: intervals reach the worker in the order they were cut
+                self._worker.submit(functools.partial(self._finish_flush, interval))
+        finally:
+            self._flush_lock.release()
+        if wait:
+            self._worker.submit(None, wait=True, timeout=timeout)
 
     def _take_edges(self, *, keep: bool) -> tuple[dict[str, Any], Any]:
         """Device copies of the input and output accumulators (zeroed unless ``keep``)."""
@@ -1032,58 +1174,76 @@ class Watch:
                 self._input_totals, self._output_total = totals, total_out
         return (inputs, outputs) if fold else (totals, total_out)
 
-    def _finish_flush(self, step, calls, sampled, window, reads, alerts, nonfinite, drift, edges) -> Record | None:
-        """Worker thread: wait for the copies, fold the window into the totals, make the record."""
-        converted = [(key, to_module_stats(acc, self.cast_dtypes)) for key, acc in window.items()]
-        firsts: dict[str, FirstNonFinite] = {}
-        window_counts: dict[str, tuple[int, int, int]] = {}
-        for table, handle in reads:
-            read = table.read(handle)
+    def _device_reads(self, reads: list[tuple[DeviceTable, WindowRead]], *, advance: bool) -> _DevicePart:
+        """Fold device window reads: their statistics, the root calls replayed from graphs since
+        the previous read, and where NaN/Inf first appeared. The one conversion used by both
+        flushes (``advance``: these calls are now accounted for) and snapshots."""
+        part = _DevicePart()
+        for table, read in reads:
             with self._lock:
                 graph_calls = read.root_calls - self._device_root_calls.get(table.device, 0)
-                self._device_root_calls[table.device] = read.root_calls
-            calls += graph_calls
-            step += graph_calls
-            sampled += graph_calls if self.every == 1 else len(range(0, graph_calls, self.every))
-            converted += [(key, self._raw_stats(n, raw)) for key, (n, raw) in read.stats.items()]
-            window_counts.update({key[1]: tuple(raw[1:4]) for key, (_, raw) in read.stats.items() if any(raw[1:4])})
-            firsts.update(self._device_firsts(read.nonfinite))
-        per_name: dict[str, list[ModuleStats]] = {}
+                if advance:
+                    self._device_root_calls[table.device] = read.root_calls
+            part.calls += graph_calls
+            part.sampled += graph_calls if self.every == 1 else len(range(0, graph_calls, self.every))
+            part.stats += [(key, self._raw_stats(n, raw)) for key, (n, raw) in read.stats.items()]
+            part.counts.update({key[1]: tuple(raw[1:4]) for key, (_, raw) in read.stats.items() if any(raw[1:4])})
+            for name, record in self._device_firsts(read.nonfinite).items():
+                part.firsts.setdefault(name, record)
+        return part
+
+    def _finish_flush(self, interval: _Interval, waiting: int) -> Record | None:
+        """Worker thread: wait for the copies, fold the window into the totals, run the rules on
+        it, and make the record. With ``MERGE_RECORDS_BEHIND`` or more intervals ``waiting``
+        behind this one (the sinks are behind), the record is held back and merged into the
+        next one's: rules still see every interval, the sinks get fewer, larger records,
+        nothing is dropped."""
+        converted = [(key, to_module_stats(acc, self.cast_dtypes)) for key, acc in interval.window.items()]
+        device = self._device_reads([(table, table.read(handle)) for table, handle in interval.reads], advance=True)
+        converted += device.stats
+        calls = interval.calls + device.calls
+        step = interval.step + device.calls
+        sampled = interval.sampled + device.sampled
         with self._lock:
             for key, s in converted:
                 total = self._totals.get(key)
                 self._totals[key] = s if total is None else total.merge(s)
-                per_name.setdefault(key[1], []).append(s)
             self._since_reset_calls += calls
             self._since_reset_sampled += sampled
-            new_firsts = {name: r for name, r in firsts.items() if name not in self._first_nonfinite}
+            new_firsts = {name: r for name, r in device.firsts.items() if name not in self._first_nonfinite}
             self._first_nonfinite.update(new_firsts)
-            order = [name for name in self._order if name in per_name]
-            errors = dict(self._errors)
-        alerts = list(alerts) + self._device_alerts(new_firsts, window_counts)
+        alerts = list(interval.alerts) + self._device_alerts(new_firsts, device.counts)
         drift_status: dict = {}
-        if drift is not None:
-            drift_status, drift_alerts = self._drift.process(drift, step)
+        if interval.drift is not None:
+            drift_status, drift_alerts = self._drift.process(interval.drift, step)
             for alert in drift_alerts:
                 self._deliver_monitor(alert, window=False)
             self._warn_lost_windows()
             alerts += drift_alerts
-        nonfinite = {**nonfinite, **new_firsts}
         self._check_unseen()
         now = time.time()
-        latency = self._timer.take()
-        inputs, outputs = self._edges_to_host(edges, fold=True)
-        timing = {name: t for name, timer in self._module_timers.items() if (t := timer.take()).count}
-        alerts += self._run_rules(step, now, converted, drift_status, latency, inputs, outputs)
-        alerts = [a for a in alerts if self.alert_policy.admit(a, now)]
-        if not (calls or alerts or (outputs is not None and outputs.labelled)):
-            return None
-        return Record(
-            step=step, time=now, calls=calls, sampled=sampled,
-            stats={name: merge_all(per_name[name]) for name in order},
-            alerts=tuple(alerts), nonfinite=nonfinite, errors=errors, drift=drift_status, latency=latency,
-            inputs=inputs, outputs=outputs, timing=timing,
+        latency = self._timer.take_sketch()
+        inputs, outputs = self._edges_to_host(interval.edges, fold=True)
+        timing = {name: timer.take_sketch() for name, timer in self._module_timers.items()}
+        alerts += self._run_rules(step, now, converted, drift_status, latency.stats(), inputs, outputs)
+        part = _RecordParts(
+            step=step, time=now, calls=calls, sampled=sampled, stats=converted,
+            alerts=[a for a in alerts if self.alert_policy.admit(a, now)],
+            nonfinite={**interval.nonfinite, **new_firsts}, drift=drift_status, latency=latency, inputs=inputs,
+            outputs=outputs, timing=timing, merged=interval.merged,
         )  # fmt: skip
+        if self._carry is not None:  # earlier intervals held back while the sinks were behind
+            part = self._carry.merge(part)
+            self._carry = None
+        if waiting >= MERGE_RECORDS_BEHIND:
+            self._carry = part
+            return None
+        return part.record(self._order_of, self._error_counts())
+
+    def _order_of(self, names: Iterable[str]) -> list[str]:
+        """``names`` in first-measured order."""
+        with self._lock:
+            return [name for name in self._order if name in names]
 
     def _run_rules(
         self, step: int, now: float, converted: list, drift_status: dict, latency: Any, inputs: dict, outputs: Any

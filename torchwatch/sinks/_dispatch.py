@@ -13,19 +13,18 @@ from collections.abc import Callable, Sequence
 
 from .base import Record, Sink
 
-# Records waiting behind this many jobs are not written (the sinks are too slow); the
-# statistics themselves are never dropped.
-MAX_BACKLOG = 64
-
 _STOP = object()
 
 
 class Worker:
     """Runs jobs in order on one daemon thread, started on first use.
 
-    A job is a callable returning a :class:`Record` (written to every active sink) or ``None``.
-    A sink whose ``write``/``flush``/``close`` raises is disabled and reported through
-    ``on_sink_failure`` (once per sink); a job that raises is reported through ``on_job_failure``.
+    A job is called with one argument, how many jobs are waiting behind it, and returns a
+    :class:`Record` (written to every active sink) or ``None``. A job that sees many waiting
+    may hold its record back and fold it into the next job's: when the sinks are slower than
+    the flushes, records are merged, never dropped. A sink whose ``write``/``flush``/``close``
+    raises is disabled and reported through ``on_sink_failure`` (once per sink); a job that
+    raises is reported through ``on_job_failure``.
     """
 
     def __init__(
@@ -41,9 +40,10 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
-        self.dropped = 0  # records not written because the sinks fell behind
+        self._pending = 0  # jobs queued and not yet started
+        self._pending_lock = threading.Lock()
 
-    def submit(self, job: Callable[[], Record | None] | None, *, wait: bool = False, timeout: float = 30.0) -> bool:
+    def submit(self, job: Callable[[int], Record | None] | None, *, wait: bool = False, timeout: float = 30.0) -> bool:
         """Queue a job; with ``wait``, block until it and everything before it ran and the sinks
         were flushed. ``None`` queues nothing but still waits. Returns False if closed or timed out."""
         if self._closed:
@@ -52,23 +52,35 @@ class Worker:
             return True  # nothing ever queued: nothing to wait for
         self._ensure_thread()
         done = threading.Event() if wait else None
+        if job is not None:
+            with self._pending_lock:
+                self._pending += 1
         self._queue.put((job, done))
         return done.wait(timeout) if done is not None else True
 
-    def close(self, timeout: float = 30.0) -> None:
+    @property
+    def pending(self) -> int:
+        """Jobs queued that the thread has not started yet."""
+        return self._pending
+
+    def close(self, timeout: float = 30.0) -> int:
         """Run what is queued, close every sink and stop the thread.
 
         Waits up to ``timeout`` seconds for that; with 0 it only asks the thread to finish.
+        Returns how many jobs were unfinished when the wait ended, the one in progress included
+        (0: everything was written).
         """
         if self._closed:
-            return
+            return 0
         self._closed = True
         if self._thread is None:
             self._close_sinks()
-            return
+            return 0
         self._queue.put(_STOP)
         if timeout:
             self._thread.join(timeout)
+            return self._pending + 1 if self._thread.is_alive() else 0
+        return 0
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -84,24 +96,25 @@ class Worker:
                 self._close_sinks()
                 return
             job, done = item  # type: ignore[misc]
+            del item  # hold nothing between jobs: a finished job must not keep its watch alive
             if job is not None:
+                with self._pending_lock:
+                    self._pending -= 1
                 self._run_job(job)
+                del job
             if done is not None:
                 self._call_all("flush")
                 done.set()
+            del done
 
-    def _run_job(self, job: Callable[[], Record | None]) -> None:
+    def _run_job(self, job: Callable[[int], Record | None]) -> None:
         try:
-            record = job()
+            record = job(self._pending)
         except Exception as exc:  # noqa: BLE001 - reported; the thread must keep serving later jobs
             self._on_job_failure(exc)
             return
-        if record is None:
-            return
-        if self._queue.qsize() > MAX_BACKLOG:
-            self.dropped += 1
-            return
-        self._call_all("write", record)
+        if record is not None:
+            self._call_all("write", record)
 
     def _call_all(self, method: str, *args: object) -> None:
         for sink in list(self._active):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..alerts import Alert, FirstNonFinite
+from ..errors import TorchwatchWarning
 from ..stats import ModuleStats
 
 ROOT_LABEL = "<root>"  # how the watched model's own output is named where "" would be unreadable
@@ -33,6 +35,9 @@ class Record:
             integer frequencies); float inputs' ModuleStats are in ``stats`` under the same name.
         outputs: the interval's :class:`~torchwatch.OutputQuality` with ``attach(outputs=...)``, or None.
         timing: per module, its :class:`~torchwatch.latency.LatencyStats` with ``attach(timing=True)``.
+        merged: automatic flushes folded into this record because the watch's writer thread was
+            behind (slow sinks, a busy process): the record covers their calls too; nothing is
+            dropped. 0 normally.
     """
 
     step: int
@@ -48,6 +53,7 @@ class Record:
     inputs: Mapping[str, Any] = field(default_factory=dict)
     outputs: Any = None
     timing: Mapping[str, Any] = field(default_factory=dict)
+    merged: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: NaN and infinities become ``null``."""
@@ -66,8 +72,25 @@ class Record:
                 "inputs": {name: i.to_dict() for name, i in self.inputs.items()},
                 "outputs": self.outputs.to_dict() if self.outputs is not None else None,
                 "timing": {name: t.to_dict() for name, t in self.timing.items()},
+                "merged": self.merged,
             }
         )
+
+
+_warned_replaced: set[str] = set()
+
+
+def _warn_replaced(sink: Any) -> None:
+    """Warn once per path that a log file vanished under a sink that was writing to it."""
+    if sink.path in _warned_replaced:
+        return
+    _warned_replaced.add(sink.path)
+    warnings.warn(
+        f"torchwatch: {sink!r}: the file was deleted or rotated away while it was being written; a new one was "
+        "started at the same path (check what removes the log directory)",
+        TorchwatchWarning,
+        stacklevel=2,
+    )
 
 
 def _json_safe(value: Any) -> Any:

@@ -6,9 +6,9 @@ import json
 import os
 from typing import Any
 
-from .._files import shown
+from .._files import open_log, replaced, shown
 from ..errors import FormatError
-from .base import Record, Sink, _json_safe
+from .base import Record, Sink, _json_safe, _warn_replaced
 
 FORMAT = "torchwatch.incident/1"
 
@@ -21,7 +21,8 @@ class IncidentLog(Sink):
     are written with a single ``write`` and the file is fsynced before the sink returns, so an
     alert that was reported is on disk. A process killed in the middle of a write leaves at most
     one partial last line; it is cut off when the log is opened again, so the log a restarted
-    process continues is always whole lines (:meth:`read` also skips it).
+    process continues is always whole lines (:meth:`read` also skips it). A log file deleted or
+    rotated away while the sink writes is started again at ``path`` (warned once).
 
     Args:
         path: the ``.jsonl`` file (parent directories are created).
@@ -40,28 +41,24 @@ class IncidentLog(Sink):
         self.path = os.fspath(path)
         self._fd: int | None = None
 
-    def _open(self) -> int:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        size = os.fstat(fd).st_size
-        if size:
-            tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
-            if not tail.endswith(b"\n"):  # a write torn by a crash: keep whole lines only
-                cut = tail.rfind(b"\n")
-                os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
-        return fd
-
     def write(self, record: Record) -> None:
         if not record.alerts:
             return
+        if self._fd is not None and replaced(self._fd, self.path):
+            self._reopened()
         if self._fd is None:
-            self._fd = self._open()
+            self._fd = open_log(self.path)
         lines = "".join(
             json.dumps(_json_safe({"format": FORMAT, "step": record.step, **a.to_dict()}), separators=(",", ":")) + "\n"
             for a in record.alerts
         ).encode()
         os.write(self._fd, lines)
         os.fsync(self._fd)
+
+    def _reopened(self) -> None:
+        os.close(self._fd)
+        self._fd = None
+        _warn_replaced(self)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import IO
 
-from .base import Record, Sink
+from .._files import open_log, replaced
+from .base import Record, Sink, _warn_replaced
 
 FORMAT = "torchwatch.jsonl/1"
 
@@ -17,7 +17,10 @@ class JsonlSink(Sink):
     Each line: ``{"format": "torchwatch.jsonl/1", "step", "time", "calls", "sampled",
     "modules": {fqn: ModuleStats fields}, "alerts": [...], "nonfinite": {...}, "errors": {...}}``;
     NaN/Inf values are written as ``null``. The file is opened on the first write (parent
-    directories are created) and appended to, so a restarted process continues the same log.
+    directories are created) and appended to, so a restarted process continues the same log;
+    a last line torn by a crash is cut off first. Each record is one ``write`` of a whole line.
+    A file deleted or rotated away while the sink writes is started again at ``path`` (warned
+    once), never written into unlinked.
 
     Args:
         path: the ``.jsonl`` file.
@@ -34,20 +37,25 @@ class JsonlSink(Sink):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
 
     def write(self, record: Record) -> None:
-        if self._file is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across writes
+        if self._fd is not None and replaced(self._fd, self.path):
+            os.close(self._fd)
+            self._fd = None
+            _warn_replaced(self)
+        if self._fd is None:
+            self._fd = open_log(self.path)
         line = json.dumps({"format": FORMAT, **record.to_json()}, allow_nan=False, separators=(",", ":"))
-        self._file.write(line + "\n")
-        self._file.flush()
+        data = (line + "\n").encode()
+        written = os.write(self._fd, data)
+        while written < len(data):  # a partial write (pipes, signals): finish the line
+            written += os.write(self._fd, data[written:])
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __repr__(self) -> str:
         return f"JsonlSink({self.path!r})"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import threading
+from typing import Any, ClassVar
 
+from ..errors import ConfigError
 from .base import ROOT_LABEL, Record, Sink
 
 OTHER = "__other__"
@@ -30,7 +33,14 @@ class PrometheusSink(Sink):
       "normalized_entropy"|"abstention_rate"}`` (gauges, latest interval), ``torchwatch_predictions_total``,
       ``torchwatch_labelled_total``, ``torchwatch_labelled_correct_total`` (accuracy over any window in PromQL);
     * ``torchwatch_input_top1_fraction{input}`` — an integer input's most frequent value's share;
+    * ``torchwatch_errors_total{kind}`` — failures caught and anything not recorded, by the kinds
+      of ``watch.errors``; ``torchwatch_flushes_merged_total`` — automatic flushes merged into
+      later records because the writer was behind (nothing lost);
     * ``torchwatch_last_flush_timestamp_seconds``.
+
+    Several sinks may share a registry (one per watched model, each with its own
+    ``model_name``); :meth:`close` (on detach) removes the model's series, and the last sink of
+    a registry unregisters the metrics, so a sink can be created again after a model reload.
 
     Ratios are for PromQL, e.g. NaN per element over five minutes:
     ``rate(torchwatch_nonfinite_total{kind="nan"}[5m]) / rate(torchwatch_elements_total[5m])``.
@@ -41,8 +51,13 @@ class PrometheusSink(Sink):
         addr: the address to serve on (default loopback; ``"0.0.0.0"`` to expose it).
         registry: a ``prometheus_client.CollectorRegistry`` to register into (your application's);
             default: a private one when ``port`` is given, else prometheus_client's global registry.
-        model_name: value of the ``model`` label (several watched models in one process).
+        model_name: value of the ``model`` label (several watched models in one process; one
+            live sink per name and registry).
         max_modules: distinct ``module`` label values.
+
+    Raises:
+        ConfigError: a bad argument, or another live sink already uses ``model_name`` in this
+            registry.
 
     Multiprocess servers (gunicorn and the like): set ``PROMETHEUS_MULTIPROC_DIR`` before the
     workers start, give each worker a ``PrometheusSink()`` without ``port``, and serve the
@@ -72,6 +87,14 @@ class PrometheusSink(Sink):
         model_name: str = "model",
         max_modules: int = 256,
     ) -> None:
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+            raise ConfigError(f"PrometheusSink: port must be an integer from 0 to 65535 (0: any free), got {port!r}")
+        if not isinstance(addr, str) or not addr:
+            raise ConfigError(f"PrometheusSink: addr must be a host address string, got {addr!r}")
+        if not isinstance(model_name, str) or not model_name:
+            raise ConfigError(f"PrometheusSink: model_name must be a non-empty string, got {model_name!r}")
+        if isinstance(max_modules, bool) or not isinstance(max_modules, int) or max_modules < 1:
+            raise ConfigError(f"PrometheusSink: max_modules must be a positive integer, got {max_modules!r}")
         try:
             import prometheus_client as pc
         except ImportError:
@@ -86,43 +109,22 @@ class PrometheusSink(Sink):
         if multiprocess and port is None:
             registry = None  # values go to the multiprocess directory; serve_multiprocess() reads them
         self.registry = registry
-        gauge = {"multiprocess_mode": "liveall"} if multiprocess else {}
-
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
-            return pc.Counter(name, doc, ("model", *labels), registry=registry)
-
-        def g(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
-            return pc.Gauge(name, doc, ("model", *labels), registry=registry, **gauge)
-
-        m = ("module",)
-        self.calls = counter("torchwatch_calls", "Root calls of the watched model.")
-        self.sampled = counter("torchwatch_sampled_calls", "Root calls that were measured.")
-        self.elements = counter("torchwatch_elements", "Elements measured.", m)
-        self.nonfinite = counter("torchwatch_nonfinite", "NaN/+Inf/-Inf elements.", ("module", "kind"))
-        self.zeros = counter("torchwatch_zeros", "Elements equal to zero.", m)
-        self.overflow = counter("torchwatch_cast_overflow", "Elements a cast would overflow.", ("module", "dtype"))
-        self.underflow = counter(
-            "torchwatch_cast_underflow", "Nonzero elements a cast would make 0.", ("module", "dtype")
-        )
-        self.absmax = g("torchwatch_absmax", "Largest finite |x| in the latest interval.", m)
-        self.std = g("torchwatch_std", "Standard deviation of finite elements, latest interval.", m)
-        self.drift_score = g("torchwatch_drift_score", "Drift score of the latest window.", m)
-        self.drift_p = g("torchwatch_drift_p_value", "Drift p-value of the latest window.", m)
-        self.alerts = counter("torchwatch_alerts", "Alerts raised.", ("rule",))
-        self.last_flush = g("torchwatch_last_flush_timestamp_seconds", "Unix time of the latest flush.")
-        self.latency = g("torchwatch_latency_seconds", "Root-call latency quantiles, latest interval.", ("quantile",))
-        self.output = g("torchwatch_output_quality", "Output quality of the latest interval.", ("stat",))
-        self.predictions = counter("torchwatch_predictions", "Prediction rows measured.")
-        self.labelled = counter("torchwatch_labelled", "Prediction rows with labels fed back.")
-        self.correct = counter("torchwatch_labelled_correct", "Labelled rows predicted right.")
-        self.top1 = g("torchwatch_input_top1_fraction", "Share of an integer input's most frequent value.", ("input",))
+        self._families = _Families.acquire(pc, registry, model_name, multiprocess)
+        self._series: set[tuple[Any, tuple[str, ...]]] = set()  # (metric, labels) this sink wrote, removed on close
+        self._errors_seen: dict[str, int] = {}
         self._modules: set[str] = set()
+        self._closed = False
         if port is not None:
             try:
                 self._server, _ = pc.start_http_server(port, addr=addr, registry=registry)
                 self.port = self._server.server_address[1]
             except OSError as exc:  # reported at the first write, which disables the sink
                 self._error = OSError(f"cannot serve Prometheus metrics on {addr}:{port}: {exc.strerror or exc}")
+
+    def _labels(self, metric: Any, *labels: str) -> Any:
+        values = (self.model_name, *labels)
+        self._series.add((metric, values))
+        return metric.labels(*values)
 
     def _module(self, name: str) -> str:
         label = name or ROOT_LABEL
@@ -136,56 +138,158 @@ class PrometheusSink(Sink):
     def write(self, record: Record) -> None:
         if self._error is not None:
             raise self._error
-        model = self.model_name
-        self.calls.labels(model).inc(record.calls)
-        self.sampled.labels(model).inc(record.sampled)
+        f, lab = self._families, self._labels
+        lab(f.calls).inc(record.calls)
+        lab(f.sampled).inc(record.sampled)
+        if record.merged:
+            lab(f.merged).inc(record.merged)
         for name, s in record.stats.items():
             module = self._module(name)
-            self.elements.labels(model, module).inc(s.count)
+            lab(f.elements, module).inc(s.count)
             for kind, n in (("nan", s.nan), ("posinf", s.posinf), ("neginf", s.neginf)):
                 if n:
-                    self.nonfinite.labels(model, module, kind).inc(n)
-            self.zeros.labels(model, module).inc(s.zeros)
+                    lab(f.nonfinite, module, kind).inc(n)
+            lab(f.zeros, module).inc(s.zeros)
             for dtype, n in s.overflow.items():
-                self.overflow.labels(model, module, dtype).inc(n)
+                lab(f.overflow, module, dtype).inc(n)
             for dtype, n in s.underflow.items():
-                self.underflow.labels(model, module, dtype).inc(n)
+                lab(f.underflow, module, dtype).inc(n)
             if s.absmax == s.absmax:  # not NaN
-                self.absmax.labels(model, module).set(s.absmax)
+                lab(f.absmax, module).set(s.absmax)
             if s.std == s.std:
-                self.std.labels(model, module).set(s.std)
+                lab(f.std, module).set(s.std)
         for name, status in record.drift.items():
             module = self._module(name)
-            self.drift_score.labels(model, module).set(status.score)
-            self.drift_p.labels(model, module).set(status.p_value)
+            lab(f.drift_score, module).set(status.score)
+            lab(f.drift_p, module).set(status.p_value)
         for alert in record.alerts:
-            self.alerts.labels(model, alert.rule).inc()
+            lab(f.alerts, alert.rule).inc()
+        for kind, total in record.errors.items():  # cumulative in each record: count what is new
+            new = total - self._errors_seen.get(kind, 0)
+            if new > 0:
+                lab(f.errors, str(kind)).inc(new)
+                self._errors_seen[kind] = total
         lat = record.latency
         if lat is not None and lat.count:
             for q, value in (("0.5", lat.p50_ms), ("0.95", lat.p95_ms), ("0.99", lat.p99_ms)):
-                self.latency.labels(model, q).set(value / 1e3)
+                lab(f.latency, q).set(value / 1e3)
         q = record.outputs
         if q is not None:
-            self.predictions.labels(model).inc(q.rows)
+            lab(f.predictions).inc(q.rows)
             for stat in ("confidence", "margin", "normalized_entropy", "abstention_rate") if q.rows else ():
-                self.output.labels(model, stat).set(getattr(q, stat))
+                lab(f.output, stat).set(getattr(q, stat))
             if q.labelled:
-                self.labelled.labels(model).inc(q.labelled)
-                self.correct.labels(model).inc(round(q.accuracy * q.labelled))
+                lab(f.labelled).inc(q.labelled)
+                lab(f.correct).inc(round(q.accuracy * q.labelled))
         for name, i in record.inputs.items():
             if i.ids is not None:
-                self.top1.labels(model, self._module(name)).set(i.ids.top1_fraction)
-        self.last_flush.labels(model).set(record.time)
+                lab(f.top1, self._module(name)).set(i.ids.top1_fraction)
+        lab(f.last_flush).set(record.time)
 
     def close(self) -> None:
+        """Stop serving, remove this model's series and release the metric families (the last
+        sink of a registry unregisters them, so a new sink can be created after a reload)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._closed:
+            return
+        self._closed = True
+        for metric, labels in self._series:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+        self._series.clear()
+        self._families.release(self.model_name)
 
     def __repr__(self) -> str:
         where = f"port={self.port}" if self.port is not None else "registry"
         return f"PrometheusSink({self.model_name!r}, {where})"
+
+
+class _Families:
+    """The metric families of one registry, shared by every PrometheusSink writing to it.
+
+    prometheus_client refuses a second metric of the same name in a registry, so sinks for
+    several models (different ``model`` labels) share one set; the last one released
+    unregisters them. One live sink per ``model_name`` and registry: two would add their counts
+    into the same series.
+    """
+
+    _by_registry: ClassVar[dict[int, _Families]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, pc: Any, registry: Any, multiprocess: bool) -> None:
+        self.registry = registry
+        self.models: set[str] = set()
+        gauge_kw = {"multiprocess_mode": "liveall"} if multiprocess else {}
+        self.collectors: list[Any] = []
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+            metric = pc.Counter(name, doc, ("model", *labels), registry=registry)
+            self.collectors.append(metric)
+            return metric
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+            metric = pc.Gauge(name, doc, ("model", *labels), registry=registry, **gauge_kw)
+            self.collectors.append(metric)
+            return metric
+
+        m = ("module",)
+        self.calls = counter("torchwatch_calls", "Root calls of the watched model.")
+        self.sampled = counter("torchwatch_sampled_calls", "Root calls that were measured.")
+        self.merged = counter("torchwatch_flushes_merged", "Automatic flushes merged into later records.")
+        self.elements = counter("torchwatch_elements", "Elements measured.", m)
+        self.nonfinite = counter("torchwatch_nonfinite", "NaN/+Inf/-Inf elements.", ("module", "kind"))
+        self.zeros = counter("torchwatch_zeros", "Elements equal to zero.", m)
+        self.overflow = counter("torchwatch_cast_overflow", "Elements a cast would overflow.", ("module", "dtype"))
+        self.underflow = counter(
+            "torchwatch_cast_underflow", "Nonzero elements a cast would make 0.", ("module", "dtype")
+        )
+        self.absmax = gauge("torchwatch_absmax", "Largest finite |x| in the latest interval.", m)
+        self.std = gauge("torchwatch_std", "Standard deviation of finite elements, latest interval.", m)
+        self.drift_score = gauge("torchwatch_drift_score", "Drift score of the latest window.", m)
+        self.drift_p = gauge("torchwatch_drift_p_value", "Drift p-value of the latest window.", m)
+        self.alerts = counter("torchwatch_alerts", "Alerts raised.", ("rule",))
+        self.errors = counter("torchwatch_errors", "Failures caught, data not recorded (watch.errors).", ("kind",))
+        self.last_flush = gauge("torchwatch_last_flush_timestamp_seconds", "Unix time of the latest flush.")
+        self.latency = gauge("torchwatch_latency_seconds", "Root-call latency quantiles, last interval.", ("quantile",))
+        self.output = gauge("torchwatch_output_quality", "Output quality of the latest interval.", ("stat",))
+        self.predictions = counter("torchwatch_predictions", "Prediction rows measured.")
+        self.labelled = counter("torchwatch_labelled", "Prediction rows with labels fed back.")
+        self.correct = counter("torchwatch_labelled_correct", "Labelled rows predicted right.")
+        self.top1 = gauge("torchwatch_input_top1_fraction", "Share of an integer input's top value.", ("input",))
+
+    @classmethod
+    def acquire(cls, pc: Any, registry: Any, model: str, multiprocess: bool) -> _Families:
+        with cls._lock:
+            families = cls._by_registry.get(id(registry))
+            if families is None or families.registry is not registry:
+                try:
+                    families = cls(pc, registry, multiprocess)
+                except ValueError as exc:  # names taken by metrics that are not torchwatch's
+                    raise ConfigError(
+                        f"PrometheusSink cannot register its metrics: {exc}; pass registry= a registry of its own"
+                    ) from None
+                cls._by_registry[id(registry)] = families
+            if model in families.models:
+                raise ConfigError(
+                    f"a PrometheusSink with model_name={model!r} is already writing to this registry; give each "
+                    "watched model its own model_name, or detach the old watch (closing its sink) first"
+                )
+            families.models.add(model)
+            return families
+
+    def release(self, model: str) -> None:
+        with self._lock:
+            self.models.discard(model)
+            if self.models or self._by_registry.get(id(self.registry)) is not self:
+                return
+            del self._by_registry[id(self.registry)]
+            if self.registry is not None:
+                for metric in self.collectors:
+                    with contextlib.suppress(KeyError):
+                        self.registry.unregister(metric)
 
 
 def serve_multiprocess(port: int, addr: str = "127.0.0.1") -> Any:
