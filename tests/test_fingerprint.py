@@ -152,18 +152,21 @@ def test_monitor_alerts_once_per_corruption_through_sinks_and_stops_on_detach(qu
     sink = tw.MemorySink()
     watch = tw.attach(model, sinks=[sink])
     monitor = watch.verify_fingerprint_every(0.02)
-    time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while monitor.checks == 0 and time.monotonic() < deadline:  # however busy the machine is
+        time.sleep(0.01)
     assert monitor.checks > 0 and not monitor.changes and not watch.alerts
     with torch.no_grad():
         model[2].bias[3] += 1.0
-    deadline = time.time() + 10
-    while not watch.alerts and time.time() < deadline:
+    deadline = time.monotonic() + 30
+    while not watch.alerts and time.monotonic() < deadline:
         time.sleep(0.02)
     alert = watch.alerts[0]
     assert (alert.rule, alert.module, alert.stat) == ("fingerprint", "2", "weights")
     assert "'2.bias' bytes 0-256 (chunk 0)" in alert.message
     checks = monitor.checks
-    while monitor.checks < checks + 3:
+    deadline = time.monotonic() + 30
+    while monitor.checks < checks + 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len([a for a in watch.alerts if a.rule == "fingerprint"]) == 1  # not once per check
     model(torch.randn(2, 64))
@@ -185,8 +188,8 @@ def test_monitor_survives_failing_checks_and_validates(monkeypatch, quiet):
             raise RuntimeError("device lost")
 
         monkeypatch.setattr("torchwatch.integrity.monitor.fingerprint", broken)
-        deadline = time.time() + 10
-        while monitor.errors < 2 and time.time() < deadline:
+        deadline = time.monotonic() + 30
+        while monitor.errors < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert monitor.errors >= 2 and monitor.running
         assert model(torch.randn(1, 64)).shape == (1, 64)

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import threading
-import time
 
 import pytest
 import torch
@@ -114,27 +113,30 @@ def test_shadow_flags_a_perturbed_candidate_through_the_primary_watch(tmp_path):
 
 def test_shadow_samples_about_the_requested_share_and_never_blocks_the_primary():
     primary = _model()
+    release = threading.Event()
 
-    class Slow(nn.Module):
+    class Stuck(nn.Module):
+        """A candidate that does not return until the primary has served every call."""
+
         def __init__(self) -> None:
             super().__init__()
             self.inner = copy.deepcopy(primary)
 
         def forward(self, x):
-            time.sleep(0.05)
+            release.wait(60)
             return self.inner(x)
 
-    sh = tw.shadow(primary, Slow(), sample=0.25, seed=7, max_pending=2)
-    start = time.perf_counter()
+    sh = tw.shadow(primary, Stuck(), sample=0.25, seed=7, max_pending=2)
     with torch.no_grad():
         for _ in range(400):
-            primary(torch.randn(2, 16))
-    elapsed = time.perf_counter() - start
+            primary(torch.randn(2, 16))  # would hang here if the primary waited for the candidate
+    release.set()
     result = sh.close()
     assert result.seen == 400
     assert 60 <= result.sampled + result.dropped <= 140  # binomial(400, 0.25): mean 100, sd 8.7
-    assert result.dropped > 0 and result.calls == result.sampled
-    assert elapsed < 0.05 * (result.sampled + result.dropped) / 2  # the primary did not wait for the candidate
+    # the candidate held one sample and the queue two: every other sample was dropped, not waited for
+    assert result.sampled <= 3
+    assert result.calls == result.sampled
 
 
 def test_a_failing_candidate_is_counted_and_reused_input_buffers_do_not_fool_the_comparison():
