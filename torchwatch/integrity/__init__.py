@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from .canary import Canary, CanaryReport, OutputCheck, Tolerances
 from .fingerprinting import Fingerprint, FingerprintChange, fingerprint
-from .manifest import Manifest, TensorEntry, WeightReport, verify_weights
+from .manifest import Manifest, TensorEntry
 from .startup import SelfTestReport, selftest
+from .verify import WeightReport, verify_weights
 
 __all__ = [
     "Canary",

@@ -15,7 +15,8 @@ from .._files import shown
 from ..errors import ConfigError, FormatError, IntegrityError, TorchwatchError
 from . import _safetensors
 from .canary import MODES, Canary
-from .manifest import Manifest, verify_weights
+from .manifest import Manifest
+from .verify import ignore_matcher, loader_patterns, matches, verify_weights
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -42,7 +43,7 @@ def resolve(spec: str, what: str) -> Any:
     return obj
 
 
-def load_model(spec: str, weights: list[str] | None) -> torch.nn.Module:
+def load_model(spec: str, weights: list[str] | None, ignore: str | None = None) -> torch.nn.Module:
     """Build the model from its factory (in eval mode) and load safetensors weights into it strictly."""
     factory = resolve(spec, "model spec")
     try:
@@ -53,26 +54,47 @@ def load_model(spec: str, weights: list[str] | None) -> torch.nn.Module:
         raise ConfigError(f"the model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     model.eval()
     if weights:
-        load_weights(model, weights)
+        load_weights(model, weights, ignore)
     return model
 
 
-def load_weights(model: torch.nn.Module, weights: list[str]) -> None:
-    """Strict load of a (sharded) safetensors checkpoint; keys missing only as tied aliases are fine."""
+def load_weights(model: torch.nn.Module, weights: list[str], ignore: str | None = None) -> None:
+    """Strict load of a (sharded) safetensors checkpoint, tolerating what a loader tolerates by design.
+
+    Checkpoint keys the model holds as non-persistent buffers (``position_ids`` of older BERT
+    saves) or that its ``_keys_to_ignore_on_load_unexpected`` names are not loaded; model keys a
+    checkpoint does not hold because they are tied, or named by ``_keys_to_ignore_on_load_missing``,
+    are not required; ``ignore`` (a regex) exempts more on both sides. Anything else missing or
+    unexpected is an error.
+    """
+    matcher = ignore_matcher(ignore)
     state: dict[str, torch.Tensor] = {}
     for path in _safetensors.checkpoint_files(weights if len(weights) > 1 else weights[0]):
         state.update(_safetensors.load(path)[0])
+    buffers = {name for name, _ in model.named_buffers()}
+    own_names = set(model.state_dict())
+    tolerated_in_file = loader_patterns(model, "_keys_to_ignore_on_load_unexpected")
+    skipped = {
+        k for k in state
+        if k not in own_names and (k in buffers or any(p.search(k) for p in tolerated_in_file) or matches(matcher, k))
+    }  # fmt: skip
     try:
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     except RuntimeError as exc:  # shape mismatches
         raise ConfigError(f"the weights do not fit the model: {str(exc).splitlines()[-1].strip()}") from None
     own = model.state_dict()
     ptrs = {own[k].untyped_storage().data_ptr() for k in state if k in own}
-    missing = [k for k in result.missing_keys if own[k].untyped_storage().data_ptr() not in ptrs]
+    tolerated_in_model = loader_patterns(model, "_keys_to_ignore_on_load_missing")
+    missing = [
+        k for k in result.missing_keys
+        if own[k].untyped_storage().data_ptr() not in ptrs and not any(p.search(k) for p in tolerated_in_model)
+        and not matches(matcher, k)
+    ]  # fmt: skip
     if missing or result.unexpected_keys:
         raise ConfigError(
             f"the weights do not fit the model: {len(missing)} missing ({', '.join(missing[:5])}), "
-            f"{len(result.unexpected_keys)} unexpected ({', '.join(result.unexpected_keys[:5])})"
+            f"{len(result.unexpected_keys)} unexpected ({', '.join(result.unexpected_keys[:5])}); "
+            "pass --ignore REGEX for keys your loader leaves out on purpose"
         )
 
 
@@ -108,7 +130,7 @@ def _manifest(args: argparse.Namespace) -> int:
     if bool(args.paths) == bool(args.model):
         raise ConfigError("give safetensors PATHs or --model SPEC (not both)")
     if args.model:
-        manifest = Manifest.from_model(load_model(args.model, args.weights), threads=args.threads)
+        manifest = Manifest.from_model(load_model(args.model, args.weights, args.ignore), threads=args.threads)
     else:
         manifest = Manifest.from_safetensors(args.paths if len(args.paths) > 1 else args.paths[0], threads=args.threads)
     manifest.save(args.output, key=args.key)
@@ -132,19 +154,22 @@ def _verify(args: argparse.Namespace) -> int:
     if bool(args.paths) == bool(args.model):
         raise ConfigError("give safetensors PATHs or --model SPEC (not both)")
     target: Any = (
-        load_model(args.model, args.weights) if args.model else (args.paths if len(args.paths) > 1 else args.paths[0])
+        load_model(args.model, args.weights, args.ignore)
+        if args.model
+        else (args.paths if len(args.paths) > 1 else args.paths[0])
     )
     report = verify_weights(
-        target, args.manifest, expected_digest=args.expected_digest, key=args.key, threads=args.threads
-    )
+        target, args.manifest, expected_digest=args.expected_digest, key=args.key, ignore=args.ignore,
+        threads=args.threads,
+    )  # fmt: skip
     _emit(args, report.to_dict(), report.summary())
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _canary_record(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.weights)
-    digest = Manifest.load(args.manifest).digest if args.manifest else None
-    canary = Canary.record(model, load_inputs(args.inputs), manifest=digest)
+    model = load_model(args.model, args.weights, args.ignore)
+    manifest = Manifest.load(args.manifest) if args.manifest else None
+    canary = Canary.record(model, load_inputs(args.inputs), manifest=manifest)
     canary.save(args.output)
     _emit(
         args,
@@ -157,7 +182,7 @@ def _canary_record(args: argparse.Namespace) -> int:
 
 def _canary_verify(args: argparse.Namespace) -> int:
     canary = Canary.load(args.canary)
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, args.ignore)
     report = canary.verify(model, mode=args.mode)
     _emit(args, report.to_dict(), report.summary())
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -173,10 +198,17 @@ def _positive(text: str) -> int:
     return value
 
 
+IGNORE_HELP = (
+    "regex of tensor names to leave out (of loading --weights, and of the comparison); keys a transformers "
+    "model's loader ignores, and non-persistent buffers, are left out without it"
+)
+
+
 def _paths(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH", help="safetensors file(s), a directory, or a *.index.json")
     p.add_argument("--model", metavar="SPEC", help="build the model with package.module:factory instead")
     p.add_argument("--weights", nargs="+", metavar="PATH", help="with --model: safetensors weights to load (strict)")
+    p.add_argument("--ignore", metavar="REGEX", help=IGNORE_HELP)
 
 
 def add_commands(sub: Any) -> None:
@@ -212,6 +244,7 @@ def add_commands(sub: Any) -> None:
     )  # fmt: skip
     rec.add_argument("--model", required=True, metavar="SPEC", help="package.module:factory building the model")
     rec.add_argument("--weights", nargs="+", metavar="PATH", help="safetensors weights to load (strict)")
+    rec.add_argument("--ignore", metavar="REGEX", help=IGNORE_HELP)
     rec.add_argument(
         "--inputs", required=True,
         help="a safetensors file of inputs (one tensor; tensors '0'..'n-1' as positional; else keyword) "
@@ -228,6 +261,7 @@ def add_commands(sub: Any) -> None:
     ver.add_argument("canary", help="the canary file")
     ver.add_argument("--model", required=True, metavar="SPEC", help="package.module:factory building the model")
     ver.add_argument("--weights", nargs="+", metavar="PATH", help="safetensors weights to load (strict)")
+    ver.add_argument("--ignore", metavar="REGEX", help=IGNORE_HELP)
     ver.add_argument("--mode", choices=MODES, default="auto", help="comparison (default: auto, from the metadata)")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     ver.set_defaults(handler=_guarded(_canary_verify))
@@ -246,6 +280,10 @@ def _run(command: Any, args: argparse.Namespace) -> int:
         return command(args)
     except (ConfigError, FormatError) as exc:
         print(f"torchwatch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # writing the output: a missing directory, a full disk
+        where = f" {shown(exc.filename)}" if exc.filename else ""
+        print(f"torchwatch: error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except IntegrityError as exc:
         print(f"torchwatch: check failed: {exc}", file=sys.stderr)

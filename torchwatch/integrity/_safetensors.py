@@ -8,7 +8,6 @@ the data section: a file with missing or trailing bytes is truncated or corrupt)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -17,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._files import shown
-from ..errors import FormatError
+from .._files import open_regular, parse_json, read_regular, shown
+from ..errors import ConfigError, FormatError
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
@@ -73,8 +72,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             message names the file and what is wrong.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
+    with open_regular(path, "checkpoint") as f:
+        try:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -88,21 +87,15 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                     f"{size:,} bytes in all (limit {MAX_HEADER_BYTES:,}); the file is truncated or corrupt"
                 )
             raw = f.read(n)
-    except FileNotFoundError:
-        raise FormatError(f"{shown(path)} does not exist") from None
-    except IsADirectoryError:
-        raise FormatError(f"{shown(path)} is a directory, not a safetensors file") from None
-    except OSError as exc:
-        raise FormatError(f"cannot read {shown(path)}: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{shown(path)} has a corrupt safetensors header (not UTF-8 JSON: {exc})") from None
+        except OSError as exc:
+            raise FormatError(f"cannot read {shown(path)}: {exc.strerror or exc}") from None
+    doc = parse_json(raw, f"the safetensors header of {shown(path)}")
     if not isinstance(doc, dict):
         raise FormatError(
             f"{shown(path)} has a corrupt safetensors header (a JSON {type(doc).__name__}, not an object)"
         )
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError(f"{shown(path)}: __metadata__ must map strings to strings")
     data_start = 8 + n
@@ -163,13 +156,22 @@ def checkpoint_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            try:
+                names = os.listdir(path)
+            except OSError as exc:
+                raise FormatError(f"cannot list directory {shown(path)}: {exc.strerror or exc}") from None
+            files = sorted(os.path.join(path, f) for f in names if f.endswith(".safetensors"))
             if not files:
                 raise FormatError(f"directory {shown(path)} holds no *.safetensors file")
             return files
         if path.endswith(".json"):
             return _index_files(path)
         return [path]
+    if not isinstance(source, (list, tuple)) or not all(isinstance(p, (str, os.PathLike)) for p in source):
+        raise ConfigError(
+            f"a checkpoint is a path (a .safetensors file, a directory or a *.index.json) or a list of file paths, "
+            f"got {type(source).__name__}"
+        )
     files = [os.fspath(p) for p in source]
     if not files:
         raise FormatError("no safetensors file given")
@@ -177,18 +179,36 @@ def checkpoint_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike
 
 
 def _index_files(path: str) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except FileNotFoundError:
-        raise FormatError(f"{shown(path)} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FormatError(
-            f"{shown(path)} is not a safetensors index (a JSON object with a 'weight_map'): {exc!r}"
-        ) from None
+    """The shards a ``*.index.json`` names, each checked to lie inside the index's directory."""
+    where = f"safetensors index {shown(path)}"
+    doc = parse_json(read_regular(path, "safetensors index", limit=MAX_HEADER_BYTES), where)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{where} is not a safetensors index (a JSON object with a 'weight_map' object)")
+    if not weight_map:
+        raise FormatError(f"{where} has an empty 'weight_map': it names no tensor and no shard")
+    bad = [name for name, shard in weight_map.items() if not isinstance(shard, str)]
+    if bad:
+        raise FormatError(f"{where}: 'weight_map' must map tensor names to shard file names; {bad[0]!r} does not")
     base = os.path.dirname(path)
-    return [os.path.join(base, s) for s in shards]
+    for shard in sorted(set(weight_map.values())):
+        parts = shard.replace("\\", "/").split("/")
+        if not shard or os.path.isabs(shard) or ".." in parts or "" in parts or "\0" in shard:
+            raise FormatError(
+                f"{where} names shard {shard!r}, which is not a file name inside the index's directory; "
+                "an index may only name shards next to it (or below it)"
+            )
+    files = {shard: os.path.join(base, shard) for shard in sorted(set(weight_map.values()))}
+    held = {shard: read_header(file).entries for shard, file in files.items()}
+    absent = [(name, shard) for name, shard in weight_map.items() if name not in held[shard]]
+    if absent:
+        name, shard = absent[0]
+        raise FormatError(
+            f"{where} puts tensor {name!r} in {shard!r}, which does not hold it"
+            + (f" ({len(absent) - 1} more like it)" if len(absent) > 1 else "")
+            + "; the index and its shards do not belong together"
+        )
+    return list(files.values())
 
 
 def entry_files(files: Sequence[str]) -> dict[str, tuple[str, Entry]]:
@@ -206,7 +226,7 @@ def load(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[st
     """Every tensor of one checked file, on the CPU, plus its metadata."""
     header = read_header(path)
     tensors: dict[str, torch.Tensor] = {}
-    with open(header.path, "rb") as f:
+    with open_regular(header.path, "file") as f:
         for name, e in header.entries.items():
             f.seek(e.start)
             data = bytearray(f.read(e.nbytes))

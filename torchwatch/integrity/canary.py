@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .._files import atomic_write, shown
+from .._files import atomic_write, parse_json, shown
 from .._outputs import _children
 from ..errors import CanaryError, ConfigError, FormatError
 from . import _safetensors
@@ -82,14 +82,29 @@ class Tolerances:
     min_top1: float = 0.99
 
     def __post_init__(self) -> None:
+        def number(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
         for name in ("rtol", "atol", "max_rel_l2"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
-                raise ConfigError(f"Tolerances.{name} must be a finite number >= 0, got {v!r}")
-        for name in ("min_cosine", "min_top1"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and -1 <= v <= 1):
-                raise ConfigError(f"Tolerances.{name} must be in [-1, 1], got {v!r}")
+            if v is not None and not (number(v) and v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"Tolerances.{name} must be a finite number >= 0 (None: the default), got {v!r}")
+        v = self.min_cosine
+        if v is not None and not (number(v) and -1 <= v <= 1):
+            raise ConfigError(f"Tolerances.min_cosine must be in [-1, 1] (or None for the default), got {v!r}")
+        if not (number(self.min_top1) and 0 <= self.min_top1 <= 1):
+            raise ConfigError(f"Tolerances.min_top1 must be a fraction in [0, 1], got {self.min_top1!r}")
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Tolerances:
+        """Tolerances stored in a canary's metadata; FormatError naming ``where`` if they are not."""
+        doc = parse_json(text or "{}", f"{where}, metadata field 'tolerances'")
+        if not isinstance(doc, dict) or not set(doc) <= {f.name for f in dataclasses.fields(cls)}:
+            raise FormatError(f"{where}, metadata field 'tolerances': expected an object of {cls.__name__} fields")
+        try:
+            return cls(**doc)
+        except ConfigError as exc:
+            raise FormatError(f"{where}, metadata field 'tolerances': {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -312,7 +327,11 @@ def _compare(name: str, got: torch.Tensor, exp: torch.Tensor, mode: str, tol: To
     stats = {"max_abs": max_abs, "rel_l2": rel_l2, "cosine": cosine, "top1_agree": top1}
 
     if mode == "bitwise":
-        same = got_dtype == dtype and torch.equal(got.reshape(-1).view(torch.uint8), exp.reshape(-1).view(torch.uint8))
+        if got_dtype != dtype:
+            return OutputCheck(name, shape, dtype, False, **stats,
+                               reason=f"dtype {got_dtype}, recorded {dtype}: the output dtype changed, so it cannot "
+                                      f"match bitwise (max |diff| {max_abs:.3g}, rel L2 {rel_l2:.3g})")  # fmt: skip
+        same = torch.equal(got.reshape(-1).view(torch.uint8), exp.reshape(-1).view(torch.uint8))
         if same:
             return OutputCheck(name, shape, dtype, True, **stats)
         differ = int((g != e).sum() - (nan_g & nan_e).sum())
@@ -383,8 +402,10 @@ class Canary:
         Args:
             model: the validated model, in the mode it serves in (``eval()``).
             inputs: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``).
-            manifest: the :class:`torchwatch.Manifest` (or its digest) of the weights, so a
-                self-test can check that canary and manifest belong together.
+            manifest: the :class:`torchwatch.Manifest` of the weights (of the checkpoint or of
+                the model: either works), so a self-test can check that canary and manifest
+                belong to the same weights; the canary keeps the digest of the manifest as this
+                model sees it (:meth:`Manifest.for_model`). A digest string is kept as it is.
             tolerances: limits to store with the canary (used unless verify() is given others).
 
         Raises:
@@ -400,12 +421,18 @@ class Canary:
         expected = {n: t.detach().cpu().contiguous().clone() for n, t in flatten_outputs(out).items()}
         if not expected:
             raise ConfigError(f"the model returned no tensor on the canary inputs (got {type(out).__name__})")
-        digest = getattr(manifest, "digest", manifest)
+        from .manifest import Manifest
+
+        if manifest is not None and not isinstance(manifest, (Manifest, str)):
+            raise ConfigError(f"manifest= takes a torchwatch.Manifest or its digest, got {type(manifest).__name__}")
+        digest = manifest.digest if isinstance(manifest, Manifest) else manifest
+        view = manifest.for_model(model) if isinstance(manifest, Manifest) else None
         metadata = {
             "format": FORMAT,
             **_environment(device),
             "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "none",
             "manifest_digest": str(digest) if digest else "",
+            "weights_digest": view.digest if view is not None else "",
             "input_kind": kind,
             "input_keys": json.dumps(keys),
             "output_names": json.dumps(list(expected)),
@@ -417,7 +444,24 @@ class Canary:
 
     @property
     def manifest_digest(self) -> str | None:
+        """The digest of the manifest given at record time, or None."""
         return self.metadata.get("manifest_digest") or None
+
+    @property
+    def weights_digest(self) -> str | None:
+        """What the canary is bound to: the digest of that manifest as the recorded model saw it
+        (:meth:`torchwatch.Manifest.for_model`), the same for a checkpoint's manifest and the
+        model's; None for canaries recorded without a manifest object."""
+        return self.metadata.get("weights_digest") or None
+
+    def belongs_to(self, manifest: Any, model: torch.nn.Module) -> bool:
+        """Whether this canary was recorded for the weights ``manifest`` describes, as ``model``
+        holds them (True when it was recorded without a manifest: nothing to check)."""
+        bound = {d for d in (self.weights_digest, self.manifest_digest) if d}
+        if not bound:
+            return True
+        view = manifest.for_model(model)
+        return bool(bound & {manifest.digest, view.digest if view is not None else None})
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the canary as one safetensors file (atomically)."""
@@ -435,20 +479,25 @@ class Canary:
             FormatError: missing, truncated or corrupt file, not a canary, an unknown format version,
                 or tensors that do not match its metadata.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"Canary.load needs a path, got {type(path).__name__}")
         where = f"canary {shown(path)}"
         tensors, meta = _safetensors.load(path)
         if meta.get("format") != FORMAT:
             raise FormatError(f"{where} has format {meta.get('format')!r}; this torchwatch reads {FORMAT!r}")
-        try:
-            kind = meta["input_kind"]
-            keys = json.loads(meta["input_keys"])
-            names = json.loads(meta["output_names"])
-            json.loads(meta.get("tolerances", "{}"))
-        except (KeyError, ValueError) as exc:
-            raise FormatError(f"{where} has unreadable metadata ({exc!r}); record it again") from None
+        missing = [k for k in ("input_kind", "input_keys", "output_names") if k not in meta]
+        if missing:
+            raise FormatError(f"{where} lacks metadata field {missing[0]!r}; it is truncated or not a canary")
+        kind = meta["input_kind"]
+        keys = parse_json(meta["input_keys"], f"{where}, metadata field 'input_keys'")
+        names = parse_json(meta["output_names"], f"{where}, metadata field 'output_names'")
+        Tolerances.from_json(meta.get("tolerances", "{}"), where)
         n_in = sum(1 for k in tensors if k.startswith("input/"))
-        if kind not in ("tensor", "tuple", "dict") or not isinstance(names, list) or not isinstance(keys, list):
-            raise FormatError(f"{where} has unreadable metadata (input_kind={kind!r})")
+        if kind not in ("tensor", "tuple", "dict"):
+            raise FormatError(f"{where}, metadata field 'input_kind': {kind!r} is not tensor, tuple or dict")
+        for field_name, value in (("input_keys", keys), ("output_names", names)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise FormatError(f"{where}, metadata field {field_name!r}: expected a list of strings")
         if (kind == "dict" and len(keys) != n_in) or (kind == "tensor" and n_in != 1):
             raise FormatError(f"{where}: {n_in} input tensors do not fit input_kind={kind!r} with keys {keys}")
         try:
@@ -507,11 +556,9 @@ class Canary:
         else:
             why = "chosen by the caller"
         if tolerances is None:
-            stored = json.loads(self.metadata.get("tolerances", "{}") or "{}")
-            try:
-                tolerances = Tolerances(**stored)
-            except TypeError:
-                tolerances = Tolerances()
+            tolerances = Tolerances.from_json(self.metadata.get("tolerances", "{}"), "canary")
+        elif not isinstance(tolerances, Tolerances):
+            raise ConfigError(f"tolerances= takes a torchwatch.Tolerances, got {type(tolerances).__name__}")
         device, dtype = _model_device_dtype(model)
         recorded = self.metadata.get("dtype")
         values = []

@@ -1,14 +1,22 @@
 """Weight manifests: the sha256 of every tensor of a checkpoint, and checking a model against one.
 
-What a manifest covers: the model's ``state_dict()`` — parameters and persistent buffers —
-which is exactly what a checkpoint holds. Non-persistent buffers (HF ``position_ids``, say) are
-not in checkpoints and are not covered; :func:`torchwatch.fingerprint` covers them in memory.
+What a manifest made from a model covers: its ``state_dict()`` — parameters and persistent
+buffers. A checkpoint may hold more: older saves of BERT-family models carry
+``embeddings.position_ids``, which current models keep as a *non-persistent* buffer. When a
+manifest lists a tensor the model holds as a non-persistent buffer, the buffer is compared too.
+Checkpoint keys a loader ignores by design — a transformers model's
+``_keys_to_ignore_on_load_unexpected`` (in the checkpoint, not in the model) and
+``_keys_to_ignore_on_load_missing`` / ``_keys_to_ignore_on_save`` (in the model, not in the
+checkpoint) — are left out of the comparison and listed in ``WeightReport.ignored``, as are
+names matched by ``ignore=``.
 
 Tied weights: names that share one tensor (an LM head tied to the embedding) are hashed once,
 under the name a checkpoint writer keeps (the first in ``state_dict()`` order that is not a
 tied key of a transformers model); the others are recorded as ``aliases``. So a manifest made
 from a model and one made from the ``save_pretrained`` file of that model have the same digest.
-When a model is verified, an alias must still share storage with the tensor it names.
+When a model is verified, an alias must still share storage with the tensor it names; when a
+checkpoint file is verified, a tensor it stores under an alias name must have the same bytes
+as the tensor the alias names (``load_state_dict`` would load it last, over the real one).
 
 File format (JSON, DESIGN §5)::
 
@@ -18,7 +26,10 @@ File format (JSON, DESIGN §5)::
      "signature": {"algorithm": "hmac-sha256", "value": "<hex>"}}   # optional
 
 ``digest`` is the sha256 of one line ``name\\tdtype\\tshape\\tsha256\\n`` per tensor, sorted by
-name: renaming, swapping or re-shaping tensors changes it, not only editing their bytes.
+name, followed by one line ``@alias\\talias\\tname\\n`` per alias, sorted: renaming, swapping or
+re-shaping tensors changes it, and so does adding, removing or redirecting an alias. Every
+field that changes a verdict is under the digest and the signature (``source`` is a note for
+people). A manifest without aliases has the same digest as in torchwatch 0.1.
 """
 
 from __future__ import annotations
@@ -28,21 +39,21 @@ import hmac
 import json
 import os
 import re
-import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .._files import atomic_write, shown
+from .._files import atomic_write, parse_json, read_regular, shown
 from ..errors import ConfigError, FormatError, IntegrityError
 from . import _hashing
 from ._safetensors import DTYPES, checkpoint_files, entry_files
 
-__all__ = ["Manifest", "TensorEntry", "WeightReport", "verify_weights"]
+__all__ = ["Manifest", "TensorEntry"]
 
 FORMAT = "torchwatch.manifest/1"
+MAX_MANIFEST_BYTES = 1 << 30  # a manifest of a million tensors is ~200 MB of JSON
 SIGNATURE = "hmac-sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DTYPE_NAMES = {name for name, _ in DTYPES.values()}
@@ -67,11 +78,13 @@ class TensorEntry:
         return size * getattr(torch, self.dtype).itemsize
 
 
-def _digest(tensors: dict[str, TensorEntry]) -> str:
+def _digest(tensors: dict[str, TensorEntry], aliases: dict[str, str] | None = None) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         e = tensors[name]
         h.update(f"{name}\t{e.dtype}\t{','.join(map(str, e.shape))}\t{e.sha256}\n".encode())
+    for alias in sorted(aliases or {}):
+        h.update(f"@alias\t{alias}\t{aliases[alias]}\n".encode())
     return h.hexdigest()
 
 
@@ -82,7 +95,7 @@ class Manifest:
     Attributes:
         tensors: ``{name: TensorEntry(dtype, shape, sha256)}``.
         aliases: ``{name: canonical name}`` for tied weights (see the module docstring).
-        digest: sha256 over the sorted entries; pin it to detect an edited manifest.
+        digest: sha256 over the sorted entries and aliases; pin it to detect an edited manifest.
         source: what it was made from (file names or the model class), for people.
         signature: HMAC-SHA256 of the manifest when it was saved with a key, else None.
 
@@ -104,7 +117,7 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if not self.digest:
-            object.__setattr__(self, "digest", _digest(self.tensors))
+            object.__setattr__(self, "digest", _digest(self.tensors, self.aliases))
 
     # ---- making ------------------------------------------------------------------------
 
@@ -115,9 +128,9 @@ class Manifest:
         Raises:
             ConfigError: a tensor is on the meta device or is not a plain strided tensor.
         """
-        named, aliases = _model_tensors(model)
+        named, aliases = model_state(model)
         hashes = _hashing.hash_tensors(list(named.items()), threads=threads, label="hashing model")
-        tensors = {n: TensorEntry(_dtype_name(t.dtype), tuple(t.shape), hashes[n]) for n, t in named.items()}
+        tensors = {n: TensorEntry(dtype_name(t.dtype), tuple(t.shape), hashes[n]) for n, t in named.items()}
         return cls(tensors, aliases, source=f"model {type(model).__name__}")
 
     @classmethod
@@ -138,6 +151,36 @@ class Manifest:
         hashes = _hashing.hash_entries(items, threads=threads, label="hashing checkpoint")
         tensors = {name: TensorEntry(e.dtype, e.shape, hashes[name]) for name, (_, e) in entries.items()}
         return cls(tensors, {}, source=", ".join(os.path.basename(f) for f in files))
+
+    def for_model(self, model: torch.nn.Module) -> Manifest | None:
+        """This manifest as :meth:`from_model` would make it for ``model``, if the model holds
+        the weights it describes: its entries for exactly the model's ``state_dict()`` under
+        the model's names and ties, nothing hashed. None when it lacks one of them.
+
+        A manifest of a checkpoint file and one of the model loaded from it give the same
+        result (the file's extra keys, such as ``position_ids``, and its choice among tied
+        names drop out), which is what a :class:`~torchwatch.Canary` binds to.
+
+        Example:
+            >>> import torch, torchwatch as tw
+            >>> model = torch.nn.Linear(4, 2)
+            >>> m = tw.Manifest.from_model(model)
+            >>> m.for_model(model).digest == m.digest
+            True
+        """
+        named, aliases = model_state(model)
+        ties: dict[str, list[str]] = {}
+        for alias, canonical in aliases.items():
+            ties.setdefault(canonical, []).append(alias)
+        tensors = {}
+        for name in named:
+            for candidate in (name, *ties.get(name, ()), self.aliases.get(name)):
+                if candidate is not None and candidate in self.tensors:
+                    tensors[name] = self.tensors[candidate]
+                    break
+            else:
+                return None
+        return Manifest(tensors, aliases, source=f"{self.source} (as model {type(model).__name__})")
 
     # ---- files -------------------------------------------------------------------------
 
@@ -182,14 +225,10 @@ class Manifest:
             IntegrityError: ``key`` given and the signature is missing or wrong, or
                 ``expected_digest`` given and different.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"Manifest.load needs a path, got {type(path).__name__}")
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                doc = json.loads(f.read().decode("utf-8"))
-        except FileNotFoundError:
-            raise FormatError(f"manifest {shown(path)} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"manifest {shown(path)} is not readable JSON: {exc}") from None
+        doc = parse_json(read_regular(path, "manifest", limit=MAX_MANIFEST_BYTES), f"manifest {shown(path)}")
         manifest = cls.from_dict(doc, where=f"manifest {shown(path)}")
         manifest.check(key=key, expected_digest=expected_digest, where=f"manifest {shown(path)}")
         return manifest
@@ -211,13 +250,23 @@ class Manifest:
             raise FormatError(f"{where}: 'tensors' must be an object of name -> entry")
         tensors = {name: _entry_from(where, name, e) for name, e in raw.items()}
         aliases = doc.get("aliases", {})
-        if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors for v in aliases.values()):
-            raise FormatError(f"{where}: 'aliases' must map names to names listed in 'tensors'")
+        if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and k not in tensors and isinstance(v, str) and v in tensors for k, v in aliases.items()
+        ):
+            raise FormatError(
+                f"{where}: 'aliases' must map names that are not in 'tensors' to names listed in 'tensors'"
+            )
         digest = doc.get("digest")
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             raise FormatError(f"{where}: 'digest' must be 64 lowercase hex digits")
-        actual = _digest(tensors)
+        actual = _digest(tensors, aliases)
         if digest != actual:
+            if aliases and digest == _digest(tensors):
+                raise FormatError(
+                    f"{where}: its digest does not cover its 'aliases': they were added after it was made, or it "
+                    "was made by an older torchwatch whose digest left aliases out; make it again with "
+                    "`torchwatch manifest`"
+                )
             raise FormatError(
                 f"{where} was edited or damaged: its digest {digest[:12]}… does not match its entries "
                 f"({actual[:12]}…); make it again with `torchwatch manifest`"
@@ -225,27 +274,38 @@ class Manifest:
         sig = doc.get("signature")
         signature = None
         if sig is not None:
-            if not (isinstance(sig, dict) and sig.get("algorithm") == SIGNATURE and isinstance(sig.get("value"), str)):
-                raise FormatError(f"{where}: 'signature' must be {{'algorithm': {SIGNATURE!r}, 'value': hex}}")
+            value = sig.get("value") if isinstance(sig, dict) else None
+            if not (isinstance(value, str) and _HEX64.fullmatch(value) and sig.get("algorithm") == SIGNATURE):
+                raise FormatError(
+                    f"{where}: 'signature' must be {{'algorithm': {SIGNATURE!r}, 'value': 64 lowercase hex digits}}"
+                )
             signature = sig["value"]
         source = doc.get("source", "")
-        return cls(tensors, dict(aliases), str(source), signature, digest)
+        if not isinstance(source, str):
+            raise FormatError(f"{where}: 'source' must be a string")
+        return cls(tensors, dict(aliases), source, signature, digest)
 
     def check(self, *, key: Key | None = None, expected_digest: str | None = None, where: str = "manifest") -> None:
-        """Raise IntegrityError unless the digest is ``expected_digest`` and the signature verifies."""
-        if expected_digest is not None and expected_digest.strip().lower() != self.digest:
+        """Raise IntegrityError unless the digest is ``expected_digest`` and the signature verifies.
+
+        Raises:
+            ConfigError: ``expected_digest`` is not 64 hex digits, or ``key`` is not bytes or a key file.
+        """
+        pinned = _pinned_digest(expected_digest)
+        secret = _key_bytes(key) if key is not None else None
+        if pinned is not None and pinned != self.digest:
             raise IntegrityError(
-                f"{where} has digest {self.digest}, expected {expected_digest.strip().lower()}: it is not the "
+                f"{where} has digest {self.digest}, expected {pinned}: it is not the "
                 "manifest that was pinned; use the pinned manifest, or pin the new digest if the change is intended"
             )
-        if key is not None:
+        if secret is not None:
             if self.signature is None:
                 raise IntegrityError(
                     f"{where} is not signed but a key was given; sign it with `torchwatch manifest --key`"
                 )
             doc = self.to_dict()
             doc.pop("signature")
-            if not hmac.compare_digest(_sign(doc, _key_bytes(key)), self.signature):
+            if not (_HEX64.fullmatch(self.signature) and hmac.compare_digest(_sign(doc, secret), self.signature)):
                 raise IntegrityError(
                     f"{where} failed signature verification: it was edited after signing or signed with another key"
                 )
@@ -273,15 +333,27 @@ def _sign(doc: dict[str, Any], key: bytes) -> str:
     return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
+def _pinned_digest(expected: object) -> str | None:
+    if expected is None:
+        return None
+    if not isinstance(expected, str) or not _HEX64.fullmatch(expected.strip().lower()):
+        raise ConfigError(
+            f"expected_digest must be the 64 hex digits of a manifest digest (as `torchwatch manifest` prints), "
+            f"got {expected!r}"
+        )
+    return expected.strip().lower()
+
+
 def _key_bytes(key: Key) -> bytes:
-    if isinstance(key, bytes):
-        data = key
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        data = bytes(key)
+    elif not isinstance(key, (str, os.PathLike)):
+        raise ConfigError(f"key must be bytes or the path of a key file, got {type(key).__name__}")
     else:
         try:
-            with open(key, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise ConfigError(f"cannot read key file {shown(key)}: {exc.strerror or exc}") from None
+            data = read_regular(key, "key file", limit=1 << 20)
+        except FormatError as exc:
+            raise ConfigError(str(exc)) from None
     if len(data) < 16:
         raise ConfigError(
             f"the signing key has {len(data)} bytes; use at least 16 random bytes "
@@ -290,7 +362,7 @@ def _key_bytes(key: Key) -> bytes:
     return data
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -298,7 +370,7 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
 
-def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def model_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``state_dict()`` with tied names folded: ``({canonical: tensor}, {alias: canonical})``."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -321,208 +393,3 @@ def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
         named[canonical] = state[canonical]
         aliases.update({n: canonical for n in names if n != canonical})
     return {n: named[n] for n in state if n in named}, aliases
-
-
-@dataclass
-class WeightReport:
-    """What :func:`verify_weights` found.
-
-    Attributes:
-        ok: every manifest tensor is present with the same dtype, shape and bytes, nothing is
-            unexpected, and the manifest itself passed its digest pin and signature.
-        mismatched: tensors whose bytes differ.
-        missing: manifest tensors the model/checkpoint lacks.
-        unexpected: tensors the model/checkpoint has that the manifest does not list.
-        shape_changed, dtype_changed: ``{name: (expected, got)}``.
-        aliased: ``{name: canonical}`` tied names covered by their canonical tensor.
-        manifest_error: why the manifest itself was rejected (digest pin or signature), or None.
-        checked, bytes: tensors and bytes hashed.
-        manifest_digest: the manifest's digest.
-        seconds: wall time.
-    """
-
-    ok: bool
-    mismatched: list[str]
-    missing: list[str]
-    unexpected: list[str]
-    shape_changed: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
-    dtype_changed: dict[str, tuple[str, str]]
-    aliased: dict[str, str]
-    manifest_error: str | None
-    checked: int
-    bytes: int
-    manifest_digest: str
-    seconds: float
-
-    def summary(self) -> str:
-        """A few lines for a person: what failed, by name, and what to do."""
-        if self.ok:
-            return (
-                f"weights OK: {self.checked} tensors ({self.bytes / 1e6:.1f} MB) match manifest "
-                f"{self.manifest_digest[:12]}… in {self.seconds:.2f} s"
-            )
-        lines = [f"weights do NOT match manifest {self.manifest_digest[:12]}…:"]
-        if self.manifest_error:
-            lines.append(f"  manifest rejected: {self.manifest_error}")
-
-        def names(items: Collection[str]) -> str:
-            shown_ = ", ".join(repr(n) for n in list(items)[:8])
-            return shown_ + (f" and {len(items) - 8} more" if len(items) > 8 else "")
-
-        if self.mismatched:
-            lines.append(f"  {len(self.mismatched)} with different bytes: {names(self.mismatched)}")
-        if self.missing:
-            lines.append(f"  {len(self.missing)} missing: {names(self.missing)}")
-        if self.unexpected:
-            lines.append(f"  {len(self.unexpected)} not in the manifest: {names(self.unexpected)}")
-        for name, (a, b) in list(self.shape_changed.items())[:8]:
-            lines.append(f"  {name!r}: shape {list(a)} expected, got {list(b)}")
-        for name, (a, b) in list(self.dtype_changed.items())[:8]:
-            lines.append(f"  {name!r}: dtype {a} expected, got {b}")
-        lines.append(
-            "  fix: load the checkpoint the manifest was made from (strict=True), or make a new manifest with "
-            "`torchwatch manifest` if the change is intended"
-        )
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok, "mismatched": self.mismatched, "missing": self.missing, "unexpected": self.unexpected,
-            "shape_changed": {n: [list(a), list(b)] for n, (a, b) in self.shape_changed.items()},
-            "dtype_changed": {n: list(v) for n, v in self.dtype_changed.items()},
-            "aliased": self.aliased, "manifest_error": self.manifest_error, "checked": self.checked,
-            "bytes": self.bytes, "manifest_digest": self.manifest_digest, "seconds": self.seconds,
-        }  # fmt: skip
-
-    def raise_for_failure(self) -> None:
-        """Raise :class:`torchwatch.IntegrityError` (carrying this report) unless ``ok``."""
-        if not self.ok:
-            raise IntegrityError(self.summary(), report=self)
-
-
-def _select(names: Collection[str], ignore: str | Collection[str] | None) -> set[str]:
-    if ignore is None:
-        return set()
-    if isinstance(ignore, str):
-        try:
-            pattern = re.compile(ignore)
-        except re.error as exc:
-            raise ConfigError(f"ignore={ignore!r} is not a valid regular expression: {exc}") from None
-        return {n for n in names if pattern.search(n)}
-    return set(ignore) & set(names)
-
-
-def verify_weights(
-    model_or_path: torch.nn.Module | PathLike | Sequence[PathLike],
-    manifest: Manifest | PathLike,
-    *,
-    expected_digest: str | None = None,
-    key: Key | None = None,
-    ignore: str | Collection[str] | None = None,
-    threads: int | None = None,
-    raise_on_failure: bool = False,
-) -> WeightReport:
-    """Check a model (in memory) or a safetensors checkpoint (on disk) against a manifest.
-
-    Args:
-        model_or_path: an ``nn.Module``, or what :meth:`Manifest.from_safetensors` accepts.
-        manifest: a :class:`Manifest` or the path of one.
-        expected_digest: the manifest digest you pinned (in a deployment config, say); a
-            manifest with another digest fails.
-        key: HMAC key (bytes or key file) the manifest was signed with; an unsigned manifest or
-            one edited after signing fails.
-        ignore: tensor names to leave out on both sides: a regex or a collection of names.
-        threads: hashing threads (default: the CPUs this process may use).
-        raise_on_failure: raise :class:`torchwatch.IntegrityError` with the same facts instead
-            of returning a failed report.
-
-    Returns:
-        A :class:`WeightReport` naming every mismatched, missing, unexpected, re-shaped and
-        re-typed tensor.
-
-    Raises:
-        FormatError: the manifest or checkpoint file is unreadable or malformed.
-        ConfigError: bad arguments (a model with meta tensors, a bad ``ignore`` regex).
-        IntegrityError: only with ``raise_on_failure=True``.
-
-    Example:
-        >>> import torch, torchwatch as tw
-        >>> model = torch.nn.Linear(4, 2)
-        >>> m = tw.Manifest.from_model(model)
-        >>> with torch.no_grad():
-        ...     model.bias[0] += 1
-        >>> tw.verify_weights(model, m).mismatched
-        ['bias']
-    """
-    start = time.perf_counter()
-    if not isinstance(manifest, Manifest):
-        manifest = Manifest.load(manifest)
-    manifest_error = None
-    try:
-        manifest.check(key=key, expected_digest=expected_digest)
-    except IntegrityError as exc:
-        manifest_error = str(exc)
-
-    skip = _select(manifest.tensors.keys() | manifest.aliases.keys(), ignore)
-    expected = {n: e for n, e in manifest.tensors.items() if n not in skip}
-    aliased: dict[str, str] = {}
-    mismatched: list[str] = []
-    if isinstance(model_or_path, torch.nn.Module):
-        named, model_aliases = _model_tensors(model_or_path)
-        state = named.keys() | model_aliases.keys()  # every state_dict name
-        skip |= _select(state, ignore)
-        have: dict[str, tuple[str, tuple[int, ...]]] = {
-            n: (_dtype_name(t.dtype), tuple(t.shape)) for n, t in named.items()
-        }
-        for alias, canonical in model_aliases.items():
-            if alias in skip:
-                continue
-            if alias in expected and canonical not in expected:  # the file kept the other name of a tied pair
-                named[alias] = named.pop(canonical)
-                have[alias] = have.pop(canonical)
-                aliased[canonical] = alias
-            elif canonical in expected or canonical in skip:
-                aliased[alias] = canonical
-        for alias in manifest.aliases:
-            if alias in state and alias not in aliased and alias not in skip:
-                # tied in the manifest but not in this model: the tie was broken after loading
-                mismatched.append(alias)
-        unexpected = sorted(
-            n for n in have if n not in expected and n not in skip and n not in aliased and n not in mismatched
-        )
-        to_hash = {n: named[n] for n in expected if n in have and have[n] == (expected[n].dtype, expected[n].shape)}
-
-        def hashes() -> dict[str, str]:
-            return _hashing.hash_tensors(list(to_hash.items()), threads=threads, label="verifying model")
-    else:
-        entries = entry_files(checkpoint_files(model_or_path))
-        have = {n: (e.dtype, e.shape) for n, (_, e) in entries.items() if n not in skip}
-        unexpected = sorted(n for n in have if n not in expected and n not in manifest.aliases)
-        items = [
-            (n, path, e) for n, (path, e) in entries.items()
-            if n in expected and have[n] == (expected[n].dtype, expected[n].shape)
-        ]  # fmt: skip
-        to_hash = {n: None for n, _, _ in items}
-
-        def hashes() -> dict[str, str]:
-            return _hashing.hash_entries(items, threads=threads, label="verifying checkpoint")
-
-    missing = sorted(n for n in expected if n not in have)
-    shape_changed = {
-        n: (expected[n].shape, have[n][1]) for n in expected if n in have and have[n][1] != expected[n].shape
-    }
-    dtype_changed = {
-        n: (expected[n].dtype, have[n][0]) for n in expected if n in have and have[n][0] != expected[n].dtype
-    }
-    got = hashes()
-    mismatched = sorted(set(mismatched) | {n for n in to_hash if got[n] != expected[n].sha256})
-    ok = not (mismatched or missing or unexpected or shape_changed or dtype_changed or manifest_error)
-    report = WeightReport(
-        ok=ok, mismatched=mismatched, missing=missing, unexpected=unexpected, shape_changed=shape_changed,
-        dtype_changed=dtype_changed, aliased=aliased, manifest_error=manifest_error, checked=len(to_hash),
-        bytes=sum(expected[n].nbytes for n in to_hash), manifest_digest=manifest.digest,
-        seconds=time.perf_counter() - start,
-    )  # fmt: skip
-    if raise_on_failure:
-        report.raise_for_failure()
-    return report

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import CanaryError, ConfigError, IntegrityError
-from .canary import Canary, CanaryReport, Tolerances
+from .canary import MODES, Canary, CanaryReport, Tolerances
 from .fingerprinting import Fingerprint
 from .fingerprinting import fingerprint as take_fingerprint
-from .manifest import Key, Manifest, WeightReport, verify_weights
+from .manifest import Key, Manifest
+from .verify import WeightReport, ignore_matcher, verify_weights
 
 __all__ = ["SelfTestReport", "selftest"]
 
@@ -66,6 +68,7 @@ def selftest(
     canary: Canary | str | os.PathLike[str] | None = None,
     expected_digest: str | None = None,
     key: Key | None = None,
+    ignore: str | Collection[str] | None = None,
     canary_mode: str = "auto",
     tolerances: Tolerances | None = None,
     fingerprint: bool = True,
@@ -79,6 +82,8 @@ def selftest(
         canary: a :class:`Canary` or its path.
         expected_digest, key: pin the manifest's digest / verify its HMAC signature
             (see :func:`verify_weights`).
+        ignore: tensor names to leave out of the weight check (a regex or a list; see
+            :func:`verify_weights`, which also honours a transformers model's loader lists).
         canary_mode, tolerances: passed to :meth:`Canary.verify`.
         fingerprint: after the checks pass, fingerprint the weights in memory as a baseline.
         raise_on_failure: raise on the first failed check (weights before canary).
@@ -87,8 +92,9 @@ def selftest(
         A :class:`SelfTestReport`.
 
     Raises:
-        ConfigError: neither a manifest nor a canary, or a canary recorded for other weights than
-            the manifest describes.
+        ConfigError: neither a manifest nor a canary, a bad argument, or a canary recorded for
+            other weights than the manifest describes (a canary binds to the weights, so one
+            recorded with the checkpoint's manifest fits the model's manifest and vice versa).
         FormatError: an unreadable manifest or canary file.
         IntegrityError: weights do not match (``report`` attribute: this report).
         CanaryError: outputs do not match (``report`` attribute: this report).
@@ -102,16 +108,25 @@ def selftest(
         True
     """
     start = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"selftest() checks a torch.nn.Module, got {type(model).__name__}")
     if manifest is None and canary is None:
         raise ConfigError("selftest() needs manifest= or canary= (or both): there is nothing to check against")
+    if tolerances is not None and not isinstance(tolerances, Tolerances):
+        raise ConfigError(f"tolerances= takes a torchwatch.Tolerances, got {type(tolerances).__name__}")
+    if canary_mode not in MODES:
+        raise ConfigError(f"canary_mode={canary_mode!r} is not valid: use one of {', '.join(MODES)}")
+    ignore_matcher(ignore)  # a bad ignore= fails before anything runs
     if manifest is not None and not isinstance(manifest, Manifest):
         manifest = Manifest.load(manifest)
     if canary is not None and not isinstance(canary, Canary):
         canary = Canary.load(canary)
-    if manifest is not None and canary is not None and canary.manifest_digest not in (None, manifest.digest):
+    if manifest is not None and canary is not None and not canary.belongs_to(manifest, model):
+        recorded = canary.weights_digest or canary.manifest_digest or ""
         raise ConfigError(
-            f"the canary was recorded for weights with manifest digest {canary.manifest_digest[:16]}…, "
-            f"but the manifest given has {manifest.digest[:16]}…: they belong to different models"
+            f"the canary was recorded for weights with manifest digest {recorded[:16]}…, but the manifest given "
+            f"({manifest.digest[:16]}…) describes other weights: they belong to different models; record the "
+            "canary again with this manifest"
         )
 
     def report(
@@ -121,7 +136,7 @@ def selftest(
 
     weights = None
     if manifest is not None:
-        weights = verify_weights(model, manifest, expected_digest=expected_digest, key=key)
+        weights = verify_weights(model, manifest, expected_digest=expected_digest, key=key, ignore=ignore)
         if not weights.ok and raise_on_failure:
             r = report(False, weights, None, None)
             raise IntegrityError(r.summary(), report=r)
