@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import threading
 import time
 import tracemalloc
 import weakref
 
+import pytest
 import torch
 from _models import mlp
 from torch import nn
@@ -100,3 +103,33 @@ def test_hot_swapping_models_without_detach_leaves_no_thread_behind():
         gc.collect()  # a server's allocations trigger it; a worker mid-job held one more reference
         time.sleep(0.01)
     assert _workers() == before
+
+
+def _watch_hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "torch.save", "pickle"])
+def test_a_watched_model_can_be_copied_and_saved_and_the_copy_carries_no_watch(tmp_path, copy_with):
+    model = mlp()
+    x = torch.randn(2, 16)
+    ref = tw.Reference.fit(model, [torch.randn(64, 16) for _ in range(12)], modules=["4"], window=8, components=4,
+                           resamples=200)  # fmt: skip
+    with tw.attach(model, drift=ref, timing=True, outputs=True) as watch:
+        model(x)
+        if copy_with == "deepcopy":
+            clone = copy.deepcopy(model)
+        elif copy_with == "torch.save":
+            torch.save(model, tmp_path / "m.pt")
+            clone = torch.load(tmp_path / "m.pt", weights_only=False)
+        else:
+            clone = pickle.loads(pickle.dumps(model))
+        assert _watch_hook_count(clone) > 0  # inert stand-ins until the copy first runs
+        assert torch.equal(clone(x), model(x))
+        assert _watch_hook_count(clone) == 0  # they removed themselves
+        clone(x)
+        assert watch.snapshot().calls == 2  # the copy's calls never reached the original's watch
+        with tw.attach(clone) as other:  # the copy can be watched on its own
+            clone(x)
+            assert other.snapshot().calls == 1
+    assert watch.errors == {}

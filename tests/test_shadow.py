@@ -241,3 +241,14 @@ def test_compare_takes_a_mapping_batch_that_is_not_a_dict():
     a = Keyword()
     result = tw.compare(a, copy.deepcopy(a), collections.UserDict(features=torch.randn(4, 16)))
     assert result.ok and result.outputs[0].rows == 4
+
+
+def test_a_shadowed_primary_can_be_deep_copied_and_the_copy_is_not_shadowed():
+    primary, candidate = _model(), _model()
+    with tw.shadow(primary, candidate, sample=1.0, seed=0) as sh:
+        clone = copy.deepcopy(primary)
+        with torch.no_grad():
+            clone(torch.randn(2, 16))
+            primary(torch.randn(2, 16))
+        sh.wait()
+        assert sh.seen == 1

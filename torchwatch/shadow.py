@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from ._files import atomic_write, shown
+from ._hooks import Hook
 from .alerts import Alert
 from .drift import call_batch
 from .errors import ConfigError, FormatError, TorchwatchWarning
@@ -421,8 +422,8 @@ class Shadow:
         self._thread = threading.Thread(target=self._run, name="torchwatch-shadow", daemon=True)
         self._thread.start()
         self._handles = [
-            primary.register_forward_pre_hook(self._before, with_kwargs=True),
-            primary.register_forward_hook(self._after, always_call=True),
+            primary.register_forward_pre_hook(Hook(self._before), with_kwargs=True),
+            primary.register_forward_hook(Hook(self._after), always_call=True),
         ]
 
     # ---- serving thread ----------------------------------------------------------------------

@@ -36,6 +36,7 @@ from . import rules as _rules
 from ._accumulators import new_host_accumulator, stats_from_raw, to_module_stats
 from ._casts import CastPlan, _float_dtypes, cast_plan, normalize_cast_dtypes
 from ._drift_online import RING, DriftMonitor
+from ._hooks import Hook
 from ._outputs import tensors_in
 from ._provenance import device_origins
 from ._select import select_modules
@@ -304,8 +305,8 @@ class Watch:
                     "call watch.detach() before attaching again, or keep using that watch"
                 )
             self._root_handles = [
-                model.register_forward_pre_hook(self._enter_root, prepend=True, with_kwargs=True),
-                model.register_forward_hook(self._exit_root, always_call=True),
+                model.register_forward_pre_hook(Hook(self._enter_root), prepend=True, with_kwargs=True),
+                model.register_forward_hook(Hook(self._exit_root), always_call=True),
             ]
             if self.every == 1 or self.sampling == "device":
                 self._install()
@@ -665,7 +666,7 @@ class Watch:
         def torchwatch_hook(module: nn.Module, args: Any, output: Any) -> None:
             on_output(fqn, output)
 
-        return torchwatch_hook
+        return Hook(torchwatch_hook)
 
     def _make_timing_hooks(self, fqn: str) -> tuple[Callable[..., None], Callable[..., None]]:
         timer = self._module_timers[fqn]
@@ -689,7 +690,7 @@ class Watch:
             except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
                 self._hook_failed(fqn, exc)
 
-        return torchwatch_time_start, torchwatch_time_stop
+        return Hook(torchwatch_time_start), Hook(torchwatch_time_stop)
 
     def _make_drift_hook(self, fqn: str) -> Callable[[nn.Module, Any, Any], None]:
         observe = self._drift_observe
@@ -697,7 +698,7 @@ class Watch:
         def torchwatch_drift_hook(module: nn.Module, args: Any, output: Any) -> None:
             observe(fqn, output)
 
-        return torchwatch_drift_hook
+        return Hook(torchwatch_drift_hook)
 
     def _drift_observe(self, fqn: str, output: Any) -> None:
         if self._graph_mode():
