@@ -3,6 +3,7 @@ detection, the online path inside the hooks, files and errors."""
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import warnings
@@ -15,7 +16,7 @@ from torch import nn
 import torchwatch as tw
 from torchwatch import _sequential
 from torchwatch._drift_online import RING, DriftMonitor
-from torchwatch.drift import _lower_p, _Reservoir, _upper_p
+from torchwatch.drift import RESIDUAL_RESOLUTION, _lower_p, _Reservoir, _upper_p
 
 D = 12
 
@@ -64,10 +65,12 @@ def test_window_statistics_match_their_definitions(ref):
     resid = np.log(((x - m.mean) ** 2).sum(1) - (((x - m.mean) @ m.basis) ** 2).sum(1) + m.resid_floor[0])
     rows = m.sample_features(x)
     got = m.window_statistics(np.array([16]), rows.sum(0, keepdims=True))[0]
+    moved = resid.mean() - m.resid_mean  # shrunk by the rounding resolution, toward 0
+    moved = math.copysign(max(abs(moved) - RESIDUAL_RESOLUTION, 0.0), moved)
     want = [
         16 * (z.mean(0) ** 2).sum(),
         16 * ((phi.mean(0) - m.rff_ref) ** 2).sum(),
-        4 * (resid.mean() - m.resid_mean) / m.resid_std,
+        4 * moved / m.resid_std,
     ]
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
@@ -454,3 +457,65 @@ def test_reset_drops_the_window_being_filled(ref):
                 model(gaussian(ref.window, seed=30 + i))
             after = watch.snapshot().drift["0"]
     assert after.windows == 4 and not after.alarm and after.p_value > 1e-3
+
+
+@pytest.mark.parametrize("dim", [4, 8, 32, 33])
+def test_small_embeddings_do_not_alarm_on_the_reference_distribution_and_do_on_a_shift(dim, quiet):
+    """An embedding no wider than the PCA basis has no residual space: novelty is not computed,
+    so float rounding is never charted as drift (it alarmed at once before, even on the
+    reference batches themselves)."""
+    torch.manual_seed(dim)
+    model = nn.Sequential(nn.Linear(dim, dim), nn.Tanh()).eval()
+    data = [torch.randn(64, dim) for _ in range(60)]
+    ref = tw.Reference.fit(model, data, modules=["1"], window=32, arl=10_000, resamples=2000)
+    assert ref.modules["1"].components == min(dim, 32)
+    with tw.attach(model, drift=ref, flush_every=10, rules=[]) as watch, torch.no_grad():
+        for batch in data + [torch.randn(64, dim) for _ in range(30)]:
+            model(batch)
+        watch.flush()
+        assert not [a for a in watch.alerts if a.rule == "drift"]
+        for _ in range(20):
+            model(torch.randn(64, dim) + 1.5)
+        watch.flush()
+        assert [a for a in watch.alerts if a.rule == "drift"]
+
+
+def test_embeddings_that_lie_inside_a_subspace_do_not_chart_rounding_as_novelty(quiet):
+    """48 wide but of rank 12: the residual outside a 32-component basis is float rounding, which
+    float32 hooks compute differently from the float64 fit."""
+    torch.manual_seed(3)
+    lift = torch.randn(12, 48)
+    model = nn.Sequential(nn.Linear(48, 48)).eval()
+    with torch.no_grad():  # the identity: the embedding is the input
+        model[0].weight.copy_(torch.eye(48))
+        model[0].bias.zero_()
+    data = [torch.randn(64, 12) @ lift for _ in range(60)]
+    ref = tw.Reference.fit(model, data, modules=["0"], window=32, resamples=2000)
+    with tw.attach(model, drift=ref, flush_every=10, rules=[]) as watch:
+        for batch in data + [torch.randn(64, 12) @ lift for _ in range(30)]:
+            model(batch)
+        watch.flush()
+        assert not [a for a in watch.alerts if a.rule == "drift"]
+        for _ in range(10):  # leaving the subspace is novelty
+            model(torch.randn(64, 12) @ lift + 0.5 * torch.randn(64, 48))
+        watch.flush()
+        assert {a.stat for a in watch.alerts if a.rule == "drift"} == {"novelty"}
+
+
+def test_calibration_check_gives_a_verdict_a_person_can_act_on(ref):
+    small = ref.calibration_check(arl=10_000)
+    assert small.verdict == "unknown" and small.windows_needed == 1000
+    lo, hi = small.expected_arl_interval
+    assert 1 <= lo <= hi and small.expected_arl >= 1  # never a negative ARL
+    assert f"{small.holdout_windows} held-out windows cannot pin an ARL of 10,000" in str(small)
+    rng = np.random.default_rng(0)
+    uniform = copy.copy(ref)
+    uniform.holdout_p = rng.uniform(size=4000)  # what a calibrated detector's held-out p-values look like
+    assert uniform.calibration_check(arl=1000).verdict == "on target"
+    drifted = copy.copy(ref)
+    drifted.holdout_p = rng.uniform(size=200) ** 3  # small p-values far too often
+    report = drifted.calibration_check(arl=1000)
+    assert report.verdict == "too many false alarms" and "fix: the held-out reference windows" in str(report)
+    large = copy.copy(ref)
+    large.holdout_p = 1 - rng.uniform(size=4000) ** 4  # p-values that run large
+    assert large.calibration_check(arl=1000).verdict == "fewer false alarms than the target"

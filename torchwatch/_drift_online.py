@@ -26,7 +26,7 @@ import torch
 from ._sequential import Cusum
 from ._table import mark_static
 from .alerts import Alert
-from .drift import STATISTICS, DriftStatus, Reference
+from .drift import STATISTICS, DriftStatus, Reference, has_residual
 from .errors import ConfigError
 
 RING = 1024  # windows kept on the device between flushes
@@ -111,7 +111,10 @@ class DriftMonitor:
             p = c @ basis
             z = p * scale
             phi = torch.cos(z @ omega + phase) * math.sqrt(2.0 / omega.shape[1])
-            r = torch.log(((c * c).sum(1) - (p * p).sum(1)).clamp(min=0) + floor)
+            if has_residual(basis):
+                r = torch.log(((c * c).sum(1) - (p * p).sum(1)).clamp(min=0) + floor)
+            else:  # no space outside the basis: no novelty statistic (as at fit time)
+                r = torch.zeros_like(phi[:, 0])
             rows = torch.cat((torch.ones_like(r)[:, None], r[:, None], z, phi), dim=1).to(torch.float64)
             position = mod.count + torch.arange(rows.shape[0], device=self.device)
             index = torch.div(position, self.ref.window, rounding_mode="floor") % RING

@@ -25,6 +25,7 @@ import numpy as np
 
 DEFAULT_DELTA = 1.5
 _CELLS = 600
+MAX_ARL = 1e12  # larger computed ARLs are reported as infinite (float64 cannot resolve them)
 
 
 def uniform_cdf(delta: float, resolution: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
@@ -63,9 +64,15 @@ def arl(h: float, cdf: Callable[[np.ndarray], np.ndarray], cells: int = _CELLS) 
     # I - P: the next value lands at or beyond h with the remaining probability (absorbed)
     system = np.eye(cells + 1) - trans
     try:
-        return float(np.linalg.solve(system, np.ones(cells + 1))[0])
+        times = np.linalg.solve(system, np.ones(cells + 1))
     except np.linalg.LinAlgError:  # increments that can never reach h (a sample of large p-values)
         return math.inf
+    value = float(times[0])
+    # Absorption so unlikely that I - P is singular in float64: the solve returns noise (even
+    # negative values). Such an ARL is beyond anything this computation, or data, can show.
+    if not math.isfinite(value) or value < 1 or value > MAX_ARL:
+        return math.inf
+    return value
 
 
 def threshold_for(target_arl: float, cdf: Callable[[np.ndarray], np.ndarray]) -> float:

@@ -76,18 +76,27 @@ class DriftStatus:
 class CalibrationReport:
     """How well the detector's false-alarm rate matches its target, on held-out reference data.
 
+    Read :attr:`verdict` (or print the report): ``"on target"``, ``"too many false alarms"``,
+    ``"fewer false alarms than the target"`` (conservative: slower detection) or
+    ``"unknown"`` (too few held-out windows to tell; :attr:`windows_needed` says how many would).
+
     Attributes:
         target_arl: windows between false alarms the threshold was set for.
         expected_arl: the ARL the detector has when fed the held-out windows' p-values (computed
-            exactly for their empirical distribution); close to ``target_arl`` when calibrated.
+            exactly for their empirical distribution; ``inf`` when beyond 1e12 windows or never).
         expected_arl_interval: a 90% bootstrap interval for ``expected_arl`` (the held-out
             windows are few, so the estimate is rough: the target should lie inside).
         false_alarms_per_window: ``1 / expected_arl``.
         uniformity_p_value: Kolmogorov-Smirnov p-value of the held-out p-values against uniform.
         run_lengths: quantiles (10%, 50%, 90%) and mean of simulated run lengths at a short
-            target (``simulated_arl``) drawn from the held-out p-values.
+            target (``simulated_arl``) drawn from the held-out p-values; streams that never
+            alarmed count at the simulation's length (see ``censored``).
         simulated_arl: the short target used for ``run_lengths``.
         holdout_windows: how many held-out windows the figures rest on.
+        verdict: the reading of all of the above (see the class docstring).
+        windows_needed: held-out windows that would settle an ``"unknown"`` verdict (0 otherwise).
+        censored: the fraction of simulated streams that never alarmed.
+        window: samples per window (to turn windows into samples).
     """
 
     target_arl: float
@@ -98,6 +107,49 @@ class CalibrationReport:
     run_lengths: dict[str, float]
     simulated_arl: float
     holdout_windows: int
+    verdict: str = "unknown"
+    windows_needed: int = 0
+    censored: float = 0.0
+    window: int = 0
+
+    def summary(self) -> str:
+        """A few lines a person can act on."""
+
+        def arl(x: float) -> str:
+            return "never (beyond 1e12)" if math.isinf(x) else f"{x:,.0f}"
+
+        lo, hi = self.expected_arl_interval
+        lines = [
+            f"drift calibration: {self.verdict.upper()} (target: one false alarm per {self.target_arl:,.0f} windows)",
+            f"  held-out windows: {self.holdout_windows} ({self.holdout_windows * self.window:,} samples); their "
+            f"p-values vs uniform: KS p = {self.uniformity_p_value:.2g}",
+            f"  expected windows between false alarms on them: {arl(self.expected_arl)} "
+            f"(90% interval {arl(lo)} to {arl(hi)})",
+        ]
+        runs = self.run_lengths
+        if self.censored >= 1.0:
+            lines.append(f"  at a short target of {self.simulated_arl:,.0f}: no simulated stream alarmed within "
+                         f"{runs['p50']:,.0f} windows (held-out p-values run large)")  # fmt: skip
+        else:
+            lines.append(
+                f"  at a short target of {self.simulated_arl:,.0f}: run lengths p10 {runs['p10']:,.0f}, median "
+                f"{runs['p50']:,.0f}, mean {runs['mean']:,.0f} ({self.censored:.0%} never alarmed)"
+            )
+        if self.verdict == "unknown":
+            lines.append(
+                f"  fix: {self.holdout_windows} held-out windows cannot pin an ARL of {self.target_arl:,.0f}; fit "
+                f"the reference on enough data for about {self.windows_needed:,} held-out windows "
+                f"({self.windows_needed * self.window:,} held-out samples)"
+            )
+        elif self.verdict == "too many false alarms":
+            lines.append(
+                "  fix: the held-out reference windows already look unlike the reference: fit it on more, and more "
+                "varied, data from the same source; or raise the target ARL"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
 
 def arl_windows(*, days: float, requests_per_second: float, window: int) -> float:
@@ -183,6 +235,17 @@ class ModuleReference:
 
 # Below this many null samples in the tail, p-values come from a fitted tail rather than counts.
 TAIL_COUNT = 50
+# Float rounding must never read as novelty (embeddings that lie inside the PCA basis have a
+# residual energy |c|^2 - |p|^2 made of rounding alone, computed in float32 by the hooks and in
+# float64 at fit time). Rounding moves |c|^2 - |p|^2 by at most 2 gamma_d |c|^2 ~ 2 d u |c|^2
+# (u = 2^-24); the residual is floored at ROUNDING_MARGIN times that (of the mean |c|^2), so its
+# log moves by at most 1/ROUNDING_MARGIN per sample (about that for a window's mean, whose
+# |c|^2 averages to the mean), and window means closer than RESIDUAL_RESOLUTION to the
+# reference's are not evidence (both at fit and online). RESIDUAL_SPREAD floors the spread the
+# novelty statistic divides by.
+ROUNDING_MARGIN = 64
+RESIDUAL_RESOLUTION = 2.0 / ROUNDING_MARGIN
+RESIDUAL_SPREAD = 0.05
 
 
 def _upper_p(sorted_null: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -388,17 +451,19 @@ class Reference:
         rng = np.random.default_rng(seed)
         resampled = (rng.choice(self.holdout_p, self.holdout_p.size) for _ in range(200))
         boot = [_sequential.arl(threshold, _sequential.empirical_cdf(p, self.delta), cells=200) for p in resampled]
+        lo = float(np.quantile(boot, 0.05, method="lower"))
+        hi = float(np.quantile(boot, 0.95, method="higher"))
         short_h = self.threshold(simulated_arl)
-        runs = _simulate_runs(self.holdout_p, short_h, self.delta, rng, streams=400, cap=int(20 * simulated_arl))
+        cap = int(20 * simulated_arl)
+        runs = _simulate_runs(self.holdout_p, short_h, self.delta, rng, streams=400, cap=cap)
+        uniformity = _ks_uniform(self.holdout_p)
+        verdict, needed = _verdict(target, lo, hi, uniformity, self.holdout_p)
         return CalibrationReport(
             target_arl=target,
             expected_arl=expected,
-            expected_arl_interval=(
-                float(np.quantile(boot, 0.05, method="lower")),
-                float(np.quantile(boot, 0.95, method="higher")),
-            ),
-            false_alarms_per_window=1.0 / expected,
-            uniformity_p_value=_ks_uniform(self.holdout_p),
+            expected_arl_interval=(lo, hi),
+            false_alarms_per_window=0.0 if math.isinf(expected) else 1.0 / expected,
+            uniformity_p_value=uniformity,
             run_lengths={
                 "p10": float(np.quantile(runs, 0.1)),
                 "p50": float(np.median(runs)),
@@ -407,6 +472,10 @@ class Reference:
             },
             simulated_arl=float(simulated_arl),
             holdout_windows=int(self.holdout_p.size),
+            verdict=verdict,
+            windows_needed=needed,
+            censored=float((runs >= cap).mean()),
+            window=self.window,
         )
 
     # ---- files -------------------------------------------------------------------------
@@ -606,6 +675,12 @@ def _ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     return s, float(min(b2, d2) / d2) if d2 > 0 else 1.0
 
 
+def has_residual(basis: np.ndarray | torch.Tensor) -> bool:
+    """Whether a (dim, components) basis leaves a space outside it: with components == dim the
+    residual energy is rounding noise, and the novelty statistic is not computed (it is 0)."""
+    return basis.shape[1] < basis.shape[0]
+
+
 def _sample_features(
     x: np.ndarray, mean: np.ndarray, basis: np.ndarray, scale: np.ndarray, omega: np.ndarray, phase: np.ndarray,
     floor: float,
@@ -615,7 +690,8 @@ def _sample_features(
     z = p * scale
     phi = math.sqrt(2.0 / omega.shape[1]) * np.cos(z @ omega + phase)
     # log of the energy outside the PCA basis: a few outlying samples do not dominate a window's mean
-    r = np.log(np.maximum((c * c).sum(1) - (p * p).sum(1), 0.0) + floor)
+    outside = np.maximum((c * c).sum(1) - (p * p).sum(1), 0.0)
+    r = np.log(outside + floor) if has_residual(basis) else np.zeros(len(x))
     return np.concatenate([r[:, None], z, phi], axis=1)
 
 
@@ -628,7 +704,9 @@ def _window_statistics(
     phi_bar = sums[:, 1 + k :] / n[:, None]
     mean_shift = n * (z_bar**2).sum(1)
     mmd = n * ((phi_bar - rff_ref) ** 2).sum(1)
-    novelty = np.sqrt(n) * (r_bar - resid_mean) / max(resid_std, 1e-300)
+    moved = r_bar - resid_mean
+    moved = np.sign(moved) * np.maximum(np.abs(moved) - RESIDUAL_RESOLUTION, 0.0)  # rounding is not evidence
+    novelty = np.sqrt(n) * moved / max(resid_std, 1e-300)
     return np.stack([mean_shift, mmd, novelty], axis=1)
 
 
@@ -653,11 +731,14 @@ def _fit_module(
     omega = rng.normal(0.0, 1.0 / bandwidth, size=(k, features))
     phase = rng.uniform(0, 2 * np.pi, size=features)
     centred = fit - mean
+    energy = float((centred**2).sum(1).mean())
     outside = (centred**2).sum(1) - ((centred @ basis) ** 2).sum(1)
-    floor = max(0.01 * float(outside.mean()), 1e-12)  # keeps log finite for samples inside the basis
+    # keeps the log finite for samples inside the basis, and rounding far below it (ROUNDING_MARGIN)
+    floor = max(0.01 * float(outside.mean()), ROUNDING_MARGIN * 2 * emb.shape[1] * 2.0**-24 * energy, 1e-30)
     rows_fit = _sample_features(fit, mean, basis, scale, omega, phase, floor)
     rff_ref = rows_fit[:, 1 + k :].mean(0)
-    resid_mean, resid_std = float(rows_fit[:, 0].mean()), float(rows_fit[:, 0].std()) or 1.0
+    resid_mean = float(rows_fit[:, 0].mean())
+    resid_std = max(float(rows_fit[:, 0].std()), RESIDUAL_SPREAD) if has_residual(basis) else 1.0
 
     def stats(x: np.ndarray, boot: np.ndarray) -> np.ndarray:
         rows = _sample_features(x, mean, basis, scale, omega, phase, floor)
@@ -702,6 +783,11 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     for key in ModuleReference.ARRAYS:
         if not np.isfinite(getattr(ref, key)).all():
             raise FormatError(f"reference file {path!r}, module {name!r}: {key} holds NaN/Inf")
+    if not has_residual(ref.basis) and np.any(ref.null_novelty != 0):
+        raise FormatError(
+            f"reference file {path!r}, module {name!r}: fit by an older torchwatch whose novelty statistic charted "
+            f"rounding noise for embeddings of dimension <= components ({d} <= {k}); fit the reference again"
+        )
 
 
 def _simulate_runs(
@@ -720,6 +806,31 @@ def _simulate_runs(
         if not alive.any():
             break
     return runs
+
+
+# Held-out windows that pin the lower tail of the p-values well enough for an ARL verdict: alarm
+# paths are made of p-values around 0.1 (-log p ~ 2.4 under the tilted walk), so about 100 of them
+# below 0.1 are wanted; with p-values uniform that is 1,000 windows.
+WINDOWS_FOR_A_VERDICT = 1000
+
+
+def _verdict(target: float, lo: float, hi: float, uniformity: float, p: np.ndarray) -> tuple[str, int]:
+    """(verdict, held-out windows needed) from the bootstrap interval of the ARL and uniformity."""
+    # Too many is shown even by few windows: small p-values that should be rare are there. The
+    # rest needs the lower tail pinned: a bootstrap of a few windows cannot make the small
+    # p-values they lack, so it would call any small sample conservative.
+    if (uniformity < 0.01 and float(np.mean(p)) < 0.5) or hi < target / 3:
+        return "too many false alarms", 0
+    if p.size < WINDOWS_FOR_A_VERDICT:
+        return "unknown", WINDOWS_FOR_A_VERDICT
+    if uniformity < 0.01 or lo > 3 * target:
+        return "fewer false alarms than the target", 0
+    if lo >= target / 3 and hi <= 3 * target:
+        return "on target", 0
+    if math.isinf(hi) or lo < 1:
+        return "unknown", 4 * p.size
+    # the interval's width in log space shrinks about as 1/sqrt(windows): scale to a factor of 3 each side
+    return "unknown", math.ceil(p.size * (math.log(hi / lo) / math.log(9.0)) ** 2)
 
 
 def _ks_uniform(p: np.ndarray) -> float:
