@@ -49,13 +49,13 @@ def test_killed_writer_leaves_only_whole_lines_and_a_restart_continues(tmp_path)
 
 
 def test_reading_foreign_or_missing_files(tmp_path):
-    with pytest.raises(tw.FormatError, match="cannot read incident log"):
+    with pytest.raises(tw.FormatError, match="incident log .*none.jsonl' does not exist"):
         tw.IncidentLog.read(tmp_path / "none.jsonl")
     (tmp_path / "other.jsonl").write_text('{"a": 1}\n')
     with pytest.raises(tw.FormatError, match="line 1 is not a torchwatch incident"):
         tw.IncidentLog.read(tmp_path / "other.jsonl")
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\n")
-    with pytest.raises(tw.FormatError, match="line 1 is not JSON"):
+    with pytest.raises(tw.FormatError, match="line 1 is not UTF-8 text"):
         tw.IncidentLog.read(tmp_path / "bin.jsonl")
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from ._schema import Fields
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,16 @@ class Alert:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "alert") -> Alert:
+        """Inverse of :meth:`to_dict` (null numbers read as NaN); FormatError naming a bad field."""
+        f = Fields(data, where)
+        return cls(
+            rule=f.str("rule"), module=f.str("module"), stat=f.str("stat", ""), value=f.float("value"),
+            expected=f.float("expected"), call=f.int("call", -1), time=f.float("time"), cohort=f.str("cohort", None),
+            trace_id=f.str("trace_id", None), message=f.str("message", ""),
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class FirstNonFinite:
@@ -77,6 +90,15 @@ class FirstNonFinite:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "non-finite record") -> FirstNonFinite:
+        """Inverse of :meth:`to_dict`; FormatError naming a bad field."""
+        f = Fields(data, where)
+        return cls(
+            module=f.str("module"), call=f.int("call"), trace_id=f.str("trace_id", None),
+            cohort=f.str("cohort", None), origin=f.str("origin"),
+        )  # fmt: skip
 
 
 def nonfinite_alert(

@@ -24,7 +24,7 @@ def _report(args: argparse.Namespace) -> int:
     import json
 
     from . import report
-    from ._files import atomic_write
+    from ._files import atomic_write, shown
     from .errors import TorchwatchError
 
     try:
@@ -40,6 +40,12 @@ def _report(args: argparse.Namespace) -> int:
             atomic_write(args.html, write)
     except TorchwatchError as exc:
         print(f"torchwatch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # --html into a missing directory, a full disk
+        print(
+            f"torchwatch: error: cannot write {shown(exc.filename or args.html)}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     print(json.dumps(summary, indent=1, default=str) if args.json else report.text(summary))
     return EXIT_FAILED if summary["problems"] else EXIT_OK

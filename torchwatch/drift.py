@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from . import _sequential
+from ._schema import Fields
 from .errors import ConfigError, FormatError
 
 FORMAT = "torchwatch.reference/1"
@@ -70,6 +71,17 @@ class DriftStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("score", "p_value", "alarm", "windows", "threshold")}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "drift status") -> DriftStatus:
+        """Inverse of :meth:`to_dict` (null numbers read as NaN); FormatError naming a bad field."""
+        from ._schema import Fields
+
+        f = Fields(data, where)
+        alarm = data.get("alarm", False)
+        if not isinstance(alarm, bool):
+            raise FormatError(f"{where}: field 'alarm' must be true or false, got {alarm!r}")
+        return cls(f.float("score"), f.float("p_value"), alarm, f.count("windows"), f.float("threshold"))
 
 
 @dataclass(frozen=True)
@@ -520,35 +532,39 @@ class Reference:
                 whose shapes do not fit together (the message names the file and the key).
             ConfigError: the reference was fit with a custom reduce and none is given.
         """
-        from safetensors import safe_open
+        from ._files import parse_json
+        from .integrity import _safetensors
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"Reference.load needs a path, got {type(path).__name__}")
         path = os.fspath(path)
-        try:
-            with safe_open(path, framework="numpy") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except FileNotFoundError:
-            raise FormatError(f"reference file {path!r} does not exist") from None
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
-            raise FormatError(f"reference file {path!r} is not a readable safetensors file: {exc}") from None
+        where = f"reference file {path!r}"
+        raw, metadata = _safetensors.load(path)  # layout checked first; a FIFO or directory is refused
         if metadata.get("format") != FORMAT:
             raise FormatError(
                 f"{path!r} is not a torchwatch reference (format {metadata.get('format')!r}, expected {FORMAT!r})"
             )
+        tensors = {key: t.numpy() for key, t in raw.items()}
         try:
-            meta_modules = json.loads(metadata["modules"])
+            meta_modules = parse_json(metadata["modules"], f"{where}, metadata field 'modules'")
             window, arl, delta = int(metadata["window"]), float(metadata["arl"]), float(metadata["delta"])
+            if not isinstance(meta_modules, list) or not meta_modules:
+                raise FormatError(f"{where}, metadata field 'modules': expected a non-empty list of modules")
             modules = {}
             for i, m in enumerate(meta_modules):
-                arrays = {key: tensors[f"m{i}.{key}"] for key in ModuleReference.ARRAYS}
-                modules[m["name"]] = ModuleReference(m["name"], arrays, m["resid_mean"], m["resid_std"])
+                f = Fields(m, f"{where}, module {i}")
+                name = f.str("name")
+                arrays = {key: tensors[f"m{i}.{key}"].astype(np.float64) for key in ModuleReference.ARRAYS}
+                modules[name] = ModuleReference(name, arrays, f.number("resid_mean"), f.number("resid_std"))
             joint_null, holdout_p = tensors["joint_null"], tensors["holdout_p"]
         except KeyError as exc:
-            raise FormatError(
-                f"reference file {path!r} lacks {exc.args[0]!r}; it is truncated or not a reference"
-            ) from None
+            raise FormatError(f"{where} lacks {exc.args[0]!r}; it is truncated or not a reference") from None
         except (ValueError, TypeError) as exc:
-            raise FormatError(f"reference file {path!r} has unreadable metadata: {exc}") from None
+            if isinstance(exc, FormatError):
+                raise
+            raise FormatError(f"{where} has unreadable metadata: {exc}") from None
+        if window < 1 or not arl > 1 or not delta > 1 or joint_null.ndim != 1 or holdout_p.ndim != 1:
+            raise FormatError(f"{where} has window={window}, arl={arl}, delta={delta}: not a valid reference")
         for name, ref in modules.items():
             _check_shapes(path, name, ref)
         reduce_name = metadata.get("reduce", "default")

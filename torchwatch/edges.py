@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ._schema import Fields
+from .errors import ConfigError, FormatError
 from .kernels.cpu import _cstats
 
 __all__ = ["IdStats", "InputMonitor", "InputStats", "OutputMonitor", "OutputQuality"]
@@ -247,6 +248,20 @@ class IdStats:
             "distinct": self.distinct, "top": [list(t) for t in self.top()],
         }  # fmt: skip
 
+    @staticmethod
+    def summary_from_json(f: Fields) -> dict[str, Any]:
+        """The :meth:`to_dict` summary read back from JSON, every field checked (FormatError)."""
+        top = []
+        for item in f.list("top"):
+            ok = isinstance(item, list) and len(item) == 3 and (item[0] is None or type(item[0]) is int)
+            if not (ok and type(item[1]) is int and isinstance(item[2], bool)):
+                raise FormatError(f"{f.where}: field 'top' must hold [value, count, exact] items, got {item!r}")
+            top.append(tuple(item))
+        return {
+            "count": f.count("count"), "min": f.int("min", None), "max": f.int("max", None),
+            "top1_fraction": f.float("top1_fraction"), "distinct": f.float("distinct"), "top": top,
+        }  # fmt: skip
+
 
 # ---- inputs ------------------------------------------------------------------------------------
 
@@ -314,6 +329,18 @@ class InputStats:
             out["channel_means"] = list(self.channel_means)
         if self.ids is not None:
             out["ids"] = self.ids.to_dict()
+        return out
+
+    @staticmethod
+    def summary_from_json(f: Fields) -> dict[str, Any]:
+        """The :meth:`to_dict` summary read back from JSON, every field checked (FormatError)."""
+        out: dict[str, Any] = {"kind": f.str("kind")}
+        means = f.numbers("channel_means")
+        if means is not None:
+            out["channel_means"] = means
+        ids = f.obj("ids", optional=True)
+        if ids is not None:
+            out["ids"] = IdStats.summary_from_json(ids)
         return out
 
 
@@ -527,6 +554,24 @@ class OutputQuality:
             "labelled": self.labelled, "accuracy": self.accuracy, "ece": self.ece,
             "calibration_bins": self.bins.tolist() if self.labelled else None,  # [count, confidence sum, correct]
         }  # fmt: skip
+
+    @staticmethod
+    def summary_from_json(f: Fields) -> dict[str, Any]:
+        """The :meth:`to_dict` summary read back from JSON, every field checked (FormatError)."""
+        classes = f.obj("classes", optional=True)
+        bins = f.list("calibration_bins") or None
+        if bins is not None and not all(
+            isinstance(b, list) and len(b) == 3 and all(type(v) in (int, float) for v in b) for b in bins
+        ):
+            raise FormatError(f"{f.where}: field 'calibration_bins' must hold [count, confidence sum, correct] items")
+        out: dict[str, Any] = {"rows": f.count("rows"), "nonfinite": f.count("nonfinite")}
+        out["labelled"] = f.count("labelled")
+        for key in ("confidence", "margin", "entropy", "normalized_entropy", "abstention_rate", "accuracy", "ece"):
+            value = f.float(key)
+            out[key] = None if math.isnan(value) else value
+        out["classes"] = IdStats.summary_from_json(classes) if classes is not None else None
+        out["calibration_bins"] = bins
+        return out
 
 
 def _merged(a: Any, b: Any, merge: Callable[[Any, Any], Any]) -> Any:

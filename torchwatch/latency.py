@@ -113,8 +113,15 @@ class LatencyStats:
         return dict(vars(self))
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any]) -> LatencyStats:
-        return cls(**{k: m[k] for k in cls.__dataclass_fields__ if k in m})
+    def from_mapping(cls, m: Mapping[str, Any], where: str = "latency") -> LatencyStats:
+        """Inverse of :meth:`to_dict` (null numbers read as NaN); FormatError naming a bad field."""
+        from ._schema import Fields
+
+        f = Fields(m, where)
+        return cls(
+            count=f.count("count"), mean_ms=f.float("mean_ms"), max_ms=f.float("max_ms"), p50_ms=f.float("p50_ms"),
+            p95_ms=f.float("p95_ms"), p99_ms=f.float("p99_ms"),
+        )  # fmt: skip
 
 
 class CallTimer:

@@ -11,15 +11,15 @@ self-contained HTML page with inline SVG charts.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
+import stat
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._files import shown
+from ._files import open_regular, parse_json, read_regular, shown
 from .errors import FormatError
 
 STATS_FORMAT = "torchwatch.jsonl/1"
@@ -65,24 +65,42 @@ class LogData:
     latency: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     inputs: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     comparisons: list[dict[str, Any]] = field(default_factory=list)  # the last of each comparison file
+    skipped: list[str] = field(default_factory=list)  # log-like files that could not be read, and why
 
 
-def _walk(logdir: str) -> tuple[list[str], list[str], list[str], list[str]]:
+def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """The log files under ``logdir`` by kind; what cannot be read (dangling links, FIFOs,
+    devices, unreadable files) is listed in ``skipped`` and never opened for reading."""
     stats, incidents, events, comparisons = [], [], [], []
     for root, _, files in os.walk(logdir):
         for f in sorted(files):
+            is_events = f.startswith("events.out.tfevents")
+            if not (is_events or f.endswith(".jsonl")):
+                continue
             path = os.path.join(root, f)
-            if f.startswith("events.out.tfevents"):
+            try:
+                mode = os.stat(path).st_mode  # follows links: a dangling one raises
+            except OSError as exc:
+                skipped.append(f"{shown(path)}: {exc.strerror or exc}")
+                continue
+            if not stat.S_ISREG(mode):
+                skipped.append(f"{shown(path)}: not a regular file")
+                continue
+            if is_events:
                 events.append(path)
-            elif f.endswith(".jsonl"):
-                with open(path, "rb") as fh:
-                    head = fh.readline()
-                if STATS_FORMAT.encode() in head:
-                    stats.append(path)
-                elif INCIDENT_FORMAT.encode() in head:
-                    incidents.append(path)
-                elif COMPARISON_FORMAT.encode() in head:
-                    comparisons.append(path)
+                continue
+            try:
+                with open_regular(path, "log") as fh:
+                    head = fh.readline(1 << 16)
+            except (FormatError, OSError) as exc:
+                skipped.append(f"{shown(path)}: {exc}")
+                continue
+            if STATS_FORMAT.encode() in head:
+                stats.append(path)
+            elif INCIDENT_FORMAT.encode() in head:
+                incidents.append(path)
+            elif COMPARISON_FORMAT.encode() in head:
+                comparisons.append(path)
     return stats, incidents, events, comparisons
 
 
@@ -90,22 +108,29 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
     """Read every torchwatch log under ``logdir``.
 
     Raises:
-        FormatError: the directory does not exist or holds no torchwatch log.
+        FormatError: the directory does not exist or holds no readable torchwatch log, or a
+            log holds a line that is not a record of its kind (named by file, line and field).
     """
     logdir = os.fspath(logdir)
     if not os.path.isdir(logdir):
         raise FormatError(f"log directory {shown(logdir)} does not exist")
-    stats, incidents, events, comparisons = _walk(logdir)
-    if not (stats or incidents or events or comparisons):
-        raise FormatError(
-            f"{shown(logdir)} holds no torchwatch log (statistics *.jsonl, incident *.jsonl or TensorBoard events)"
-        )
     data = LogData(logdir)
+    stats, incidents, events, comparisons = _walk(logdir, data.skipped)
+    if not (stats or incidents or events or comparisons):
+        why = f"; skipped {'; '.join(data.skipped[:3])}" if data.skipped else ""
+        raise FormatError(
+            f"{shown(logdir)} holds no torchwatch log (statistics *.jsonl, incident *.jsonl or TensorBoard events){why}"
+        )
     for path in stats:
         _read_stats(path, data)
     if not stats:
         for path in events:
             _read_events(path, data)
+        if events and not (incidents or comparisons) and not data.modules and not data.drift and not data.steps:
+            raise FormatError(
+                f"{shown(logdir)} holds no readable torchwatch log: its TensorBoard event file(s) hold no torchwatch "
+                f"scalars ({shown(events[0])}{' and more' if len(events) > 1 else ''} are empty or corrupt)"
+            )
     seen = {(a.get("time"), a.get("rule"), a.get("module")) for a in data.alerts}
     from .sinks.incidents import IncidentLog
 
@@ -127,57 +152,61 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
 
 
 def _read_stats(path: str, data: LogData) -> None:
+    """Every record of a statistics JSONL, through the schema its writer uses (:meth:`Record.from_json`)."""
+    from .sinks.base import Record
+
     data.sources.append(path)
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+    lines = read_regular(path, "statistics log").split(b"\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{shown(path)} line {number}"
         try:
-            r = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            doc = parse_json(line, where)
+        except FormatError:
             if number == len(lines):  # a torn last line of a killed process
                 continue
-            raise FormatError(f"{shown(path)} line {number} is not JSON") from None
-        if r.get("format") != STATS_FORMAT:
-            raise FormatError(f"{shown(path)} line {number} is not a torchwatch statistics record")
-        step, t = int(r.get("step", 0)), r.get("time")
-        data.calls += int(r.get("calls", 0))
+            raise
+        if not isinstance(doc, dict) or doc.get("format") != STATS_FORMAT:
+            raise FormatError(f"{where} is not a torchwatch statistics record ({STATS_FORMAT})")
+        r = Record.from_json(doc, where)
+        step, t = r.step, r.time
+        data.calls += r.calls
         data.steps = max(data.steps, step)
-        if t is not None:
+        if not math.isnan(t):
             data.first_time = t if data.first_time is None else min(data.first_time, t)
             data.last_time = t if data.last_time is None else max(data.last_time, t)
-        for name, s in (r.get("modules") or {}).items():
+        for name, s in r.stats.items():
             m = data.modules.setdefault(name, ModuleSeries())
-            count = int(s.get("count") or 0)
-            bad = int(s.get("nan") or 0) + int(s.get("posinf") or 0) + int(s.get("neginf") or 0)
+            bad = s.nonfinite
             m.steps.append(step)
             m.nonfinite.append(bad)
-            m.absmax.append(s.get("absmax") if s.get("absmax") is not None else math.nan)
-            m.count += count
-            m.nan += int(s.get("nan") or 0)
-            m.posinf += int(s.get("posinf") or 0)
-            m.neginf += int(s.get("neginf") or 0)
+            m.absmax.append(s.absmax)
+            m.count += s.count
+            m.nan += s.nan
+            m.posinf += s.posinf
+            m.neginf += s.neginf
             if bad and m.first_nonfinite_step is None:
                 m.first_nonfinite_step = step
-            for dtype, n in (s.get("underflow") or {}).items():
-                m.under[dtype].append(n / count if count else 0.0)
+            for dtype, n in s.underflow.items():
+                m.under[dtype].append(n / s.count if s.count else 0.0)
                 m.under_total[dtype] += n
-            for dtype, n in (s.get("overflow") or {}).items():
-                m.over[dtype].append(n / count if count else 0.0)
+            for dtype, n in s.overflow.items():
+                m.over[dtype].append(n / s.count if s.count else 0.0)
                 m.over_total[dtype] += n
-        for name, first in (r.get("nonfinite") or {}).items():
-            data.origins.setdefault(name, first)
-        for name, d in (r.get("drift") or {}).items():
-            data.drift.setdefault(name, []).append((step, d.get("score") or 0.0, d.get("p_value") or 1.0))
-        data.alerts += [a for a in r.get("alerts") or [] if isinstance(a, dict)]
-        data.errors.update(r.get("errors") or {})
-        if isinstance(r.get("outputs"), dict):
-            data.outputs.append((step, r["outputs"]))
-        if isinstance(r.get("latency"), dict) and r["latency"].get("count"):
-            data.latency.append((step, r["latency"]))
-        for name, i in (r.get("inputs") or {}).items():
-            data.inputs.setdefault(name, []).append((step, i))
+        for name, first in r.nonfinite.items():
+            data.origins.setdefault(name, first.to_dict())
+        for name, d in r.drift.items():
+            score = d.score if not math.isnan(d.score) else 0.0
+            data.drift.setdefault(name, []).append((step, score, d.p_value if not math.isnan(d.p_value) else 1.0))
+        data.alerts += [a.to_dict() for a in r.alerts]
+        data.errors.update(r.errors)
+        if r.outputs is not None:
+            data.outputs.append((step, dict(r.outputs)))
+        if r.latency is not None and r.latency.count:
+            data.latency.append((step, r.latency.to_dict()))
+        for name, i in r.inputs.items():
+            data.inputs.setdefault(name, []).append((step, dict(i)))
 
 
 def _read_events(path: str, data: LogData) -> None:
@@ -185,10 +214,14 @@ def _read_events(path: str, data: LogData) -> None:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
         raise FormatError("reading TensorBoard logs needs tensorboard: pip install 'torchwatch[tensorboard]'") from None
+    acc = EventAccumulator(path, size_guidance={"scalars": 0})
+    try:
+        acc.Reload()
+    except Exception as exc:  # noqa: BLE001 - TensorBoard's reader raises its own types for corrupt files
+        data.skipped.append(f"{shown(path)}: not a readable TensorBoard event file ({type(exc).__name__})")
+        return
     data.sources.append(path)
     data.exact = False
-    acc = EventAccumulator(path, size_guidance={"scalars": 0})
-    acc.Reload()
     by_module: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(dict)
     for tag in acc.Tags().get("scalars", []):
         module, _, stat = tag.rpartition("/")
@@ -268,8 +301,8 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
     return {
         "outputs": _output_summary(data.outputs), "latency": _latency_summary(data.latency),
         "inputs": _input_summary(data.inputs), "comparisons": comparisons,
-        "logdir": data.logdir, "sources": data.sources, "exact_counts": data.exact, "calls": data.calls,
-        "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
+        "logdir": data.logdir, "sources": data.sources, "skipped": data.skipped, "exact_counts": data.exact,
+        "calls": data.calls, "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
         "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
         "problems": problems,
     }  # fmt: skip
@@ -342,6 +375,8 @@ def text(summary: dict[str, Any]) -> str:
     span = f", {_when(summary['first_time'])} to {_when(summary['last_time'])}" if summary["first_time"] else ""
     calls = f"{summary['calls']:,} calls" if summary["exact_counts"] else f"up to step {summary['steps']:,}"
     lines.append(f"  {calls}{span}; read {len(summary['sources'])} file(s)")
+    for why in summary.get("skipped", [])[:10]:
+        lines.append(f"  skipped {why}")
     lines.append("")
     if summary["nonfinite"]:
         lines.append("NaN/Inf:")
@@ -471,8 +506,8 @@ def html_page(summary: dict[str, Any], data: LogData) -> str:
     for name, series in list(data.drift.items())[:4]:
         charts.append(_svg(f"drift score: {name or '<root>'}", [s for s, _, _ in series], [v for _, v, _ in series]))
     rows = [(step, o) for step, o in data.outputs if o.get("rows")]
-    for stat in ("confidence", "abstention_rate") if rows else ():
-        charts.append(_svg(f"output {stat}", [st for st, _ in rows], [o.get(stat) for _, o in rows]))
+    for key in ("confidence", "abstention_rate") if rows else ():
+        charts.append(_svg(f"output {key}", [st for st, _ in rows], [o.get(key) for _, o in rows]))
     if data.latency:
         charts.append(
             _svg("latency p99 (ms)", [st for st, _ in data.latency], [v.get("p99_ms") for _, v in data.latency])

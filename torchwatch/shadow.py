@@ -31,8 +31,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from ._files import atomic_write, shown
+from ._files import atomic_write, parse_json, read_regular, shown
 from ._hooks import Hook
+from ._schema import Fields
 from .alerts import Alert
 from .drift import call_batch
 from .errors import ConfigError, FormatError, TorchwatchWarning
@@ -145,19 +146,36 @@ class Comparison:
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Comparison:
+    def from_dict(cls, d: Mapping[str, Any], where: str = "comparison") -> Comparison:
+        """Inverse of :meth:`to_dict`; FormatError naming ``where`` and any bad field."""
+        f = Fields(d, where)
         if d.get("format") != FORMAT:
-            raise FormatError(f"not a torchwatch comparison (format {d.get('format')!r}, expected {FORMAT!r})")
-        try:
-            return cls(
-                kind=d["kind"], calls=int(d["calls"]), seen=int(d["seen"]), sampled=int(d["sampled"]),
-                dropped=int(d["dropped"]), errors=int(d["errors"]), notes=tuple(d["notes"]),
-                min_top1=float(d["min_top1"]), max_rel_l2=float(d["max_rel_l2"]), time=float(d["time"]),
-                outputs=tuple(OutputAgreement(**{k: _num(v) for k, v in o.items()}) for o in d["outputs"]),
-                modules=tuple(ModuleDiff(**{k: _num(v) for k, v in m.items()}) for m in d["modules"]),
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"malformed torchwatch comparison: {exc!r}") from None
+            found = d.get("format")
+            raise FormatError(f"{where} is not a torchwatch comparison (format {found!r}, expected {FORMAT!r})")
+        notes = f.list("notes")
+        if not all(isinstance(n, str) for n in notes):
+            raise FormatError(f"{where}: field 'notes' must be a list of strings")
+
+        def items(key: str) -> list[Fields]:
+            return [Fields(item, f"{where}, {key}[{i}]") for i, item in enumerate(f.list(key))]
+
+        outputs = tuple(
+            OutputAgreement(
+                name=o.str("name"), calls=o.count("calls"), rows=o.count("rows"),
+                top1=None if o.doc.get("top1") is None else o.float("top1"), rel_l2=o.float("rel_l2"),
+                cosine=o.float("cosine"), max_abs=o.float("max_abs"), mismatched_shapes=o.count("mismatched_shapes"),
+            )
+            for o in items("outputs")
+        )  # fmt: skip
+        modules = tuple(
+            ModuleDiff(name=m.str("name"), stat=m.str("stat"), a=m.float("a"), b=m.float("b"), score=m.float("score"))
+            for m in items("modules")
+        )
+        return cls(
+            kind=f.str("kind"), calls=f.count("calls"), seen=f.count("seen"), sampled=f.count("sampled"),
+            dropped=f.count("dropped"), errors=f.count("errors"), notes=tuple(notes), min_top1=f.float("min_top1"),
+            max_rel_l2=f.float("max_rel_l2"), time=f.float("time"), outputs=outputs, modules=modules,
+        )  # fmt: skip
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as one JSON line (atomically); ``torchwatch report`` shows files of these."""
@@ -171,21 +189,20 @@ class Comparison:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Comparison:
-        """The last comparison in a file written by :meth:`save` or a shadow's ``path``."""
-        last = None
-        try:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        try:
-                            last = json.loads(line)
-                        except json.JSONDecodeError:
-                            continue  # a torn last line of a killed writer
-        except OSError as exc:
-            raise FormatError(f"cannot read comparison {shown(path)}: {exc.strerror or exc}") from None
-        if last is None:
+        """The last comparison in a file written by :meth:`save` or a shadow's ``path``.
+
+        Raises:
+            FormatError: the file is missing, not a regular file, holds no comparison, or a
+                line that is not one (a torn last line of a killed writer is skipped).
+        """
+        data = read_regular(path, "comparison")
+        lines = [line for line in data.split(b"\n") if line.strip()]
+        if lines and not data.endswith(b"\n"):
+            lines.pop()  # the last line of a writer killed mid-write
+        if not lines:
             raise FormatError(f"{shown(path)} holds no comparison")
-        return cls.from_dict(last)
+        where = f"comparison {shown(path)} line {len(lines)}"
+        return cls.from_dict(parse_json(lines[-1], where), where)
 
     def summary(self) -> str:
         """A few lines for a terminal."""
@@ -200,10 +217,6 @@ class Comparison:
             lines.append(f"  module {m.name or '<root>'} {m.stat}: {m.a:.4g} -> {m.b:.4g} (score {m.score:.3g})")
         lines += [f"  ! {f}" for f in self.failures] + [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _num(v: Any) -> Any:
-    return math.nan if v is None else v
 
 
 class _Agreement:

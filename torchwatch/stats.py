@@ -114,17 +114,24 @@ class ModuleStats:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModuleStats:
-        """Inverse of :meth:`to_dict`; ``None`` floats read back as NaN."""
+    def from_dict(cls, data: Mapping[str, Any], where: str = "statistics") -> ModuleStats:
+        """Inverse of :meth:`to_dict`; ``None`` floats read back as NaN.
+
+        Raises:
+            FormatError: a field of the wrong type (a negative count, a string for a number),
+                naming ``where`` and the field.
+        """
+        from ._schema import Fields
+
+        f = Fields(data, where)
         kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            value = data.get(f.name)
-            if f.name in ("underflow", "overflow"):
-                kwargs[f.name] = {str(k): int(v) for k, v in (value or {}).items()}
-            elif f.type == "float":
-                kwargs[f.name] = _NAN if value is None else float(value)
+        for field_ in fields(cls):
+            if field_.name in ("underflow", "overflow"):
+                kwargs[field_.name] = f.counts(field_.name)
+            elif field_.type == "float":
+                kwargs[field_.name] = f.float(field_.name)
             else:
-                kwargs[f.name] = int(value or 0)
+                kwargs[field_.name] = f.count(field_.name)
         return cls(**kwargs)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._schema import Fields
 from ..alerts import Alert, FirstNonFinite
 from ..errors import TorchwatchWarning
 from ..stats import ModuleStats
@@ -75,6 +76,43 @@ class Record:
                 "merged": self.merged,
             }
         )
+
+    @classmethod
+    def from_json(cls, doc: object, where: str = "record") -> Record:
+        """A record read back from :meth:`to_json` (a JSONL line), every field checked.
+
+        Statistics, alerts, non-finite records, drift and latency come back as their types; a
+        JSON record holds only summaries of ``inputs`` and ``outputs`` (the ``to_dict`` of
+        :class:`~torchwatch.InputStats` and :class:`~torchwatch.OutputQuality`), which come back
+        as plain mappings. Fields a newer writer added are ignored; missing optional ones are
+        empty.
+
+        Raises:
+            FormatError: not an object, or a field of the wrong type; the message names
+                ``where`` and the field.
+        """
+        from ..drift import DriftStatus
+        from ..edges import InputStats, OutputQuality
+        from ..latency import LatencyStats
+
+        f = Fields(doc, where)
+        outputs = f.obj("outputs", optional=True)
+        latency = f.obj("latency", optional=True)
+        return cls(
+            step=f.int("step"), time=f.float("time"), calls=f.count("calls"), sampled=f.count("sampled"),
+            stats={name: ModuleStats.from_dict(m.doc, m.where) for name, m in f.items("modules")},
+            alerts=tuple(
+                Alert.from_dict(a, f"{where}, alerts[{i}]") for i, a in enumerate(f.list("alerts"))
+            ),
+            nonfinite={name: FirstNonFinite.from_dict(n.doc, n.where) for name, n in f.items("nonfinite")},
+            errors=f.counts("errors"),
+            drift={name: DriftStatus.from_dict(d.doc, d.where) for name, d in f.items("drift")},
+            latency=LatencyStats.from_mapping(latency.doc, latency.where) if latency is not None else None,
+            inputs={name: InputStats.summary_from_json(i) for name, i in f.items("inputs")},
+            outputs=OutputQuality.summary_from_json(outputs) if outputs is not None else None,
+            timing={name: LatencyStats.from_mapping(t.doc, t.where) for name, t in f.items("timing")},
+            merged=f.count("merged"),
+        )  # fmt: skip
 
 
 _warned_replaced: set[str] = set()

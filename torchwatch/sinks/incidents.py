@@ -6,7 +6,9 @@ import json
 import os
 from typing import Any
 
-from .._files import open_log, replaced, shown
+from .._files import open_log, parse_json, read_regular, replaced, shown
+from .._schema import Fields
+from ..alerts import Alert
 from ..errors import FormatError
 from .base import Record, Sink, _json_safe, _warn_replaced
 
@@ -70,22 +72,19 @@ class IncidentLog(Sink):
         """Every complete incident in the log, oldest first (a torn last line is skipped).
 
         Raises:
-            FormatError: the file is missing, or a complete line is not an incident.
+            FormatError: the file is missing or not a regular file, or a complete line is not
+                an incident (the message names the line and the field).
         """
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise FormatError(f"cannot read incident log {shown(path)}: {exc.strerror or exc}") from None
+        data = read_regular(path, "incident log")
         out = []
         lines = data.split(b"\n")
         for number, line in enumerate(lines[:-1], 1):  # the part after the last newline is torn or empty
-            try:
-                item = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise FormatError(f"{shown(path)} line {number} is not JSON; it is not an incident log") from None
+            where = f"{shown(path)} line {number}"
+            item = parse_json(line, where)
             if not isinstance(item, dict) or item.get("format") != FORMAT:
-                raise FormatError(f"{shown(path)} line {number} is not a torchwatch incident ({FORMAT})")
+                raise FormatError(f"{where} is not a torchwatch incident ({FORMAT})")
+            Alert.from_dict(item, where)  # every field of the alert checked
+            Fields(item, where).int("step")
             out.append(item)
         return out
 
