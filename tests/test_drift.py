@@ -432,7 +432,7 @@ def test_fit_rejects_what_it_cannot_use():
     conv = nn.Sequential(nn.Conv2d(1, 2, 3))
     with pytest.raises(tw.ConfigError, match="pass reduce="):
         tw.Reference.fit(conv, [torch.randn(4, 1, 8, 8)], modules=["0"])
-    with pytest.raises(tw.ConfigError, match="window must be a positive integer"):
+    with pytest.raises(tw.ConfigError, match="window must be an integer from 1 to"):
         tw.Reference.fit(model, data, modules=["0"], window=0)
     with pytest.raises(tw.ConfigError, match="splits"):
         tw.Reference.fit(model, data, modules=["0"], splits=(0.5, 0.5, 0.5))

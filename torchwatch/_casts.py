@@ -64,6 +64,8 @@ def normalize_cast_dtypes(cast_dtypes: Iterable[object] | None) -> tuple[str, ..
             f"cast_dtypes must be a sequence of dtypes, got the single value {cast_dtypes!r}; "
             f"write cast_dtypes=({cast_dtypes!r},)"
         )
+    if not isinstance(cast_dtypes, Iterable):
+        raise ConfigError(f"cast_dtypes must be a sequence of dtypes (names or torch dtypes), got {cast_dtypes!r}")
     names: list[str] = []
     for spec in cast_dtypes:
         name = dtype_name(resolve_dtype(spec, what="cast_dtypes"))

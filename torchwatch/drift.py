@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _sequential
+from . import _sequential, _validate
 from ._schema import Fields
 from .errors import ConfigError, FormatError
 
@@ -173,9 +173,10 @@ def arl_windows(*, days: float, requests_per_second: float, window: int) -> floa
         >>> tw.arl_windows(days=7, requests_per_second=50, window=32)
         945000.0
     """
-    if days <= 0 or requests_per_second <= 0 or window < 1:
-        raise ConfigError("arl_windows needs days > 0, requests_per_second > 0 and window >= 1")
-    return days * 86400 * requests_per_second / window
+    days = _validate.number("arl_windows()", "days", days, above=0.0)
+    rate = _validate.number("arl_windows()", "requests_per_second", requests_per_second, above=0.0)
+    window = _validate.integer("arl_windows()", "window", window)
+    return days * 86400 * rate / window
 
 
 def default_reduce(output: Any) -> torch.Tensor:
@@ -403,7 +404,10 @@ class Reference:
             >>> ref.modules["1"].dim, ref.window
             (8, 16)
         """
-        _check_fit_args(window, components, features, arl, delta, splits, resamples, max_samples)
+        _check_fit_args(window, components, features, arl, delta, splits, resamples, max_samples, reduce, seed)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"Reference.fit needs a torch.nn.Module, got {type(model).__name__}")
+        modules = _validate.strings("Reference.fit", "modules", modules)
         names = dict(model.named_modules())
         missing = [m for m in modules if m not in names]
         if not modules or missing:
@@ -539,7 +543,7 @@ class Reference:
             raise ConfigError(f"Reference.load needs a path, got {type(path).__name__}")
         path = os.fspath(path)
         where = f"reference file {path!r}"
-        raw, metadata = _safetensors.load(path)  # layout checked first; a FIFO or directory is refused
+        raw, metadata = _safetensors.load(path, "reference")  # layout checked first; a FIFO or directory is refused
         if metadata.get("format") != FORMAT:
             raise FormatError(
                 f"{path!r} is not a torchwatch reference (format {metadata.get('format')!r}, expected {FORMAT!r})"
@@ -584,19 +588,23 @@ class Reference:
 # ---- fitting helpers ---------------------------------------------------------------------
 
 
-def _check_fit_args(window, components, features, arl, delta, splits, resamples, max_samples) -> None:
-    for name, value in (("window", window), ("components", components), ("features", features),
-                        ("resamples", resamples), ("max_samples", max_samples)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"Reference.fit: {name} must be a positive integer, got {value!r}")
-    if features % 2 or features < 2:
-        raise ConfigError(f"Reference.fit: features must be an even integer >= 2, got {features}")
-    if not arl > 1:
-        raise ConfigError(f"Reference.fit: arl (windows between false alarms) must be > 1, got {arl!r}")
-    if not delta > 1:
-        raise ConfigError(f"Reference.fit: delta must be > 1 (it sets the detector's downward drift), got {delta!r}")
-    if len(splits) != 3 or min(splits) <= 0 or abs(sum(splits) - 1) > 1e-6:
-        raise ConfigError(f"Reference.fit: splits must be three positive fractions summing to 1, got {splits!r}")
+def _check_fit_args(window, components, features, arl, delta, splits, resamples, max_samples, reduce, seed) -> None:
+    owner = "Reference.fit"
+    for name, value, low, high in (("window", window, 1, 1 << 20), ("components", components, 1, 4096),
+                                   ("features", features, 2, 1 << 16), ("resamples", resamples, 100, 10**7),
+                                   ("max_samples", max_samples, 1, 10**9)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{owner}: {name} must be an integer from {low} to {high:,}, got {value!r}")
+    if features % 2:
+        raise ConfigError(f"{owner}: features must be an even integer >= 2, got {features}")
+    _validate.number(owner, "arl (windows between false alarms)", arl, above=1.0)
+    _validate.number(owner, "delta (the detector's downward drift)", delta, above=1.0, high=20.0)
+    _validate.function(owner, "reduce", reduce, optional=True)
+    _validate.seed(owner, "seed", seed)
+    ok = isinstance(splits, (tuple, list)) and len(splits) == 3
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in splits)
+    if not ok or abs(sum(splits) - 1) > 1e-6:
+        raise ConfigError(f"{owner}: splits must be three positive fractions summing to 1, got {splits!r}")
 
 
 def call_batch(model: nn.Module, batch: Any) -> Any:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _validate
 from ._schema import Fields
 from .errors import ConfigError, FormatError
 from .kernels.cpu import _cstats
@@ -285,11 +286,9 @@ class InputMonitor:
     max_inputs: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("channels", "exact_ids", "hashed_ids", "max_inputs"):
-            value = getattr(self, name)
-            least = 0 if name == "channels" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"InputMonitor {name} must be an integer >= {least}, got {value!r}")
+        for name, low, high in (("channels", 0, 1 << 16), ("exact_ids", 1, 1 << 24), ("hashed_ids", 1, 1 << 24),
+                                ("max_inputs", 1, 1024)):  # fmt: skip
+            _validate.integer("InputMonitor", name, getattr(self, name), low=low, high=high)
 
 
 @dataclass(frozen=True)
@@ -438,14 +437,10 @@ class OutputMonitor:
     def __post_init__(self) -> None:
         if not (self.select is None or isinstance(self.select, (str, int)) or callable(self.select)):
             raise ConfigError(f"OutputMonitor select must be a key, an index, a callable or None, got {self.select!r}")
-        if not 0.0 <= self.abstain_below <= 1.0:
-            raise ConfigError(f"OutputMonitor abstain_below must be in [0, 1], got {self.abstain_below!r}")
-        if self.positions not in ("all", "last"):
-            raise ConfigError(f"OutputMonitor positions must be 'all' or 'last', got {self.positions!r}")
-        for name in ("max_classes", "max_traces", "calibration_bins"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"OutputMonitor {name} must be a positive integer, got {value!r}")
+        _validate.number("OutputMonitor", "abstain_below", self.abstain_below, low=0.0, high=1.0)
+        _validate.one_of("OutputMonitor", "positions", self.positions, ("all", "last"))
+        for name, high in (("max_classes", 1 << 20), ("max_traces", 1 << 20), ("calibration_bins", 1 << 12)):
+            _validate.integer("OutputMonitor", name, getattr(self, name), high=high)
 
     def logits(self, output: Any) -> torch.Tensor:
         """The logits tensor of a model output as ``[rows, classes]`` (raises :class:`OutputError`)."""

@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from . import _validate
 from .alerts import Alert
 from .errors import ConfigError
 from .stats import ModuleStats
@@ -117,11 +118,17 @@ class CastRange:
     name: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dtype, str):
+            raise ConfigError(f"CastRange: dtype must be a dtype name such as 'float16', got {self.dtype!r}")
         if self.kind not in ("overflow", "underflow"):
             raise ConfigError(f"CastRange kind={self.kind!r} is not valid: use 'overflow' or 'underflow'")
-        if not (0 <= self.max_fraction < 1):
+        _validate.number("CastRange", "max_fraction", self.max_fraction, low=0.0, high=1.0)
+        if self.max_fraction >= 1:
             raise ConfigError(f"CastRange max_fraction must be in [0, 1), got {self.max_fraction!r}")
+        _validate.flag("CastRange", "trips", self.trips)
         self.name = self.name or f"cast_{self.kind}"
+        if not isinstance(self.name, str):
+            raise ConfigError(f"CastRange: name must be a string, got {self.name!r}")
 
     def evaluate(self, interval: Interval) -> list[Alert]:
         out = []
@@ -221,6 +228,13 @@ class _Series:
         return z, direction
 
 
+def _chart_arguments(owner: str, arl: object, k: object, max_series: object, trips: object) -> None:
+    _validate.number(owner, "arl", arl, above=1.0)
+    _validate.number(owner, "k", k, above=0.0, high=10.0)
+    _validate.integer(owner, "max_series", max_series, low=1)
+    _validate.flag(owner, "trips", trips)
+
+
 class ControlChart:
     """A statistic of every module on its own two-sided CUSUM chart, baselines learned in warm-up.
 
@@ -255,12 +269,13 @@ class ControlChart:
         min_elements: int = 4096,
         trips: bool = False,
     ) -> None:
-        if stat not in STATISTICS:
+        if not isinstance(stat, str) or stat not in STATISTICS:
             raise ConfigError(f"ControlChart stat={stat!r} is not valid: use one of {', '.join(STATISTICS)}")
-        if not (isinstance(warmup, int) and warmup >= 5):
+        if isinstance(warmup, bool) or not (isinstance(warmup, int) and warmup >= 5):
             raise ConfigError(f"ControlChart warmup must be an integer >= 5 intervals, got {warmup!r}")
-        if not arl > 1:
-            raise ConfigError(f"ControlChart arl must be > 1 interval, got {arl!r}")
+        _chart_arguments("ControlChart", arl, k, max_series, trips)
+        _validate.optional(_validate.number, "ControlChart", "min_sigma", min_sigma, above=0.0)
+        _validate.integer("ControlChart", "min_elements", min_elements, low=0)
         self.stat, self.warmup, self.arl, self.k = stat, warmup, float(arl), float(k)
         self.value_of, default_sigma, self.words = STATISTICS[stat]
         self.min_sigma = default_sigma if min_sigma is None else float(min_sigma)
@@ -330,10 +345,10 @@ class EdgeChart:
         self, *, warmup: int = 30, arl: float = 10_000, k: float = 0.5, min_count: int = 64,
         max_series: int = 1024, trips: bool = False,
     ) -> None:  # fmt: skip
-        if not (isinstance(warmup, int) and warmup >= 5):
+        if isinstance(warmup, bool) or not (isinstance(warmup, int) and warmup >= 5):
             raise ConfigError(f"EdgeChart warmup must be an integer >= 5 intervals, got {warmup!r}")
-        if not arl > 1:
-            raise ConfigError(f"EdgeChart arl must be > 1 interval, got {arl!r}")
+        _chart_arguments("EdgeChart", arl, k, max_series, trips)
+        _validate.integer("EdgeChart", "min_count", min_count, low=1)
         self.warmup, self.arl, self.k, self.min_count = warmup, float(arl), float(k), min_count
         self.max_series, self.trips = max_series, trips
         # A spread learned from a short warm-up is often too small, and a CUSUM's false-alarm rate
@@ -471,8 +486,9 @@ class LatencySLO:
     def __post_init__(self) -> None:
         if self.quantile not in ("p50", "p95", "p99"):
             raise ConfigError(f"LatencySLO quantile={self.quantile!r} is not valid: use 'p50', 'p95' or 'p99'")
-        if not self.max_ms > 0:
-            raise ConfigError(f"LatencySLO max_ms must be > 0, got {self.max_ms!r}")
+        _validate.number("LatencySLO", "max_ms", self.max_ms, above=0.0)
+        _validate.integer("LatencySLO", "min_calls", self.min_calls, low=1)
+        _validate.flag("LatencySLO", "trips", self.trips)
 
     def evaluate(self, interval: Interval) -> list[Alert]:
         lat = interval.latency
@@ -499,7 +515,7 @@ def defaults(cast_dtypes: Sequence[str] = ("float16", "bfloat16", "float8_e4m3fn
       (:class:`EdgeChart`).
     """
     out: list[Rule] = []
-    for name in cast_dtypes:
+    for name in _validate.strings("rules.defaults()", "cast_dtypes", cast_dtypes, allow_empty=True):
         if name in ("float16", "bfloat16"):
             out.append(CastRange(name, "overflow", 0.0, trips=True))
             out.append(CastRange(name, "underflow", 0.01))
@@ -524,8 +540,8 @@ class AlertPolicy:
     suppressed: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.cooldown >= 0 and self.max_per_minute >= 1):
-            raise ConfigError("AlertPolicy needs cooldown >= 0 and max_per_minute >= 1")
+        _validate.number("AlertPolicy", "cooldown", self.cooldown, low=0.0, finite=False)
+        _validate.integer("AlertPolicy", "max_per_minute", self.max_per_minute, low=1)
         self._last: dict[tuple[Any, ...], float] = {}
         self._recent: list[float] = []
 
@@ -547,6 +563,9 @@ def normalize(rules: Iterable[Any] | None, cast_dtypes: Sequence[str]) -> list[A
     """Check a ``rules=`` argument: None means :func:`defaults`; items need ``evaluate`` or a call."""
     if rules is None:
         return defaults(cast_dtypes)
+    single = callable(rules) or hasattr(rules, "evaluate")
+    if single or isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+        raise ConfigError(f"rules must be a list of rules (tw.rules.* objects or callables), got {rules!r}")
     out = list(rules)
     for r in out:
         if not (isinstance(r, Rule) or callable(r)):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from . import _validate
 from ._files import atomic_write, parse_json, read_regular, shown
 from ._hooks import Hook
 from ._schema import Fields
@@ -359,6 +360,7 @@ def compare(
         raise ConfigError("compare() needs two different models; deep-copy one to compare a model with itself")
     if (inputs is None) == (batches is None):
         raise ConfigError("compare() takes one batch as inputs= or an iterable as batches=, not both or neither")
+    _limits("compare()", min_top1, max_rel_l2)
     notes = []
     watches = []
     for label, model in (("a", model_a), ("b", model_b)):
@@ -596,6 +598,11 @@ class Shadow:
         self.close()
 
 
+def _limits(owner: str, min_top1: object, max_rel_l2: object) -> None:
+    _validate.number(owner, "min_top1", min_top1, low=0.0, high=1.0)
+    _validate.number(owner, "max_rel_l2", max_rel_l2, low=0.0)
+
+
 def shadow(
     primary: nn.Module,
     candidate: nn.Module,
@@ -658,6 +665,10 @@ def shadow(
     for name, value in (("max_pending", max_pending), ("write_every", write_every), ("min_calls", min_calls)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"shadow {name} must be a positive integer, got {value!r}")
+    _limits("shadow()", min_top1, max_rel_l2)
+    _validate.seed("shadow()", "seed", seed)
+    if path is not None:
+        _validate.path("shadow()", "path", path)
     return Shadow(
         primary, candidate, sample=float(sample), seed=seed, max_pending=max_pending, modules=modules, path=path,
         write_every=write_every, min_top1=min_top1, max_rel_l2=max_rel_l2, min_calls=min_calls,

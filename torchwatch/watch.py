@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _validate
 from . import edges as _edges
 from . import rules as _rules
 from ._accumulators import new_host_accumulator, stats_from_raw, to_module_stats
@@ -466,6 +467,7 @@ class Watch:
     def flush(self, *, timeout: float = 30.0) -> None:
         """Send the statistics gathered since the previous flush to the sinks and wait until
         they are written (at most ``timeout`` seconds)."""
+        timeout = _validate.number("flush()", "timeout", timeout, low=0.0)
         self._flush(wait=True, timeout=timeout)
 
     def reset(self) -> None:
@@ -492,7 +494,11 @@ class Watch:
                 self._drift.reset()
 
     def detach(self, *, timeout: float = 30.0) -> None:
-        """Remove every hook this watch added, flush, and close the sinks. Safe to call twice."""
+        """Remove every hook this watch added, flush, and close the sinks. Safe to call twice.
+
+        Waits at most ``timeout`` seconds for the sinks; what they had not written by then is
+        counted in :attr:`errors` (``"records not written"``)."""
+        timeout = _validate.number("detach()", "timeout", timeout, low=0.0)
         with _registry_lock:
             if not self.attached:
                 return

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .._files import shown
+from .._files import open_regular, shown
 from .._progress import Progress
 from ..errors import FormatError
 from ._safetensors import Entry
@@ -64,7 +64,7 @@ def hash_entries(
 
 def _map(path: str) -> tuple[mmap.mmap, memoryview]:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "checkpoint") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise FormatError(f"{shown(path)} is empty")

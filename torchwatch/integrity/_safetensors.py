@@ -64,7 +64,7 @@ class Header:
     file_size: int
 
 
-def read_header(path: str | os.PathLike[str]) -> Header:
+def read_header(path: str | os.PathLike[str], what: str = "checkpoint") -> Header:
     """Parse and check the header of one safetensors file.
 
     Raises:
@@ -72,7 +72,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             message names the file and what is wrong.
     """
     path = os.fspath(path)
-    with open_regular(path, "checkpoint") as f:
+    with open_regular(path, what) as f:
         try:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
@@ -222,11 +222,11 @@ def entry_files(files: Sequence[str]) -> dict[str, tuple[str, Entry]]:
     return out
 
 
-def load(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of one checked file, on the CPU, plus its metadata."""
-    header = read_header(path)
+def load(path: str | os.PathLike[str], what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of one checked file, on the CPU, plus its metadata (``what`` names it in errors)."""
+    header = read_header(path, what)
     tensors: dict[str, torch.Tensor] = {}
-    with open_regular(header.path, "file") as f:
+    with open_regular(header.path, what) as f:
         for name, e in header.entries.items():
             f.seek(e.start)
             data = bytearray(f.read(e.nbytes))

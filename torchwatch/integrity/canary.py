@@ -411,6 +411,10 @@ class Canary:
         Raises:
             ConfigError: inputs are not tensors, or the model fails or returns no tensor.
         """
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"Canary.record needs a torch.nn.Module, got {type(model).__name__}")
+        if tolerances is not None and not isinstance(tolerances, Tolerances):
+            raise ConfigError(f"tolerances= takes a torchwatch.Tolerances, got {type(tolerances).__name__}")
         kind, keys, values = _inputs_to_tensors(inputs)
         device, dtype = _model_device_dtype(model)
         try:
@@ -482,7 +486,7 @@ class Canary:
         if not isinstance(path, (str, os.PathLike)):
             raise ConfigError(f"Canary.load needs a path, got {type(path).__name__}")
         where = f"canary {shown(path)}"
-        tensors, meta = _safetensors.load(path)
+        tensors, meta = _safetensors.load(path, "canary")
         if meta.get("format") != FORMAT:
             raise FormatError(f"{where} has format {meta.get('format')!r}; this torchwatch reads {FORMAT!r}")
         missing = [k for k in ("input_kind", "input_keys", "output_names") if k not in meta]

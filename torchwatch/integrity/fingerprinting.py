@@ -214,6 +214,8 @@ def fingerprint(
         >>> tw.fingerprint(model) == tw.fingerprint(model)
         True
     """
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes > 1 << 40:
+        raise ConfigError(f"chunk_bytes must be a power of two >= {MIN_CHUNK_BYTES}, got {chunk_bytes!r}")
     if chunk_bytes < MIN_CHUNK_BYTES or chunk_bytes & (chunk_bytes - 1):
         raise ConfigError(f"chunk_bytes must be a power of two >= {MIN_CHUNK_BYTES}, got {chunk_bytes}")
     if backend not in ("auto", "triton", "torch"):

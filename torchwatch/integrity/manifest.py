@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from .. import _validate
 from .._files import atomic_write, parse_json, read_regular, shown
 from ..errors import ConfigError, FormatError, IntegrityError
 from . import _hashing
@@ -128,6 +129,7 @@ class Manifest:
         Raises:
             ConfigError: a tensor is on the meta device or is not a plain strided tensor.
         """
+        _validate.optional(_validate.integer, "Manifest.from_model", "threads", threads, high=4096)
         named, aliases = model_state(model)
         hashes = _hashing.hash_tensors(list(named.items()), threads=threads, label="hashing model")
         tensors = {n: TensorEntry(dtype_name(t.dtype), tuple(t.shape), hashes[n]) for n, t in named.items()}
@@ -145,6 +147,7 @@ class Manifest:
         Raises:
             FormatError: a file is missing, truncated or corrupt (the message names it).
         """
+        _validate.optional(_validate.integer, "Manifest.from_safetensors", "threads", threads, high=4096)
         files = checkpoint_files(source)
         entries = entry_files(files)
         items = [(name, path, e) for name, (path, e) in entries.items()]

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .. import _validate
 from ..errors import ConfigError, IntegrityError
 from . import _hashing
 from ._safetensors import checkpoint_files, entry_files
@@ -173,8 +174,7 @@ def loader_patterns(model: torch.nn.Module, *attributes: str) -> list[re.Pattern
 
 
 def _check_arguments(manifest: object, threads: object) -> Manifest:
-    if isinstance(threads, bool) or not (threads is None or (isinstance(threads, int) and threads >= 1)):
-        raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
+    _validate.optional(_validate.integer, "verify_weights()", "threads", threads, high=4096)
     if isinstance(manifest, Manifest):
         return manifest
     if isinstance(manifest, (str, bytes)) or hasattr(manifest, "__fspath__"):

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from .. import _validate
 from .._files import open_log, parse_json, read_regular, replaced, shown
 from .._schema import Fields
 from ..alerts import Alert
@@ -40,7 +41,7 @@ class IncidentLog(Sink):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+        self.path = _validate.path("IncidentLog", "path", path)
         self._fd: int | None = None
 
     def write(self, record: Record) -> None:

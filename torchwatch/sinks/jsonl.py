@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from .. import _validate
 from .._files import open_log, replaced
 from .base import Record, Sink, _warn_replaced
 
@@ -36,7 +37,7 @@ class JsonlSink(Sink):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+        self.path = _validate.path("JsonlSink", "path", path)
         self._fd: int | None = None
 
     def write(self, record: Record) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 
+from .. import _validate
 from .base import Record, Sink
 
 
@@ -12,7 +13,10 @@ class MemorySink(Sink):
     """Keeps the last ``maxlen`` flush :class:`Record` objects in :attr:`records`.
 
     Args:
-        maxlen: how many records to keep (oldest dropped first); ``None`` keeps all.
+        maxlen: how many records to keep (oldest dropped first, >= 1); ``None`` keeps all.
+
+    Raises:
+        ConfigError: ``maxlen`` is not a positive integer or None.
 
     Example:
         >>> import torch, torchwatch as tw
@@ -25,6 +29,7 @@ class MemorySink(Sink):
     """
 
     def __init__(self, maxlen: int | None = 1000) -> None:
+        maxlen = _validate.optional(_validate.integer, "MemorySink", "maxlen", maxlen, low=1, high=2**62)
         self._records: collections.deque[Record] = collections.deque(maxlen=maxlen)
         self._lock = threading.Lock()
 

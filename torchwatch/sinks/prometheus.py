@@ -95,6 +95,12 @@ class PrometheusSink(Sink):
             raise ConfigError(f"PrometheusSink: model_name must be a non-empty string, got {model_name!r}")
         if isinstance(max_modules, bool) or not isinstance(max_modules, int) or max_modules < 1:
             raise ConfigError(f"PrometheusSink: max_modules must be a positive integer, got {max_modules!r}")
+        if registry is not None and not (
+            callable(getattr(registry, "register", None)) and hasattr(registry, "collect")
+        ):
+            raise ConfigError(
+                f"PrometheusSink: registry must be a prometheus_client CollectorRegistry, got {registry!r}"
+            )
         try:
             import prometheus_client as pc
         except ImportError:

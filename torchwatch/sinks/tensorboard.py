@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any
 
+from .. import _validate
+from ..errors import ConfigError
 from .base import ROOT_LABEL, Record, Sink
 
 # Per-module scalars written at every flush (the ``step`` is the root-call count).
@@ -121,8 +123,11 @@ class TensorBoardSink(Sink):
     """
 
     def __init__(self, logdir: str | os.PathLike[str], *, prefix: str = "") -> None:
+        logdir = _validate.path("TensorBoardSink", "logdir", logdir)
+        if not isinstance(prefix, str):
+            raise ConfigError(f"TensorBoardSink: prefix must be a string, got {prefix!r}")
         self._pb = _import_tensorboard()
-        self.logdir = os.path.abspath(os.fspath(logdir))
+        self.logdir = os.path.abspath(logdir)
         self.prefix = prefix
         self._writer: Any = None
         self._layout_written = False
