@@ -235,3 +235,17 @@ def test_flatten_outputs_names_nested_structures():
     t = torch.ones(1)
     assert list(flatten_outputs(t)) == ["output"]
     assert list(flatten_outputs((t, [t, {"k": t}], None))) == ["0", "1.0", "1.1.k"]
+
+
+def test_a_bitwise_failure_from_a_changed_output_dtype_says_so():
+    model = classifier()
+    canary = tw.Canary.record(model, classifier_inputs())
+
+    class Half(torch.nn.Module):
+        def forward(self, x):
+            return model(x).half()
+
+    (check,) = canary.verify(Half(), mode="bitwise").outputs
+    assert not check.passed
+    assert check.reason.startswith("dtype float16, recorded float32: the output dtype changed")
+    assert "0 of" not in check.reason
