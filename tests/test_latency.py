@@ -149,3 +149,20 @@ def test_a_failing_timer_costs_neither_the_answer_nor_the_statistics(quiet):
         snap = watch.snapshot()
     assert out.shape == (2, 3) and snap[""].count == 6 and snap.calls == 1
     assert watch.errors.get("(root call)") == 1
+
+
+def test_device_timings_a_flush_never_read_are_counted_and_warned_once(monkeypatch):
+    """On a device that has not finished (or a watch never flushed), the oldest pending timings
+    go: the watch counts them in errors, sends the count with records and warns once."""
+    FakeEvent.clock, FakeEvent.done_until = 0.0, -1.0  # the device never finishes
+    model = torch.nn.Linear(2, 2)
+    sink = tw.MemorySink()
+    watch = tw.attach(model, sinks=[sink], flush_every=10**6, rules=[])
+    monkeypatch.setattr(watch, "_timer", CallTimer(cuda=True, event_factory=FakeEvent))
+    for _ in range(4096 + 10):
+        model(torch.ones(1, 2))
+    with pytest.warns(tw.TorchwatchWarning, match="device timings of calls were dropped"):
+        watch.flush()
+    assert watch.errors["latency timings lost"] == 10
+    assert sink.records[-1].errors["latency timings lost"] == 10
+    watch.detach()

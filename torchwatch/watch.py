@@ -1230,6 +1230,12 @@ class Watch:
         self._check_unseen()
         now = time.time()
         latency = self._timer.take_sketch()
+        if self._timer.dropped or any(t.dropped for t in self._module_timers.values()):
+            self._warn_once(
+                "latency-lost",
+                "device timings of calls were dropped because no flush read them in time (counted in "
+                f"watch.errors[{LATENCY_LOST!r}]); flush more often (attach(flush_every=...))",
+            )
         inputs, outputs = self._edges_to_host(interval.edges, fold=True)
         timing = {name: timer.take_sketch() for name, timer in self._module_timers.items()}
         alerts += self._run_rules(step, now, converted, drift_status, latency.stats(), inputs, outputs)
