@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -252,3 +253,25 @@ def test_a_shadowed_primary_can_be_deep_copied_and_the_copy_is_not_shadowed():
             primary(torch.randn(2, 16))
         sh.wait()
         assert sh.seen == 1
+
+
+def test_a_shadow_dropped_without_close_frees_both_models_and_ends_its_thread():
+    import gc
+    import weakref
+
+    def shadow_threads() -> int:
+        return sum(t.name == "torchwatch-shadow" and t.is_alive() for t in threading.enumerate())
+
+    before = shadow_threads()
+    primary, candidate = _model(), _model(1)
+    sh = tw.shadow(primary, candidate, sample=1.0, seed=0)
+    with torch.no_grad():
+        primary(torch.randn(2, 16))
+    sh.wait()
+    refs = [weakref.ref(primary), weakref.ref(candidate)]
+    del sh, primary, candidate
+    deadline = time.monotonic() + 30
+    while (shadow_threads() > before or any(r() is not None for r in refs)) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert all(r() is None for r in refs) and shadow_threads() == before

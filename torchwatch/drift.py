@@ -499,7 +499,8 @@ class Reference:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file (no pickle): arrays per module plus JSON metadata.
 
-        Written to a temporary name first and renamed, so a crash never leaves half a file.
+        Written to a temporary name first, fsynced and renamed, so a crash never leaves half a file
+        and a failed write (a full disk) leaves the old file and no temporary one.
         """
         from safetensors.numpy import save_file
 
@@ -518,10 +519,11 @@ class Reference:
             "reduce": self.reduce_name,
             "torch": torch.__version__,
         }
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        from ._files import atomic_write
+
+        atomic_write(
+            _validate.path("Reference.save", "path", path), lambda tmp: save_file(tensors, tmp, metadata=metadata)
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, reduce: Reduce | None = None) -> Reference:

@@ -23,6 +23,7 @@ import random
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from . import _validate
-from ._files import atomic_write, parse_json, read_regular, shown
+from ._files import atomic_write, open_log, parse_json, read_regular, shown
 from ._hooks import Hook
 from ._schema import Fields
 from .alerts import Alert
@@ -434,8 +435,14 @@ class Shadow:
             except ConfigError as exc:  # e.g. a selector that matches none of the candidate's modules
                 self._notes.append(f"module statistics not compared: {exc}")
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="torchwatch-shadow", daemon=True)
+        self._stream: Any = None  # the candidate's CUDA stream, made on first use (shadow thread)
+        # The thread holds the shadow weakly between samples, so a shadow dropped without close()
+        # (with its models) is freed, and its finalizer ends the thread.
+        self._thread = threading.Thread(
+            target=_serve, args=(weakref.ref(self), self._queue), name="torchwatch-shadow", daemon=True
+        )
         self._thread.start()
+        weakref.finalize(self, self._queue.put, None)
         self._handles = [
             primary.register_forward_pre_hook(Hook(self._before), with_kwargs=True),
             primary.register_forward_hook(Hook(self._after), always_call=True),
@@ -484,31 +491,27 @@ class Shadow:
 
     # ---- shadow thread -----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        stream = None
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            (args, kwargs), expected, event = item
-            try:
-                if event is not None:
-                    stream = stream or torch.cuda.Stream()
-                    stream.wait_event(event)
-                with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    got = self._candidate(*args, **kwargs)
-                    self._comparer.add(expected, got)
-            except Exception as exc:  # noqa: BLE001 - a failing candidate is the finding, not a crash
-                with self._lock:
-                    self.errors += 1
-                self._warn_once("error", f"the shadow candidate raised {exc!r}; counted in shadow.errors")
-            finally:
-                self._queue.task_done()
-            calls = self._comparer.calls
-            if calls >= self.min_calls:
-                self._check()
-            if self._path is not None and calls and calls % self._write_every == 0:
-                self._write()
+    def _compare_one(self, item: tuple[Any, Any, Any]) -> None:
+        (args, kwargs), expected, event = item
+        try:
+            if event is not None:
+                self._stream = self._stream or torch.cuda.Stream()
+                self._stream.wait_event(event)
+            stream_context = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+            with torch.no_grad(), stream_context:
+                got = self._candidate(*args, **kwargs)
+                self._comparer.add(expected, got)
+        except Exception as exc:  # noqa: BLE001 - a failing candidate is the finding, not a crash
+            with self._lock:
+                self.errors += 1
+            self._warn_once("error", f"the shadow candidate raised {exc!r}; counted in shadow.errors")
+        finally:
+            self._queue.task_done()
+        calls = self._comparer.calls
+        if calls >= self.min_calls:
+            self._check()
+        if self._path is not None and calls and calls % self._write_every == 0:
+            self._write()
 
     def _check(self) -> None:
         for o in self._comparer.results():
@@ -538,7 +541,7 @@ class Shadow:
     def _write(self) -> None:
         try:
             line = (json.dumps(_json_safe(self.report().to_dict())) + "\n").encode()
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = open_log(self._path)  # a torn last line is cut; a FIFO without a reader fails, never blocks
             try:
                 os.write(fd, line)
             finally:
@@ -596,6 +599,17 @@ class Shadow:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _serve(ref: weakref.ref[Shadow], samples: queue.Queue[Any]) -> None:
+    """The shadow thread: compare each queued sample, holding the shadow only while it does."""
+    while True:
+        item = samples.get()
+        shadow = ref() if item is not None else None
+        if shadow is None:
+            return
+        shadow._compare_one(item)
+        del shadow, item
 
 
 def _limits(owner: str, min_top1: object, max_rel_l2: object) -> None:
