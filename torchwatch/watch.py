@@ -19,7 +19,6 @@ import atexit
 import collections
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import threading
 import time
@@ -42,11 +41,12 @@ from ._outputs import tensors_in
 from ._provenance import device_origins
 from ._select import select_modules
 from ._table import C_NAN, C_NEGINF, CALLS, ENABLED, DeviceTable, WindowRead
+from ._window import DevicePart, Interval, RecordParts
 from .alerts import Alert, FirstNonFinite, nonfinite_alert
 from .errors import ConfigError, NonFiniteError, TorchwatchWarning
 from .kernels import PLAIN_TENSOR_TYPES, host_stats, measurable, torch_ops
 from .kernels import cpu as cpu_kernel
-from .latency import CallTimer, LatencySketch
+from .latency import CallTimer
 from .sinks._dispatch import Worker
 from .sinks.base import Record, Sink
 from .snapshot import Snapshot
@@ -94,85 +94,6 @@ class _Call:
         self.seq = 0  # measurements so far: execution order within the call
         self.events: list[tuple[int, str, int, int, int]] = []  # host NaN/Inf: (seq, name, nan, +inf, -inf)
         self.device: list[tuple[int, str, DeviceTable, int]] = []  # device measurements: (seq, name, table, slot)
-
-
-@dataclasses.dataclass
-class _Interval:
-    """What one flush cut off on the serving thread, for the worker to finish."""
-
-    step: int  # eager root calls so far
-    calls: int
-    sampled: int
-    window: dict[tuple[str | None, str], Any]  # host accumulators
-    reads: list[tuple[DeviceTable, object]]  # device halves being copied
-    alerts: list[Alert]
-    nonfinite: dict[str, FirstNonFinite]
-    drift: Any
-    edges: tuple[dict[str, Any], Any]
-    merged: int  # automatic flushes folded into this one because the worker was behind
-
-
-@dataclasses.dataclass
-class _RecordParts:
-    """One or more flushed intervals on their way to becoming one :class:`Record` (worker thread)."""
-
-    step: int
-    time: float
-    calls: int
-    sampled: int
-    stats: list[tuple[tuple[str | None, str], ModuleStats]]  # per (cohort, position), one item per interval
-    alerts: list[Alert]
-    nonfinite: dict[str, FirstNonFinite]
-    drift: dict[str, Any]
-    latency: LatencySketch
-    inputs: dict[str, Any]
-    outputs: Any
-    timing: dict[str, LatencySketch]
-    merged: int
-
-    def merge(self, later: _RecordParts) -> _RecordParts:
-        """These intervals followed by ``later``'s, as one (counts add, statistics merge)."""
-        inputs = dict(self.inputs)
-        for name, stats in later.inputs.items():
-            inputs[name] = inputs[name].merge(stats) if name in inputs else stats
-        outputs = self.outputs
-        if later.outputs is not None:
-            outputs = later.outputs if outputs is None else outputs.merge(later.outputs)
-        timing = {n: self.timing[n].merge(t) if n in self.timing else t for n, t in later.timing.items()}
-        return _RecordParts(
-            step=later.step, time=later.time, calls=self.calls + later.calls, sampled=self.sampled + later.sampled,
-            stats=self.stats + later.stats, alerts=self.alerts + later.alerts,
-            nonfinite={**later.nonfinite, **self.nonfinite},  # the first occurrence wins
-            drift={**self.drift, **later.drift}, latency=self.latency.merge(later.latency), inputs=inputs,
-            outputs=outputs, timing={**self.timing, **timing}, merged=self.merged + later.merged + 1,
-        )  # fmt: skip
-
-    def record(self, order: Callable[[Iterable[str]], list[str]], errors: dict[str, int]) -> Record | None:
-        """The :class:`Record` for the sinks, or None when nothing at all happened."""
-        labelled = self.outputs is not None and self.outputs.labelled
-        if not (self.calls or self.stats or self.alerts or self.nonfinite or labelled):
-            return None
-        per_name: dict[str, list[ModuleStats]] = {}
-        for (_, name), s in self.stats:
-            per_name.setdefault(name, []).append(s)
-        return Record(
-            step=self.step, time=self.time, calls=self.calls, sampled=self.sampled,
-            stats={name: merge_all(per_name[name]) for name in order(per_name)}, alerts=tuple(self.alerts),
-            nonfinite=self.nonfinite, errors=errors, drift=self.drift, latency=self.latency.stats(),
-            inputs=self.inputs, outputs=self.outputs,
-            timing={n: t.stats() for n, t in self.timing.items() if t.count}, merged=self.merged,
-        )  # fmt: skip
-
-
-@dataclasses.dataclass
-class _DevicePart:
-    """Device window reads, folded (see ``Watch._device_reads``)."""
-
-    calls: int = 0
-    sampled: int = 0
-    stats: list[tuple[tuple[str | None, str], ModuleStats]] = dataclasses.field(default_factory=list)
-    counts: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # NaN, +Inf, -Inf
-    firsts: dict[str, FirstNonFinite] = dataclasses.field(default_factory=dict)
 
 
 class Watch:
@@ -265,7 +186,7 @@ class Watch:
         self._completed_sampled = 0
         self._unseen_checked = False
         self._merged = 0  # automatic flushes deferred into the next one
-        self._carry: _RecordParts | None = None  # worker thread: intervals held back while the sinks are behind
+        self._carry: RecordParts | None = None  # worker thread: intervals held back while the sinks are behind
         self._host_keys: set[tuple[str | None, str]] = set()  # host output positions admitted (bounded)
         self._positions_dropped = 0
 
@@ -1152,7 +1073,7 @@ class Watch:
             drift = self._drift.start_read() if self._drift is not None and (calls or reads) else None
             edges = self._take_edges(keep=False)
             if calls or window or reads or alerts or nonfinite or edges[1] is not None:
-                interval = _Interval(step, calls, sampled, window, reads, alerts, nonfinite, drift, edges, merged)
+                interval = Interval(step, calls, sampled, window, reads, alerts, nonfinite, drift, edges, merged)
                 # queued under the lock: intervals reach the worker in the order they were cut
                 self._worker.submit(functools.partial(self._finish_flush, interval))
         finally:
@@ -1181,11 +1102,11 @@ class Watch:
                 self._input_totals, self._output_total = totals, total_out
         return (inputs, outputs) if fold else (totals, total_out)
 
-    def _device_reads(self, reads: list[tuple[DeviceTable, WindowRead]], *, advance: bool) -> _DevicePart:
+    def _device_reads(self, reads: list[tuple[DeviceTable, WindowRead]], *, advance: bool) -> DevicePart:
         """Fold device window reads: their statistics, the root calls replayed from graphs since
         the previous read, and where NaN/Inf first appeared. The one conversion used by both
         flushes (``advance``: these calls are now accounted for) and snapshots."""
-        part = _DevicePart()
+        part = DevicePart()
         for table, read in reads:
             with self._lock:
                 graph_calls = read.root_calls - self._device_root_calls.get(table.device, 0)
@@ -1199,7 +1120,7 @@ class Watch:
                 part.firsts.setdefault(name, record)
         return part
 
-    def _finish_flush(self, interval: _Interval, waiting: int) -> Record | None:
+    def _finish_flush(self, interval: Interval, waiting: int) -> Record | None:
         """Worker thread: wait for the copies, fold the window into the totals, run the rules on
         it, and make the record. With ``MERGE_RECORDS_BEHIND`` or more intervals ``waiting``
         behind this one (the sinks are behind), the record is held back and merged into the
@@ -1239,7 +1160,7 @@ class Watch:
         inputs, outputs = self._edges_to_host(interval.edges, fold=True)
         timing = {name: timer.take_sketch() for name, timer in self._module_timers.items()}
         alerts += self._run_rules(step, now, converted, drift_status, latency.stats(), inputs, outputs)
-        part = _RecordParts(
+        part = RecordParts(
             step=step, time=now, calls=calls, sampled=sampled, stats=converted,
             alerts=[a for a in alerts if self.alert_policy.admit(a, now)],
             nonfinite={**interval.nonfinite, **new_firsts}, drift=drift_status, latency=latency, inputs=inputs,
