@@ -198,7 +198,7 @@ def test_bad_inputs_and_models_give_config_errors():
         canary.verify(narrow)
     with pytest.raises(tw.ConfigError, match="mode='exact' is not valid"):
         canary.verify(model, mode="exact")
-    with pytest.raises(tw.ConfigError, match="Tolerances.rtol must be a finite number"):
+    with pytest.raises(tw.ConfigError, match="Tolerances: rtol must be a finite number"):
         tw.Tolerances(rtol=-1)
 
 

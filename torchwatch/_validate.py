@@ -22,7 +22,10 @@ def _fail(owner: str, name: str, what: str, value: object) -> ConfigError:
 def integer(owner: str, name: str, value: object, *, low: int = 1, high: int | None = None) -> int:
     """An int (not a bool) in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        what = f"an integer >= {low}" if high is None else f"an integer from {low} to {high:,}"
+        if high is not None:
+            what = f"an integer from {low} to {high}"
+        else:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise _fail(owner, name, what, value)
     return value
 

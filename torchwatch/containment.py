@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from . import _validate
 from .errors import CircuitOpenError, ConfigError
 
 __all__ = ["CircuitBreaker"]
@@ -62,12 +62,9 @@ class CircuitBreaker:
             raise ConfigError(f"CircuitBreaker needs a torchwatch Watch, got {type(watch).__name__}")
         if fallback is not None and not callable(fallback):
             raise ConfigError("fallback must be callable (or None to raise CircuitOpenError)")
-        if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or not 0 <= cooldown < math.inf:
-            raise ConfigError(f"cooldown must be a number of seconds >= 0, got {cooldown!r}")
-        if on_change is not None and not callable(on_change):
-            raise ConfigError(f"on_change must be callable or None, got {type(on_change).__name__}")
-        if not callable(clock):
-            raise ConfigError(f"clock must be a callable returning the time, got {type(clock).__name__}")
+        _validate.number("CircuitBreaker", "cooldown", cooldown, low=0.0)
+        _validate.function("CircuitBreaker", "on_change", on_change, optional=True)
+        _validate.function("CircuitBreaker", "clock", clock)
         self.watch, self.fallback, self.cooldown, self.on_change = watch, fallback, float(cooldown), on_change
         self._clock = clock
         self.state = CLOSED

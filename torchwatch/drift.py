@@ -595,8 +595,7 @@ def _check_fit_args(window, components, features, arl, delta, splits, resamples,
     for name, value, low, high in (("window", window, 1, 1 << 20), ("components", components, 1, 4096),
                                    ("features", features, 2, 1 << 16), ("resamples", resamples, 100, 10**7),
                                    ("max_samples", max_samples, 1, 10**9)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ConfigError(f"{owner}: {name} must be an integer from {low} to {high:,}, got {value!r}")
+        _validate.integer(owner, name, value, low=low, high=high)
     if features % 2:
         raise ConfigError(f"{owner}: features must be an even integer >= 2, got {features}")
     _validate.number(owner, "arl (windows between false alarms)", arl, above=1.0)

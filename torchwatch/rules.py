@@ -271,8 +271,7 @@ class ControlChart:
     ) -> None:
         if not isinstance(stat, str) or stat not in STATISTICS:
             raise ConfigError(f"ControlChart stat={stat!r} is not valid: use one of {', '.join(STATISTICS)}")
-        if isinstance(warmup, bool) or not (isinstance(warmup, int) and warmup >= 5):
-            raise ConfigError(f"ControlChart warmup must be an integer >= 5 intervals, got {warmup!r}")
+        _validate.integer("ControlChart", "warmup", warmup, low=5)
         _chart_arguments("ControlChart", arl, k, max_series, trips)
         _validate.optional(_validate.number, "ControlChart", "min_sigma", min_sigma, above=0.0)
         _validate.integer("ControlChart", "min_elements", min_elements, low=0)
@@ -345,8 +344,7 @@ class EdgeChart:
         self, *, warmup: int = 30, arl: float = 10_000, k: float = 0.5, min_count: int = 64,
         max_series: int = 1024, trips: bool = False,
     ) -> None:  # fmt: skip
-        if isinstance(warmup, bool) or not (isinstance(warmup, int) and warmup >= 5):
-            raise ConfigError(f"EdgeChart warmup must be an integer >= 5 intervals, got {warmup!r}")
+        _validate.integer("EdgeChart", "warmup", warmup, low=5)
         _chart_arguments("EdgeChart", arl, k, max_series, trips)
         _validate.integer("EdgeChart", "min_count", min_count, low=1)
         self.warmup, self.arl, self.k, self.min_count = warmup, float(arl), float(k), min_count

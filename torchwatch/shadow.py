@@ -677,8 +677,7 @@ def shadow(
     if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 < sample <= 1:
         raise ConfigError(f"shadow sample must be in (0, 1], got {sample!r}")
     for name, value in (("max_pending", max_pending), ("write_every", write_every), ("min_calls", min_calls)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"shadow {name} must be a positive integer, got {value!r}")
+        _validate.integer("shadow()", name, value)
     _limits("shadow()", min_top1, max_rel_l2)
     _validate.seed("shadow()", "seed", seed)
     if path is not None:

@@ -134,12 +134,12 @@ class Watch:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-        self.every = _positive_int("every", every)
+        self.every = _validate.integer("attach()", "every", every)
         if sampling not in SAMPLING_MODES:
             raise ConfigError(f"sampling={sampling!r} is not valid: use 'python' (eager) or 'device' (graphs)")
         self.sampling = sampling
-        self.flush_every = _positive_int("flush_every", flush_every)
-        self._max_cohorts = _positive_int("max_cohorts", max_cohorts)
+        self.flush_every = _validate.integer("attach()", "flush_every", flush_every)
+        self._max_cohorts = _validate.integer("attach()", "max_cohorts", max_cohorts)
         self.cast_dtypes = normalize_cast_dtypes(cast_dtypes)
         self.on_nonfinite = _nonfinite_policy(on_nonfinite)
         self.rules = _rules.normalize(rules, self.cast_dtypes)
@@ -1385,12 +1385,6 @@ def _output_monitor(outputs: Any) -> _edges.OutputMonitor | None:
         f"outputs= takes a key ('logits'), an index, a callable output -> logits, True (the output is the "
         f"logits) or a tw.OutputMonitor, got {outputs!r}"
     )
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _nonfinite_policy(policy: object) -> str | Callable[[Alert], object]:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .. import _validate
 from .._files import atomic_write, parse_json, shown
 from .._outputs import _children
 from ..errors import CanaryError, ConfigError, FormatError
@@ -82,18 +83,10 @@ class Tolerances:
     min_top1: float = 0.99
 
     def __post_init__(self) -> None:
-        def number(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        for name in ("rtol", "atol", "max_rel_l2"):
-            v = getattr(self, name)
-            if v is not None and not (number(v) and v >= 0 and math.isfinite(v)):
-                raise ConfigError(f"Tolerances.{name} must be a finite number >= 0 (None: the default), got {v!r}")
-        v = self.min_cosine
-        if v is not None and not (number(v) and -1 <= v <= 1):
-            raise ConfigError(f"Tolerances.min_cosine must be in [-1, 1] (or None for the default), got {v!r}")
-        if not (number(self.min_top1) and 0 <= self.min_top1 <= 1):
-            raise ConfigError(f"Tolerances.min_top1 must be a fraction in [0, 1], got {self.min_top1!r}")
+        for name in ("rtol", "atol", "max_rel_l2"):  # None: the per-dtype default
+            _validate.optional(_validate.number, "Tolerances", name, getattr(self, name), low=0.0)
+        _validate.optional(_validate.number, "Tolerances", "min_cosine", self.min_cosine, low=-1.0, high=1.0)
+        _validate.number("Tolerances", "min_top1", self.min_top1, low=0.0, high=1.0)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Tolerances:

@@ -7,6 +7,7 @@ import os
 import threading
 from typing import Any, ClassVar
 
+from .. import _validate
 from ..errors import ConfigError
 from .base import ROOT_LABEL, Record, Sink
 
@@ -46,7 +47,7 @@ class PrometheusSink(Sink):
     ``rate(torchwatch_nonfinite_total{kind="nan"}[5m]) / rate(torchwatch_elements_total[5m])``.
 
     Args:
-        port: serve ``/metrics`` on this port from a background thread (``0``: any free port, see
+        port: serve ``/metrics`` on this port (0 to 65535) from a background thread (``0``: any free port, see
             :attr:`port`). None: do not serve; the metrics go to ``registry``.
         addr: the address to serve on (default loopback; ``"0.0.0.0"`` to expose it).
         registry: a ``prometheus_client.CollectorRegistry`` to register into (your application's);
@@ -87,14 +88,12 @@ class PrometheusSink(Sink):
         model_name: str = "model",
         max_modules: int = 256,
     ) -> None:
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
-            raise ConfigError(f"PrometheusSink: port must be an integer from 0 to 65535 (0: any free), got {port!r}")
+        _validate.optional(_validate.integer, "PrometheusSink", "port", port, low=0, high=65535)
         if not isinstance(addr, str) or not addr:
             raise ConfigError(f"PrometheusSink: addr must be a host address string, got {addr!r}")
         if not isinstance(model_name, str) or not model_name:
             raise ConfigError(f"PrometheusSink: model_name must be a non-empty string, got {model_name!r}")
-        if isinstance(max_modules, bool) or not isinstance(max_modules, int) or max_modules < 1:
-            raise ConfigError(f"PrometheusSink: max_modules must be a positive integer, got {max_modules!r}")
+        _validate.integer("PrometheusSink", "max_modules", max_modules)
         if registry is not None and not (
             callable(getattr(registry, "register", None)) and hasattr(registry, "collect")
         ):
