@@ -858,15 +858,11 @@ class Watch:
             key = (call.cohort, name)
             with self._lock:
                 acc = self._window.get(key)
-                if acc is None:
-                    if key not in self._host_keys:
-                        if len(self._host_keys) >= self._table_capacity:  # bounded like the device tables
-                            acc = None
-                        else:
-                            self._host_keys.add(key)
-                    if key in self._host_keys:
-                        acc = self._window[key] = new_host_accumulator(len(plan.names))
-                        self._order.setdefault(name)
+                # positions are bounded like the device tables' slots
+                if acc is None and (key in self._host_keys or len(self._host_keys) < self._table_capacity):
+                    self._host_keys.add(key)
+                    acc = self._window[key] = new_host_accumulator(len(plan.names))
+                    self._order.setdefault(name)
                 if acc is not None:
                     acc.add(raw)
             if acc is None:

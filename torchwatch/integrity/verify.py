@@ -338,14 +338,11 @@ def _compare_file(source: Any, manifest: Manifest, matcher: Any, threads: int | 
         if canonical not in have:  # the file kept the alias name only: it stands for the canonical tensor
             found.aliased[canonical] = name
     found.unexpected = sorted(n for n in have if n not in expected and n not in as_alias)
-    stands_for = dict(found.aliased)  # canonical -> the alias name the file stores it under
-    layout = {**have, **{c: have[a] for c, a in stands_for.items()}}
-    to_hash = found.compare_layouts(expected, layout)
-    extra = [n for n, c in as_alias.items() if c not in stands_for]  # stored beside their canonical tensor
-    for name in extra:
-        if have[name] != (expected[as_alias[name]].dtype, expected[as_alias[name]].shape):
-            found.mismatched.append(name)
-    extra = [n for n in extra if n not in found.mismatched]
+    stands_for = found.aliased  # canonical -> the alias name the file stores it under
+    to_hash = found.compare_layouts(expected, {**have, **{c: have[a] for c, a in stands_for.items()}})
+    beside = [n for n, c in as_alias.items() if c not in stands_for]  # stored beside their canonical tensor
+    found.mismatched += [n for n in beside if have[n] != (expected[as_alias[n]].dtype, expected[as_alias[n]].shape)]
+    extra = [n for n in beside if n not in found.mismatched]
     items = [(n, *entries[stands_for.get(n, n)]) for n in to_hash] + [(n, *entries[n]) for n in extra]
     got = _hashing.hash_entries(items, threads=threads, label="verifying checkpoint")
     bad = {n for n in to_hash if got[n] != expected[n].sha256}
