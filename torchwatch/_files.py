@@ -37,6 +37,11 @@ _KINDS = {
 }
 
 
+def _blocking(fd: int) -> None:
+    """Clear O_NONBLOCK: opened without blocking to refuse FIFOs, the file is then read or written normally."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
 def open_regular(path: str | os.PathLike[str] | bytes, what: str) -> IO[bytes]:
     """Open ``path`` for reading in binary mode, if it is a regular file.
 
@@ -57,7 +62,7 @@ def open_regular(path: str | os.PathLike[str] | bytes, what: str) -> IO[bytes]:
         if not stat.S_ISREG(mode):
             kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
             raise FormatError(f"{what} {shown(path)} is {kind}, not a file torchwatch can read")
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        _blocking(fd)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -143,7 +148,7 @@ def open_log(path: str | os.PathLike[str]) -> int:
     flags = (os.O_RDWR if regular else os.O_WRONLY) | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK
     fd = os.open(path, flags, 0o644)
     try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        _blocking(fd)
         info = os.fstat(fd)
         if stat.S_ISREG(info.st_mode) and info.st_size:
             tail = os.pread(fd, min(info.st_size, _TAIL), max(0, info.st_size - _TAIL))

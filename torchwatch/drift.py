@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from . import _sequential, _validate
+from ._files import atomic_write, parse_json
 from ._schema import Fields
 from .errors import ConfigError, FormatError
 
@@ -75,8 +76,6 @@ class DriftStatus:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "drift status") -> DriftStatus:
         """Inverse of :meth:`to_dict` (null numbers read as NaN); FormatError naming a bad field."""
-        from ._schema import Fields
-
         f = Fields(data, where)
         alarm = data.get("alarm", False)
         if not isinstance(alarm, bool):
@@ -519,8 +518,6 @@ class Reference:
             "reduce": self.reduce_name,
             "torch": torch.__version__,
         }
-        from ._files import atomic_write
-
         atomic_write(
             _validate.path("Reference.save", "path", path), lambda tmp: save_file(tensors, tmp, metadata=metadata)
         )
@@ -538,7 +535,6 @@ class Reference:
                 whose shapes do not fit together (the message names the file and the key).
             ConfigError: the reference was fit with a custom reduce and none is given.
         """
-        from ._files import parse_json
         from .integrity import _safetensors
 
         if not isinstance(path, (str, os.PathLike)):

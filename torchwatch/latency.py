@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._schema import Fields
 from .errors import ConfigError
 
 __all__ = ["LatencySketch", "LatencyStats"]
@@ -115,8 +116,6 @@ class LatencyStats:
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any], where: str = "latency") -> LatencyStats:
         """Inverse of :meth:`to_dict` (null numbers read as NaN); FormatError naming a bad field."""
-        from ._schema import Fields
-
         f = Fields(m, where)
         return cls(
             count=f.count("count"), mean_ms=f.float("mean_ms"), max_ms=f.float("max_ms"), p50_ms=f.float("p50_ms"),

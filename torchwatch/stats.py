@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ._schema import Fields
+
 DEFAULT_CAST_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 
 _NAN = math.nan
@@ -121,8 +123,6 @@ class ModuleStats:
             FormatError: a field of the wrong type (a negative count, a string for a number),
                 naming ``where`` and the field.
         """
-        from ._schema import Fields
-
         f = Fields(data, where)
         kwargs: dict[str, Any] = {}
         for field_ in fields(cls):
