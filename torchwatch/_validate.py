@@ -89,6 +89,13 @@ def strings(owner: str, name: str, value: object, *, allow_empty: bool = False) 
     return items
 
 
+def instance(owner: str, name: str, value: object, kind: type, what: str, *, optional: bool = False) -> Any:
+    """An instance of ``kind`` (``what`` names it, e.g. ``"a torch.nn.Module"``), or None with ``optional``."""
+    if (value is None and optional) or isinstance(value, kind):
+        return value
+    raise ConfigError(f"{owner}: {name} must be {what}{' or None' if optional else ''}, got {type(value).__name__}")
+
+
 def seed(owner: str, name: str, value: object) -> int | None:
     """A random seed: None or a non-negative integer."""
     return optional(integer, owner, name, value, low=0)

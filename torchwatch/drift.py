@@ -404,8 +404,7 @@ class Reference:
             (8, 16)
         """
         _check_fit_args(window, components, features, arl, delta, splits, resamples, max_samples, reduce, seed)
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"Reference.fit needs a torch.nn.Module, got {type(model).__name__}")
+        _validate.instance("Reference.fit", "model", model, nn.Module, "a torch.nn.Module")
         modules = _validate.strings("Reference.fit", "modules", modules)
         names = dict(model.named_modules())
         missing = [m for m in modules if m not in names]

@@ -404,10 +404,10 @@ class Canary:
         Raises:
             ConfigError: inputs are not tensors, or the model fails or returns no tensor.
         """
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"Canary.record needs a torch.nn.Module, got {type(model).__name__}")
-        if tolerances is not None and not isinstance(tolerances, Tolerances):
-            raise ConfigError(f"tolerances= takes a torchwatch.Tolerances, got {type(tolerances).__name__}")
+        _validate.instance("Canary.record", "model", model, torch.nn.Module, "a torch.nn.Module")
+        _validate.instance(
+            "Canary.record", "tolerances", tolerances, Tolerances, "a torchwatch.Tolerances", optional=True
+        )
         kind, keys, values = _inputs_to_tensors(inputs)
         device, dtype = _model_device_dtype(model)
         try:
@@ -554,8 +554,8 @@ class Canary:
             why = "chosen by the caller"
         if tolerances is None:
             tolerances = Tolerances.from_json(self.metadata.get("tolerances", "{}"), "canary")
-        elif not isinstance(tolerances, Tolerances):
-            raise ConfigError(f"tolerances= takes a torchwatch.Tolerances, got {type(tolerances).__name__}")
+        else:
+            _validate.instance("Canary.verify", "tolerances", tolerances, Tolerances, "a torchwatch.Tolerances")
         device, dtype = _model_device_dtype(model)
         recorded = self.metadata.get("dtype")
         values = []

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .. import _validate
 from ..errors import CanaryError, ConfigError, IntegrityError
 from .canary import MODES, Canary, CanaryReport, Tolerances
 from .fingerprinting import Fingerprint
@@ -108,12 +109,10 @@ def selftest(
         True
     """
     start = time.perf_counter()
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"selftest() checks a torch.nn.Module, got {type(model).__name__}")
+    _validate.instance("selftest()", "model", model, torch.nn.Module, "a torch.nn.Module")
     if manifest is None and canary is None:
         raise ConfigError("selftest() needs manifest= or canary= (or both): there is nothing to check against")
-    if tolerances is not None and not isinstance(tolerances, Tolerances):
-        raise ConfigError(f"tolerances= takes a torchwatch.Tolerances, got {type(tolerances).__name__}")
+    _validate.instance("selftest()", "tolerances", tolerances, Tolerances, "a torchwatch.Tolerances", optional=True)
     if canary_mode not in MODES:
         raise ConfigError(f"canary_mode={canary_mode!r} is not valid: use one of {', '.join(MODES)}")
     ignore_matcher(ignore)  # a bad ignore= fails before anything runs
