@@ -72,17 +72,16 @@ def load_weights(model: torch.nn.Module, weights: list[str], ignore: str | None 
     for path in _safetensors.checkpoint_files(weights if len(weights) > 1 else weights[0]):
         state.update(_safetensors.load(path)[0])
     buffers = {name for name, _ in model.named_buffers()}
-    own_names = set(model.state_dict())
+    own = model.state_dict()  # views of the parameters: load_state_dict copies into them in place
     tolerated_in_file = loader_patterns(model, "_keys_to_ignore_on_load_unexpected")
     skipped = {
         k for k in state
-        if k not in own_names and (k in buffers or any(p.search(k) for p in tolerated_in_file) or matches(matcher, k))
+        if k not in own and (k in buffers or any(p.search(k) for p in tolerated_in_file) or matches(matcher, k))
     }  # fmt: skip
     try:
         result = model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     except RuntimeError as exc:  # shape mismatches
         raise ConfigError(f"the weights do not fit the model: {str(exc).splitlines()[-1].strip()}") from None
-    own = model.state_dict()
     ptrs = {own[k].untyped_storage().data_ptr() for k in state if k in own}
     tolerated_in_model = loader_patterns(model, "_keys_to_ignore_on_load_missing")
     missing = [
