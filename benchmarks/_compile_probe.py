@@ -25,7 +25,7 @@ model = transformers.BertModel(cfg).cuda().half().eval()
 plain = copy.deepcopy(model)
 ids = torch.randint(0, cfg.vocab_size, (32, 512), device="cuda")
 watch = tw.attach(model, flush_every=10**9)
-watch._triton_in_compile = mode == "triton"
+watch.engine.activations.triton_in_compile = mode == "triton"
 compiled, compiled_plain = torch.compile(model), torch.compile(plain)
 with torch.inference_mode():
     for _ in range(3):

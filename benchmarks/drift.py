@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
-from torchwatch._drift_online import DriftMonitor
+from torchwatch.monitors.drift.online import DriftMonitor
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

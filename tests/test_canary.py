@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import torchwatch as tw
-from torchwatch.integrity.canary import flatten_outputs
+from torchwatch._pytree import flatten_outputs
 
 transformers = pytest.importorskip("transformers")
 

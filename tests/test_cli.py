@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import torchwatch as tw
-from torchwatch import cli, demo
+from torchwatch import cli
+from torchwatch.cli import demo
 
 
 def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(tmp_path, capsys):

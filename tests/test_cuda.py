@@ -201,7 +201,7 @@ def test_latency_on_cuda_uses_events_without_a_host_sync():
                 model(x)
         torch.cuda.synchronize()
         snap = watch.snapshot()
-    assert watch._timer.cuda and snap.latency.count == 21
+    assert watch.engine.monitor("latency").timer.cuda and snap.latency.count == 21
     assert 0 < snap.latency.p50_ms < 1000 and watch.errors == {}
 
 

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 import torchwatch as tw
-from torchwatch import _sequential
-from torchwatch._drift_online import RING, DriftMonitor
-from torchwatch.drift import RESIDUAL_RESOLUTION, _lower_p, _Reservoir, _upper_p
+from torchwatch.monitors.drift import sequential as _sequential
+from torchwatch.monitors.drift.online import RING, DriftMonitor
+from torchwatch.monitors.drift.reference import STATISTICS
+from torchwatch.monitors.drift.statistics import RESIDUAL_RESOLUTION, ModuleReference, Reservoir, lower_p, upper_p
 
 D = 12
 
@@ -79,8 +80,8 @@ def test_upper_p_counts_in_the_bulk_and_keeps_shrinking_in_the_tail():
     null = np.sort(np.random.default_rng(0).gamma(2.0, size=2000))
     values = np.quantile(null, [0.1, 0.5, 0.9, 0.97])
     brute = [(1 + (null >= v).sum()) / (1 + null.size) for v in values]
-    np.testing.assert_allclose(_upper_p(null, values), brute)
-    far = _upper_p(null, np.array([null.max(), null.max() * 2, null.max() * 4]))
+    np.testing.assert_allclose(upper_p(null, values), brute)
+    far = upper_p(null, np.array([null.max(), null.max() * 2, null.max() * 4]))
     assert far[0] > far[1] > far[2] > 0  # beyond the sample, from the fitted tail
     assert far[2] < 1 / null.size
 
@@ -89,8 +90,8 @@ def test_lower_p_counts_minima_and_extrapolates_linearly():
     null = np.sort(np.random.default_rng(1).uniform(size=(3000, 3)).min(1))
     values = np.quantile(null, [0.05, 0.5])
     brute = [(1 + (null <= v).sum()) / (1 + null.size) for v in values]
-    np.testing.assert_allclose(_lower_p(null, values), brute)
-    tiny = _lower_p(null, np.array([1e-6, 1e-8]))
+    np.testing.assert_allclose(lower_p(null, values), brute)
+    tiny = lower_p(null, np.array([1e-6, 1e-8]))
     assert 2e-6 < tiny[0] < 5e-6 and tiny[1] == pytest.approx(tiny[0] / 100)  # P(min of 3 <= x) ≈ 3x
 
 
@@ -175,7 +176,7 @@ def test_an_alarm_names_the_module_statistic_and_directions(ref):
             model(batch)
         snap = watch.snapshot()
     drift = [a for a in watch.alerts if a.rule == "drift"]
-    assert drift and drift[0].module == "0" and drift[0].stat in tw.drift.STATISTICS
+    assert drift and drift[0].module == "0" and drift[0].stat in STATISTICS
     assert "PCA directions that moved most" in drift[0].message
     assert snap.drift["0"].alarm and snap.drift["0"].windows == 10
     assert sum("drift in '0'" in str(w.message) for w in caught) == 1  # warned once per module
@@ -190,7 +191,7 @@ def test_online_window_sums_equal_the_offline_features(ref):
     for batch in x.split(7):  # batches straddle windows
         monitor.observe("0", batch)
     read = monitor.start_read()
-    sums, count = read.host["0"]
+    sums, count = read.copies["0"].wait()
     assert int(count) == x.shape[0]
     rows = ref.modules["0"].sample_features(x.double().numpy())
     for w in range(4):
@@ -335,7 +336,7 @@ def test_save_and_load_round_trip(ref, tmp_path):
     ref.save(path)
     back = tw.Reference.load(path)
     assert (back.window, back.arl, back.delta) == (ref.window, ref.arl, ref.delta)
-    for key in tw.drift.ModuleReference.ARRAYS:
+    for key in ModuleReference.ARRAYS:
         np.testing.assert_array_equal(getattr(back.modules["0"], key), getattr(ref.modules["0"], key))
     x = gaussian(16 * 20, seed=16)
     np.testing.assert_array_equal(_windows(back, x), _windows(ref, x))
@@ -356,7 +357,7 @@ def test_state_does_not_grow_with_the_reference(tmp_path):
 def test_reservoir_is_uniform_over_the_stream():
     hits = np.zeros(1000)
     for seed in range(300):
-        r = _Reservoir(100, seed)
+        r = Reservoir(100, seed)
         for chunk in np.arange(1000.0).reshape(-1, 1).reshape(20, 50, 1):
             r.add(chunk)
         hits[r.rows()[:, 0].astype(int)] += 1

@@ -15,15 +15,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torchwatch as tw
-from torchwatch.edges import RING, _IdAccumulator, hashed_bucket
+from torchwatch.monitors.ids import RING, IdAccumulator, hashed_bucket
 
 # ---- integer frequency sketch -----------------------------------------------------------------
 
 
 def _sketch(values: np.ndarray, exact: int = 64, hashed: int = 32, path: str | None = None) -> tw.IdStats:
-    acc = _IdAccumulator(torch.device("cpu"), exact, hashed, path=path)
+    acc = IdAccumulator(torch.device("cpu"), exact, hashed, path=path)
     acc.add(torch.from_numpy(values))
-    return tw.IdStats.from_state(acc.take()[0].numpy(), exact, hashed)
+    return tw.IdStats.from_state(acc.take().wait()[0].numpy(), exact, hashed)
 
 
 def _oracle_counts(values: np.ndarray, exact: int, hashed: int) -> np.ndarray:
@@ -62,10 +62,10 @@ def test_id_sketch_top_values_distinct_estimate_and_merge():
 
 @pytest.mark.parametrize("path", ["c", "numpy", "torch"])
 def test_id_sketch_ring_names_recent_values(path):
-    acc = _IdAccumulator(torch.device("cpu"), 4, 8, path=path)
+    acc = IdAccumulator(torch.device("cpu"), 4, 8, path=path)
     for i in range(40):
         acc.add(torch.full((3,), 1000 + i))
-    s = tw.IdStats.from_state(acc.take()[0].numpy(), 4, 8)
+    s = tw.IdStats.from_state(acc.take().wait()[0].numpy(), 4, 8)
     assert len(s.recent) == min(40 * 3, RING) and set(s.recent) == set(range(1000, 1040))
 
 
@@ -150,7 +150,7 @@ def test_output_quality_matches_plain_softmax_and_counts_classes(path):
     ids = torch.randint(0, 2000, (6, 10))
     monitor = tw.OutputMonitor("logits", abstain_below=0.3)
     with tw.Watch(model, outputs=monitor, _device_path=path == "torch") as watch:
-        watch._outputs.path = path
+        watch.engine.monitor("outputs").accumulator.path = path
         with torch.no_grad():
             out = model(ids)["logits"]
             model(ids[:2])
@@ -422,7 +422,7 @@ def test_edge_chart_false_alarm_rate_on_clean_channels_is_near_its_nominal_rate(
 
 
 def test_report_shows_output_quality_latency_and_inputs(tmp_path):
-    from torchwatch import report
+    from torchwatch.cli import report
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     with tw.attach(model, outputs=True, flush_every=5, sinks=[tw.JsonlSink(tmp_path / "s.jsonl")]) as watch:

@@ -187,7 +187,7 @@ def test_monitor_survives_failing_checks_and_validates(monkeypatch, quiet):
         def broken(*args, **kwargs):
             raise RuntimeError("device lost")
 
-        monkeypatch.setattr("torchwatch.integrity.monitor.fingerprint", broken)
+        monkeypatch.setattr("torchwatch.monitors.fingerprint.fingerprint", broken)
         deadline = time.monotonic() + 30
         while monitor.errors < 2 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -11,8 +11,8 @@ from _models import mlp
 from torch import nn
 
 import torchwatch as tw
-from torchwatch import report
-from torchwatch.watch import MERGE_RECORDS_BEHIND
+from torchwatch.cli import report
+from torchwatch.engine.core import MERGE_RECORDS_BEHIND
 
 
 class Blocking(tw.Sink):

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import torchwatch as tw
-from torchwatch import cli, report
+from torchwatch import cli
+from torchwatch.cli import report
 from torchwatch.integrity import _safetensors
 
 DEEP = "[" * 100_000 + "]" * 100_000

@@ -11,12 +11,12 @@ import time
 import pytest
 
 import torchwatch as tw
-from torchwatch.sinks.base import Record
+from torchwatch.records import Record
 
 WRITER = r"""
 import sys, time
 import torchwatch as tw
-from torchwatch.sinks.base import Record
+from torchwatch.records import Record
 log = tw.IncidentLog(sys.argv[1])
 i = 0
 while True:

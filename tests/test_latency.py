@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import torchwatch as tw
 from torchwatch import rules
-from torchwatch.latency import CallTimer, LatencySketch
+from torchwatch.monitors.latency import CallTimer, LatencySketch
 
 
 @settings(max_examples=60, deadline=None)
@@ -144,7 +144,7 @@ def test_a_failing_timer_costs_neither_the_answer_nor_the_statistics(quiet):
         def broken(token):
             raise RuntimeError("event pool exhausted")
 
-        watch._timer.stop = broken
+        watch.engine.monitor("latency").timer.stop = broken
         out = model(torch.ones(2, 3))
         snap = watch.snapshot()
     assert out.shape == (2, 3) and snap[""].count == 6 and snap.calls == 1
@@ -158,7 +158,7 @@ def test_device_timings_a_flush_never_read_are_counted_and_warned_once(monkeypat
     model = torch.nn.Linear(2, 2)
     sink = tw.MemorySink()
     watch = tw.attach(model, sinks=[sink], flush_every=10**6, rules=[])
-    monkeypatch.setattr(watch, "_timer", CallTimer(cuda=True, event_factory=FakeEvent))
+    monkeypatch.setattr(watch.engine.monitor("latency"), "timer", CallTimer(cuda=True, event_factory=FakeEvent))
     for _ in range(4096 + 10):
         model(torch.ones(1, 2))
     with pytest.warns(tw.TorchwatchWarning, match="device timings of calls were dropped"):

@@ -16,7 +16,7 @@ from _models import mlp
 from torch import nn
 
 import torchwatch as tw
-from torchwatch import watch as watch_module
+from torchwatch.engine import registry
 
 
 def _hooks(model: nn.Module) -> int:
@@ -48,7 +48,7 @@ def test_ten_thousand_attach_detach_cycles_leave_no_hook_and_no_growth():
     diffs = after.compare_to(before, "filename")
     growth = sum(s.size_diff for s in diffs)
     assert _hooks(model) == baseline_hooks
-    assert len(watch_module._watches) == 0 and len(watch_module._live) == 0
+    assert registry.live() == [] and all(registry.watch_of(m) is None for m in [model])
     # a leak of 7 bytes per cycle would show; the top files say where
     assert growth < 64 * 1024, f"{growth} bytes retained after 10,000 cycles: {diffs[:5]}"
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torchwatch as tw
-from torchwatch._outputs import MAX_TENSORS, tensors_in
+from torchwatch._pytree import MAX_TENSORS, tensors_in
 
 
 def test_labels_follow_positions():
@@ -145,7 +145,7 @@ def test_a_new_output_key_every_call_keeps_positions_bounded_and_counts_what_it_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with tw.Watch(model, inputs=False, _device_path=device_path, rules=[]) as watch:
-            capacity = watch._table_capacity
+            capacity = watch.engine.activations.capacity
             for _ in range(capacity + 50):
                 model(torch.ones(2))
             snap = watch.snapshot()

@@ -11,7 +11,7 @@ import torchwatch as tw
 
 EXPECTED = {
     "Alert", "CanaryError", "ConfigError", "DEFAULT_CAST_DTYPES", "FirstNonFinite", "FormatError", "IntegrityError",
-    "JsonlSink", "MemorySink", "ModuleStats", "NonFiniteError", "Record", "Sink", "Snapshot", "TensorBoardSink",
+    "JsonlSink", "MemorySink", "ModuleStats", "Monitor", "NonFiniteError", "Record", "Sink", "Snapshot", "TensorBoardSink",
     "TorchwatchError", "TorchwatchWarning", "Watch", "attach", "tensor_stats",
     "CalibrationReport", "DriftStatus", "Reference", "arl_windows",
     "Canary", "CanaryReport", "Fingerprint", "FingerprintChange", "Manifest", "OutputCheck", "SelfTestReport",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
-from torchwatch import report
+from torchwatch.cli import report
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -98,7 +98,7 @@ def test_a_line_torn_by_a_crash_is_cut_before_the_next_process_appends(tmp_path)
     lines = path.read_bytes().split(b"\n")
     assert lines[-1] == b"" and len(lines) == 3  # two whole records and the final newline
     assert [json.loads(line)["calls"] for line in lines[:-1]] == [1, 2]
-    from torchwatch import report
+    from torchwatch.cli import report
 
     assert report.summarize(report.load(tmp_path))["calls"] == 3
 

@@ -14,7 +14,7 @@ from _oracle import assert_matches, oracle
 from torch import nn
 
 import torchwatch as tw
-from torchwatch import watch as watch_module
+from torchwatch.monitors.activations import monitor as activations_module
 
 
 def _hook_counts(model: nn.Module) -> list[tuple[int, int]]:
@@ -254,8 +254,8 @@ def test_a_failing_hook_never_changes_the_output_and_is_counted_and_warned_once(
     def explode(*args, **kwargs):
         raise MemoryError("no room")
 
-    monkeypatch.setattr(watch_module, "host_stats", explode)
-    monkeypatch.setattr(watch_module.cpu_kernel, "tensor_stats", explode)
+    monkeypatch.setattr(activations_module, "host_stats", explode)
+    monkeypatch.setattr(activations_module.cpu_kernel, "tensor_stats", explode)
     with tw.attach(model) as watch:
         with pytest.warns(tw.TorchwatchWarning) as record:
             out1 = model(x)
@@ -446,7 +446,7 @@ def test_failures_in_the_root_bookkeeping_never_reach_the_caller(monkeypatch):
         def broken_flush(**kwargs):
             raise RuntimeError("flush exploded")
 
-        monkeypatch.setattr(watch, "_flush", broken_flush)
+        monkeypatch.setattr(watch.engine, "flush", broken_flush)
         with pytest.warns(
             tw.TorchwatchWarning,
             match="the torchwatch hook of '\\(root call\\)' failed with RuntimeError\\('flush exploded'\\)",

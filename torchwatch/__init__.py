@@ -13,8 +13,6 @@ from __future__ import annotations
 from . import rules
 from .alerts import Alert, FirstNonFinite
 from .containment import CircuitBreaker
-from .drift import CalibrationReport, DriftStatus, Reference, arl_windows
-from .edges import IdStats, InputMonitor, InputStats, OutputMonitor, OutputQuality
 from .errors import (
     CanaryError,
     CircuitOpenError,
@@ -39,10 +37,16 @@ from .integrity import (
     selftest,
     verify_weights,
 )
+from .measure import tensor_stats
+from .monitors import Monitor
+from .monitors.drift import CalibrationReport, DriftStatus, Reference, arl_windows
+from .monitors.ids import IdStats
+from .monitors.inputs import InputMonitor, InputStats
+from .monitors.outputs import OutputMonitor, OutputQuality
+from .records import Record, Snapshot
 from .shadow import Comparison, Shadow, compare, shadow
-from .sinks import IncidentLog, JsonlSink, MemorySink, PrometheusSink, Record, Sink, TensorBoardSink
-from .snapshot import Snapshot
-from .stats import DEFAULT_CAST_DTYPES, ModuleStats, tensor_stats
+from .sinks import IncidentLog, JsonlSink, MemorySink, PrometheusSink, Sink, TensorBoardSink
+from .stats import DEFAULT_CAST_DTYPES, ModuleStats
 from .watch import Watch, attach
 
 try:
@@ -77,6 +81,7 @@ __all__ = [
     "Manifest",
     "MemorySink",
     "ModuleStats",
+    "Monitor",
     "NonFiniteError",
     "OutputCheck",
     "OutputMonitor",

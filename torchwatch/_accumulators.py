@@ -58,7 +58,7 @@ class HostAccumulator:
     """Totals kept as Python numbers: exact integers, float64 moments.
 
     The compiled kernel provides the same interface in C (``_cstats.Accumulator``), which
-    :func:`new_host_accumulator` prefers; this class is used where it was not built.
+    :func:`torchwatch.kernels.cpu.new_host_accumulator` prefers; this class is used where it was not built.
     """
 
     __slots__ = ("calls", "ints", "m2", "max", "mean", "min", "over", "under")
@@ -88,13 +88,6 @@ class HostAccumulator:
 
     def state(self) -> tuple[int, Raw]:
         return self.calls, (*self.ints, self.mean, self.m2, self.min, self.max, tuple(self.under), tuple(self.over))
-
-
-def new_host_accumulator(k: int) -> HostAccumulator:
-    """An accumulator for raw host measurements (in C where the kernel was built)."""
-    from .kernels import cpu
-
-    return cpu.new_accumulator(k) if cpu.available else HostAccumulator(k)
 
 
 def unpack(ints: torch.Tensor, floats: torch.Tensor, k: int) -> Raw:

@@ -76,6 +76,15 @@ class DeviceTable:
         self.kernel: Any = None  # the fused-kernel module for this device, if any (set by the watch)
         self.scratch: Any = None  # that kernel's per-slot workspace
 
+    def tick(self, every: int) -> None:
+        """Graph path of a root call: count it and decide sampling, on the device."""
+        self.control[CALLS] += 1
+        self.control[ENABLED] = ((self.control[CALLS] - 1) % every == 0).to(torch.int64)
+
+    def root_calls(self) -> int:
+        """Root calls counted on the device so far (waits for it)."""
+        return int(self.control[CALLS])
+
     def slot(self, key: Hashable, *, tracing: bool = False) -> int | None:
         """The slot of ``key``, assigned on first use; None when the table is full.
 

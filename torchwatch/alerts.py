@@ -116,7 +116,7 @@ def nonfinite_alert(
     where = f"call {call}" if call >= 0 else "a call outside the watched model"
     trace = f" (trace {trace_id!r})" if trace_id is not None else ""
     kind = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}[stat]
-    if origin.startswith("<input>"):  # see torchwatch.edges: the root call's own arguments
+    if origin.startswith("<input>"):  # see torchwatch.monitors.inputs: the root call's own arguments
         message = f"{kind} arrived with the model's input {origin!r} on {where}{trace} (a data or preprocessing fault)"
     else:
         message = f"{kind} first appeared in {origin!r} on {where}{trace}"

@@ -7,8 +7,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
-
 from ._schema import Fields
 
 DEFAULT_CAST_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
@@ -141,48 +139,6 @@ def merge_all(items: Iterable[ModuleStats]) -> ModuleStats:
     for item in items:
         out = out.merge(item)
     return out
-
-
-def tensor_stats(x: torch.Tensor, *, cast_dtypes: Iterable[object] = DEFAULT_CAST_DTYPES) -> ModuleStats:
-    """The :class:`ModuleStats` of one floating-point tensor, on any device.
-
-    This is the same computation the hooks run; it waits for the result (a device sync on GPU).
-
-    Args:
-        x: a dense floating-point tensor (any shape, including 0-d and empty).
-        cast_dtypes: dtypes to count would-underflow/overflow against.
-
-    Returns:
-        ModuleStats with ``calls == 1``.
-
-    Raises:
-        ConfigError: ``x`` is not a dense floating-point tensor, or a cast dtype is unknown.
-
-    Example:
-        >>> import torch, torchwatch as tw
-        >>> tw.tensor_stats(torch.tensor([70000.0, 1.0]), cast_dtypes=["float16"]).overflow
-        {'float16': 1}
-    """
-    from ._accumulators import new_host_accumulator, to_module_stats
-    from ._casts import cast_plan, normalize_cast_dtypes
-    from .errors import ConfigError
-    from .kernels import host_stats, measurable
-
-    names = normalize_cast_dtypes(cast_dtypes)
-    if not isinstance(x, torch.Tensor) or not measurable(x):
-        raise ConfigError(
-            f"tensor_stats needs a dense floating-point tensor, got {_describe(x)}; "
-            "convert it with .float() or .to_dense() first"
-        )
-    acc = new_host_accumulator(len(names))
-    acc.add(host_stats(x.detach(), cast_plan(x.dtype, names)))
-    return to_module_stats(acc, names)
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.layout} tensor of dtype {x.dtype} on {x.device}"
-    return f"a {type(x).__name__}"
 
 
 def _m2(s: ModuleStats) -> float:

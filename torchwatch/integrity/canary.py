@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import platform
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,15 +40,15 @@ import torch
 
 from .. import _validate
 from .._files import atomic_write, parse_json, shown
-from .._outputs import _children
+from .._pytree import call_batch, flatten_outputs, is_logits
 from ..errors import CanaryError, ConfigError, FormatError
 from . import _safetensors
+from .manifest import Manifest
 
 __all__ = ["Canary", "CanaryReport", "OutputCheck", "Tolerances"]
 
 FORMAT = "torchwatch.canary/1"
 MODES = ("auto", "bitwise", "tolerance", "summary")
-MAX_OUTPUTS = 4096
 
 # torch.testing.assert_close defaults
 TESTING_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -193,8 +194,6 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
@@ -244,34 +243,11 @@ def _inputs_to_tensors(inputs: Any) -> tuple[str, list[str], list[torch.Tensor]]
 
 
 def _call(model: torch.nn.Module, kind: str, keys: list[str], values: list[torch.Tensor]) -> Any:
-    if kind == "tensor":
-        return model(values[0])
-    if kind == "tuple":
-        return model(*values)
-    return model(**dict(zip(keys, values, strict=True)))
-
-
-def flatten_outputs(output: Any) -> dict[str, torch.Tensor]:
-    """Every tensor in a model's output with a stable dotted name (``"output"`` for a bare tensor).
-
-    Walks containers the way the watch does (:func:`torchwatch._outputs._children`: dataclasses and
-    HF ``ModelOutput`` by field, namedtuples, sequences, mappings); ``None`` fields are skipped.
-    """
-    found: dict[str, torch.Tensor] = {}
-
-    def walk(obj: Any, name: str, depth: int) -> None:
-        if len(found) >= MAX_OUTPUTS or depth > 16:
-            return
-        if isinstance(obj, torch.Tensor):
-            found[name or "output"] = obj
-            return
-        children = _children(obj)
-        for key, value in children or ():
-            key = key[1:] if key.startswith(".") else key[1:-1]  # ".field" / "[i]" -> "field" / "i"
-            walk(value, f"{name}.{key}" if name else key, depth + 1)
-
-    walk(output, "", 0)
-    return found
+    """Run the model on the canary inputs, rebuilt as the batch they were recorded from."""
+    batch = (
+        values[0] if kind == "tensor" else tuple(values) if kind == "tuple" else dict(zip(keys, values, strict=True))
+    )
+    return call_batch(model, batch)
 
 
 # ---- comparison -----------------------------------------------------------------------------
@@ -280,12 +256,6 @@ def flatten_outputs(output: Any) -> dict[str, torch.Tensor]:
 def _less_precise(a: str, b: str) -> str:
     ranks = [_PRECISION.index(d) if d in _PRECISION else 0 for d in (a, b)]
     return _PRECISION[max(ranks)]
-
-
-def _is_logits(name: str, t: torch.Tensor, n_outputs: int) -> bool:
-    if t.dim() < 2 or t.shape[-1] < 2:
-        return False
-    return "logit" in name.lower() or n_outputs == 1
 
 
 def _compare(name: str, got: torch.Tensor, exp: torch.Tensor, mode: str, tol: Tolerances, logits: bool) -> OutputCheck:
@@ -418,8 +388,6 @@ class Canary:
         expected = {n: t.detach().cpu().contiguous().clone() for n, t in flatten_outputs(out).items()}
         if not expected:
             raise ConfigError(f"the model returned no tensor on the canary inputs (got {type(out).__name__})")
-        from .manifest import Manifest
-
         if manifest is not None and not isinstance(manifest, (Manifest, str)):
             raise ConfigError(f"manifest= takes a torchwatch.Manifest or its digest, got {type(manifest).__name__}")
         digest = manifest.digest if isinstance(manifest, Manifest) else manifest
@@ -580,7 +548,7 @@ class Canary:
                 checks.append(OutputCheck(name, tuple(exp.shape), str(exp.dtype).removeprefix("torch."), False,
                                           reason="the model no longer returns this output"))  # fmt: skip
                 continue
-            checks.append(_compare(name, got[name], exp, mode, tolerances, _is_logits(name, exp, n_out)))
+            checks.append(_compare(name, got[name], exp, mode, tolerances, is_logits(name, exp, n_out)))
         unexpected = [n for n in got if n not in self.expected]
         report = CanaryReport(
             ok=all(c.passed for c in checks), mode=mode, mode_reason=why, outputs=checks,

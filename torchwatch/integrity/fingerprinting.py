@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .. import _tensors
 from ..errors import ConfigError
 from ..kernels import fingerprint_ops
 from ..kernels.fingerprint_ops import SALT_BITS, TorchMixer, as_words, position
@@ -170,18 +171,10 @@ def _salt(name: str) -> int:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters then buffers, each object once, in module order."""
+    """Parameters then buffers, each object once, in module order (see :func:`torchwatch._tensors.model_tensors`)."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"fingerprint() needs a torch.nn.Module, got {type(model).__name__}")
-    found = {n: p.detach() for n, p in model.named_parameters()}
-    found.update((n, b.detach()) for n, b in model.named_buffers() if b is not None)
-    bad = [n for n, t in found.items() if t.is_meta or t.layout != torch.strided]
-    if bad:
-        raise ConfigError(
-            f"cannot fingerprint {len(bad)} tensors without plain data (meta or sparse): "
-            f"{', '.join(repr(n) for n in bad[:5])}"
-        )
-    return found
+    return _tensors.model_tensors(model, "fingerprint")
 
 
 def fingerprint(

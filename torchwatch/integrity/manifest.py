@@ -47,6 +47,7 @@ import torch
 
 from .. import _validate
 from .._files import atomic_write, parse_json, read_regular, shown
+from .._tensors import require_plain
 from ..errors import ConfigError, FormatError, IntegrityError
 from . import _hashing
 from ._safetensors import DTYPES, checkpoint_files, entry_files
@@ -380,12 +381,11 @@ def model_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     state = model.state_dict()
     tied = getattr(model, "_tied_weights_keys", None)
     tied_names = set(tied) if isinstance(tied, dict) else set()
-    bad = [n for n, t in state.items() if not isinstance(t, torch.Tensor) or t.is_meta or t.layout != torch.strided]
-    if bad:
-        raise ConfigError(
-            f"cannot hash {len(bad)} state_dict entries that hold no plain tensor data (meta, sparse or not a tensor): "
-            f"{', '.join(repr(n) for n in bad[:5])}; load real weights first (e.g. model.to_empty() + load_state_dict)"
-        )
+    require_plain(
+        state,
+        "cannot hash {n} state_dict entries that hold no plain tensor data (meta, sparse or not a tensor)",
+        "; load real weights first (e.g. model.to_empty() + load_state_dict)",
+    )
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, t in state.items():  # empty tensors have no storage to share
         groups.setdefault(_storage_key(t) if t.numel() else ("empty", name), []).append(name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._accumulators import Raw
+from .._accumulators import HostAccumulator, Raw
 from .._casts import CastPlan
 
 try:
@@ -57,3 +57,8 @@ def raw_stats(address: int, numel: int, code: int, plan: CastPlan, exact: bool =
     forward, where torch's OpenMP workers keep spinning on the other cores between ops.
     """
     return _cstats.tensor_stats(address, numel, code, native_plan(plan), exact)
+
+
+def new_host_accumulator(k: int) -> object:
+    """An accumulator for raw host measurements (in C where the kernel was built)."""
+    return new_accumulator(k) if available else HostAccumulator(k)

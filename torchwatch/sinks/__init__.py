@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Record, Sink
+from ..records import Record
+from .base import Sink
 from .incidents import IncidentLog
 from .jsonl import JsonlSink
 from .memory import MemorySink

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from .. import _validate
-from .._files import open_log, parse_json, read_regular, replaced, shown
+from .. import _validate, formats
 from .._schema import Fields
 from ..alerts import Alert
-from ..errors import FormatError
-from .base import Record, Sink, _json_safe, _warn_replaced
+from ..records import Record
+from .base import Sink
 
-FORMAT = "torchwatch.incident/1"
+FORMAT = formats.INCIDENT
 
 
 class IncidentLog(Sink):
@@ -42,31 +40,17 @@ class IncidentLog(Sink):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = _validate.path("IncidentLog", "path", path)
-        self._fd: int | None = None
+        self._log = formats.JsonlLog(self.path, repr(self))
 
     def write(self, record: Record) -> None:
-        if not record.alerts:
-            return
-        if self._fd is not None and replaced(self._fd, self.path):
-            self._reopened()
-        if self._fd is None:
-            self._fd = open_log(self.path)
-        lines = "".join(
-            json.dumps(_json_safe({"format": FORMAT, "step": record.step, **a.to_dict()}), separators=(",", ":")) + "\n"
-            for a in record.alerts
-        ).encode()
-        os.write(self._fd, lines)
-        os.fsync(self._fd)
-
-    def _reopened(self) -> None:
-        os.close(self._fd)
-        self._fd = None
-        _warn_replaced(self)
+        if record.alerts:
+            lines = b"".join(
+                formats.json_line({"format": FORMAT, "step": record.step, **a.to_dict()}) for a in record.alerts
+            )
+            self._log.append(lines, fsync=True)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._log.close()
 
     @staticmethod
     def read(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -76,14 +60,8 @@ class IncidentLog(Sink):
             FormatError: the file is missing or not a regular file, or a complete line is not
                 an incident (the message names the line and the field).
         """
-        data = read_regular(path, "incident log")
         out = []
-        lines = data.split(b"\n")
-        for number, line in enumerate(lines[:-1], 1):  # the part after the last newline is torn or empty
-            where = f"{shown(path)} line {number}"
-            item = parse_json(line, where)
-            if not isinstance(item, dict) or item.get("format") != FORMAT:
-                raise FormatError(f"{where} is not a torchwatch incident ({FORMAT})")
+        for where, item in formats.read_jsonl(path, "incident log", "incident", FORMAT):
             Alert.from_dict(item, where)  # every field of the alert checked
             Fields(item, where).int("step")
             out.append(item)

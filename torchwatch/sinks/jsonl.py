@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-from .. import _validate
-from .._files import open_log, replaced
-from .base import Record, Sink, _warn_replaced
+from .. import _validate, formats
+from ..records import Record
+from .base import Sink
 
-FORMAT = "torchwatch.jsonl/1"
+FORMAT = formats.STATS
 
 
 class JsonlSink(Sink):
@@ -38,25 +37,13 @@ class JsonlSink(Sink):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = _validate.path("JsonlSink", "path", path)
-        self._fd: int | None = None
+        self._log = formats.JsonlLog(self.path, repr(self))
 
     def write(self, record: Record) -> None:
-        if self._fd is not None and replaced(self._fd, self.path):
-            os.close(self._fd)
-            self._fd = None
-            _warn_replaced(self)
-        if self._fd is None:
-            self._fd = open_log(self.path)
-        line = json.dumps({"format": FORMAT, **record.to_json()}, allow_nan=False, separators=(",", ":"))
-        data = (line + "\n").encode()
-        written = os.write(self._fd, data)
-        while written < len(data):  # a partial write (pipes, signals): finish the line
-            written += os.write(self._fd, data[written:])
+        self._log.append(formats.json_line({"format": FORMAT, **record.to_json()}))
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._log.close()
 
     def __repr__(self) -> str:
         return f"JsonlSink({self.path!r})"

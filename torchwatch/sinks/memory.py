@@ -6,7 +6,8 @@ import collections
 import threading
 
 from .. import _validate
-from .base import Record, Sink
+from ..records import Record
+from .base import Sink
 
 
 class MemorySink(Sink):

@@ -1,4 +1,5 @@
-"""Re-checking the weights in memory while a model serves, off the serving thread."""
+"""Re-checking the weights in memory while a model serves, off the serving thread
+(:meth:`torchwatch.Watch.verify_fingerprint_every`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Callable
 import torch
 
 from ..alerts import Alert
-from .fingerprinting import Fingerprint, FingerprintChange, fingerprint
+from ..integrity.fingerprinting import Fingerprint, FingerprintChange, fingerprint
+from .base import Monitor
 
 __all__ = ["FingerprintMonitor"]
 
@@ -31,18 +33,23 @@ def fingerprint_alert(changes: list[FingerprintChange], baseline: Fingerprint) -
     )  # fmt: skip
 
 
-class FingerprintMonitor:
+class FingerprintMonitor(Monitor):
     """A daemon thread that fingerprints a model every ``period`` seconds and compares it to a baseline.
 
     Made by :meth:`torchwatch.Watch.verify_fingerprint_every`. On CUDA the fingerprint runs on its
     own stream and waits only for itself; on CPU it competes with inference for cores while it runs
     (about 1.3 GB/s on two cores: a BERT-base check takes ~0.3 s of CPU).
 
+    A monitor with no hooks and no value: a change is a tripping ``"fingerprint"`` alert passed
+    to ``on_change`` (the watch's alert bus); detaching the watch stops the thread.
+
     Attributes:
         baseline: the fingerprint compared against.
         checks: fingerprints taken so far; last: the latest one; changes: its differences (empty
             while the weights are intact); errors: checks that raised (the thread goes on).
     """
+
+    name = "fingerprint"
 
     def __init__(
         self,
@@ -85,6 +92,9 @@ class FingerprintMonitor:
                 self.check_now()
             except Exception:  # noqa: BLE001 - a failed check must not kill monitoring or serving
                 self.errors += 1
+
+    def close(self, timeout: float) -> None:
+        self.stop(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the thread (a check in progress finishes first). Safe to call twice."""

@@ -1,152 +1,20 @@
-"""Alert rules: turn each flush interval's statistics into alerts a person can trust.
-
-Rules run on the flush worker thread, never in a forward. Each receives one :class:`Interval` per
-cohort (the statistics of the root calls since the previous flush) and returns alerts. Built in:
-
-* ``"nonfinite"`` — any NaN/Inf, with the module where it started (always on; see
-  :class:`torchwatch.Alert`), and ``"drift"`` alarms when ``attach(drift=...)`` is used.
-* :class:`CastRange` — the fraction of values that would overflow (become inf, or saturate for
-  fp8) or underflow (become 0) if cast to a dtype is above a fixed limit.
-* :class:`ControlChart` — a statistic leaving its own baseline: abs-max, std or the fraction of
-  zeros (dead units) of every module, each on its own two-sided CUSUM chart. The baseline (median
-  and robust spread of the transformed statistic) is learned during a warm-up of ``warmup``
-  intervals per series — one series per (cohort, module, statistic), so cohorts get baselines of
-  their own — and the chart's threshold is computed (Markov chain, not simulated) for a target
-  in-control average run length ``arl`` under a Gaussian model of the standardised values
-  (Siegmund's approximation of the CUSUM's ARL: instant, so rules never hold up a flush).
-
-False alarms, stated: the ARL is per series, so a watch with ``S`` series expects about
-``S / arl`` false alarms per interval under that model. Interval statistics are not exactly
-Gaussian (a batch's abs-max has a heavier right tail), so ``tests/test_rules.py`` measures the rate
-on clean traffic; the measured figure is in ``docs/concepts.md``.
-
-Custom rules are objects with ``evaluate(interval) -> iterable of Alert`` (and a ``name``), or
-plain callables with that signature.
-"""
+"""Control charts: a statistic leaving its own learned baseline (:class:`ControlChart`,
+:class:`EdgeChart` for inputs and outputs), each a two-sided CUSUM with a computed threshold."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
 
 import numpy as np
 
-from . import _validate
-from .alerts import Alert
-from .errors import ConfigError
-from .stats import ModuleStats
-
-__all__ = [
-    "AlertPolicy",
-    "CastRange",
-    "ControlChart",
-    "EdgeChart",
-    "Interval",
-    "LatencySLO",
-    "Rule",
-    "defaults",
-]
-
-
-@dataclass(frozen=True)
-class Interval:
-    """What a rule sees: one cohort's statistics over one flush interval.
-
-    Attributes:
-        step: root calls of the watched model so far (the end of the interval).
-        time: Unix time of the flush.
-        cohort: the ``watch.context(cohort=...)`` label, or None.
-        stats: per output position, the interval's :class:`ModuleStats`.
-        drift: per drift-monitored module, its status (cohort None only).
-        latency: root-call latency of the interval (cohort None only; all calls), or None.
-        inputs: per root-call input position, its :class:`~torchwatch.edges.InputStats` (cohort None only).
-        outputs: the interval's :class:`~torchwatch.edges.OutputQuality` with ``attach(outputs=...)``
-            (cohort None only), or None.
-    """
-
-    step: int
-    time: float
-    cohort: str | None
-    stats: Mapping[str, ModuleStats]
-    drift: Mapping[str, Any] = field(default_factory=dict)
-    latency: Any = None
-    inputs: Mapping[str, Any] = field(default_factory=dict)
-    outputs: Any = None
-
-    def alert(self, rule: str, module: str, stat: str, value: float, expected: float, message: str) -> Alert:
-        """An :class:`Alert` stamped with this interval's step, time and cohort."""
-        return Alert(
-            rule=rule, module=module, stat=stat, value=float(value), expected=float(expected), call=self.step - 1,
-            time=self.time, cohort=self.cohort, trace_id=None, message=message,
-        )  # fmt: skip
-
-
-@runtime_checkable
-class Rule(Protocol):
-    """A rule: ``evaluate`` returns the alerts one interval raises."""
-
-    name: str
-
-    def evaluate(self, interval: Interval) -> Iterable[Alert]: ...
-
-
-def _where(cohort: str | None) -> str:
-    return f" (cohort {cohort!r})" if cohort is not None else ""
-
-
-@dataclass
-class CastRange:
-    """Alert when the fraction of a module's values that a cast would break exceeds ``max_fraction``.
-
-    Args:
-        dtype: a name in ``attach(cast_dtypes=...)``, e.g. ``"float16"``.
-        kind: ``"overflow"`` (|x| above the dtype's max: inf, or saturation for fp8) or
-            ``"underflow"`` (nonzero values that become 0).
-        max_fraction: the largest tolerated fraction of the interval's elements (0: any).
-        trips: whether the alert marks the watch unhealthy (see :attr:`torchwatch.Watch.healthy`).
-    """
-
-    dtype: str
-    kind: str = "overflow"
-    max_fraction: float = 0.0
-    trips: bool = False
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dtype, str):
-            raise ConfigError(f"CastRange: dtype must be a dtype name such as 'float16', got {self.dtype!r}")
-        if self.kind not in ("overflow", "underflow"):
-            raise ConfigError(f"CastRange kind={self.kind!r} is not valid: use 'overflow' or 'underflow'")
-        _validate.number("CastRange", "max_fraction", self.max_fraction, low=0.0, high=1.0)
-        if self.max_fraction >= 1:
-            raise ConfigError(f"CastRange max_fraction must be in [0, 1), got {self.max_fraction!r}")
-        _validate.flag("CastRange", "trips", self.trips)
-        self.name = self.name or f"cast_{self.kind}"
-        if not isinstance(self.name, str):
-            raise ConfigError(f"CastRange: name must be a string, got {self.name!r}")
-
-    def evaluate(self, interval: Interval) -> list[Alert]:
-        out = []
-        for module, s in interval.stats.items():
-            counts = s.overflow if self.kind == "overflow" else s.underflow
-            n = counts.get(self.dtype)
-            if n is None or s.count == 0:
-                continue
-            fraction = n / s.count
-            if fraction > self.max_fraction:
-                verb = "overflow (become inf or saturate)" if self.kind == "overflow" else "underflow to 0"
-                out.append(interval.alert(
-                    self.name, module, f"{self.kind}.{self.dtype}", fraction, self.max_fraction,
-                    f"{n:,} of {s.count:,} values of {module!r}{_where(interval.cohort)} would {verb} in "
-                    f"{self.dtype} ({fraction:.3%}, limit {self.max_fraction:.3%})",
-                ))  # fmt: skip
-        return out
-
+from .. import _validate
+from ..alerts import Alert
+from ..errors import ConfigError
+from ..stats import ModuleStats
+from .interval import Interval, where
 
 LOG_ZERO = math.log(1e-30)  # where a log-scale chart puts an exact 0: a constant input is a shift too
 
@@ -305,7 +173,7 @@ class ControlChart:
                 shown, expected = self._shown(v), self._shown(series.mu)
                 out.append(interval.alert(
                     self.name, module, self.stat, shown, expected,
-                    f"{self.words} of {module!r}{_where(interval.cohort)} left its baseline: {shown:.4g} now, "
+                    f"{self.words} of {module!r}{where(interval.cohort)} left its baseline: {shown:.4g} now, "
                     f"{expected:.4g} expected ({z:+.1f} sd, {direction})",
                 ))  # fmt: skip
         return out
@@ -453,129 +321,3 @@ def _one_per_channel_group(found: list[tuple[float, Alert]]) -> list[Alert]:
             worst = dataclasses.replace(worst, message=f"{worst.message}; channels {others}{more} moved too")
         out.append(worst)
     return out
-
-
-@dataclass
-class LatencySLO:
-    """Alert when a latency quantile of an interval exceeds a service-level objective.
-
-    Args:
-        max_ms: the objective, in milliseconds.
-        quantile: ``"p50"``, ``"p95"`` or ``"p99"`` (within the sketch's 1% relative accuracy).
-        min_calls: intervals with fewer calls are not judged (a p99 of 10 calls is their maximum).
-        trips: whether the alert marks the watch unhealthy.
-
-    Example:
-        >>> from torchwatch import rules
-        >>> from torchwatch.latency import LatencySketch
-        >>> sketch = LatencySketch()
-        >>> sketch.add_all([0.010] * 90 + [0.250] * 10)
-        >>> interval = rules.Interval(100, 0.0, None, {}, latency=sketch.stats())
-        >>> [a.stat for a in rules.LatencySLO(max_ms=100, quantile="p95", min_calls=50).evaluate(interval)]
-        ['latency.p95_ms']
-    """
-
-    max_ms: float
-    quantile: str = "p99"
-    min_calls: int = 100
-    trips: bool = False
-    name: str = "latency_slo"
-
-    def __post_init__(self) -> None:
-        if self.quantile not in ("p50", "p95", "p99"):
-            raise ConfigError(f"LatencySLO quantile={self.quantile!r} is not valid: use 'p50', 'p95' or 'p99'")
-        _validate.number("LatencySLO", "max_ms", self.max_ms, above=0.0)
-        _validate.integer("LatencySLO", "min_calls", self.min_calls, low=1)
-        _validate.flag("LatencySLO", "trips", self.trips)
-
-    def evaluate(self, interval: Interval) -> list[Alert]:
-        lat = interval.latency
-        if lat is None or lat.count < self.min_calls:
-            return []
-        value = getattr(lat, f"{self.quantile}_ms")
-        if not value > self.max_ms:
-            return []
-        return [interval.alert(
-            self.name, "", f"latency.{self.quantile}_ms", value, self.max_ms,
-            f"{self.quantile} latency {value:.1f} ms over {lat.count} calls exceeds its objective, {self.max_ms:g} ms",
-        )]  # fmt: skip
-
-
-def defaults(cast_dtypes: Sequence[str] = ("float16", "bfloat16", "float8_e4m3fn")) -> list[Rule]:
-    """The rules ``attach()`` uses when given none.
-
-    * overflow on a cast to fp16/bf16: any value (``trips``: marks the watch unhealthy);
-      to fp8: more than 0.1% of values (fp8's range is small: saturation is routine at a low rate);
-    * underflow to 0 on a cast to fp16/bf16: more than 1% of nonzero-able values;
-    * abs-max, std and zero fraction leaving their baselines (warm-up 30 intervals, ARL 10,000,
-      intervals of at least 4096 elements per module), inputs' abs-max and std included;
-    * input channel means, integer-input frequencies and output quality leaving their baselines
-      (:class:`EdgeChart`).
-    """
-    out: list[Rule] = []
-    for name in _validate.strings("rules.defaults()", "cast_dtypes", cast_dtypes, allow_empty=True):
-        if name in ("float16", "bfloat16"):
-            out.append(CastRange(name, "overflow", 0.0, trips=True))
-            out.append(CastRange(name, "underflow", 0.01))
-        elif name.startswith("float8"):
-            out.append(CastRange(name, "overflow", 1e-3))
-    out += [ControlChart("absmax"), ControlChart("std"), ControlChart("zero_fraction"), EdgeChart()]
-    return out
-
-
-@dataclass
-class AlertPolicy:
-    """De-duplication and rate limiting of alerts before they reach sinks and the incident log.
-
-    Args:
-        cooldown: seconds during which a repeat of the same (rule, module, stat, cohort) is
-            suppressed (counted in :attr:`suppressed`).
-        max_per_minute: at most this many alerts admitted per rolling minute, all kinds together.
-    """
-
-    cooldown: float = 300.0
-    max_per_minute: int = 60
-    suppressed: int = 0
-
-    def __post_init__(self) -> None:
-        _validate.number("AlertPolicy", "cooldown", self.cooldown, low=0.0, finite=False)
-        _validate.integer("AlertPolicy", "max_per_minute", self.max_per_minute, low=1)
-        self._last: dict[tuple[Any, ...], float] = {}
-        self._recent: list[float] = []
-
-    def admit(self, alert: Alert, now: float | None = None) -> bool:
-        """Whether to let ``alert`` through (and remember it)."""
-        now = time.time() if now is None else now
-        key = (alert.rule, alert.module, alert.stat, alert.cohort)
-        last = self._last.get(key)
-        self._recent = [t for t in self._recent if now - t < 60.0]
-        if (last is not None and now - last < self.cooldown) or len(self._recent) >= self.max_per_minute:
-            self.suppressed += 1
-            return False
-        self._last[key] = now
-        self._recent.append(now)
-        return True
-
-
-def normalize(rules: Iterable[Any] | None, cast_dtypes: Sequence[str]) -> list[Any]:
-    """Check a ``rules=`` argument: None means :func:`defaults`; items need ``evaluate`` or a call."""
-    if rules is None:
-        return defaults(cast_dtypes)
-    single = callable(rules) or hasattr(rules, "evaluate")
-    if single or isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
-        raise ConfigError(f"rules must be a list of rules (tw.rules.* objects or callables), got {rules!r}")
-    out = list(rules)
-    for r in out:
-        if not (isinstance(r, Rule) or callable(r)):
-            raise ConfigError(
-                f"rules must be Rule objects (with evaluate(interval)) or callables, got {type(r).__name__}"
-            )
-    return out
-
-
-def rule_name(rule: Any) -> str:
-    return getattr(rule, "name", None) or getattr(rule, "__name__", type(rule).__name__)
-
-
-def trips(rule: Any) -> bool:
-    return bool(getattr(rule, "trips", False))

@@ -11,7 +11,8 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 
-from .base import Record, Sink
+from ..records import Record
+from ..sinks.base import Sink
 
 _STOP = object()
 

@@ -1,4 +1,6 @@
-"""Latency of root calls: a mergeable quantile sketch with a guaranteed relative error.
+"""Latency of root calls (every call) and of watched modules (``attach(timing=True)``).
+
+Timings go into a mergeable quantile sketch with a guaranteed relative error.
 
 The sketch keeps counts in logarithmic buckets: a value ``x > 0`` goes to bucket
 ``ceil(log(x) / log(gamma))`` with ``gamma = (1 + a) / (1 - a)``, and a bucket's representative
@@ -18,8 +20,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._schema import Fields
-from .errors import ConfigError
+import torch
+
+from .._schema import Fields
+from ..errors import ConfigError
+from .base import ROOT_CALL, Call, Collect, Monitor
 
 __all__ = ["LatencySketch", "LatencyStats"]
 
@@ -32,7 +37,7 @@ class LatencySketch:
     """Counts of values in logarithmic buckets (relative accuracy ``accuracy``).
 
     Example:
-        >>> from torchwatch.latency import LatencySketch
+        >>> from torchwatch.monitors.latency import LatencySketch
         >>> s = LatencySketch()
         >>> s.add_all([0.010, 0.011, 0.012, 0.100])
         >>> round(s.quantile(0.5), 4), s.count
@@ -136,8 +141,6 @@ class CallTimer:
         self.cuda = cuda
         self._event = event_factory
         if cuda and event_factory is None:
-            import torch
-
             self._event = lambda: torch.cuda.Event(enable_timing=True)
         self._lock = threading.Lock()
         self._pending: deque[tuple[Any, Any]] = deque()
@@ -192,10 +195,133 @@ class CallTimer:
 
     def peek(self) -> LatencyStats:
         """Statistics since the last reset, the current window included (finished device timings)."""
+        return self.peek_sketch().stats()
+
+    def peek_sketch(self) -> LatencySketch:
+        """Like :meth:`peek`, as a mergeable sketch."""
         with self._lock:
             self._drain()
-            return self.total.merge(self._window).stats()
+            return self.total.merge(self._window)
 
     def reset(self) -> None:
         with self._lock:
             self.total = LatencySketch(self.total.accuracy)
+
+
+LATENCY_LOST = "latency timings lost"  # device timings no flush read in time
+
+
+def _warn_lost(bus: Any, timers: list[CallTimer]) -> None:
+    if any(t.dropped for t in timers):
+        bus.warn_once(
+            "latency-lost",
+            "device timings of calls were dropped because no flush read them in time (counted in "
+            f"watch.errors[{LATENCY_LOST!r}]); flush more often (attach(flush_every=...))",
+        )
+
+
+class Latency(Monitor):
+    """Root-call latency, on every call. Value: a :class:`LatencySketch`; published as :class:`LatencyStats`."""
+
+    name = "latency"
+    error_key = ROOT_CALL
+    every_call = True
+
+    def __init__(self, *, cuda: bool) -> None:
+        self.timer = CallTimer(cuda=cuda)
+        self._tls = threading.local()
+
+    def bind(self, engine: Any) -> None:
+        self._bus = engine.bus
+
+    def before_call(self, call: Call, args: Any, kwargs: dict[str, Any]) -> None:
+        self._tls.t0 = None
+        self._tls.t0 = self.timer.start()
+
+    def after_call(self, call: Call, output: Any) -> None:
+        t0, self._tls.t0 = getattr(self._tls, "t0", None), None
+        if t0 is not None:
+            self.timer.stop(t0)
+
+    def collect(self, taken: None, ctx: Collect) -> LatencySketch:
+        if not ctx.fold:
+            return self.timer.peek_sketch()
+        _warn_lost(self._bus, [self.timer])
+        return self.timer.take_sketch()
+
+    def merge(self, earlier: LatencySketch, later: LatencySketch) -> LatencySketch:
+        return earlier.merge(later)
+
+    def publish(self, value: LatencySketch) -> LatencyStats:
+        return value.stats()
+
+    def active(self, value: LatencySketch) -> bool:
+        return value.count > 0
+
+    def lost(self) -> dict[str, int]:
+        return {LATENCY_LOST: self.timer.dropped}
+
+    def reset(self) -> None:
+        self.timer.reset()
+
+
+class Timing(Monitor):
+    """Per-module latency with ``attach(timing=True)``: pre- and post-hooks on sampled calls
+    (wall clock on CPU, CUDA events on GPU). Value: ``{module: LatencySketch}``."""
+
+    name = "timing"
+
+    def __init__(self, selected: list[tuple[str, Any]], *, cuda: bool) -> None:
+        self.timers = {name: CallTimer(cuda=cuda) for name, _ in selected}
+        self._selected = selected
+        self._tls = threading.local()
+
+    def bind(self, engine: Any) -> None:
+        self._bus = engine.bus
+        graph_mode = engine.graph_mode
+        for name, module in self._selected:
+            before, after = self._hooks(name, graph_mode)
+            engine.module_hook(module, before, pre=True)
+            engine.module_hook(module, after, prepend=True)  # first, so the statistics are not timed
+        del self._selected
+
+    def _hooks(self, fqn: str, graph_mode: Any) -> tuple[Any, Any]:
+        timer, tls, bus = self.timers[fqn], self._tls, self._bus
+
+        def torchwatch_time_start(module: Any, args: Any) -> None:
+            if graph_mode():
+                return
+            try:
+                tls.__dict__.setdefault("timing", {}).setdefault(fqn, []).append(timer.start())
+            except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                bus.hook_failed(fqn, exc)
+
+        def torchwatch_time_stop(module: Any, args: Any, output: Any) -> None:
+            stack = getattr(tls, "timing", {}).get(fqn)
+            if not stack or graph_mode():
+                return
+            try:
+                timer.stop(stack.pop())
+            except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                bus.hook_failed(fqn, exc)
+
+        return torchwatch_time_start, torchwatch_time_stop
+
+    def collect(self, taken: None, ctx: Collect) -> dict[str, LatencySketch]:
+        if not ctx.fold:
+            return {name: timer.peek_sketch() for name, timer in self.timers.items()}
+        _warn_lost(self._bus, list(self.timers.values()))
+        return {name: timer.take_sketch() for name, timer in self.timers.items()}
+
+    def merge(self, earlier: dict[str, LatencySketch], later: dict[str, LatencySketch]) -> dict[str, LatencySketch]:
+        return {**earlier, **{n: earlier[n].merge(t) if n in earlier else t for n, t in later.items()}}
+
+    def publish(self, value: dict[str, LatencySketch]) -> dict[str, LatencyStats]:
+        return {name: sketch.stats() for name, sketch in value.items() if sketch.count}
+
+    def lost(self) -> dict[str, int]:
+        return {LATENCY_LOST: sum(t.dropped for t in self.timers.values())}
+
+    def reset(self) -> None:
+        for timer in self.timers.values():
+            timer.reset()

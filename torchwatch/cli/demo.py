@@ -34,14 +34,14 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .alerts import Alert
-from .containment import CircuitBreaker
-from .drift import Reference
-from .errors import IntegrityError, TorchwatchWarning
-from .integrity import Canary, Manifest, selftest
-from .shadow import shadow
-from .sinks import IncidentLog, JsonlSink, TensorBoardSink
-from .watch import attach
+from ..alerts import Alert
+from ..containment import CircuitBreaker
+from ..errors import IntegrityError, TorchwatchWarning
+from ..integrity import Canary, Manifest, selftest
+from ..monitors.drift import Reference
+from ..shadow import shadow
+from ..sinks import IncidentLog, JsonlSink, TensorBoardSink
+from ..watch import attach
 
 FEATURES, CLASSES, HIDDEN = 16, 4, 64
 FLUSH_EVERY = 4  # requests between the demo's flushes

@@ -19,12 +19,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._files import open_regular, parse_json, read_regular, shown
-from .errors import FormatError
+from .. import formats
+from .._files import open_regular, shown
+from ..errors import FormatError
+from ..records import Record
+from ..shadow import Comparison
+from ..sinks.incidents import IncidentLog
 
-STATS_FORMAT = "torchwatch.jsonl/1"
-INCIDENT_FORMAT = "torchwatch.incident/1"
-COMPARISON_FORMAT = "torchwatch.comparison/1"
+STATS_FORMAT = formats.STATS
+INCIDENT_FORMAT = formats.INCIDENT
+COMPARISON_FORMAT = formats.COMPARISON
 
 
 @dataclass
@@ -132,8 +136,6 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
                 f"scalars ({shown(events[0])}{' and more' if len(events) > 1 else ''} are empty or corrupt)"
             )
     seen = {(a.get("time"), a.get("rule"), a.get("module")) for a in data.alerts}
-    from .sinks.incidents import IncidentLog
-
     for path in incidents:
         data.sources.append(path)
         for a in IncidentLog.read(path):
@@ -142,8 +144,6 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
                 seen.add(key)
                 data.alerts.append(a)
     data.alerts.sort(key=lambda a: (a.get("time") or 0, a.get("call") or 0))
-    from .shadow import Comparison
-
     for path in comparisons:
         data.sources.append(path)
         c = Comparison.load(path)
@@ -153,22 +153,8 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
 
 def _read_stats(path: str, data: LogData) -> None:
     """Every record of a statistics JSONL, through the schema its writer uses (:meth:`Record.from_json`)."""
-    from .sinks.base import Record
-
     data.sources.append(path)
-    lines = read_regular(path, "statistics log").split(b"\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{shown(path)} line {number}"
-        try:
-            doc = parse_json(line, where)
-        except FormatError:
-            if number == len(lines):  # a torn last line of a killed process
-                continue
-            raise
-        if not isinstance(doc, dict) or doc.get("format") != STATS_FORMAT:
-            raise FormatError(f"{where} is not a torchwatch statistics record ({STATS_FORMAT})")
+    for where, doc in formats.read_jsonl(path, "statistics log", "statistics record", STATS_FORMAT):
         r = Record.from_json(doc, where)
         step, t = r.step, r.time
         data.calls += r.calls

@@ -13,10 +13,10 @@ import torch
 
 from .._files import shown
 from ..errors import ConfigError, FormatError, IntegrityError, TorchwatchError
-from . import _safetensors
-from .canary import MODES, Canary
-from .manifest import Manifest
-from .verify import ignore_matcher, loader_patterns, matches, verify_weights
+from ..integrity import _safetensors
+from ..integrity.canary import MODES, Canary
+from ..integrity.manifest import Manifest
+from ..integrity.verify import ignore_matcher, loader_patterns, matches, verify_weights
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

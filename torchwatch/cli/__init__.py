@@ -1,4 +1,5 @@
-"""The ``torchwatch`` command line.
+"""The ``torchwatch`` command line: ``demo`` (:mod:`.demo`), ``report`` (:mod:`.report`), and
+``manifest``, ``verify``, ``canary`` (:mod:`.integrity`).
 
 Exit codes: 0 ok, 1 a check failed (weights or canary outputs differ, or the demo did not
 catch its failure), 2 bad usage or unreadable input.
@@ -7,26 +8,25 @@ catch its failure), 2 bad usage or unreadable input.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+
+from .._files import atomic_write, shown
+from ..errors import TorchwatchError
+from . import report
+from .demo import run
+from .integrity import add_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run
-
     outcome = run(requests=args.requests, batch=args.batch, logdir=args.logdir, seed=args.seed)
     return EXIT_OK if outcome.caught else EXIT_FAILED
 
 
 def _report(args: argparse.Namespace) -> int:
-    import json
-
-    from . import report
-    from ._files import atomic_write, shown
-    from .errors import TorchwatchError
-
     try:
         data = report.load(args.logdir)
         summary = report.summarize(data, top=args.top)
@@ -89,8 +89,6 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with charts")
     rep.add_argument("--top", type=_positive, default=5, help="modules listed per cast dtype (default 5)")
     rep.set_defaults(handler=_report)
-    from .integrity._cli import add_commands
-
     add_commands(sub)
     return p
 

@@ -8,7 +8,7 @@ and no sample is kept, so this runs inside compiled graphs and CUDA-graph replay
 
 At a flush the ring is copied (on a side stream on CUDA); the worker thread turns every window
 completed since the previous flush into the three statistics and their calibrated p-values
-(:mod:`torchwatch.drift`), feeds the joint p-value to the CUSUM, and attributes an alarm to the
+(:mod:`.reference`, :mod:`.statistics`), feeds the joint p-value to the CUSUM, and attributes an alarm to the
 module and statistic with the smallest p-value and to the PCA directions that moved most.
 """
 
@@ -23,11 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._sequential import Cusum
-from ._table import mark_static
-from .alerts import Alert
-from .drift import STATISTICS, DriftStatus, Reference, has_residual
-from .errors import ConfigError
+from ..._table import mark_static
+from ..._transfer import HostCopy, copy_to_host
+from ...alerts import Alert
+from ...errors import ConfigError
+from ..base import Collect, Monitor
+from .reference import STATISTICS, Reference
+from .sequential import Cusum
+from .statistics import has_residual
+from .status import DriftStatus
 
 RING = 1024  # windows kept on the device between flushes
 
@@ -45,15 +49,14 @@ class _Module:
 
 @dataclass
 class DriftRead:
-    """A flush's copy of the rings: per module (window sums, sample count) on the host, and the
-    CUDA event that marks the copy done (None on CPU); waited for off the serving thread."""
+    """A flush's copy of the rings: per module, the window sums and the sample count (being
+    copied to the host; waited for off the serving thread)."""
 
-    host: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    event: Any
+    copies: dict[str, HostCopy]
 
 
 class DriftMonitor:
-    """The online side of a :class:`~torchwatch.drift.Reference` for one watch."""
+    """The online side of a :class:`~torchwatch.Reference` for one watch."""
 
     def __init__(self, ref: Reference, device: torch.device, arl: float | None) -> None:
         self.ref = ref
@@ -124,36 +127,22 @@ class DriftMonitor:
     # ---- flush ---------------------------------------------------------------------------
 
     def start_read(self) -> DriftRead:
-        """Copy the rings and counters (asynchronously on CUDA)."""
-        with torch.no_grad():
-            if self.device.type != "cuda":
-                with self._lock:  # no observer between the count and the sums
-                    return DriftRead({n: (m.sums.clone(), m.count.clone()) for n, m in self.modules.items()}, None)
-            stream = torch.cuda.current_stream(self.device)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-            if self._side is None:
-                self._side = torch.cuda.Stream(self.device)
-            host: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            with torch.cuda.stream(self._side):
-                self._side.wait_event(ready)
-                for n, m in self.modules.items():
-                    rows = torch.empty(m.sums.shape, dtype=torch.float64, pin_memory=True)
-                    count = torch.empty(1, dtype=torch.int64, pin_memory=True)
-                    count.copy_(m.count, non_blocking=True)
-                    rows.copy_(m.sums, non_blocking=True)
-                    host[n] = (rows, count)
-                copied = torch.cuda.Event()
-                copied.record(self._side)
-            return DriftRead(host, copied)
+        """Start copying the rings and counters to the host (on a side stream on CUDA)."""
+        if self.device.type != "cuda":
+            with self._lock:  # no observer between the count and the sums
+                return DriftRead({n: copy_to_host([m.sums, m.count]) for n, m in self.modules.items()})
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        self._side.wait_event(ready)
+        return DriftRead({n: copy_to_host([m.sums, m.count], stream=self._side) for n, m in self.modules.items()})
 
     def process(self, read: DriftRead, step: int) -> tuple[dict[str, DriftStatus], list[Alert]]:
         """Evaluate every window completed in ``read`` (worker thread); returns statuses and alarms."""
-        if read.event is not None:
-            while not read.event.query():  # poll: this thread never blocks inside CUDA
-                time.sleep(0.0002)
-        rows = {n: sums.numpy() for n, (sums, _) in read.host.items()}
-        counts = {n: int(count) for n, (_, count) in read.host.items()}
+        host = {n: copy.wait() for n, copy in read.copies.items()}
+        rows = {n: sums.numpy() for n, (sums, _) in host.items()}
+        counts = {n: int(count) for n, (_, count) in host.items()}
         complete = min(counts[n] // self.ref.window for n in self.modules)
         done = min(m.done for m in self.modules.values())
         start = max(done, complete - RING)
@@ -242,3 +231,75 @@ class DriftMonitor:
                 if count != start:
                     m.sums[(start // window) % RING].zero_()
                     m.count.fill_(start)
+
+
+DRIFT_WINDOWS_LOST = "drift windows lost"  # completed faster than flushes read the device ring
+
+
+class Drift(Monitor):
+    """Embedding drift of a reference's modules (``attach(drift=...)``), on every call whatever
+    ``every`` is (windows count samples). Value: ``{module: DriftStatus}``; alarms are
+    ``"drift"`` alerts (one warning per module)."""
+
+    name = "drift"
+    cohort_snapshot = True
+
+    def __init__(self, reference: Reference, modules: list[tuple[str, Any]], device: torch.device,
+                 arl: float | None) -> None:  # fmt: skip
+        self.online = DriftMonitor(reference, device, arl)
+        self._modules = modules
+        self._fresh = False  # samples observed since the last flush read (eager calls)
+        self._traced = False  # observed in a graph: replays add samples Python does not see
+
+    def bind(self, engine: Any) -> None:
+        self._bus = engine.bus
+        for name, module in self._modules:
+            engine.module_hook(module, self._hook(name, engine.graph_mode), sampled=False)
+        del self._modules
+
+    def _hook(self, fqn: str, graph_mode: Any) -> Any:
+        online, bus = self.online, self._bus
+
+        def torchwatch_drift_hook(module: Any, args: Any, output: Any) -> None:
+            if graph_mode():
+                self._traced = True
+                online.observe(fqn, output, locked=False)
+                return
+            try:
+                online.observe(fqn, output)
+                self._fresh = True
+            except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                bus.hook_failed(fqn, exc)
+
+        return torchwatch_drift_hook
+
+    def take(self, *, keep: bool) -> DriftRead | None:
+        if not (keep or self._fresh or self._traced):
+            return None
+        self._fresh = False
+        return self.online.start_read()
+
+    def collect(self, taken: DriftRead | None, ctx: Collect) -> dict[str, DriftStatus]:
+        """Evaluate the windows completed so far; alarms go out with the record (or, from a
+        snapshot, with the next one)."""
+        if taken is None:
+            return self.online.statuses()
+        statuses, alerts = self.online.process(taken, ctx.step)
+        for alert in alerts:
+            ctx.alert(alert)
+        if self.online.lost:
+            self._bus.warn_once(
+                "drift-lost",
+                f"{self.online.lost} drift windows completed faster than flushes read them and were skipped "
+                f"(the device ring holds {RING}); flush more often (attach(flush_every=...)) or use a larger window",
+            )
+        return statuses
+
+    def merge(self, earlier: dict[str, DriftStatus], later: dict[str, DriftStatus]) -> dict[str, DriftStatus]:
+        return {**earlier, **later}
+
+    def lost(self) -> dict[str, int]:
+        return {DRIFT_WINDOWS_LOST: self.online.lost}
+
+    def reset(self) -> None:
+        self.online.reset()

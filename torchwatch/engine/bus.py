@@ -1,0 +1,170 @@
+"""The alert bus: the one way alerts, trips, warnings and counted failures leave a watch.
+
+Every alert of a watch — NaN/Inf from the hooks or the device, drift alarms, fingerprint
+changes, rule alerts, a shadow candidate's disagreement, a custom monitor's — goes through
+:meth:`AlertBus.publish`: it is kept (``watch.alerts``), sent with the next record unless it is
+already part of the record being made, warned about once per key, and, if it ``trip``\\ s, makes
+the watch unhealthy. NaN/Inf alerts follow ``attach(on_nonfinite=...)``. Failures torchwatch
+catches instead of breaking inference are counted here (``watch.errors``).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .. import rules as _rules
+from ..alerts import Alert
+from ..errors import TorchwatchWarning
+from ..stats import ModuleStats, merge_all
+
+MAX_ALERTS = 1000  # alerts kept in watch.alerts (oldest dropped first)
+
+
+class AlertBus:
+    """Alerts, trips, warn-once and error counts of one watch; safe from any thread.
+
+    Args:
+        on_nonfinite: ``"ignore" | "warn" | "raise"`` or a callable, for ``"nonfinite"`` alerts.
+    """
+
+    def __init__(self, on_nonfinite: str | Callable[[Alert], object]) -> None:
+        self.on_nonfinite = on_nonfinite
+        self._lock = threading.Lock()
+        self._alerts: collections.deque[Alert] = collections.deque(maxlen=MAX_ALERTS)
+        self._window: list[Alert] = []
+        self._errors: collections.Counter[str] = collections.Counter()
+        self._warned: set[str] = set()
+        self.trips = 0  # tripping alerts so far; healthy while it equals trips_cleared
+        self.trips_cleared = 0
+        self.last_trip: Alert | None = None
+
+    # ---- alerts ------------------------------------------------------------------------------
+
+    def publish(self, alert: Alert, *, window: bool = True, trip: bool = False, warn: str = "module") -> bool:
+        """Keep ``alert`` and act on it.
+
+        Args:
+            window: also send it with the next flush's record (False: it is part of the record
+                being made).
+            trip: it makes the watch unhealthy (:attr:`torchwatch.Watch.healthy`).
+            warn: warn once per ``"module"`` (rule and module) or per ``"rule"``. ``"nonfinite"``
+                alerts follow ``on_nonfinite`` instead (``"ignore"``: not kept, only tripped).
+
+        Returns:
+            Whether the alert was kept.
+        """
+        if trip:
+            self.trip(alert)
+        nonfinite = alert.rule == "nonfinite"
+        if nonfinite and self.on_nonfinite == "ignore":
+            return False
+        with self._lock:
+            self._alerts.append(alert)
+            if window:
+                self._window.append(alert)
+        if not nonfinite:
+            key = f"rule-alert:{alert.rule}" if warn == "rule" else f"{alert.rule}:{alert.module}"
+            self.warn_once(key, f"{alert.message}; see watch.alerts (warned once per {warn})")
+        elif self.on_nonfinite == "warn":
+            self.warn_once(
+                f"nonfinite:{alert.module}", f"{alert.message}; see watch.alerts (warned once per origin module)"
+            )
+        elif callable(self.on_nonfinite):
+            try:
+                self.on_nonfinite(alert)
+            except Exception as exc:  # noqa: BLE001 - only "raise" may raise into serving code
+                self.count("on_nonfinite")
+                self.warn_once("callback", f"the on_nonfinite callable raised {exc!r}; it was ignored")
+        return True
+
+    def trip(self, alert: Alert) -> None:
+        """Make the watch unhealthy (health follows NaN/Inf whatever the notification policy)."""
+        with self._lock:
+            self.last_trip = alert
+            self.trips += 1
+
+    def take_window(self) -> list[Alert]:
+        """The alerts waiting for the next record (a flush cuts them)."""
+        with self._lock:
+            alerts, self._window = self._window, []
+        return alerts
+
+    @property
+    def alerts(self) -> list[Alert]:
+        with self._lock:
+            return list(self._alerts)
+
+    # ---- failures ----------------------------------------------------------------------------
+
+    def count(self, kind: str, n: int = 1) -> None:
+        """Count ``n`` failures or losses of ``kind`` (a key of ``watch.errors``)."""
+        with self._lock:
+            self._errors[kind] += n
+
+    def errors(self, lost: Mapping[str, int] = {}) -> dict[str, int]:
+        """The counted failures, plus ``lost`` (what the monitors could not record; zeros left out)."""
+        with self._lock:
+            out = dict(self._errors)
+        for kind, n in lost.items():
+            if n:
+                out[kind] = out.get(kind, 0) + n
+        return out
+
+    def hook_failed(self, where: str, exc: BaseException) -> None:
+        """A hook's own exception, caught so inference goes on: counted under ``where``, warned once."""
+        self.count(where)
+        self.warn_once(
+            f"hook:{type(exc).__name__}",
+            f"the torchwatch hook of {where!r} failed with {exc!r}; inference was not affected. "
+            "Failures are counted per module in watch.errors (warned once per kind of error).",
+        )
+
+    def warn_once(self, key: str, message: str) -> None:
+        """One :class:`~torchwatch.TorchwatchWarning` per ``key`` for the life of the watch."""
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(f"torchwatch: {message}", TorchwatchWarning, stacklevel=3)
+
+    # ---- rules -------------------------------------------------------------------------------
+
+    def run_rules(
+        self,
+        rules: Iterable[Any],
+        step: int,
+        now: float,
+        stats: list[tuple[tuple[str | None, str], ModuleStats]],
+        values: Mapping[str, Any],
+    ) -> list[Alert]:
+        """Worker thread: evaluate ``rules`` on one interval, once per cohort; the monitors'
+        ``values`` (drift, latency, inputs, outputs, ...) only in the all-cohorts interval."""
+        by_cohort: dict[str | None, dict[str, list[ModuleStats]]] = {None: {}}
+        for (cohort, name), s in stats:
+            by_cohort.setdefault(cohort, {}).setdefault(name, []).append(s)
+        out: list[Alert] = []
+        for cohort, per_name in by_cohort.items():
+            merged = {n: merge_all(v) for n, v in per_name.items()}
+            if cohort is None:
+                interval = _rules.Interval.of(step, now, None, merged, values)
+            else:
+                interval = _rules.Interval(step, now, cohort, merged)
+            for rule in rules:
+                try:
+                    found = list((rule.evaluate if isinstance(rule, _rules.Rule) else rule)(interval) or ())
+                except Exception as exc:  # noqa: BLE001 - a broken rule never stops the flush
+                    name = _rules.rule_name(rule)
+                    self.count(f"rule:{name}")
+                    self.warn_once(f"rule:{name}", f"rule {name!r} raised {exc!r}; counted in watch.errors")
+                    continue
+                trips = _rules.trips(rule)
+                for alert in found:
+                    if isinstance(alert, Alert):
+                        # one warning per rule: a fault that moves every module must not flood the log
+                        self.publish(alert, window=False, trip=trips, warn="rule")
+                        out.append(alert)
+        return out

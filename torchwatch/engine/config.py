@@ -1,0 +1,204 @@
+"""``attach()``'s options, validated once into a frozen :class:`WatchConfig`, and the monitors
+they turn on (the one place the built-in monitors are registered)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from .. import _validate
+from .. import rules as _rules
+from .._casts import normalize_cast_dtypes
+from .._select import select_modules
+from .._tensors import model_device
+from ..alerts import Alert
+from ..errors import ConfigError
+from ..monitors.base import Monitor
+from ..monitors.drift import Drift, Reference
+from ..monitors.inputs import InputMonitor, Inputs
+from ..monitors.latency import Latency, Timing
+from ..monitors.outputs import OutputMonitor, Outputs
+from ..sinks.base import Sink
+from ..stats import DEFAULT_CAST_DTYPES
+
+NONFINITE_POLICIES = ("ignore", "warn", "raise")
+SAMPLING_MODES = ("python", "device")
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchConfig:
+    """Everything :func:`torchwatch.attach` was asked for, checked (see its docstring)."""
+
+    selected: tuple[tuple[str, nn.Module], ...]
+    every: int
+    sampling: str
+    sinks: tuple[Sink, ...]
+    flush_every: int
+    cast_dtypes: tuple[str, ...]
+    on_nonfinite: str | Callable[[Alert], object]
+    max_cohorts: int
+    rules: tuple[Any, ...]
+    alert_policy: _rules.AlertPolicy
+    inputs: InputMonitor | None
+    outputs: OutputMonitor | None
+    timing: bool
+    drift: Reference | None
+    drift_modules: tuple[tuple[str, nn.Module], ...]
+    drift_arl: float | None
+    monitors: tuple[Monitor, ...]
+    device_path: bool  # measure CPU tensors the way accelerator ones are (the CPU twin, in tests)
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, *, modules: Any = None, every: Any = 1, sampling: Any = "python", sinks: Any = (),
+        flush_every: Any = 100, cast_dtypes: Any = DEFAULT_CAST_DTYPES, on_nonfinite: Any = "warn",
+        max_cohorts: Any = 16, drift: Any = None, drift_arl: Any = None, rules: Any = None, alert_policy: Any = None,
+        inputs: Any = True, outputs: Any = None, timing: Any = False, monitors: Any = (), device_path: bool = False,
+    ) -> WatchConfig:  # fmt: skip
+        """Check every option (defaults: those of :func:`torchwatch.attach`); raises
+        :class:`~torchwatch.ConfigError` naming the first bad one."""
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+        if sampling not in SAMPLING_MODES:
+            raise ConfigError(f"sampling={sampling!r} is not valid: use 'python' (eager) or 'device' (graphs)")
+        if not isinstance(timing, bool):
+            raise ConfigError(f"timing must be True or False, got {timing!r}")
+        cast = normalize_cast_dtypes(cast_dtypes)
+        policy = alert_policy if alert_policy is not None else _rules.AlertPolicy()
+        if not isinstance(policy, _rules.AlertPolicy):
+            raise ConfigError(f"alert_policy must be a tw.rules.AlertPolicy, got {type(alert_policy).__name__}")
+        reference, drift_modules = _drift(model, drift, drift_arl)
+        return cls(
+            selected=tuple(select_modules(model, modules)),
+            every=_validate.integer("attach()", "every", every),
+            sampling=sampling,
+            sinks=tuple(_sink_list(sinks)),
+            flush_every=_validate.integer("attach()", "flush_every", flush_every),
+            cast_dtypes=cast,
+            on_nonfinite=_nonfinite_policy(on_nonfinite),
+            max_cohorts=_validate.integer("attach()", "max_cohorts", max_cohorts),
+            rules=tuple(_rules.normalize(rules, cast)),
+            alert_policy=policy,
+            inputs=_input_monitor(inputs),
+            outputs=_output_monitor(outputs),
+            timing=timing,
+            drift=reference,
+            drift_modules=tuple(drift_modules),
+            drift_arl=drift_arl,
+            monitors=_monitor_list(monitors),
+            device_path=device_path,
+        )
+
+    def build_monitors(self, model: nn.Module, measure: Callable[..., None]) -> list[Monitor]:
+        """The monitors these options turn on, after the activation statistics (whose ``measure``
+        the input monitor shares), in hook order; then ``attach(monitors=...)``'s."""
+        device = model_device(model)
+        cuda = device.type == "cuda"
+        path = "torch" if self.device_path else None  # CPU tensors through the device path's torch ops (tests)
+        out: list[Monitor] = [Latency(cuda=cuda)]
+        if self.timing:
+            out.append(Timing(list(self.selected), cuda=cuda))
+        if self.inputs is not None:
+            out.append(Inputs(self.inputs, measure, path=path))
+        if self.outputs is not None:
+            out.append(Outputs(self.outputs, path=path))
+        if self.drift is not None:
+            out.append(Drift(self.drift, list(self.drift_modules), device, self.drift_arl))
+        return out + list(self.monitors)
+
+
+def _drift(model: nn.Module, drift: Any, arl: Any) -> tuple[Reference | None, list[tuple[str, nn.Module]]]:
+    """The reference of ``attach(drift=..., drift_arl=...)`` and the modules it hooks."""
+    if drift is None:
+        if arl is not None:
+            raise ConfigError("drift_arl needs drift=: pass a torchwatch.Reference to monitor")
+        return None, []
+    if not isinstance(drift, Reference):
+        raise ConfigError(f"drift= takes a torchwatch.Reference (Reference.fit or .load), got {type(drift).__name__}")
+    if arl is not None and (isinstance(arl, bool) or not isinstance(arl, (int, float)) or not arl > 1):
+        raise ConfigError(f"drift_arl must be a number of windows > 1, got {arl!r}")
+    names = dict(model.named_modules())
+    missing = [n for n in drift.modules if n not in names]
+    if missing:
+        raise ConfigError(
+            f"the drift reference monitors modules this model does not have: {missing}; "
+            f"fit the reference on this model (its modules include {list(names)[1:6]})"
+        )
+    return drift, [(n, names[n]) for n in drift.modules]
+
+
+def _input_monitor(inputs: Any) -> InputMonitor | None:
+    if inputs is True:
+        return InputMonitor()
+    if inputs is False or inputs is None:
+        return None
+    if isinstance(inputs, InputMonitor):
+        return inputs
+    raise ConfigError(f"inputs= takes True, False or a tw.InputMonitor, got {inputs!r}")
+
+
+def _output_monitor(outputs: Any) -> OutputMonitor | None:
+    if outputs is None or outputs is False:
+        return None
+    if outputs is True:
+        return OutputMonitor(select=None)
+    if isinstance(outputs, OutputMonitor):
+        return outputs
+    if isinstance(outputs, (str, int)) or callable(outputs):
+        return OutputMonitor(select=outputs)
+    raise ConfigError(
+        f"outputs= takes a key ('logits'), an index, a callable output -> logits, True (the output is the "
+        f"logits) or a tw.OutputMonitor, got {outputs!r}"
+    )
+
+
+def _nonfinite_policy(policy: object) -> str | Callable[[Alert], object]:
+    if callable(policy) or policy in NONFINITE_POLICIES:
+        return policy  # type: ignore[return-value]
+    raise ConfigError(
+        f"on_nonfinite={policy!r} is not valid: use one of {', '.join(map(repr, NONFINITE_POLICIES))} "
+        "or a callable taking a torchwatch.Alert"
+    )
+
+
+def _sink_list(sinks: Iterable[Sink]) -> list[Sink]:
+    if isinstance(sinks, Sink):
+        raise ConfigError(f"sinks must be a list of sinks, got a single {sinks!r}; write sinks=[{sinks!r}]")
+    try:
+        items = list(sinks)
+    except TypeError:
+        raise ConfigError(f"sinks must be a list of sinks, got {sinks!r}") from None
+    bad = [s for s in items if not callable(getattr(s, "write", None))]
+    if bad:
+        raise ConfigError(
+            f"sinks: {bad[0]!r} is not a sink (it has no write(record) method); use tw.TensorBoardSink, "
+            "tw.JsonlSink, tw.MemorySink or a subclass of tw.Sink"
+        )
+    return items
+
+
+def _monitor_list(monitors: Iterable[Monitor]) -> tuple[Monitor, ...]:
+    try:
+        items = tuple(monitors)
+    except TypeError:
+        raise ConfigError(f"monitors must be a list of tw.monitors.Monitor, got {monitors!r}") from None
+    for m in items:
+        if not isinstance(m, Monitor):
+            raise ConfigError(
+                f"monitors: {m!r} is not a monitor; subclass torchwatch.monitors.Monitor (see its docstring)"
+            )
+        if not isinstance(m.name, str) or not m.name or m.name in _RESERVED:
+            raise ConfigError(
+                f"monitors: {type(m).__name__}.name must be a non-empty string other than the built-in names "
+                f"{sorted(_RESERVED)}, got {m.name!r}"
+            )
+    names = [m.name for m in items]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"monitors: two monitors share a name ({names}); each needs its own")
+    return items
+
+
+_RESERVED = frozenset({"stats", "drift", "latency", "inputs", "outputs", "timing", "fingerprint"})

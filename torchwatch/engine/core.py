@@ -1,0 +1,427 @@
+"""The engine of a watch: root calls, hooks, windows, and the way to the sinks.
+
+Data path, one direction::
+
+    model(x) ─► root pre-hook: Call (index, sampled?, labels) ─► monitors' before_call
+              ─► module hooks (installed for sampled calls) ─► monitors measure on the device
+              ─► root post-hook: monitors' after_call (NaN/Inf origin) ─► every flush_every calls:
+    flush (serving thread): monitors' take() cut the window, start device copies ─► Interval
+              ─► worker thread: monitors' collect() (waits for the copies, folds into totals)
+              ─► rules on the interval (alert bus) ─► RecordParts ─► Record ─► sinks
+
+A snapshot runs the same take/collect, keeping the window in place. The engine knows monitors
+only through :class:`~torchwatch.monitors.Monitor`; the activation statistics are the monitor
+whose value is the record's ``stats``, ``calls`` and ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import NonFiniteError
+from ..monitors.activations import Activations
+from ..monitors.base import ROOT_CALL, Call, Collect, Monitor, labels
+from ..records import Record, Snapshot
+from ..sinks.base import Sink
+from ..stats import merge_all
+from .bus import AlertBus
+from .hooks import HookSet
+from .window import Interval, RecordParts
+from .worker import Worker
+
+OTHER_COHORT = "__other__"
+WORKER = "(worker)"  # the key of watch.errors for failures while finishing a flush
+MERGE_RECORDS_BEHIND = 8  # intervals waiting for the worker before it merges records for the sinks
+# intervals waiting for the worker before automatic flushes stop cutting new ones and merge into the
+# window (the last resort that bounds memory; normally the worker merges records, not intervals)
+MAX_PENDING_FLUSHES = 64
+RECORDS_NOT_WRITTEN = "records not written"  # flushes unfinished when detach() stopped waiting
+
+_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+class Engine:
+    """Root calls, hook installation, flushes and snapshots of one watch (made by :class:`~torchwatch.Watch`).
+
+    Public to monitors: :attr:`bus`, :meth:`module_hook`, :meth:`graph_mode`,
+    :meth:`current_call`, :meth:`orphan_call`, :attr:`device_lock`, :attr:`flush_lock`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        activations: Activations,
+        monitors: Sequence[Monitor],
+        *,
+        every: int,
+        sampling: str,
+        flush_every: int,
+        max_cohorts: int,
+        rules: list[Any],
+        alert_policy: Any,
+        sinks: list[Sink],
+        bus: AlertBus,
+    ) -> None:
+        self.bus = bus
+        self.every = every
+        self.sampling = sampling
+        self.flush_every = flush_every
+        self.rules = rules
+        self.alert_policy = alert_policy
+        self.activations = activations
+        self._others = list(monitors)
+        self._monitors = [activations, *self._others]
+        self._after = sorted(self._monitors, key=_after_call_order)
+        self._model = weakref.ref(model)
+        self.cuda = False  # a monitor measures on a CUDA device: graph capture is possible
+        self._lock = threading.Lock()  # call counters
+        self.flush_lock = threading.RLock()  # one flush / snapshot / reset at a time
+        self.device_lock = threading.Lock()  # device merges are several ops: one thread at a time
+        self._tls = threading.local()
+        self._max_cohorts = max_cohorts
+        self._cohorts: set[str | None] = {None}
+        self._calls = 0
+        self._window_calls = self._window_sampled = 0
+        self._since_reset_calls = self._since_reset_sampled = 0
+        self._merged = 0  # automatic flushes deferred into the next one
+        self._carry: RecordParts | None = None  # worker thread: intervals held back while the sinks are behind
+        self._hooks = HookSet()
+        self._worker = Worker(sinks, _weak_callback(self._sink_failed), _weak_callback(self._job_failed))
+        weakref.finalize(self, self._worker.close, 0)  # a watch dropped without detach() stops its thread
+        for monitor in self._monitors:
+            monitor.bind(self)
+
+    # ---- for monitors ------------------------------------------------------------------------
+
+    def module_hook(
+        self, module: nn.Module, hook: Callable[..., None], *, sampled: bool = True, pre: bool = False,
+        prepend: bool = False,
+    ) -> None:  # fmt: skip
+        """Add a forward hook (``pre``: a pre-hook) to ``module`` when the watch starts.
+
+        ``sampled``: only while a sampled call runs (with ``every > 1`` and python sampling the
+        hooks are installed for those calls alone); False: on every call. Register at bind time.
+        """
+        self._hooks.add(module, hook, sampled=sampled, pre=pre, prepend=prepend)
+
+    def graph_mode(self) -> bool:
+        """True while torch.compile traces, or while a CUDA graph is being captured."""
+        return _compiling() or (self.cuda and torch.cuda.is_current_stream_capturing())
+
+    def current_call(self) -> Call | None:
+        """The root call running in this thread, or None (outside any, or its bookkeeping failed)."""
+        return getattr(self._tls, "call", None)
+
+    def in_call(self) -> bool:
+        """Whether a root call of the watched model is running in this thread."""
+        return getattr(self._tls, "depth", 0) > 0
+
+    def orphan_call(self, fqn: str) -> Call:
+        """A call for a module that ran outside any root call (warned once)."""
+        self.bus.warn_once(
+            "orphan",
+            f"{fqn!r} ran outside a call of the watched model (model.forward() called directly, a "
+            "submodule called on its own, or another thread); its statistics are recorded with call "
+            "index -1. Call the model itself, model(x), to get call indices and sampling.",
+        )
+        cohort, trace_id = labels.get()
+        return Call(-1, self._bounded_cohort(cohort), trace_id)
+
+    def add_monitor(self, monitor: Monitor, *, replace: type | None = None) -> None:
+        """Add a monitor that needs no hooks while attached (``replace``: close the one of that type)."""
+        old = [m for m in self._others if replace is not None and isinstance(m, replace)]
+        for m in old:
+            m.close(30.0)
+        monitor.bind(self)
+        self._others = [m for m in self._others if m not in old] + [monitor]
+        self._monitors = [self.activations, *self._others]
+        self._after = sorted(self._monitors, key=_after_call_order)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def monitor(self, name: str) -> Monitor:
+        """The monitor named ``name`` (``"latency"``, ``"inputs"``, a custom monitor's name, ...).
+
+        Raises:
+            KeyError: no monitor of that name is attached.
+        """
+        for monitor in self._monitors:
+            if monitor.name == name:
+                return monitor
+        raise KeyError(f"no monitor named {name!r}; attached: {[m.name for m in self._monitors]}")
+
+    @property
+    def calls(self) -> int:
+        """Root calls run eagerly since attaching."""
+        return self._calls
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The watched model, or None once it was garbage-collected."""
+        return self._model()
+
+    def start(self, model: nn.Module) -> None:
+        """Register the root hooks and the module hooks (the caller holds the registry lock)."""
+        self._hooks.start(model, self._enter_root, self._exit_root,
+                          sampled_always=self.every == 1 or self.sampling == "device")  # fmt: skip
+
+    def remove_hooks(self) -> None:
+        """Remove every hook the watch added (the caller holds the registry lock)."""
+        self._hooks.remove()
+
+    def stop(self, timeout: float) -> None:
+        """After :meth:`remove_hooks`: close the monitors, flush, and close the sinks."""
+        for monitor in self._monitors:
+            monitor.close(timeout)
+        self.flush(wait=False)
+        left = self._worker.close(timeout)
+        if left:
+            self.bus.count(RECORDS_NOT_WRITTEN, left)
+            self.bus.warn_once(
+                "not-written",
+                f"detach(): the sinks did not finish within {timeout:g} s; {left} flush(es) were not written by "
+                f"then (counted in watch.errors[{RECORDS_NOT_WRITTEN!r}]; they still are if the sinks recover). "
+                "Give detach(timeout=...) more time.",
+            )
+
+    def errors(self) -> dict[str, int]:
+        lost: dict[str, int] = {}
+        for monitor in self._monitors:
+            for kind, n in monitor.lost().items():
+                lost[kind] = lost.get(kind, 0) + n
+        return self.bus.errors(lost)
+
+    # ---- root calls --------------------------------------------------------------------------
+
+    def _enter_root(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if self.graph_mode():
+            for monitor in self._monitors:
+                monitor.graph_call()
+            return
+        tls = self._tls
+        depth = getattr(tls, "depth", 0)
+        tls.depth = depth + 1
+        if depth:  # the model calling itself: part of the outer call
+            return
+        tls.call = None
+        tls.flush_due = False
+        try:
+            with self._lock:
+                index = self._calls
+                self._calls += 1
+                self._window_calls += 1
+                sampled = index % self.every == 0
+                if sampled:
+                    self._window_sampled += 1
+            tls.flush_due = (index + 1) % self.flush_every == 0
+            cohort, trace_id = labels.get()
+            call = tls.call = Call(index, self._bounded_cohort(cohort) if sampled else cohort, trace_id,
+                                   sampled=sampled)  # fmt: skip
+            if sampled and self.every > 1 and self.sampling == "python":
+                self._hooks.install()
+        except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+            tls.call = None
+            self.bus.hook_failed(ROOT_CALL, exc)
+            return
+        for monitor in self._monitors:
+            if sampled or monitor.every_call:
+                try:
+                    monitor.before_call(call, args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                    self.bus.hook_failed(monitor.error_key or monitor.name, exc)
+
+    def _exit_root(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.graph_mode():
+            return
+        tls = self._tls
+        depth = getattr(tls, "depth", 0)
+        if depth == 0:  # attached while this call was already running
+            return
+        tls.depth = depth - 1
+        if depth > 1:
+            return
+        call, tls.call = tls.call, None
+        if call is not None:
+            if call.sampled and self.every > 1 and self.sampling == "python":
+                self._hooks.uninstall()
+            # every-call monitors (latency) first, the activation statistics (NaN/Inf origin) last
+            for monitor in self._after:
+                if call.sampled or monitor.every_call:
+                    try:
+                        monitor.after_call(call, output)
+                    except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                        self.bus.hook_failed(monitor.error_key or monitor.name, exc)
+        try:
+            if tls.flush_due:
+                self.flush(wait=False, automatic=True)
+        except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+            self.bus.hook_failed(ROOT_CALL, exc)
+        alert = call.raise_alert if call is not None else None
+        if alert is not None:
+            raise NonFiniteError(
+                f"{alert.message}. Look at that module's inputs and weights; "
+                'pass on_nonfinite="warn" to keep serving and only record it.',
+                alert,
+            )
+
+    def _bounded_cohort(self, cohort: str | None) -> str | None:
+        if cohort in self._cohorts:
+            return cohort
+        with self._lock:
+            if len(self._cohorts) <= self._max_cohorts:
+                self._cohorts.add(cohort)
+                return cohort
+        self.bus.warn_once(
+            "cohorts",
+            f"more than {self._max_cohorts} cohorts; cohort {cohort!r} and later new ones are merged "
+            f"into {OTHER_COHORT!r}. Raise attach(max_cohorts=...) if you need them apart.",
+        )
+        return OTHER_COHORT
+
+    # ---- windows -----------------------------------------------------------------------------
+
+    def flush(self, *, wait: bool, timeout: float = 30.0, automatic: bool = False) -> None:
+        """Cut the window and start the device copies here; the worker thread does the rest.
+
+        ``automatic`` (every ``flush_every`` calls, on the serving thread): when the worker
+        already has ``MAX_PENDING_FLUSHES`` intervals waiting (it cannot even keep up with
+        folding them), or another flush or snapshot is in progress, the window is left as it is
+        and goes out with the next flush, which says so in ``record.merged``: nothing is
+        dropped, memory stays bounded and the serving thread never waits.
+        """
+        if automatic:
+            if self._worker.pending >= MAX_PENDING_FLUSHES or not self.flush_lock.acquire(blocking=False):
+                with self._lock:
+                    self._merged += 1  # this interval goes out with the next flush (record.merged)
+                return
+        else:
+            self.flush_lock.acquire()
+        try:
+            with self._lock:
+                calls, sampled = self._window_calls, self._window_sampled
+                self._window_calls = self._window_sampled = 0
+                merged, self._merged = self._merged, 0
+                step = self._calls
+            alerts = self.bus.take_window()
+            taken = [(m, m.take(keep=False)) for m in self._monitors]
+            if calls or alerts or any(t is not None for _, t in taken):
+                interval = Interval(step, calls, sampled, alerts, taken, merged)
+                # queued under the lock: intervals reach the worker in the order they were cut
+                self._worker.submit(functools.partial(self._finish_flush, interval))
+        finally:
+            self.flush_lock.release()
+        if wait:
+            self._worker.submit(None, wait=True, timeout=timeout)
+
+    def _collect(self, step: int, taken: list[tuple[Monitor, Any]], *, fold: bool) -> tuple[Any, dict, Collect]:
+        """The one collect step of flushes (``fold``) and snapshots: the activation part first
+        (its graph replays advance the step), then every other monitor's value by name."""
+        ctx = Collect(step, fold, self.bus)
+        part = self.activations.collect(taken[0][1], ctx)
+        ctx.step += part.calls
+        values = {m.name: m.collect(t, ctx) for m, t in taken[1:]}
+        return part, values, ctx
+
+    def _finish_flush(self, interval: Interval, waiting: int) -> Record | None:
+        """Worker thread: wait for the copies, fold the window into the totals, run the rules on
+        it, and make the record. With ``MERGE_RECORDS_BEHIND`` or more intervals ``waiting``
+        behind this one (the sinks are behind), the record is held back and merged into the
+        next one's: rules still see every interval, the sinks get fewer, larger records,
+        nothing is dropped."""
+        part, values, ctx = self._collect(interval.step, interval.taken, fold=True)
+        with self._lock:
+            self._since_reset_calls += interval.calls + part.calls
+            self._since_reset_sampled += interval.sampled + part.sampled
+        now = time.time()
+        monitors = [m for m, _ in interval.taken[1:]]
+        alerts = interval.alerts + ctx.alerts
+        if self.rules and (part.stats or any(m.active(values[m.name]) for m in monitors)):
+            published = {m.name: m.publish(values[m.name]) for m in monitors}
+            alerts += self.bus.run_rules(self.rules, ctx.step, now, part.stats, published)
+        parts = RecordParts(
+            step=ctx.step, time=now, calls=interval.calls + part.calls, sampled=interval.sampled + part.sampled,
+            stats=part.stats, alerts=[a for a in alerts if self.alert_policy.admit(a, now)],
+            nonfinite=part.nonfinite, values=values, merged=interval.merged,
+        )  # fmt: skip
+        if self._carry is not None:  # earlier intervals held back while the sinks were behind
+            parts = self._carry.merge(parts, monitors)
+            self._carry = None
+        if waiting >= MERGE_RECORDS_BEHIND:
+            self._carry = parts
+            return None
+        return parts.record(self.activations.window.order_of, self.errors(), monitors)
+
+    def snapshot(self, cohort: str | None) -> Snapshot:
+        """Statistics merged since the last reset: the flushes' totals plus the current window."""
+        with self.flush_lock:
+            self._worker.submit(None, wait=True)  # finish the flushes already started
+            with self._lock:
+                calls = self._since_reset_calls + self._window_calls
+                sampled = self._since_reset_sampled + self._window_sampled
+                step = self._calls
+            taken = [(m, m.take(keep=True)) for m in self._monitors]
+            part, values, _ = self._collect(step, taken, fold=False)
+            errors = self.errors()
+        per_name: dict[str, list[Any]] = {}
+        for (c, name), s in part.stats:
+            if cohort is None or c == cohort:
+                per_name.setdefault(name, []).append(s)
+        stats = {name: merge_all(per_name[name]) for name in self.activations.window.order_of(per_name)}
+        first = part.nonfinite
+        if cohort is not None:
+            first = {k: v for k, v in first.items() if v.cohort == cohort}
+        shown = {m.name: m.publish(values[m.name]) for m, _ in taken[1:] if cohort is None or m.cohort_snapshot}
+        return Snapshot.of(
+            stats, calls=calls + part.calls, sampled=sampled + part.sampled, cohort=cohort, nonfinite=first,
+            errors=errors, values=shown,
+        )  # fmt: skip
+
+    def reset(self) -> None:
+        """Forget statistics and non-finite records (alerts and error counts are kept)."""
+        with self.flush_lock:
+            self._worker.submit(None, wait=True)
+            for monitor in self._monitors:
+                monitor.reset()
+            with self._lock:
+                self._window_calls = self._window_sampled = 0
+                self._since_reset_calls = self._since_reset_sampled = 0
+
+    # ---- failures ----------------------------------------------------------------------------
+
+    def _job_failed(self, exc: BaseException) -> None:
+        self.bus.count(WORKER)
+        self.bus.warn_once(
+            f"worker:{type(exc).__name__}", f"finishing a flush failed with {exc!r}; its window was lost"
+        )
+
+    def _sink_failed(self, sink: Sink, exc: BaseException) -> None:
+        self.bus.count(f"sink:{sink!r}")
+        self.bus.warn_once(
+            f"sink:{id(sink)}",
+            f"{sink!r} failed with {exc!r} and is disabled; inference and the other sinks go on. "
+            "Fix the destination (permissions, free space) and attach again to re-enable it.",
+        )
+
+
+def _after_call_order(monitor: Monitor) -> int:
+    return 0 if monitor.every_call else 2 if isinstance(monitor, Activations) else 1
+
+
+def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
+    """Call ``method`` while its object lives; the worker thread must not keep a watch alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call

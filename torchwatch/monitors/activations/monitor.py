@@ -1,0 +1,325 @@
+"""Activation statistics: what each watched module's floating-point outputs hold.
+
+Each selected module's forward hook measures the tensors it returned: CPU tensors through the C
+kernel into host accumulators (:class:`~.window.StatsWindow`), others into the slots of a
+:class:`~torchwatch._table.DeviceTable` on their device with the fused kernel (or its torch-ops
+twin). At the end of a root call the NaN/Inf measurements of that call name where NaN/Inf
+started (host: at once; device: at the next flush, or at once with ``on_nonfinite="raise"``).
+
+Under ``torch.compile`` or CUDA-graph capture the hooks run once, at trace time, so they take a
+*graph path*: device-side operations only. The root pre-hook advances a call counter on the
+device and sets the sampling flag there; the statistics kernels read both.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..._casts import CastPlan, _float_dtypes, cast_plan
+from ..._pytree import tensors_in
+from ..._table import C_NAN, C_NEGINF, CALLS, DeviceTable
+from ..._tensors import model_device
+from ...alerts import nonfinite_alert
+from ...kernels import PLAIN_TENSOR_TYPES, host_stats, measurable, torch_ops
+from ...kernels import cpu as cpu_kernel
+from ..base import Call, Collect, Monitor
+from .window import ActivationPart, StatsWindow, Taken
+
+if TYPE_CHECKING:
+    from ...engine.core import Engine
+
+POSITIONS_NOT_MEASURED = "positions not measured"  # measurements of output positions beyond the capacity
+_NO_PLAN = object()
+
+_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+class Activations(Monitor):
+    """Per output position: ModuleStats (moments, range, NaN/Inf, zeros, subnormals, casts).
+
+    Its value is an :class:`~.window.ActivationPart`; the engine puts its statistics and first
+    NaN/Inf records into ``record.stats`` / ``record.nonfinite`` and ``snapshot[...]``.
+    """
+
+    name = "stats"
+    cohort_snapshot = True
+
+    def __init__(
+        self,
+        selected: list[tuple[str, nn.Module]],
+        model: nn.Module,
+        *,
+        cast_dtypes: tuple[str, ...],
+        every: int,
+        on_nonfinite: Any,
+        device_path: bool = False,
+    ) -> None:
+        self.cast_dtypes = cast_dtypes
+        self.modules = [name for name, _ in selected]
+        self._selected = selected
+        self._model = weakref.ref(model)
+        self._raise = on_nonfinite == "raise"
+        self._device_path = device_path  # measure CPU tensors the way accelerator ones are (tests)
+        self.capacity = 4 * len(selected) + 64
+        self.window = StatsWindow(cast_dtypes, self.capacity, every)
+        self.every = every
+        # Every plan up front: under torch.compile a hook may not run Python that touches tensors.
+        self._plans: dict[torch.dtype, CastPlan | None] = {}
+        self._cpu_kernel: dict[torch.dtype, tuple[int, object, bool]] = {}  # dtype -> C kernel arguments
+        for name in _float_dtypes():
+            self._new_plan(getattr(torch, name))
+        self._tables: dict[torch.device, DeviceTable] = {}
+        self._seen: set[str] = set()
+        self._completed = 0  # sampled calls completed (the check for modules that never ran waits for one)
+        self._unseen_checked = False
+        self.triton_in_compile = False  # benchmarks/_compile_probe.py sets it to reproduce the crash
+
+    def bind(self, engine: Engine) -> None:
+        self._engine = engine
+        self._bus = engine.bus
+        self._new_table(model_device(self._model()))  # before any trace: tables cannot be made inside one
+        root = self._model()
+        # The model's own hook must run before the engine closes the call: it goes first.
+        for name, module in self._selected:
+            engine.module_hook(module, self._make_hook(name), prepend=module is root)
+        del self._selected
+
+    # ---- calls -------------------------------------------------------------------------------
+
+    def graph_call(self) -> None:
+        for table in self._tables.values():
+            table.tick(self.every)
+
+    def before_call(self, call: Call, args: Any, kwargs: dict[str, Any]) -> None:
+        if call.trace_id is not None and self._tables:
+            self.window.remember_trace(call.index, call.trace_id)
+
+    def after_call(self, call: Call, output: Any) -> None:
+        self._finish_call(call)
+        self._completed += 1
+
+    def _make_hook(self, fqn: str) -> Callable[[nn.Module, Any, Any], None]:
+        on_output = self._on_output
+
+        def torchwatch_hook(module: nn.Module, args: Any, output: Any) -> None:
+            on_output(fqn, output)
+
+        return torchwatch_hook
+
+    def _on_output(self, fqn: str, output: Any) -> None:
+        engine = self._engine
+        if engine.graph_mode():
+            self._graph_output(fqn, output)
+            return
+        call = engine.current_call()
+        if (call is None and engine.in_call()) or (call is not None and not call.sampled):
+            return  # an unsampled root call in this thread; the hooks are up for another
+        try:
+            orphan = call is None
+            if orphan:
+                call = engine.orphan_call(fqn)
+            if fqn not in self._seen:
+                self._seen.add(fqn)
+            if type(output) is torch.Tensor:
+                self.measure(call, fqn, output)
+            else:
+                for label, tensor in tensors_in(output):
+                    self.measure(call, fqn + label, tensor)
+            if orphan:
+                self._finish_call(call)
+        except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+            self._bus.hook_failed(fqn, exc)
+
+    # ---- measuring ---------------------------------------------------------------------------
+
+    def measure(self, call: Call, name: str, x: torch.Tensor) -> None:
+        """Measure one tensor as position ``name`` of ``call`` (hooks of this and other monitors)."""
+        # Cheapest checks first: in a real forward every tensor attribute is a cache-cold call.
+        if type(x) not in PLAIN_TENSOR_TYPES:
+            return
+        plan = self._plans.get(x.dtype, _NO_PLAN)
+        if plan is _NO_PLAN:
+            plan = self._new_plan(x.dtype)
+        if plan is None or x.layout is not torch.strided:
+            return
+        seq = call.seq
+        call.seq = seq + 1
+        if (x.is_cpu and not self._device_path) or (measurable(x) and x.numel() == 0):
+            kernel = self._cpu_kernel.get(x.dtype)
+            if kernel is not None and x.is_cpu and x.is_contiguous():  # the common case, inlined
+                raw = cpu_kernel.tensor_stats(x.data_ptr(), x.numel(), *kernel)
+            else:
+                raw = host_stats(x, plan)
+            if not self.window.add((call.cohort, name), len(plan.names), raw):
+                self._table_full(name)
+                return
+            if raw[1] or raw[2] or raw[3]:
+                call.events.append((seq, name, raw[1], raw[2], raw[3]))
+            return
+        if not measurable(x):
+            return
+        table = self._tables.get(x.device) or self._new_table(x.device)
+        slot = table.slot((call.cohort, name))
+        if slot is None:
+            self._table_full(name)
+            return
+        self.window.position(name)
+        with self._engine.device_lock, torch.no_grad():
+            _merge_for(table, x)(table, slot, x.detach(), plan, call.index, use_flag=False)
+        call.device.append((seq, name, table, slot))
+
+    def _graph_output(self, fqn: str, output: Any) -> None:
+        """Graph path of a module's hook: device-side operations only, nothing to wait for."""
+        items = (("", output),) if isinstance(output, torch.Tensor) else tensors_in(output)
+        for label, x in items:
+            if type(x) not in PLAIN_TENSOR_TYPES or not x.is_floating_point() or x.layout is not torch.strided:
+                continue
+            plan = self._plans.get(x.dtype)
+            table = self._tables.get(x.device)
+            if plan is None or table is None or x.numel() == 0:
+                continue
+            name = fqn + label
+            slot = table.slot((None, name), tracing=_compiling())
+            if slot is None:
+                continue
+            self.window.position(name, locked=False)
+            self._seen.add(fqn)
+            call = table.control[CALLS] - 1
+            # Inside torch.compile the statistics are torch ops that inductor fuses into its own
+            # kernels: it knows the real layout of every buffer it passes them. The hand-written
+            # kernel is for eager launches and captured CUDA graphs (a compiled BERT-base that
+            # launched it crashed with an illegal memory access on an H200; see RESULTS.md).
+            merge = torch_ops.merge_into if _compiling() and not self.triton_in_compile else _merge_for(table, x)
+            with torch.no_grad():
+                merge(table, slot, x.detach(), plan, call, use_flag=True)
+
+    def _new_plan(self, dtype: torch.dtype) -> CastPlan | None:
+        """The cast plan of a dtype (None if not floating point), and its CPU kernel arguments."""
+        plan = cast_plan(dtype, self.cast_dtypes) if dtype.is_floating_point else None
+        if plan is not None and cpu_kernel.available and dtype in cpu_kernel.DTYPE_CODES:
+            self._cpu_kernel[dtype] = (cpu_kernel.DTYPE_CODES[dtype], cpu_kernel.native_plan(plan), False)
+        self._plans[dtype] = plan
+        return plan
+
+    def _new_table(self, device: torch.device) -> DeviceTable:
+        with self._engine.device_lock:
+            table = self._tables.get(device)
+            if table is None:
+                table = DeviceTable(device, len(self.cast_dtypes), self.capacity)
+                table.kernel = _triton_for(device)
+                if table.kernel is not None:
+                    table.scratch = table.kernel.Workspace(table, [p for p in self._plans.values() if p is not None])
+                self._tables = {**self._tables, device: table}
+                if device.type == "cuda":
+                    self._engine.cuda = True  # graph capture is possible
+        return table
+
+    def _table_full(self, name: str) -> None:
+        self._bus.count(POSITIONS_NOT_MEASURED)
+        self._bus.warn_once(
+            "table-full",
+            f"more than {self.capacity} output positions (per device and cohort); {name!r} and later new "
+            f"ones are not measured (counted in watch.errors[{POSITIONS_NOT_MEASURED!r}]). Watch fewer modules "
+            "(attach(modules=...)), or return fewer distinct keys from a module.",
+        )
+
+    # ---- non-finite provenance ---------------------------------------------------------------
+
+    def _finish_call(self, call: Call) -> None:
+        """Resolve where NaN/Inf started on this call. Device measurements are resolved at the
+        next flush, unless ``on_nonfinite="raise"`` needs them now (one wait for the device)."""
+        events = call.events
+        if call.device and self._raise:
+            events = sorted(events + self._device_events(call))
+        if not events:
+            return
+        _, origin, nan, posinf, neginf = events[0]  # the first in execution order
+        names = list(dict.fromkeys(name for _, name, *_ in events))
+        self.window.first_nonfinite(call, names, origin)
+        alert = nonfinite_alert(
+            origin, (nan, posinf, neginf), spread=len(names) - 1, call=call.index, cohort=call.cohort,
+            trace_id=call.trace_id,
+        )  # fmt: skip
+        if self._bus.publish(alert, trip=True) and self._raise:
+            call.raise_alert = alert
+
+    def _device_events(self, call: Call) -> list[tuple[int, str, int, int, int]]:
+        """This call's device measurements that held NaN/Inf: one read per table (waits)."""
+        found = []
+        with self._engine.flush_lock:
+            columns = {}
+            for table in {id(t): t for _, _, t, _ in call.device}.values():
+                half = table.active
+                columns[id(table)] = (
+                    table.nfcalls[half, :, 1].tolist(),
+                    table.counts[half, :, C_NAN : C_NEGINF + 1].tolist(),
+                )
+            for seq, name, table, slot in call.device:
+                last, counts = columns[id(table)]
+                if last[slot] == call.index:  # counts are the window's, a hint at the kind
+                    found.append((seq, name, *(counts[slot] if any(counts[slot]) else (1, 0, 0))))
+        return found
+
+    # ---- windows -----------------------------------------------------------------------------
+
+    def take(self, *, keep: bool) -> Taken | None:
+        return self.window.take(list(self._tables.values()), keep=keep)
+
+    def collect(self, taken: Taken | None, ctx: Collect) -> ActivationPart:
+        part = self.window.collect(taken, ctx)
+        self._check_unseen()
+        return part
+
+    def reset(self) -> None:
+        self.window.reset(list(self._tables.values()))
+
+    def _check_unseen(self) -> None:
+        """Warn once if selected modules never ran while sampled calls completed."""
+        if self._unseen_checked or self._completed == 0:
+            return
+        self._unseen_checked = True
+        unseen = [name for name in self.modules if name not in self._seen]
+        if not unseen:
+            return
+        hint = ""
+        model = self._model()
+        if model is not None and any(
+            isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention)) for m in model.modules()
+        ):
+            hint = (
+                " nn.TransformerEncoderLayer/MultiheadAttention take a fused fast path in eval that "
+                "skips their submodules' hooks: select the layers themselves, or call "
+                "torch.backends.mha.set_fastpath_enabled(False)."
+            )
+        shown = ", ".join(repr(n) for n in unseen[:8]) + (" ..." if len(unseen) > 8 else "")
+        self._bus.warn_once(
+            "unseen",
+            f"{len(unseen)} watched module(s) never ran in the calls measured so far: {shown}. They may "
+            f"be unused, or bypass hooks (called via .forward(), or a fused fast path).{hint}",
+        )
+
+
+@functools.cache
+def _triton_for(device: torch.device) -> Any:
+    """The Triton kernel module for CUDA devices where Triton imports, else None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from ...kernels import triton_stats
+    except ImportError:
+        return None
+    return triton_stats
+
+
+def _merge_for(table: DeviceTable, x: torch.Tensor) -> Callable[..., None]:
+    """The table's fused kernel where it takes this dtype, else the torch-ops twin."""
+    kernel = table.kernel
+    if kernel is not None and kernel.supports(x, table.k):
+        return kernel.merge_into
+    return torch_ops.merge_into

@@ -1,0 +1,58 @@
+"""What a watch reports about drift: :class:`DriftStatus` per module, and ARLs in windows."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ... import _validate
+from ..._schema import Fields
+from ...errors import FormatError
+
+
+@dataclass(frozen=True)
+class DriftStatus:
+    """A monitored module's drift state.
+
+    Attributes:
+        score: the detector's statistic after the last window (shared by all modules of the
+            reference: one alarm budget); it alarms at ``threshold``.
+        p_value: this module's calibrated p-value for the last window (small: unlike reference).
+        alarm: an alarm attributed to this module was raised since the last reset.
+        windows: windows evaluated since the last reset.
+        threshold: the detector's alarm threshold.
+    """
+
+    score: float
+    p_value: float
+    alarm: bool
+    windows: int
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("score", "p_value", "alarm", "windows", "threshold")}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "drift status") -> DriftStatus:
+        """Inverse of :meth:`to_dict` (null numbers read as NaN); FormatError naming a bad field."""
+        f = Fields(data, where)
+        alarm = data.get("alarm", False)
+        if not isinstance(alarm, bool):
+            raise FormatError(f"{where}: field 'alarm' must be true or false, got {alarm!r}")
+        return cls(f.float("score"), f.float("p_value"), alarm, f.count("windows"), f.float("threshold"))
+
+
+def arl_windows(*, days: float, requests_per_second: float, window: int) -> float:
+    """Windows between false alarms for "at most one false alarm every ``days``", at a rate of
+    ``requests_per_second`` samples reaching the monitored modules.
+
+    Example:
+        >>> import torchwatch as tw
+        >>> tw.arl_windows(days=7, requests_per_second=50, window=32)
+        945000.0
+    """
+    days = _validate.number("arl_windows()", "days", days, above=0.0)
+    rate = _validate.number("arl_windows()", "requests_per_second", requests_per_second, above=0.0)
+    window = _validate.integer("arl_windows()", "window", window)
+    return days * 86400 * rate / window

@@ -1,0 +1,89 @@
+"""Alert rules: turn each flush interval's statistics into alerts a person can trust.
+
+Rules run on the flush worker thread, never in a forward. Each receives one :class:`Interval` per
+cohort (the statistics of the root calls since the previous flush) and returns alerts. Built in:
+
+* ``"nonfinite"`` — any NaN/Inf, with the module where it started (always on; see
+  :class:`torchwatch.Alert`), and ``"drift"`` alarms when ``attach(drift=...)`` is used.
+* :class:`CastRange` — the fraction of values that would overflow (become inf, or saturate for
+  fp8) or underflow (become 0) if cast to a dtype is above a fixed limit.
+* :class:`ControlChart` — a statistic leaving its own baseline: abs-max, std or the fraction of
+  zeros (dead units) of every module, each on its own two-sided CUSUM chart. The baseline (median
+  and robust spread of the transformed statistic) is learned during a warm-up of ``warmup``
+  intervals per series — one series per (cohort, module, statistic), so cohorts get baselines of
+  their own — and the chart's threshold is computed (Markov chain, not simulated) for a target
+  in-control average run length ``arl`` under a Gaussian model of the standardised values
+  (Siegmund's approximation of the CUSUM's ARL: instant, so rules never hold up a flush).
+
+False alarms, stated: the ARL is per series, so a watch with ``S`` series expects about
+``S / arl`` false alarms per interval under that model. Interval statistics are not exactly
+Gaussian (a batch's abs-max has a heavier right tail), so ``tests/test_rules.py`` measures the rate
+on clean traffic; the measured figure is in ``docs/concepts.md``.
+
+Custom rules are objects with ``evaluate(interval) -> iterable of Alert`` (and a ``name``), or
+plain callables with that signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .. import _validate
+from ..errors import ConfigError
+from .charts import ControlChart, EdgeChart
+from .charts import cusum_threshold as cusum_threshold
+from .interval import Interval, Rule
+from .interval import rule_name as rule_name
+from .interval import trips as trips
+from .limits import CastRange, LatencySLO
+from .policy import AlertPolicy
+
+__all__ = [
+    "AlertPolicy",
+    "CastRange",
+    "ControlChart",
+    "EdgeChart",
+    "Interval",
+    "LatencySLO",
+    "Rule",
+    "defaults",
+]
+
+
+def defaults(cast_dtypes: Sequence[str] = ("float16", "bfloat16", "float8_e4m3fn")) -> list[Rule]:
+    """The rules ``attach()`` uses when given none.
+
+    * overflow on a cast to fp16/bf16: any value (``trips``: marks the watch unhealthy);
+      to fp8: more than 0.1% of values (fp8's range is small: saturation is routine at a low rate);
+    * underflow to 0 on a cast to fp16/bf16: more than 1% of nonzero-able values;
+    * abs-max, std and zero fraction leaving their baselines (warm-up 30 intervals, ARL 10,000,
+      intervals of at least 4096 elements per module), inputs' abs-max and std included;
+    * input channel means, integer-input frequencies and output quality leaving their baselines
+      (:class:`EdgeChart`).
+    """
+    out: list[Rule] = []
+    for name in _validate.strings("rules.defaults()", "cast_dtypes", cast_dtypes, allow_empty=True):
+        if name in ("float16", "bfloat16"):
+            out.append(CastRange(name, "overflow", 0.0, trips=True))
+            out.append(CastRange(name, "underflow", 0.01))
+        elif name.startswith("float8"):
+            out.append(CastRange(name, "overflow", 1e-3))
+    out += [ControlChart("absmax"), ControlChart("std"), ControlChart("zero_fraction"), EdgeChart()]
+    return out
+
+
+def normalize(rules: Iterable[Any] | None, cast_dtypes: Sequence[str]) -> list[Any]:
+    """Check a ``rules=`` argument: None means :func:`defaults`; items need ``evaluate`` or a call."""
+    if rules is None:
+        return defaults(cast_dtypes)
+    single = callable(rules) or hasattr(rules, "evaluate")
+    if single or isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+        raise ConfigError(f"rules must be a list of rules (tw.rules.* objects or callables), got {rules!r}")
+    out = list(rules)
+    for r in out:
+        if not (isinstance(r, Rule) or callable(r)):
+            raise ConfigError(
+                f"rules must be Rule objects (with evaluate(interval)) or callables, got {type(r).__name__}"
+            )
+    return out

@@ -1,0 +1,44 @@
+"""What reaches the sinks: de-duplication and rate limits of alerts (:class:`AlertPolicy`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _validate
+from ..alerts import Alert
+
+
+@dataclass
+class AlertPolicy:
+    """De-duplication and rate limiting of alerts before they reach sinks and the incident log.
+
+    Args:
+        cooldown: seconds during which a repeat of the same (rule, module, stat, cohort) is
+            suppressed (counted in :attr:`suppressed`).
+        max_per_minute: at most this many alerts admitted per rolling minute, all kinds together.
+    """
+
+    cooldown: float = 300.0
+    max_per_minute: int = 60
+    suppressed: int = 0
+
+    def __post_init__(self) -> None:
+        _validate.number("AlertPolicy", "cooldown", self.cooldown, low=0.0, finite=False)
+        _validate.integer("AlertPolicy", "max_per_minute", self.max_per_minute, low=1)
+        self._last: dict[tuple[Any, ...], float] = {}
+        self._recent: list[float] = []
+
+    def admit(self, alert: Alert, now: float | None = None) -> bool:
+        """Whether to let ``alert`` through (and remember it)."""
+        now = time.time() if now is None else now
+        key = (alert.rule, alert.module, alert.stat, alert.cohort)
+        last = self._last.get(key)
+        self._recent = [t for t in self._recent if now - t < 60.0]
+        if (last is not None and now - last < self.cooldown) or len(self._recent) >= self.max_per_minute:
+            self.suppressed += 1
+            return False
+        self._last[key] = now
+        self._recent.append(now)
+        return True
