@@ -76,3 +76,18 @@ def classifier(seed: int = 0) -> nn.Sequential:
 
 def classifier_inputs() -> torch.Tensor:
     return torch.randn(64, 12, generator=torch.Generator().manual_seed(5))
+
+
+class Tagger(nn.Module):
+    """Token ids (and an optional float feature tensor) in, per-token logits out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(3000, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, input_ids, attention_mask=None, features=None):
+        h = self.emb(input_ids)
+        if features is not None:
+            h = h + features.mean()
+        return {"logits": self.head(h)}

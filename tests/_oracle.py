@@ -7,6 +7,8 @@ import math
 import numpy as np
 import torch
 
+from torchwatch.monitors.ids import hashed_bucket
+
 
 def oracle(x: torch.Tensor, cast_dtypes=("float16", "bfloat16", "float8_e4m3fn")) -> dict:
     v = x.detach().cpu().reshape(-1)
@@ -126,3 +128,11 @@ def assert_within(
     scale = max(want["std"], abs(want["mean"]) * 1e-9, 1e-300)
     assert abs(stats.mean - want["mean"]) <= bound + rel * scale, ("mean", stats.mean, want["mean"], bound)
     assert abs(stats.std - want["std"]) <= bound + rel * scale, ("std", stats.std, want["std"], bound)
+
+
+def id_counts(values: np.ndarray, exact: int, hashed: int) -> np.ndarray:
+    """Exact counts below ``exact``, hashed buckets above: the sketch's counts by plain Python."""
+    counts = np.zeros(exact + hashed, dtype=np.int64)
+    for v in values.tolist():
+        counts[v if 0 <= v < exact else exact + hashed_bucket(v, hashed)] += 1
+    return counts

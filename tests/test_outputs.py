@@ -1,154 +1,138 @@
-"""Whatever a module returns, the model call never fails and every float tensor is measured."""
+"""The output-quality monitor against plain softmax/numpy oracles: confidence, margin, entropy,
+classes, abstentions, and accuracy/ECE from labels fed back."""
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
-from _models import Out, Pair, Structured
-from hypothesis import given
-from hypothesis import strategies as st
+from _models import Tagger
 from torch import nn
 
 import torchwatch as tw
-from torchwatch._pytree import MAX_TENSORS, tensors_in
 
 
-def test_labels_follow_positions():
-    a, b, c = torch.ones(1), torch.ones(2), torch.ones(3)
-    assert [(label, t.numel()) for label, t in tensors_in((a, (b, c)))] == [("", 1), ("[1][0]", 2), ("[1][1]", 3)]
-    assert [label for label, _ in tensors_in({"x": a, "y": [b, c]})] == ["", ".y[0]", ".y[1]"]
-    assert [label for label, _ in tensors_in(Pair(a, b))] == ["", ".aux"]
-    # a None first field keeps the others' labels stable (HF ModelOutput.loss is None at inference)
-    assert [label for label, _ in tensors_in(Out(logits=None, hidden=a))] == [".hidden"]
-    assert [label for label, _ in tensors_in(Out(logits=b, hidden=a))] == ["", ".hidden"]
+def _quality_oracle(logits: np.ndarray, threshold: float) -> dict[str, float]:
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    top2 = np.sort(p, -1)[:, ::-1][:, :2]
+    ent = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)).sum(-1)
+    return {
+        "confidence": top2[:, 0].mean(), "margin": (top2[:, 0] - top2[:, 1]).mean(), "entropy": ent.mean(),
+        "normalized_entropy": (ent / np.log(p.shape[-1])).mean(), "abstention_rate": (top2[:, 0] < threshold).mean(),
+    }  # fmt: skip
 
 
-def test_hf_model_output_is_walked_by_field():
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    out = BaseModelOutputWithPooling(last_hidden_state=torch.ones(2, 3), pooler_output=torch.ones(2))
-    assert [label for label, _ in tensors_in(out)] == ["", ".pooler_output"]
-
-
-def test_deep_and_wide_outputs_are_bounded():
-    deep = torch.ones(1)
-    for _ in range(20):
-        deep = [deep]
-    assert tensors_in(deep) == []
-    assert len(tensors_in([torch.ones(1)] * 500)) == MAX_TENSORS
-    loop: list = []
-    loop.append(loop)
-    assert tensors_in(loop) == []
-
-
-def test_every_float_position_is_measured_and_the_rest_skipped():
-    def make(x):
-        return (
-            x * 2,
-            {"mask": x > 0, "ids": torch.arange(3), "c": torch.ones(2, dtype=torch.complex64), "h": x.half()},
-            None,
-            "text",
-            7,
-            [torch.ones(3, 3).to_sparse(), torch.empty(2, device="meta"), x.to(torch.float8_e4m3fn)],
-            Out(logits=None, hidden=x.double()),
-        )
-
-    model = nn.Sequential(Structured(make))
-    x = torch.randn(2, 3)
-    with tw.attach(model, inputs=False) as watch:
-        out = model(x)
-        snap = watch.snapshot()
-    assert torch.equal(out[0], x * 2)
-    assert list(snap) == ["0", "0[1].h", "0[5][2]", "0[6].hidden"]  # fp8 is measured too
-    assert snap["0[1].h"].count == 6 and snap["0[6].hidden"].count == 6
-    assert watch.errors == {}
+@pytest.mark.parametrize("path", ["c", "torch"])
+def test_output_quality_matches_plain_softmax_and_counts_classes(path):
+    model = Tagger()
+    ids = torch.randint(0, 2000, (6, 10))
+    monitor = tw.OutputMonitor("logits", abstain_below=0.3)
+    with tw.Watch(model, outputs=monitor, _device_path=path == "torch") as watch:
+        watch.engine.monitor("outputs").accumulator.path = path
+        with torch.no_grad():
+            out = model(ids)["logits"]
+            model(ids[:2])
+        q = watch.snapshot().outputs
+    logits = torch.cat([out.reshape(-1, 5), out[:2].reshape(-1, 5)]).double().numpy()
+    assert q.rows == 80 and q.nonfinite == 0
+    for name, value in _quality_oracle(logits, 0.3).items():
+        assert getattr(q, name) == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    np.testing.assert_array_equal(q.classes.counts[:5], np.bincount(logits.argmax(-1), minlength=5))
 
 
-_leaf = st.one_of(
-    st.just(None),
-    st.integers(),
-    st.text(max_size=3),
-    st.sampled_from(
-        ["f32", "f16", "bf16", "f64", "int", "bool", "complex", "empty", "scalar", "sparse", "meta", "nan"]
-    ),
-)
+def test_lm_head_last_position_and_nonfinite_rows_are_left_out():
+    model = Tagger()
+    ids = torch.randint(0, 2000, (3, 7))
+    monitor = tw.OutputMonitor("logits", positions="last")
+    with tw.Watch(model, outputs=monitor, on_nonfinite="ignore", _device_path=True) as watch:
+        with torch.no_grad():
+            out = model(ids)["logits"]
+        q = watch.snapshot().outputs
+    assert q.rows == 3
+    assert q.confidence == pytest.approx(_quality_oracle(out[:, -1].double().numpy(), 0.5)["confidence"], rel=1e-6)
+
+    head = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    x[2, 0] = math.nan
+    with tw.attach(head, outputs=True, on_nonfinite="ignore") as watch:
+        with torch.no_grad():
+            y = head(x)
+        q = watch.snapshot().outputs
+    keep = torch.isfinite(y).all(-1)
+    assert q.rows == 5 and q.nonfinite == 1
+    assert q.confidence == pytest.approx(_quality_oracle(y[keep].double().numpy(), 0.5)["confidence"], rel=1e-6)
 
 
-def _build(spec, x):
-    if isinstance(spec, str) and spec in {
-        "f32",
-        "f16",
-        "bf16",
-        "f64",
-        "int",
-        "bool",
-        "complex",
-        "empty",
-        "scalar",
-        "sparse",
-        "meta",
-        "nan",
-    }:
-        return {
-            "f32": x, "f16": x.half(), "bf16": x.bfloat16(), "f64": x.double(), "int": x.long(), "bool": x > 0,
-            "complex": x.to(torch.complex64), "empty": x[:0], "scalar": x.sum(), "sparse": x.to_sparse(),
-            "meta": torch.empty(2, device="meta"), "nan": x * math.nan,
-        }[spec]  # fmt: skip
-    if isinstance(spec, list):
-        return [_build(s, x) for s in spec]
-    if isinstance(spec, tuple):
-        return tuple(_build(s, x) for s in spec)
-    if isinstance(spec, dict):
-        return OrderedDict((k, _build(v, x)) for k, v in spec.items())
-    return spec
+def test_a_selector_that_finds_no_logits_is_counted_and_serving_goes_on():
+    model = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with tw.attach(model, outputs="logits") as watch:
+        with pytest.warns(tw.TorchwatchWarning, match="output quality not measured"):
+            y = model(x)
+        model(x)
+        assert watch.errors["outputs"] == 2 and watch.snapshot().outputs is None
+    torch.testing.assert_close(y, nn.functional.linear(x, model.weight, model.bias))
+    int_model = nn.Sequential(nn.Identity(), nn.ReLU())
+    with tw.attach(int_model, outputs=True) as watch:
+        with pytest.warns(tw.TorchwatchWarning, match="not a|floating point"):
+            int_model(torch.arange(6).reshape(2, 3))
+        assert watch.errors["outputs"] == 1
 
 
-_structures = st.recursive(
-    _leaf,
-    lambda children: st.one_of(
-        st.lists(children, max_size=4),
-        st.lists(children, max_size=4).map(tuple),
-        st.dictionaries(st.text("abc", min_size=1, max_size=2), children, max_size=3),
-    ),
-    max_leaves=12,
-)
+def _ece_oracle(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            total += m.sum() / len(conf) * abs(correct[m].mean() - conf[m].mean())
+    return total
 
 
-@given(spec=_structures)
-def test_no_output_structure_breaks_the_model_call(spec):
-    model = nn.Sequential(Structured(lambda x: _build(spec, x)), nn.Identity())
-    x = torch.randn(2, 3)
-    with tw.attach(model, modules=["0"], on_nonfinite="ignore", inputs=False) as watch:
-        out = model(x)
-        snap = watch.snapshot()
-    assert type(out) is type(_build(spec, x))
-    measured = [t for _, t in tensors_in(out) if t.is_floating_point() and t.layout == torch.strided and not t.is_meta]
-    assert sum(s.count for s in snap.values()) == sum(t.numel() for t in measured)
-    assert watch.errors == {}
+def test_labels_give_accuracy_and_ece_that_match_a_plain_computation():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    watch = tw.attach(model, outputs=True, flush_every=1000)
+    confs, preds, labels = [], [], []
+    for i in range(30):
+        x = torch.randn(8, 6)
+        with watch.context(trace_id=f"req-{i}"), torch.no_grad():
+            logits = model(x)
+        p = logits.softmax(-1)
+        y = torch.randint(0, 4, (8,))
+        y[0] = -100  # ignored rows
+        confs.append(p.max(-1).values[1:])
+        preds.append(p.argmax(-1)[1:])
+        labels.append(y[1:])
+        assert watch.record_labels(f"req-{i}", y) == 7
+    conf, correct = torch.cat(confs).double().numpy(), (torch.cat(preds) == torch.cat(labels)).double().numpy()
+    q = watch.snapshot().outputs
+    assert q.labelled == 210
+    assert q.accuracy == pytest.approx(correct.mean())
+    assert q.ece == pytest.approx(_ece_oracle(conf, correct), rel=1e-6)
+    watch.detach()
 
 
-@pytest.mark.parametrize("device_path", [False, True])
-def test_a_new_output_key_every_call_keeps_positions_bounded_and_counts_what_it_skips(device_path):
-    """A module returning a dict with a fresh key per call must not grow the watch without bound:
-    CPU tensors and device tables have the same capacity, and what is skipped is counted."""
-    calls = {"n": 0}
-
-    def fresh_key(x):
-        calls["n"] += 1
-        return {"logits": x * 1.0, f"k{calls['n']}": x * 2.0}  # the first key is the module's own position
-
-    model = Structured(fresh_key)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with tw.Watch(model, inputs=False, _device_path=device_path, rules=[]) as watch:
-            capacity = watch.engine.activations.capacity
-            for _ in range(capacity + 50):
-                model(torch.ones(2))
-            snap = watch.snapshot()
-    assert len(snap) == capacity
-    assert snap.errors["positions not measured"] == 1 + (capacity + 50) - capacity  # "" and one key a call
-    assert sum("output positions" in str(w.message) for w in caught) == 1  # warned once
+def test_bad_labels_are_refused_whole_and_unknown_traces_are_counted():
+    model = nn.Linear(4, 3)
+    watch = tw.attach(model, outputs=True)
+    for t in ("a", "b"):
+        with watch.context(trace_id=t):
+            model(torch.randn(2, 4))
+    with pytest.raises(tw.ConfigError, match="2 prediction"):
+        watch.record_labels(["a", "b"], [[0, 1], [0, 1, 2]])
+    with pytest.raises(tw.ConfigError, match="integer class ids"):
+        watch.record_labels("a", [0.5, 1.0])
+    with pytest.raises(tw.ConfigError, match="2 trace ids but 1"):
+        watch.record_labels(["a", "b"], [[0, 1]])
+    assert watch.snapshot().outputs.labelled == 0  # nothing half-recorded
+    with pytest.warns(tw.TorchwatchWarning, match="no kept prediction"):
+        assert watch.record_labels(["a", "zzz"], [[0, 1], [2]]) == 2
+    assert watch.errors["labels:unknown trace id"] == 1
+    assert watch.record_labels("a", [0, 1]) == 0  # a trace's labels count once
+    watch.detach()
+    with tw.attach(model) as plain, pytest.raises(tw.ConfigError, match="needs output monitoring"):
+        plain.record_labels("a", [0])

@@ -600,7 +600,7 @@ PyDoc_STRVAR(id_counts_doc,
 "Fold `numel` int64 values at `address` into an id sketch state (int64): [count, min, max,\n"
 "ring position, counts[exact + hashed], ring[ring]]. Values in [0, exact) are counted exactly,\n"
 "others in bucket ((v mod p) * a + b) mod p mod hashed (p = 2^31 - 1); `per_call` evenly spaced\n"
-"values go to the ring. Same arithmetic as torchwatch.monitors.ids' numpy and torch paths.");
+"values go to the ring. Same arithmetic as the torch path of torchwatch.monitors.ids.");
 
 static PyObject *id_counts(PyObject *self, PyObject *args) {
     unsigned long long address, state_address;

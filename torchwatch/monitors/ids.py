@@ -3,7 +3,7 @@
 :class:`IdStats` holds exact counts for values in ``[0, exact)`` (special tokens, padding,
 classes), a hashed count table for the rest, and a ring of recent values that names heavy hashed
 buckets. The accumulator runs on the data's device with torch operations (no host sync); on CPU
-one pass of the C extension, or numpy where it was not built.
+one pass of the C extension, or the torch ops where it was not built.
 """
 
 from __future__ import annotations
@@ -31,13 +31,10 @@ ID_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.
 
 
 def resolve_path(device: torch.device, path: str | None) -> str:
-    """How a monitor computes on ``device``: ``"torch"`` ops on accelerators (or when forced, the
-    device path's CPU twin in tests); on CPU ``"c"`` (the extension) or ``"numpy"`` (without it, or
-    forced)."""
-    if device.type != "cpu" or path == "torch":
+    """How a monitor computes on ``device``: ``"c"`` (one pass of the C extension) on CPU where it
+    was built, else ``"torch"`` ops (the device path; on CPU its twin, forced with ``path="torch"``)."""
+    if device.type != "cpu" or path == "torch" or _cstats is None:
         return "torch"
-    if path == "numpy" or _cstats is None:
-        return "numpy"
     return "c"
 
 
@@ -50,9 +47,9 @@ class IdAccumulator:
     """Device-side counts for one integer input (or the predicted classes of an output).
 
     ``state`` (int64): [count, min, max, ring position, counts[exact + hashed], ring[RING]].
-    On CPU the same arithmetic runs in one pass of the C extension (``_cstats.id_counts``), or in
-    numpy where it was not built (a torch op costs ~5-20 us there, the C pass ~1 us for 128 ids);
-    ``path="torch"`` forces the device path on CPU (its twin, tested), ``path="numpy"`` the fallback.
+    On CPU the same arithmetic runs in one pass of the C extension (``_cstats.id_counts``: ~1 us
+    for 128 ids, where each torch op costs ~5-20 us), or in the torch ops where it was not built;
+    ``path="torch"`` forces the device path on CPU (its twin, tested against the C pass).
     """
 
     def __init__(self, device: torch.device, exact: int, hashed: int, *, path: str | None = None) -> None:
@@ -62,7 +59,6 @@ class IdAccumulator:
         with state_mode():
             self.state = torch.zeros(self._ring + RING, dtype=torch.int64, device=device)
         self.path = path = resolve_path(device, path)
-        self._np = self.state.numpy() if path != "torch" else None
         self._fresh()
 
     def _fresh(self) -> None:
@@ -83,9 +79,6 @@ class IdAccumulator:
         if n == 0:
             return
         v = v.to(torch.int64)
-        if self._np is not None:
-            self._add_numpy(v.numpy(), n)
-            return
         s = self.state
         s[0:1] += n
         torch.minimum(s[1:2], v.min().reshape(1), out=s[1:2])
@@ -98,19 +91,6 @@ class IdAccumulator:
         where = (s[3] + torch.arange(sample.numel(), device=v.device)).remainder_(RING)
         s[self._ring :].index_copy_(0, where, sample)
         s[3:4] += sample.numel()
-
-    def _add_numpy(self, v: np.ndarray, n: int) -> None:
-        s, exact = self._np, self.exact
-        s[0] += n
-        s[1] = min(s[1], v.min())
-        s[2] = max(s[2], v.max())
-        bucket = (v % _P * _A + _B) % _P % self.hashed + exact
-        index = np.where((v >= 0) & (v < exact), v, bucket)
-        s[self._base : self._ring] += np.bincount(index, minlength=exact + self.hashed)
-        m = min(n, RING_PER_CALL)
-        sample = v[:: max(1, n // m)][:m]
-        s[self._ring + (s[3] + np.arange(len(sample))) % RING] = sample
-        s[3] += len(sample)
 
     def take(self, *, keep: bool = False) -> HostCopy:
         """Start a host copy of the counts (see :func:`torchwatch._transfer.copy_to_host`); unless ``keep``, the

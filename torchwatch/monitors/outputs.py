@@ -220,10 +220,7 @@ class OutputAccumulator:
         if path == "c":
             self._observe_c(z, trace_id)
             return
-        if path == "numpy":
-            sums, pred, conf = self._quality_numpy(z)
-        else:
-            sums, pred, conf = self._quality_torch(z)
+        sums, pred, conf = self._quality_torch(z)
         self._add(sums, pred, conf, z.shape[0], trace_id)
 
     def _observe_c(self, z: torch.Tensor, trace_id: str | None) -> None:
@@ -262,25 +259,6 @@ class OutputAccumulator:
             self._classes.add(pred)
             if trace_id is not None:
                 self._keep(trace_id, pred, conf)
-
-    def _quality_numpy(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The CPU path without the C extension: the same quantities in numpy (float32)."""
-        z = z.numpy()
-        finite = np.isfinite(z).all(axis=-1)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            shifted = z - z.max(axis=-1, keepdims=True)
-            e = np.exp(shifted)
-            total = e.sum(axis=-1, keepdims=True)
-            p = e / total
-            logp = shifted - np.log(total)
-            top2 = np.partition(p, p.shape[-1] - 2, axis=-1)[:, -2:]
-            conf, second = top2.max(axis=-1), top2.min(axis=-1)
-            entropy = -np.where(p > 0, p * logp, 0.0).sum(axis=-1)
-        values = np.stack([conf, conf * conf, conf - second, entropy, entropy / math.log(z.shape[-1]),
-                           (conf < self.config.abstain_below).astype(np.float32)])  # fmt: skip
-        sums = np.append(np.where(finite, values, 0.0).sum(axis=1, dtype=np.float64), float((~finite).sum()))
-        pred = torch.from_numpy(p.argmax(axis=-1))
-        return torch.from_numpy(sums), pred, torch.from_numpy(np.where(finite, conf, np.nan))
 
     def _quality_torch(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-interval sums (confidence, its square, margin, entropy, normalised entropy,

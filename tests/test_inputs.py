@@ -1,5 +1,5 @@
-"""Input and output-quality monitors against plain numpy/torch oracles, and the default rules
-catching preprocessing faults on real small models."""
+"""The input monitor against plain torch oracles, and the default rules catching preprocessing,
+input and confidence faults on real small models (images, tabular, BERT tokens)."""
 
 from __future__ import annotations
 
@@ -10,81 +10,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from _models import Tagger
+from _oracle import id_counts
 from torch import nn
 
 import torchwatch as tw
-from torchwatch.monitors.ids import RING, IdAccumulator, hashed_bucket
-
-# ---- integer frequency sketch -----------------------------------------------------------------
-
-
-def _sketch(values: np.ndarray, exact: int = 64, hashed: int = 32, path: str | None = None) -> tw.IdStats:
-    acc = IdAccumulator(torch.device("cpu"), exact, hashed, path=path)
-    acc.add(torch.from_numpy(values))
-    return tw.IdStats.from_state(acc.take().wait()[0].numpy(), exact, hashed)
-
-
-def _oracle_counts(values: np.ndarray, exact: int, hashed: int) -> np.ndarray:
-    counts = np.zeros(exact + hashed, dtype=np.int64)
-    for v in values.tolist():
-        counts[v if 0 <= v < exact else exact + hashed_bucket(v, hashed)] += 1
-    return counts
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.one_of(st.integers(-3, 80), st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=300))
-def test_id_sketch_counts_match_a_python_oracle(values):
-    """Every path: the C pass, numpy (CPU without the extension) and torch ops (the device path)."""
-    v = np.array(values, dtype=np.int64)
-    for path in ("c", "numpy", "torch"):
-        s = _sketch(v, path=path)
-        assert s.count == len(v) and s.min == v.min() and s.max == v.max()
-        np.testing.assert_array_equal(s.counts, _oracle_counts(v, 64, 32))
-        assert s.top1_fraction == pytest.approx(_oracle_counts(v, 64, 32).max() / len(v))
-
-
-def test_id_sketch_top_values_distinct_estimate_and_merge():
-    rng = np.random.default_rng(0)
-    v = np.concatenate([np.zeros(500, dtype=np.int64), rng.integers(100, 30000, 1500), np.full(300, 5000)])
-    s = _sketch(rng.permutation(v), exact=1024, hashed=1024)
-    top = s.top(3)
-    assert top[0] == (0, 500, True)  # padding id, counted exactly
-    assert top[1][0] in (5000, None) and top[1][1] >= 300 and top[1][2] is False  # hashed: an upper bound
-    true_distinct = len(np.unique(v))
-    assert abs(s.distinct - true_distinct) / true_distinct < 0.1
-    a, b = _sketch(v[:900], 1024, 1024), _sketch(v[900:], 1024, 1024)
-    merged = a.merge(b)
-    np.testing.assert_array_equal(merged.counts, _sketch(v, 1024, 1024).counts)
-    assert merged.count == len(v) and merged.min == v.min() and merged.max == v.max()
-
-
-@pytest.mark.parametrize("path", ["c", "numpy", "torch"])
-def test_id_sketch_ring_names_recent_values(path):
-    acc = IdAccumulator(torch.device("cpu"), 4, 8, path=path)
-    for i in range(40):
-        acc.add(torch.full((3,), 1000 + i))
-    s = tw.IdStats.from_state(acc.take().wait()[0].numpy(), 4, 8)
-    assert len(s.recent) == min(40 * 3, RING) and set(s.recent) == set(range(1000, 1040))
-
-
-# ---- input monitors through a watch -------------------------------------------------------------
-
-
-class Tagger(nn.Module):
-    """Token ids (and an optional float feature tensor) in, per-token logits out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(3000, 8)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, input_ids, attention_mask=None, features=None):
-        h = self.emb(input_ids)
-        if features is not None:
-            h = h + features.mean()
-        return {"logits": self.head(h)}
 
 
 def test_root_inputs_are_measured_by_name_with_oracles(quiet):
@@ -98,7 +28,7 @@ def test_root_inputs_are_measured_by_name_with_oracles(quiet):
     assert set(snap.inputs) == {"<input>", "<input>.attention_mask", "<input>.features"}
     got = snap.inputs["<input>"].ids
     assert got.count == ids.numel() and got.min == ids.min() and got.max == ids.max()
-    np.testing.assert_array_equal(got.counts, _oracle_counts(ids.numpy().ravel(), 1024, 1024))
+    np.testing.assert_array_equal(got.counts, id_counts(ids.numpy().ravel(), 1024, 1024))
     assert snap.inputs["<input>.attention_mask"].ids.top1_fraction == 1.0
     means = snap.inputs["<input>.features"].channel_means
     np.testing.assert_allclose(means, feats.mean(dim=(0, 2)).double().numpy(), rtol=1e-6)
@@ -131,130 +61,6 @@ def test_inputs_false_measures_no_input_and_bad_config_is_refused():
 
 
 # ---- output quality ------------------------------------------------------------------------------
-
-
-def _quality_oracle(logits: np.ndarray, threshold: float) -> dict[str, float]:
-    z = logits - logits.max(-1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    top2 = np.sort(p, -1)[:, ::-1][:, :2]
-    ent = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)).sum(-1)
-    return {
-        "confidence": top2[:, 0].mean(), "margin": (top2[:, 0] - top2[:, 1]).mean(), "entropy": ent.mean(),
-        "normalized_entropy": (ent / np.log(p.shape[-1])).mean(), "abstention_rate": (top2[:, 0] < threshold).mean(),
-    }  # fmt: skip
-
-
-@pytest.mark.parametrize("path", ["c", "numpy", "torch"])
-def test_output_quality_matches_plain_softmax_and_counts_classes(path):
-    model = Tagger()
-    ids = torch.randint(0, 2000, (6, 10))
-    monitor = tw.OutputMonitor("logits", abstain_below=0.3)
-    with tw.Watch(model, outputs=monitor, _device_path=path == "torch") as watch:
-        watch.engine.monitor("outputs").accumulator.path = path
-        with torch.no_grad():
-            out = model(ids)["logits"]
-            model(ids[:2])
-        q = watch.snapshot().outputs
-    logits = torch.cat([out.reshape(-1, 5), out[:2].reshape(-1, 5)]).double().numpy()
-    assert q.rows == 80 and q.nonfinite == 0
-    for name, value in _quality_oracle(logits, 0.3).items():
-        assert getattr(q, name) == pytest.approx(value, rel=1e-5, abs=1e-7), name
-    np.testing.assert_array_equal(q.classes.counts[:5], np.bincount(logits.argmax(-1), minlength=5))
-
-
-def test_lm_head_last_position_and_nonfinite_rows_are_left_out():
-    model = Tagger()
-    ids = torch.randint(0, 2000, (3, 7))
-    monitor = tw.OutputMonitor("logits", positions="last")
-    with tw.Watch(model, outputs=monitor, on_nonfinite="ignore", _device_path=True) as watch:
-        with torch.no_grad():
-            out = model(ids)["logits"]
-        q = watch.snapshot().outputs
-    assert q.rows == 3
-    assert q.confidence == pytest.approx(_quality_oracle(out[:, -1].double().numpy(), 0.5)["confidence"], rel=1e-6)
-
-    head = nn.Linear(4, 3)
-    x = torch.randn(5, 4)
-    x[2, 0] = math.nan
-    with tw.attach(head, outputs=True, on_nonfinite="ignore") as watch:
-        with torch.no_grad():
-            y = head(x)
-        q = watch.snapshot().outputs
-    keep = torch.isfinite(y).all(-1)
-    assert q.rows == 5 and q.nonfinite == 1
-    assert q.confidence == pytest.approx(_quality_oracle(y[keep].double().numpy(), 0.5)["confidence"], rel=1e-6)
-
-
-def test_a_selector_that_finds_no_logits_is_counted_and_serving_goes_on():
-    model = nn.Linear(4, 3)
-    x = torch.randn(2, 4)
-    with tw.attach(model, outputs="logits") as watch:
-        with pytest.warns(tw.TorchwatchWarning, match="output quality not measured"):
-            y = model(x)
-        model(x)
-        assert watch.errors["outputs"] == 2 and watch.snapshot().outputs is None
-    torch.testing.assert_close(y, nn.functional.linear(x, model.weight, model.bias))
-    int_model = nn.Sequential(nn.Identity(), nn.ReLU())
-    with tw.attach(int_model, outputs=True) as watch:
-        with pytest.warns(tw.TorchwatchWarning, match="not a|floating point"):
-            int_model(torch.arange(6).reshape(2, 3))
-        assert watch.errors["outputs"] == 1
-
-
-def _ece_oracle(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            total += m.sum() / len(conf) * abs(correct[m].mean() - conf[m].mean())
-    return total
-
-
-def test_labels_give_accuracy_and_ece_that_match_a_plain_computation():
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
-    watch = tw.attach(model, outputs=True, flush_every=1000)
-    confs, preds, labels = [], [], []
-    for i in range(30):
-        x = torch.randn(8, 6)
-        with watch.context(trace_id=f"req-{i}"), torch.no_grad():
-            logits = model(x)
-        p = logits.softmax(-1)
-        y = torch.randint(0, 4, (8,))
-        y[0] = -100  # ignored rows
-        confs.append(p.max(-1).values[1:])
-        preds.append(p.argmax(-1)[1:])
-        labels.append(y[1:])
-        assert watch.record_labels(f"req-{i}", y) == 7
-    conf, correct = torch.cat(confs).double().numpy(), (torch.cat(preds) == torch.cat(labels)).double().numpy()
-    q = watch.snapshot().outputs
-    assert q.labelled == 210
-    assert q.accuracy == pytest.approx(correct.mean())
-    assert q.ece == pytest.approx(_ece_oracle(conf, correct), rel=1e-6)
-    watch.detach()
-
-
-def test_bad_labels_are_refused_whole_and_unknown_traces_are_counted():
-    model = nn.Linear(4, 3)
-    watch = tw.attach(model, outputs=True)
-    for t in ("a", "b"):
-        with watch.context(trace_id=t):
-            model(torch.randn(2, 4))
-    with pytest.raises(tw.ConfigError, match="2 prediction"):
-        watch.record_labels(["a", "b"], [[0, 1], [0, 1, 2]])
-    with pytest.raises(tw.ConfigError, match="integer class ids"):
-        watch.record_labels("a", [0.5, 1.0])
-    with pytest.raises(tw.ConfigError, match="2 trace ids but 1"):
-        watch.record_labels(["a", "b"], [[0, 1]])
-    assert watch.snapshot().outputs.labelled == 0  # nothing half-recorded
-    with pytest.warns(tw.TorchwatchWarning, match="no kept prediction"):
-        assert watch.record_labels(["a", "zzz"], [[0, 1], [2]]) == 2
-    assert watch.errors["labels:unknown trace id"] == 1
-    assert watch.record_labels("a", [0, 1]) == 0  # a trace's labels count once
-    watch.detach()
-    with tw.attach(model) as plain, pytest.raises(tw.ConfigError, match="needs output monitoring"):
-        plain.record_labels("a", [0])
 
 
 def test_sampling_flushes_and_json_records_carry_inputs_outputs_and_timing(tmp_path):
