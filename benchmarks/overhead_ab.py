@@ -5,6 +5,9 @@ slow drift of the machine hits both alike:
 
 * ``hooks``: microseconds per forward of a 100-layer ``Linear(8, 8)`` stack, batch 1, one thread:
   almost nothing but torchwatch's per-hook Python and kernel-call cost;
+* ``root``: microseconds a watch adds to one call of a single ``Linear(8, 8)``, batch 1, one
+  thread: the fixed cost of a root call (its bookkeeping, the monitors' call hooks, one
+  measurement) with nothing to hide it;
 * ``bert``: BERT-base fp32, seq 128, a TensorBoard sink flushing every 100 calls: the median over
   interleaved pairs of (watched forward / plain forward) - 1, as in ``benchmarks/overhead.py``.
 
@@ -51,6 +54,27 @@ if what == "hooks":
             times.append((time.perf_counter() - t) / 200 * 1e6)
     watch.detach()
     print(json.dumps({"value": statistics.median(times)}))
+elif what == "root":
+    torch.set_num_threads(1)
+    plain = torch.nn.Linear(8, 8).eval()
+    watched = copy.deepcopy(plain)
+    watch = tw.attach(watched, flush_every=100, rules=[])
+    x = torch.randn(1, 8)
+    extra = []
+    with torch.inference_mode():
+        for _ in range(500):
+            plain(x)
+            watched(x)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                plain(x)
+            t1 = time.perf_counter()
+            for _ in range(2000):
+                watched(x)
+            extra.append(((time.perf_counter() - t1) - (t1 - t0)) / 2000 * 1e6)
+    watch.detach()
+    print(json.dumps({"value": statistics.median(extra)}))
 else:
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
@@ -90,12 +114,12 @@ def measure(repo: str, what: str, batch: int, rounds: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="the revision to compare this checkout with")
-    p.add_argument("--only", choices=("hooks", "bert"), help="one measurement only")
+    p.add_argument("--only", choices=("hooks", "root", "bert"), help="one measurement only")
     p.add_argument("--repeats", type=int, default=3, help="processes per revision and measurement")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     base = worktree(args.base)
-    cases = [("hooks", 1, 15), ("bert", 1, 30), ("bert", 8, 12)]
+    cases = [("hooks", 1, 15), ("root", 1, 15), ("bert", 1, 30), ("bert", 8, 12)]
     results = {}
     try:
         for what, batch, rounds in cases:
@@ -105,7 +129,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 runs["base"].append(measure(base, what, batch, rounds))
                 runs["this"].append(measure(HERE, what, batch, rounds))
-            unit = "us/forward" if what == "hooks" else "% overhead"
+            unit = "% overhead" if what == "bert" else "us/forward" if what == "hooks" else "us added/call"
             key = f"{what}, batch {batch} ({unit})"
             results[key] = runs
             print(f"{key:<32} base {args.base}: {[round(v, 1) for v in runs['base']]} (median "

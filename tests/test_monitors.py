@@ -81,6 +81,25 @@ def test_a_monitor_from_one_file_reaches_snapshots_records_logs_and_rules(tmp_pa
     assert [tw.Record.from_json(line).extra["dead_rows"] for line in lines] == per_record
 
 
+def test_a_monitors_numbers_reach_tensorboard_under_extra(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, batches = _model(), _batches()
+    sink = tw.MemorySink()
+    with tw.attach(model, monitors=[DeadRows(["1"])], sinks=[sink, tw.TensorBoardSink(tmp_path)], flush_every=3):
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith("extra/")}
+    want = [r.extra["dead_rows"]["1"] for r in sink.records]
+    assert got == {
+        "extra/dead_rows/1/rows": [w["rows"] for w in want],
+        "extra/dead_rows/1/zero": [w["zero"] for w in want],
+    }
+
+
 def test_a_monitor_resets_with_the_watch_and_is_left_out_of_cohort_snapshots():
     model, batches = _model(), _batches()
     with tw.attach(model, monitors=[DeadRows(["1"])]) as watch, torch.no_grad():

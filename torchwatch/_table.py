@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ._transfer import copy_to_host
 
 CALLS, ENABLED, ACTIVE, CALL_NONFINITE = range(4)
 # counts columns
@@ -133,40 +134,37 @@ class DeviceTable:
                 flipped.record(stream)
                 if self._side is None:
                     self._side = torch.cuda.Stream(self.device)
-                with torch.cuda.stream(self._side):
-                    self._side.wait_event(flipped)
-                    host = self._copy_half(done, non_blocking=True)
+                self._side.wait_event(flipped)
+                copy = copy_to_host(self._half(done), stream=self._side, out=self._host_buffers())
+                with torch.cuda.stream(self._side):  # after the copy, in stream order
                     self._clear(done)
                     self._reset_done = torch.cuda.Event()
                     self._reset_done.record(self._side)
-                return done, (host, self._reset_done, list(self.keys))
+                return done, (copy, list(self.keys))
             self.control[ACTIVE].fill_(1 - done)
             self.active = 1 - done
-            host = self._copy_half(done, non_blocking=False)
+            copy = copy_to_host(self._half(done))
             self._clear(done)
-            return done, (host, None, list(self.keys))
+            return done, (copy, list(self.keys))
+
+    def _half(self, half: int) -> tuple[torch.Tensor, ...]:
+        return (self.counts[half], self.moments[half], self.nfcalls[half], self.control)
 
     def _new_host_buffers(self) -> tuple[torch.Tensor, ...]:
         pin = self.device.type == "cuda"
         parts = (self.counts[0], self.moments[0], self.nfcalls[0], self.control)
         return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in parts)
 
-    def _copy_half(self, half: int, *, non_blocking: bool) -> tuple[torch.Tensor, ...]:
+    def _host_buffers(self) -> tuple[torch.Tensor, ...]:
         try:
-            out = self._free_host.pop()  # atomic under the GIL; the worker appends
+            return self._free_host.pop()  # atomic under the GIL; the worker appends
         except IndexError:  # the worker is behind: one more buffer set
-            out = self._new_host_buffers()
-        for host, t in zip(out, (self.counts[half], self.moments[half], self.nfcalls[half], self.control), strict=True):
-            host.copy_(t, non_blocking=non_blocking)
-        return out
+            return self._new_host_buffers()
 
     def read(self, handle: object) -> WindowRead:
         """Wait for a :meth:`flip`'s copy (off the serving thread) and decode it."""
-        host, event, keys = handle  # type: ignore[misc]
-        if event is not None:
-            # poll rather than cudaEventSynchronize: this thread never blocks inside CUDA
-            while not event.query():
-                time.sleep(0.0002)
+        copy, keys = handle  # type: ignore[misc]
+        host = copy.wait()
         try:
             return decode(*host, keys, self.k)
         finally:
@@ -177,8 +175,7 @@ class DeviceTable:
         """The half being written now (waits for the device; for snapshots)."""
         with torch.no_grad():
             half = self.active
-            parts = (self.counts[half], self.moments[half], self.nfcalls[half], self.control)
-            counts, moments, nfcalls, control = (t.cpu() for t in parts)
+            counts, moments, nfcalls, control = (t.cpu() for t in self._half(half))
         return decode(counts, moments, nfcalls, control, list(self.keys), self.k)
 
     def reset(self) -> None:

@@ -143,8 +143,8 @@ class Watch:
         as ``"sink:<sink>"`` (the sink is disabled), ``"on_nonfinite"`` for errors of an
         ``on_nonfinite`` callable, ``"records not written"``
         (intervals still queued when ``detach()`` stopped waiting), ``"positions not measured"``
-        (measurements of output positions beyond the capacity), ``"drift windows lost"`` and
-        ``"latency timings lost"``. The same
+        (measurements of output positions beyond the capacity), ``"drift windows lost"``,
+        ``"latency timings lost"``, and a custom monitor's failures under its ``error_key``. The same
         counts go out with every record (``record.errors``) and to Prometheus
         (``torchwatch_errors_total{kind}``)."""
         return self._engine.errors()

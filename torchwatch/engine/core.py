@@ -51,8 +51,10 @@ _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) o
 class Engine:
     """Root calls, hook installation, flushes and snapshots of one watch (made by :class:`~torchwatch.Watch`).
 
-    Public to monitors: :attr:`bus`, :meth:`module_hook`, :meth:`graph_mode`,
-    :meth:`current_call`, :meth:`orphan_call`, :attr:`device_lock`, :attr:`flush_lock`.
+    Public to monitors and tools: :attr:`bus`, :attr:`model`, :attr:`activations`,
+    :meth:`module_hook`, :meth:`graph_mode`, :meth:`current_call`, :meth:`in_call`,
+    :meth:`orphan_call`, :meth:`monitor`, :meth:`add_monitor`, :attr:`device_lock`,
+    :attr:`flush_lock`.
     """
 
     def __init__(

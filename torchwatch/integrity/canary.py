@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .. import _validate
+from .. import _validate, formats
 from .._files import atomic_write, parse_json, shown
 from .._pytree import call_batch, flatten_outputs, is_logits
 from ..errors import CanaryError, ConfigError, FormatError
@@ -47,7 +47,7 @@ from .manifest import Manifest
 
 __all__ = ["Canary", "CanaryReport", "OutputCheck", "Tolerances"]
 
-FORMAT = "torchwatch.canary/1"
+FORMAT = formats.CANARY
 MODES = ("auto", "bitwise", "tolerance", "summary")
 
 # torch.testing.assert_close defaults

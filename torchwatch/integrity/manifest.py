@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .. import _validate
+from .. import _validate, formats
 from .._files import atomic_write, parse_json, read_regular, shown
 from .._tensors import require_plain
 from ..errors import ConfigError, FormatError, IntegrityError
@@ -54,7 +54,7 @@ from ._safetensors import DTYPES, checkpoint_files, entry_files
 
 __all__ = ["Manifest", "TensorEntry"]
 
-FORMAT = "torchwatch.manifest/1"
+FORMAT = formats.MANIFEST
 MAX_MANIFEST_BYTES = 1 << 30  # a manifest of a million tensors is ~200 MB of JSON
 SIGNATURE = "hmac-sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..alerts import Alert
+from ..records import MONITOR_FIELDS
 from ..stats import ModuleStats
-
-_MONITOR_FIELDS = frozenset({"drift", "latency", "inputs", "outputs", "timing"})
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,9 @@ class Interval:
         cls, step: int, time: float, cohort: str | None, stats: Mapping[str, ModuleStats], values: Mapping[str, Any]
     ) -> Interval:
         """An interval with the monitors' ``values`` by name: the built-in ones as fields, others in ``extra``."""
-        known = {k: v for k, v in values.items() if k in _MONITOR_FIELDS}
-        return cls(step, time, cohort, stats, **known, extra={k: v for k, v in values.items() if k not in known})
+        known = {k: v for k, v in values.items() if k in MONITOR_FIELDS and v is not None}
+        extra = {k: v for k, v in values.items() if k not in MONITOR_FIELDS and v is not None}
+        return cls(step, time, cohort, stats, **known, extra=extra)
 
     def alert(self, rule: str, module: str, stat: str, value: float, expected: float, message: str) -> Alert:
         """An :class:`Alert` stamped with this interval's step, time and cohort."""

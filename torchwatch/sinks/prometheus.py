@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 
 from .. import _validate
 from ..errors import ConfigError
-from .base import ROOT_LABEL, Record, Sink
+from ..records import Record
+from .base import ROOT_LABEL, Sink
 
 OTHER = "__other__"
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from .. import _validate
 from ..errors import ConfigError
-from .base import ROOT_LABEL, Record, Sink
+from ..records import Record
+from .base import ROOT_LABEL, Sink
 
 # Per-module scalars written at every flush (the ``step`` is the root-call count).
 MOMENT_TAGS = ("mean", "std", "min", "max", "absmax")
@@ -97,7 +99,9 @@ class TensorBoardSink(Sink):
     * ``timing/<fqn>/p50_ms``, ``/p99_ms`` with ``attach(timing=True)``;
     * ``drift/<fqn>/score``, ``/p_value``, ``/alarms`` for modules under drift monitoring: the
       detector's statistic, the module's p-value for the last window, and drift alarms
-      attributed to the module in the interval.
+      attributed to the module in the interval;
+    * ``extra/<monitor>/<key>/...``: every number in the value of a monitor added with
+      ``attach(monitors=...)`` (nested mappings give the path; at most 256 per monitor).
 
     A ``custom_scalars`` layout (the *Custom Scalars* tab) puts NaN/Inf, cast under/overflow
     and zero fractions of every module on shared charts. One event-file writer is shared per
@@ -152,6 +156,8 @@ class TensorBoardSink(Sink):
             base = f"{self.prefix}drift/{name or ROOT_LABEL}/"
             alarms = sum(1 for a in record.alerts if a.rule == "drift" and a.module == name)
             out += [(base + "score", d.score), (base + "p_value", d.p_value), (base + "alarms", float(alarms))]
+        for name, value in record.extra.items():
+            out += _numbers(f"{self.prefix}extra/{name}", value)[:MAX_EXTRA_SCALARS]
         return out
 
     def _edge_scalars(self, record: Record) -> list[tuple[str, float]]:
@@ -203,3 +209,23 @@ class TensorBoardSink(Sink):
 
     def __repr__(self) -> str:
         return f"TensorBoardSink({self.logdir!r})"
+
+
+MAX_EXTRA_SCALARS = 256  # per custom monitor and record: a value that grows a key per call stays bounded
+
+
+def _numbers(tag: str, value: Any, depth: int = 0) -> list[tuple[str, float]]:
+    """The numbers in a custom monitor's value, tagged by their path (bools and strings skipped)."""
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        value = to_dict()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(tag, float(value))]
+    if isinstance(value, Mapping) and depth < 4:
+        out: list[tuple[str, float]] = []
+        for key, item in value.items():
+            out += _numbers(f"{tag}/{key or ROOT_LABEL}", item, depth + 1)
+            if len(out) >= MAX_EXTRA_SCALARS:
+                break
+        return out
+    return []

@@ -268,6 +268,10 @@ class Activations(Monitor):
 
     # ---- windows -----------------------------------------------------------------------------
 
+    def tables(self) -> list[DeviceTable]:
+        """The device tables, one per device measured so far (benchmarks switch their kernel)."""
+        return list(self._tables.values())
+
     def take(self, *, keep: bool) -> Taken | None:
         return self.window.take(list(self._tables.values()), keep=keep)
 
