@@ -81,13 +81,13 @@ class Engine:
         self.activations = activations
         self._others = list(monitors)
         self._monitors = [activations, *self._others]
-        self._after = sorted(self._monitors, key=_after_call_order)
+        self._order_hooks()
         self._model = weakref.ref(model)
         self.cuda = False  # a monitor measures on a CUDA device: graph capture is possible
         self._lock = threading.Lock()  # call counters
         self.flush_lock = threading.RLock()  # one flush / snapshot / reset at a time
         self.device_lock = threading.Lock()  # device merges are several ops: one thread at a time
-        self._tls = threading.local()
+        self.local = threading.local()  # .call: this thread's root Call (or None), .depth: nesting
         self._max_cohorts = max_cohorts
         self._cohorts: set[str | None] = {None}
         self._calls = 0
@@ -119,12 +119,13 @@ class Engine:
         return _compiling() or (self.cuda and torch.cuda.is_current_stream_capturing())
 
     def current_call(self) -> Call | None:
-        """The root call running in this thread, or None (outside any, or its bookkeeping failed)."""
-        return getattr(self._tls, "call", None)
+        """The root call running in this thread, or None (outside any, or its bookkeeping failed).
+        Hooks on the hot path read ``engine.local.call`` directly (one attribute, no call)."""
+        return getattr(self.local, "call", None)
 
     def in_call(self) -> bool:
-        """Whether a root call of the watched model is running in this thread."""
-        return getattr(self._tls, "depth", 0) > 0
+        """Whether a root call of the watched model is running in this thread (``engine.local.depth``)."""
+        return getattr(self.local, "depth", 0) > 0
 
     def orphan_call(self, fqn: str) -> Call:
         """A call for a module that ran outside any root call (warned once)."""
@@ -145,7 +146,15 @@ class Engine:
         monitor.bind(self)
         self._others = [m for m in self._others if m not in old] + [monitor]
         self._monitors = [self.activations, *self._others]
-        self._after = sorted(self._monitors, key=_after_call_order)
+        self._order_hooks()
+
+    def _order_hooks(self) -> None:
+        """The monitors each call hook runs, in order (those that do nothing there left out):
+        every-call monitors (latency) first, the activation statistics (NaN/Inf origin) last."""
+        ordered = sorted(self._monitors, key=_after_call_order)
+        self._before = [m for m in ordered if type(m).before_call is not Monitor.before_call]
+        self._after = [m for m in ordered if type(m).after_call is not Monitor.after_call]
+        self._graph = [m for m in self._monitors if type(m).graph_call is not Monitor.graph_call]
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -205,10 +214,10 @@ class Engine:
 
     def _enter_root(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if self.graph_mode():
-            for monitor in self._monitors:
+            for monitor in self._graph:
                 monitor.graph_call()
             return
-        tls = self._tls
+        tls = self.local
         depth = getattr(tls, "depth", 0)
         tls.depth = depth + 1
         if depth:  # the model calling itself: part of the outer call
@@ -233,7 +242,7 @@ class Engine:
             tls.call = None
             self.bus.hook_failed(ROOT_CALL, exc)
             return
-        for monitor in self._monitors:
+        for monitor in self._before:
             if sampled or monitor.every_call:
                 try:
                     monitor.before_call(call, args, kwargs)
@@ -243,7 +252,7 @@ class Engine:
     def _exit_root(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.graph_mode():
             return
-        tls = self._tls
+        tls = self.local
         depth = getattr(tls, "depth", 0)
         if depth == 0:  # attached while this call was already running
             return
@@ -254,7 +263,6 @@ class Engine:
         if call is not None:
             if call.sampled and self.every > 1 and self.sampling == "python":
                 self._hooks.uninstall()
-            # every-call monitors (latency) first, the activation statistics (NaN/Inf origin) last
             for monitor in self._after:
                 if call.sampled or monitor.every_call:
                     try:

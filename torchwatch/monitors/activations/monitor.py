@@ -117,8 +117,9 @@ class Activations(Monitor):
         if engine.graph_mode():
             self._graph_output(fqn, output)
             return
-        call = engine.current_call()
-        if (call is None and engine.in_call()) or (call is not None and not call.sampled):
+        local = engine.local
+        call = getattr(local, "call", None)
+        if (call is None and getattr(local, "depth", 0)) or (call is not None and not call.sampled):
             return  # an unsampled root call in this thread; the hooks are up for another
         try:
             orphan = call is None
