@@ -21,7 +21,7 @@ A :class:`Monitor` contributes to four moments of a watch's life, each optional:
 
 Alerts go through the watch's alert bus: ``ctx.alert(alert)`` while collecting, ``bus.publish``
 from anywhere else. A new monitor is one file and one line: ``tw.attach(model, monitors=[Mine()])``
-(see ``tests/test_monitors.py`` for one written from scratch).
+(``examples/dead_rows_monitor.py`` is one written from scratch; ``tests/test_monitors.py`` tests it).
 """
 
 from __future__ import annotations
