@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 import torchwatch as tw
 from torchwatch._files import atomic_write
-from torchwatch._progress import Progress
 from torchwatch.integrity import _hashing
+from torchwatch.integrity._progress import Progress
 
 transformers = pytest.importorskip("transformers")
 KEY = b"k" * 32

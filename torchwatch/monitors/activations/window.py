@@ -15,12 +15,12 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 
 from ..._accumulators import stats_from_raw, to_module_stats
-from ..._provenance import device_origins
 from ..._table import DeviceTable, WindowRead
 from ...alerts import FirstNonFinite, nonfinite_alert
 from ...kernels.cpu import new_host_accumulator
 from ...stats import ModuleStats
 from ..base import Call, Collect
+from .provenance import device_origins
 
 MAX_TRACE_IDS = 4096  # recent call index -> trace id, to label device-side provenance
 
