@@ -133,3 +133,27 @@ def test_a_watched_model_can_be_copied_and_saved_and_the_copy_carries_no_watch(t
             clone(x)
             assert other.snapshot().calls == 1
     assert watch.errors == {}
+
+
+def test_a_detached_watch_is_freed_at_once_without_the_garbage_collector():
+    """No reference cycle between the watch, its engine and its monitors: a detached watch goes
+    when its last reference does (a cycle would keep every one until the collector ran, and
+    10,000 attach/detach cycles would pile up watches between collections)."""
+
+    def once():
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        watch = tw.attach(model, sinks=[tw.MemorySink()], flush_every=2, every=2, timing=True, outputs=True)
+        for _ in range(5):
+            model(torch.randn(3, 4))
+        watch.snapshot()
+        watch.detach()
+        monitors = [watch.engine.monitor(name) for name in ("stats", "latency", "timing", "inputs", "outputs")]
+        return [weakref.ref(o) for o in (watch, watch.engine, *monitors)]
+
+    once()  # first use imports and caches what a process keeps anyway
+    gc.disable()
+    try:
+        refs = once()
+        assert [r() for r in refs if r() is not None] == []
+    finally:
+        gc.enable()

@@ -48,13 +48,55 @@ RECORDS_NOT_WRITTEN = "records not written"  # flushes unfinished when detach() 
 _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
+class GraphMode:
+    """Callable: True while torch.compile traces, or while a CUDA graph is being captured.
+
+    A small object of its own so monitors can keep it without keeping the engine (a monitor that
+    held the engine would make a reference cycle, and every detached watch would wait for the
+    garbage collector instead of being freed at once)."""
+
+    __slots__ = ("cuda",)
+
+    def __init__(self) -> None:
+        self.cuda = False  # a monitor measures on a CUDA device: graph capture is possible
+
+    def __call__(self) -> bool:
+        return _compiling() or (self.cuda and torch.cuda.is_current_stream_capturing())
+
+
+class Cohorts:
+    """The cohorts kept apart (``attach(max_cohorts=...)``); later new ones become ``"__other__"``."""
+
+    def __init__(self, max_cohorts: int, bus: AlertBus) -> None:
+        self._max = max_cohorts
+        self._bus = bus
+        self._known: set[str | None] = {None}
+        self._lock = threading.Lock()
+
+    def bound(self, cohort: str | None) -> str | None:
+        """``cohort``, or ``"__other__"`` once ``max_cohorts`` others were seen (warned once)."""
+        if cohort in self._known:
+            return cohort
+        with self._lock:
+            if len(self._known) <= self._max:
+                self._known.add(cohort)
+                return cohort
+        self._bus.warn_once(
+            "cohorts",
+            f"more than {self._max} cohorts; cohort {cohort!r} and later new ones are merged "
+            f"into {OTHER_COHORT!r}. Raise attach(max_cohorts=...) if you need them apart.",
+        )
+        return OTHER_COHORT
+
+
 class Engine:
     """Root calls, hook installation, flushes and snapshots of one watch (made by :class:`~torchwatch.Watch`).
 
-    Public to monitors and tools: :attr:`bus`, :attr:`model`, :attr:`activations`,
-    :meth:`module_hook`, :meth:`graph_mode`, :meth:`current_call`, :meth:`in_call`,
-    :meth:`orphan_call`, :meth:`monitor`, :meth:`add_monitor`, :attr:`device_lock`,
-    :attr:`flush_lock`.
+    Public to monitors and tools: :attr:`bus`, :attr:`model`, :attr:`activations`, :attr:`local`,
+    :attr:`graph_mode` (a :class:`GraphMode`), :attr:`cohorts`, :meth:`module_hook`,
+    :meth:`current_call`, :meth:`in_call`, :meth:`monitor`, :meth:`add_monitor`,
+    :attr:`device_lock`, :attr:`flush_lock`. A monitor keeps what it needs of these, never the
+    engine itself (that would be a reference cycle).
     """
 
     def __init__(
@@ -83,13 +125,12 @@ class Engine:
         self._monitors = [activations, *self._others]
         self._order_hooks()
         self._model = weakref.ref(model)
-        self.cuda = False  # a monitor measures on a CUDA device: graph capture is possible
+        self.graph_mode = GraphMode()
         self._lock = threading.Lock()  # call counters
         self.flush_lock = threading.RLock()  # one flush / snapshot / reset at a time
         self.device_lock = threading.Lock()  # device merges are several ops: one thread at a time
         self.local = threading.local()  # .call: this thread's root Call (or None), .depth: nesting
-        self._max_cohorts = max_cohorts
-        self._cohorts: set[str | None] = {None}
+        self.cohorts = Cohorts(max_cohorts, bus)
         self._calls = 0
         self._window_calls = self._window_sampled = 0
         self._since_reset_calls = self._since_reset_sampled = 0
@@ -114,10 +155,6 @@ class Engine:
         """
         self._hooks.add(module, hook, sampled=sampled, pre=pre, prepend=prepend)
 
-    def graph_mode(self) -> bool:
-        """True while torch.compile traces, or while a CUDA graph is being captured."""
-        return _compiling() or (self.cuda and torch.cuda.is_current_stream_capturing())
-
     def current_call(self) -> Call | None:
         """The root call running in this thread, or None (outside any, or its bookkeeping failed).
         Hooks on the hot path read ``engine.local.call`` directly (one attribute, no call)."""
@@ -126,17 +163,6 @@ class Engine:
     def in_call(self) -> bool:
         """Whether a root call of the watched model is running in this thread (``engine.local.depth``)."""
         return getattr(self.local, "depth", 0) > 0
-
-    def orphan_call(self, fqn: str) -> Call:
-        """A call for a module that ran outside any root call (warned once)."""
-        self.bus.warn_once(
-            "orphan",
-            f"{fqn!r} ran outside a call of the watched model (model.forward() called directly, a "
-            "submodule called on its own, or another thread); its statistics are recorded with call "
-            "index -1. Call the model itself, model(x), to get call indices and sampling.",
-        )
-        cohort, trace_id = labels.get()
-        return Call(-1, self._bounded_cohort(cohort), trace_id)
 
     def add_monitor(self, monitor: Monitor, *, replace: type | None = None) -> None:
         """Add a monitor that needs no hooks while attached (``replace``: close the one of that type)."""
@@ -234,7 +260,7 @@ class Engine:
                     self._window_sampled += 1
             tls.flush_due = (index + 1) % self.flush_every == 0
             cohort, trace_id = labels.get()
-            call = tls.call = Call(index, self._bounded_cohort(cohort) if sampled else cohort, trace_id,
+            call = tls.call = Call(index, self.cohorts.bound(cohort) if sampled else cohort, trace_id,
                                    sampled=sampled)  # fmt: skip
             if sampled and self.every > 1 and self.sampling == "python":
                 self._hooks.install()
@@ -281,20 +307,6 @@ class Engine:
                 'pass on_nonfinite="warn" to keep serving and only record it.',
                 alert,
             )
-
-    def _bounded_cohort(self, cohort: str | None) -> str | None:
-        if cohort in self._cohorts:
-            return cohort
-        with self._lock:
-            if len(self._cohorts) <= self._max_cohorts:
-                self._cohorts.add(cohort)
-                return cohort
-        self.bus.warn_once(
-            "cohorts",
-            f"more than {self._max_cohorts} cohorts; cohort {cohort!r} and later new ones are merged "
-            f"into {OTHER_COHORT!r}. Raise attach(max_cohorts=...) if you need them apart.",
-        )
-        return OTHER_COHORT
 
     # ---- windows -----------------------------------------------------------------------------
 

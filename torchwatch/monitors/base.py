@@ -133,7 +133,10 @@ class Monitor:
     cohort_snapshot: bool = False
 
     def bind(self, engine: Engine) -> None:
-        """Attach time: add module hooks (``engine.module_hook``), keep ``engine.bus``."""
+        """Attach time: add module hooks (``engine.module_hook``) and keep what the monitor needs
+        (``engine.bus``, ``engine.graph_mode``, ...), never the engine itself: a monitor holding
+        the engine makes a reference cycle, and a detached watch would wait for the garbage
+        collector instead of being freed at once."""
 
     def graph_call(self) -> None:
         """A root call being traced (``torch.compile``) or captured (CUDA graph): device ops only."""

@@ -26,9 +26,9 @@ from ..._pytree import tensors_in
 from ..._table import C_NAN, C_NEGINF, CALLS, DeviceTable
 from ..._tensors import model_device
 from ...alerts import nonfinite_alert
-from ...kernels import PLAIN_TENSOR_TYPES, host_stats, measurable, torch_ops
+from ...kernels import PLAIN_TENSOR_TYPES, graph_op, host_stats, measurable, torch_ops
 from ...kernels import cpu as cpu_kernel
-from ..base import Call, Collect, Monitor
+from ..base import Call, Collect, Monitor, labels
 from .window import ActivationPart, StatsWindow, Taken
 
 if TYPE_CHECKING:
@@ -79,10 +79,22 @@ class Activations(Monitor):
         self._completed = 0  # sampled calls completed (the check for modules that never ran waits for one)
         self._unseen_checked = False
         self.triton_in_compile = False  # benchmarks/_compile_probe.py sets it to reproduce the crash
+        ref = weakref.ref(self)  # weak: the closure must not keep the monitor in a cycle
+
+        def graph_slot(device: str, fqn: str, name: str) -> int:
+            monitor = ref()
+            return monitor._position(device, fqn, name) if monitor is not None else -1
+
+        self._graph_slot = torch.compiler.assume_constant_result(graph_slot)
 
     def bind(self, engine: Engine) -> None:
-        self._engine = engine
+        # what the hooks need of the engine, not the engine: no reference cycle back to it
         self._bus = engine.bus
+        self._local = engine.local
+        self._graph_mode = engine.graph_mode
+        self._cohorts = engine.cohorts
+        self._device_lock = engine.device_lock
+        self._flush_lock = engine.flush_lock
         self._new_table(model_device(self._model()))  # before any trace: tables cannot be made inside one
         root = self._model()
         # The model's own hook must run before the engine closes the call: it goes first.
@@ -113,18 +125,17 @@ class Activations(Monitor):
         return torchwatch_hook
 
     def _on_output(self, fqn: str, output: Any) -> None:
-        engine = self._engine
-        if engine.graph_mode():
+        if self._graph_mode():
             self._graph_output(fqn, output)
             return
-        local = engine.local
+        local = self._local
         call = getattr(local, "call", None)
         if (call is None and getattr(local, "depth", 0)) or (call is not None and not call.sampled):
             return  # an unsampled root call in this thread; the hooks are up for another
         try:
             orphan = call is None
             if orphan:
-                call = engine.orphan_call(fqn)
+                call = self._orphan_call(fqn)
             if fqn not in self._seen:
                 self._seen.add(fqn)
             if type(output) is torch.Tensor:
@@ -136,6 +147,17 @@ class Activations(Monitor):
                 self._finish_call(call)
         except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
             self._bus.hook_failed(fqn, exc)
+
+    def _orphan_call(self, fqn: str) -> Call:
+        """A call for a module that ran outside any root call (warned once)."""
+        self._bus.warn_once(
+            "orphan",
+            f"{fqn!r} ran outside a call of the watched model (model.forward() called directly, a "
+            "submodule called on its own, or another thread); its statistics are recorded with call "
+            "index -1. Call the model itself, model(x), to get call indices and sampling.",
+        )
+        cohort, trace_id = labels.get()
+        return Call(-1, self._cohorts.bound(cohort), trace_id)
 
     # ---- measuring ---------------------------------------------------------------------------
 
@@ -171,7 +193,7 @@ class Activations(Monitor):
             self._table_full(name)
             return
         self.window.position(name)
-        with self._engine.device_lock, torch.no_grad():
+        with self._device_lock, torch.no_grad():
             _merge_for(table, x)(table, slot, x.detach(), plan, call.index, use_flag=False)
         call.device.append((seq, name, table, slot))
 
@@ -185,20 +207,32 @@ class Activations(Monitor):
             table = self._tables.get(x.device)
             if plan is None or table is None or x.numel() == 0:
                 continue
-            name = fqn + label
-            slot = table.slot((None, name), tracing=_compiling())
-            if slot is None:
+            slot = self._graph_slot(str(x.device), fqn, fqn + label)
+            if slot < 0:
                 continue
-            self.window.position(name, locked=False)
-            self._seen.add(fqn)
             call = table.control[CALLS] - 1
-            # Inside torch.compile the statistics are torch ops that inductor fuses into its own
-            # kernels: it knows the real layout of every buffer it passes them. The hand-written
-            # kernel is for eager launches and captured CUDA graphs (a compiled BERT-base that
-            # launched it crashed with an illegal memory access on an H200; see RESULTS.md).
-            merge = torch_ops.merge_into if _compiling() and not self.triton_in_compile else _merge_for(table, x)
+            # Inside torch.compile the statistics are one opaque op per output (kernels/graph_op.py):
+            # inductor neither traces their reductions (the compile-time blow-up) nor plans memory
+            # around a hand-launched kernel (a compiled BERT-base that launched the Triton kernel
+            # directly crashed with an illegal memory access on an H200; see RESULTS.md).
+            merge = _compiled_merge if _compiling() and not self.triton_in_compile else _merge_for(table, x)
             with torch.no_grad():
                 merge(table, slot, x.detach(), plan, call, use_flag=True)
+
+    def _position(self, device: str, fqn: str, name: str) -> int:
+        """A graph-path position's slot (-1: the table is full), recording that it ran.
+
+        Called through ``self._graph_slot``, a function marked ``torch.compiler.assume_constant_result``
+        (in ``__init__``; a bound method cannot carry the mark): torch.compile runs
+        it once per trace as plain Python and keeps the slot as a constant, so the bookkeeping
+        here never becomes a guard (guards on these sets and dicts, which change on the first
+        call, made every compiled model compile twice)."""
+        slot = self._tables[torch.device(device)].slot((None, name))
+        if slot is None:
+            return -1
+        self.window.position(name)
+        self._seen.add(fqn)
+        return slot
 
     def _new_plan(self, dtype: torch.dtype) -> CastPlan | None:
         """The cast plan of a dtype (None if not floating point), and its CPU kernel arguments."""
@@ -209,7 +243,7 @@ class Activations(Monitor):
         return plan
 
     def _new_table(self, device: torch.device) -> DeviceTable:
-        with self._engine.device_lock:
+        with self._device_lock:
             table = self._tables.get(device)
             if table is None:
                 table = DeviceTable(device, len(self.cast_dtypes), self.capacity)
@@ -218,7 +252,7 @@ class Activations(Monitor):
                     table.scratch = table.kernel.Workspace(table, [p for p in self._plans.values() if p is not None])
                 self._tables = {**self._tables, device: table}
                 if device.type == "cuda":
-                    self._engine.cuda = True  # graph capture is possible
+                    self._graph_mode.cuda = True  # graph capture is possible
         return table
 
     def _table_full(self, name: str) -> None:
@@ -253,7 +287,7 @@ class Activations(Monitor):
     def _device_events(self, call: Call) -> list[tuple[int, str, int, int, int]]:
         """This call's device measurements that held NaN/Inf: one read per table (waits)."""
         found = []
-        with self._engine.flush_lock:
+        with self._flush_lock:
             columns = {}
             for table in {id(t): t for _, _, t, _ in call.device}.values():
                 half = table.active
@@ -328,3 +362,7 @@ def _merge_for(table: DeviceTable, x: torch.Tensor) -> Callable[..., None]:
     if kernel is not None and kernel.supports(x, table.k):
         return kernel.merge_into
     return torch_ops.merge_into
+
+
+# torch < 2.4 has no custom ops: compiled graphs then trace the torch ops themselves.
+_compiled_merge: Callable[..., None] = graph_op.merge_into if graph_op.available else torch_ops.merge_into
