@@ -35,13 +35,19 @@ def _close(a: tuple, b: tuple) -> bool:
     )
 
 
+# every vector path this CPU has (AVX2-only and AVX-512 machines both run CI), and the portable one
+LEVELS = list(range(1, cpu.simd_levels()[1] + 1)) or [0]
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=[cpu.LEVELS[level] for level in LEVELS])
 @given(x=float_tensors(dtypes=(torch.float16, torch.bfloat16, torch.float32)))
-def test_simd_exact_and_torch_ops_paths_agree(x):
+def test_simd_exact_and_torch_ops_paths_agree(level, x):
     big = x.abs().max().item() if x.numel() else 0.0
     if x.numel() and not (1e-150 < big < 1e150 or big == 0 or math.isnan(big)):
         return
     plan = cast_plan(x.dtype, NAMES)
-    fast = host_stats(x, plan)
+    with cpu.simd_level(level):
+        fast = host_stats(x, plan)
     exact = host_stats(x, plan, exact=True)
     if x.numel():
         ints, floats = device_stats(x, plan)
@@ -75,6 +81,15 @@ def test_c_python_and_device_accumulators_merge_identically(x, y):
             assert (math.isnan(c[key]) and math.isnan(d[key])) or abs(c[key] - d[key]) <= 1e-6 * spread, key
         else:
             assert c[key] == d[key], key
+
+
+def test_the_best_vector_level_is_in_use_and_others_are_refused():
+    used, best = cpu.simd_levels()
+    assert used == best and cpu.simd() == (best > 0)
+    with pytest.raises(ValueError, match="not available on this CPU"):
+        with cpu.simd_level(best + 1):
+            pass
+    assert cpu.simd_levels() == (used, best)
 
 
 def test_without_the_c_kernel_everything_still_works(monkeypatch):

@@ -41,6 +41,8 @@
 #define TW_FAST_MIN 0x1p-60f
 
 enum { TW_F32 = 0, TW_F64 = 1, TW_F16 = 2, TW_BF16 = 3 };
+/* Vector paths, best last: the portable exact path, AVX2 (+FMA, F16C), AVX-512F. */
+enum { TW_LEVEL_PORTABLE = 0, TW_LEVEL_AVX2 = 1, TW_LEVEL_AVX512 = 2 };
 
 typedef struct {
     int k;                        /* number of cast dtypes */
@@ -144,6 +146,7 @@ static float bf16_to_float(uint16_t h) {
 
 #ifdef TW_X86
 #define TW_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TW_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 
 TW_AVX2 static inline int64_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -240,19 +243,39 @@ TW_AVX2 static int64_t count_zeros(const float *x, int n, uint32_t *nzbits) {
     return r;
 }
 
-TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t *acc) {
+/* Pass A of a block: sum (f32, used only as a shift), min, max, smallest |x| bits, and the count
+   of |x| <= tinl (the inline underflow threshold; -1 counts nothing). */
+typedef struct {
+    float sum, mn, mx;
+    uint32_t abits;
+    int64_t nsmall;
+} pass_a_t;
+
+/* The tail of pass A, and the reference for its vector bodies. */
+static void pass_a_tail(const float *x, int i, int n, float tinl, pass_a_t *r) {
+    for (; i < n; i++) {
+        float v = x[i];
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        bits &= 0x7fffffffu;
+        r->sum += v;
+        if (v < r->mn) r->mn = v;
+        if (v > r->mx) r->mx = v;
+        if (bits < r->abits) r->abits = bits;
+        r->nsmall += fabsf(v) <= tinl;
+    }
+}
+
+/* min_ps(a, m) returns m when a is NaN, so NaN never reaches the running min/max (a block
+   holding NaN is caught by its sum). |x| bits compare like |x|, so an integer min gives the
+   smallest |x|. */
+TW_AVX2 static void pass_a_avx2(const float *x, int n, float tinl, pass_a_t *r) {
     const __m256i absmask = _mm256_set1_epi32(0x7fffffff), izero = _mm256_setzero_si256();
-    /* The largest underflow threshold (fp8's, if any) is hit by almost every block of real
-       activations, so it is counted inline; the rarer ones get a pass only when needed. */
-    const int inl = p->inline_under;
-    const __m256 tin = _mm256_set1_ps(inl >= 0 ? p->underf[inl] : -1.0f);
+    const __m256 tin = _mm256_set1_ps(tinl);
     __m256 vmn = _mm256_set1_ps(INFINITY), vmx = _mm256_set1_ps(-INFINITY);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     __m256i amin = _mm256_set1_epi32(0x7fffffff), small = izero;
     int i = 0;
-    /* pass A. min_ps(a, m) returns m when a is NaN, so NaN never reaches the running min/max
-       (a block holding NaN is caught by its sum). |x| bits compare like |x|, so an integer
-       min gives the smallest |x|. */
     for (; i + 16 <= n; i += 16) {
         _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
         __m256 v = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
@@ -268,22 +291,111 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         __m256i sw = _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(aw), tin, _CMP_LE_OQ));
         small = _mm256_sub_epi32(small, _mm256_add_epi32(sv, sw));
     }
-    float sum = (float)hsum_ps_as_pd(_mm256_add_ps(s0, s1));
-    float mn = hmin_ps(vmn), mx = hmax_ps(vmx);
-    uint32_t abits = hmin_epu32(amin);
-    int64_t nsmall = hsum_epi32(small);
-    const float tinl = inl >= 0 ? p->underf[inl] : -1.0f;
-    for (int j = i; j < n; j++) {
-        float v = x[j];
-        uint32_t bits;
-        memcpy(&bits, &v, sizeof bits);
-        bits &= 0x7fffffffu;
-        sum += v;
-        if (v < mn) mn = v;
-        if (v > mx) mx = v;
-        if (bits < abits) abits = bits;
-        nsmall += fabsf(v) <= tinl;
+    r->sum = (float)hsum_ps_as_pd(_mm256_add_ps(s0, s1));
+    r->mn = hmin_ps(vmn);
+    r->mx = hmax_ps(vmx);
+    r->abits = hmin_epu32(amin);
+    r->nsmall = hsum_epi32(small);
+    pass_a_tail(x, i, n, tinl, r);
+}
+
+/* Pass B: sums of d and d*d for d = x * scale - shift * scale (f32 lanes, folded into double
+   every 256 elements). */
+TW_AVX2 static void pass_b_avx2(const float *x, int n, float scale, float shift, double *sd, double *sq) {
+    const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-shift * scale);
+    int i = 0;
+    while (i + 16 <= n) {
+        __m256 d0 = _mm256_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
+        int end = i + 256 < n ? i + 256 : n;
+        for (; i + 16 <= end; i += 16) {
+            __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), vscale, vshift);
+            __m256 b = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), vscale, vshift);
+            d0 = _mm256_add_ps(d0, a);
+            d1 = _mm256_add_ps(d1, b);
+            q0 = _mm256_fmadd_ps(a, a, q0);
+            q1 = _mm256_fmadd_ps(b, b, q1);
+        }
+        *sd += hsum_ps_as_pd(d0) + hsum_ps_as_pd(d1);
+        *sq += hsum_ps_as_pd(q0) + hsum_ps_as_pd(q1);
     }
+    for (; i < n; i++) {
+        double d = ((double)x[i] - (double)shift) * (double)scale;
+        *sd += d; *sq += d * d;
+    }
+}
+
+/* The same two passes, 32 elements per iteration in 512-bit registers, for CPUs with AVX-512F;
+   counts come from compare masks. Same results as the AVX2 passes up to the order of float
+   additions in the shift and the moments. */
+TW_AVX512 static void pass_a_avx512(const float *x, int n, float tinl, pass_a_t *r) {
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    const __m512 tin = _mm512_set1_ps(tinl);
+    __m512 vmn = _mm512_set1_ps(INFINITY), vmx = _mm512_set1_ps(-INFINITY);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    __m512i amin = _mm512_set1_epi32(0x7fffffff);
+    int64_t small = 0;
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
+        __m512 v = _mm512_loadu_ps(x + i), w = _mm512_loadu_ps(x + i + 16);
+        __m512i av = _mm512_and_si512(_mm512_castps_si512(v), absmask);
+        __m512i aw = _mm512_and_si512(_mm512_castps_si512(w), absmask);
+        s0 = _mm512_add_ps(s0, v);
+        s1 = _mm512_add_ps(s1, w);
+        vmn = _mm512_min_ps(_mm512_min_ps(v, w), vmn);
+        vmx = _mm512_max_ps(_mm512_max_ps(v, w), vmx);
+        amin = _mm512_min_epu32(_mm512_min_epu32(av, aw), amin);
+        __mmask16 sv = _mm512_cmp_ps_mask(_mm512_castsi512_ps(av), tin, _CMP_LE_OQ);
+        __mmask16 sw = _mm512_cmp_ps_mask(_mm512_castsi512_ps(aw), tin, _CMP_LE_OQ);
+        small += __builtin_popcount((unsigned)sv) + __builtin_popcount((unsigned)sw);
+    }
+    __m512 s = _mm512_add_ps(s0, s1);
+    __m256 lo = _mm512_castps512_ps256(s), hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+    r->sum = (float)(hsum_ps_as_pd(lo) + hsum_ps_as_pd(hi));
+    r->mn = _mm512_reduce_min_ps(vmn);
+    r->mx = _mm512_reduce_max_ps(vmx);
+    r->abits = (uint32_t)_mm512_reduce_min_epu32(amin);
+    r->nsmall = small;
+    pass_a_tail(x, i, n, tinl, r);
+}
+
+TW_AVX512 static void pass_b_avx512(const float *x, int n, float scale, float shift, double *sd, double *sq) {
+    const __m512 vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(-shift * scale);
+    int i = 0;
+    while (i + 32 <= n) {
+        __m512 d0 = _mm512_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
+        int end = i + 256 < n ? i + 256 : n;
+        for (; i + 32 <= end; i += 32) {
+            __m512 a = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), vscale, vshift);
+            __m512 b = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), vscale, vshift);
+            d0 = _mm512_add_ps(d0, a);
+            d1 = _mm512_add_ps(d1, b);
+            q0 = _mm512_fmadd_ps(a, a, q0);
+            q1 = _mm512_fmadd_ps(b, b, q1);
+        }
+        __m512 d = _mm512_add_ps(d0, d1), q = _mm512_add_ps(q0, q1);
+        *sd += _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(d)))
+             + _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1))));
+        *sq += _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(q)))
+             + _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(q), 1))));
+    }
+    for (; i < n; i++) {
+        double d = ((double)x[i] - (double)shift) * (double)scale;
+        *sd += d; *sq += d * d;
+    }
+}
+
+TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t *acc, int level) {
+    /* The largest underflow threshold (fp8's, if any) is hit by almost every block of real
+       activations, so it is counted inline; the rarer ones get a pass only when needed. */
+    const int inl = p->inline_under;
+    const float tinl = inl >= 0 ? p->underf[inl] : -1.0f;
+    pass_a_t a = {0};
+    if (level >= TW_LEVEL_AVX512) pass_a_avx512(x, n, tinl, &a);
+    else pass_a_avx2(x, n, tinl, &a);
+    float sum = a.sum, mn = a.mn, mx = a.mx;
+    uint32_t abits = a.abits;
+    int64_t nsmall = a.nsmall;
     /* A finite sum means no NaN/Inf (they would propagate). */
     if (!(fabsf(sum) <= FLT_MAX)) {
         exact_block_f32(x, n, p, acc);
@@ -307,34 +419,16 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     float minabs_nz;
     memcpy(&minabs_nz, &abits, sizeof minabs_nz);
 
-    /* pass B: moments of (x - shift) * scale, f32 lanes folded into double every 256
-       elements. scale is a power of two bringing |x| near 1, so squares neither overflow nor
-       go subnormal, and fma(x, scale, -shift * scale) rounds exactly like (x - shift). */
+    /* pass B: moments of (x - shift) * scale. scale is a power of two bringing |x| near 1, so
+       squares neither overflow nor go subnormal, and fma(x, scale, -shift * scale) rounds
+       exactly like (x - shift). */
     int e;
     frexpf(amax, &e);
     if (e > 126) e = 126;                       /* keep scale a normal float */
     const float shift = sum / (float)n, scale = ldexpf(1.0f, -e);
-    const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-shift * scale);
     double sd = 0, sq = 0;
-    i = 0;
-    while (i + 16 <= n) {
-        __m256 d0 = _mm256_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
-        int end = i + 256 < n ? i + 256 : n;
-        for (; i + 16 <= end; i += 16) {
-            __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), vscale, vshift);
-            __m256 b = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), vscale, vshift);
-            d0 = _mm256_add_ps(d0, a);
-            d1 = _mm256_add_ps(d1, b);
-            q0 = _mm256_fmadd_ps(a, a, q0);
-            q1 = _mm256_fmadd_ps(b, b, q1);
-        }
-        sd += hsum_ps_as_pd(d0) + hsum_ps_as_pd(d1);
-        sq += hsum_ps_as_pd(q0) + hsum_ps_as_pd(q1);
-    }
-    for (; i < n; i++) {
-        double d = ((double)x[i] - (double)shift) * (double)scale;
-        sd += d; sq += d * d;
-    }
+    if (level >= TW_LEVEL_AVX512) pass_b_avx512(x, n, scale, shift, &sd, &sq);
+    else pass_b_avx2(x, n, scale, shift, &sd, &sq);
     const double inv = ldexp(1.0, e);
     double m2 = (sq - sd * sd / (double)n) * inv * inv;
     chan_merge(acc, n, (double)shift + sd / (double)n * inv, m2 > 0 ? m2 : 0);
@@ -356,6 +450,22 @@ TW_AVX2 static void simd_half_to_float(const uint16_t *src, float *dst, int n) {
     for (; i < n; i++) dst[i] = half_to_float(src[i]);
 }
 
+TW_AVX512 static void simd512_half_to_float(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+TW_AVX512 static void simd512_bf16_to_float(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
+        _mm512_storeu_si512((void *)(dst + i), _mm512_slli_epi32(w, 16));
+    }
+    for (; i < n; i++) dst[i] = bf16_to_float(src[i]);
+}
+
 TW_AVX2 static void simd_bf16_to_float(const uint16_t *src, float *dst, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -366,19 +476,21 @@ TW_AVX2 static void simd_bf16_to_float(const uint16_t *src, float *dst, int n) {
 }
 #endif
 
-static int simd_cpu = 0;    /* set once at import */
+static int simd_cpu = TW_LEVEL_PORTABLE;    /* the best level this CPU runs, set once at import */
+static int simd_level = TW_LEVEL_PORTABLE;  /* the level in use (tests and benchmarks lower it) */
 
-static int cpu_has_simd(void) {
+static int cpu_simd_level(void) {
 #ifdef TW_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+        return TW_LEVEL_PORTABLE;
+    return __builtin_cpu_supports("avx512f") ? TW_LEVEL_AVX512 : TW_LEVEL_AVX2;
 #else
-    return 0;
+    return TW_LEVEL_PORTABLE;
 #endif
 }
 
-static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int simd, acc_t *acc) {
+static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int level, acc_t *acc) {
     float scratch[TW_BLOCK];
     for (Py_ssize_t off = 0; off < n; off += TW_BLOCK) {
         int b = (int)(n - off < TW_BLOCK ? n - off : TW_BLOCK);
@@ -392,15 +504,17 @@ static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int 
         } else {
             const uint16_t *src = (const uint16_t *)data + off;
 #ifdef TW_X86
-            if (simd && dtype == TW_F16) simd_half_to_float(src, scratch, b);
-            else if (simd) simd_bf16_to_float(src, scratch, b);
+            if (level >= TW_LEVEL_AVX512 && dtype == TW_F16) simd512_half_to_float(src, scratch, b);
+            else if (level >= TW_LEVEL_AVX512) simd512_bf16_to_float(src, scratch, b);
+            else if (level && dtype == TW_F16) simd_half_to_float(src, scratch, b);
+            else if (level) simd_bf16_to_float(src, scratch, b);
             else
 #endif
             for (int i = 0; i < b; i++)
                 scratch[i] = dtype == TW_F16 ? half_to_float(src[i]) : bf16_to_float(src[i]);
         }
 #ifdef TW_X86
-        if (simd) { simd_block_f32(x, b, p, acc); continue; }
+        if (level) { simd_block_f32(x, b, p, acc, level); continue; }
 #endif
         exact_block_f32(x, b, p, acc);
     }
@@ -533,9 +647,9 @@ static PyObject *tensor_stats(PyObject *self, PyObject *args) {
     const plan_t *p = &plan->plan;  /* kept alive by args while the GIL is released */
     acc_t acc;
     acc_reset(&acc);
-    int simd = !exact && simd_cpu;
+    int level = exact ? TW_LEVEL_PORTABLE : simd_level;
     Py_BEGIN_ALLOW_THREADS
-    run((const void *)(uintptr_t)address, n, dtype, p, simd, &acc);
+    run((const void *)(uintptr_t)address, n, dtype, p, level, &acc);
     Py_END_ALLOW_THREADS
     return acc_to_tuple(&acc, p->k);
 }
@@ -705,12 +819,30 @@ static PyObject *logit_quality(PyObject *self, PyObject *args) {
 
 static PyObject *simd_available(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
-    return PyBool_FromLong(simd_cpu);
+    return PyBool_FromLong(simd_level > TW_LEVEL_PORTABLE);
+}
+
+static PyObject *get_simd_level(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return Py_BuildValue("ii", simd_level, simd_cpu);
+}
+
+static PyObject *set_simd_level(PyObject *self, PyObject *arg) {
+    (void)self;
+    long level = PyLong_AsLong(arg);
+    if (level == -1 && PyErr_Occurred()) return NULL;
+    if (level < TW_LEVEL_PORTABLE || level > simd_cpu)
+        return PyErr_Format(PyExc_ValueError, "vector level %ld is not available on this CPU (0 .. %d)", level, simd_cpu);
+    int before = simd_level;
+    simd_level = (int)level;
+    return PyLong_FromLong(before);
 }
 
 static PyMethodDef methods[] = {
     {"tensor_stats", tensor_stats, METH_VARARGS, tensor_stats_doc},
-    {"simd_available", simd_available, METH_NOARGS, "Whether this CPU runs the AVX2 path."},
+    {"simd_available", simd_available, METH_NOARGS, "Whether the kernel runs a vector path (AVX2 or AVX-512)."},
+    {"simd_level", get_simd_level, METH_NOARGS, "(level in use, best level of this CPU): 0 portable, 1 AVX2, 2 AVX-512."},
+    {"set_simd_level", set_simd_level, METH_O, "Use vector level 0, 1 or 2 (at most the CPU's); returns the previous one."},
     {"id_counts", id_counts, METH_VARARGS, id_counts_doc},
     {"logit_quality", logit_quality, METH_VARARGS, logit_quality_doc},
     {NULL, NULL, 0, NULL},
@@ -722,7 +854,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__cstats(void) {
-    simd_cpu = cpu_has_simd();
+    simd_cpu = simd_level = cpu_simd_level();
     PyTypeObject *types[] = {&PlanType, &AccType};
     const char *names[] = {"Plan", "Accumulator"};
     PyObject *m = PyModule_Create(&module);

@@ -6,6 +6,9 @@ The extension is optional: where it was not built, :data:`available` is False an
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .._accumulators import HostAccumulator, Raw
@@ -39,9 +42,35 @@ def new_accumulator(k: int) -> object:
     return _cstats.Accumulator(k)
 
 
+LEVELS = ("portable", "avx2", "avx512")  # the kernel's paths, by vector level
+
+
 def simd() -> bool:
-    """Whether the kernel runs its AVX2 path on this CPU."""
+    """Whether the kernel runs a vector path (AVX2 or AVX-512) on this CPU."""
     return bool(available and _cstats.simd_available())
+
+
+def simd_levels() -> tuple[int, int]:
+    """``(level in use, best level of this CPU)``, indices into :data:`LEVELS`; the kernel picks
+    the best at import (runtime detection: one build serves AVX2-only and AVX-512 machines)."""
+    return _cstats.simd_level() if available else (0, 0)
+
+
+@contextlib.contextmanager
+def simd_level(level: int) -> Iterator[None]:
+    """Run the kernel at vector ``level`` inside the block (tests compare the paths; benchmarks
+    time them). Process-wide: not for use while a watched model serves on another thread.
+
+    Raises:
+        ValueError: this CPU (or a build without the kernel) lacks that level.
+    """
+    if not available:
+        raise ValueError("the C kernel was not built")
+    before = _cstats.set_simd_level(level)
+    try:
+        yield
+    finally:
+        _cstats.set_simd_level(before)
 
 
 def raw_stats(address: int, numel: int, code: int, plan: CastPlan, exact: bool = False) -> Raw:
