@@ -17,9 +17,15 @@ Tested on CPU tensors with ``TRITON_INTERPRET=1`` against the torch oracle.
 
 from __future__ import annotations
 
+import inspect
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import ASTSource
 
 from .._casts import CastPlan
 from .._table import ACTIVE, CALL_NONFINITE, ENABLED, N_FIXED, NO_CALL, mark_static
@@ -301,3 +307,25 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
         USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device, BLOCK=BLOCK, P_POW2=MAX_PROGRAMS,
         num_warps=NUM_WARPS,
     )  # fmt: skip
+
+
+_POINTERS = {"part_ptr": "*fp64", "ticket_ptr": "*i32", "counts_ptr": "*i64", "moments_ptr": "*fp64",
+             "nfcalls_ptr": "*i64", "control_ptr": "*i64", "under_ptr": "*i32", "over_ptr": "*i32"}  # fmt: skip
+
+
+def variants() -> Iterator[tuple[str, Any]]:
+    """``(name, ASTSource)`` for every variant of the kernel the watch launches, to compile
+    ahead of time without a GPU (``benchmarks/kernel_static.py``, the tests)."""
+    names = list(inspect.signature(_stats_kernel.fn).parameters)
+    for (dtype, x_type, bf16), use_flag, from_device in itertools.product(
+        (("fp32", "*fp32", False), ("fp16", "*fp16", False), ("bf16", "*i16", True)), (False, True), (False, True)
+    ):
+        consts = {"K": 4, "UNDER_LIVE": 0b1011, "OVER_LIVE": 0b0111, "IS_BF16": bf16, "USE_FLAG": use_flag,
+                  "CALL_FROM_DEVICE": from_device, "BLOCK": BLOCK, "P_POW2": MAX_PROGRAMS}  # fmt: skip
+        signature = {
+            n: "constexpr" if n in consts else (x_type if n == "x_ptr" else _POINTERS.get(n, "i32")) for n in names
+        }
+        source = ASTSource(
+            fn=_stats_kernel, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()}
+        )
+        yield f"{dtype}/flag={int(use_flag)}/device_call={int(from_device)}", source
