@@ -93,7 +93,20 @@ def _stats_kernel(
         # Tiles only update per-lane accumulators; each program reduces once, at the end. The
         # cast columns are separate accumulators, and only those whose threshold some value of
         # the source dtype can cross are counted at all (UNDER_LIVE/OVER_LIVE bits).
-        shift = tl.zeros((), tl.float64)  # the first tile's mean: moments are taken of x - shift
+        # Moments are taken of x - shift, shift the mean of this program's first tile: computed
+        # here, once, so the loop below holds no block reduction (it cost ~30 shuffles and their
+        # bookkeeping per iteration; benchmarks/kernel_static.py).
+        first = pid.to(tl.int64) * BLOCK + lanes
+        first_in = first < n_elements
+        if IS_BF16:
+            raw0 = tl.load(x_ptr + first, mask=first_in, other=0).to(tl.int32) & 0xFFFF
+            v0 = (raw0 << 16).to(tl.float32, bitcast=True)
+        else:
+            v0 = tl.load(x_ptr + first, mask=first_in, other=0.0).to(tl.float32)
+        fin0 = first_in & ((v0.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000)
+        shift = tl.sum(tl.where(fin0, v0.to(tl.float64), 0.0), axis=0) / tl.maximum(
+            tl.sum(fin0.to(tl.float64), axis=0), 1.0
+        )
         s1 = tl.zeros((BLOCK,), tl.float64)
         s2 = tl.zeros((BLOCK,), tl.float64)
         lo = tl.full((BLOCK,), inf, tl.float32)
@@ -143,12 +156,7 @@ def _stats_kernel(
             fin_in = fin & inside
             lo = tl.minimum(lo, tl.where(fin_in, v, inf))
             hi = tl.maximum(hi, tl.where(fin_in, v, -inf))
-            v64 = v.to(tl.float64)
-            if i == 0:
-                shift = tl.sum(tl.where(fin_in, v64, 0.0), axis=0) / tl.maximum(
-                    tl.sum(fin_in.to(tl.float64), axis=0), 1.0
-                )
-            d = tl.where(fin_in, v64 - shift, 0.0)
+            d = tl.where(fin_in, v.to(tl.float64) - shift, 0.0)
             s1 += d
             s2 += d * d
 
