@@ -152,8 +152,7 @@ class DeviceTable:
 
     def _new_host_buffers(self) -> tuple[torch.Tensor, ...]:
         pin = self.device.type == "cuda"
-        parts = (self.counts[0], self.moments[0], self.nfcalls[0], self.control)
-        return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in parts)
+        return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in self._half(0))
 
     def _host_buffers(self) -> tuple[torch.Tensor, ...]:
         try:

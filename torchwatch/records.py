@@ -48,8 +48,9 @@ def _plain(value: Any) -> Any:
     return to_dict() if callable(to_dict) else value
 
 
-def _split(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Monitor values by name: the built-in ones as keyword arguments, the others as ``extra``."""
+def split_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Monitor values by name as keyword arguments: the built-in ones by their own name, the others
+    in ``extra`` (None values left out). Records, snapshots and rule intervals are made with it."""
     known = {k: v for k, v in values.items() if k in MONITOR_FIELDS and v is not None}
     return {**known, "extra": {k: v for k, v in values.items() if k not in MONITOR_FIELDS and v is not None}}
 
@@ -123,7 +124,7 @@ class Snapshot(Mapping[str, ModuleStats]):
     @classmethod
     def of(cls, stats: Mapping[str, ModuleStats], *, values: Mapping[str, Any], **fields: Any) -> Snapshot:
         """A snapshot with the monitors' ``values`` by name."""
-        return cls(stats, **fields, **_split(values))
+        return cls(stats, **fields, **split_values(values))
 
     def __getitem__(self, name: str) -> ModuleStats:
         try:
@@ -197,7 +198,7 @@ class Record:
     @classmethod
     def of(cls, *, values: Mapping[str, Any], **fields: Any) -> Record:
         """A record with the monitors' ``values`` by name."""
-        return cls(**fields, **_split(values))
+        return cls(**fields, **split_values(values))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: NaN and infinities become ``null``."""

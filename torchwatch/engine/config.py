@@ -26,6 +26,8 @@ from ..stats import DEFAULT_CAST_DTYPES
 
 NONFINITE_POLICIES = ("ignore", "warn", "raise")
 SAMPLING_MODES = ("python", "device")
+# monitor names taken by the built-in monitors (attach(monitors=...) may not reuse them)
+_RESERVED = frozenset({"stats", "drift", "latency", "inputs", "outputs", "timing", "fingerprint"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +201,3 @@ def _monitor_list(monitors: Iterable[Monitor]) -> tuple[Monitor, ...]:
     if len(set(names)) != len(names):
         raise ConfigError(f"monitors: two monitors share a name ({names}); each needs its own")
     return items
-
-
-_RESERVED = frozenset({"stats", "drift", "latency", "inputs", "outputs", "timing", "fingerprint"})

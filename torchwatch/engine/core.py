@@ -94,7 +94,7 @@ class Engine:
 
     Public to monitors and tools: :attr:`bus`, :attr:`model`, :attr:`activations`, :attr:`local`,
     :attr:`graph_mode` (a :class:`GraphMode`), :attr:`cohorts`, :meth:`module_hook`,
-    :meth:`current_call`, :meth:`in_call`, :meth:`monitor`, :meth:`add_monitor`,
+    :meth:`monitor`, :meth:`add_monitor`,
     :attr:`device_lock`, :attr:`flush_lock`. A monitor keeps what it needs of these, never the
     engine itself (that would be a reference cycle).
     """
@@ -129,7 +129,9 @@ class Engine:
         self._lock = threading.Lock()  # call counters
         self.flush_lock = threading.RLock()  # one flush / snapshot / reset at a time
         self.device_lock = threading.Lock()  # device merges are several ops: one thread at a time
-        self.local = threading.local()  # .call: this thread's root Call (or None), .depth: nesting
+        # .call: this thread's root Call (None outside one, or when its bookkeeping failed), .depth:
+        # nesting; hooks read it directly (one attribute, no call)
+        self.local = threading.local()
         self.cohorts = Cohorts(max_cohorts, bus)
         self._calls = 0
         self._window_calls = self._window_sampled = 0
@@ -154,15 +156,6 @@ class Engine:
         hooks are installed for those calls alone); False: on every call. Register at bind time.
         """
         self._hooks.add(module, hook, sampled=sampled, pre=pre, prepend=prepend)
-
-    def current_call(self) -> Call | None:
-        """The root call running in this thread, or None (outside any, or its bookkeeping failed).
-        Hooks on the hot path read ``engine.local.call`` directly (one attribute, no call)."""
-        return getattr(self.local, "call", None)
-
-    def in_call(self) -> bool:
-        """Whether a root call of the watched model is running in this thread (``engine.local.depth``)."""
-        return getattr(self.local, "depth", 0) > 0
 
     def add_monitor(self, monitor: Monitor, *, replace: type | None = None) -> None:
         """Add a monitor that needs no hooks while attached (``replace``: close the one of that type)."""

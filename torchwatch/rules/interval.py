@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..alerts import Alert
-from ..records import MONITOR_FIELDS
+from ..records import split_values
 from ..stats import ModuleStats
 
 
@@ -45,9 +45,7 @@ class Interval:
         cls, step: int, time: float, cohort: str | None, stats: Mapping[str, ModuleStats], values: Mapping[str, Any]
     ) -> Interval:
         """An interval with the monitors' ``values`` by name: the built-in ones as fields, others in ``extra``."""
-        known = {k: v for k, v in values.items() if k in MONITOR_FIELDS and v is not None}
-        extra = {k: v for k, v in values.items() if k not in MONITOR_FIELDS and v is not None}
-        return cls(step, time, cohort, stats, **known, extra=extra)
+        return cls(step, time, cohort, stats, **split_values(values))
 
     def alert(self, rule: str, module: str, stat: str, value: float, expected: float, message: str) -> Alert:
         """An :class:`Alert` stamped with this interval's step, time and cohort."""

@@ -132,8 +132,8 @@ class StatsWindow:
     def collect(self, taken: Taken | None, ctx: Collect) -> ActivationPart:
         """The window's statistics; a flush (``ctx.fold``) adds them to the totals and raises the
         NaN/Inf alerts of device positions; a snapshot returns the totals with the window."""
-        if taken is None:
-            return ActivationPart(stats=list(self._totals.items()) if not ctx.fold else [])
+        if taken is None:  # a flush with nothing measured (a snapshot's take never returns None)
+            return ActivationPart()
         if taken.copied:
             stats = list(taken.window.items())
             reads = taken.reads
