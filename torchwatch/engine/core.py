@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteError
+from ..kernels.graph_op import compiling
 from ..monitors.activations import Activations
 from ..monitors.base import ROOT_CALL, Call, Collect, Monitor, labels
 from ..records import Record, Snapshot
@@ -45,8 +46,6 @@ MERGE_RECORDS_BEHIND = 8  # intervals waiting for the worker before it merges re
 MAX_PENDING_FLUSHES = 64
 RECORDS_NOT_WRITTEN = "records not written"  # flushes unfinished when detach() stopped waiting
 
-_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-
 
 class GraphMode:
     """Callable: True while torch.compile traces, or while a CUDA graph is being captured.
@@ -61,7 +60,7 @@ class GraphMode:
         self.cuda = False  # a monitor measures on a CUDA device: graph capture is possible
 
     def __call__(self) -> bool:
-        return _compiling() or (self.cuda and torch.cuda.is_current_stream_capturing())
+        return compiling() or (self.cuda and torch.cuda.is_current_stream_capturing())
 
 
 class Cohorts:

@@ -15,6 +15,7 @@ compiled graphs trace the torch ops as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from .._table import CALLS
 from . import torch_ops
 
 available = hasattr(torch.library, "custom_op")
+# True while torch.compile traces (torch.compiler.is_compiling on torch >= 2.3.1)
+compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 class _Table:

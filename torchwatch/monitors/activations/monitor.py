@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 POSITIONS_NOT_MEASURED = "positions not measured"  # measurements of output positions beyond the capacity
 _NO_PLAN = object()
 
-_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-
 
 class Activations(Monitor):
     """Per output position: ModuleStats (moments, range, NaN/Inf, zeros, subnormals, casts).
@@ -215,7 +213,7 @@ class Activations(Monitor):
             # inductor neither traces their reductions (the compile-time blow-up) nor plans memory
             # around a hand-launched kernel (a compiled BERT-base that launched the Triton kernel
             # directly crashed with an illegal memory access on an H200; see RESULTS.md).
-            merge = _compiled_merge if _compiling() and not self.triton_in_compile else _merge_for(table, x)
+            merge = _compiled_merge if graph_op.compiling() and not self.triton_in_compile else _merge_for(table, x)
             with torch.no_grad():
                 merge(table, slot, x.detach(), plan, call, use_flag=True)
 
