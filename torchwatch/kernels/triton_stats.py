@@ -124,6 +124,16 @@ def _threshold(t_ptr, J: tl.constexpr, LIVE: tl.constexpr, PLUS: tl.constexpr):
 
 
 @triton.jit
+def _fresh(BLOCK: tl.constexpr):
+    """Empty accumulators for _common: zeros, small, under x4 (negated counts), lo, hi, s1, s2."""
+    zero = tl.zeros((BLOCK,), tl.int32)
+    lo = tl.full((BLOCK,), float("inf"), tl.float32)
+    hi = tl.full((BLOCK,), -float("inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float64)
+    return zero, zero, zero, zero, zero, zero, lo, hi, s, s
+
+
+@triton.jit
 def _common(v, ab, keep, shift, tiny_bits, c_zero, c_small, u0, u1, u2, u3, lo, hi, s1, s2,
             t_u0, t_u1, t_u2, t_u3, UNDER_LIVE: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """What every tile adds: minus the zeros, minus the lanes with |x| < tiny and with |x| <=
@@ -206,17 +216,7 @@ def _stats_kernel(
         shift = tl.sum(tl.where(fin0, v0.to(tl.float64), 0.0), axis=0) / tl.maximum(
             tl.sum(fin0.to(tl.float64), axis=0), 1.0
         )
-        zero = tl.zeros((BLOCK,), tl.int32)
-        c_zero = zero
-        c_small = zero
-        u0 = zero
-        u1 = zero
-        u2 = zero
-        u3 = zero
-        lo = tl.full((BLOCK,), inf, tl.float32)
-        hi = tl.full((BLOCK,), -inf, tl.float32)
-        s1 = tl.zeros((BLOCK,), tl.float64)
-        s2 = tl.zeros((BLOCK,), tl.float64)
+        c_zero, c_small, u0, u1, u2, u3, lo, hi, s1, s2 = _fresh(BLOCK)
         # The fast pass: whole tiles, no masks, and only the counts a finite value below every
         # over-threshold can move. NaN reaches s1, an infinity hi/lo or s1, a value over a
         # threshold hi/lo: so the gate below sees every tile the fast pass could get wrong.
@@ -231,26 +231,12 @@ def _stats_kernel(
                     t_u0, t_u1, t_u2, t_u3, UNDER_LIVE, False,
                 )  # fmt: skip
             ptrs += step
-        c_nan = zero
-        c_pinf = zero
-        c_ninf = zero
-        o0 = zero
-        o1 = zero
-        o2 = zero
-        o3 = zero
+        zero = tl.zeros((BLOCK,), tl.int32)
+        c_nan, c_pinf, c_ninf, o0, o1, o2, o3 = zero, zero, zero, zero, zero, zero, zero
         total = tl.sum(s1, axis=0) + tl.sum(s2, axis=0)
         widest = tl.maximum(tl.max(hi, axis=0), -tl.min(lo, axis=0))
         if (total != total) | (widest > gate):  # rare: read this program's share again, in full
-            c_zero = zero
-            c_small = zero
-            u0 = zero
-            u1 = zero
-            u2 = zero
-            u3 = zero
-            lo = tl.full((BLOCK,), inf, tl.float32)
-            hi = tl.full((BLOCK,), -inf, tl.float32)
-            s1 = tl.zeros((BLOCK,), tl.float64)
-            s2 = tl.zeros((BLOCK,), tl.float64)
+            c_zero, c_small, u0, u1, u2, u3, lo, hi, s1, s2 = _fresh(BLOCK)
             ptrs = x_ptr + pid.to(tl.int64) * group + lanes
             for i in range(0, mine * UNROLL):
                 v = _load(ptrs, lanes < BLOCK, IS_BF16, False)
