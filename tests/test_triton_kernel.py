@@ -27,8 +27,8 @@ NAMES = DEFAULT_CAST_DTYPES
 SMALL_SHAPES = ((1,), (7,), (16,), (3, 5), (2047,), (2049,), (4100,), (5, 2, 700))
 
 
-def _table() -> DeviceTable:
-    table = DeviceTable(DEVICE, len(NAMES), 4)
+def _table(capacity: int = 4) -> DeviceTable:
+    table = DeviceTable(DEVICE, len(NAMES), capacity)
     table.scratch = triton_stats.Workspace(table, [cast_plan(d, NAMES) for d in triton_stats.DTYPES])
     return table
 
@@ -221,7 +221,7 @@ def test_the_kernel_compiles_to_gpu_code_without_a_gpu():
     script = Path(__file__).with_name("_compile_kernel.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.split() == ["compiled", "24", "fingerprint", "2"], done.stdout
+    assert done.stdout.split() == ["compiled", "30", "fingerprint", "2"], done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def kernel_static(tmp_path_factory):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="a GPU compiles the kernel in the tests above")
 def test_the_kernels_cost_per_element_is_measured_without_a_gpu_and_nothing_spills(kernel_static):
-    assert len(kernel_static) == 12
+    assert len(kernel_static) == 15  # 12 one-tensor variants, 3 grouped
     for v in kernel_static:
         assert 0 < v["registers"] <= 255 and v["stack"] + v["local"] == 0, v  # no spills to local memory
         assert v["loop_instructions"] > 0 and v["per_element"] == v["loop_instructions"] / v["elements_per_thread"]
@@ -257,3 +257,46 @@ def test_the_kernel_stays_within_the_bandwidth_budget(kernel_static):
         (v["variant"], round(v["per_element"], 1), v["budget"]) for v in kernel_static if v["per_element"] > v["budget"]
     ]
     assert not over, over
+
+
+@pytest.mark.parametrize("dtype", triton_stats.DTYPES)
+def test_one_grouped_launch_measures_many_tensors_as_one_launch_each_would(dtype):
+    """Tensors from 1 element to several programs' worth, with NaN/Inf/overflow in some (the
+    re-read) and not in others (the fast pass), merged twice (the second call Chan-merges into
+    what the first left): every slot holds what one launch per tensor leaves, and the oracle's
+    values. Counts and range exactly; mean and std to float64 rounding, since a tensor of 20
+    groups is split over 16 programs here and 20 there (other partial sums)."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = (1, 7, 1000, triton_stats.group(dtype) * 3 + 11, triton_stats.group(dtype) * 20)
+    xs = [(torch.randn(n, generator=gen) * 4).to(dtype) for n in sizes]
+    xs[2][17] = math.nan
+    xs[3][5] = -math.inf
+    xs[4][-3] = 1e4  # over float8_e4m3fn's range, in the last program's share
+    plan = cast_plan(dtype, NAMES)
+    grouped, single = _table(8), _table(8)
+    for table in (grouped, single):
+        for i in range(len(xs)):
+            table.slot(f"x{i}")
+    for call in (3, 4):
+        triton_stats.merge_group(grouped, [(x, i) for i, x in enumerate(xs)], plan, call)
+        for i, x in enumerate(xs):
+            triton_stats.merge_into(single, i, x, plan, call, use_flag=False)
+    for i, x in enumerate(xs):
+        a, read_a = _read(grouped, f"x{i}")
+        b, read_b = _read(single, f"x{i}")
+        a_d, b_d = a.to_dict(), b.to_dict()
+        for key in ("mean", "std"):
+            assert a_d.pop(key) == pytest.approx(b_d.pop(key), rel=1e-12, nan_ok=True), key
+        assert a_d == b_d and a.calls == 2
+        assert read_a.nonfinite.get(f"x{i}") == read_b.nonfinite.get(f"x{i}")
+        assert_matches(a, oracle(torch.cat([x, x])))
+    assert int(grouped.control[CALL_NONFINITE]) == int(single.control[CALL_NONFINITE]) == 4  # 2 calls x 2 tensors
+
+
+def test_a_grouped_launch_needs_aligned_dense_small_tensors():
+    x = torch.zeros(64)
+    assert triton_stats.groupable(x, 3)
+    assert not triton_stats.groupable(x[1:], 3)  # 4 bytes past an aligned block
+    assert not triton_stats.groupable(x.view(8, 8).t(), 3)  # a transpose: flattening would copy
+    assert not triton_stats.groupable(torch.zeros(triton_stats.GROUPED_BYTES // 4 + 4), 3)
+    assert not triton_stats.groupable(x.double(), 3)

@@ -42,16 +42,24 @@ from triton.compiler import ASTSource
 
 from .._casts import CastPlan
 from .._table import ENABLED, NO_CALL, mark_static
+from .descriptors import DescriptorRing
 from .triton_tile import N_PART_FIXED, measure_share
 
 NUM_WARPS = 8
 BLOCK = 1024  # elements per tile: 4 per thread
 UNROLL = 4  # tiles per loop iteration: independent loads in flight, loop bookkeeping amortised
 MAX_PROGRAMS = 256
+# Grouped launches (one per root call and dtype, for outputs of at most GROUPED_BYTES each): at
+# most GROUPED_PROGRAMS programs per tensor, at most GROUPED_ROWS tensors per launch.
+GROUPED_PROGRAMS = 16
+GROUPED_ROWS = 512
+GROUPED_BYTES = 1 << 20
+DESCRIPTOR = 4  # a grouped launch's row: address, elements, slot, programs
 MAX_CAST_DTYPES = 4  # under/over columns the kernel keeps per launch
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A @triton.jit function may read only globals that are tl.constexpr (the interpreter does not check).
 _ENABLED = tl.constexpr(ENABLED)
+N_PART = tl.constexpr(N_PART_FIXED)
 
 
 # Integers that change from call to call are not specialised on (Triton would compile a variant
@@ -79,6 +87,38 @@ def _stats_kernel(
         )  # fmt: skip
 
 
+@triton.jit(do_not_specialize=["capacity", "call", "tiny_bits"])
+def _grouped_kernel(
+    desc_ptr,
+    part_ptr, ticket_ptr,
+    counts_ptr, moments_ptr, nfcalls_ptr, control_ptr,
+    capacity, call,
+    under_ptr, over_ptr, tiny_bits, gate,
+    X_TYPE: tl.constexpr, K: tl.constexpr, UNDER_LIVE: tl.constexpr, OVER_LIVE: tl.constexpr,
+    IS_BF16: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr, ROWS_PER_SLOT: tl.constexpr,
+    P_POW2: tl.constexpr,
+):  # fmt: skip
+    """Many tensors of one dtype in one launch: program (i, j) is program j of the tensor in
+    descriptor row i (address, elements, slot, programs), exactly as the one-tensor kernel's
+    program j would be. Rows name distinct slots (the caller makes sure), so no two tensors
+    share a slot's partial rows or ticket."""
+    row = desc_ptr + tl.program_id(0).to(tl.int64) * 4
+    nprog = tl.load(row + 3).to(tl.int32)
+    pid = tl.program_id(1)
+    if pid < nprog:
+        x_ptr = tl.load(row + 0).to(tl.pointer_type(X_TYPE))
+        x_ptr = tl.multiple_of(x_ptr, 16)  # the caller groups 16-byte-aligned tensors only
+        n = tl.load(row + 1).to(tl.int32)
+        slot = tl.load(row + 2).to(tl.int32)
+        npart = N_PART + 2 * K
+        measure_share(
+            x_ptr, n, pid, nprog, part_ptr + slot.to(tl.int64) * ROWS_PER_SLOT * npart, ticket_ptr + slot,
+            counts_ptr, moments_ptr, nfcalls_ptr, control_ptr, slot, capacity, call,
+            under_ptr, over_ptr, tiny_bits, gate,
+            K, UNDER_LIVE, OVER_LIVE, IS_BF16, False, BLOCK, UNROLL, P_POW2,
+        )  # fmt: skip
+
+
 class Workspace:
     """Per-slot partial rows and tickets of one :class:`DeviceTable`, and the thresholds of
     each cast plan on its device: all allocated up front, never inside a trace or a capture."""
@@ -96,6 +136,7 @@ class Workspace:
         self.tiny_bits = {id(plan): _bits_of(plan.tiny) for plan in plans}
         self.live = {id(plan): live_columns(plan) for plan in plans}
         self.gate = {id(plan): gate(plan) for plan in plans}
+        self.ring = DescriptorRing(table.device, GROUPED_ROWS, DESCRIPTOR)
         mark_static(self.partials, self.tickets, *(t for pair in self.thresholds.values() for t in pair))
 
 
@@ -173,31 +214,84 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
     )  # fmt: skip
 
 
+def groupable(x: torch.Tensor, k: int) -> bool:
+    """Whether a grouped launch takes this tensor: a kernel dtype, at most GROUPED_BYTES, dense
+    (one flat view without a copy) and 16-byte aligned."""
+    return (
+        x.dtype in DTYPES
+        and k <= MAX_CAST_DTYPES
+        and x.numel() * x.element_size() <= GROUPED_BYTES
+        and x.data_ptr() % 16 == 0
+        and x.is_contiguous()
+    )
+
+
+_X_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.int16}
+
+
+def merge_group(table, items: list[tuple[torch.Tensor, int]], plan: CastPlan, call: int) -> None:
+    """Merge every ``(tensor, slot)`` of ``items`` (one dtype, distinct slots, each
+    :func:`groupable`) into its slot: one launch, the same effect as :func:`merge_into` for each.
+
+    When the descriptor buffers are all still in flight (see ``descriptors``), each tensor gets
+    its own launch instead. The caller keeps the tensors referenced until this returns; the
+    launch is queued on the current stream, so their memory is reused only after it has run.
+    """
+    ws = table.scratch
+    dtype = items[0][0].dtype
+    per_program = group(dtype)
+    for start in range(0, len(items), GROUPED_ROWS):
+        chunk = items[start : start + GROUPED_ROWS]
+        values: list[int] = []
+        for x, slot in chunk:
+            n = x.numel()
+            values += (x.data_ptr(), n, slot, max(1, min(GROUPED_PROGRAMS, -(-n // per_program))))
+
+        def run(rows: torch.Tensor, count: int = len(chunk)) -> None:
+            under, over = ws.thresholds[id(plan)]
+            _grouped_kernel[(count, GROUPED_PROGRAMS)](
+                rows, ws.partials, ws.tickets,
+                table.counts, table.moments, table.nfcalls, table.control,
+                table.capacity, int(min(call, NO_CALL - 1)),
+                under, over, ws.tiny_bits[id(plan)], ws.gate[id(plan)],
+                X_TYPE=_X_TYPES[dtype], K=len(plan.names), UNDER_LIVE=ws.live[id(plan)][0],
+                OVER_LIVE=ws.live[id(plan)][1], IS_BF16=dtype == torch.bfloat16, BLOCK=BLOCK, UNROLL=UNROLL,
+                ROWS_PER_SLOT=MAX_PROGRAMS, P_POW2=GROUPED_PROGRAMS, num_warps=NUM_WARPS,
+            )  # fmt: skip
+
+        if not ws.ring.launch(values, run):
+            for x, slot in chunk:
+                merge_into(table, slot, x, plan, call, use_flag=False)
+
+
 _SCALARS = {"part_ptr": "*fp64", "ticket_ptr": "*i32", "counts_ptr": "*i64", "moments_ptr": "*fp64",
             "nfcalls_ptr": "*i64", "control_ptr": "*i64", "under_ptr": "*i32", "over_ptr": "*i32",
             "gate": "fp32"}  # fmt: skip
 
 
 def variants() -> Iterator[tuple[str, Any]]:
-    """``(name, ASTSource)`` for every variant of the kernel the watch launches, to compile
+    """``(name, ASTSource)`` for every variant of the kernels the watch launches, to compile
     ahead of time without a GPU (``benchmarks/kernel_static.py``, the tests)."""
-    names = list(inspect.signature(_stats_kernel.fn).parameters)
-    for (dtype, x_type, bf16), use_flag, from_device in itertools.product(
-        (("fp32", "*fp32", False), ("fp16", "*fp16", False), ("bf16", "*i16", True)), (False, True), (False, True)
-    ):
+    kinds = (("fp32", "*fp32", False, tl.float32), ("fp16", "*fp16", False, tl.float16),
+             ("bf16", "*i16", True, tl.int16))  # fmt: skip
+    for (dtype, x_type, bf16, _), use_flag, from_device in itertools.product(kinds, (False, True), (False, True)):
         consts = {"K": 4, "UNDER_LIVE": 0b1011, "OVER_LIVE": 0b0111, "IS_BF16": bf16, "USE_FLAG": use_flag,
                   "CALL_FROM_DEVICE": from_device, "BLOCK": BLOCK, "UNROLL": UNROLL,
                   "P_POW2": MAX_PROGRAMS}  # fmt: skip
-        signature = {
-            n: "constexpr" if n in consts else (x_type if n == "x_ptr" else _SCALARS.get(n, "i32")) for n in names
-        }
-        # as launched: the caching allocator's blocks are aligned, so Triton specialises every
-        # pointer as 16-byte aligned (what lets the loads vectorise)
-        aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
-        source = ASTSource(
-            fn=_stats_kernel,
-            signature=signature,
-            constexprs={(names.index(n),): v for n, v in consts.items()},
-            attrs=aligned,
-        )
-        yield f"{dtype}/flag={int(use_flag)}/device_call={int(from_device)}", source
+        name = f"{dtype}/flag={int(use_flag)}/device_call={int(from_device)}"
+        yield name, _source(_stats_kernel, consts, {"x_ptr": x_type})
+    for dtype, _, bf16, x_tl in kinds:
+        consts = {"X_TYPE": x_tl, "K": 4, "UNDER_LIVE": 0b1011, "OVER_LIVE": 0b0111, "IS_BF16": bf16, "BLOCK": BLOCK,
+                  "UNROLL": UNROLL, "ROWS_PER_SLOT": MAX_PROGRAMS, "P_POW2": GROUPED_PROGRAMS}  # fmt: skip
+        yield f"{dtype}/grouped", _source(_grouped_kernel, consts, {"desc_ptr": "*i64"})
+
+
+def _source(kernel: Any, consts: dict[str, Any], pointers: dict[str, str]) -> Any:
+    names = list(inspect.signature(kernel.fn).parameters)
+    types = {**_SCALARS, **pointers}
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    # as launched: the caching allocator's blocks are aligned, so Triton specialises every
+    # pointer as 16-byte aligned (what lets the loads vectorise)
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+    constexprs = {(names.index(n),): v for n, v in consts.items()}
+    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
