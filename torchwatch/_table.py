@@ -76,6 +76,7 @@ class DeviceTable:
             self._free_host = [self._new_host_buffers(), self._new_host_buffers()]
         self.kernel: Any = None  # the fused-kernel module for this device, if any (set by the watch)
         self.scratch: Any = None  # that kernel's per-slot workspace
+        self.grouped: Any = None  # the kernel module whose merge_group measures a call's small outputs at once
 
     def tick(self, every: int) -> None:
         """Graph path of a root call: count it and decide sampling, on the device."""

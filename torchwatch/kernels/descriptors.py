@@ -19,6 +19,10 @@ from typing import Any
 
 import torch
 
+# An output of at most this many bytes is measured by its root call's grouped launch (held until
+# then) rather than by a launch of its own.
+GROUPED_BYTES = 1 << 20
+
 
 class DescriptorRing:
     """Reusable ``rows x cols`` int64 tables on ``device`` (see the module docstring)."""

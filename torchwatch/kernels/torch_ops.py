@@ -13,6 +13,7 @@ import torch
 
 from .._casts import CastPlan
 from .._table import ACTIVE, C_FINITE, CALL_NONFINITE, ENABLED
+from .descriptors import GROUPED_BYTES
 
 _INF = math.inf
 
@@ -106,3 +107,14 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
     widened = torch.stack((_at_most(nfcalls[:, 0], call), _at_least(nfcalls[:, 1], call)), dim=1)
     nfcalls.copy_(torch.where(hit[:, None], widened, nfcalls))
     control[CALL_NONFINITE] += nonfinite * sel.any().to(torch.int64)
+
+
+def groupable(x: torch.Tensor, k: int) -> bool:
+    """The twin of ``triton_stats.groupable``: small and dense (the twin takes any float dtype)."""
+    return x.numel() * x.element_size() <= GROUPED_BYTES and x.is_contiguous()
+
+
+def merge_group(table, items: list[tuple[torch.Tensor, int]], plan: CastPlan, call: int) -> None:
+    """The twin of ``triton_stats.merge_group``: :func:`merge_into` for each ``(tensor, slot)``."""
+    for x, slot in items:
+        merge_into(table, slot, x, plan, call, use_flag=False)

@@ -42,7 +42,7 @@ from triton.compiler import ASTSource
 
 from .._casts import CastPlan
 from .._table import ENABLED, NO_CALL, mark_static
-from .descriptors import DescriptorRing
+from .descriptors import GROUPED_BYTES, DescriptorRing
 from .triton_tile import N_PART_FIXED, measure_share
 
 NUM_WARPS = 8
@@ -53,7 +53,6 @@ MAX_PROGRAMS = 256
 # most GROUPED_PROGRAMS programs per tensor, at most GROUPED_ROWS tensors per launch.
 GROUPED_PROGRAMS = 16
 GROUPED_ROWS = 512
-GROUPED_BYTES = 1 << 20
 DESCRIPTOR = 4  # a grouped launch's row: address, elements, slot, programs
 MAX_CAST_DTYPES = 4  # under/over columns the kernel keeps per launch
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

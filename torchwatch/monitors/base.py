@@ -56,10 +56,11 @@ class Call:
         seq: measurements so far, their execution order within the call.
         events: host NaN/Inf measurements ``(seq, name, nan, +inf, -inf)``.
         device: device measurements ``(seq, name, table, slot)``, resolved at the flush.
+        pending: small device outputs held for the call's grouped launch (activations monitor).
         raise_alert: the NaN/Inf alert to raise from the call with ``on_nonfinite="raise"``.
     """
 
-    __slots__ = ("cohort", "device", "events", "index", "raise_alert", "sampled", "seq", "trace_id")
+    __slots__ = ("cohort", "device", "events", "index", "pending", "raise_alert", "sampled", "seq", "trace_id")
 
     def __init__(self, index: int, cohort: str | None, trace_id: str | None, *, sampled: bool = True) -> None:
         self.index = index
@@ -69,6 +70,7 @@ class Call:
         self.seq = 0
         self.events: list[tuple[int, str, int, int, int]] = []
         self.device: list[tuple[int, str, Any, int]] = []
+        self.pending: Any = None
         self.raise_alert: Alert | None = None
 
 

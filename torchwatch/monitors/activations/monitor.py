@@ -13,6 +13,7 @@ device and sets the sampling flag there; the statistics kernels read both.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from ...alerts import nonfinite_alert
 from ...kernels import PLAIN_TENSOR_TYPES, graph_op, host_stats, measurable, torch_ops
 from ...kernels import cpu as cpu_kernel
 from ..base import Call, Collect, Monitor, labels
+from .pending import Pending
 from .window import ActivationPart, StatsWindow, Taken
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 POSITIONS_NOT_MEASURED = "positions not measured"  # measurements of output positions beyond the capacity
 _NO_PLAN = object()
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 class Activations(Monitor):
@@ -171,7 +174,12 @@ class Activations(Monitor):
             return
         seq = call.seq
         call.seq = seq + 1
-        if (x.is_cpu and not self._device_path) or (measurable(x) and x.numel() == 0):
+        host = x.is_cpu and not self._device_path
+        if not host:
+            if not measurable(x):
+                return
+            host = x.numel() == 0  # nothing to launch for
+        if host:
             kernel = self._cpu_kernel.get(x.dtype)
             if kernel is not None and x.is_cpu and x.is_contiguous():  # the common case, inlined
                 raw = cpu_kernel.tensor_stats(x.data_ptr(), x.numel(), *kernel)
@@ -183,17 +191,37 @@ class Activations(Monitor):
             if raw[1] or raw[2] or raw[3]:
                 call.events.append((seq, name, raw[1], raw[2], raw[3]))
             return
-        if not measurable(x):
-            return
         table = self._tables.get(x.device) or self._new_table(x.device)
         slot = table.slot((call.cohort, name))
         if slot is None:
             self._table_full(name)
             return
         self.window.position(name)
-        with self._device_lock, torch.no_grad():
-            _merge_for(table, x)(table, slot, x.detach(), plan, call.index, use_flag=False)
+        grouped = table.grouped
+        if grouped is not None and grouped.groupable(x, table.k):
+            self._hold(call, table, slot, x.detach(), plan)
+        else:
+            with self._device_lock, torch.no_grad():
+                _merge_for(table, x)(table, slot, x.detach(), plan, call.index, use_flag=False)
         call.device.append((seq, name, table, slot))
+
+    def _hold(self, call: Call, table: DeviceTable, slot: int, x: torch.Tensor, plan: CastPlan) -> None:
+        """Keep a small output for the call's grouped launch (``pending.py``)."""
+        pending = call.pending
+        if pending is None:
+            pending = call.pending = Pending()
+        stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
+        if pending.blocks(table, slot, stream):
+            self._launch(call)
+        if pending.add(table, slot, x, plan, stream):
+            self._launch(call)
+
+    def _launch(self, call: Call) -> None:
+        """Measure everything the call holds: one grouped launch per (table, dtype)."""
+        groups, stream = call.pending.take()
+        with self._device_lock, torch.no_grad(), torch.cuda.stream(stream) if stream is not None else _NO_CONTEXT:
+            for table, plan, items in groups:
+                table.grouped.merge_group(table, items, plan, call.index)
 
     def _graph_output(self, fqn: str, output: Any) -> None:
         """Graph path of a module's hook: device-side operations only, nothing to wait for."""
@@ -248,6 +276,9 @@ class Activations(Monitor):
                 table.kernel = _triton_for(device)
                 if table.kernel is not None:
                     table.scratch = table.kernel.Workspace(table, [p for p in self._plans.values() if p is not None])
+                # small outputs wait for one launch per call where a grouped kernel saves launches
+                # (and in the tests' device path, through the twin, to test the holding itself)
+                table.grouped = table.kernel if table.kernel is not None else torch_ops if self._device_path else None
                 self._tables = {**self._tables, device: table}
                 if device.type == "cuda":
                     self._graph_mode.cuda = True  # graph capture is possible
@@ -267,6 +298,8 @@ class Activations(Monitor):
     def _finish_call(self, call: Call) -> None:
         """Resolve where NaN/Inf started on this call. Device measurements are resolved at the
         next flush, unless ``on_nonfinite="raise"`` needs them now (one wait for the device)."""
+        if call.pending is not None and call.pending.held:
+            self._launch(call)
         events = call.events
         if call.device and self._raise:
             events = sorted(events + self._device_events(call))

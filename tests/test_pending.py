@@ -1,0 +1,204 @@
+"""Small accelerator outputs wait for one grouped launch per root call (monitors/activations/pending.py).
+
+Run on CPU through the device path (``_device_path=True``): the twin ``torch_ops.merge_group``
+stands in for the grouped kernel, so what is held, when it is launched and what it leaves in
+the table are checked on every push; the Triton grouped kernel itself runs under the
+interpreter at the end (and its launch arithmetic in test_triton_kernel.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from _oracle import assert_matches, oracle
+from torch import nn
+
+import torchwatch as tw
+from torchwatch._casts import cast_plan
+from torchwatch.kernels import descriptors, torch_ops
+from torchwatch.monitors.activations import pending as pending_module
+from torchwatch.monitors.activations.pending import Pending
+
+
+class Launches:
+    """Counts grouped launches and one-tensor launches of the torch-ops twin."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.grouped: list[list[str]] = []  # positions per grouped launch
+        self.single = 0  # one-tensor launches outside a grouped one
+        self.inside = False
+        group, single = torch_ops.merge_group, torch_ops.merge_into
+
+        def merge_group(table, items, plan, call):
+            self.grouped.append([table.keys[slot][1] for _, slot in items])
+            self.inside = True
+            try:
+                group(table, items, plan, call)
+            finally:
+                self.inside = False
+
+        def merge_into(*args, **kwargs):
+            self.single += not self.inside
+            single(*args, **kwargs)
+
+        monkeypatch.setattr(torch_ops, "merge_group", merge_group)
+        monkeypatch.setattr(torch_ops, "merge_into", merge_into)
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
+
+
+def test_a_calls_small_outputs_are_measured_by_one_grouped_launch(monkeypatch):
+    launches = Launches(monkeypatch)
+    model = _mlp()
+    xs = [torch.randn(3, 16) for _ in range(4)]
+    with tw.Watch(model, _device_path=True) as watch:
+        for x in xs:
+            model(x)
+        snap = watch.snapshot()
+    assert len(launches.grouped) == 4 and launches.single == 0  # one per call, none per output
+    assert all(names == ["<input>", "0", "1", "2", "3", "4"] for names in launches.grouped)
+    with torch.no_grad():
+        hidden = torch.cat([model[1](model[0](x)) for x in xs])
+    assert snap["1"].calls == 4
+    assert_matches(snap["1"], oracle(hidden))
+
+
+def test_an_output_over_the_grouped_size_keeps_its_own_launch(monkeypatch):
+    launches = Launches(monkeypatch)
+    monkeypatch.setattr(descriptors, "GROUPED_BYTES", 3 * 32 * 4 - 1)  # a [3, 32] float32 output is too big
+    monkeypatch.setattr(torch_ops, "GROUPED_BYTES", descriptors.GROUPED_BYTES)
+    model = _mlp()
+    with tw.Watch(model, _device_path=True) as watch:
+        model(torch.randn(3, 16))
+        snap = watch.snapshot()
+    assert launches.single == 4  # the four [3, 32] outputs
+    assert launches.grouped == [["<input>", "4"]]  # the [3, 16] input and the [3, 4] output
+    assert all(snap[name].calls == 1 for name in ("0", "1", "2", "3", "4"))
+
+
+class Twice(nn.Module):
+    """One layer run twice in a forward: the same position, so the same slot, twice in a call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.layer(torch.relu(self.layer(x)))
+
+
+def test_a_position_measured_twice_in_one_call_launches_what_is_held_first(monkeypatch):
+    launches = Launches(monkeypatch)
+    torch.manual_seed(1)
+    model = Twice()
+    x = torch.randn(5, 8)
+    with tw.Watch(model, _device_path=True) as watch:
+        model(x)
+        snap = watch.snapshot()
+    assert launches.grouped == [["<input>", "layer"], ["layer"]]  # the second output waits for the first's launch
+    with torch.no_grad():
+        first = model.layer(x)
+        second = model.layer(torch.relu(first))
+    assert snap["layer"].calls == 2
+    assert_matches(snap["layer"], oracle(torch.cat([first, second])))
+
+
+def test_held_bytes_are_bounded(monkeypatch):
+    launches = Launches(monkeypatch)
+    monkeypatch.setattr(pending_module, "HELD_BYTES", 2 * 3 * 32 * 4)  # two [3, 32] float32 outputs
+    model = _mlp()
+    with tw.Watch(model, _device_path=True) as watch:
+        model(torch.randn(3, 16))
+        snap = watch.snapshot()
+    # 192 + 384 + 384 bytes reach the bound: launched; then 384 + 384; the last 48 at the call's end
+    assert launches.grouped == [["<input>", "0", "1"], ["2", "3"], ["4"]]
+    assert all(snap[name].calls == 1 for name in ("0", "1", "2", "3", "4"))
+
+
+def test_nothing_is_held_after_the_call_and_a_failing_forward_still_measures_what_ran(monkeypatch):
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.fail = False
+            self.kept: list = []
+
+        def forward(self, x):
+            y = self.first(x)
+            self.kept.append(weakref.ref(y))
+            if self.fail:
+                raise RuntimeError("boom")
+            return y * 2
+
+    launches = Launches(monkeypatch)
+    model = Fails()
+    with tw.Watch(model, _device_path=True) as watch:
+        model(torch.randn(2, 4))
+        model.fail = True
+        with pytest.raises(RuntimeError, match="boom"):
+            model(torch.randn(2, 4))
+        gc.collect()
+        assert all(ref() is None for ref in model.kept)  # no output outlives its call
+        assert watch.snapshot()["first"].calls == 2  # the failing call's first output was measured
+    assert len(launches.grouped) == 2
+
+
+def test_pending_launches_first_on_a_repeated_slot_or_a_new_stream():
+    table_a, table_b = object(), object()
+    plan = cast_plan(torch.float32, ("float16",))
+    p = Pending()
+    assert not p.blocks(table_a, 0, "s1")  # nothing held: nothing to launch
+    assert not p.add(table_a, 0, torch.zeros(4), plan, "s1")
+    assert not p.blocks(table_a, 1, "s1")
+    assert not p.blocks(table_b, 0, "s1")  # another table's slot 0 is another slot
+    assert p.blocks(table_a, 0, "s1")
+    assert p.blocks(table_a, 1, "s2")
+    groups, stream = p.take()
+    assert stream == "s1" and len(groups) == 1 and groups[0][2][0][1] == 0
+    assert (p.held, p.groups, p.slots) == (0, {}, set())
+
+
+def test_a_refused_descriptor_buffer_falls_back_to_one_launch_each():
+    """Every buffer still in flight: the ring refuses (counted), nothing waits."""
+
+    class InFlight:
+        def query(self) -> bool:
+            return False
+
+    ring = descriptors.DescriptorRing(torch.device("cpu"), 4, 2, limit=2)
+    seen = []
+    assert ring.launch([1, 2, 3, 4], seen.append)
+    assert seen[-1].tolist() == [[1, 2], [3, 4]]
+    for buffer in ring._buffers:
+        buffer[2] = InFlight()
+    assert ring.launch([5, 6], seen.append)  # a second buffer, up to the limit
+    ring._buffers[-1][2] = InFlight()
+    assert not ring.launch([7, 8], seen.append) and ring.refused == 1 and len(seen) == 2
+    with pytest.raises(ValueError, match="rows"):
+        ring.launch([1, 2, 3], seen.append)
+
+
+def test_the_grouped_triton_kernel_through_the_watch():
+    """The real grouped kernel (Triton's interpreter on CPU tensors) behind the watch's holding."""
+    triton_stats = pytest.importorskip("torchwatch.kernels.triton_stats")
+    model = _mlp()
+    xs = [torch.randn(3, 16) for _ in range(3)]
+    with tw.Watch(model, _device_path=True) as watch:
+        for table in watch.engine.activations.tables():
+            plans = [cast_plan(d, watch.config.cast_dtypes) for d in triton_stats.DTYPES]
+            table.scratch = triton_stats.Workspace(table, plans)
+            table.kernel = table.grouped = triton_stats
+        for x in xs:
+            model(x)
+        snap = watch.snapshot()
+    with torch.no_grad():
+        outs = [torch.cat([model[: i + 1](x) for x in xs]) for i in range(5)]
+    for i, out in enumerate(outs):
+        assert snap[str(i)].calls == 3
+        assert_matches(snap[str(i)], oracle(out, watch.config.cast_dtypes))
