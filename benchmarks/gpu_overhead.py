@@ -3,13 +3,17 @@
 Sections, each with plain and instrumented copies of the same model run interleaved, CUDA-event
 timed, medians of per-pair ratios:
 
+* the stats kernel alone on a 256 MB tensor, as a fraction of the copy bandwidth: typical values
+  (the one-read fast pass) and NaN/Inf/overflow spread everywhere (every share read twice) — first,
+  so a run cut short still has it;
+* launch-bound eager (batch 1, seq 128), full statistics every forward (one grouped launch per call);
+* GPT-2 greedy decoding with the KV cache, full statistics every token;
 * compute-bound eager (batch 32, seq 512), full statistics, with the bandwidth floor: bytes of the
   instrumented activations divided by the copy bandwidth measured in the same run;
 * the same under ``torch.compile``;
 * launch-bound eager (batch 1, seq 128) with ``every=16`` (timed in blocks of 16 calls);
 * launch-bound under CUDA graphs (``mode="reduce-overhead"``), full statistics every replay;
-* peers at the compute-bound point: hand-written ``.item()`` hooks, torchwatch's torch-ops path;
-* the stats kernel alone on a 256 MB tensor, as a fraction of the copy bandwidth.
+* peers at the compute-bound point: hand-written ``.item()`` hooks, torchwatch's torch-ops path.
 
 Results are printed as they come and rewritten to ``--json`` after each one, so a run cut short
 still leaves numbers. ``--smoke`` runs tiny configurations on whatever device is there (CPU
@@ -137,6 +141,7 @@ def run(models: list[str], smoke: bool, out_path: str | None) -> dict:
     rounds = 3 if smoke else 10
     bandwidth = copy_bandwidth(2**24 if smoke else 2**30)
     record("copy_bandwidth_GBps", {"value": round(bandwidth / 1e9, 1)})
+    record("stats_kernel_256MB", kernel_throughput(bandwidth, smoke))
 
     for name in models:
         dtype = torch.float16 if name == "bert" else torch.bfloat16
@@ -154,6 +159,15 @@ def run(models: list[str], smoke: bool, out_path: str | None) -> dict:
         plain = base
         watched = copy.deepcopy(base)
         watch = tw.attach(watched, flush_every=100)
+        res = paired(runner(plain, ids_small), runner(watched, ids_small), rounds=rounds, block=16)
+        res["errors"] = watch.errors
+        record(f"{name}/eager/batch{small[0]}_seq{small[1]}/full", res)
+        if name == "gpt2":
+            steps = 4 if smoke else 32
+            res = paired(decoder(plain, ids_small, steps), decoder(watched, ids_small, steps), rounds=rounds)
+            res["tokens"] = steps
+            res["errors"] = watch.errors
+            record(f"{name}/decode/prompt{small[1]}_tokens{steps}/full", res)
         floor_s = activation_bytes(base, runner(base, ids_big)) / bandwidth
         res = paired(runner(plain, ids_big), runner(watched, ids_big), rounds=rounds)
         res["bandwidth_floor_ms"] = round(1e3 * floor_s, 4)
@@ -212,8 +226,21 @@ def run(models: list[str], smoke: bool, out_path: str | None) -> dict:
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
 
-    record("stats_kernel_256MB", kernel_throughput(bandwidth, smoke))
     return results
+
+
+def decoder(model: nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], object]:
+    """Greedy decoding of ``steps`` tokens with the KV cache: one root call per token."""
+
+    def call() -> object:
+        with torch.inference_mode():
+            out = model(prompt, use_cache=True)
+            for _ in range(steps):
+                token = out.logits[:, -1:].argmax(-1)
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        return out
+
+    return call
 
 
 def kernel_throughput(bandwidth: float, smoke: bool) -> dict:

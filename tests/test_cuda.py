@@ -76,6 +76,33 @@ def test_gpu_statistics_match_the_oracle(dtype):
     assert_matches(got, oracle(torch.relu(x)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_grouped_and_own_launches_on_gpu_match_the_oracle_without_a_sync(dtype, monkeypatch):
+    """Small outputs held for one grouped launch per call, a large one launched alone, NaN/Inf
+    in some: equal to the oracle, no host sync, one grouped launch per call, nothing held after."""
+    from torchwatch.kernels import triton_stats
+
+    grouped = []
+    merge_group = triton_stats.merge_group
+    monkeypatch.setattr(triton_stats, "merge_group", lambda *a: (grouped.append(len(a[1])), merge_group(*a)))
+    torch.manual_seed(0)
+    big = triton_stats.GROUPED_BYTES // torch.finfo(dtype).bits * 8 + 1000
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, big)).cuda().to(dtype)
+    xs = [torch.randn(1, 16, device="cuda", dtype=dtype) for _ in range(3)]
+    xs[1][0, 3] = math.nan
+    with tw.attach(model, on_nonfinite="ignore", flush_every=10**9) as watch:
+        model(xs[0])  # learns the positions
+        with no_sync():
+            for x in xs[1:]:
+                model(x)
+        snap = watch.snapshot()
+    assert grouped == [3, 3, 3]  # input, "0" and "1" in one launch per call; "2" (big) alone
+    with torch.no_grad():
+        for name, upto in (("0", 1), ("1", 2), ("2", 3)):
+            want = torch.cat([model[:upto](x) for x in xs]).float().cpu()
+            assert_matches(snap[name], oracle(want.to(dtype)))
+
+
 def test_cuda_graph_replays_keep_counting_with_device_sampling():
     model = mlp().cuda()
     static_x = torch.randn(8, 16, device="cuda")
