@@ -6,8 +6,9 @@ timed, medians of per-pair ratios:
 * the stats kernel alone on a 256 MB tensor, as a fraction of the copy bandwidth: typical values
   (the one-read fast pass) and NaN/Inf/overflow spread everywhere (every share read twice) — first,
   so a run cut short still has it;
-* launch-bound eager (batch 1, seq 128), full statistics every forward (one grouped launch per call);
-* GPT-2 greedy decoding with the KV cache, full statistics every token;
+* launch-bound eager (batch 1, seq 128), full statistics every forward, under ``no_grad`` (one
+  grouped launch per call) and under ``inference_mode`` (a launch per output: see pending.py);
+* GPT-2 greedy decoding with the KV cache under ``no_grad``, full statistics every token;
 * compute-bound eager (batch 32, seq 512), full statistics, with the bandwidth floor: bytes of the
   instrumented activations divided by the copy bandwidth measured in the same run;
 * the same under ``torch.compile``;
@@ -149,9 +150,9 @@ def run(models: list[str], smoke: bool, out_path: str | None) -> dict:
         ids_big = torch.randint(0, vocab, big, device=DEVICE)
         ids_small = torch.randint(0, vocab, small, device=DEVICE)
 
-        def runner(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
+        def runner(model: nn.Module, ids: torch.Tensor, mode: Callable = torch.inference_mode) -> Callable[[], object]:
             def call() -> object:
-                with torch.inference_mode():
+                with mode():
                     return model(ids)
 
             return call
@@ -159,9 +160,12 @@ def run(models: list[str], smoke: bool, out_path: str | None) -> dict:
         plain = base
         watched = copy.deepcopy(base)
         watch = tw.attach(watched, flush_every=100)
-        res = paired(runner(plain, ids_small), runner(watched, ids_small), rounds=rounds, block=16)
-        res["errors"] = watch.errors
-        record(f"{name}/eager/batch{small[0]}_seq{small[1]}/full", res)
+        # under no_grad the small outputs wait for one grouped launch per call; inference tensors
+        # have no version counter to prove them unchanged, so each gets its own launch
+        for mode in (torch.no_grad, torch.inference_mode):
+            res = paired(runner(plain, ids_small, mode), runner(watched, ids_small, mode), rounds=rounds, block=16)
+            res["errors"] = watch.errors
+            record(f"{name}/eager/batch{small[0]}_seq{small[1]}/full/{mode.__name__}", res)
         if name == "gpt2":
             steps = 4 if smoke else 32
             res = paired(decoder(plain, ids_small, steps), decoder(watched, ids_small, steps), rounds=rounds)
@@ -233,7 +237,7 @@ def decoder(model: nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], 
     """Greedy decoding of ``steps`` tokens with the KV cache: one root call per token."""
 
     def call() -> object:
-        with torch.inference_mode():
+        with torch.no_grad():
             out = model(prompt, use_cache=True)
             for _ in range(steps):
                 token = out.logits[:, -1:].argmax(-1)

@@ -54,15 +54,17 @@ def _mlp() -> nn.Sequential:
 
 
 def test_a_calls_small_outputs_are_measured_by_one_grouped_launch(monkeypatch):
+    """The first call measures each output at once (a probe: is it changed in place later?);
+    from the second on, one grouped launch per call."""
     launches = Launches(monkeypatch)
     model = _mlp()
     xs = [torch.randn(3, 16) for _ in range(4)]
-    with tw.Watch(model, _device_path=True) as watch:
+    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
         for x in xs:
             model(x)
         snap = watch.snapshot()
-    assert len(launches.grouped) == 4 and launches.single == 0  # one per call, none per output
-    assert all(names == ["<input>", "0", "1", "2", "3", "4"] for names in launches.grouped)
+    assert launches.single == 6  # the first call: the input and 5 outputs, each probed
+    assert launches.grouped == [["<input>", "0", "1", "2", "3", "4"]] * 3
     with torch.no_grad():
         hidden = torch.cat([model[1](model[0](x)) for x in xs])
     assert snap["1"].calls == 4
@@ -74,12 +76,13 @@ def test_an_output_over_the_grouped_size_keeps_its_own_launch(monkeypatch):
     monkeypatch.setattr(descriptors, "GROUPED_BYTES", 3 * 32 * 4 - 1)  # a [3, 32] float32 output is too big
     monkeypatch.setattr(torch_ops, "GROUPED_BYTES", descriptors.GROUPED_BYTES)
     model = _mlp()
-    with tw.Watch(model, _device_path=True) as watch:
+    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+        model(torch.randn(3, 16))
         model(torch.randn(3, 16))
         snap = watch.snapshot()
-    assert launches.single == 4  # the four [3, 32] outputs
+    assert launches.single == 6 + 4  # the probing call, then the four [3, 32] outputs
     assert launches.grouped == [["<input>", "4"]]  # the [3, 16] input and the [3, 4] output
-    assert all(snap[name].calls == 1 for name in ("0", "1", "2", "3", "4"))
+    assert all(snap[name].calls == 2 for name in ("0", "1", "2", "3", "4"))
 
 
 class Twice(nn.Module):
@@ -98,27 +101,98 @@ def test_a_position_measured_twice_in_one_call_launches_what_is_held_first(monke
     torch.manual_seed(1)
     model = Twice()
     x = torch.randn(5, 8)
-    with tw.Watch(model, _device_path=True) as watch:
+    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+        model(x)
         model(x)
         snap = watch.snapshot()
     assert launches.grouped == [["<input>", "layer"], ["layer"]]  # the second output waits for the first's launch
     with torch.no_grad():
         first = model.layer(x)
         second = model.layer(torch.relu(first))
-    assert snap["layer"].calls == 2
-    assert_matches(snap["layer"], oracle(torch.cat([first, second])))
+    assert snap["layer"].calls == 4
+    assert_matches(snap["layer"], oracle(torch.cat([first, second, first, second])))
 
 
 def test_held_bytes_are_bounded(monkeypatch):
     launches = Launches(monkeypatch)
     monkeypatch.setattr(pending_module, "HELD_BYTES", 2 * 3 * 32 * 4)  # two [3, 32] float32 outputs
     model = _mlp()
-    with tw.Watch(model, _device_path=True) as watch:
+    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+        model(torch.randn(3, 16))
         model(torch.randn(3, 16))
         snap = watch.snapshot()
     # 192 + 384 + 384 bytes reach the bound: launched; then 384 + 384; the last 48 at the call's end
     assert launches.grouped == [["<input>", "0", "1"], ["2", "3"], ["4"]]
-    assert all(snap[name].calls == 1 for name in ("0", "1", "2", "3", "4"))
+    assert all(snap[name].calls == 2 for name in ("0", "1", "2", "3", "4"))
+
+
+class Residual(nn.Module):
+    """Outputs changed in place after their hook: ``out += x`` and ``nn.ReLU(inplace=True)``."""
+
+    def __init__(self, change_on: int = 0) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.relu = nn.ReLU(inplace=True)
+        self.calls = 0
+        self.change_on = change_on  # from this call on, b's output is changed in place too
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.a(x)
+        out += x  # a's output, changed after a's hook
+        y = self.b(self.relu(out))  # relu changes `out` again, in place
+        if self.calls >= self.change_on:
+            y.mul_(2)
+        return y
+
+
+def test_outputs_changed_in_place_are_measured_before_the_change(monkeypatch):
+    launches = Launches(monkeypatch)
+    torch.manual_seed(2)
+    xs = [torch.randn(4, 8) for _ in range(3)]
+    results = []
+    for device_path in (False, True):
+        torch.manual_seed(3)
+        model = Residual(change_on=10**9)
+        with tw.Watch(model, _device_path=device_path) as watch, torch.no_grad():
+            for x in xs:
+                model(x)
+            results.append(watch.snapshot())
+            assert watch.errors == {}
+    host, device = results
+    for name in ("a", "b", "relu"):
+        assert device[name].calls == 3
+        a, b = host[name].to_dict(), device[name].to_dict()
+        for key in ("mean", "std"):
+            assert a.pop(key) == pytest.approx(b.pop(key), rel=1e-6, abs=1e-9), (name, key)  # C kernel vs torch ops
+        assert a == b, name
+    # "a" is changed in place after its hook: measured at once on every call; the rest grouped
+    assert launches.grouped == [["<input>", "relu", "b"]] * 2
+
+
+def test_a_held_output_changed_in_place_later_is_counted_and_measured_at_once_from_then_on(monkeypatch):
+    launches = Launches(monkeypatch)
+    torch.manual_seed(4)
+    model = Residual(change_on=3)
+    with tw.Watch(model, _device_path=True) as watch, torch.no_grad(), pytest.warns(UserWarning, match="in place"):
+        for _ in range(4):
+            model(torch.randn(4, 8))
+        snap = watch.snapshot()
+        assert watch.errors == {pending_module.MODIFIED_IN_PLACE: 1}
+    assert snap["b"].calls == 3  # call 3's value of b was changed before its launch: not measured
+    assert launches.grouped[-1] == ["<input>", "relu"]  # b is measured at once on call 4
+
+
+def test_inference_tensors_are_measured_at_once(monkeypatch):
+    """No version counter in inference mode: nothing can prove an output unchanged, so nothing waits."""
+    launches = Launches(monkeypatch)
+    model = _mlp()
+    with tw.Watch(model, _device_path=True) as watch, torch.inference_mode():
+        for _ in range(3):
+            model(torch.randn(3, 16))
+        assert watch.snapshot()["4"].calls == 3
+    assert launches.grouped == [] and launches.single == 18
 
 
 def test_nothing_is_held_after_the_call_and_a_failing_forward_still_measures_what_ran(monkeypatch):
@@ -138,15 +212,15 @@ def test_nothing_is_held_after_the_call_and_a_failing_forward_still_measures_wha
 
     launches = Launches(monkeypatch)
     model = Fails()
-    with tw.Watch(model, _device_path=True) as watch:
-        model(torch.randn(2, 4))
+    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+        model(torch.randn(2, 4))  # probes
         model.fail = True
         with pytest.raises(RuntimeError, match="boom"):
-            model(torch.randn(2, 4))
+            model(torch.randn(2, 4))  # holds "first", then fails: the exit hook still launches
         gc.collect()
         assert all(ref() is None for ref in model.kept)  # no output outlives its call
-        assert watch.snapshot()["first"].calls == 2  # the failing call's first output was measured
-    assert len(launches.grouped) == 2
+        assert watch.snapshot()["first"].calls == 2
+    assert launches.grouped == [["<input>", "first"]]
 
 
 def test_pending_launches_first_on_a_repeated_slot_or_a_new_stream():
@@ -159,8 +233,9 @@ def test_pending_launches_first_on_a_repeated_slot_or_a_new_stream():
     assert not p.blocks(table_b, 0, "s1")  # another table's slot 0 is another slot
     assert p.blocks(table_a, 0, "s1")
     assert p.blocks(table_a, 1, "s2")
-    groups, stream = p.take()
-    assert stream == "s1" and len(groups) == 1 and groups[0][2][0][1] == 0
+    taken = p.take()
+    assert taken.stream == "s1" and len(taken.groups) == 1 and taken.groups[0][2][0][1] == 0
+    assert taken.seen == [((id(table_a), 0), True)] and taken.dropped == 0
     assert (p.held, p.groups, p.slots) == (0, {}, set())
 
 

@@ -30,7 +30,7 @@ from ...alerts import nonfinite_alert
 from ...kernels import PLAIN_TENSOR_TYPES, graph_op, host_stats, measurable, torch_ops
 from ...kernels import cpu as cpu_kernel
 from ..base import Call, Collect, Monitor, labels
-from .pending import Pending
+from .pending import MODIFIED_IN_PLACE, Pending
 from .window import ActivationPart, StatsWindow, Taken
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ class Activations(Monitor):
         for name in _float_dtypes():
             self._new_plan(getattr(torch, name))
         self._tables: dict[torch.device, DeviceTable] = {}
+        self._holdable: dict[tuple[int, int], bool] = {}  # (table, slot) -> its output may wait for the call's end
         self._seen: set[str] = set()
         self._completed = 0  # sampled calls completed (the check for modules that never ran waits for one)
         self._unseen_checked = False
@@ -198,7 +199,7 @@ class Activations(Monitor):
             return
         self.window.position(name)
         grouped = table.grouped
-        if grouped is not None and grouped.groupable(x, table.k):
+        if grouped is not None and grouped.groupable(x, table.k) and not x.is_inference():
             self._hold(call, table, slot, x.detach(), plan)
         else:
             with self._device_lock, torch.no_grad():
@@ -206,22 +207,45 @@ class Activations(Monitor):
         call.device.append((seq, name, table, slot))
 
     def _hold(self, call: Call, table: DeviceTable, slot: int, x: torch.Tensor, plan: CastPlan) -> None:
-        """Keep a small output for the call's grouped launch (``pending.py``)."""
+        """Keep a small output for the call's grouped launch, or measure it now and keep it to
+        learn whether it is changed in place later in the call (``pending.py``)."""
         pending = call.pending
         if pending is None:
             pending = call.pending = Pending()
         stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
         if pending.blocks(table, slot, stream):
             self._launch(call)
-        if pending.add(table, slot, x, plan, stream):
+        holdable = self._holdable.get((id(table), slot))
+        if holdable:
+            full = pending.add(table, slot, x, plan, stream)
+        else:
+            with self._device_lock, torch.no_grad():
+                _merge_for(table, x)(table, slot, x, plan, call.index, use_flag=False)
+            full = holdable is None and pending.probe(table, slot, x)
+        if full:
             self._launch(call)
 
     def _launch(self, call: Call) -> None:
-        """Measure everything the call holds: one grouped launch per (table, dtype)."""
-        groups, stream = call.pending.take()
-        with self._device_lock, torch.no_grad(), torch.cuda.stream(stream) if stream is not None else _NO_CONTEXT:
-            for table, plan, items in groups:
+        """Measure everything the call holds (one grouped launch per table and dtype), and learn
+        which positions may be held."""
+        taken = call.pending.take()
+        with self._device_lock, torch.no_grad(), torch.cuda.stream(taken.stream) if taken.stream else _NO_CONTEXT:
+            for table, plan, items in taken.groups:
                 table.grouped.merge_group(table, items, plan, call.index)
+        for position, unchanged in taken.seen:
+            if not unchanged:
+                self._holdable[position] = False
+            elif position not in self._holdable:
+                self._holdable[position] = True
+        if taken.dropped:
+            self._bus.count(MODIFIED_IN_PLACE, taken.dropped)
+            self._bus.warn_once(
+                "modified-in-place",
+                f"{taken.dropped} output(s) held for this call's grouped launch were changed in place after "
+                f"their hook (their version counter moved), so they were not measured on call {call.index} "
+                f"(counted in watch.errors[{MODIFIED_IN_PLACE!r}]); those positions are measured at once from "
+                "now on.",
+            )
 
     def _graph_output(self, fqn: str, output: Any) -> None:
         """Graph path of a module's hook: device-side operations only, nothing to wait for."""
@@ -298,7 +322,7 @@ class Activations(Monitor):
     def _finish_call(self, call: Call) -> None:
         """Resolve where NaN/Inf started on this call. Device measurements are resolved at the
         next flush, unless ``on_nonfinite="raise"`` needs them now (one wait for the device)."""
-        if call.pending is not None and call.pending.held:
+        if call.pending is not None and call.pending.held:  # held outputs or probes
             self._launch(call)
         events = call.events
         if call.device and self._raise:
