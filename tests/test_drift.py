@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
+from torchwatch.monitors.drift import mewma
 from torchwatch.monitors.drift import sequential as _sequential
 from torchwatch.monitors.drift.online import RING, DriftMonitor
 from torchwatch.monitors.drift.reference import STATISTICS
@@ -520,3 +521,147 @@ def test_calibration_check_gives_a_verdict_a_person_can_act_on(ref):
     large = copy.copy(ref)
     large.holdout_p = 1 - rng.uniform(size=4000) ** 4  # p-values that run large
     assert large.calibration_check(arl=1000).verdict == "fewer false alarms than the target"
+
+
+# ---- accumulating detectors (mewma.py) and drift episodes ---------------------------------------
+
+
+def _simulated_runs(h: float, d: int, lam: float, streams: int, seed: int) -> np.ndarray:
+    """Run lengths of the MEWMA fed N(0, I_d) windows, by brute force."""
+    rng = np.random.default_rng(seed)
+    e = np.zeros((streams, d))
+    runs = np.zeros(streams)
+    alive = np.ones(streams, dtype=bool)
+    t = 0
+    while alive.any():
+        t += 1
+        e = (1 - lam) * e + lam * rng.standard_normal((streams, d))
+        hit = alive & ((2 - lam) / lam * (e * e).sum(1) >= h)
+        runs[hit] = t
+        alive &= ~hit
+    return runs
+
+
+@pytest.mark.parametrize(("d", "lam"), [(3, 0.1), (12, 0.25)])
+def test_the_mewma_arl_from_the_markov_chain_matches_simulation(d, lam):
+    """The 1-D chain on |e|^2 against 3000 simulated streams at a target of 150 windows: within
+    four standard errors of the simulated mean (run lengths are about geometric: SE ~ mean/sqrt(n))."""
+    h = mewma.threshold_for(150, d, lam)
+    assert mewma.arl(h, d, lam) == pytest.approx(150, rel=0.01)
+    runs = _simulated_runs(h, d, lam, 3000, seed=d)
+    assert abs(runs.mean() - 150) <= 4 * runs.std() / math.sqrt(runs.size)
+
+
+def test_with_no_smoothing_the_mewma_is_a_per_window_chi_square_test():
+    """lambda = 1: T = |v|^2 each window, so the ARL is 1 / P(chi2_d >= h) exactly."""
+    d, h = 8, 20.0
+    tail = 1.0 - float(torch.special.gammainc(torch.tensor(d / 2, dtype=torch.float64), torch.tensor(h / 2)))
+    assert mewma.arl(h, d, 1.0) == pytest.approx(1.0 / tail, rel=1e-4)
+
+
+def test_standardised_means_are_the_definition(ref):
+    """sqrt(n) W (mean - centre) / sqrt(1 + kappa), computed from the embeddings by hand; and W
+    whitens the shrunk calibration covariance it came from."""
+    m = ref.modules["0"]
+    x = gaussian(16, seed=30).numpy().astype(np.float64)  # module "0" passes its input through
+    rows = m.sample_features(x)
+    z, phi = m.standardised_means(16, rows.sum(0), 0.1)
+    k = m.components
+    zbar = (((x - m.mean) @ m.basis) * m.scale).mean(0)
+    kappa = 16 / m.pooled[0] * (2 - 0.1) / 0.1
+    np.testing.assert_allclose(z, m.white_z @ (4.0 * (zbar - m.center_z)) / math.sqrt(1 + kappa), rtol=1e-9)
+    np.testing.assert_allclose(phi, m.white_phi @ (4.0 * (rows[:, 1 + k :].mean(0) - m.center_phi))
+                               / math.sqrt(1 + kappa), rtol=1e-9, atol=1e-12)  # fmt: skip
+    assert np.allclose(m.white_z, m.white_z.T)
+
+
+def test_on_fresh_data_the_standardised_means_are_standard(ref):
+    """Windows of fresh samples from the reference's source: mean about 0, covariance about I /
+    (1 + kappa) (the centre's error is the rest). 400 windows: tolerances of several SEs."""
+    m = ref.modules["0"]
+    x = gaussian(16 * 400, seed=31).numpy().astype(np.float64)
+    rows = m.sample_features(x).reshape(400, 16, -1).sum(1)
+    vs = np.array([m.standardised_means(16, r, 0.1)[0] for r in rows])
+    kappa = 16 / m.pooled[0] * (2 - 0.1) / 0.1
+    assert np.abs(vs.mean(0)).max() < 5 / math.sqrt(400)
+    assert np.trace(np.cov(vs.T)) / m.components == pytest.approx(1 / (1 + kappa), rel=0.25)
+
+
+def _mixture(n: int, seed: int, share: float) -> torch.Tensor:
+    """Embeddings of which ``share`` come from a second source, 1.5 sd away along the top direction."""
+    x = gaussian(n, seed=seed, d=24) * torch.linspace(0.3, 2.0, 24)
+    k = round(n * share)
+    x[:k, -1] += 3.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def mixture_ref() -> tw.Reference:
+    model = nn.Sequential(nn.Identity())
+    return tw.Reference.fit(model, _mixture(6000, 40, 0.0).split(500), modules=["0"], window=32, components=8,
+                            features=32, arl=10_000, resamples=2000)  # fmt: skip
+
+
+def _delay(ref: tw.Reference, share: float, seed: int, accumulate: bool, windows: int = 80) -> int | None:
+    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    if not accumulate:  # the per-window CUSUM alone, with the whole budget (what came before)
+        monitor.cusum.threshold = ref.threshold(ref.arl)
+        for det in monitor.modules["0"].detectors:
+            det.threshold = math.inf
+    mod = monitor.modules["0"]
+    for w in range(windows):
+        mod.sums.zero_()
+        mod.count.zero_()
+        monitor.observe("0", _mixture(32, seed * 1000 + w, share))
+        if monitor._evaluate(w, {"0": mod.sums[0].numpy().copy()}, w):
+            return w + 1
+    return None
+
+
+def test_a_quarter_of_traffic_from_another_source_adds_up_across_windows(mixture_ref):
+    """Per window the 25% mixture is weak evidence; accumulated, it alarms in a few windows, where
+    the per-window CUSUM alone (the whole budget) takes longer or never does."""
+    new = [_delay(mixture_ref, 0.25, s, accumulate=True) for s in range(6)]
+    old = [_delay(mixture_ref, 0.25, s, accumulate=False) for s in range(6)]
+    assert all(d is not None and d <= 12 for d in new), new
+    assert sum(d or 81 for d in new) < sum(d or 81 for d in old), (new, old)
+
+
+def test_a_drift_episode_alerts_once_keeps_its_score_up_and_ends_when_the_stream_returns(mixture_ref):
+    monitor = DriftMonitor(mixture_ref, torch.device("cpu"), None)
+    mod = monitor.modules["0"]
+    alerts, scores = [], []
+    for w in range(120):
+        share = 0.6 if 10 <= w < 50 else 0.0
+        mod.sums.zero_()
+        mod.count.zero_()
+        monitor.observe("0", _mixture(32, 7000 + w, share))
+        alerts += [(w, a.rule) for a in monitor._evaluate(w, {"0": mod.sums[0].numpy().copy()}, w)]
+        scores.append(monitor.statuses()["0"])
+    assert [rule for _, rule in alerts] == ["drift", "drift_ended"], alerts
+    opened, ended = alerts[0][0], alerts[1][0]
+    assert 10 <= opened <= 14 and ended >= 50
+    assert all(s.alarm for s in scores[opened:ended]) and not scores[ended].alarm
+    assert all(s.score >= 1.0 for s in scores[opened + 3 : 50])  # charted high through the drift, not reset
+    assert all(s.threshold == 1.0 for s in scores)
+
+
+def test_a_reference_without_the_accumulating_detectors_asks_to_be_fit_again(ref, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "old.safetensors"
+    ref.save(path)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    old = {
+        k: v for k, v in tensors.items() if not k.endswith(("center_z", "white_z", "center_phi", "white_phi", "pooled"))
+    }
+    save_file(old, str(path), metadata=meta)
+    with pytest.raises(tw.FormatError, match="older torchwatch.*fit the reference again"):
+        tw.Reference.load(path)
+    zero = dict(tensors, **{"m0.pooled": np.zeros(1)})
+    save_file(zero, str(path), metadata=meta)
+    with pytest.raises(tw.FormatError, match="pooled sample count"):
+        tw.Reference.load(path)

@@ -257,8 +257,9 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
             seen = len(watch.alerts)
             outcome.accuracy[phase] = correct[0] / max(correct[1], 1)
             outcome.fallback_answers[phase] = fallback["n"]
-            if phase == "corrupted weight":  # the operator reloads the validated weights
+            if phase == "corrupted weight":  # the operator reloads the validated weights ...
                 served[4].weight.copy_(pristine)
+                watch.reset()  # ... and re-arms the detectors: the drift episode of the faults so far is over
             watch.mark_healthy()
     watch.detach()
     _report(outcome, out)

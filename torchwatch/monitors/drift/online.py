@@ -7,13 +7,24 @@ the window index computed on the device from a device-side sample counter. Nothi
 and no sample is kept, so this runs inside compiled graphs and CUDA-graph replays.
 
 At a flush the ring is copied (on a side stream on CUDA); the worker thread turns every window
-completed since the previous flush into the three statistics and their calibrated p-values
-(:mod:`.reference`, :mod:`.statistics`), feeds the joint p-value to the CUSUM, and attributes an alarm to the
-module and statistic with the smallest p-value and to the PCA directions that moved most.
+completed since the previous flush into:
+
+* the three per-window statistics and their calibrated p-values (:mod:`.reference`,
+  :mod:`.statistics`), whose joint p-value feeds a CUSUM: gross shifts, within a window or two;
+* per module, the window's standardised PCA mean and random-feature mean, each fed to a
+  multivariate EWMA (:mod:`.mewma`): small persistent shifts, whose evidence adds up across
+  windows.
+
+One false-alarm budget over all of them: each of the ``1 + 2·modules`` detectors gets the target
+ARL times their number (false-alarm rates add). An alarm opens a *drift episode* for the module
+it points at: one alert, ``DriftStatus.alarm`` true, until every detector of that module is back
+at its no-drift level (then one "drift ended" alert). The charted score is the largest
+detector statistic as a fraction of its threshold: it does not restart during drift.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -28,6 +39,7 @@ from ..._transfer import HostCopy, copy_to_host
 from ...alerts import Alert
 from ...errors import ConfigError
 from ..base import Collect, Monitor
+from . import mewma
 from .reference import STATISTICS, Reference
 from .sequential import Cusum
 from .statistics import has_residual
@@ -42,9 +54,10 @@ class _Module:
     params: tuple[torch.Tensor, ...]  # mean, basis, scale, omega, phase, residual floor (float32)
     sums: torch.Tensor  # [RING, 2 + k + m] float64: n, residual, z..., phi...
     count: torch.Tensor  # [1] int64: samples observed
+    detectors: tuple[mewma.Mewma, mewma.Mewma]  # accumulating: PCA mean, random-feature mean
     done: int = 0  # windows evaluated
     p_value: float = math.nan
-    alarm: bool = False
+    alarm: bool = False  # in a drift episode
 
 
 @dataclass
@@ -62,7 +75,10 @@ class DriftMonitor:
         self.ref = ref
         self.device = device
         self.arl = float(arl or ref.arl)
-        self.cusum = Cusum(ref.threshold(self.arl), ref.delta)
+        # one budget: 1 + 2 per module detectors, each at that many times the target ARL
+        share = self.arl * (1 + 2 * len(ref.modules))
+        self.cusum = Cusum(ref.threshold(share), ref.delta)
+        self.smoothing = ref.smoothing
         self.windows = 0
         self.lost = 0  # windows not evaluated because more than RING completed between flushes
         self._lock = threading.Lock()  # eager observers from several threads
@@ -78,7 +94,11 @@ class DriftMonitor:
                 count = torch.zeros(1, dtype=torch.int64, device=device)
                 if device.type == "cuda":
                     mark_static(*params, sums, count)
-                self.modules[name] = _Module(name, params, sums, count)
+                detectors = tuple(
+                    mewma.Mewma(d, ref.smoothing, _threshold(share, d, ref.smoothing))
+                    for d in (m.components, m.features)
+                )
+                self.modules[name] = _Module(name, params, sums, count, detectors)
 
     # ---- hot path ------------------------------------------------------------------------
 
@@ -160,7 +180,7 @@ class DriftMonitor:
         return self.statuses(), alerts
 
     def _evaluate(self, w: int, rows: dict[str, np.ndarray], step: int) -> list[Alert]:
-        module_p, stats, per_stat = {}, {}, {}
+        module_p, stats, per_stat, accumulated = {}, {}, {}, {}
         for name, row in rows.items():
             ref = self.ref.modules[name]
             s = ref.window_statistics(row[None, 0], row[None, 1:])
@@ -168,31 +188,70 @@ class DriftMonitor:
             per_stat[name] = ref.p_values(s)[0]
             module_p[name] = float(ref.module_p(s)[0])
             self.modules[name].p_value = module_p[name]
+            means = ref.standardised_means(row[0], row[1:], self.smoothing)
+            accumulated[name] = [det.update(v) for det, v in zip(self.modules[name].detectors, means, strict=True)]
         joint = float(self.ref.joint_p(np.array([list(module_p.values())]))[0])
         self.windows += 1
-        if not self.cusum.update(joint):
-            return []
-        name = min(module_p, key=module_p.get)
-        j = int(np.argmin(per_stat[name]))
-        self.modules[name].alarm = True
+        gross = self.cusum.update(joint)
+        first = min(module_p, key=module_p.get)
+        alerts = []
+        for name, mod in self.modules.items():
+            crossed = [j for j, det in enumerate(mod.detectors) if accumulated[name][j] >= det.threshold]
+            if not mod.alarm and (crossed or (gross and name == first)):
+                mod.alarm = True
+                # the per-window statistics name what changed more precisely: they speak first
+                crossed = [] if gross and name == first else crossed
+                alerts.append(self._opened(name, w, rows[name], stats[name], per_stat[name], crossed, step))
+            elif mod.alarm and self._calm(mod):
+                mod.alarm = False
+                alerts.append(
+                    Alert(
+                        rule="drift_ended", module=name, stat="score", value=self._score(mod), expected=1.0,
+                        call=step, time=time.time(), cohort=None, trace_id=None,
+                        message=f"drift in {name!r} ended in window {w}: every detector is back at its no-drift level",
+                    )
+                )  # fmt: skip
+        return alerts
+
+    def _opened(self, name: str, w: int, row: np.ndarray, stats: np.ndarray, per_stat: np.ndarray,
+                crossed: list[int], step: int) -> Alert:  # fmt: skip
+        """The alert that opens a drift episode in ``name``."""
         ref = self.ref.modules[name]
-        row = rows[name]
         n = max(row[0], 1.0)
-        moved = row[2 : 2 + ref.components] / n * math.sqrt(n)  # standard normal per direction
+        moved = row[1 : 1 + ref.components] / n * math.sqrt(n)  # standard normal per direction
         top = np.argsort(-np.abs(moved))[:3]
-        nulls = (ref.null_mean_shift, ref.null_mmd, ref.null_novelty)
-        message = (
-            f"drift in {name!r}: {STATISTICS[j]} = {stats[name][j]:.3g} (reference median "
-            f"{float(np.median(nulls[j])):.3g}, p = {per_stat[name][j]:.2g}) in window {w}; "
-            "PCA directions that moved most: " + ", ".join(f"#{i} ({moved[i]:+.1f} sd)" for i in top)
-        )
-        return [
-            Alert(
-                rule="drift", module=name, stat=STATISTICS[j], value=float(stats[name][j]),
-                expected=float(np.median(nulls[j])), call=step, time=time.time(), cohort=None, trace_id=None,
-                message=message,
+        directions = "PCA directions that moved most: " + ", ".join(f"#{i} ({moved[i]:+.1f} sd)" for i in top)
+        if crossed:
+            j = crossed[0]
+            det = self.modules[name].detectors[j]
+            stat = ("mean_shift", "mmd")[j]
+            what = ("whitened PCA mean", "random-feature mean")[j]
+            message = (
+                f"drift in {name!r}: the {what} has been away from the reference's over recent windows "
+                f"(accumulated statistic {det.value:.3g} >= {det.threshold:.3g}, no-drift mean {det.state.size}) "
+                f"by window {w}; {directions}"
             )
-        ]  # fmt: skip
+            value, expected = det.value, float(det.state.size)
+        else:
+            j = int(np.argmin(per_stat))
+            nulls = (ref.null_mean_shift, ref.null_mmd, ref.null_novelty)
+            stat, value, expected = STATISTICS[j], float(stats[j]), float(np.median(nulls[j]))
+            message = (
+                f"drift in {name!r}: {stat} = {value:.3g} (reference median {expected:.3g}, p = {per_stat[j]:.2g}) in "
+                f"window {w}; {directions}"
+            )
+        return Alert(
+            rule="drift", module=name, stat=stat, value=value, expected=expected, call=step, time=time.time(),
+            cohort=None, trace_id=None, message=message,
+        )  # fmt: skip
+
+    def _calm(self, mod: _Module) -> bool:
+        """Every detector of the module back at its no-drift level: the accumulated statistics
+        at or below their mean under no drift (their dimension), the CUSUM at zero."""
+        return self.cusum.value == 0.0 and all(det.value <= det.state.size for det in mod.detectors)
+
+    def _score(self, mod: _Module) -> float:
+        return max([self.cusum.value / self.cusum.threshold] + [det.value / det.threshold for det in mod.detectors])
 
     def _clear_rows(self, start: int, stop: int) -> None:
         """Zero the evaluated windows' rows so the ring can reuse them (ordered after the copy)."""
@@ -210,8 +269,7 @@ class DriftMonitor:
 
     def statuses(self) -> dict[str, DriftStatus]:
         return {
-            name: DriftStatus(self.cusum.value, m.p_value, m.alarm, self.windows, self.cusum.threshold)
-            for name, m in self.modules.items()
+            name: DriftStatus(self._score(m), m.p_value, m.alarm, self.windows, 1.0) for name, m in self.modules.items()
         }
 
     def reset(self) -> None:
@@ -226,11 +284,18 @@ class DriftMonitor:
             for m in self.modules.values():
                 m.alarm = False
                 m.p_value = math.nan
+                for det in m.detectors:
+                    det.reset()
                 count = int(m.count)
                 start = count - count % window
                 if count != start:
                     m.sums[(start // window) % RING].zero_()
                     m.count.fill_(start)
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold(arl: float, d: int, lam: float) -> float:
+    return mewma.threshold_for(arl, d, lam)
 
 
 DRIFT_WINDOWS_LOST = "drift windows lost"  # completed faster than flushes read the device ring

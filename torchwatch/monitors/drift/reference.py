@@ -46,6 +46,7 @@ from ..._pytree import call_batch, tensors_in
 from ..._schema import Fields
 from ...errors import ConfigError, FormatError
 from ...integrity import _safetensors
+from . import mewma as _mewma
 from . import sequential as _sequential
 from .calibration import CalibrationReport, ks_uniform, simulate_runs, verdict
 from .statistics import ModuleReference, Reservoir, fit_module, has_residual, lower_p, predictive_windows
@@ -89,6 +90,7 @@ class Reference:
         window: samples per window.
         arl: default target windows between false alarms (``attach(drift_arl=...)`` overrides).
         delta: the CUSUM's drift allowance.
+        smoothing: λ of the accumulating detectors (:mod:`.mewma`): about ``2/λ`` windows of memory.
         reduce_name: ``"default"`` or the name of the custom ``reduce`` used at fit time.
     """
 
@@ -103,11 +105,13 @@ class Reference:
         holdout_p: np.ndarray,
         reduce: Reduce | None = None,
         reduce_name: str = "default",
+        smoothing: float = _mewma.DEFAULT_LAMBDA,
     ) -> None:
         self.modules = modules
         self.window = window
         self.arl = arl
         self.delta = delta
+        self.smoothing = smoothing
         self.joint_null = np.asarray(joint_null, dtype=np.float64)
         self.holdout_p = np.asarray(holdout_p, dtype=np.float64)
         self.reduce = reduce or default_reduce
@@ -287,6 +291,7 @@ class Reference:
             "window": str(self.window),
             "arl": repr(self.arl),
             "delta": repr(self.delta),
+            "smoothing": repr(self.smoothing),
             "reduce": self.reduce_name,
             "torch": torch.__version__,
         }
@@ -320,6 +325,12 @@ class Reference:
         try:
             meta_modules = parse_json(metadata["modules"], f"{where}, metadata field 'modules'")
             window, arl, delta = int(metadata["window"]), float(metadata["arl"]), float(metadata["delta"])
+            smoothing = float(metadata.get("smoothing", _mewma.DEFAULT_LAMBDA))
+            if "m0.center_z" not in tensors and "m0.mean" in tensors:
+                raise FormatError(
+                    f"{where} was fit by an older torchwatch, without what the accumulating drift detectors need; "
+                    "fit the reference again (Reference.fit) and save it"
+                )
             if not isinstance(meta_modules, list) or not meta_modules:
                 raise FormatError(f"{where}, metadata field 'modules': expected a non-empty list of modules")
             modules = {}
@@ -337,6 +348,8 @@ class Reference:
             raise FormatError(f"{where} has unreadable metadata: {exc}") from None
         if window < 1 or not arl > 1 or not delta > 1 or joint_null.ndim != 1 or holdout_p.ndim != 1:
             raise FormatError(f"{where} has window={window}, arl={arl}, delta={delta}: not a valid reference")
+        if not 0 < smoothing <= 1:
+            raise FormatError(f"{where} has smoothing={smoothing}: not a valid reference (0 < smoothing <= 1)")
         for name, ref in modules.items():
             _check_shapes(path, name, ref)
         reduce_name = metadata.get("reduce", "default")
@@ -346,7 +359,7 @@ class Reference:
                 f"pass it again: Reference.load(path, reduce={reduce_name})"
             )
         return cls(modules, window=window, arl=arl, delta=delta, joint_null=joint_null, holdout_p=holdout_p,
-                   reduce=reduce, reduce_name=reduce_name)  # fmt: skip
+                   reduce=reduce, reduce_name=reduce_name, smoothing=smoothing)  # fmt: skip
 
     def __repr__(self) -> str:
         dims = ", ".join(f"{n!r}: d={r.dim}, k={r.components}" for n, r in self.modules.items())
@@ -414,7 +427,9 @@ def _collect(
 
 def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     d, k, m = ref.dim, ref.components, ref.features
-    expected = {"mean": (d,), "scale": (k,), "phase": (m,), "rff_ref": (m,), "omega": (k, m), "resid_floor": (1,)}
+    expected = {"mean": (d,), "scale": (k,), "phase": (m,), "rff_ref": (m,), "omega": (k, m), "resid_floor": (1,),
+                "center_z": (k,), "white_z": (k, k), "center_phi": (m,), "white_phi": (m, m),
+                "pooled": (1,)}  # fmt: skip
     for key, shape in expected.items():
         if getattr(ref, key).shape != shape:
             raise FormatError(
@@ -424,6 +439,8 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     for key in ModuleReference.ARRAYS:
         if not np.isfinite(getattr(ref, key)).all():
             raise FormatError(f"reference file {path!r}, module {name!r}: {key} holds NaN/Inf")
+    if not ref.pooled[0] >= 1:
+        raise FormatError(f"reference file {path!r}, module {name!r}: pooled sample count {ref.pooled[0]} < 1")
     if not has_residual(ref.basis) and np.any(ref.null_novelty != 0):
         raise FormatError(
             f"reference file {path!r}, module {name!r}: fit by an older torchwatch whose novelty statistic charted "

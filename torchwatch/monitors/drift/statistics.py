@@ -15,7 +15,7 @@ class ModuleReference:
     """The fixed-size summary of one module's reference embeddings (see the module docstring)."""
 
     ARRAYS = ("mean", "basis", "scale", "omega", "phase", "rff_ref", "resid_floor", "null_mean_shift", "null_mmd",
-              "null_novelty", "null_min_p")  # fmt: skip
+              "null_novelty", "null_min_p", "center_z", "white_z", "center_phi", "white_phi", "pooled")  # fmt: skip
 
     def __init__(self, name: str, arrays: dict[str, np.ndarray], resid_mean: float, resid_std: float) -> None:
         self.name = name
@@ -43,6 +43,24 @@ class ModuleReference:
     def window_statistics(self, n: np.ndarray, sums: np.ndarray) -> np.ndarray:
         """(windows, 3) statistics from window sizes ``n`` and sums of :meth:`sample_features` rows."""
         return window_statistics(n, sums, self.components, self.rff_ref, self.resid_mean, self.resid_std)
+
+    def standardised_means(self, n: float, sums: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        """A window's whitened PCA mean and random-feature mean as ``N(0, I)`` vectors when
+        nothing drifted, for the accumulating detectors (:mod:`.mewma`).
+
+        ``sqrt(n)·W(mean - centre)``, ``W`` the inverse square root of the (Ledoit-Wolf) per-sample
+        covariance on the calibration samples, ``centre`` the mean of the fit and calibration
+        samples; divided by ``sqrt(1 + κ)``, ``κ = (n / pooled)(2 - λ)/λ``: the centre's own
+        estimation error is a constant offset that the detector's averaging would otherwise
+        count as drift (its variance, ``n / pooled`` per window, relative to the detector's
+        steady-state variance ``λ/(2 - λ)``).
+        """
+        k = self.components
+        n = max(float(n), 1.0)
+        inflate = math.sqrt(1.0 + n / float(self.pooled[0]) * (2.0 - lam) / lam)
+        z = self.white_z @ (math.sqrt(n) * (sums[1 : 1 + k] / n - self.center_z)) / inflate
+        phi = self.white_phi @ (math.sqrt(n) * (sums[1 + k :] / n - self.center_phi)) / inflate
+        return z, phi
 
     def p_values(self, stats: np.ndarray) -> np.ndarray:
         """(windows, 3) one-sided p-values (large statistics are unusual) against the null."""
@@ -164,6 +182,18 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     return s, float(min(b2, d2) / d2) if d2 > 0 else 1.0
 
 
+def inverse_sqrt(x: np.ndarray) -> np.ndarray:
+    """``S^(-1/2)`` of the Ledoit-Wolf-shrunk covariance of the rows of ``x`` (well conditioned
+    even with fewer rows than columns)."""
+    centred = x - x.mean(0)
+    cov, alpha = ledoit_wolf(centred)
+    d = cov.shape[0]
+    shrunk = (1 - alpha) * cov + alpha * np.trace(cov) / d * np.eye(d)
+    evals, evecs = np.linalg.eigh(shrunk)
+    evals = np.maximum(evals, 1e-9 * max(float(evals.max()), 1e-300))
+    return (evecs / np.sqrt(evals)) @ evecs.T
+
+
 def has_residual(basis: np.ndarray | torch.Tensor) -> bool:
     """Whether a (dim, components) basis leaves a space outside it: with components == dim the
     residual energy is rounding noise, and the novelty statistic is not computed (it is 0)."""
@@ -237,9 +267,14 @@ def fit_module(
 
     cal_stats, hold_stats = stats(cal, boot_cal), stats(hold, boot_hold)
     nulls = {key: np.sort(cal_stats[:, j]) for j, key in enumerate(("null_mean_shift", "null_mmd", "null_novelty"))}
+    rows_cal = sample_features(cal, mean, basis, scale, omega, phase, floor)
+    pooled = np.concatenate([rows_fit, rows_cal])
     arrays = {"mean": mean, "basis": basis, "scale": scale, "omega": omega, "phase": phase, "rff_ref": rff_ref,
               "resid_floor": np.array([floor]),
-              **nulls, "null_min_p": np.zeros(1)}  # fmt: skip
+              **nulls, "null_min_p": np.zeros(1),
+              "center_z": pooled[:, 1 : 1 + k].mean(0), "white_z": inverse_sqrt(rows_cal[:, 1 : 1 + k]),
+              "center_phi": pooled[:, 1 + k :].mean(0), "white_phi": inverse_sqrt(rows_cal[:, 1 + k :]),
+              "pooled": np.array([float(len(pooled))])}  # fmt: skip
     ref = ModuleReference(name, arrays, resid_mean, resid_std)
     ref.null_min_p = np.sort(ref.p_values(cal_stats).min(axis=1))
     return ref, ref.module_p(cal_stats), ref.module_p(hold_stats)

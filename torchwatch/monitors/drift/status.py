@@ -16,12 +16,15 @@ class DriftStatus:
     """A monitored module's drift state.
 
     Attributes:
-        score: the detector's statistic after the last window (shared by all modules of the
-            reference: one alarm budget); it alarms at ``threshold``.
+        score: the largest of this module's detector statistics after the last window, each as a
+            fraction of its alarm threshold (the per-window CUSUM, shared by the reference's
+            modules, and the module's two accumulating detectors): 1 or more is an alarm. It does
+            not restart during drift.
         p_value: this module's calibrated p-value for the last window (small: unlike reference).
-        alarm: an alarm attributed to this module was raised since the last reset.
+        alarm: the module is in a drift episode: an alarm pointed at it and its detectors have
+            not yet all returned to their no-drift level.
         windows: windows evaluated since the last reset.
-        threshold: the detector's alarm threshold.
+        threshold: the level of ``score`` that alarms (1.0).
     """
 
     score: float
