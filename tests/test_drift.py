@@ -7,6 +7,7 @@ import copy
 import math
 import threading
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -383,25 +384,30 @@ def test_damaged_files_raise_format_error(ref, tmp_path, damage, match):
         tw.Reference.load(path)
 
 
-def test_inconsistent_arrays_raise_format_error(ref, tmp_path):
+def _saved(ref: tw.Reference, path) -> tuple[dict, Callable[[dict], None]]:
+    """``ref`` saved at ``path``: its arrays, and a function that rewrites the file with others."""
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    path = tmp_path / "ref.safetensors"
     ref.save(path)
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
-    tensors = load_file(str(path))
+    return load_file(str(path)), lambda tensors: save_file(tensors, str(path), metadata=meta)
+
+
+def test_inconsistent_arrays_raise_format_error(ref, tmp_path):
+    path = tmp_path / "ref.safetensors"
+    tensors, save = _saved(ref, path)
     bad = dict(tensors, **{"m0.omega": tensors["m0.omega"][:, :-2]})
-    save_file(bad, str(path), metadata=meta)
+    save(bad)
     with pytest.raises(tw.FormatError, match="has shape .* expected .* 30 features"):
         tw.Reference.load(path)
     nan = dict(tensors, **{"m0.mean": np.full_like(tensors["m0.mean"], np.nan)})
-    save_file(nan, str(path), metadata=meta)
+    save(nan)
     with pytest.raises(tw.FormatError, match="mean holds NaN"):
         tw.Reference.load(path)
     missing = {k: v for k, v in tensors.items() if k != "m0.basis"}
-    save_file(missing, str(path), metadata=meta)
+    save(missing)
     with pytest.raises(tw.FormatError, match="lacks 'm0.basis'"):
         tw.Reference.load(path)
     with pytest.raises(tw.FormatError, match="does not exist"):
@@ -647,21 +653,15 @@ def test_a_drift_episode_alerts_once_keeps_its_score_up_and_ends_when_the_stream
 
 
 def test_a_reference_without_the_accumulating_detectors_asks_to_be_fit_again(ref, tmp_path):
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
-
     path = tmp_path / "old.safetensors"
-    ref.save(path)
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
+    tensors, save = _saved(ref, path)
     old = {
         k: v for k, v in tensors.items() if not k.endswith(("center_z", "white_z", "center_phi", "white_phi", "pooled"))
     }
-    save_file(old, str(path), metadata=meta)
+    save(old)
     with pytest.raises(tw.FormatError, match="older torchwatch.*fit the reference again"):
         tw.Reference.load(path)
     zero = dict(tensors, **{"m0.pooled": np.zeros(1)})
-    save_file(zero, str(path), metadata=meta)
+    save(zero)
     with pytest.raises(tw.FormatError, match="pooled sample count"):
         tw.Reference.load(path)
