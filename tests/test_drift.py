@@ -571,13 +571,16 @@ def test_standardised_means_are_the_definition(ref):
     m = ref.modules["0"]
     x = gaussian(16, seed=30).numpy().astype(np.float64)  # module "0" passes its input through
     rows = m.sample_features(x)
-    z, phi = m.standardised_means(16, rows.sum(0), 0.1)
+    z, phi, q = m.standardised_means(16, rows.sum(0), 0.1)
     k = m.components
     zbar = (((x - m.mean) @ m.basis) * m.scale).mean(0)
     kappa = 16 / m.pooled[0] * (2 - 0.1) / 0.1
     np.testing.assert_allclose(z, m.white_z @ (4.0 * (zbar - m.center_z)) / math.sqrt(1 + kappa), rtol=1e-9)
-    np.testing.assert_allclose(phi, m.white_phi @ (4.0 * (rows[:, 1 + k :].mean(0) - m.center_phi))
+    f = m.features
+    np.testing.assert_allclose(phi, m.white_phi @ (4.0 * (rows[:, 1 + k : 1 + k + f].mean(0) - m.center_phi))
                                / math.sqrt(1 + kappa), rtol=1e-9, atol=1e-12)  # fmt: skip
+    zsq = ((((x - m.mean) @ m.basis) * m.scale) ** 2).mean(0)
+    np.testing.assert_allclose(q, m.white_q @ (4.0 * (zsq - m.center_q)) / math.sqrt(1 + kappa), rtol=1e-9)
     assert np.allclose(m.white_z, m.white_z.T)
 
 
@@ -608,7 +611,9 @@ def mixture_ref() -> tw.Reference:
                             features=32, arl=10_000, resamples=2000)  # fmt: skip
 
 
-def _delay(ref: tw.Reference, share: float, seed: int, accumulate: bool, windows: int = 80) -> int | None:
+def _delay(ref: tw.Reference, share: float, seed: int, accumulate: bool, windows: int = 80,
+           scale: float = 1.0) -> tuple[int, str] | None:  # fmt: skip
+    """(windows until the first drift alert, its statistic), or None within ``windows``."""
     monitor = DriftMonitor(ref, torch.device("cpu"), None)
     if not accumulate:  # the per-window CUSUM alone, with the whole budget (what came before)
         monitor.cusum.threshold = ref.threshold(ref.arl)
@@ -618,9 +623,10 @@ def _delay(ref: tw.Reference, share: float, seed: int, accumulate: bool, windows
     for w in range(windows):
         mod.sums.zero_()
         mod.count.zero_()
-        monitor.observe("0", _mixture(32, seed * 1000 + w, share))
-        if monitor._evaluate(w, {"0": mod.sums[0].numpy().copy()}, w):
-            return w + 1
+        monitor.observe("0", _mixture(32, seed * 1000 + w, share) * scale)
+        alerts = monitor._evaluate(w, {"0": mod.sums[0].numpy().copy()}, w)
+        if alerts:
+            return w + 1, alerts[0].stat
     return None
 
 
@@ -629,8 +635,17 @@ def test_a_quarter_of_traffic_from_another_source_adds_up_across_windows(mixture
     the per-window CUSUM alone (the whole budget) takes longer or never does."""
     new = [_delay(mixture_ref, 0.25, s, accumulate=True) for s in range(6)]
     old = [_delay(mixture_ref, 0.25, s, accumulate=False) for s in range(6)]
-    assert all(d is not None and d <= 12 for d in new), new
-    assert sum(d or 81 for d in new) < sum(d or 81 for d in old), (new, old)
+    assert all(d is not None and d[0] <= 12 for d in new), new
+    assert sum(d[0] if d else 81 for d in new) < sum(d[0] if d else 81 for d in old), (new, old)
+
+
+def test_a_narrower_spread_is_seen_by_the_spread_detector(mixture_ref):
+    """Every embedding scaled by 0.8 (the mean is 0: only the spread changes): the window means
+    look, if anything, calmer; the mean squared PCA coordinates do not."""
+    new = [_delay(mixture_ref, 0.0, s, accumulate=True, scale=0.8) for s in range(4)]
+    old = [_delay(mixture_ref, 0.0, s, accumulate=False, scale=0.8) for s in range(4)]
+    assert all(d is not None and d[0] <= 10 and d[1] == "spread" for d in new), new
+    assert old == [None] * 4, old
 
 
 def test_a_drift_episode_alerts_once_keeps_its_score_up_and_ends_when_the_stream_returns(mixture_ref):

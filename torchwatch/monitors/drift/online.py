@@ -11,11 +11,11 @@ completed since the previous flush into:
 
 * the three per-window statistics and their calibrated p-values (:mod:`.reference`,
   :mod:`.statistics`), whose joint p-value feeds a CUSUM: gross shifts, within a window or two;
-* per module, the window's standardised PCA mean and random-feature mean, each fed to a
-  multivariate EWMA (:mod:`.mewma`): small persistent shifts, whose evidence adds up across
-  windows.
+* per module, the window's standardised PCA mean, random-feature mean and mean squared PCA
+  coordinates (a change of spread, or a rotation inside the basis), each fed to a multivariate
+  EWMA (:mod:`.mewma`): small persistent shifts, whose evidence adds up across windows.
 
-One false-alarm budget over all of them: each of the ``1 + 2·modules`` detectors gets the target
+One false-alarm budget over all of them: each of the ``1 + 3·modules`` detectors gets the target
 ARL times their number (false-alarm rates add). An alarm opens a *drift episode* for the module
 it points at: one alert, ``DriftStatus.alarm`` true, until every detector of that module is back
 at its no-drift level (then one "drift ended" alert). The charted score is the largest
@@ -52,9 +52,9 @@ RING = 1024  # windows kept on the device between flushes
 class _Module:
     name: str
     params: tuple[torch.Tensor, ...]  # mean, basis, scale, omega, phase, residual floor (float32)
-    sums: torch.Tensor  # [RING, 2 + k + m] float64: n, residual, z..., phi...
+    sums: torch.Tensor  # [RING, 2 + 2k + m] float64: n, residual, z..., phi..., z^2...
     count: torch.Tensor  # [1] int64: samples observed
-    detectors: tuple[mewma.Mewma, mewma.Mewma]  # accumulating: PCA mean, random-feature mean
+    detectors: tuple[mewma.Mewma, ...]  # accumulating: PCA mean, random-feature mean, PCA spread
     done: int = 0  # windows evaluated
     p_value: float = math.nan
     alarm: bool = False  # in a drift episode
@@ -75,8 +75,8 @@ class DriftMonitor:
         self.ref = ref
         self.device = device
         self.arl = float(arl or ref.arl)
-        # one budget: 1 + 2 per module detectors, each at that many times the target ARL
-        share = self.arl * (1 + 2 * len(ref.modules))
+        # one budget: 1 + 3 per module detectors, each at that many times the target ARL
+        share = self.arl * (1 + 3 * len(ref.modules))
         self.cusum = Cusum(ref.threshold(share), ref.delta)
         self.smoothing = ref.smoothing
         self.windows = 0
@@ -90,13 +90,13 @@ class DriftMonitor:
                     torch.as_tensor(a, dtype=torch.float32, device=device)
                     for a in (m.mean, m.basis, m.scale, m.omega, m.phase, m.resid_floor)
                 )
-                sums = torch.zeros(RING, 2 + m.components + m.features, dtype=torch.float64, device=device)
+                sums = torch.zeros(RING, 2 + 2 * m.components + m.features, dtype=torch.float64, device=device)
                 count = torch.zeros(1, dtype=torch.int64, device=device)
                 if device.type == "cuda":
                     mark_static(*params, sums, count)
                 detectors = tuple(
                     mewma.Mewma(d, ref.smoothing, _threshold(share, d, ref.smoothing))
-                    for d in (m.components, m.features)
+                    for d in (m.components, m.features, m.components)
                 )
                 self.modules[name] = _Module(name, params, sums, count, detectors)
 
@@ -138,7 +138,7 @@ class DriftMonitor:
                 r = torch.log(((c * c).sum(1) - (p * p).sum(1)).clamp(min=0) + floor)
             else:  # no space outside the basis: no novelty statistic (as at fit time)
                 r = torch.zeros_like(phi[:, 0])
-            rows = torch.cat((torch.ones_like(r)[:, None], r[:, None], z, phi), dim=1).to(torch.float64)
+            rows = torch.cat((torch.ones_like(r)[:, None], r[:, None], z, phi, z * z), dim=1).to(torch.float64)
             position = mod.count + torch.arange(rows.shape[0], device=self.device)
             index = torch.div(position, self.ref.window, rounding_mode="floor") % RING
             mod.sums.index_add_(0, index, rows)
@@ -224,8 +224,8 @@ class DriftMonitor:
         if crossed:
             j = crossed[0]
             det = self.modules[name].detectors[j]
-            stat = ("mean_shift", "mmd")[j]
-            what = ("whitened PCA mean", "random-feature mean")[j]
+            stat = ("mean_shift", "mmd", "spread")[j]
+            what = ("whitened PCA mean", "random-feature mean", "spread along the PCA directions")[j]
             message = (
                 f"drift in {name!r}: the {what} has been away from the reference's over recent windows "
                 f"(accumulated statistic {det.value:.3g} >= {det.threshold:.3g}, no-drift mean {det.state.size}) "

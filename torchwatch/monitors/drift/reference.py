@@ -429,7 +429,7 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     d, k, m = ref.dim, ref.components, ref.features
     expected = {"mean": (d,), "scale": (k,), "phase": (m,), "rff_ref": (m,), "omega": (k, m), "resid_floor": (1,),
                 "center_z": (k,), "white_z": (k, k), "center_phi": (m,), "white_phi": (m, m),
-                "pooled": (1,)}  # fmt: skip
+                "center_q": (k,), "white_q": (k, k), "pooled": (1,)}  # fmt: skip
     for key, shape in expected.items():
         if getattr(ref, key).shape != shape:
             raise FormatError(

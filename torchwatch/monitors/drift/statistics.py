@@ -15,7 +15,8 @@ class ModuleReference:
     """The fixed-size summary of one module's reference embeddings (see the module docstring)."""
 
     ARRAYS = ("mean", "basis", "scale", "omega", "phase", "rff_ref", "resid_floor", "null_mean_shift", "null_mmd",
-              "null_novelty", "null_min_p", "center_z", "white_z", "center_phi", "white_phi", "pooled")  # fmt: skip
+              "null_novelty", "null_min_p", "center_z", "white_z", "center_phi", "white_phi", "center_q", "white_q",
+              "pooled")  # fmt: skip
 
     def __init__(self, name: str, arrays: dict[str, np.ndarray], resid_mean: float, resid_std: float) -> None:
         self.name = name
@@ -37,16 +38,18 @@ class ModuleReference:
         return self.omega.shape[1]
 
     def sample_features(self, x: np.ndarray) -> np.ndarray:
-        """Per-sample ``[r, z..., φ...]`` rows for embeddings ``x`` (n, d), as the hook computes them."""
+        """Per-sample ``[r, z..., φ..., z²...]`` rows for embeddings ``x`` (n, d), as the hook computes them."""
         return sample_features(x, self.mean, self.basis, self.scale, self.omega, self.phase, self.resid_floor[0])
 
     def window_statistics(self, n: np.ndarray, sums: np.ndarray) -> np.ndarray:
         """(windows, 3) statistics from window sizes ``n`` and sums of :meth:`sample_features` rows."""
         return window_statistics(n, sums, self.components, self.rff_ref, self.resid_mean, self.resid_std)
 
-    def standardised_means(self, n: float, sums: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
-        """A window's whitened PCA mean and random-feature mean as ``N(0, I)`` vectors when
-        nothing drifted, for the accumulating detectors (:mod:`.mewma`).
+    def standardised_means(self, n: float, sums: np.ndarray, lam: float) -> tuple[np.ndarray, ...]:
+        """A window's whitened PCA mean, random-feature mean and mean of squared PCA coordinates
+        (the spread along each direction) as ``N(0, I)`` vectors when nothing drifted, for the
+        accumulating detectors (:mod:`.mewma`). ``sums``: the window's sums of
+        :meth:`sample_features` rows.
 
         ``sqrt(n)·W(mean - centre)``, ``W`` the inverse square root of the (Ledoit-Wolf) per-sample
         covariance on the calibration samples, ``centre`` the mean of the fit and calibration
@@ -55,12 +58,12 @@ class ModuleReference:
         count as drift (its variance, ``n / pooled`` per window, relative to the detector's
         steady-state variance ``λ/(2 - λ)``).
         """
-        k = self.components
+        k, m = self.components, self.features
         n = max(float(n), 1.0)
-        inflate = math.sqrt(1.0 + n / float(self.pooled[0]) * (2.0 - lam) / lam)
-        z = self.white_z @ (math.sqrt(n) * (sums[1 : 1 + k] / n - self.center_z)) / inflate
-        phi = self.white_phi @ (math.sqrt(n) * (sums[1 + k :] / n - self.center_phi)) / inflate
-        return z, phi
+        scale = math.sqrt(n) / math.sqrt(1.0 + n / float(self.pooled[0]) * (2.0 - lam) / lam)
+        parts = ((1, k, self.center_z, self.white_z), (1 + k, m, self.center_phi, self.white_phi),
+                 (1 + k + m, k, self.center_q, self.white_q))  # fmt: skip
+        return tuple(white @ (scale * (sums[at : at + width] / n - centre)) for at, width, centre, white in parts)
 
     def p_values(self, stats: np.ndarray) -> np.ndarray:
         """(windows, 3) one-sided p-values (large statistics are unusual) against the null."""
@@ -211,7 +214,7 @@ def sample_features(
     # log of the energy outside the PCA basis: a few outlying samples do not dominate a window's mean
     outside = np.maximum((c * c).sum(1) - (p * p).sum(1), 0.0)
     r = np.log(outside + floor) if has_residual(basis) else np.zeros(len(x))
-    return np.concatenate([r[:, None], z, phi], axis=1)
+    return np.concatenate([r[:, None], z, phi, z * z], axis=1)
 
 
 def window_statistics(
@@ -220,7 +223,7 @@ def window_statistics(
     n = np.maximum(np.asarray(n, dtype=np.float64), 1.0)
     r_bar = sums[:, 0] / n
     z_bar = sums[:, 1 : 1 + k] / n[:, None]
-    phi_bar = sums[:, 1 + k :] / n[:, None]
+    phi_bar = sums[:, 1 + k : 1 + k + rff_ref.size] / n[:, None]
     mean_shift = n * (z_bar**2).sum(1)
     mmd = n * ((phi_bar - rff_ref) ** 2).sum(1)
     moved = r_bar - resid_mean
@@ -255,7 +258,7 @@ def fit_module(
     # keeps the log finite for samples inside the basis, and rounding far below it (ROUNDING_MARGIN)
     floor = max(0.01 * float(outside.mean()), ROUNDING_MARGIN * 2 * emb.shape[1] * 2.0**-24 * energy, 1e-30)
     rows_fit = sample_features(fit, mean, basis, scale, omega, phase, floor)
-    rff_ref = rows_fit[:, 1 + k :].mean(0)
+    rff_ref = rows_fit[:, 1 + k : 1 + k + features].mean(0)
     resid_mean = float(rows_fit[:, 0].mean())
     resid_std = max(float(rows_fit[:, 0].std()), RESIDUAL_SPREAD) if has_residual(basis) else 1.0
 
@@ -273,7 +276,10 @@ def fit_module(
               "resid_floor": np.array([floor]),
               **nulls, "null_min_p": np.zeros(1),
               "center_z": pooled[:, 1 : 1 + k].mean(0), "white_z": inverse_sqrt(rows_cal[:, 1 : 1 + k]),
-              "center_phi": pooled[:, 1 + k :].mean(0), "white_phi": inverse_sqrt(rows_cal[:, 1 + k :]),
+              "center_phi": pooled[:, 1 + k : 1 + k + features].mean(0),
+              "white_phi": inverse_sqrt(rows_cal[:, 1 + k : 1 + k + features]),
+              "center_q": pooled[:, 1 + k + features :].mean(0),
+              "white_q": inverse_sqrt(rows_cal[:, 1 + k + features :]),
               "pooled": np.array([float(len(pooled))])}  # fmt: skip
     ref = ModuleReference(name, arrays, resid_mean, resid_std)
     ref.null_min_p = np.sort(ref.p_values(cal_stats).min(axis=1))
