@@ -680,3 +680,17 @@ def test_a_reference_without_the_accumulating_detectors_asks_to_be_fit_again(ref
     save(zero)
     with pytest.raises(tw.FormatError, match="pooled sample count"):
         tw.Reference.load(path)
+
+
+def test_a_500_sample_reference_fits_with_fewer_components_and_says_how_many_samples_it_needs():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Identity())
+    small = tw.Reference.fit(model, torch.randn(500, 48).split(100), modules=["0"], window=32, resamples=1000)
+    assert small.modules["0"].components == 250 // 16  # one per 16 of the 250 fit samples
+    report = small.calibration_check()
+    assert report.verdict == "unknown" and report.holdout_windows == 3
+    # 400 fit + calibration samples and 3 held-out windows of 32 make 496; 1000 windows need 1000/3 of that
+    assert report.samples_needed == math.ceil((400 + 3 * 32) * 1000 / 3)
+    assert f"{report.samples_needed:,} reference samples" in report.summary()
+    wide = tw.Reference.fit(model, torch.randn(500, 3).split(100), modules=["0"], window=32, resamples=1000)
+    assert wide.modules["0"].components == 3  # never more than the embedding's dimension

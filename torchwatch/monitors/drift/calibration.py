@@ -31,6 +31,7 @@ class CalibrationReport:
         holdout_windows: how many held-out windows the figures rest on.
         verdict: the reading of all of the above (see the class docstring).
         windows_needed: held-out windows that would settle an ``"unknown"`` verdict (0 otherwise).
+        samples_needed: reference samples in all (same splits) that would give that many (0 otherwise).
         censored: the fraction of simulated streams that never alarmed.
         window: samples per window (to turn windows into samples).
     """
@@ -45,6 +46,7 @@ class CalibrationReport:
     holdout_windows: int
     verdict: str = "unknown"
     windows_needed: int = 0
+    samples_needed: int = 0
     censored: float = 0.0
     window: int = 0
 
@@ -75,7 +77,8 @@ class CalibrationReport:
             lines.append(
                 f"  fix: {self.holdout_windows} held-out windows cannot pin an ARL of {self.target_arl:,.0f}; fit "
                 f"the reference on enough data for about {self.windows_needed:,} held-out windows "
-                f"({self.windows_needed * self.window:,} held-out samples)"
+                f"({self.windows_needed * self.window:,} held-out samples; about {self.samples_needed:,} reference "
+                "samples in all with the same splits)"
             )
         elif self.verdict == "too many false alarms":
             lines.append(

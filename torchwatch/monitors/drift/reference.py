@@ -136,7 +136,7 @@ class Reference:
         modules: Sequence[str],
         *,
         window: int = 32,
-        components: int = 32,
+        components: int | None = None,
         features: int = 128,
         arl: float = 10_000,
         delta: float = _sequential.DEFAULT_DELTA,
@@ -154,7 +154,9 @@ class Reference:
             batches: reference batches (any iterable; consumed once).
             modules: fully-qualified names of the modules to monitor (e.g. the pooled embedding).
             window: samples per window: the unit of detection.
-            components: PCA directions kept (fewer if the data has fewer dimensions).
+            components: PCA directions kept (fewer if the data has fewer dimensions). Default: 32,
+                or one per 16 fit samples if that is fewer (at least 4), so that the covariances
+                the detectors whiten with are estimated from many more samples than directions.
             features: random Fourier features for the distribution-shift statistic.
             arl: default target windows between false alarms (see :func:`arl_windows`).
             delta: CUSUM allowance; larger reacts to strong shifts faster, smaller to weak ones.
@@ -194,11 +196,13 @@ class Reference:
         order = rng.permutation(n)
         n_fit, n_cal = int(splits[0] * n), int(splits[1] * n)
         parts = (order[:n_fit], order[n_fit : n_fit + n_cal], order[n_fit + n_cal :])
-        if min(len(parts[1]), len(parts[2]) // 4) < window or n_fit < 8:
+        if min(len(parts[1]), len(parts[2])) < window or n_fit < 8:
             raise ConfigError(
-                f"Reference.fit got {n} samples; with splits {splits} the calibration part needs at least one "
-                f"window ({window}) and the holdout at least four: give more reference data or a smaller window"
+                f"Reference.fit got {n} samples; with splits {splits} the calibration part and the holdout each "
+                f"need at least one window ({window}): give more reference data or a smaller window"
             )
+        if components is None:
+            components = min(32, max(4, n_fit // 16))
         boot_cal = predictive_windows(rng, len(parts[1]), resamples, window)
         # held-out windows are disjoint, not resampled: each is a genuine window of fresh samples
         hold_windows = np.arange(len(parts[2]) // window * window).reshape(-1, window)
@@ -265,9 +269,18 @@ class Reference:
             holdout_windows=int(self.holdout_p.size),
             verdict=word,
             windows_needed=needed,
+            samples_needed=self._samples_for(needed),
             censored=float((runs >= cap).mean()),
             window=self.window,
         )
+
+    def _samples_for(self, holdout_windows: int) -> int:
+        """Reference samples (same splits) whose holdout would make ``holdout_windows`` windows."""
+        if not holdout_windows:
+            return 0
+        fit_and_cal = float(next(iter(self.modules.values())).pooled[0])
+        total = fit_and_cal + self.holdout_p.size * self.window  # the holdout, to a whole window
+        return math.ceil(total * holdout_windows / max(self.holdout_p.size, 1))
 
     # ---- files -------------------------------------------------------------------------
 
@@ -368,7 +381,9 @@ class Reference:
 
 def _check_fit_args(window, components, features, arl, delta, splits, resamples, max_samples, reduce, seed) -> None:
     owner = "Reference.fit"
-    for name, value, low, high in (("window", window, 1, 1 << 20), ("components", components, 1, 4096),
+    if components is not None:
+        _validate.integer(owner, "components", components, low=1, high=4096)
+    for name, value, low, high in (("window", window, 1, 1 << 20),
                                    ("features", features, 2, 1 << 16), ("resamples", resamples, 100, 10**7),
                                    ("max_samples", max_samples, 1, 10**9)):  # fmt: skip
         _validate.integer(owner, name, value, low=low, high=high)
