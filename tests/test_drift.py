@@ -694,3 +694,28 @@ def test_a_500_sample_reference_fits_with_fewer_components_and_says_how_many_sam
     assert f"{report.samples_needed:,} reference samples" in report.summary()
     wide = tw.Reference.fit(model, torch.randn(500, 3).split(100), modules=["0"], window=32, resamples=1000)
     assert wide.modules["0"].components == 3  # never more than the embedding's dimension
+
+
+def test_a_gross_shift_alarms_before_its_window_is_complete(ref):
+    """10 samples of a gross shift, then a flush: the window being filled (16) is tested once."""
+    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor.observe("0", gaussian(16 * 3, seed=50))  # three clean windows
+    monitor.observe("0", gaussian(10, seed=51, shift=4.0))
+    statuses, alerts = monitor.process(monitor.start_read(), step=1)
+    assert [a.rule for a in alerts] == ["drift"] and "after 10 of its 16 samples" in alerts[0].message
+    assert statuses["0"].alarm
+    # the window completes later: no second alert, the episode goes on
+    monitor.observe("0", gaussian(6, seed=52, shift=4.0))
+    _, alerts = monitor.process(monitor.start_read(), step=2)
+    assert alerts == []
+
+
+def test_a_partial_window_is_tested_once_at_its_share_of_the_budget(ref):
+    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    assert monitor.partial_alpha == 1.0 / (ref.arl * (2 + 3 * len(ref.modules)))
+    monitor.observe("0", gaussian(3, seed=53))  # fewer than a quarter of a window: not tested
+    assert monitor.process(monitor.start_read(), step=1)[1] == [] and monitor._partial_checked == -1
+    for seed in range(4):  # clean partial windows, four flushes into the same window
+        monitor.observe("0", gaussian(2, seed=60 + seed))
+        assert monitor.process(monitor.start_read(), step=2 + seed)[1] == []
+    assert monitor._partial_checked == 0  # tested at most once

@@ -10,12 +10,14 @@ At a flush the ring is copied (on a side stream on CUDA); the worker thread turn
 completed since the previous flush into:
 
 * the three per-window statistics and their calibrated p-values (:mod:`.reference`,
-  :mod:`.statistics`), whose joint p-value feeds a CUSUM: gross shifts, within a window or two;
+  :mod:`.statistics`), whose joint p-value feeds a CUSUM: gross shifts, within a window or two
+  (and the window still being filled is tested once, at a small p-value bound: a gross shift
+  need not wait for its window to fill);
 * per module, the window's standardised PCA mean, random-feature mean and mean squared PCA
   coordinates (a change of spread, or a rotation inside the basis), each fed to a multivariate
   EWMA (:mod:`.mewma`): small persistent shifts, whose evidence adds up across windows.
 
-One false-alarm budget over all of them: each of the ``1 + 3·modules`` detectors gets the target
+One false-alarm budget over all of them: each of the ``2 + 3·modules`` tests gets the target
 ARL times their number (false-alarm rates add). An alarm opens a *drift episode* for the module
 it points at: one alert, ``DriftStatus.alarm`` true, until every detector of that module is back
 at its no-drift level (then one "drift ended" alert). The charted score is the largest
@@ -24,6 +26,7 @@ detector statistic as a fraction of its threshold: it does not restart during dr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -75,9 +78,12 @@ class DriftMonitor:
         self.ref = ref
         self.device = device
         self.arl = float(arl or ref.arl)
-        # one budget: 1 + 3 per module detectors, each at that many times the target ARL
-        share = self.arl * (1 + 3 * len(ref.modules))
+        # one budget: the CUSUM, the partial-window test and 3 accumulating detectors per module,
+        # each at that many times the target ARL (false-alarm rates add)
+        share = self.arl * (2 + 3 * len(ref.modules))
         self.cusum = Cusum(ref.threshold(share), ref.delta)
+        self.partial_alpha = 1.0 / share  # a window not yet complete: at most one test per window
+        self._partial_checked = -1
         self.smoothing = ref.smoothing
         self.windows = 0
         self.lost = 0  # windows not evaluated because more than RING completed between flushes
@@ -177,7 +183,33 @@ class DriftMonitor:
         for m in self.modules.values():
             m.done = max(m.done, complete)
         self._clear_rows(start, complete)
+        alerts += self._partial(complete, {n: rows[n][complete % RING] for n in self.modules}, step)
         return self.statuses(), alerts
+
+    def _partial(self, w: int, rows: dict[str, np.ndarray], step: int) -> list[Alert]:
+        """A gross shift need not wait for its window to fill: the window being filled, once it
+        holds a quarter of its samples (at least 4), is tested once, at a p-value bound of one
+        false alarm per ``partial_alpha⁻¹`` windows (its share of the budget). Its statistics
+        are compared with the full-window null; a gross shift is beyond either."""
+        n = min(float(row[0]) for row in rows.values())
+        if w <= self._partial_checked or n < max(4.0, self.ref.window / 4) or n >= self.ref.window:
+            return []
+        self._partial_checked = w
+        module_p, stats, per_stat = {}, {}, {}
+        for name, row in rows.items():
+            ref = self.ref.modules[name]
+            stats[name] = ref.window_statistics(row[None, 0], row[None, 1:])
+            per_stat[name] = ref.p_values(stats[name])[0]
+            module_p[name] = float(ref.module_p(stats[name])[0])
+        joint = float(self.ref.joint_p(np.array([list(module_p.values())]))[0])
+        name = min(module_p, key=module_p.get)
+        mod = self.modules[name]
+        if joint > self.partial_alpha or mod.alarm:
+            return []
+        mod.alarm = True
+        alert = self._opened(name, w, rows[name], stats[name][0], per_stat[name], [], step)
+        note = f" (after {int(n)} of its {self.ref.window} samples)"
+        return [dataclasses.replace(alert, message=alert.message + note)]
 
     def _evaluate(self, w: int, rows: dict[str, np.ndarray], step: int) -> list[Alert]:
         module_p, stats, per_stat, accumulated = {}, {}, {}, {}
