@@ -338,6 +338,7 @@ def test_save_and_load_round_trip(ref, tmp_path):
     ref.save(path)
     back = tw.Reference.load(path)
     assert (back.window, back.arl, back.delta) == (ref.window, ref.arl, ref.delta)
+    assert (back.smoothing, back.samples) == (ref.smoothing, ref.samples) and ref.samples == 12_000
     for key in ModuleReference.ARRAYS:
         np.testing.assert_array_equal(getattr(back.modules["0"], key), getattr(ref.modules["0"], key))
     x = gaussian(16 * 20, seed=16)
@@ -635,7 +636,7 @@ def test_a_quarter_of_traffic_from_another_source_adds_up_across_windows(mixture
     the per-window CUSUM alone (the whole budget) takes longer or never does."""
     new = [_delay(mixture_ref, 0.25, s, accumulate=True) for s in range(6)]
     old = [_delay(mixture_ref, 0.25, s, accumulate=False) for s in range(6)]
-    assert all(d is not None and d[0] <= 12 for d in new), new
+    assert all(d is not None and d[0] <= 15 for d in new), new
     assert sum(d[0] if d else 81 for d in new) < sum(d[0] if d else 81 for d in old), (new, old)
 
 
@@ -689,8 +690,8 @@ def test_a_500_sample_reference_fits_with_fewer_components_and_says_how_many_sam
     assert small.modules["0"].components == 250 // 16  # one per 16 of the 250 fit samples
     report = small.calibration_check()
     assert report.verdict == "unknown" and report.holdout_windows == 3
-    # 400 fit + calibration samples and 3 held-out windows of 32 make 496; 1000 windows need 1000/3 of that
-    assert report.samples_needed == math.ceil((400 + 3 * 32) * 1000 / 3)
+    # 500 samples gave 3 held-out windows; 1000 windows need 1000/3 times as many
+    assert small.samples == 500 and report.samples_needed == math.ceil(500 * 1000 / 3)
     assert f"{report.samples_needed:,} reference samples" in report.summary()
     wide = tw.Reference.fit(model, torch.randn(500, 3).split(100), modules=["0"], window=32, resamples=1000)
     assert wide.modules["0"].components == 3  # never more than the embedding's dimension

@@ -91,6 +91,7 @@ class Reference:
         arl: default target windows between false alarms (``attach(drift_arl=...)`` overrides).
         delta: the CUSUM's drift allowance.
         smoothing: λ of the accumulating detectors (:mod:`.mewma`): about ``2/λ`` windows of memory.
+        samples: reference samples it was fit on (after reservoir sampling; 0 if not recorded).
         reduce_name: ``"default"`` or the name of the custom ``reduce`` used at fit time.
     """
 
@@ -106,12 +107,14 @@ class Reference:
         reduce: Reduce | None = None,
         reduce_name: str = "default",
         smoothing: float = _mewma.DEFAULT_LAMBDA,
+        samples: int = 0,
     ) -> None:
         self.modules = modules
         self.window = window
         self.arl = arl
         self.delta = delta
         self.smoothing = smoothing
+        self.samples = samples
         self.joint_null = np.asarray(joint_null, dtype=np.float64)
         self.holdout_p = np.asarray(holdout_p, dtype=np.float64)
         self.reduce = reduce or default_reduce
@@ -217,6 +220,7 @@ class Reference:
         return cls(
             refs, window=window, arl=float(arl), delta=float(delta), joint_null=joint_null, holdout_p=holdout_p,
             reduce=reduce, reduce_name="default" if reduce is default_reduce else getattr(reduce, "__name__", "custom"),
+            samples=n,
         )  # fmt: skip
 
     # ---- checking ------------------------------------------------------------------------
@@ -278,9 +282,9 @@ class Reference:
         """Reference samples (same splits) whose holdout would make ``holdout_windows`` windows."""
         if not holdout_windows:
             return 0
-        fit_and_cal = float(next(iter(self.modules.values())).pooled[0])
-        total = fit_and_cal + self.holdout_p.size * self.window  # the holdout, to a whole window
-        return math.ceil(total * holdout_windows / max(self.holdout_p.size, 1))
+        if not self.samples:
+            return 0
+        return math.ceil(self.samples * holdout_windows / max(self.holdout_p.size, 1))
 
     # ---- files -------------------------------------------------------------------------
 
@@ -305,6 +309,7 @@ class Reference:
             "arl": repr(self.arl),
             "delta": repr(self.delta),
             "smoothing": repr(self.smoothing),
+            "samples": str(self.samples),
             "reduce": self.reduce_name,
             "torch": torch.__version__,
         }
@@ -339,6 +344,7 @@ class Reference:
             meta_modules = parse_json(metadata["modules"], f"{where}, metadata field 'modules'")
             window, arl, delta = int(metadata["window"]), float(metadata["arl"]), float(metadata["delta"])
             smoothing = float(metadata.get("smoothing", _mewma.DEFAULT_LAMBDA))
+            samples = int(metadata.get("samples", "0"))
             if "m0.center_z" not in tensors and "m0.mean" in tensors:
                 raise FormatError(
                     f"{where} was fit by an older torchwatch, without what the accumulating drift detectors need; "
@@ -372,7 +378,7 @@ class Reference:
                 f"pass it again: Reference.load(path, reduce={reduce_name})"
             )
         return cls(modules, window=window, arl=arl, delta=delta, joint_null=joint_null, holdout_p=holdout_p,
-                   reduce=reduce, reduce_name=reduce_name, smoothing=smoothing)  # fmt: skip
+                   reduce=reduce, reduce_name=reduce_name, smoothing=smoothing, samples=max(samples, 0))  # fmt: skip
 
     def __repr__(self) -> str:
         dims = ", ".join(f"{n!r}: d={r.dim}, k={r.components}" for n, r in self.modules.items())

@@ -52,8 +52,8 @@ class ModuleReference:
         :meth:`sample_features` rows.
 
         ``sqrt(n)·W(mean - centre)``, ``W`` the inverse square root of the (Ledoit-Wolf) per-sample
-        covariance on the calibration samples, ``centre`` the mean of the fit and calibration
-        samples; divided by ``sqrt(1 + κ)``, ``κ = (n / pooled)(2 - λ)/λ``: the centre's own
+        covariance on the calibration samples, ``centre`` their mean (``pooled`` of them);
+        divided by ``sqrt(1 + κ)``, ``κ = (n / pooled)(2 - λ)/λ``: the centre's own
         estimation error is a constant offset that the detector's averaging would otherwise
         count as drift (its variance, ``n / pooled`` per window, relative to the detector's
         steady-state variance ``λ/(2 - λ)``).
@@ -270,17 +270,19 @@ def fit_module(
 
     cal_stats, hold_stats = stats(cal, boot_cal), stats(hold, boot_hold)
     nulls = {key: np.sort(cal_stats[:, j]) for j, key in enumerate(("null_mean_shift", "null_mmd", "null_novelty"))}
+    # Centres and covariances from the calibration samples only: the fit samples chose the basis
+    # and its scales, so their squared coordinates run large along the top directions (sample
+    # eigenvalues are biased upward), which a detector that averages for ~2/λ windows would read
+    # as a narrower spread in every fresh window.
     rows_cal = sample_features(cal, mean, basis, scale, omega, phase, floor)
-    pooled = np.concatenate([rows_fit, rows_cal])
+    z_part, phi_part, q_part = slice(1, 1 + k), slice(1 + k, 1 + k + features), slice(1 + k + features, None)
     arrays = {"mean": mean, "basis": basis, "scale": scale, "omega": omega, "phase": phase, "rff_ref": rff_ref,
               "resid_floor": np.array([floor]),
               **nulls, "null_min_p": np.zeros(1),
-              "center_z": pooled[:, 1 : 1 + k].mean(0), "white_z": inverse_sqrt(rows_cal[:, 1 : 1 + k]),
-              "center_phi": pooled[:, 1 + k : 1 + k + features].mean(0),
-              "white_phi": inverse_sqrt(rows_cal[:, 1 + k : 1 + k + features]),
-              "center_q": pooled[:, 1 + k + features :].mean(0),
-              "white_q": inverse_sqrt(rows_cal[:, 1 + k + features :]),
-              "pooled": np.array([float(len(pooled))])}  # fmt: skip
+              "center_z": rows_cal[:, z_part].mean(0), "white_z": inverse_sqrt(rows_cal[:, z_part]),
+              "center_phi": rows_cal[:, phi_part].mean(0), "white_phi": inverse_sqrt(rows_cal[:, phi_part]),
+              "center_q": rows_cal[:, q_part].mean(0), "white_q": inverse_sqrt(rows_cal[:, q_part]),
+              "pooled": np.array([float(len(rows_cal))])}  # fmt: skip
     ref = ModuleReference(name, arrays, resid_mean, resid_std)
     ref.null_min_p = np.sort(ref.p_values(cal_stats).min(axis=1))
     return ref, ref.module_p(cal_stats), ref.module_p(hold_stats)
