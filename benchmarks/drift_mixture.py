@@ -5,10 +5,11 @@ Embeddings: 64-dimensional Gaussians with a spread of variances. The second sour
 distribution moved ``--delta`` whitened standard deviations along a random direction inside the
 top 10 principal components (so it is neither novelty nor a gross shift: each 32-sample window of
 a 25% mixture moves the window's whitened mean by about ``0.25 · delta · sqrt(32)``). For each
-mixture share, ``--streams`` streams of fresh windows run until the first drift alarm (cap
-``--cap`` windows); reported: the windows to detection with the accumulating detectors (the
-shipped detector) and with the per-window CUSUM alone at the whole budget (the detector before
-them). ``--null`` instead measures no-drift run lengths at a short target ARL.
+mixture share (and a creep: the share rising from 0 to 50% over 50 windows), ``--streams``
+streams of fresh windows run until the first drift alarm (cap ``--cap`` windows); reported: the
+windows to detection (for the creep, the share reached by then) with the accumulating detectors
+(the shipped detector) and with the per-window CUSUM alone at the whole budget (the detector
+before them). ``--null`` instead measures no-drift run lengths at a short target ARL.
 
 Usage:
     python benchmarks/drift_mixture.py [--reference 5000] [--delta 2.6] [--streams 10]
@@ -48,7 +49,9 @@ def source(delta: float):
     return sample
 
 
-def delay(ref: tw.Reference, sample, share: float, seed: int, cap: int, accumulate: bool) -> int | None:
+def delay(ref: tw.Reference, sample, share, seed: int, cap: int, accumulate: bool) -> int | None:
+    """Windows until the first drift alarm (None within ``cap``); ``share``: a number, or a
+    function of the window index (creep)."""
     monitor = DriftMonitor(ref, torch.device("cpu"), None)
     if not accumulate:
         monitor.cusum.threshold = ref.threshold(ref.arl)
@@ -59,7 +62,7 @@ def delay(ref: tw.Reference, sample, share: float, seed: int, cap: int, accumula
     for w in range(cap):
         mod.sums.zero_()
         mod.count.zero_()
-        monitor.observe("0", sample(WINDOW, g, share))
+        monitor.observe("0", sample(WINDOW, g, share(w) if callable(share) else share))
         if any(a.rule == "drift" for a in monitor._evaluate(w, {"0": mod.sums[0].numpy().copy()}, w)):
             return w + 1
     return None
@@ -93,6 +96,12 @@ def main() -> None:
                 result[key] = d
                 found = [x for x in d if x is not None]
                 print(f"{key:<24} detected {len(found)}/{len(d)} within {args.cap}; windows: {d}")
+        for accumulate in (True, False):  # creep: the share rises from 0 to 50% over 50 windows
+            d = [delay(ref, sample, lambda w: min(0.5, w / 100), s, 50, accumulate) for s in range(args.streams)]
+            key = f"creep {'accumulating' if accumulate else 'cusum only'}"
+            result[key] = d
+            at = [f"{min(0.5, (x - 1) / 100):.0%}" if x else "-" for x in d]
+            print(f"{key:<24} share when detected: {at}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

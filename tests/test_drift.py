@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
-from torchwatch.monitors.drift import mewma
+from torchwatch.monitors.drift import mewma, statistics
 from torchwatch.monitors.drift import sequential as _sequential
 from torchwatch.monitors.drift.online import RING, DriftMonitor
 from torchwatch.monitors.drift.reference import STATISTICS
@@ -720,3 +720,24 @@ def test_a_partial_window_is_tested_once_at_its_share_of_the_budget(ref):
         monitor.observe("0", gaussian(2, seed=60 + seed))
         assert monitor.process(monitor.start_read(), step=2 + seed)[1] == []
     assert monitor._partial_checked == 0  # tested at most once
+
+
+def test_the_held_out_level_of_an_accumulating_detector_is_its_steady_state_statistic(ref):
+    """The formula behind calibration_check's per-detector levels, against the detector itself:
+    windows drawn (with replacement) from 200 fixed ones, 20,000 of them, T averaged after a
+    burn-in; a stream moved by 0.3 sd so the level is not just 1. Within 10% (the average of a
+    long autocorrelated series: ~5% SE here)."""
+    m = ref.modules["0"]
+    x = gaussian(16 * 200, seed=70, shift=0.3).numpy().astype(np.float64)
+    sums = m.sample_features(x).reshape(200, 16, -1).sum(1)
+    levels = statistics.steady_levels(m, 16, sums, 0.1)
+    vs = [m.standardised_means(16, row, 0.1) for row in sums]
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, 200, 20_000)
+    for j in range(3):
+        det = mewma.Mewma(vs[0][j].size, 0.1, math.inf)
+        seen = [det.update(vs[i][j]) for i in picks]
+        assert np.mean(seen[500:]) / vs[0][j].size == pytest.approx(levels[j], rel=0.1), j
+    assert levels[0] > 2  # the shift shows
+    report = ref.calibration_check()
+    assert set(report.accumulating) == {"0"} and "accumulating detectors of '0'" in report.summary()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,9 @@ class CalibrationReport:
         verdict: the reading of all of the above (see the class docstring).
         windows_needed: held-out windows that would settle an ``"unknown"`` verdict (0 otherwise).
         samples_needed: reference samples in all (same splits) that would give that many (0 otherwise).
+        accumulating: per module, each accumulating detector's steady-state level on the held-out
+            windows over its no-drift mean (PCA mean, random-feature mean, spread): 1 is on target,
+            above 1 means false alarms sooner than the target (a rough figure from few windows).
         censored: the fraction of simulated streams that never alarmed.
         window: samples per window (to turn windows into samples).
     """
@@ -47,6 +50,7 @@ class CalibrationReport:
     verdict: str = "unknown"
     windows_needed: int = 0
     samples_needed: int = 0
+    accumulating: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     censored: float = 0.0
     window: int = 0
 
@@ -72,6 +76,12 @@ class CalibrationReport:
             lines.append(
                 f"  at a short target of {self.simulated_arl:,.0f}: run lengths p10 {runs['p10']:,.0f}, median "
                 f"{runs['p50']:,.0f}, mean {runs['mean']:,.0f} ({self.censored:.0%} never alarmed)"
+            )
+        for name, levels in self.accumulating.items():
+            flag = "  <- above 1.5: false alarms sooner than the target" if max(levels) > 1.5 else ""
+            lines.append(
+                f"  accumulating detectors of {name!r} on the held-out windows (1 = on target): PCA mean "
+                f"{levels[0]:.2f}, random features {levels[1]:.2f}, spread {levels[2]:.2f}{flag}"
             )
         if self.verdict == "unknown":
             lines.append(

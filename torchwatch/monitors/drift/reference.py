@@ -211,7 +211,9 @@ class Reference:
         hold_windows = np.arange(len(parts[2]) // window * window).reshape(-1, window)
         refs, cal_mod_p, hold_mod_p = {}, [], []
         for name, emb in embeddings.items():
-            ref, cal_p, hold_p = fit_module(name, emb[:n], parts, boot_cal, hold_windows, components, features, rng)
+            ref, cal_p, hold_p = fit_module(
+                name, emb[:n], parts, boot_cal, hold_windows, components, features, rng, _mewma.DEFAULT_LAMBDA
+            )
             refs[name] = ref
             cal_mod_p.append(cal_p)
             hold_mod_p.append(hold_p)
@@ -274,6 +276,7 @@ class Reference:
             verdict=word,
             windows_needed=needed,
             samples_needed=self._samples_for(needed),
+            accumulating={name: tuple(float(v) for v in m.holdout_level) for name, m in self.modules.items()},
             censored=float((runs >= cap).mean()),
             window=self.window,
         )
@@ -450,7 +453,7 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     d, k, m = ref.dim, ref.components, ref.features
     expected = {"mean": (d,), "scale": (k,), "phase": (m,), "rff_ref": (m,), "omega": (k, m), "resid_floor": (1,),
                 "center_z": (k,), "white_z": (k, k), "center_phi": (m,), "white_phi": (m, m),
-                "center_q": (k,), "white_q": (k, k), "pooled": (1,)}  # fmt: skip
+                "center_q": (k,), "white_q": (k, k), "pooled": (1,), "holdout_level": (3,)}  # fmt: skip
     for key, shape in expected.items():
         if getattr(ref, key).shape != shape:
             raise FormatError(

@@ -16,7 +16,7 @@ class ModuleReference:
 
     ARRAYS = ("mean", "basis", "scale", "omega", "phase", "rff_ref", "resid_floor", "null_mean_shift", "null_mmd",
               "null_novelty", "null_min_p", "center_z", "white_z", "center_phi", "white_phi", "center_q", "white_q",
-              "pooled")  # fmt: skip
+              "pooled", "holdout_level")  # fmt: skip
 
     def __init__(self, name: str, arrays: dict[str, np.ndarray], resid_mean: float, resid_std: float) -> None:
         self.name = name
@@ -234,7 +234,7 @@ def window_statistics(
 
 def fit_module(
     name: str, emb: np.ndarray, parts: tuple[np.ndarray, ...], boot_cal: np.ndarray, boot_hold: np.ndarray,
-    components: int, features: int, rng: np.random.Generator,
+    components: int, features: int, rng: np.random.Generator, lam: float,
 ) -> tuple[ModuleReference, np.ndarray, np.ndarray]:  # fmt: skip
     """One module's summary, and the module-level p-values of the calibration and holdout windows."""
     fit, cal, hold = (emb[p] for p in parts)
@@ -282,10 +282,32 @@ def fit_module(
               "center_z": rows_cal[:, z_part].mean(0), "white_z": inverse_sqrt(rows_cal[:, z_part]),
               "center_phi": rows_cal[:, phi_part].mean(0), "white_phi": inverse_sqrt(rows_cal[:, phi_part]),
               "center_q": rows_cal[:, q_part].mean(0), "white_q": inverse_sqrt(rows_cal[:, q_part]),
-              "pooled": np.array([float(len(rows_cal))])}  # fmt: skip
+              "pooled": np.array([float(len(rows_cal))]), "holdout_level": np.zeros(3)}  # fmt: skip
     ref = ModuleReference(name, arrays, resid_mean, resid_std)
     ref.null_min_p = np.sort(ref.p_values(cal_stats).min(axis=1))
+    rows_hold = sample_features(hold, mean, basis, scale, omega, phase, floor)[boot_hold].sum(1)
+    ref.holdout_level = steady_levels(ref, boot_hold.shape[1], rows_hold, lam)
     return ref, ref.module_p(cal_stats), ref.module_p(hold_stats)
+
+
+def steady_levels(ref: ModuleReference, n: int, window_sums: np.ndarray, lam: float) -> np.ndarray:
+    """Each accumulating detector's steady-state statistic on these (held-out) windows, over its
+    no-drift mean: 1 when calibrated, above 1 when the windows sit away from the reference (more
+    false alarms than the target), below when they run calmer (fewer).
+
+    The steady state of ``e`` fed windows ``v_i`` has mean ``v̄`` and variance ``λ/(2-λ)`` of
+    the windows' spread, so ``E[T] = (2-λ)/λ·(|v̄|² - s²/H) + s²`` (``s²`` the windows' mean squared
+    deviation from ``v̄``, ``H`` windows; ``s²/H`` is the noise in ``|v̄|²``), over ``d``.
+    """
+    vs = [ref.standardised_means(n, row, lam) for row in window_sums]
+    levels = []
+    for j in range(3):
+        v = np.array([parts[j] for parts in vs])
+        mean = v.mean(0)
+        spread = float(((v - mean) ** 2).sum(1).mean())
+        bias = max(float(mean @ mean) - spread / len(v), 0.0)
+        levels.append(((2 - lam) / lam * bias + spread) / v.shape[1])
+    return np.array(levels)
 
 
 def predictive_windows(rng: np.random.Generator, n: int, count: int, window: int) -> np.ndarray:
