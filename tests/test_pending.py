@@ -277,3 +277,22 @@ def test_the_grouped_triton_kernel_through_the_watch():
     for i, out in enumerate(outs):
         assert snap[str(i)].calls == 3
         assert_matches(snap[str(i)], oracle(out, watch.config.cast_dtypes))
+
+
+def test_a_failing_grouped_launch_falls_back_to_one_launch_each_and_turns_grouping_off(monkeypatch):
+    def broken(table, items, plan, call):
+        raise RuntimeError("no kernel image for this device")
+
+    model = _mlp()
+    xs = [torch.randn(3, 16) for _ in range(3)]
+    with tw.Watch(model, _device_path=True) as watch, torch.no_grad(), pytest.warns(UserWarning, match="grouped"):
+        monkeypatch.setattr(torch_ops, "merge_group", broken)
+        for x in xs:
+            model(x)
+        snap = watch.snapshot()
+        assert watch.errors == {"grouped launches failed": 1}  # once: grouping is off afterwards
+        assert all(t.grouped is None for t in watch.engine.activations.tables())
+    with torch.no_grad():
+        out = torch.cat([model(x) for x in xs])
+    assert snap["4"].calls == 3
+    assert_matches(snap["4"], oracle(out))

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ...engine.core import Engine
 
 POSITIONS_NOT_MEASURED = "positions not measured"  # measurements of output positions beyond the capacity
+GROUPED_LAUNCH_FAILED = "grouped launches failed"  # then measured one by one, and grouping turned off
 _NO_PLAN = object()
 _NO_CONTEXT = contextlib.nullcontext()
 
@@ -231,7 +232,12 @@ class Activations(Monitor):
         taken = call.pending.take()
         with self._device_lock, torch.no_grad(), torch.cuda.stream(taken.stream) if taken.stream else _NO_CONTEXT:
             for table, plan, items in taken.groups:
-                table.grouped.merge_group(table, items, plan, call.index)
+                try:
+                    table.grouped.merge_group(table, items, plan, call.index)
+                except Exception as exc:  # noqa: BLE001 - measured one by one instead; grouping is off
+                    self._grouping_failed(table, exc)
+                    for x, slot in items:
+                        _merge_for(table, x)(table, slot, x, plan, call.index, use_flag=False)
         for position, unchanged in taken.seen:
             if not unchanged:
                 self._holdable[position] = False
@@ -307,6 +313,18 @@ class Activations(Monitor):
                 if device.type == "cuda":
                     self._graph_mode.cuda = True  # graph capture is possible
         return table
+
+    def _grouping_failed(self, table: DeviceTable, exc: Exception) -> None:
+        """A grouped launch failed: its outputs are measured one launch each, and so is every
+        later output on that device (counted, warned once)."""
+        table.grouped = None
+        self._bus.count(GROUPED_LAUNCH_FAILED)
+        self._bus.warn_once(
+            "grouped-launch",
+            f"a grouped statistics launch on {table.device} failed ({type(exc).__name__}: {exc}); its outputs were "
+            f"measured one launch each, as every output on that device will be from now on (counted in "
+            f"watch.errors[{GROUPED_LAUNCH_FAILED!r}])",
+        )
 
     def _table_full(self, name: str) -> None:
         self._bus.count(POSITIONS_NOT_MEASURED)
