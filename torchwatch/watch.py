@@ -143,7 +143,9 @@ class Watch:
         as ``"sink:<sink>"`` (the sink is disabled), ``"on_nonfinite"`` for errors of an
         ``on_nonfinite`` callable, ``"records not written"``
         (intervals still queued when ``detach()`` stopped waiting), ``"positions not measured"``
-        (measurements of output positions beyond the capacity), ``"drift windows lost"``,
+        (measurements of output positions beyond the capacity), ``"outputs changed in place before
+        their grouped launch"`` (not measured on that call), ``"grouped launches failed"`` (measured
+        one launch each instead), ``"drift windows lost"``,
         ``"latency timings lost"``, and a custom monitor's failures under its ``error_key``. The same
         counts go out with every record (``record.errors``) and to Prometheus
         (``torchwatch_errors_total{kind}``)."""
