@@ -575,13 +575,14 @@ def test_standardised_means_are_the_definition(ref):
     z, phi, q = m.standardised_means(16, rows.sum(0), 0.1)
     k = m.components
     zbar = (((x - m.mean) @ m.basis) * m.scale).mean(0)
-    kappa = 16 / m.pooled[0] * (2 - 0.1) / 0.1
-    np.testing.assert_allclose(z, m.white_z @ (4.0 * (zbar - m.center_z)) / math.sqrt(1 + kappa), rtol=1e-9)
+    kappa = 16 / m.pooled * (2 - 0.1) / 0.1  # per part: z, phi, spread
+    assert m.pooled.tolist() == [9600, 9600, 3600]  # fit + calibration for the means, calibration for the spread
+    np.testing.assert_allclose(z, m.white_z @ (4.0 * (zbar - m.center_z)) / math.sqrt(1 + kappa[0]), rtol=1e-9)
     f = m.features
     np.testing.assert_allclose(phi, m.white_phi @ (4.0 * (rows[:, 1 + k : 1 + k + f].mean(0) - m.center_phi))
-                               / math.sqrt(1 + kappa), rtol=1e-9, atol=1e-12)  # fmt: skip
+                               / math.sqrt(1 + kappa[1]), rtol=1e-9, atol=1e-12)  # fmt: skip
     zsq = ((((x - m.mean) @ m.basis) * m.scale) ** 2).mean(0)
-    np.testing.assert_allclose(q, m.white_q @ (4.0 * (zsq - m.center_q)) / math.sqrt(1 + kappa), rtol=1e-9)
+    np.testing.assert_allclose(q, m.white_q @ (4.0 * (zsq - m.center_q)) / math.sqrt(1 + kappa[2]), rtol=1e-9)
     assert np.allclose(m.white_z, m.white_z.T)
 
 
@@ -677,7 +678,7 @@ def test_a_reference_without_the_accumulating_detectors_asks_to_be_fit_again(ref
     save(old)
     with pytest.raises(tw.FormatError, match="older torchwatch.*fit the reference again"):
         tw.Reference.load(path)
-    zero = dict(tensors, **{"m0.pooled": np.zeros(1)})
+    zero = dict(tensors, **{"m0.pooled": np.zeros(3)})
     save(zero)
     with pytest.raises(tw.FormatError, match="pooled sample count"):
         tw.Reference.load(path)

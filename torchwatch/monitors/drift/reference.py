@@ -453,7 +453,7 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     d, k, m = ref.dim, ref.components, ref.features
     expected = {"mean": (d,), "scale": (k,), "phase": (m,), "rff_ref": (m,), "omega": (k, m), "resid_floor": (1,),
                 "center_z": (k,), "white_z": (k, k), "center_phi": (m,), "white_phi": (m, m),
-                "center_q": (k,), "white_q": (k, k), "pooled": (1,), "holdout_level": (3,)}  # fmt: skip
+                "center_q": (k,), "white_q": (k, k), "pooled": (3,), "holdout_level": (3,)}  # fmt: skip
     for key, shape in expected.items():
         if getattr(ref, key).shape != shape:
             raise FormatError(
@@ -463,8 +463,8 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     for key in ModuleReference.ARRAYS:
         if not np.isfinite(getattr(ref, key)).all():
             raise FormatError(f"reference file {path!r}, module {name!r}: {key} holds NaN/Inf")
-    if not ref.pooled[0] >= 1:
-        raise FormatError(f"reference file {path!r}, module {name!r}: pooled sample count {ref.pooled[0]} < 1")
+    if not ref.pooled.min() >= 1:
+        raise FormatError(f"reference file {path!r}, module {name!r}: pooled sample count {ref.pooled.min()} < 1")
     if not has_residual(ref.basis) and np.any(ref.null_novelty != 0):
         raise FormatError(
             f"reference file {path!r}, module {name!r}: fit by an older torchwatch whose novelty statistic charted "

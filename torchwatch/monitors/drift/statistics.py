@@ -52,7 +52,8 @@ class ModuleReference:
         :meth:`sample_features` rows.
 
         ``sqrt(n)·W(mean - centre)``, ``W`` the inverse square root of the (Ledoit-Wolf) per-sample
-        covariance on the calibration samples, ``centre`` their mean (``pooled`` of them);
+        covariance on the calibration samples, ``centre`` the mean of ``pooled`` samples (fit and
+        calibration for the means, calibration only for the spread: see ``fit_module``);
         divided by ``sqrt(1 + κ)``, ``κ = (n / pooled)(2 - λ)/λ``: the centre's own
         estimation error is a constant offset that the detector's averaging would otherwise
         count as drift (its variance, ``n / pooled`` per window, relative to the detector's
@@ -60,10 +61,12 @@ class ModuleReference:
         """
         k, m = self.components, self.features
         n = max(float(n), 1.0)
-        scale = math.sqrt(n) / math.sqrt(1.0 + n / float(self.pooled[0]) * (2.0 - lam) / lam)
         parts = ((1, k, self.center_z, self.white_z), (1 + k, m, self.center_phi, self.white_phi),
                  (1 + k + m, k, self.center_q, self.white_q))  # fmt: skip
-        return tuple(white @ (scale * (sums[at : at + width] / n - centre)) for at, width, centre, white in parts)
+        return tuple(
+            white @ (math.sqrt(n / (1.0 + n / pooled * (2.0 - lam) / lam)) * (sums[at : at + width] / n - centre))
+            for (at, width, centre, white), pooled in zip(parts, self.pooled.tolist(), strict=True)
+        )
 
     def p_values(self, stats: np.ndarray) -> np.ndarray:
         """(windows, 3) one-sided p-values (large statistics are unusual) against the null."""
@@ -270,19 +273,22 @@ def fit_module(
 
     cal_stats, hold_stats = stats(cal, boot_cal), stats(hold, boot_hold)
     nulls = {key: np.sort(cal_stats[:, j]) for j, key in enumerate(("null_mean_shift", "null_mmd", "null_novelty"))}
-    # Centres and covariances from the calibration samples only: the fit samples chose the basis
+    # Covariances from the calibration samples; the means' centres from the fit and calibration
+    # samples, but the spread's from the calibration samples only: the fit samples chose the basis
     # and its scales, so their squared coordinates run large along the top directions (sample
     # eigenvalues are biased upward), which a detector that averages for ~2/λ windows would read
     # as a narrower spread in every fresh window.
     rows_cal = sample_features(cal, mean, basis, scale, omega, phase, floor)
+    both = np.concatenate([rows_fit, rows_cal])
     z_part, phi_part, q_part = slice(1, 1 + k), slice(1 + k, 1 + k + features), slice(1 + k + features, None)
     arrays = {"mean": mean, "basis": basis, "scale": scale, "omega": omega, "phase": phase, "rff_ref": rff_ref,
               "resid_floor": np.array([floor]),
               **nulls, "null_min_p": np.zeros(1),
-              "center_z": rows_cal[:, z_part].mean(0), "white_z": inverse_sqrt(rows_cal[:, z_part]),
-              "center_phi": rows_cal[:, phi_part].mean(0), "white_phi": inverse_sqrt(rows_cal[:, phi_part]),
+              "center_z": both[:, z_part].mean(0), "white_z": inverse_sqrt(rows_cal[:, z_part]),
+              "center_phi": both[:, phi_part].mean(0), "white_phi": inverse_sqrt(rows_cal[:, phi_part]),
               "center_q": rows_cal[:, q_part].mean(0), "white_q": inverse_sqrt(rows_cal[:, q_part]),
-              "pooled": np.array([float(len(rows_cal))]), "holdout_level": np.zeros(3)}  # fmt: skip
+              "pooled": np.array([len(both), len(both), len(rows_cal)], dtype=np.float64),
+              "holdout_level": np.zeros(3)}  # fmt: skip
     ref = ModuleReference(name, arrays, resid_mean, resid_std)
     ref.null_min_p = np.sort(ref.p_values(cal_stats).min(axis=1))
     rows_hold = sample_features(hold, mean, basis, scale, omega, phase, floor)[boot_hold].sum(1)
