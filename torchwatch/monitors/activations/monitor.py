@@ -199,31 +199,35 @@ class Activations(Monitor):
             self._table_full(name)
             return
         self.window.position(name)
+        # A small output waits for the call's grouped launch once its position is known not to be
+        # changed in place later in the call; until then it is measured now and kept as a probe.
         grouped = table.grouped
+        holdable = False
         if grouped is not None and grouped.groupable(x, table.k) and not x.is_inference():
-            self._hold(call, table, slot, x.detach(), plan)
-        else:
-            with self._device_lock, torch.no_grad():
-                _merge_for(table, x)(table, slot, x.detach(), plan, call.index, use_flag=False)
-        call.device.append((seq, name, table, slot))
-
-    def _hold(self, call: Call, table: DeviceTable, slot: int, x: torch.Tensor, plan: CastPlan) -> None:
-        """Keep a small output for the call's grouped launch, or measure it now and keep it to
-        learn whether it is changed in place later in the call (``pending.py``)."""
-        pending = call.pending
-        if pending is None:
-            pending = call.pending = Pending()
-        stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
-        if pending.blocks(table, slot, stream):
-            self._launch(call)
-        holdable = self._holdable.get((id(table), slot))
+            holdable = self._holdable.get((id(table), slot))
+        x = x.detach()
         if holdable:
-            full = pending.add(table, slot, x, plan, stream)
+            self._hold(call, table, slot, x, plan)
         else:
             with self._device_lock, torch.no_grad():
                 _merge_for(table, x)(table, slot, x, plan, call.index, use_flag=False)
-            full = holdable is None and pending.probe(table, slot, x)
-        if full:
+            if holdable is None and self._pending(call).probe(table, slot, x):
+                self._launch(call)
+        call.device.append((seq, name, table, slot))
+
+    @staticmethod
+    def _pending(call: Call) -> Pending:
+        if call.pending is None:
+            call.pending = Pending()
+        return call.pending
+
+    def _hold(self, call: Call, table: DeviceTable, slot: int, x: torch.Tensor, plan: CastPlan) -> None:
+        """Keep a small output for the call's grouped launch (``pending.py``)."""
+        pending = self._pending(call)
+        stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
+        if pending.blocks(table, slot, stream):
+            self._launch(call)
+        if pending.add(table, slot, x, plan, stream):
             self._launch(call)
 
     def _launch(self, call: Call) -> None:
