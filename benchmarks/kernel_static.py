@@ -5,7 +5,7 @@ call index from the device or not) is compiled for sm_90 on this machine; Triton
 ``cuobjdump`` reads the registers, stack and spill bytes of the cubin, and ``nvdisasm`` its SASS.
 The steady-state loop is the fast pass: of the loops that load the input (``LDG``) and branch
 back to themselves, the one with the most loads (``UNROLL`` tiles per iteration). Its instructions
-divided by the elements one thread handles per iteration (``group`` / threads) are the
+divided by the elements one thread handles per iteration (``GROUP`` / threads) are the
 instructions per element. The other loops are the full re-read a program makes only when its
 share holds NaN, Inf or a value over a cast's range, and the masked tail: reported, not budgeted.
 Occupancy follows from the registers: 64K registers per SM, at most 64 warps.
@@ -28,14 +28,12 @@ import re
 import subprocess
 import tempfile
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
 from torchwatch.kernels import triton_stats
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BUDGET = {"fp32": 40, "fp16": 20, "bf16": 20}  # SASS instructions per element
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
@@ -93,6 +91,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--capability", type=int, default=90, help="compute capability to compile for (default 90)")
     args = p.parse_args()
+    per_thread = triton_stats.GROUP // (32 * triton_stats.NUM_WARPS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, source in triton_stats.variants():
@@ -105,7 +104,6 @@ def main() -> None:
             count, by_op = max(found, key=lambda loop: loop[1].get("LDG", 0))  # the fast pass
             others = [n for n, ops in found if (n, ops) != (count, by_op)]  # the re-read, the tail
             dtype = name.split("/")[0]
-            per_thread = triton_stats.group(_DTYPES[dtype]) // (32 * triton_stats.NUM_WARPS)
             usage = resources(path)
             warps = occupancy(usage["registers"], triton_stats.NUM_WARPS)
             rows.append({"variant": name, **usage, "warps_per_sm": warps,

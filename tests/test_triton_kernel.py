@@ -107,7 +107,7 @@ def test_the_inactive_half_is_untouched_and_flips_keep_windows_apart():
 
 
 def test_a_large_tensor_uses_many_programs_and_stays_exact():
-    n = triton_stats.group(torch.float32) * 10 + 17
+    n = triton_stats.GROUP * 10 + 17
     x = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 1e3 + 5e4
     x[::1001] = 0.0
     table = _table()
@@ -137,7 +137,7 @@ def test_a_value_the_fast_pass_cannot_count_sends_its_program_back_in_full(few_p
     that program read its share again in full, wherever in the share the value sits, and every
     other statistic must come out the same. 1e-30 moves only fast-pass counts (underflow,
     subnormal in float32/bfloat16): the control case."""
-    group = triton_stats.group(dtype)
+    group = triton_stats.GROUP
     n = 12 * group + 2000  # 12 whole groups over 4 programs, and a tail
     x = (torch.randn(n, generator=torch.Generator().manual_seed(11)) * 3.0).to(dtype)
     x[::97] = 0.0
@@ -267,7 +267,7 @@ def test_one_grouped_launch_measures_many_tensors_as_one_launch_each_would(dtype
     values. Counts and range exactly; mean and std to float64 rounding, since a tensor of 20
     groups is split over 16 programs here and 20 there (other partial sums)."""
     gen = torch.Generator().manual_seed(5)
-    sizes = (1, 7, 1000, triton_stats.group(dtype) * 3 + 11, triton_stats.group(dtype) * 20)
+    sizes = (1, 7, 1000, triton_stats.GROUP * 3 + 11, triton_stats.GROUP * 20)
     xs = [(torch.randn(n, generator=gen) * 4).to(dtype) for n in sizes]
     xs[2][17] = math.nan
     xs[3][5] = -math.inf

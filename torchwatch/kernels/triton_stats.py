@@ -48,6 +48,7 @@ from .triton_tile import N_PART_FIXED, measure_share
 NUM_WARPS = 8
 BLOCK = 1024  # elements per tile: 4 per thread
 UNROLL = 4  # tiles per loop iteration: independent loads in flight, loop bookkeeping amortised
+GROUP = BLOCK * UNROLL  # a program's share is whole groups; the tail after the last one is read with masks
 MAX_PROGRAMS = 256
 # Grouped launches (one per root call and dtype, for outputs of at most GROUPED_BYTES each): at
 # most GROUPED_PROGRAMS programs per tensor, at most GROUPED_ROWS tensors per launch.
@@ -171,12 +172,6 @@ def live_columns(plan: CastPlan) -> tuple[int, int]:
     return under, over
 
 
-def group(dtype: torch.dtype) -> int:
-    """Elements per iteration of a program's loop (UNROLL tiles): a program's share is whole
-    groups, and the tail after the last whole group is read with masks."""
-    return BLOCK * UNROLL
-
-
 def gate(plan: CastPlan) -> float:
     """The |x| above which the fast pass may miss a count: the smallest over-threshold some value
     of the source dtype can cross, else the source's largest finite value (so only Inf passes it)."""
@@ -197,7 +192,7 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
     if is_bf16:
         flat = flat.view(torch.int16)
     n = flat.numel()
-    programs = max(1, min(MAX_PROGRAMS, triton.cdiv(n, group(x.dtype))))
+    programs = max(1, min(MAX_PROGRAMS, triton.cdiv(n, GROUP)))
     under, over = ws.thresholds[id(plan)]
     from_device = isinstance(call, torch.Tensor)
     _stats_kernel[(programs,)](
@@ -238,13 +233,12 @@ def merge_group(table, items: list[tuple[torch.Tensor, int]], plan: CastPlan, ca
     """
     ws = table.scratch
     dtype = items[0][0].dtype
-    per_program = group(dtype)
     for start in range(0, len(items), GROUPED_ROWS):
         chunk = items[start : start + GROUPED_ROWS]
         values: list[int] = []
         for x, slot in chunk:
             n = x.numel()
-            values += (x.data_ptr(), n, slot, max(1, min(GROUPED_PROGRAMS, -(-n // per_program))))
+            values += (x.data_ptr(), n, slot, max(1, min(GROUPED_PROGRAMS, -(-n // GROUP))))
 
         def run(rows: torch.Tensor, count: int = len(chunk)) -> None:
             under, over = ws.thresholds[id(plan)]
