@@ -195,34 +195,36 @@ class DriftMonitor:
         if w <= self._partial_checked or n < max(4.0, self.ref.window / 4) or n >= self.ref.window:
             return []
         self._partial_checked = w
-        module_p, stats, per_stat = {}, {}, {}
-        for name, row in rows.items():
-            ref = self.ref.modules[name]
-            stats[name] = ref.window_statistics(row[None, 0], row[None, 1:])
-            per_stat[name] = ref.p_values(stats[name])[0]
-            module_p[name] = float(ref.module_p(stats[name])[0])
-        joint = float(self.ref.joint_p(np.array([list(module_p.values())]))[0])
+        stats, per_stat, module_p, joint = self._score_window(rows)
         name = min(module_p, key=module_p.get)
         mod = self.modules[name]
         if joint > self.partial_alpha or mod.alarm:
             return []
         mod.alarm = True
-        alert = self._opened(name, w, rows[name], stats[name][0], per_stat[name], [], step)
+        alert = self._opened(name, w, rows[name], stats[name], per_stat[name], [], step)
         note = f" (after {int(n)} of its {self.ref.window} samples)"
         return [dataclasses.replace(alert, message=alert.message + note)]
 
-    def _evaluate(self, w: int, rows: dict[str, np.ndarray], step: int) -> list[Alert]:
-        module_p, stats, per_stat, accumulated = {}, {}, {}, {}
+    def _score_window(self, rows: dict[str, np.ndarray]) -> tuple[dict, dict, dict[str, float], float]:
+        """Per module a window's three statistics, their p-values and the module p-value; and
+        the joint p-value over modules."""
+        stats, per_stat, module_p = {}, {}, {}
         for name, row in rows.items():
             ref = self.ref.modules[name]
             s = ref.window_statistics(row[None, 0], row[None, 1:])
             stats[name] = s[0]
             per_stat[name] = ref.p_values(s)[0]
             module_p[name] = float(ref.module_p(s)[0])
-            self.modules[name].p_value = module_p[name]
-            means = ref.standardised_means(row[0], row[1:], self.smoothing)
-            accumulated[name] = [det.update(v) for det, v in zip(self.modules[name].detectors, means, strict=True)]
-        joint = float(self.ref.joint_p(np.array([list(module_p.values())]))[0])
+        return stats, per_stat, module_p, float(self.ref.joint_p(np.array([list(module_p.values())]))[0])
+
+    def _evaluate(self, w: int, rows: dict[str, np.ndarray], step: int) -> list[Alert]:
+        stats, per_stat, module_p, joint = self._score_window(rows)
+        accumulated = {}
+        for name, row in rows.items():
+            mod = self.modules[name]
+            mod.p_value = module_p[name]
+            means = self.ref.modules[name].standardised_means(row[0], row[1:], self.smoothing)
+            accumulated[name] = [det.update(v) for det, v in zip(mod.detectors, means, strict=True)]
         self.windows += 1
         gross = self.cusum.update(joint)
         first = min(module_p, key=module_p.get)
