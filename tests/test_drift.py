@@ -568,7 +568,7 @@ def test_with_no_smoothing_the_mewma_is_a_per_window_chi_square_test():
 
 def test_standardised_means_are_the_definition(ref):
     """sqrt(n) W (mean - centre) / sqrt(1 + kappa), computed from the embeddings by hand; and W
-    whitens the shrunk calibration covariance it came from."""
+    is symmetric (an inverse square root of a covariance)."""
     m = ref.modules["0"]
     x = gaussian(16, seed=30).numpy().astype(np.float64)  # module "0" passes its input through
     rows = m.sample_features(x)
@@ -576,13 +576,15 @@ def test_standardised_means_are_the_definition(ref):
     k = m.components
     zbar = (((x - m.mean) @ m.basis) * m.scale).mean(0)
     kappa = 16 / m.pooled * (2 - 0.1) / 0.1  # per part: z, phi, spread
-    assert m.pooled.tolist() == [9600, 9600, 3600]  # fit + calibration for the means, calibration for the spread
+    assert m.pooled.tolist() == [9600, 9600, 9600]  # the fit and calibration samples
     np.testing.assert_allclose(z, m.white_z @ (4.0 * (zbar - m.center_z)) / math.sqrt(1 + kappa[0]), rtol=1e-9)
     f = m.features
     np.testing.assert_allclose(phi, m.white_phi @ (4.0 * (rows[:, 1 + k : 1 + k + f].mean(0) - m.center_phi))
                                / math.sqrt(1 + kappa[1]), rtol=1e-9, atol=1e-12)  # fmt: skip
-    zsq = ((((x - m.mean) @ m.basis) * m.scale) ** 2).mean(0)
-    np.testing.assert_allclose(q, m.white_q @ (4.0 * (zsq - m.center_q)) / math.sqrt(1 + kappa[2]), rtol=1e-9)
+    zabs = np.abs(((x - m.mean) @ m.basis) * m.scale).mean(0)
+    np.testing.assert_allclose(
+        q, m.white_spread @ (4.0 * (zabs - m.center_spread)) / math.sqrt(1 + kappa[2]), rtol=1e-9
+    )
     assert np.allclose(m.white_z, m.white_z.T)
 
 
@@ -676,6 +678,11 @@ def test_a_reference_without_the_accumulating_detectors_asks_to_be_fit_again(ref
         k: v for k, v in tensors.items() if not k.endswith(("center_z", "white_z", "center_phi", "white_phi", "pooled"))
     }
     save(old)
+    with pytest.raises(tw.FormatError, match="older torchwatch.*fit the reference again"):
+        tw.Reference.load(path)
+    # a file whose spread detector averaged z² (before |z|): same shapes, other meaning
+    squared = {k.replace("_spread", "_q"): v for k, v in tensors.items()}
+    save(squared)
     with pytest.raises(tw.FormatError, match="older torchwatch.*fit the reference again"):
         tw.Reference.load(path)
     zero = dict(tensors, **{"m0.pooled": np.zeros(3)})

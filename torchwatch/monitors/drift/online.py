@@ -13,7 +13,7 @@ completed since the previous flush into:
   :mod:`.statistics`), whose joint p-value feeds a CUSUM: gross shifts, within a window or two
   (and the window still being filled is tested once, at a small p-value bound: a gross shift
   need not wait for its window to fill);
-* per module, the window's standardised PCA mean, random-feature mean and mean squared PCA
+* per module, the window's standardised PCA mean, random-feature mean and mean absolute PCA
   coordinates (a change of spread, or a rotation inside the basis), each fed to a multivariate
   EWMA (:mod:`.mewma`): small persistent shifts, whose evidence adds up across windows.
 
@@ -144,7 +144,7 @@ class DriftMonitor:
                 r = torch.log(((c * c).sum(1) - (p * p).sum(1)).clamp(min=0) + floor)
             else:  # no space outside the basis: no novelty statistic (as at fit time)
                 r = torch.zeros_like(phi[:, 0])
-            rows = torch.cat((torch.ones_like(r)[:, None], r[:, None], z, phi, z * z), dim=1).to(torch.float64)
+            rows = torch.cat((torch.ones_like(r)[:, None], r[:, None], z, phi, z.abs()), dim=1).to(torch.float64)
             position = mod.count + torch.arange(rows.shape[0], device=self.device)
             index = torch.div(position, self.ref.window, rounding_mode="floor") % RING
             mod.sums.index_add_(0, index, rows)

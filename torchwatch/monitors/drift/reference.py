@@ -348,7 +348,7 @@ class Reference:
             window, arl, delta = int(metadata["window"]), float(metadata["arl"]), float(metadata["delta"])
             smoothing = float(metadata.get("smoothing", _mewma.DEFAULT_LAMBDA))
             samples = int(metadata.get("samples", "0"))
-            if "m0.center_z" not in tensors and "m0.mean" in tensors:
+            if "m0.mean" in tensors and any(f"m0.{key}" not in tensors for key in ModuleReference.DETECTOR_ARRAYS):
                 raise FormatError(
                     f"{where} was fit by an older torchwatch, without what the accumulating drift detectors need; "
                     "fit the reference again (Reference.fit) and save it"
@@ -453,7 +453,7 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     d, k, m = ref.dim, ref.components, ref.features
     expected = {"mean": (d,), "scale": (k,), "phase": (m,), "rff_ref": (m,), "omega": (k, m), "resid_floor": (1,),
                 "center_z": (k,), "white_z": (k, k), "center_phi": (m,), "white_phi": (m, m),
-                "center_q": (k,), "white_q": (k, k), "pooled": (3,), "holdout_level": (3,)}  # fmt: skip
+                "center_spread": (k,), "white_spread": (k, k), "pooled": (3,), "holdout_level": (3,)}  # fmt: skip
     for key, shape in expected.items():
         if getattr(ref, key).shape != shape:
             raise FormatError(

@@ -15,8 +15,10 @@ class ModuleReference:
     """The fixed-size summary of one module's reference embeddings (see the module docstring)."""
 
     ARRAYS = ("mean", "basis", "scale", "omega", "phase", "rff_ref", "resid_floor", "null_mean_shift", "null_mmd",
-              "null_novelty", "null_min_p", "center_z", "white_z", "center_phi", "white_phi", "center_q", "white_q",
-              "pooled", "holdout_level")  # fmt: skip
+              "null_novelty", "null_min_p", "center_z", "white_z", "center_phi", "white_phi", "center_spread",
+              "white_spread", "pooled", "holdout_level")  # fmt: skip
+    # what the accumulating detectors read: a file without them is from an older torchwatch
+    DETECTOR_ARRAYS = ARRAYS[ARRAYS.index("center_z") :]
 
     def __init__(self, name: str, arrays: dict[str, np.ndarray], resid_mean: float, resid_std: float) -> None:
         self.name = name
@@ -38,7 +40,7 @@ class ModuleReference:
         return self.omega.shape[1]
 
     def sample_features(self, x: np.ndarray) -> np.ndarray:
-        """Per-sample ``[r, z..., φ..., z²...]`` rows for embeddings ``x`` (n, d), as the hook computes them."""
+        """Per-sample ``[r, z..., φ..., |z|...]`` rows for embeddings ``x`` (n, d), as the hook computes them."""
         return sample_features(x, self.mean, self.basis, self.scale, self.omega, self.phase, self.resid_floor[0])
 
     def window_statistics(self, n: np.ndarray, sums: np.ndarray) -> np.ndarray:
@@ -46,14 +48,14 @@ class ModuleReference:
         return window_statistics(n, sums, self.components, self.rff_ref, self.resid_mean, self.resid_std)
 
     def standardised_means(self, n: float, sums: np.ndarray, lam: float) -> tuple[np.ndarray, ...]:
-        """A window's whitened PCA mean, random-feature mean and mean of squared PCA coordinates
+        """A window's whitened PCA mean, random-feature mean and mean absolute PCA coordinates
         (the spread along each direction) as ``N(0, I)`` vectors when nothing drifted, for the
         accumulating detectors (:mod:`.mewma`). ``sums``: the window's sums of
         :meth:`sample_features` rows.
 
         ``sqrt(n)·W(mean - centre)``, ``W`` the inverse square root of the (Ledoit-Wolf) per-sample
-        covariance on the calibration samples, ``centre`` the mean of ``pooled`` samples (fit and
-        calibration for the means, calibration only for the spread: see ``fit_module``);
+        covariance, ``centre`` the mean of the ``pooled`` fit and calibration samples (which
+        samples give which covariance: see ``fit_module``);
         divided by ``sqrt(1 + κ)``, ``κ = (n / pooled)(2 - λ)/λ``: the centre's own
         estimation error is a constant offset that the detector's averaging would otherwise
         count as drift (its variance, ``n / pooled`` per window, relative to the detector's
@@ -62,7 +64,7 @@ class ModuleReference:
         k, m = self.components, self.features
         n = max(float(n), 1.0)
         parts = ((1, k, self.center_z, self.white_z), (1 + k, m, self.center_phi, self.white_phi),
-                 (1 + k + m, k, self.center_q, self.white_q))  # fmt: skip
+                 (1 + k + m, k, self.center_spread, self.white_spread))  # fmt: skip
         return tuple(
             white @ (math.sqrt(n / (1.0 + n / pooled * (2.0 - lam) / lam)) * (sums[at : at + width] / n - centre))
             for (at, width, centre, white), pooled in zip(parts, self.pooled.tolist(), strict=True)
@@ -217,7 +219,11 @@ def sample_features(
     # log of the energy outside the PCA basis: a few outlying samples do not dominate a window's mean
     outside = np.maximum((c * c).sum(1) - (p * p).sum(1), 0.0)
     r = np.log(outside + floor) if has_residual(basis) else np.zeros(len(x))
-    return np.concatenate([r[:, None], z, phi, z * z], axis=1)
+    # the spread as |z|, not z²: real embeddings are heavy-tailed, and the window means of z² were
+    # far from Gaussian (on sentence embeddings a window's 99.9% quantile was twice the chi-square
+    # one), so the spread detector false-alarmed five times as often as its share; |z| moves as
+    # much with a change of spread (E|z| = σ·sqrt(2/π)) with tails no heavier than z's
+    return np.concatenate([r[:, None], z, phi, np.abs(z)], axis=1)
 
 
 def window_statistics(
@@ -273,11 +279,15 @@ def fit_module(
 
     cal_stats, hold_stats = stats(cal, boot_cal), stats(hold, boot_hold)
     nulls = {key: np.sort(cal_stats[:, j]) for j, key in enumerate(("null_mean_shift", "null_mmd", "null_novelty"))}
-    # Covariances from the calibration samples; the means' centres from the fit and calibration
-    # samples, but the spread's from the calibration samples only: the fit samples chose the basis
-    # and its scales, so their squared coordinates run large along the top directions (sample
-    # eigenvalues are biased upward), which a detector that averages for ~2/λ windows would read
-    # as a narrower spread in every fresh window.
+    # Centres and covariances from the fit and calibration samples (the PCA mean's covariance
+    # from the calibration ones only). Fewer samples leave the detectors a persistent offset
+    # (the centre's error, which averaging over ~2/λ windows reads as drift) and a badly scaled
+    # whitening: with the random features whitened from 1,500 calibration samples alone, fresh
+    # real embeddings had 128 variances of 0.5-1.9, and with the spread centred on them alone a
+    # 700-sample reference ran 5 times longer than its target with no drift, while some 5,000-
+    # sample references false-alarmed 4 times too often (benchmarks/drift_text.py). The fit
+    # samples' coordinates run slightly large along the top directions (they chose them), a
+    # smaller error than either.
     rows_cal = sample_features(cal, mean, basis, scale, omega, phase, floor)
     both = np.concatenate([rows_fit, rows_cal])
     z_part, phi_part, q_part = slice(1, 1 + k), slice(1 + k, 1 + k + features), slice(1 + k + features, None)
@@ -285,9 +295,9 @@ def fit_module(
               "resid_floor": np.array([floor]),
               **nulls, "null_min_p": np.zeros(1),
               "center_z": both[:, z_part].mean(0), "white_z": inverse_sqrt(rows_cal[:, z_part]),
-              "center_phi": both[:, phi_part].mean(0), "white_phi": inverse_sqrt(rows_cal[:, phi_part]),
-              "center_q": rows_cal[:, q_part].mean(0), "white_q": inverse_sqrt(rows_cal[:, q_part]),
-              "pooled": np.array([len(both), len(both), len(rows_cal)], dtype=np.float64),
+              "center_phi": both[:, phi_part].mean(0), "white_phi": inverse_sqrt(both[:, phi_part]),
+              "center_spread": both[:, q_part].mean(0), "white_spread": inverse_sqrt(both[:, q_part]),
+              "pooled": np.full(3, float(len(both))),
               "holdout_level": np.zeros(3)}  # fmt: skip
     ref = ModuleReference(name, arrays, resid_mean, resid_std)
     ref.null_min_p = np.sort(ref.p_values(cal_stats).min(axis=1))
