@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-drift bench-integrity clean
+.PHONY: demo test lint format bench bench-drift bench-drift-text bench-integrity clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt requirements/real-models.txt torchwatch/kernels/_cstats.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ $(BENCH_VENV)/.installed: pyproject.toml requirements/drift-bench.txt
 
 bench-drift: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python benchmarks/drift.py --json benchmarks/drift-last-run.json
+
+bench-drift-text: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/drift_text.py --json benchmarks/drift-text-last-run.json
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(PEER_VENV) build *.egg-info torchwatch/kernels/*.so
