@@ -144,15 +144,17 @@ def embeddings() -> tuple[dict[str, np.ndarray], dict]:
     legal = legal_sentences(set(docs))
     truncated = [" ".join(s.split()[:6]) for s in docs]
     digest = hashlib.sha256("\n".join([*docs, "--", *legal]).encode()).hexdigest()[:16]
-    import spacy
+    from importlib.metadata import version
 
-    nlp = spacy.load(MODEL, exclude=["tagger", "parser", "attribute_ruler", "lemmatizer", "ner", "senter"])
-    info = {"model": f"{MODEL} {nlp.meta.get('version')}", "spacy": spacy.__version__, "docs": len(docs),
-            "legal": len(legal), "text_sha256_16": digest}  # fmt: skip
-    path = os.path.join(CACHE, f"emb-{digest}.npz")
+    info = {"model": f"{MODEL} {version(MODEL)}", "spacy": version("spacy"), "docs": len(docs), "legal": len(legal),
+            "text_sha256_16": digest}  # fmt: skip
+    path = os.path.join(CACHE, f"emb-{digest}-{version(MODEL)}.npz")
     if os.path.exists(path):
         with np.load(path) as f:
             return {k: f[k] for k in ("docs", "legal", "truncated")}, info
+    import spacy
+
+    nlp = spacy.load(MODEL, exclude=["tagger", "parser", "attribute_ruler", "lemmatizer", "ner", "senter"])
     out = {}
     for key, texts in (("docs", docs), ("legal", legal), ("truncated", truncated)):
         out[key] = np.stack([d.tensor.mean(0) for d in nlp.pipe(texts, batch_size=256)]).astype(np.float32)
@@ -305,10 +307,10 @@ def side_by_side(emb: dict, quick: bool) -> dict:
             row["shifts"][name] = {"delays_samples": delays, "detected": len(found) / shift_streams,
                                    "median_windows": median}  # fmt: skip
             print(f"[vs alibi] {det.name} {name}: {row['shifts'][name]}", flush=True)
-        sample = s.draw(np.random.default_rng(9), 8)
         if det.name == "torchwatch":
             row.update(torchwatch_cost(ref, s))
         else:
+            sample = s.draw(np.random.default_rng(9), 8)
             det.reset()
             t0 = time.perf_counter()
             for r in sample:

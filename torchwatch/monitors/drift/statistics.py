@@ -279,15 +279,14 @@ def fit_module(
 
     cal_stats, hold_stats = stats(cal, boot_cal), stats(hold, boot_hold)
     nulls = {key: np.sort(cal_stats[:, j]) for j, key in enumerate(("null_mean_shift", "null_mmd", "null_novelty"))}
-    # Centres and covariances from the fit and calibration samples (the PCA mean's covariance
-    # from the calibration ones only). Fewer samples leave the detectors a persistent offset
-    # (the centre's error, which averaging over ~2/λ windows reads as drift) and a badly scaled
-    # whitening: with the random features whitened from 1,500 calibration samples alone, fresh
-    # real embeddings had 128 variances of 0.5-1.9, and with the spread centred on them alone a
-    # 700-sample reference ran 5 times longer than its target with no drift, while some 5,000-
-    # sample references false-alarmed 4 times too often (benchmarks/drift_text.py). The fit
-    # samples' coordinates run slightly large along the top directions (they chose them), a
-    # smaller error than either.
+    # Centres and covariances from the fit and calibration samples: fewer samples leave the
+    # detectors a persistent offset (the centre's error, which ~2/λ windows of averaging read as
+    # drift) and a badly scaled whitening (the 128 random features whitened from 1,500
+    # calibration samples alone had fresh-data variances of 0.5-1.9 on real embeddings; see
+    # benchmarks/drift_text.py). The fit samples chose the basis, so their coordinates run
+    # slightly large along its top directions; for the centres that cost less than the offset
+    # it removes. The PCA mean's covariance stays on the calibration samples alone: the fit
+    # samples' whitened coordinates have variance 1 by construction, which fresh ones do not.
     rows_cal = sample_features(cal, mean, basis, scale, omega, phase, floor)
     both = np.concatenate([rows_fit, rows_cal])
     z_part, phi_part, q_part = slice(1, 1 + k), slice(1 + k, 1 + k + features), slice(1 + k + features, None)
