@@ -65,8 +65,15 @@ class ModuleReference:
         n = max(float(n), 1.0)
         parts = ((1, k, self.center_z, self.white_z), (1 + k, m, self.center_phi, self.white_phi),
                  (1 + k + m, k, self.center_spread, self.white_spread))  # fmt: skip
+        # einsum, not ``@``: a matrix-vector product goes to the BLAS, whose threads fight the
+        # model's torch threads for the cores; on 2 cores that made one window in ten take ~3 ms
+        # instead of ~0.3 ms (benchmarks/drift_text.py, cost). einsum's own loop uses one thread.
         return tuple(
-            white @ (math.sqrt(n / (1.0 + n / pooled * (2.0 - lam) / lam)) * (sums[at : at + width] / n - centre))
+            np.einsum(
+                "ij,j->i",
+                white,
+                math.sqrt(n / (1.0 + n / pooled * (2.0 - lam) / lam)) * (sums[at : at + width] / n - centre),
+            )
             for (at, width, centre, white), pooled in zip(parts, self.pooled.tolist(), strict=True)
         )
 
