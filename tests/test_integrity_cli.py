@@ -138,3 +138,38 @@ def test_non_utf8_output_path_from_a_real_process(ckpt, tmp_path):
     done = subprocess.run([sys.executable, "-m", "torchwatch", "verify", bad, "--manifest", out],
                           capture_output=True, env=env, timeout=120)  # fmt: skip
     assert done.returncode == 2 and b"no-\\xfe.safetensors' does not exist" in done.stderr
+
+
+# ---- keygen ----------------------------------------------------------------------------------
+
+
+def test_keygen_writes_a_fresh_owner_only_key_that_signs_and_verifies(tmp_path, capsys):
+    key = tmp_path / "manifest.key"
+    assert cli.main(["keygen", "-o", str(key)]) == 0
+    assert "32-byte signing key" in capsys.readouterr().out
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and key.stat().st_size == 32
+    other = tmp_path / "other.key"
+    assert cli.main(["keygen", "-o", str(other)]) == 0
+    assert key.read_bytes() != other.read_bytes()  # random, not a constant
+    model = torch.nn.Linear(3, 2)
+    manifest = tw.Manifest.from_model(model)
+    manifest.save(tmp_path / "m.json", key=key)
+    tw.Manifest.load(tmp_path / "m.json", key=key)  # the key it made signs and verifies
+    with pytest.raises(tw.IntegrityError):
+        tw.Manifest.load(tmp_path / "m.json", key=other)
+
+
+def test_keygen_never_replaces_a_key_and_leaves_nothing_on_failure(tmp_path, capsys):
+    key = tmp_path / "manifest.key"
+    key.write_bytes(b"k" * 32)
+    assert cli.main(["keygen", "-o", str(key)]) == 2
+    assert "already exists" in capsys.readouterr().err and key.read_bytes() == b"k" * 32
+    link = tmp_path / "link.key"
+    link.symlink_to(tmp_path / "elsewhere.key")
+    assert cli.main(["keygen", "-o", str(link)]) == 2  # a dangling link is not followed to create its target
+    assert not (tmp_path / "elsewhere.key").exists()
+    assert cli.main(["keygen", "-o", str(tmp_path / "missing" / "k.key")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    with pytest.raises(tw.ConfigError, match="size must be"):
+        tw.write_key(tmp_path / "small.key", size=8)
+    assert not (tmp_path / "small.key").exists()

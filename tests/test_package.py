@@ -18,7 +18,7 @@ EXPECTED = {
     "Tolerances", "WeightReport", "fingerprint", "selftest", "verify_weights",
     "CircuitBreaker", "CircuitOpenError", "IncidentLog", "PrometheusSink", "rules",
     "IdStats", "InputMonitor", "InputStats", "OutputMonitor", "OutputQuality", "Comparison", "Shadow", "compare",
-    "shadow",
+    "shadow", "write_key",
 }  # fmt: skip
 
 
@@ -57,3 +57,18 @@ def test_error_tree():
     for cls in (tw.IntegrityError, tw.CanaryError, tw.NonFiniteError, tw.CircuitOpenError):
         assert issubclass(cls, tw.TorchwatchError)
     assert issubclass(tw.TorchwatchWarning, UserWarning)
+
+
+def test_the_distribution_name_is_ours_everywhere():
+    # the package index holds an unrelated project called "torchwatch": no install hint may name it
+    from importlib.metadata import version
+
+    from torchwatch._dist import DISTRIBUTION, install_hint
+
+    root = pathlib.Path(__file__).parents[1]
+    assert f'name = "{DISTRIBUTION}"' in (root / "pyproject.toml").read_text()
+    assert version(DISTRIBUTION) == tw.__version__
+    assert install_hint("tensorboard") == "pip install 'torchwatch-monitor[tensorboard]'"
+    texts = [p.read_text() for p in [root / "README.md", *root.glob("docs/*.md"), *root.glob("torchwatch/**/*.py")]]
+    for text in texts:
+        assert "pip install 'torchwatch[" not in text and "pip install torchwatch " not in text

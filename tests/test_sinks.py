@@ -299,7 +299,8 @@ def test_tensorboard_sink_needs_tensorboard(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(
-        ImportError, match=r"TensorBoardSink needs the tensorboard package: pip install 'torchwatch\[tensorboard\]'"
+        ImportError,
+        match=r"TensorBoardSink needs the tensorboard package: pip install 'torchwatch-monitor\[tensorboard\]'",
     ):
         tw.TensorBoardSink("runs")
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from . import rules
+from ._dist import DISTRIBUTION
 from .alerts import Alert, FirstNonFinite
 from .containment import CircuitBreaker
 from .errors import (
@@ -36,6 +37,7 @@ from .integrity import (
     fingerprint,
     selftest,
     verify_weights,
+    write_key,
 )
 from .measure import tensor_stats
 from .monitors import Monitor
@@ -52,7 +54,7 @@ from .watch import Watch, attach
 try:
     from importlib.metadata import PackageNotFoundError, version
 
-    __version__ = version("torchwatch")
+    __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
@@ -108,4 +110,5 @@ __all__ = [
     "shadow",
     "tensor_stats",
     "verify_weights",
+    "write_key",
 ]

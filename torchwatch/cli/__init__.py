@@ -1,5 +1,5 @@
 """The ``torchwatch`` command line: ``demo`` (:mod:`.demo`), ``report`` (:mod:`.report`), and
-``manifest``, ``verify``, ``canary`` (:mod:`.integrity`).
+``manifest``, ``verify``, ``canary``, ``keygen`` (:mod:`.integrity`).
 
 Exit codes: 0 ok, 1 a check failed (weights or canary outputs differ, or the demo did not
 catch its failure), 2 bad usage or unreadable input.
@@ -12,6 +12,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
+from .._dist import DISTRIBUTION
 from .._files import atomic_write, shown
 from ..errors import TorchwatchError
 from . import report
@@ -63,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
         prog="torchwatch",
         description="Catch the silent failures of PyTorch models at inference time.",
     )
+    p.add_argument("--version", action="version", version=f"torchwatch {__version__} ({DISTRIBUTION})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",

@@ -1,4 +1,4 @@
-"""``torchwatch manifest``, ``torchwatch verify`` and ``torchwatch canary record|verify``."""
+"""``torchwatch manifest``, ``torchwatch verify``, ``torchwatch canary record|verify`` and ``torchwatch keygen``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .._files import shown
 from ..errors import ConfigError, FormatError, IntegrityError, TorchwatchError
 from ..integrity import _safetensors
 from ..integrity.canary import MODES, Canary
+from ..integrity.keys import KEY_BYTES, write_key
 from ..integrity.manifest import Manifest
 from ..integrity.verify import ignore_matcher, loader_patterns, matches, verify_weights
 
@@ -225,7 +226,8 @@ def add_commands(sub: Any) -> None:
 
     v = sub.add_parser(
         "verify", help="check a checkpoint or model against a manifest",
-        description="Exit 0 if every tensor matches the manifest, 1 if any does not (each is named), 2 on bad input.",
+        description="Check a safetensors checkpoint (or a model from a factory) against a manifest, tensor by "
+        "tensor. Exit 0 if every tensor matches, 1 if any does not (each is named), 2 on bad input.",
     )  # fmt: skip
     _paths(v)
     v.add_argument("--manifest", required=True, help="the manifest to check against")
@@ -235,11 +237,16 @@ def add_commands(sub: Any) -> None:
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(handler=_guarded(_verify))
 
-    c = sub.add_parser("canary", help="record or verify a reference batch and its outputs")
+    c = sub.add_parser(
+        "canary", help="record or verify a reference batch and its outputs",
+        description="Record a reference batch and the model's outputs on it at release time (record); at startup, "
+        "run the model on it again and compare (verify).",
+    )  # fmt: skip
     csub = c.add_subparsers(dest="canary_command", metavar="ACTION", required=True)
     rec = csub.add_parser(
         "record", help="run the model on inputs and save inputs and outputs",
-        description="Exit 0 written, 2 bad input (the model fails on the inputs, unreadable files).",
+        description="Run the model on a reference batch and save the batch and every output in one safetensors "
+        "file. Exit 0 written, 2 bad input (the model fails on the inputs, unreadable files).",
     )  # fmt: skip
     rec.add_argument("--model", required=True, metavar="SPEC", help="package.module:factory building the model")
     rec.add_argument("--weights", nargs="+", metavar="PATH", help="safetensors weights to load (strict)")
@@ -255,7 +262,8 @@ def add_commands(sub: Any) -> None:
     rec.set_defaults(handler=_guarded(_canary_record))
     ver = csub.add_parser(
         "verify", help="run the model on the canary inputs and compare outputs",
-        description="Exit 0 if every output matches, 1 if any does not (each is named), 2 on bad input.",
+        description="Run the model on a canary's inputs and compare its outputs with the recorded ones. Exit 0 "
+        "if every output matches, 1 if any does not (each is named), 2 on bad input.",
     )  # fmt: skip
     ver.add_argument("canary", help="the canary file")
     ver.add_argument("--model", required=True, metavar="SPEC", help="package.module:factory building the model")
@@ -264,6 +272,21 @@ def add_commands(sub: Any) -> None:
     ver.add_argument("--mode", choices=MODES, default="auto", help="comparison (default: auto, from the metadata)")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     ver.set_defaults(handler=_guarded(_canary_verify))
+
+    k = sub.add_parser(
+        "keygen", help="create a random key file for signing manifests (mode 0600)",
+        description=f"Write {KEY_BYTES} random bytes to a new file only its owner can read, for `manifest --key` "
+        "and `verify --key`. An existing file is never replaced. Exit 0 written, 2 the file exists or cannot "
+        "be written.",
+    )  # fmt: skip
+    k.add_argument("-o", "--output", required=True, help="key file to create")
+    k.set_defaults(handler=_guarded(_keygen))
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    write_key(args.output)
+    print(f"wrote a {KEY_BYTES}-byte signing key to {args.output} (mode 0600); keep it out of the model's repository")
+    return EXIT_OK
 
 
 def _guarded(command: Any) -> Any:

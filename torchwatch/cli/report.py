@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import formats
+from .._dist import install_hint
 from .._files import open_regular, shown
 from ..errors import FormatError
 from ..records import Record
@@ -199,7 +200,7 @@ def _read_events(path: str, data: LogData) -> None:
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
-        raise FormatError("reading TensorBoard logs needs tensorboard: pip install 'torchwatch[tensorboard]'") from None
+        raise FormatError(f"reading TensorBoard logs needs tensorboard: {install_hint('tensorboard')}") from None
     acc = EventAccumulator(path, size_guidance={"scalars": 0})
     try:
         acc.Reload()

@@ -4,13 +4,15 @@
   or from memory, optionally pinned and HMAC-signed;
 * :func:`fingerprint` — a fast on-device fingerprint that locates a changed chunk;
 * :class:`Canary` — a reference batch and its recorded outputs;
-* :func:`selftest` — all of the above before serving.
+* :func:`selftest` — all of the above before serving;
+* :func:`write_key` — a new signing key file (mode 0600).
 """
 
 from __future__ import annotations
 
 from .canary import Canary, CanaryReport, OutputCheck, Tolerances
 from .fingerprinting import Fingerprint, FingerprintChange, fingerprint
+from .keys import write_key
 from .manifest import Manifest, TensorEntry
 from .startup import SelfTestReport, selftest
 from .verify import WeightReport, verify_weights
@@ -29,4 +31,5 @@ __all__ = [
     "fingerprint",
     "selftest",
     "verify_weights",
+    "write_key",
 ]

@@ -8,6 +8,7 @@ import threading
 from typing import Any, ClassVar
 
 from .. import _validate
+from .._dist import install_hint
 from ..errors import ConfigError
 from ..records import Record
 from .base import ROOT_LABEL, Sink
@@ -16,7 +17,7 @@ OTHER = "__other__"
 
 
 class PrometheusSink(Sink):
-    """Exposes each flush as Prometheus metrics (needs ``pip install 'torchwatch[prometheus]'``).
+    """Exposes each flush as Prometheus metrics (needs ``pip install 'torchwatch-monitor[prometheus]'``).
 
     Metrics (labels ``model`` and ``module``; ``module`` values are bounded by ``max_modules``,
     later ones are counted under ``"__other__"``):
@@ -104,7 +105,7 @@ class PrometheusSink(Sink):
         try:
             import prometheus_client as pc
         except ImportError:
-            raise ImportError("PrometheusSink needs prometheus-client: pip install 'torchwatch[prometheus]'") from None
+            raise ImportError(f"PrometheusSink needs prometheus-client: {install_hint('prometheus')}") from None
         self.model_name, self.max_modules = model_name, max_modules
         self.port: int | None = None
         self._error: Exception | None = None

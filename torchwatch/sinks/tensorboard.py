@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import _validate
+from .._dist import install_hint
 from ..errors import ConfigError
 from ..records import Record
 from .base import ROOT_LABEL, Sink
@@ -27,9 +28,7 @@ def _import_tensorboard() -> Any:
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError:
-        raise ImportError(
-            "TensorBoardSink needs the tensorboard package: pip install 'torchwatch[tensorboard]'"
-        ) from None
+        raise ImportError(f"TensorBoardSink needs the tensorboard package: {install_hint('tensorboard')}") from None
     return event_pb2, summary_pb2, EventFileWriter
 
 
