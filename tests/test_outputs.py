@@ -136,3 +136,40 @@ def test_bad_labels_are_refused_whole_and_unknown_traces_are_counted():
     watch.detach()
     with tw.attach(model) as plain, pytest.raises(tw.ConfigError, match="needs output monitoring"):
         plain.record_labels("a", [0])
+
+
+def _tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=37, max_position_embeddings=32, num_labels=3)  # fmt: skip
+
+
+@pytest.mark.parametrize("outputs", [True, "auto"])
+def test_auto_finds_the_logits_of_a_hugging_face_model_and_of_a_tuple(outputs):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(_tiny_bert_config()).eval()
+    ids = torch.randint(0, 100, (4, 9))
+    with tw.attach(model, outputs=outputs) as watch, torch.inference_mode():
+        logits = model(input_ids=ids).logits  # a ModelOutput: dict-like with attributes
+        as_tuple = model(input_ids=ids[:2], return_dict=False)  # a tuple, the logits first
+        q = watch.snapshot().outputs
+        assert not watch.errors
+    oracle = _quality_oracle(torch.cat([logits, as_tuple[0]]).double().numpy(), 0.5)
+    assert q.rows == 6
+    assert q.confidence == pytest.approx(oracle["confidence"], rel=1e-5)
+    assert q.entropy == pytest.approx(oracle["entropy"], rel=1e-5)
+
+
+def test_auto_on_a_model_without_a_head_says_so_and_leaves_inference_alone():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BertModel(_tiny_bert_config()).eval()
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.inference_mode():
+        plain = model(input_ids=ids).last_hidden_state
+    with tw.attach(model, outputs="auto") as watch, torch.inference_mode():
+        with pytest.warns(tw.TorchwatchWarning, match=r"found no logits.*last_hidden_state, pooler_output"):
+            out = model(input_ids=ids).last_hidden_state
+        assert watch.errors["outputs"] == 1
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)

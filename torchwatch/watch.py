@@ -403,9 +403,10 @@ def attach(
             statistics of any output plus per-channel means; integer ones (token ids) in frequency
             sketches. ``snapshot().inputs`` / ``record.inputs``; a :class:`~torchwatch.InputMonitor`
             to configure, False to turn off. Eager calls only (not inside compiled graphs).
-        outputs: output-quality monitoring of a classifier/LM head (default off): ``"logits"`` (a
-            key or attribute of the output), an index, a callable ``output -> logits``, True for a
-            model that returns the logits, or a :class:`~torchwatch.OutputMonitor`. Confidence,
+        outputs: output-quality monitoring of a classifier/LM head (default off): ``"auto"`` or
+            True (a tensor output as is, a Hugging Face output's ``logits``, a tuple's first
+            tensor), a key or attribute name, an index, a callable ``output -> logits``, or a
+            :class:`~torchwatch.OutputMonitor`. Confidence,
             margin, entropy, predicted classes, abstentions; accuracy and ECE with
             :meth:`Watch.record_labels`. Eager calls only.
         timing: also time each watched module (pre- and post-hooks: wall clock on CPU, CUDA events

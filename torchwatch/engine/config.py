@@ -146,14 +146,14 @@ def _output_monitor(outputs: Any) -> OutputMonitor | None:
     if outputs is None or outputs is False:
         return None
     if outputs is True:
-        return OutputMonitor(select=None)
+        return OutputMonitor(select="auto")
     if isinstance(outputs, OutputMonitor):
         return outputs
     if isinstance(outputs, (str, int)) or callable(outputs):
         return OutputMonitor(select=outputs)
     raise ConfigError(
-        f"outputs= takes a key ('logits'), an index, a callable output -> logits, True (the output is the "
-        f"logits) or a tw.OutputMonitor, got {outputs!r}"
+        f"outputs= takes 'auto' (or True: a tensor output, a 'logits' key/attribute, a tuple's first tensor), a "
+        f"key, an index, a callable output -> logits or a tw.OutputMonitor, got {outputs!r}"
     )
 
 

@@ -38,9 +38,11 @@ class OutputMonitor:
     """Output-quality monitoring of a classifier or LM head (``attach(outputs=...)``).
 
     Args:
-        select: which tensor of the model's output holds the logits: a key or attribute name
-            (``"logits"`` for Hugging Face outputs), an index into a tuple, a callable
-            ``output -> tensor``, or None for a model that returns the logits tensor itself.
+        select: which tensor of the model's output holds the logits. ``"auto"`` (the default):
+            the output itself if it is a tensor, else its ``logits`` key or attribute (Hugging
+            Face ``ModelOutput``), else the first element of a tuple (``return_dict=False``).
+            Or a key or attribute name, an index into a tuple, a callable ``output -> tensor``,
+            or None for a model that returns the logits tensor itself.
         abstain_below: a row whose confidence (max softmax probability) is below this counts as
             an abstention.
         positions: ``"all"`` rows of ``logits.reshape(-1, classes)``, or ``"last"``: only the last
@@ -51,7 +53,7 @@ class OutputMonitor:
         calibration_bins: equal-width confidence bins of the expected calibration error.
     """
 
-    select: str | int | Callable[[Any], Any] | None = "logits"
+    select: str | int | Callable[[Any], Any] | None = "auto"
     abstain_below: float = 0.5
     positions: str = "all"
     max_classes: int = 1024
@@ -72,6 +74,8 @@ class OutputMonitor:
         try:
             if sel is None:
                 x = output
+            elif sel == AUTO:
+                x = _auto_logits(output)
             elif callable(sel):
                 x = sel(output)
             elif isinstance(sel, str):
@@ -90,6 +94,28 @@ class OutputMonitor:
         if self.positions == "last" and x.dim() >= 3:
             x = x[:, -1]
         return x.detach().reshape(-1, x.shape[-1])
+
+
+AUTO = "auto"
+
+
+def _auto_logits(output: Any) -> Any:
+    """What ``select="auto"`` takes from a model output (see :class:`OutputMonitor`)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    found = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if found is not None:
+        return found
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    keys = list(output.keys()) if isinstance(output, Mapping) else None
+    raise OutputError(
+        f"outputs='auto' found no logits in the model's {type(output).__name__} output"
+        + (f" (its keys: {', '.join(map(str, keys))})" if keys is not None else "")
+        + ": it takes a tensor output, a 'logits' key or attribute, or a tuple's first tensor. A base model "
+        "without a head (BertModel) has no logits: watch the model with the head, or pass outputs= a key, an "
+        "index or a callable output -> logits"
+    )
 
 
 class OutputError(ValueError):
