@@ -94,3 +94,20 @@ def test_bad_arguments():
             tw.CircuitBreaker(watch, clock=0.0)
         with pytest.raises(tw.ConfigError, match="on_change must be callable"):
             tw.CircuitBreaker(watch, on_change="log")
+
+
+def test_the_breaker_keeps_the_model_a_server_holds_only_through_it():
+    # the serving shape that lost its model: build it in a function, keep only the watch and breaker
+    def startup():
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        watch = tw.attach(model, on_nonfinite="ignore", rules=[])
+        return watch, tw.CircuitBreaker(watch, fallback=lambda x: "fallback")
+
+    watch, breaker = startup()
+    import gc
+
+    gc.collect()
+    assert watch.model is breaker.model  # the watch's weak reference still resolves
+    assert breaker(torch.ones(1, 2)).shape == (1, 2)
+    assert breaker(torch.tensor([[NAN, 1.0]])) == "fallback"
+    watch.detach()

@@ -275,3 +275,20 @@ def test_a_shadow_dropped_without_close_frees_both_models_and_ends_its_thread():
         gc.collect()
         time.sleep(0.01)
     assert all(r() is None for r in refs) and shadow_threads() == before
+
+
+def test_the_shadow_thread_survives_a_raising_warnings_filter():
+    # a process run with -W error turns the disagreement warning into an exception on the shadow thread
+    import warnings
+
+    primary = torch.nn.Linear(4, 3)
+    candidate = torch.nn.Linear(4, 3)
+    sh = tw.shadow(primary, candidate, sample=1.0, min_calls=2, max_pending=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tw.TorchwatchWarning)
+        with torch.no_grad():
+            for _ in range(40):
+                primary(torch.randn(2, 4))
+                sh.wait(30)
+        result = sh.close(timeout=30)
+    assert result.calls == 40 and sh.errors >= 1  # every sample compared; the failed warning counted

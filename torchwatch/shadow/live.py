@@ -157,10 +157,14 @@ class Shadow:
         finally:
             self._queue.task_done()
         calls = self._comparer.calls
-        if calls >= self.min_calls:
-            self._check()
-        if self._path is not None and calls and calls % self._write_every == 0:
-            self._write()
+        try:  # the thread must outlive anything a sink or a warnings filter raises, or samples pile up
+            if calls >= self.min_calls:
+                self._check()
+            if self._path is not None and calls and calls % self._write_every == 0:
+                self._write()
+        except Exception:  # noqa: BLE001 - counted; the comparisons go on
+            with self._lock:
+                self.errors += 1
 
     def _check(self) -> None:
         for o in self._comparer.results():
