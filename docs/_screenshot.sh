@@ -4,7 +4,7 @@
 set -eu
 LOGS=$(mktemp -d)
 .venv/bin/torchwatch demo --logdir "$LOGS" > /dev/null
-.venv/bin/tensorboard --logdir "$LOGS/tensorboard" --port 6123 --host 127.0.0.1 > /dev/null 2>&1 &
+.venv/bin/tensorboard --logdir "$(echo "$LOGS"/run-*)/tensorboard" --port 6123 --host 127.0.0.1 > /dev/null 2>&1 &
 TB=$!
 trap 'kill $TB' EXIT
 sleep 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -17,6 +18,8 @@ def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(tmp_path, cap
     out = io.StringIO()
     outcome = demo.run(logdir=str(tmp_path), out=out)
     text = out.getvalue()
+    run_dir = pathlib.Path(outcome.logdir)
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("run-")  # each run in its own directory
     assert outcome.caught, text
     assert outcome.startup_refused and outcome.startup_passed
     assert "replica B refused: 10 with different bytes" in text
@@ -26,8 +29,8 @@ def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(tmp_path, cap
     assert not [c for c in outcome.timeline if c.phase == "clean"]  # no false alarm on clean traffic
     assert outcome.accuracy["clean"] > 0.95
     assert outcome.fallback_answers["fp16 overflow"] > 0  # the breaker answered while unhealthy
-    assert "Every failure was caught" in text and f"tensorboard --logdir {tmp_path / 'tensorboard'}" in text
-    incidents = tw.IncidentLog.read(tmp_path / "incidents.jsonl")
+    assert "Every failure was caught" in text and f"tensorboard --logdir {run_dir / 'tensorboard'}" in text
+    incidents = tw.IncidentLog.read(run_dir / "incidents.jsonl")
     assert {"fingerprint", "drift", "cast_overflow", "baseline_absmax"} <= {i["rule"] for i in incidents}
     assert cli.main(["report", str(tmp_path)]) == 1  # the logs hold alerts
     report = capsys.readouterr().out
@@ -62,12 +65,35 @@ def test_demo_is_the_same_on_a_busy_machine(tmp_path):
     assert _timeline(busy) == _timeline(first)
 
 
+def test_demo_runs_never_mix_and_report_reads_the_latest(tmp_path, capsys):
+    """A second run writes beside the first; the report of the directory reads the latest run and
+    says so, and --all-runs merges them (twice the calls)."""
+    first = demo.run(logdir=str(tmp_path), out=io.StringIO())
+    second = demo.run(logdir=str(tmp_path), out=io.StringIO())
+    assert first.logdir != second.logdir and _timeline(first) == _timeline(second)  # seeded: the same catches
+    assert cli.main(["report", str(tmp_path), "--json"]) == 1
+    latest = json.loads(capsys.readouterr().out)
+    assert latest["runs"] == {"count": 2, "reading": second.logdir, "all": False}
+    assert latest["logdir"] == second.logdir
+    assert cli.main(["report", str(tmp_path)]) == 1
+    assert "the latest of 2 runs in this directory" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path), "--all-runs", "--json"]) == 1
+    merged = json.loads(capsys.readouterr().out)
+    assert merged["calls"] == 2 * latest["calls"] and merged["runs"]["all"]
+    assert cli.main(["report", first.logdir, "--json"]) == 1  # one run's own directory: just that run
+    assert json.loads(capsys.readouterr().out)["runs"] is None
+
+
 def test_cli_exit_codes(tmp_path, capsys):
     assert cli.main(["demo", "--logdir", str(tmp_path)]) == 0
     assert cli.main([]) == 2
     assert "usage: torchwatch" in capsys.readouterr().err
     assert cli.main(["demo", "--requests", "0"]) == 2
     assert "argument --requests: must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli.main(["demo", "--requests", "5"]) == 2  # too few to learn the baselines: refused, with the minimum
+    assert f"needs at least {demo.MIN_REQUESTS} requests per phase, got 5" in capsys.readouterr().err
+    warmups = {getattr(rule, "warmup", None) for rule in tw.rules.defaults()} - {None}
+    assert max(warmups) * demo.FLUSH_EVERY == demo.MIN_REQUESTS
     assert cli.main(["frobnicate"]) == 2
     assert cli.main(["--help"]) == 0
 

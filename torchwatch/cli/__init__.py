@@ -17,21 +17,27 @@ from .._dist import DISTRIBUTION
 from .._files import atomic_write, shown
 from ..errors import TorchwatchError
 from . import report
-from .demo import run
+from .demo import MIN_REQUESTS, run
 from .integrity import add_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _demo(args: argparse.Namespace) -> int:
-    outcome = run(requests=args.requests, batch=args.batch, logdir=args.logdir, seed=args.seed)
+    try:
+        outcome = run(requests=args.requests, batch=args.batch, logdir=args.logdir, seed=args.seed)
+    except TorchwatchError as exc:
+        print(f"torchwatch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK if outcome.caught else EXIT_FAILED
 
 
 def _report(args: argparse.Namespace) -> int:
     try:
-        data = report.load(args.logdir)
+        target, runs = report.choose_run(args.logdir, all_runs=args.all_runs)
+        data = report.load(target)
         summary = report.summarize(data, top=args.top)
+        summary["runs"] = runs
         if args.html:
             page = report.html_page(summary, data)
 
@@ -70,14 +76,16 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="serve a small model through six silent failures, show what caught each",
-        description="Train a small classifier, self-test it at startup, serve traffic through six silent "
-        "failures (preprocessing bug, fp16 overflow, corrupted weight, input drift, a candidate version in "
-        "shadow that disagrees) and show what torchwatch caught and when. Exit 0 if every failure was caught, "
-        "1 if not.",
+        description="Train a small classifier, refuse a replica that loaded stale weights at startup, then serve "
+        "traffic through five silent failures (a preprocessing bug, fp16 overflow, a corrupted weight, input drift, "
+        "a candidate version in shadow whose label map is wrong) and show what torchwatch caught and when. Seeded: "
+        "the same catches at the same requests on every run. Each run writes into its own subdirectory of "
+        "--logdir. Exit 0 if every failure was caught, 1 if not, 2 bad usage.",
     )
-    demo.add_argument("--requests", type=_positive, default=150, help="requests per phase (default: 150)")
+    demo.add_argument("--requests", type=_positive, default=150,
+                      help=f"requests per phase, at least {MIN_REQUESTS} (default: 150)")  # fmt: skip
     demo.add_argument("--batch", type=_positive, default=16, help="rows per request (default: 16)")
-    demo.add_argument("--logdir", help="where TensorBoard and JSONL logs go (default: a new temporary directory)")
+    demo.add_argument("--logdir", help="each run's logs go into a new subdirectory of it (default: a temporary one)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(handler=_demo)
     rep = sub.add_parser(
@@ -87,7 +95,8 @@ def parser() -> argparse.ArgumentParser:
         "what needs attention first. Exit 0 if the logs hold no NaN/Inf, drift alarm or alert, 1 if they do, "
         "2 if the directory holds no readable torchwatch log.",
     )
-    rep.add_argument("logdir", help="the directory the sinks wrote to")
+    rep.add_argument("logdir", help="the directory the sinks wrote to; of a directory of runs, the latest run")
+    rep.add_argument("--all-runs", action="store_true", help="merge every run under LOGDIR instead of the latest")
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
     rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with charts")
     rep.add_argument("--top", type=_positive, default=5, help="modules listed per cast dtype (default 5)")

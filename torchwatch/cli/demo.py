@@ -23,6 +23,7 @@ incident log, and ``torchwatch report`` summarises them.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -34,9 +35,11 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from .. import __version__
+from .._files import atomic_write
 from ..alerts import Alert
 from ..containment import CircuitBreaker
-from ..errors import IntegrityError, TorchwatchWarning
+from ..errors import ConfigError, IntegrityError, TorchwatchWarning
 from ..integrity import Canary, Manifest, selftest
 from ..monitors.drift import Reference
 from ..shadow import shadow
@@ -45,6 +48,9 @@ from ..watch import attach
 
 FEATURES, CLASSES, HIDDEN = 16, 4, 64
 FLUSH_EVERY = 4  # requests between the demo's flushes
+# the clean phase must cover the default rules' warm-up (30 intervals) so that their baselines are
+# learned from clean traffic before the first fault; fewer requests per phase cannot catch it
+MIN_REQUESTS = 30 * FLUSH_EVERY
 NEVER = 2**62  # flush_every that never comes: the demo flushes itself
 PHASES = ("clean", "preprocessing bug", "fp16 overflow", "corrupted weight", "input drift", "candidate v2")
 # what each phase must be caught by: (rule, module or None for any)
@@ -143,7 +149,18 @@ def run(
     """Serve ``requests`` batches per phase through the six phases, and report. Returns the outcome.
 
     The alerts are printed as a timeline at the end, so torchwatch's own warnings are silenced here.
+    Each run writes into a new subdirectory of ``logdir`` (``run-<UTC time>-<suffix>``, marked by
+    :data:`~torchwatch.cli.report.RUN_MARKER`), so re-runs never mix; ``torchwatch report logdir``
+    reads the latest. Everything is seeded: the same catches at the same requests on every run.
+
+    Raises:
+        ConfigError: ``requests`` below :data:`MIN_REQUESTS` (the baselines' warm-up).
     """
+    if requests < MIN_REQUESTS:
+        raise ConfigError(
+            f"the demo needs at least {MIN_REQUESTS} requests per phase, got {requests}: the default rules learn "
+            f"their baselines over {MIN_REQUESTS // FLUSH_EVERY} intervals of {FLUSH_EVERY} clean requests first"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TorchwatchWarning)
         return _run(requests, batch, logdir, seed, out)
@@ -151,7 +168,7 @@ def run(
 
 def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) -> Outcome:
     torch.manual_seed(seed)
-    logdir = logdir or tempfile.mkdtemp(prefix="torchwatch-demo-")
+    logdir = _run_directory(logdir, requests=requests, batch=batch, seed=seed)
     say = out.write
     outcome = Outcome(requests=requests, logdir=logdir)
     say("torchwatch demo: a classifier serving traffic through six silent failures. Nothing raises.\n\n")
@@ -163,7 +180,6 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
         os.path.join(logdir, "model.manifest.json"),
         os.path.join(logdir, "model.canary.safetensors"),
     )
-    os.makedirs(logdir, exist_ok=True)
     manifest = Manifest.from_model(model)
     manifest.save(manifest_path)
     Canary.record(model, sample(centres, 64, g)[0], manifest=manifest).save(canary_path)
@@ -264,6 +280,25 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
     watch.detach()
     _report(outcome, out)
     return outcome
+
+
+def _run_directory(parent: str | None, **settings: Any) -> str:
+    """A new directory for this run's logs (under ``parent``, else a temporary one), marked as a run."""
+    from .report import RUN_MARKER
+
+    if parent is None:
+        run_dir = tempfile.mkdtemp(prefix="torchwatch-demo-")
+    else:
+        os.makedirs(parent, exist_ok=True)
+        run_dir = tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-", time.gmtime()), dir=parent)
+    marker = {"started": time.time(), "command": "demo", "torchwatch": __version__, **settings}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(marker, f)
+
+    atomic_write(os.path.join(run_dir, RUN_MARKER), write)
+    return run_dir
 
 
 def _describe(model: nn.Module) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import formats
 from .._dist import install_hint
-from .._files import open_regular, shown
+from .._files import open_regular, parse_json, read_regular, shown
 from ..errors import FormatError
 from ..records import Record
 from ..shadow import Comparison
@@ -107,6 +107,32 @@ def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[s
             elif COMPARISON_FORMAT.encode() in head:
                 comparisons.append(path)
     return stats, incidents, events, comparisons
+
+
+RUN_MARKER = "torchwatch-run.json"  # written by each demo run into its own directory
+
+
+def choose_run(logdir: str | os.PathLike[str], *, all_runs: bool = False) -> tuple[str, dict[str, Any] | None]:
+    """What to read of ``logdir``: itself, or, when its subdirectories are runs (each holding a
+    :data:`RUN_MARKER`), the latest of them unless ``all_runs``. Returns the directory and, for a
+    directory of runs, ``{"count", "reading", "all"}`` for the report to say so."""
+    logdir = os.fspath(logdir)
+    if not os.path.isdir(logdir) or os.path.exists(os.path.join(logdir, RUN_MARKER)):
+        return logdir, None
+    runs = []
+    for entry in sorted(os.scandir(logdir), key=lambda e: e.name):
+        marker = os.path.join(entry.path, RUN_MARKER)
+        if entry.is_dir() and os.path.isfile(marker):
+            try:
+                started = float(parse_json(read_regular(marker, "run marker", limit=1 << 16), marker)["started"])
+            except (FormatError, KeyError, TypeError, ValueError):
+                started = os.stat(marker).st_mtime
+            runs.append((started, entry.name, entry.path))
+    if not runs:
+        return logdir, None
+    latest = max(runs)[2]
+    info = {"count": len(runs), "reading": logdir if all_runs else latest, "all": all_runs}
+    return (logdir if all_runs else latest), info
 
 
 def load(logdir: str | os.PathLike[str]) -> LogData:
@@ -359,6 +385,12 @@ def _when(t: float | None) -> str:
 def text(summary: dict[str, Any]) -> str:
     """The report for a terminal."""
     lines = [f"torchwatch report: {summary['logdir']}"]
+    runs = summary.get("runs")
+    if runs and runs["all"]:
+        lines.append(f"  {runs['count']} runs merged (--all-runs)")
+    elif runs:
+        lines.append(f"  the latest of {runs['count']} runs in this directory (--all-runs merges them; pass a run's "
+                     "directory to read another)")  # fmt: skip
     span = f", {_when(summary['first_time'])} to {_when(summary['last_time'])}" if summary["first_time"] else ""
     calls = f"{summary['calls']:,} calls" if summary["exact_counts"] else f"up to step {summary['steps']:,}"
     lines.append(f"  {calls}{span}; read {len(summary['sources'])} file(s)")
