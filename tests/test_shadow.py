@@ -86,7 +86,9 @@ def test_shadow_of_an_identical_candidate_agrees_100_percent_and_leaves_answers_
     assert (result.calls, result.seen, result.sampled, result.dropped, result.errors) == (30, 30, 30, 0, 0)
     assert result.outputs[0].top1 == 1.0 and result.outputs[0].rel_l2 == 0.0 and result.ok
     assert sh.alerts == []
-    assert {m.name for m in result.modules} >= {"0", "1", "2"}
+    # not compared live: the primary's statistics cover other calls than the candidate's (they showed
+    # shifts for identical layers); the report says where to get them
+    assert result.modules == () and "tw.compare" in result.notes[0]
 
 
 def test_shadow_flags_a_perturbed_candidate_through_the_primary_watch(tmp_path):
@@ -200,17 +202,13 @@ def test_comparison_files_round_trip_and_bad_ones_are_refused(tmp_path):
     assert math.isfinite(back.outputs[0].rel_l2)
 
 
-def test_module_statistics_need_a_watched_primary_and_a_selectable_candidate():
+def test_a_candidate_of_another_shape_is_counted_not_fatal():
     primary = _model()
-    with tw.shadow(primary, copy.deepcopy(primary), sample=1.0) as sh:
-        primary(torch.randn(2, 16))
-        sh.wait()
-        assert sh.report().modules == () and "primary is not watched" in sh.report().notes[0]
-    with tw.attach(primary), tw.shadow(primary, nn.Identity(), sample=1.0) as sh:  # nothing to select in it
+    with tw.attach(primary), tw.shadow(primary, nn.Identity(), sample=1.0) as sh:
         primary(torch.randn(2, 16))
         sh.wait()
         result = sh.report()
-    assert "selected no module" in result.notes[0] and result.calls == 1 and result.outputs[0].mismatched_shapes == 1
+    assert result.calls == 1 and result.outputs[0].mismatched_shapes == 1 and result.modules == ()
 
 
 def test_the_rollout_example_runs_and_its_logs_report_the_comparison(tmp_path):

@@ -233,7 +233,7 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
             if phase == "corrupted weight":
                 served[4].weight.view(-1).view(torch.int32)[77] ^= 1 << 29  # one exponent bit
             if phase == "candidate v2":
-                watch.reset()  # the shadow's module comparison uses the primary's statistics since a reset
+                watch.reset()  # the shadow phase starts from fresh statistics and re-armed detectors
                 shadowing = shadow(served, candidate, sample=0.5, seed=seed, min_calls=8,
                                    path=os.path.join(logdir, "shadow.jsonl"))  # fmt: skip
             for i in range(requests):

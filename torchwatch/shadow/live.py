@@ -29,12 +29,14 @@ from .._pytree import flatten_outputs
 from ..alerts import Alert
 from ..engine import AlertBus, watch_of
 from ..errors import ConfigError
-from ..watch import attach
-from .compare import Comparer, Comparison, ModuleDiff, check_limits, module_diffs
+from .compare import Comparer, Comparison, check_limits
+
+LIVE_MODULES_NOTE = (
+    "module statistics are not compared live (the primary's cover all its calls, a candidate's only the sampled "
+    "ones); tw.compare(primary, candidate, batches=...) compares them on the same inputs"
+)
 
 __all__ = ["Shadow", "shadow"]
-
-SHADOW_STATS = ("mean", "std", "zero_fraction", "nonfinite_fraction")
 
 
 def _copy(obj: Any) -> Any:
@@ -53,7 +55,7 @@ class Shadow:
 
     def __init__(
         self, primary: nn.Module, candidate: nn.Module, *, sample: float, seed: int | None, max_pending: int,
-        modules: Any, path: str | os.PathLike[str] | None, write_every: int, min_top1: float, max_rel_l2: float,
+        path: str | os.PathLike[str] | None, write_every: int, min_top1: float, max_rel_l2: float,
         min_calls: int,
     ) -> None:  # fmt: skip
         self._primary = primary
@@ -71,18 +73,11 @@ class Shadow:
         self._warnings = AlertBus("warn")  # its warn-once (a shadow has no watch of its own to report to)
         self._path = os.fspath(path) if path is not None else None
         self._write_every = write_every
-        self._notes: list[str] = []
+        # Module statistics are not compared live: the primary's watch measures all its traffic
+        # and a candidate's would measure the sampled calls only, so their differences showed
+        # shifts for identical layers. tw.compare runs both models on the same inputs for that.
+        self._notes: list[str] = [LIVE_MODULES_NOTE]
         self._primary_watch = watch_of(primary)
-        self._watch = None
-        if self._primary_watch is None:
-            self._notes.append("the primary is not watched (tw.attach): module statistics not compared")
-        elif watch_of(candidate) is not None:
-            self._notes.append("the candidate is already watched: module statistics not compared")
-        else:
-            try:
-                self._watch = attach(candidate, modules=modules, rules=[], on_nonfinite="ignore", inputs=False)
-            except ConfigError as exc:  # e.g. a selector that matches none of the candidate's modules
-                self._notes.append(f"module statistics not compared: {exc}")
         self._closed = False
         self._stream: Any = None  # the candidate's CUDA stream, made on first use (shadow thread)
         # The thread holds the shadow weakly between samples, so a shadow dropped without close()
@@ -212,14 +207,9 @@ class Shadow:
         return True
 
     def report(self) -> Comparison:
-        """Agreement so far, and module statistic differences (candidate vs the primary's watch)."""
-        diffs: tuple[ModuleDiff, ...] = ()
-        pw = self._primary_watch
-        if self._watch is not None and pw is not None and pw.attached:
-            # a maximum grows with the number of calls seen: not comparable between sample and whole
-            diffs = module_diffs(pw.snapshot(), self._watch.snapshot(), SHADOW_STATS)
+        """Agreement of the outputs so far (module statistics: :func:`torchwatch.compare`, on the same inputs)."""
         return Comparison(
-            "shadow", self._comparer.calls, self._comparer.results(), diffs, seen=self.seen, sampled=self.sampled,
+            "shadow", self._comparer.calls, self._comparer.results(), (), seen=self.seen, sampled=self.sampled,
             dropped=self.dropped, errors=self.errors, notes=tuple(self._notes), min_top1=self.min_top1,
             max_rel_l2=self.max_rel_l2,
         )  # fmt: skip
@@ -234,8 +224,6 @@ class Shadow:
             self._queue.put(None)
             self._thread.join(timeout)
         result = self.report()
-        if self._watch is not None:
-            self._watch.detach()
         if self._path is not None and result.calls:
             self._write()
         return result
@@ -265,7 +253,6 @@ def shadow(
     sample: float = 0.01,
     seed: int | None = None,
     max_pending: int = 8,
-    modules: Any = None,
     path: str | os.PathLike[str] | None = None,
     write_every: int = 100,
     min_top1: float = 0.99,
@@ -277,19 +264,17 @@ def shadow(
     The primary's answers are what callers get; the candidate's are only compared with them.
     Sampled calls' inputs and outputs are copied (the caller may reuse its buffers) and queued to a
     background thread that runs the candidate under ``torch.no_grad`` (on its own CUDA stream,
-    after the copies) and accumulates per-output agreement. When the primary is watched
-    (:func:`torchwatch.attach`), the candidate gets a watch of its own and :meth:`Shadow.report`
-    also compares module statistics (the candidate's on the sampled calls with the primary
-    watch's since its last reset: means, spreads and fractions compare; a maximum over more calls
-    is larger); disagreement beyond the limits raises one ``"shadow"`` :class:`Alert` per output,
-    delivered to the primary's watch (sinks, incident log) or warned.
+    after the copies) and accumulates per-output agreement. Module statistics are not compared
+    live (the primary's watch covers all its calls, the candidate would be measured on the sampled
+    ones only): :func:`torchwatch.compare` compares them on the same inputs. Disagreement beyond the
+    limits raises one ``"shadow"`` :class:`Alert` per output, delivered to the primary's watch
+    (sinks, incident log) when it is watched, or warned.
 
     Args:
         primary, candidate: the serving model and the version under evaluation.
         sample: share of primary calls run on the candidate (0 < sample <= 1).
         seed: seed of the sampling decisions.
         max_pending: sampled calls waiting for the candidate; more are dropped (``dropped``).
-        modules: the candidate watch's modules (``attach(modules=...)``).
         path: append the report as a JSON line here every ``write_every`` comparisons and at
             :meth:`Shadow.close` (``torchwatch report`` shows it).
         min_top1, max_rel_l2: agreement limits (top-1 for logits-like outputs, rel-L2 for others).
@@ -324,6 +309,6 @@ def shadow(
     if path is not None:
         _validate.path("shadow()", "path", path)
     return Shadow(
-        primary, candidate, sample=float(sample), seed=seed, max_pending=max_pending, modules=modules, path=path,
+        primary, candidate, sample=float(sample), seed=seed, max_pending=max_pending, path=path,
         write_every=write_every, min_top1=min_top1, max_rel_l2=max_rel_l2, min_calls=min_calls,
     )  # fmt: skip
