@@ -129,10 +129,12 @@ def test_bad_labels_are_refused_whole_and_unknown_traces_are_counted():
     with pytest.raises(tw.ConfigError, match="2 trace ids but 1"):
         watch.record_labels(["a", "b"], [[0, 1]])
     assert watch.snapshot().outputs.labelled == 0  # nothing half-recorded
-    with pytest.warns(tw.TorchwatchWarning, match="no kept prediction"):
+    with pytest.warns(tw.TorchwatchWarning, match="have no kept prediction"):
         assert watch.record_labels(["a", "zzz"], [[0, 1], [2]]) == 2
     assert watch.errors["labels:unknown trace id"] == 1
-    assert watch.record_labels("a", [0, 1]) == 0  # a trace's labels count once
+    with pytest.warns(tw.TorchwatchWarning, match="labelled already"):
+        assert watch.record_labels("a", [0, 1]) == 0  # a trace's labels count once
+    assert watch.errors["labels:already labelled"] == 1
     watch.detach()
     with tw.attach(model) as plain, pytest.raises(tw.ConfigError, match="needs output monitoring"):
         plain.record_labels("a", [0])
@@ -173,3 +175,21 @@ def test_auto_on_a_model_without_a_head_says_so_and_leaves_inference_alone():
             out = model(input_ids=ids).last_hidden_state
         assert watch.errors["outputs"] == 1
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
+
+
+def test_a_second_label_for_a_trace_is_a_repeat_not_an_unknown_trace():
+    model = nn.Linear(4, 3)
+    with tw.attach(model, outputs=True) as watch, torch.no_grad():
+        with watch.context(trace_id="a"):
+            logits = model(torch.randn(2, 4))
+        assert watch.record_labels("a", logits.argmax(-1)) == 2
+        with pytest.warns(tw.TorchwatchWarning, match=r"\[.a.\] were labelled already"):
+            assert watch.record_labels("a", [0, 1]) == 0
+        with pytest.warns(tw.TorchwatchWarning, match="have no kept prediction"):
+            assert watch.record_labels("never-seen", [0]) == 0
+        assert watch.errors["labels:already labelled"] == 1 and watch.errors["labels:unknown trace id"] == 1
+        q = watch.snapshot().outputs
+        assert q.labelled == 2 and q.accuracy == 1.0  # the repeat counted nothing
+        with watch.context(trace_id="a"):  # the id reused for a new call may be labelled again
+            model(torch.randn(1, 4))
+        assert watch.record_labels("a", [0]) == 1

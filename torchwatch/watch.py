@@ -255,15 +255,20 @@ class Watch:
             items = list(labels) if not isinstance(labels, torch.Tensor) else list(labels.unbind(0))
             if len(items) != len(ids):
                 raise ConfigError(f"record_labels: {len(ids)} trace ids but {len(items)} labels; give one per trace id")
-        rows, unknown = outputs.accumulator.record_labels(ids, items)
-        if unknown:
-            self._bus.count("labels:unknown trace id", len(unknown))
-            self._bus.warn_once(
-                "labels-unknown",
-                f"record_labels: no kept prediction for trace id(s) {unknown[:3]}{' ...' if len(unknown) > 3 else ''} "
-                "(never seen under watch.context(trace_id=...), sampled out, or older than OutputMonitor.max_traces); "
-                'skipped and counted in watch.errors["labels:unknown trace id"]',
-            )
+        rows, unknown, repeated = outputs.accumulator.record_labels(ids, items)
+        skipped = (
+            ("labels:already labelled", repeated, "were labelled already; a call's labels count once"),
+            ("labels:unknown trace id", unknown, "have no kept prediction (never seen under "
+             "watch.context(trace_id=...), sampled out, or older than OutputMonitor.max_traces)"),
+        )  # fmt: skip
+        for key, ids_skipped, why in skipped:
+            if ids_skipped:
+                self._bus.count(key, len(ids_skipped))
+                more = " ..." if len(ids_skipped) > 3 else ""
+                self._bus.warn_once(
+                    key, f"record_labels: trace id(s) {ids_skipped[:3]}{more} {why}; skipped and counted in "
+                    f'watch.errors["{key}"]'
+                )  # fmt: skip
         return rows
 
     def verify_fingerprint_every(self, seconds: float, *, baseline: Any = None) -> Any:

@@ -237,6 +237,9 @@ class OutputAccumulator:
         self._bins = np.zeros((config.calibration_bins, 3))
         self._labelled = 0
         self.unknown_traces = 0
+        # trace ids whose labels were used (bounded like _traces): a second label for one of them
+        # is a repeat, which is not the same mistake as a trace id never seen
+        self._labelled_ids: dict[str, None] = {}
 
     def observe(self, output: Any, trace_id: str | None) -> None:
         z = self.config.logits(output).float()
@@ -272,6 +275,7 @@ class OutputAccumulator:
 
     def _keep(self, trace_id: str, pred: torch.Tensor, conf: torch.Tensor) -> None:  # caller holds the lock
         self._traces.pop(trace_id, None)
+        self._labelled_ids.pop(trace_id, None)  # a trace id reused for a new call may be labelled again
         self._traces[trace_id] = (pred, conf)
         if len(self._traces) > self.config.max_traces:
             del self._traces[next(iter(self._traces))]
@@ -303,12 +307,14 @@ class OutputAccumulator:
                           (~finite).sum().reshape(1).to(torch.float64)])  # fmt: skip
         return sums, top.indices[:, 0], torch.where(finite, conf, math.nan)
 
-    def record_labels(self, trace_ids: list[str], labels: list[Any]) -> tuple[int, list[str]]:
+    def record_labels(self, trace_ids: list[str], labels: list[Any]) -> tuple[int, list[str], list[str]]:
         """Match labels to kept predictions (host side; may wait for the device). Checks every
-        label before using any, so a bad call changes nothing."""
+        label before using any, so a bad call changes nothing. Returns the rows labelled, the trace
+        ids never seen (or no longer kept) and those already labelled."""
         with self._lock:
             kept = [self._traces.get(tid) for tid in trace_ids]
-        unknown = [tid for tid, k in zip(trace_ids, kept, strict=True) if k is None]
+            repeated = [tid for tid, k in zip(trace_ids, kept, strict=True) if k is None and tid in self._labelled_ids]
+        unknown = [tid for tid, k in zip(trace_ids, kept, strict=True) if k is None and tid not in repeated]
         pairs = []
         for tid, k, label in zip(trace_ids, kept, labels, strict=True):
             if k is None:
@@ -339,10 +345,13 @@ class OutputAccumulator:
             for tid, k in zip(trace_ids, kept, strict=True):
                 if k is not None and self._traces.get(tid) is k:
                     del self._traces[tid]  # a trace's labels count once
+                    self._labelled_ids[tid] = None
+                    if len(self._labelled_ids) > self.config.max_traces:
+                        del self._labelled_ids[next(iter(self._labelled_ids))]
             self._bins += bins
             self._labelled += rows
             self.unknown_traces += len(unknown)
-        return rows, unknown
+        return rows, unknown, repeated
 
     def take(self, *, keep: bool = False) -> tuple[Any, ...] | None:
         with self._lock:
