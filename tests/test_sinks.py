@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -150,6 +152,14 @@ def test_tensorboard_events_read_back_with_tensorboards_own_reader(tmp_path):
     nan = acc.Scalars("1/nan")
     assert [(e.step, e.value) for e in nan] == [(2, 0.0), (4, 2.0)]
     assert acc.Scalars("torchwatch/alerts")[-1].value == 1.0  # the alert of call 3 (from the injector)
+    # per rule, from the rule's first alert on; and the alert's text in the Text tab, with call and module
+    assert [(e.step, e.value) for e in acc.Scalars("torchwatch/alerts/nonfinite")] == [(4, 1.0)]
+    (text,) = acc.Tensors("torchwatch/alerts/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    (alert,) = alerts
+    assert text.step == 4 and table.startswith(f"* **nonfinite** in `{alert.module}` at call {alert.call}")
+    # the message, once Markdown's escapes and HTML's entities are undone
+    assert html.unescape(table.replace("\\", "")).endswith(": " + alert.message.replace("\n", " "))
     mx = acc.Scalars("0/max")
     assert mx[-1].step == 4 and math.isclose(max(e.value for e in mx), snap["0"].max, rel_tol=1e-6)
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
@@ -162,9 +172,21 @@ def test_root_output_is_tagged_root(tmp_path):
     assert "<root>/mean" in _event_accumulator(tmp_path).Tags()["scalars"]
 
 
-def test_layout_puts_nonfinite_and_cast_charts_first():
+def test_layout_opens_on_what_changed_then_nonfinite_and_casts():
     lay = layout(["float16"])
-    assert next(iter(lay)) == "torchwatch: NaN / Inf"
+    assert list(lay)[:3] == ["torchwatch: what changed", "torchwatch: NaN / Inf", "torchwatch: fp16 / bf16 / fp8 casts"]
+    assert {"torchwatch: inputs", "torchwatch: outputs", "torchwatch: latency", "torchwatch: embedding drift"} <= set(
+        lay
+    )
+    # every chart's pattern matches a tag the sink writes (with or without a prefix)
+    written = ["torchwatch/alerts/drift", "drift/4/score", "torchwatch/latency_p99_ms", "0/nan", "0/posinf",
+               "0/neginf", "0/underflow_frac_float16", "0/overflow_frac_float16", "inputs/<input>/channel_mean_3",
+               "inputs/<input>.input_ids/top1_fraction", "inputs/<input>.input_ids/distinct", "<input>/absmax",
+               "outputs/confidence", "outputs/abstention_rate", "outputs/ece", "torchwatch/latency_p50_ms",
+               "0/zeros_frac", "0/absmax", "drift/4/p_value", "drift/4/alarms"]  # fmt: skip
+    for category in lay.values():
+        for title, (_, patterns) in category.items():
+            assert any(re.fullmatch(p, tag) or re.fullmatch(p, "r0/" + tag) for p in patterns for tag in written), title
     assert lay["torchwatch: fp16 / bf16 / fp8 casts"]["would underflow in float16 (fraction)"] == [
         "Multiline", [r".*/underflow_frac_float16$"]
     ]  # fmt: skip
@@ -208,7 +230,7 @@ def test_a_real_tensorboard_server_serves_the_torchwatch_tags(tmp_path):
         values = _get_json(f"{base}/data/plugin/scalars/scalars?run=serve&tag=0/nan")
         assert [row[1] for row in values] == [2, 4]  # [wall_time, step, value] rows
         lay = _get_json(f"{base}/data/plugin/custom_scalars/layout")
-        assert lay["category"][0]["title"] == "torchwatch: NaN / Inf"
+        assert lay["category"][0]["title"] == "torchwatch: what changed"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -56,18 +56,38 @@ def _release(logdir: str) -> None:
 
 
 def layout(cast_dtypes: tuple[str, ...] | list[str]) -> dict[str, dict[str, list[Any]]]:
-    """The ``custom_scalars`` layout: non-finite counts, cast under/overflow, dead units, drift."""
+    """The ``custom_scalars`` layout, what changed first: alerts by rule, the drift score and
+    latency; then NaN/Inf, cast under/overflow, inputs, outputs, range and dead units, drift."""
     casts = {}
     for name in cast_dtypes:
         casts[f"would underflow in {name} (fraction)"] = ["Multiline", [rf".*/underflow_frac_{name}$"]]
         casts[f"would overflow in {name} (fraction)"] = ["Multiline", [rf".*/overflow_frac_{name}$"]]
     return {
+        "torchwatch: what changed": {
+            "alerts per interval, by rule (text: TEXT tab)": ["Multiline", [r"(.*/)?torchwatch/alerts/.*"]],
+            "drift score (1 = threshold; high for a whole episode)": ["Multiline", [r"(.*/)?drift/.*/score$"]],
+            "latency p99 (ms)": ["Multiline", [r"(.*/)?torchwatch/latency_p99_ms$"]],
+        },
         "torchwatch: NaN / Inf": {
             "NaN per interval": ["Multiline", [r".*/nan$"]],
             "+Inf per interval": ["Multiline", [r".*/posinf$"]],
             "-Inf per interval": ["Multiline", [r".*/neginf$"]],
         },
         "torchwatch: fp16 / bf16 / fp8 casts": casts,
+        "torchwatch: inputs": {
+            "channel means": ["Multiline", [r"(.*/)?inputs/.*/channel_mean_\d+$"]],
+            "most frequent id's share": ["Multiline", [r"(.*/)?inputs/.*/top1_fraction$"]],
+            "distinct ids": ["Multiline", [r"(.*/)?inputs/.*/distinct$"]],
+            "abs-max of the inputs": ["Multiline", [r"(.*/)?<input>.*/absmax$"]],
+        },
+        "torchwatch: outputs": {
+            "confidence, margin, entropy": ["Multiline", [r"(.*/)?outputs/(confidence|margin|normalized_entropy)$"]],
+            "abstention rate": ["Multiline", [r"(.*/)?outputs/abstention_rate$"]],
+            "accuracy and ECE (labelled intervals)": ["Multiline", [r"(.*/)?outputs/(accuracy|ece)$"]],
+        },
+        "torchwatch: latency": {
+            "root-call latency (ms)": ["Multiline", [r"(.*/)?torchwatch/latency_.*_ms$"]],
+        },
         "torchwatch: dead units and range": {
             "zero fraction": ["Multiline", [r".*/zeros_frac$"]],
             "abs-max": ["Multiline", [r".*/absmax$"]],
@@ -90,7 +110,9 @@ class TensorBoardSink(Sink):
     * ``<fqn>/nan``, ``/posinf``, ``/neginf``: counts in the interval since the previous flush;
     * ``<fqn>/zeros_frac``, ``/subnormal_frac``: fractions of the interval's elements;
     * ``<fqn>/underflow_frac_<dtype>``, ``/overflow_frac_<dtype>`` for each cast dtype;
-    * ``torchwatch/alerts``: alerts raised in the interval;
+    * ``torchwatch/alerts``: alerts raised in the interval, and ``torchwatch/alerts/<rule>`` per
+      rule (from its first alert on); the alerts' text (call, rule, module, request, message) in
+      the *Text* tab under ``torchwatch/alerts``;
     * ``torchwatch/latency_p50_ms``, ``_p95_ms``, ``_p99_ms``, ``_max_ms``: root-call latency;
     * ``inputs/<input>/channel_mean_<c>``, ``/top1_fraction``, ``/distinct``: input monitors;
     * ``outputs/confidence``, ``/margin``, ``/normalized_entropy``, ``/abstention_rate``, and
@@ -102,8 +124,9 @@ class TensorBoardSink(Sink):
     * ``extra/<monitor>/<key>/...``: every number in the value of a monitor added with
       ``attach(monitors=...)`` (nested mappings give the path; at most 256 per monitor).
 
-    A ``custom_scalars`` layout (the *Custom Scalars* tab) puts NaN/Inf, cast under/overflow
-    and zero fractions of every module on shared charts. One event-file writer is shared per
+    A ``custom_scalars`` layout (the *Custom Scalars* tab) opens on what changed (alerts by rule,
+    the drift score, latency), then puts NaN/Inf, cast under/overflow, inputs, outputs, latency,
+    range and zero fractions of every module on shared charts. One event-file writer is shared per
     log directory in a process; ``prefix`` keeps two watches writing to one directory apart.
     The directory is created on the first write; if it cannot be, the sink is reported and
     disabled and serving goes on. Requires the ``tensorboard`` extra.
@@ -134,6 +157,7 @@ class TensorBoardSink(Sink):
         self.prefix = prefix
         self._writer: Any = None
         self._layout_written = False
+        self._rules: dict[str, None] = {}  # rules alerted so far: charted (0 when quiet) from then on
 
     def _scalars(self, record: Record) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
@@ -146,6 +170,10 @@ class TensorBoardSink(Sink):
             out += [(f"{base}underflow_frac_{k}", v / count) for k, v in s.underflow.items()]
             out += [(f"{base}overflow_frac_{k}", v / count) for k, v in s.overflow.items()]
         out.append((f"{self.prefix}torchwatch/alerts", float(len(record.alerts))))
+        for a in record.alerts:
+            self._rules.setdefault(a.rule, None)
+        for rule in self._rules:
+            out.append((f"{self.prefix}torchwatch/alerts/{rule}", float(sum(a.rule == rule for a in record.alerts))))
         lat = record.latency
         if lat is not None and lat.count:
             for tag in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
@@ -185,6 +213,27 @@ class TensorBoardSink(Sink):
         values = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in self._scalars(record)]
         event = event_pb2.Event(wall_time=record.time, step=record.step, summary=summary_pb2.Summary(value=values))
         self._writer.add_event(event)
+        if record.alerts:
+            self._writer.add_event(
+                event_pb2.Event(wall_time=record.time, step=record.step, summary=self._alert_text(record))
+            )
+
+    def _alert_text(self, record: Record) -> Any:
+        """The interval's alerts as Markdown lines for TensorBoard's *Text* tab (a table's narrow
+        columns wrapped words letter by letter)."""
+        from torch.utils.tensorboard.summary import text
+
+        def plain(value: object) -> str:  # Markdown's marks shown as themselves; <input> is not an HTML tag
+            out = "".join("\\" + c if c in "\\`*_[]#" else c for c in str(value).replace("\n", " "))
+            return out.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+        lines = []
+        for a in record.alerts:
+            where = f" in `{a.module}`" if a.module else ""
+            request = f", request `{a.trace_id}`" if a.trace_id else ""
+            when = f"at call {a.call}" if a.call >= 0 else "between calls"  # a background check (fingerprint)
+            lines.append(f"* **{plain(a.rule)}**{where} {when}{request}: {plain(a.message)}")
+        return text(f"{self.prefix}torchwatch/alerts", "\n".join(lines))
 
     def _write_layout(self, record: Record, event_pb2: Any) -> None:
         from torch.utils.tensorboard.summary import custom_scalars
