@@ -120,3 +120,8 @@ def read_jsonl(
         if not isinstance(doc, dict) or doc.get("format") != format_id:
             raise FormatError(f"{where} is not a torchwatch {kind} ({format_id})")
         yield where, doc
+
+
+# A directory holding this file is one run of `torchwatch demo`; `torchwatch report` of the directory above
+# reads the latest run (see cli.report.choose_run).
+RUN_MARKER = "torchwatch-run.json"

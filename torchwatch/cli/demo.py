@@ -35,7 +35,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, formats
 from .._files import atomic_write
 from ..alerts import Alert
 from ..containment import CircuitBreaker
@@ -284,8 +284,6 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
 
 def _run_directory(parent: str | None, **settings: Any) -> str:
     """A new directory for this run's logs (under ``parent``, else a temporary one), marked as a run."""
-    from .report import RUN_MARKER
-
     if parent is None:
         run_dir = tempfile.mkdtemp(prefix="torchwatch-demo-")
     else:
@@ -297,7 +295,7 @@ def _run_directory(parent: str | None, **settings: Any) -> str:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(marker, f)
 
-    atomic_write(os.path.join(run_dir, RUN_MARKER), write)
+    atomic_write(os.path.join(run_dir, formats.RUN_MARKER), write)
     return run_dir
 
 

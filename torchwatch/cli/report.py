@@ -109,7 +109,7 @@ def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[s
     return stats, incidents, events, comparisons
 
 
-RUN_MARKER = "torchwatch-run.json"  # written by each demo run into its own directory
+RUN_MARKER = formats.RUN_MARKER  # written by each demo run into its own directory
 
 
 def choose_run(logdir: str | os.PathLike[str], *, all_runs: bool = False) -> tuple[str, dict[str, Any] | None]:
