@@ -228,7 +228,7 @@ def test_edge_chart_false_alarm_rate_on_clean_channels_is_near_its_nominal_rate(
 
 
 def test_report_shows_output_quality_latency_and_inputs(tmp_path):
-    from torchwatch.cli import report
+    from torchwatch.cli import report, report_html
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     with tw.attach(model, outputs=True, flush_every=5, sinks=[tw.JsonlSink(tmp_path / "s.jsonl")]) as watch:
@@ -246,7 +246,7 @@ def test_report_shows_output_quality_latency_and_inputs(tmp_path):
     shown = report.text(summary)
     assert "Output quality:" in shown and "accuracy 100.00%" in shown and "Latency: 20 calls" in shown
     assert "channel means" in shown
-    page = report.html_page(summary, report.load(tmp_path))
+    page = report_html.html_page(summary, report.load(tmp_path))
     assert "<figcaption>output confidence" in page and "<figcaption>latency p99 (ms)" in page
 
 

@@ -16,7 +16,7 @@ from .. import __version__
 from .._dist import DISTRIBUTION
 from .._files import atomic_write, shown
 from ..errors import TorchwatchError
-from . import report
+from . import report, report_html
 from .demo import MIN_REQUESTS, run
 from .integrity import add_commands
 
@@ -39,7 +39,7 @@ def _report(args: argparse.Namespace) -> int:
         summary = report.summarize(data, top=args.top)
         summary["runs"] = runs
         if args.html:
-            page = report.html_page(summary, data)
+            page = report_html.html_page(summary, data)
 
             def write(tmp: str) -> None:
                 with open(tmp, "w", encoding="utf-8") as f:

@@ -10,7 +10,6 @@ self-contained HTML page with inline SVG charts.
 
 from __future__ import annotations
 
-import html
 import math
 import os
 import stat
@@ -70,6 +69,7 @@ class LogData:
     latency: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     inputs: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     comparisons: list[dict[str, Any]] = field(default_factory=list)  # the last of each comparison file
+    times: dict[int, float] = field(default_factory=dict)  # wall time of each record's step (JSONL logs)
     skipped: list[str] = field(default_factory=list)  # log-like files that could not be read, and why
 
 
@@ -187,6 +187,7 @@ def _read_stats(path: str, data: LogData) -> None:
         data.calls += r.calls
         data.steps = max(data.steps, step)
         if not math.isnan(t):
+            data.times[step] = t
             data.first_time = t if data.first_time is None else min(data.first_time, t)
             data.last_time = t if data.last_time is None else max(data.last_time, t)
         for name, s in r.stats.items():
@@ -490,55 +491,3 @@ def text(summary: dict[str, Any]) -> str:
 
 def _f(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None else "n/a"
-
-
-def _svg(title: str, xs: list[int], ys: list[float], *, width: int = 560, height: int = 110) -> str:
-    pts = [(x, y) for x, y in zip(xs, ys, strict=False) if y is not None and math.isfinite(y)]
-    if not pts:
-        return ""
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    sx = (width - 60) / max(x1 - x0, 1)
-    sy = (height - 30) / (y1 - y0) if y1 > y0 else 0.0
-    path = " ".join(f"{50 + (x - x0) * sx:.1f},{height - 20 - (y - y0) * sy:.1f}" for x, y in pts)
-    return (
-        f'<figure><figcaption>{html.escape(title)}</figcaption><svg width="{width}" height="{height}" '
-        f'role="img" aria-label="{html.escape(title)}"><polyline fill="none" stroke="#c0392b" stroke-width="1.5" '
-        f'points="{path}"/><text x="2" y="14" font-size="10">{y1:.3g}</text><text x="2" y="{height - 20}" '
-        f'font-size="10">{y0:.3g}</text><text x="50" y="{height - 4}" font-size="10">step {x0}</text>'
-        f'<text x="{width - 80}" y="{height - 4}" font-size="10">step {x1}</text></svg></figure>'
-    )
-
-
-def html_page(summary: dict[str, Any], data: LogData) -> str:
-    """A self-contained HTML page: the text report plus inline SVG charts of what went wrong."""
-    charts = []
-    for row in summary["nonfinite"][:4]:
-        m = data.modules[row["module"]]
-        charts.append(_svg(f"NaN/Inf per interval: {row['module'] or '<root>'}", m.steps, m.nonfinite))
-    for kind in ("overflow", "underflow"):
-        for dtype, rows in summary["casts"][kind].items():
-            for r in rows[:2]:
-                m = data.modules[r["module"]]
-                series = (m.over if kind == "overflow" else m.under)[dtype]
-                charts.append(_svg(f"{kind} fraction to {dtype}: {r['module'] or '<root>'}", m.steps, series))
-    for name, series in list(data.drift.items())[:4]:
-        charts.append(_svg(f"drift score: {name or '<root>'}", [s for s, _, _ in series], [v for _, v, _ in series]))
-    rows = [(step, o) for step, o in data.outputs if o.get("rows")]
-    for key in ("confidence", "abstention_rate") if rows else ():
-        charts.append(_svg(f"output {key}", [st for st, _ in rows], [o.get(key) for _, o in rows]))
-    if data.latency:
-        charts.append(
-            _svg("latency p99 (ms)", [st for st, _ in data.latency], [v.get("p99_ms") for _, v in data.latency])
-        )
-    worst = sorted(data.modules.items(), key=lambda kv: -max((v for v in kv[1].absmax if math.isfinite(v)), default=0))
-    for name, m in worst[:3]:
-        charts.append(_svg(f"abs-max: {name or '<root>'}", m.steps, m.absmax))
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>torchwatch report</title>"
-        "<style>body{font-family:sans-serif;margin:2em;max-width:900px}pre{background:#f6f6f6;padding:1em;"
-        "overflow-x:auto}figure{margin:1em 0}figcaption{font-size:13px;color:#333}</style></head><body>"
-        f"<h1>torchwatch report</h1><pre>{html.escape(text(summary))}</pre><h2>Charts</h2>"
-        + "".join(c for c in charts if c)
-        + "</body></html>\n"
-    )

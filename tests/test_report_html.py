@@ -1,0 +1,71 @@
+"""``torchwatch report --html`` against the logs of a real watched model with a known fault: the
+verdict names it, the heat strip puts the faulty module on top, every chart shares one time axis,
+series spanning decades get a log scale, and the page is self-contained and fits 1280 px."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+import torchwatch as tw
+from torchwatch.cli import report, report_html
+
+
+def _logs(tmp_path, *, fault_from: int | None) -> str:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    calls = {"n": 0}
+
+    def blow_up(module, args, output):  # from call fault_from on, module "2" outputs a million times too much
+        return output * 1e6 if fault_from is not None and calls["n"] >= fault_from else output
+
+    model[2].register_forward_hook(blow_up)
+    with tw.attach(model, flush_every=2, sinks=[tw.JsonlSink(tmp_path / "stats.jsonl")]) as watch, torch.no_grad():
+        for _ in range(80):
+            model(torch.randn(16, 4))
+            calls["n"] += 1
+        watch.flush()
+    return str(tmp_path)
+
+
+def _page(logdir: str) -> tuple[dict, str]:
+    data = report.load(logdir)
+    summary = report.summarize(data)
+    return summary, report_html.html_page(summary, data)
+
+
+def test_the_page_leads_with_the_fault_and_the_module_it_started_in(tmp_path):
+    summary, page = _page(_logs(tmp_path, fault_from=70))
+    assert summary["problems"] and "finding(s) need attention" in page
+    verdict = page[page.index('class="verdict"') : page.index("</div>")]
+    assert "overflow in float16: worst &#x27;2&#x27;" in verdict  # the module the fault is in
+    strip = page[page.index("Where it started") :]
+    strip = strip[: strip.index("</svg>")]
+    rows = re.findall(r'text-anchor="end">([^<]+)</text>', strip)
+    assert rows[0] == "2"  # left its range first (at call 70): on top; "3" and "4" follow it there
+    # abs-max of "2" spans six decades: a log scale, whose labels are the real values
+    assert "<figcaption>abs-max: 2 (log scale)" in page
+
+
+def test_every_chart_shares_one_time_axis_and_marks_the_alerts(tmp_path):
+    summary, page = _page(_logs(tmp_path, fault_from=70))
+    svgs = re.findall(r"<svg.*?</svg>", page, re.S)
+    assert len(svgs) >= 4
+    first_ticks = {tuple(re.findall(r'text-anchor="(?:start|end)">([^<]+)<', s)[-2:]) for s in svgs}
+    assert len(first_ticks) == 1  # the same first and last tick (step and wall time) on every chart
+    (lo, hi) = next(iter(first_ticks))
+    assert lo.startswith("2 · ") and hi.startswith("80 · ")  # steps 2..80, each with its wall time
+    markers = re.findall(r"<line [^>]*><title>([^<]+)</title>", svgs[1])
+    assert len(markers) == len(summary["alerts"]) > 0  # one line per alert, its message on hover
+    assert all(" at call " in m for m in markers)
+
+
+def test_clean_logs_say_nothing_needs_attention_and_the_page_is_self_contained(tmp_path):
+    summary, page = _page(_logs(tmp_path, fault_from=None))
+    assert not summary["problems"] and "Nothing needs attention" in page
+    assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:)?//", page)  # no network: no external resource
+    widths = [int(w) for w in re.findall(r'<svg viewBox="0 0 \d+ \d+" width="(\d+)"', page)]
+    # fits a 1280 px window: the widest chart plus the page's margins (1.5em of 16px each side)
+    assert widths and max(widths) + 2 * 24 <= 1280 and "white-space:pre-wrap" in page
