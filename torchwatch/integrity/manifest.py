@@ -361,7 +361,7 @@ def _key_bytes(key: Key) -> bytes:
     if len(data) < 16:
         raise ConfigError(
             f"the signing key has {len(data)} bytes; use at least 16 random bytes "
-            "(e.g. `head -c 32 /dev/urandom > manifest.key`)"
+            "(make one with `torchwatch keygen -o manifest.key` or tw.write_key)"
         )
     return data
 
