@@ -332,5 +332,6 @@ def _report(o: Outcome, out: TextIO) -> None:
     else:
         say("\nEvery failure was caught; the stale replica never served.\n")
     say(f"\nLogs: {o.logdir}\n")
-    say(f"  tensorboard --logdir {os.path.join(o.logdir, 'tensorboard')}   (Custom Scalars: NaN/Inf, casts, drift)\n")
+    tensorboard = os.path.join(o.logdir, "tensorboard")
+    say(f"  tensorboard --logdir {tensorboard}   (Custom Scalars: what changed first; Text: each alert)\n")
     say(f"  torchwatch report {o.logdir}                 (summary; --html report.html for charts)\n")
