@@ -131,6 +131,16 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             os.close(fd)
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> None:
+    """:func:`atomic_write` of a string."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding=encoding) as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def open_log(path: str | os.PathLike[str]) -> int:
     """Open a JSON-lines log for appending (parent directories are created) and return its fd.
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from .._dist import DISTRIBUTION
-from .._files import atomic_write, shown
+from .._files import atomic_write_text, shown
 from ..errors import TorchwatchError
 from . import report, report_html
 from .demo import MIN_REQUESTS, run
@@ -39,13 +39,7 @@ def _report(args: argparse.Namespace) -> int:
         summary = report.summarize(data, top=args.top)
         summary["runs"] = runs
         if args.html:
-            page = report_html.html_page(summary, data)
-
-            def write(tmp: str) -> None:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(page)
-
-            atomic_write(args.html, write)
+            atomic_write_text(args.html, report_html.html_page(summary, data))
     except TorchwatchError as exc:
         print(f"torchwatch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

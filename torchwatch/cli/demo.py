@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import __version__, formats
-from .._files import atomic_write
+from .._files import atomic_write_text
 from ..alerts import Alert
 from ..containment import CircuitBreaker
 from ..errors import ConfigError, IntegrityError, TorchwatchWarning
@@ -290,12 +290,7 @@ def _run_directory(parent: str | None, **settings: Any) -> str:
         os.makedirs(parent, exist_ok=True)
         run_dir = tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-", time.gmtime()), dir=parent)
     marker = {"started": time.time(), "command": "demo", "torchwatch": __version__, **settings}
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(marker, f)
-
-    atomic_write(os.path.join(run_dir, formats.RUN_MARKER), write)
+    atomic_write_text(os.path.join(run_dir, formats.RUN_MARKER), json.dumps(marker))
     return run_dir
 
 

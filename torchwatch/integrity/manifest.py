@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .. import _validate, formats
-from .._files import atomic_write, parse_json, read_regular, shown
+from .._files import atomic_write_text, parse_json, read_regular, shown
 from .._tensors import require_plain
 from ..errors import ConfigError, FormatError, IntegrityError
 from . import _hashing
@@ -212,12 +212,7 @@ class Manifest:
         """Write the manifest as JSON (atomically), signed when ``key`` is given."""
         manifest = self.signed(key) if key is not None else self
         text = json.dumps(manifest.to_dict(), indent=1, ensure_ascii=True) + "\n"
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(text)
-
-        atomic_write(path, write)
+        atomic_write_text(path, text, encoding="ascii")
 
     @classmethod
     def load(cls, path: PathLike, *, key: Key | None = None, expected_digest: str | None = None) -> Manifest:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import _validate, formats
-from .._files import atomic_write, parse_json, read_regular, shown
+from .._files import atomic_write_text, parse_json, read_regular, shown
 from .._pytree import call_batch, flatten_outputs, is_logits
 from .._schema import Fields
 from ..engine import watch_of
@@ -166,13 +166,7 @@ class Comparison:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as one JSON line (atomically); ``torchwatch report`` shows files of these."""
-        line = formats.json_line(self.to_dict()).decode()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(line)
-
-        atomic_write(path, write)
+        atomic_write_text(path, formats.json_line(self.to_dict()).decode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Comparison:
