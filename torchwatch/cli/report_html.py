@@ -4,6 +4,7 @@ time axis (steps, with wall time under them) and mark every alert."""
 
 from __future__ import annotations
 
+import bisect
 import html
 import math
 import time
@@ -17,55 +18,57 @@ ROOT = "<root>"
 
 
 class Axis:
-    """The shared x axis: steps ``lo..hi`` onto pixels, with wall times where the logs have them."""
+    """The shared x axis: steps ``lo..hi`` onto pixels, with wall times where the logs have them.
+    Tick labels and alert positions are worked out once and drawn on every chart."""
 
     def __init__(self, data: LogData, alerts: list[dict[str, Any]]) -> None:
         steps = [s for m in data.modules.values() for s in m.steps] + [s for s, *_ in _all_series(data)]
         self.lo, self.hi = (min(steps), max(steps)) if steps else (0, 1)
-        self.times = sorted(data.times.items())
-        self.alerts = alerts
+        by_step = sorted(data.times.items())
+        by_time = sorted((t, s) for s, t in by_step)
+        self._labels = []
+        for i in range(6):
+            step = self.lo + (self.hi - self.lo) * i / 5
+            t = _nearest(by_step, step)
+            self._labels.append(
+                (step, f"{step:,.0f}" + (f" · {time.strftime('%H:%M:%S', time.localtime(t))}" if t else ""))
+            )
+        self._alerts = []  # (x, colour, tooltip) per alert that can be placed
+        for a in alerts:
+            step = a.get("call")
+            if step is None or step < 0:  # raised between calls (a background check): placed by its time
+                step = _nearest(by_time, a["time"]) if a.get("time") else None
+            if step is not None:
+                tip = f"{a.get('rule')} in {a.get('module') or ROOT} at call {a.get('call')}: {a.get('message')}"
+                x = self.x(min(max(step, self.lo), self.hi))
+                self._alerts.append((x, _colour(a.get("rule")), html.escape(tip)))
 
     def x(self, step: float) -> float:
         return LEFT + (step - self.lo) * (WIDTH - LEFT - RIGHT) / max(self.hi - self.lo, 1)
 
-    def step_at(self, t: float) -> float | None:
-        """The step logged nearest in time to ``t`` (for alerts raised between calls)."""
-        if not self.times:
-            return None
-        return min(self.times, key=lambda st: abs(st[1] - t))[0]
-
     def ticks(self, y: float) -> str:
         out = []
-        for i in range(6):
-            step = self.lo + (self.hi - self.lo) * i / 5
-            t = _nearest_time(self.times, step)
-            label = f"{step:,.0f}" + (f" · {time.strftime('%H:%M:%S', time.localtime(t))}" if t else "")
+        for i, (step, label) in enumerate(self._labels):
             anchor = "start" if i == 0 else "end" if i == 5 else "middle"
             out.append(f'<text x="{self.x(step):.1f}" y="{y}" font-size="10" text-anchor="{anchor}">{label}</text>')
         return "".join(out)
 
     def markers(self, top: float, bottom: float) -> str:
         """A thin vertical line at every alert, coloured by rule, with its text on hover."""
-        out = []
-        for a in self.alerts:
-            step = a.get("call")
-            if step is None or step < 0:
-                step = self.step_at(a["time"]) if a.get("time") else None
-            if step is None:
-                continue
-            x = self.x(min(max(step, self.lo), self.hi))
-            tip = html.escape(
-                f"{a.get('rule')} in {a.get('module') or ROOT} at call {a.get('call')}: {a.get('message')}"
-            )
-            out.append(
-                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" stroke="{_colour(a.get("rule"))}" '
-                f'stroke-width="1" opacity="0.55"><title>{tip}</title></line>'
-            )
-        return "".join(out)
+        return "".join(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" stroke="{colour}" stroke-width="1" '
+            f'opacity="0.55"><title>{tip}</title></line>'
+            for x, colour, tip in self._alerts
+        )
 
 
-def _nearest_time(times: list[tuple[int, float]], step: float) -> float | None:
-    return min(times, key=lambda st: abs(st[0] - step))[1] if times else None
+def _nearest(pairs: list[tuple[float, float]], key: float) -> float | None:
+    """The second item of the pair whose first item (``pairs`` sorted by it) is nearest ``key``."""
+    if not pairs:
+        return None
+    i = bisect.bisect_left(pairs, (key, -math.inf))
+    near = [pairs[j] for j in (i - 1, i) if 0 <= j < len(pairs)]
+    return min(near, key=lambda p: abs(p[0] - key))[1]
 
 
 def _all_series(data: LogData) -> list[tuple[int, Any]]:
