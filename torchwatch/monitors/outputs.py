@@ -313,8 +313,9 @@ class OutputAccumulator:
         ids never seen (or no longer kept) and those already labelled."""
         with self._lock:
             kept = [self._traces.get(tid) for tid in trace_ids]
-            repeated = [tid for tid, k in zip(trace_ids, kept, strict=True) if k is None and tid in self._labelled_ids]
-        unknown = [tid for tid, k in zip(trace_ids, kept, strict=True) if k is None and tid not in repeated]
+            missing = [tid for tid, k in zip(trace_ids, kept, strict=True) if k is None]
+            repeated = [tid for tid in missing if tid in self._labelled_ids]
+            unknown = [tid for tid in missing if tid not in self._labelled_ids]
         pairs = []
         for tid, k, label in zip(trace_ids, kept, labels, strict=True):
             if k is None:

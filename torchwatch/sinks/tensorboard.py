@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -170,10 +171,9 @@ class TensorBoardSink(Sink):
             out += [(f"{base}underflow_frac_{k}", v / count) for k, v in s.underflow.items()]
             out += [(f"{base}overflow_frac_{k}", v / count) for k, v in s.overflow.items()]
         out.append((f"{self.prefix}torchwatch/alerts", float(len(record.alerts))))
-        for a in record.alerts:
-            self._rules.setdefault(a.rule, None)
-        for rule in self._rules:
-            out.append((f"{self.prefix}torchwatch/alerts/{rule}", float(sum(a.rule == rule for a in record.alerts))))
+        per_rule = Counter(a.rule for a in record.alerts)
+        self._rules.update(dict.fromkeys(per_rule))
+        out += [(f"{self.prefix}torchwatch/alerts/{rule}", float(per_rule[rule])) for rule in self._rules]
         lat = record.latency
         if lat is not None and lat.count:
             for tag in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
