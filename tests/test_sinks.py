@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 import urllib.request
 import warnings
 
@@ -20,6 +21,8 @@ import torch
 from _models import Inject, mlp
 
 import torchwatch as tw
+from torchwatch.cli import report
+from torchwatch.sinks._flagged import FLAGGED_STATS, MAX_FLAGGED, run_name
 from torchwatch.sinks.tensorboard import layout
 
 
@@ -154,6 +157,7 @@ def test_tensorboard_events_read_back_with_tensorboards_own_reader(tmp_path):
     assert acc.Scalars("torchwatch/alerts")[-1].value == 1.0  # the alert of call 3 (from the injector)
     # per rule, from the rule's first alert on; and the alert's text in the Text tab, with call and module
     assert [(e.step, e.value) for e in acc.Scalars("torchwatch/alerts/nonfinite")] == [(4, 1.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("torchwatch/alerts_total/nonfinite")] == [(4, 1.0)]
     (text,) = acc.Tensors("torchwatch/alerts/text_summary")
     table = text.tensor_proto.string_val[0].decode()
     (alert,) = alerts
@@ -179,7 +183,8 @@ def test_layout_opens_on_what_changed_then_nonfinite_and_casts():
         lay
     )
     # every chart's pattern matches a tag the sink writes (with or without a prefix)
-    written = ["torchwatch/alerts/drift", "drift/4/score", "torchwatch/latency_p99_ms", "0/nan", "0/posinf",
+    written = ["torchwatch/alerts_total/drift", "flagged/log10-abs-max", "flagged/NaN+Inf",
+               "flagged/zero-fraction", "drift/4/score", "torchwatch/latency_p99_ms", "0/nan", "0/posinf",
                "0/neginf", "0/underflow_frac_float16", "0/overflow_frac_float16", "inputs/<input>/channel_mean_3",
                "inputs/<input>.input_ids/top1_fraction", "inputs/<input>.input_ids/distinct", "<input>/absmax",
                "outputs/confidence", "outputs/abstention_rate", "outputs/ece", "torchwatch/latency_p50_ms",
@@ -190,6 +195,85 @@ def test_layout_opens_on_what_changed_then_nonfinite_and_casts():
     assert lay["torchwatch: fp16 / bf16 / fp8 casts"]["would underflow in float16 (fraction)"] == [
         "Multiline", [r".*/underflow_frac_float16$"]
     ]  # fmt: skip
+
+
+def test_flagged_tags_are_drawn_only_by_the_alerted_modules_charts():
+    # each flagged tag (with or without a prefix) in exactly one chart, and no main-run tag in those
+    lay = layout(["float16"])
+    flagged_charts = {title for title in lay["torchwatch: what changed"] if title.startswith("alerted modules")}
+    assert len(flagged_charts) == len(FLAGGED_STATS)
+    main_tags = ["0/absmax", "0/nan", "0/zeros_frac", "<root>/absmax", "torchwatch/alerts/nonfinite"]
+    for leaf, _, _ in FLAGGED_STATS:
+        for tag in (f"flagged/{leaf}", f"r0/flagged/{leaf}"):
+            hits = [t for c in lay.values() for t, (_, ps) in c.items() if any(re.fullmatch(p, tag) for p in ps)]
+            assert len(hits) == 1 and hits[0] in flagged_charts, (tag, hits)
+    for title in flagged_charts:
+        (pattern,) = lay["torchwatch: what changed"][title][1]
+        assert not any(re.fullmatch(pattern, t) for t in main_tags), title
+
+
+def test_an_alerted_module_gets_a_run_of_its_own_starting_with_its_baseline(tmp_path):
+    model = mlp(inject=Inject(at=(5,)))  # NaN from module "1" on call 5: flushed at step 6
+    sink = tw.TensorBoardSink(tmp_path)
+    with tw.attach(model, sinks=[sink], flush_every=2, on_nonfinite=[].append) as watch:
+        _run(model, 10)
+    flagged = sink.flagged  # kept after detach
+    (alert,) = watch.alerts
+    assert flagged == {alert.module: str(tmp_path / "flagged" / alert.module)}
+    main, own = _event_accumulator(tmp_path), _event_accumulator(flagged[alert.module])
+    assert set(own.Tags()["scalars"]) == {f"flagged/{leaf}" for leaf, _, _ in FLAGGED_STATS}
+    name = alert.module
+
+    def series(acc, tag):
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+    # the same numbers as the main run's tags for that module, from the first step on (its baseline)
+    assert [step for step, _ in series(own, "flagged/log10-abs-max")] == [2, 4, 6, 8, 10]
+    # both are float32 in the event file: log10 of the float32 abs-max, to float32's rounding
+    decades = [(step, math.log10(v)) for step, v in series(main, f"{name}/absmax")]
+    assert all(
+        s == t and math.isclose(v, w, rel_tol=2**-23, abs_tol=2**-23 * 40)
+        for (s, v), (t, w) in zip(series(own, "flagged/log10-abs-max"), decades, strict=True)
+    )
+    assert series(own, "flagged/zero-fraction") == series(main, f"{name}/zeros_frac")
+    counts = ([e.value for e in main.Scalars(f"{name}/{t}")] for t in ("nan", "posinf", "neginf"))
+    bad = [sum(v) for v in zip(*counts, strict=True)]
+    assert [v for _, v in series(own, "flagged/NaN+Inf")] == bad and bad[2] > 0
+    # no other module was alerted, so no other run; the report reads modules from the main run only
+    assert os.listdir(tmp_path / "flagged") == [name]
+    assert set(report.load(tmp_path).modules) == {k.removesuffix("/absmax") for k in main.Tags()["scalars"]
+                                                  if k.endswith("/absmax")}  # fmt: skip
+
+
+def test_only_the_first_modules_alerted_get_runs_the_rest_are_warned_once(tmp_path):
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(MAX_FLAGGED + 2)])
+    sink = tw.TensorBoardSink(tmp_path, prefix="r0/")
+    with tw.attach(model, sinks=[sink], flush_every=1000) as watch, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(torch.randn(1, 4))
+        for i in range(MAX_FLAGGED + 2):
+            watch.publish(tw.Alert("mine", str(i), "absmax", 1.0, 0.0, 0, time.time(), None, None, "odd"))
+        # "" with a statistic that is not a module's: an alert about no module, so no run for the root
+        watch.publish(tw.Alert("queue", "", "depth", 9.0, 1.0, -1, time.time(), None, None, "deep queue"))
+        watch.flush()
+    flagged = sink.flagged
+    assert list(flagged) == [str(i) for i in range(MAX_FLAGGED)]
+    assert sorted(os.listdir(tmp_path / "flagged")) == sorted(f"r0_{i}" for i in range(MAX_FLAGGED))
+    too_many = [w for w in seen if "modules alerted" in str(w.message)]
+    assert len(too_many) == 1 and f"more than {MAX_FLAGGED}" in str(too_many[0].message)
+    # every module is still in the main run
+    tags = set(_event_accumulator(tmp_path).Tags()["scalars"])
+    assert {f"r0/{i}/absmax" for i in range(MAX_FLAGGED + 2)} <= tags
+    assert {"r0/flagged/log10-abs-max"} == {t for t in _event_accumulator(flagged["0"]).Tags()["scalars"] if "abs" in t}
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [("<root>", "root"), ("<input>.input_ids", "input.input_ids"), ("enc/layer.0", "enc_layer.0"),
+     ("blocks[1]", "blocks[1]"), ("..", "_.."), ("r0/x y", "r0_x_y")],
+)  # fmt: skip
+def test_flagged_run_names_are_one_safe_directory(label, expected):
+    assert run_name(label) == expected
 
 
 def _free_port() -> int:
@@ -205,8 +289,8 @@ def _get_json(url: str) -> object:
 
 def test_a_real_tensorboard_server_serves_the_torchwatch_tags(tmp_path):
     run_dir = tmp_path / "serve"
-    model = mlp()
-    with tw.attach(model, sinks=[tw.TensorBoardSink(run_dir)], flush_every=2):
+    model = mlp(inject=Inject(at=(3,)))  # a NaN alert names module "1": it gets a run of its own
+    with tw.attach(model, sinks=[tw.TensorBoardSink(run_dir)], flush_every=2, on_nonfinite=[].append):
         _run(model, 4)
     port = _free_port()
     server = subprocess.Popen(
@@ -221,7 +305,7 @@ def test_a_real_tensorboard_server_serves_the_torchwatch_tags(tmp_path):
         while time.monotonic() < deadline:
             try:
                 tags = _get_json(f"{base}/data/plugin/scalars/tags")
-                if tags.get("serve"):
+                if tags.get("serve") and tags.get("serve/flagged/1"):  # one reload may not hold every run
                     break
             except OSError:
                 pass
@@ -231,6 +315,12 @@ def test_a_real_tensorboard_server_serves_the_torchwatch_tags(tmp_path):
         assert [row[1] for row in values] == [2, 4]  # [wall_time, step, value] rows
         lay = _get_json(f"{base}/data/plugin/custom_scalars/layout")
         assert lay["category"][0]["title"] == "torchwatch: what changed"
+        # the alerted module's own run, matched by the layout's "alerted modules" chart pattern
+        assert "serve/flagged/1" in _get_json(f"{base}/data/runs")
+        (chart,) = [c for c in lay["category"][0]["chart"] if c["title"].startswith("alerted modules: abs-max")]
+        query = urllib.parse.urlencode({"run": "serve/flagged/1", "tag": chart["multiline"]["tag"][0]})
+        found = _get_json(f"{base}/data/plugin/custom_scalars/scalars?{query}")
+        assert found["regex_valid"] and [row[1] for row in found["tag_to_events"]["flagged/log10-abs-max"]] == [2, 4]
     finally:
         server.terminate()
         server.wait(timeout=30)

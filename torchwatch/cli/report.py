@@ -254,6 +254,8 @@ def _read_events(path: str, data: LogData) -> None:
                         {"rule": "drift", "module": name, "call": s, "time": None, "message": "drift alarm"}
                     )
             continue
+        if "absmax" not in tags:  # not a module's statistics: inputs/, outputs, timing/, alert counts, flagged/
+            continue
         m = data.modules.setdefault(module, ModuleSeries())
         nan, pos, neg = (dict(tags.get(k, [])) for k in ("nan", "posinf", "neginf"))
         for step, v in tags.get("absmax", []):

@@ -13,6 +13,7 @@ from .. import _validate
 from .._dist import install_hint
 from ..errors import ConfigError
 from ..records import Record
+from . import _flagged
 from .base import ROOT_LABEL, Sink
 
 # Per-module scalars written at every flush (the ``step`` is the root-call count).
@@ -56,16 +57,21 @@ def _release(logdir: str) -> None:
             entry[0].close()
 
 
+ALERTS_TOTAL = r"(.*/)?torchwatch/alerts_total/.*"
+
+
 def layout(cast_dtypes: tuple[str, ...] | list[str]) -> dict[str, dict[str, list[Any]]]:
-    """The ``custom_scalars`` layout, what changed first: alerts by rule, the drift score and
-    latency; then NaN/Inf, cast under/overflow, inputs, outputs, range and dead units, drift."""
+    """The ``custom_scalars`` layout, what changed first: alerts by rule, the modules alerts named
+    (one colour each), the drift score and latency; then NaN/Inf, cast under/overflow, inputs,
+    outputs, range and dead units, drift."""
     casts = {}
     for name in cast_dtypes:
         casts[f"would underflow in {name} (fraction)"] = ["Multiline", [rf".*/underflow_frac_{name}$"]]
         casts[f"would overflow in {name} (fraction)"] = ["Multiline", [rf".*/overflow_frac_{name}$"]]
     return {
         "torchwatch: what changed": {
-            "alerts per interval, by rule (text: TEXT tab)": ["Multiline", [r"(.*/)?torchwatch/alerts/.*"]],
+            "alerts so far, by rule (a step up per alert; text: TEXT tab)": ["Multiline", [ALERTS_TOTAL]],
+            **_flagged.charts(),
             "drift score (1 = threshold; high for a whole episode)": ["Multiline", [r"(.*/)?drift/.*/score$"]],
             "latency p99 (ms)": ["Multiline", [r"(.*/)?torchwatch/latency_p99_ms$"]],
         },
@@ -111,9 +117,10 @@ class TensorBoardSink(Sink):
     * ``<fqn>/nan``, ``/posinf``, ``/neginf``: counts in the interval since the previous flush;
     * ``<fqn>/zeros_frac``, ``/subnormal_frac``: fractions of the interval's elements;
     * ``<fqn>/underflow_frac_<dtype>``, ``/overflow_frac_<dtype>`` for each cast dtype;
-    * ``torchwatch/alerts``: alerts raised in the interval, and ``torchwatch/alerts/<rule>`` per
-      rule (from its first alert on); the alerts' text (call, rule, module, request, message) in
-      the *Text* tab under ``torchwatch/alerts``;
+    * ``torchwatch/alerts``: alerts raised in the interval, ``torchwatch/alerts/<rule>`` per rule
+      and ``torchwatch/alerts_total/<rule>``, the rule's alerts since attach (both from its first
+      alert on); the alerts' text (call, rule, module, request, message) in the *Text* tab under
+      ``torchwatch/alerts``;
     * ``torchwatch/latency_p50_ms``, ``_p95_ms``, ``_p99_ms``, ``_max_ms``: root-call latency;
     * ``inputs/<input>/channel_mean_<c>``, ``/top1_fraction``, ``/distinct``: input monitors;
     * ``outputs/confidence``, ``/margin``, ``/normalized_entropy``, ``/abstention_rate``, and
@@ -125,8 +132,12 @@ class TensorBoardSink(Sink):
     * ``extra/<monitor>/<key>/...``: every number in the value of a monitor added with
       ``attach(monitors=...)`` (nested mappings give the path; at most 256 per monitor).
 
+    A module an alert names (the first 8) also gets a run of its own, ``<logdir>/flagged/<module>``,
+    with ``flagged/log10-abs-max``, ``/NaN+Inf`` and ``/zero-fraction``, starting with its last
+    32 records: TensorBoard colours lines by run, so there each alerted module has its own colour.
+
     A ``custom_scalars`` layout (the *Custom Scalars* tab) opens on what changed (alerts by rule,
-    the drift score, latency), then puts NaN/Inf, cast under/overflow, inputs, outputs, latency,
+    the alerted modules, the drift score, latency), then puts NaN/Inf, cast under/overflow, inputs, outputs, latency,
     range and zero fractions of every module on shared charts. One event-file writer is shared per
     log directory in a process; ``prefix`` keeps two watches writing to one directory apart.
     The directory is created on the first write; if it cannot be, the sink is reported and
@@ -158,7 +169,8 @@ class TensorBoardSink(Sink):
         self.prefix = prefix
         self._writer: Any = None
         self._layout_written = False
-        self._rules: dict[str, None] = {}  # rules alerted so far: charted (0 when quiet) from then on
+        self._rules: Counter[str] = Counter()  # alerts so far per rule: charted (0 when quiet) from its first on
+        self._flagged = _flagged.FlaggedRuns(self.logdir, prefix, _acquire, _release, self._event)
 
     def _scalars(self, record: Record) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
@@ -172,8 +184,9 @@ class TensorBoardSink(Sink):
             out += [(f"{base}overflow_frac_{k}", v / count) for k, v in s.overflow.items()]
         out.append((f"{self.prefix}torchwatch/alerts", float(len(record.alerts))))
         per_rule = Counter(a.rule for a in record.alerts)
-        self._rules.update(dict.fromkeys(per_rule))
+        self._rules.update(per_rule)
         out += [(f"{self.prefix}torchwatch/alerts/{rule}", float(per_rule[rule])) for rule in self._rules]
+        out += [(f"{self.prefix}torchwatch/alerts_total/{rule}", float(n)) for rule, n in self._rules.items()]
         lat = record.latency
         if lat is not None and lat.count:
             for tag in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
@@ -204,15 +217,19 @@ class TensorBoardSink(Sink):
             out += [(base + "p50_ms", t.p50_ms), (base + "p99_ms", t.p99_ms)]
         return out
 
-    def write(self, record: Record) -> None:
+    def _event(self, step: int, wall_time: float, scalars: list[tuple[str, float]]) -> Any:
         event_pb2, summary_pb2, _ = self._pb
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scalars]
+        return event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(value=values))
+
+    def write(self, record: Record) -> None:
+        event_pb2 = self._pb[0]
         if self._writer is None:
             self._writer = _acquire(self.logdir)
         if not self._layout_written:
             self._write_layout(record, event_pb2)
-        values = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in self._scalars(record)]
-        event = event_pb2.Event(wall_time=record.time, step=record.step, summary=summary_pb2.Summary(value=values))
-        self._writer.add_event(event)
+        self._writer.add_event(self._event(record.step, record.time, self._scalars(record)))
+        self._flagged.write(record)
         if record.alerts:
             self._writer.add_event(
                 event_pb2.Event(wall_time=record.time, step=record.step, summary=self._alert_text(record))
@@ -245,11 +262,18 @@ class TensorBoardSink(Sink):
         self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
         self._layout_written = True
 
+    @property
+    def flagged(self) -> dict[str, str]:
+        """The modules with a run of their own (alerted), each with its run directory."""
+        return self._flagged.modules
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+        self._flagged.flush()
 
     def close(self) -> None:
+        self._flagged.close()
         if self._writer is not None:
             self._writer.flush()
             self._writer = None
