@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Remake docs/tensorboard.png and docs/tensorboard-alerts.png: run the demo, serve its logs with a real
-# tensorboard on loopback, and screenshot the Custom Scalars and Text tabs with headless Chromium
-# (Debian: apt-get install chromium). Look at both before committing them.
+# Remake docs/tensorboard.png, docs/tensorboard-alerts.png and docs/report.png: run the demo, serve its
+# logs with a real tensorboard on loopback, and screenshot the Custom Scalars and Text tabs and the HTML
+# report with headless Chromium (Debian: apt-get install chromium). Look at all three before committing.
 set -eu
 LOGS=$(mktemp -d)
 .venv/bin/torchwatch demo --logdir "$LOGS" > /dev/null
-.venv/bin/tensorboard --logdir "$(echo "$LOGS"/run-*)/tensorboard" --samples_per_plugin text=1000 --port 6123 --host 127.0.0.1 > /dev/null 2>&1 &
+RUN=$(echo "$LOGS"/run-*)
+.venv/bin/torchwatch report "$RUN" --html "$LOGS/report.html" > /dev/null || true  # exit 1: the logs hold alerts
+.venv/bin/tensorboard --logdir "$RUN/tensorboard" --samples_per_plugin text=1000 --port 6123 --host 127.0.0.1 > /dev/null 2>&1 &
 TB=$!
 trap 'kill $TB' EXIT
 sleep 8
@@ -15,3 +17,5 @@ shot() {
 }
 shot docs/tensorboard.png 2400 custom_scalars
 shot docs/tensorboard-alerts.png 1400 text
+chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,1500 \
+  --screenshot=docs/report.png "file://$LOGS/report.html" 2> /dev/null

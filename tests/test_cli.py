@@ -41,6 +41,14 @@ def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(tmp_path, cap
     assert {"fingerprint", "drift", "cast_overflow"} <= {a["rule"] for a in summary["alerts"]}
     page = (tmp_path / "r.html").read_text()
     assert page.startswith("<!doctype html>") and page.count("<svg") >= 3
+    # each phase's start (the root calls before it) is in the run marker and marked on the page
+    phases = summary["phases"]
+    assert [p["name"] for p in phases] == list(demo.PHASES) and phases[0]["call"] == 0
+    starts = {p["name"]: p["call"] for p in phases}
+    assert all(a <= b for a, b in zip(starts.values(), list(starts.values())[1:], strict=False))
+    for c in outcome.timeline:  # every catch lies at or after its phase's start (an interval's alert: its last call)
+        assert c.alert.call < 0 or c.alert.call >= starts[c.phase] - 1, (c.phase, c.alert)
+    assert page.count("<title>phase: ") == len(demo.PHASES) * page.count("<svg")
 
 
 def _timeline(outcome: demo.Outcome) -> tuple:

@@ -72,3 +72,36 @@ def test_clean_logs_say_nothing_needs_attention_and_the_page_is_self_contained(t
     widths = [int(w) for w in re.findall(r'<svg viewBox="0 0 \d+ \d+" width="(\d+)"', page)]
     # fits a 1280 px window: the widest chart plus the page's margins (1.5em of 16px each side)
     assert widths and max(widths) + 2 * 24 <= 1280 and "white-space:pre-wrap" in page
+
+
+def test_phases_in_the_run_marker_are_dashed_lines_on_every_chart_and_named_once(tmp_path):
+    import json
+
+    logdir = _logs(tmp_path, fault_from=40)
+    phases = [
+        {"name": "warm-up", "call": 0, "time": 1.0},  # before the first record: drawn at the left edge
+        {"name": "bad batch", "call": 40, "time": 2.0},
+        {"name": "no place"},  # neither call nor time: skipped, and said so
+        {"call": 60},  # no name
+        {"name": "after the logs", "call": 500, "time": 3.0},  # past the last record: not drawn
+    ]
+    (tmp_path / tw.formats.RUN_MARKER).write_text(json.dumps({"started": 0.0, "phases": phases}))
+    data = report.load(logdir)
+    assert [p["name"] for p in data.phases] == ["warm-up", "bad batch", "after the logs"]
+    assert sum("needs a name and a call or time" in s for s in data.skipped) == 2
+    summary = report.summarize(data)
+    page = report_html.html_page(summary, data)
+    axis = report_html.Axis(data, summary["alerts"], summary["phases"])
+    svgs = re.findall(r"<svg.*?</svg>", page, re.S)
+    for svg in svgs:
+        dashed = re.findall(r'<line x1="([\d.]+)"[^>]*stroke-dasharray="4 3"><title>phase: ([^<]+)</title>', svg)
+        assert dashed == [(f"{axis.x(axis.lo):.1f}", "warm-up"), (f"{axis.x(40):.1f}", "bad batch")]
+    names = re.findall(r'fill="#444">([^<]+)</text>', page)
+    assert names == ["warm-up", "bad batch"]  # once, over the heat strip
+
+
+def test_a_corrupt_run_marker_is_skipped_and_the_logs_still_read(tmp_path):
+    logdir = _logs(tmp_path, fault_from=None)
+    (tmp_path / tw.formats.RUN_MARKER).write_text('{"phases": 3')
+    data = report.load(logdir)
+    assert data.phases == [] and any(tw.formats.RUN_MARKER in s for s in data.skipped) and data.modules

@@ -123,5 +123,7 @@ def read_jsonl(
 
 
 # A directory holding this file is one run of `torchwatch demo`; `torchwatch report` of the directory above
-# reads the latest run (see cli.report.choose_run).
+# reads the latest run (see cli.report.choose_run). A JSON object: "started" (Unix time), "command",
+# "torchwatch" (version), the run's settings, and "phases": [{"name", "call", "time"}], each phase's
+# name, the watched model's root calls before it began and its start time; the HTML report marks them.
 RUN_MARKER = "torchwatch-run.json"

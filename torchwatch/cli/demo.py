@@ -168,7 +168,7 @@ def run(
 
 def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) -> Outcome:
     torch.manual_seed(seed)
-    logdir = _run_directory(logdir, requests=requests, batch=batch, seed=seed)
+    logdir, marker = _run_directory(logdir, requests=requests, batch=batch, seed=seed)
     say = out.write
     outcome = Outcome(requests=requests, logdir=logdir)
     say("torchwatch demo: a classifier serving traffic through six silent failures. Nothing raises.\n\n")
@@ -230,6 +230,7 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
     with torch.inference_mode():
         for p, phase in enumerate(PHASES):
             correct, fallback["n"] = [0, 0], 0
+            _begin_phase(logdir, marker, phase, watch.calls)
             if phase == "corrupted weight":
                 served[4].weight.view(-1).view(torch.int32)[77] ^= 1 << 29  # one exponent bit
             if phase == "candidate v2":
@@ -282,16 +283,23 @@ def _run(requests: int, batch: int, logdir: str | None, seed: int, out: TextIO) 
     return outcome
 
 
-def _run_directory(parent: str | None, **settings: Any) -> str:
-    """A new directory for this run's logs (under ``parent``, else a temporary one), marked as a run."""
+def _run_directory(parent: str | None, **settings: Any) -> tuple[str, dict[str, Any]]:
+    """A new directory for this run's logs (under ``parent``, else a temporary one), marked as a
+    run; returns it and the marker (:data:`formats.RUN_MARKER`), which each phase adds to."""
     if parent is None:
         run_dir = tempfile.mkdtemp(prefix="torchwatch-demo-")
     else:
         os.makedirs(parent, exist_ok=True)
         run_dir = tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-", time.gmtime()), dir=parent)
-    marker = {"started": time.time(), "command": "demo", "torchwatch": __version__, **settings}
+    marker = {"started": time.time(), "command": "demo", "torchwatch": __version__, **settings, "phases": []}
     atomic_write_text(os.path.join(run_dir, formats.RUN_MARKER), json.dumps(marker))
-    return run_dir
+    return run_dir, marker
+
+
+def _begin_phase(run_dir: str, marker: dict[str, Any], name: str, calls: int) -> None:
+    """Record a phase's start in the run marker, for the report's phase markers."""
+    marker["phases"].append({"name": name, "call": calls, "time": time.time()})
+    atomic_write_text(os.path.join(run_dir, formats.RUN_MARKER), json.dumps(marker))
 
 
 def _describe(model: nn.Module) -> str:

@@ -69,17 +69,20 @@ class LogData:
     latency: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     inputs: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     comparisons: list[dict[str, Any]] = field(default_factory=list)  # the last of each comparison file
+    phases: list[dict[str, Any]] = field(default_factory=list)  # {"name", "call", "time"} from run markers
     times: dict[int, float] = field(default_factory=dict)  # wall time of each record's step (JSONL logs)
     skipped: list[str] = field(default_factory=list)  # log-like files that could not be read, and why
 
 
-def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[str], list[str]]:
-    """The log files under ``logdir`` by kind; what cannot be read (dangling links, FIFOs,
-    devices, unreadable files) is listed in ``skipped`` and never opened for reading."""
-    stats, incidents, events, comparisons = [], [], [], []
+def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+    """The log files under ``logdir`` by kind, and the run markers; what cannot be read (dangling
+    links, FIFOs, devices, unreadable files) is listed in ``skipped`` and never opened for reading."""
+    stats, incidents, events, comparisons, markers = [], [], [], [], []
     for root, _, files in os.walk(logdir):
         for f in sorted(files):
             is_events = f.startswith("events.out.tfevents")
+            if f == formats.RUN_MARKER:
+                markers.append(os.path.join(root, f))
             if not (is_events or f.endswith(".jsonl")):
                 continue
             path = os.path.join(root, f)
@@ -106,7 +109,7 @@ def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[s
                 incidents.append(path)
             elif COMPARISON_FORMAT.encode() in head:
                 comparisons.append(path)
-    return stats, incidents, events, comparisons
+    return stats, incidents, events, comparisons, markers
 
 
 RUN_MARKER = formats.RUN_MARKER  # written by each demo run into its own directory
@@ -146,7 +149,7 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
     if not os.path.isdir(logdir):
         raise FormatError(f"log directory {shown(logdir)} does not exist")
     data = LogData(logdir)
-    stats, incidents, events, comparisons = _walk(logdir, data.skipped)
+    stats, incidents, events, comparisons, markers = _walk(logdir, data.skipped)
     if not (stats or incidents or events or comparisons):
         why = f"; skipped {'; '.join(data.skipped[:3])}" if data.skipped else ""
         raise FormatError(
@@ -175,7 +178,35 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
         data.sources.append(path)
         c = Comparison.load(path)
         data.comparisons.append({"file": path, **c.to_dict()})
+    for path in markers:
+        data.phases += _phases(path, data.skipped)
+    data.phases.sort(key=lambda p: (p["time"] or 0, p["call"] or 0))
     return data
+
+
+def _phases(path: str, skipped: list[str]) -> list[dict[str, Any]]:
+    """The phases a run marker lists (:data:`formats.RUN_MARKER`); a marker that cannot be read,
+    or a phase without a name or a place, is listed in ``skipped``, the logs still read."""
+    try:
+        doc = parse_json(read_regular(path, "run marker", limit=1 << 20), path)
+    except (FormatError, OSError) as exc:
+        skipped.append(f"{shown(path)}: {exc}")
+        return []
+    phases = doc.get("phases", []) if isinstance(doc, dict) else None
+    if not isinstance(phases, list):
+        skipped.append(f"{shown(path)}: 'phases' is not a list")
+        return []
+    out = []
+    for i, p in enumerate(phases):
+        p = p if isinstance(p, dict) else {}
+        name, call, t = p.get("name"), p.get("call"), p.get("time")
+        call = call if isinstance(call, int) and not isinstance(call, bool) and call >= 0 else None
+        t = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) else None
+        if not isinstance(name, str) or (call is None and t is None):
+            skipped.append(f"{shown(path)}: phase {i} needs a name and a call or time")
+            continue
+        out.append({"name": name, "call": call, "time": t})
+    return out
 
 
 def _read_stats(path: str, data: LogData) -> None:
@@ -320,7 +351,7 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
         "logdir": data.logdir, "sources": data.sources, "skipped": data.skipped, "exact_counts": data.exact,
         "calls": data.calls, "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
         "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
-        "problems": problems,
+        "phases": data.phases, "problems": problems,
     }  # fmt: skip
 
 

@@ -21,7 +21,7 @@ class Axis:
     """The shared x axis: steps ``lo..hi`` onto pixels, with wall times where the logs have them.
     Tick labels and alert positions are worked out once and drawn on every chart."""
 
-    def __init__(self, data: LogData, alerts: list[dict[str, Any]]) -> None:
+    def __init__(self, data: LogData, alerts: list[dict[str, Any]], phases: list[dict[str, Any]] = ()) -> None:
         steps = [s for m in data.modules.values() for s in m.steps] + [s for s, *_ in _all_series(data)]
         self.lo, self.hi = (min(steps), max(steps)) if steps else (0, 1)
         by_step = sorted(data.times.items())
@@ -42,6 +42,11 @@ class Axis:
                 tip = f"{a.get('rule')} in {a.get('module') or ROOT} at call {a.get('call')}: {a.get('message')}"
                 x = self.x(min(max(step, self.lo), self.hi))
                 self._alerts.append((x, _colour(a.get("rule")), html.escape(tip)))
+        self._phases = []  # (x, name) per phase that begins on the axis: by its call, else its time
+        for p in phases:
+            step = p.get("call") if p.get("call") is not None else _nearest(by_time, p["time"])
+            if step is not None and step <= self.hi:  # one begun before the first record: at the left edge
+                self._phases.append((self.x(max(step, self.lo)), str(p["name"])))
 
     def x(self, step: float) -> float:
         return LEFT + (step - self.lo) * (WIDTH - LEFT - RIGHT) / max(self.hi - self.lo, 1)
@@ -54,12 +59,33 @@ class Axis:
         return "".join(out)
 
     def markers(self, top: float, bottom: float) -> str:
-        """A thin vertical line at every alert, coloured by rule, with its text on hover."""
-        return "".join(
+        """A thin vertical line at every alert, coloured by rule, with its text on hover; a dashed
+        grey one where each phase begins."""
+        phases = "".join(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" stroke="#555" stroke-width="1" '
+            f'stroke-dasharray="4 3"><title>phase: {html.escape(name)}</title></line>'
+            for x, name in self._phases
+        )
+        return phases + "".join(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" stroke="{colour}" stroke-width="1" '
             f'opacity="0.55"><title>{tip}</title></line>'
             for x, colour, tip in self._alerts
         )
+
+    def phase_names(self, y: float) -> str:
+        """Each phase's name after its line, cut to the room before the next phase."""
+        out: list[str] = []
+        ends = [x for x, _ in self._phases[1:]] + [WIDTH - RIGHT] if self._phases else []
+        for (x, name), end in zip(self._phases, ends, strict=True):
+            room = int((end - x - 4) / 5.5)  # characters of 10 px sans-serif
+            if room >= 3:
+                shown = name if len(name) <= room else name[: room - 1] + "…"
+                out.append(f'<text x="{x + 3:.1f}" y="{y}" font-size="10" fill="#444">{html.escape(shown)}</text>')
+        return "".join(out)
+
+    @property
+    def has_phases(self) -> bool:
+        return bool(self._phases)
 
 
 def _nearest(pairs: list[tuple[float, float]], key: float) -> float | None:
@@ -146,7 +172,7 @@ def heat_strip(data: LogData, axis: Axis, *, rows: int = 16) -> str:
         return (hot[0] if hot else math.inf, position[name])
 
     order = sorted(cells, key=first_out)[:rows]
-    h, top = 14, 4
+    h, top = 14, 18 if axis.has_phases else 4
     height = top + h * len(order) + 24
     steps = sorted({s for n in order for s, _ in cells[n]})
     width_of = {s: max(axis.x(b) - axis.x(s), 2.0) for s, b in zip(steps, [*steps[1:], steps[-1] + 1], strict=True)}
@@ -168,7 +194,8 @@ def heat_strip(data: LogData, axis: Axis, *, rows: int = 16) -> str:
         "(white 0, red 2 or more; black NaN/Inf); modules that left their range first on top (at the same "
         "interval, the first in the model's order: those after it inherit the fault)</figcaption>"
         f'<svg viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" role="img" '
-        f'aria-label="module by time heat strip">{"".join(out)}{axis.markers(top, top + h * len(order))}'
+        f'aria-label="module by time heat strip">{axis.phase_names(12)}{"".join(out)}'
+        f"{axis.markers(top, top + h * len(order))}"
         f"{axis.ticks(height - 6)}</svg></figure>"
     )
 
@@ -212,7 +239,7 @@ def verdict(summary: dict[str, Any]) -> str:
 
 def html_page(summary: dict[str, Any], data: LogData) -> str:
     """The page: verdict, heat strip, charts on one time axis with alert markers, the full text report."""
-    axis = Axis(data, summary["alerts"])
+    axis = Axis(data, summary["alerts"], summary.get("phases", []))
     charts = [heat_strip(data, axis)]
     for row in summary["nonfinite"][:4]:
         m = data.modules[row["module"]]
@@ -246,7 +273,8 @@ def html_page(summary: dict[str, Any], data: LogData) -> str:
         "figure{margin:.8em 0}figcaption{font-size:13px;color:#333}svg{max-width:100%;height:auto}"
         ".legend{font-size:12px}</style></head><body>"
         f"<h1>torchwatch report</h1>{verdict(summary)}"
-        f"<p class='legend'>Vertical lines are alerts (hover for the message): {legend or 'none'}. "
+        f"<p class='legend'>Vertical lines are alerts (hover for the message): {legend or 'none'}"
+        f"{'; dashed grey lines: where each phase began (named over the heat strip)' if axis.has_phases else ''}. "
         "Every chart shares the time axis: steps (root calls), wall time after the dot.</p>"
         + "".join(c for c in charts if c)
         + f"<h2>Full report</h2><pre>{html.escape(text(summary))}</pre></body></html>\n"
