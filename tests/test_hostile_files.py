@@ -4,6 +4,7 @@ command line), never a traceback, a RecursionError or a process that blocks fore
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -59,6 +60,9 @@ def test_json_everywhere_a_file_holds_it(tmp_path, payload):
         tw.IncidentLog.read(tmp_path / "incident.jsonl")
     with pytest.raises(tw.FormatError, match="comparison .*comparison.jsonl' line 1"):
         tw.Comparison.load(tmp_path / "comparison.jsonl")
+    marker, skipped = tmp_path / tw.formats.RUN_MARKER, []
+    marker.write_text('{"phases": ' + payload + "}")
+    assert report._phases(str(marker), skipped) == [] and len(skipped) == 1  # skipped, said so; never raised
 
 
 def test_metadata_fields_of_canaries_and_references(tmp_path):
@@ -226,3 +230,24 @@ def test_any_safetensors_header_is_read_or_refused_with_a_format_error(header, t
     except tw.FormatError as exc:
         message = str(exc)
     assert "x.safetensors" in message  # a refusal names the file
+
+
+phase_keys = st.sampled_from(["name", "call", "time", "x"])
+
+
+@given(
+    doc=json_values
+    | st.fixed_dictionaries({"phases": json_values})
+    | st.fixed_dictionaries({"phases": st.lists(st.dictionaries(phase_keys, json_values, max_size=4), max_size=4)})
+)
+def test_any_json_as_a_run_marker_gives_well_formed_phases_or_a_skipped_note(doc, tmp_path_factory):
+    path = tmp_path_factory.mktemp("marker") / tw.formats.RUN_MARKER
+    path.write_text(json.dumps(doc))
+    skipped: list[str] = []
+    phases = report._phases(str(path), skipped)
+    for p in phases:  # what the HTML axis relies on: a name, and a call or a finite time
+        assert isinstance(p["name"], str) and (p["call"] is not None or p["time"] is not None)
+        assert p["call"] is None or (type(p["call"]) is int and p["call"] >= 0)
+        assert p["time"] is None or math.isfinite(p["time"])
+    entries = doc.get("phases") if isinstance(doc, dict) else None
+    assert len(phases) + len(skipped) >= (len(entries) if isinstance(entries, list) else 0)
