@@ -1,0 +1,91 @@
+"""What ``pip install .`` from a clone gives a user: a wheel built from a copy of the source tree
+(no build isolation: CI has no network for setuptools), read as a zip, then installed into a
+directory of its own and imported from there, outside the repository, with its console script run."""
+
+from __future__ import annotations
+
+import email.parser
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import torchwatch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# what a clean clone holds besides the source: local environments and build outputs stay behind
+LOCAL = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "runs", "*.egg-info", "__pycache__", "*.so")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+    src = tmp_path_factory.mktemp("clone") / "torchwatch"
+    shutil.copytree(REPO, src, ignore=LOCAL)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (path,) = out.glob("*.whl")
+    return path
+
+
+def _source_modules() -> set[str]:
+    root = REPO / "torchwatch"
+    return {str(p.relative_to(REPO)) for p in root.rglob("*.py")}
+
+
+def test_the_wheel_is_named_torchwatch_monitor_with_its_extras_and_command(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        info = next(n.split("/")[0] for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = email.parser.Parser().parsestr(z.read(f"{info}/METADATA").decode())
+        entry_points = z.read(f"{info}/entry_points.txt").decode()
+        names = set(z.namelist())
+    assert meta["Name"] == "torchwatch-monitor" and meta["Version"] == torchwatch.__version__
+    assert {"tensorboard", "prometheus"} <= set(meta.get_all("Provides-Extra"))
+    requires = meta.get_all("Requires-Dist")
+    assert "torch>=2.3" in requires  # broad: the user's torch is never replaced by a pinned one
+    assert "[console_scripts]\ntorchwatch = torchwatch.cli:main" in entry_points
+    # every module of the source tree, the type marker and the C kernel's source are in it
+    missing = _source_modules() - names
+    assert not missing, f"not packaged: {sorted(missing)}"
+    assert {"torchwatch/py.typed", "torchwatch/kernels/_cstats.c"} <= names
+
+
+def test_the_installed_wheel_imports_and_runs_outside_the_repository(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = (
+        "import pkgutil, torch, torchwatch as tw\n"
+        "print(tw.__file__)\n"
+        "for m in pkgutil.walk_packages(tw.__path__, 'torchwatch.'):\n"
+        "    if m.name != 'torchwatch.__main__':  # that one runs the command\n"
+        "        __import__(m.name)\n"  # every module imports from the installed copy
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())\n"
+        "with tw.attach(model) as watch:\n"
+        "    model(torch.randn(2, 4))\n"
+        "    print(watch.snapshot()['0'].count)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    where, count = run.stdout.split()
+    assert pathlib.Path(where).is_relative_to(target) and count == "8"  # 2 rows x 4 features
+    script = target / "bin" / "torchwatch"
+    version = subprocess.run(
+        [sys.executable, str(script), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert version.returncode == 0 and torchwatch.__version__ in version.stdout, version.stderr
