@@ -4,8 +4,13 @@ series spanning decades get a log scale, and the page is self-contained and fits
 
 from __future__ import annotations
 
+import html
+import json
 import re
+import shutil
+import subprocess
 
+import pytest
 import torch
 from torch import nn
 
@@ -75,8 +80,6 @@ def test_clean_logs_say_nothing_needs_attention_and_the_page_is_self_contained(t
 
 
 def test_phases_in_the_run_marker_are_dashed_lines_on_every_chart_and_named_once(tmp_path):
-    import json
-
     logdir = _logs(tmp_path, fault_from=40)
     phases = [
         {"name": "warm-up", "call": 0, "time": 1.0},  # before the first record: drawn at the left edge
@@ -105,3 +108,38 @@ def test_a_corrupt_run_marker_is_skipped_and_the_logs_still_read(tmp_path):
     (tmp_path / tw.formats.RUN_MARKER).write_text('{"phases": 3')
     data = report.load(logdir)
     assert data.phases == [] and any(tw.formats.RUN_MARKER in s for s in data.skipped) and data.modules
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+MEASURE = """<script>
+const root = document.documentElement, out = {scroll: root.scrollWidth, client: root.clientWidth, cut: []};
+for (const svg of document.querySelectorAll("svg")) {
+  const box = svg.getBoundingClientRect();
+  for (const t of svg.querySelectorAll("text")) {
+    const r = t.getBoundingClientRect();
+    if (r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.top < box.top - 0.5 || r.bottom > box.bottom + 0.5)
+      out.cut.push(t.textContent);
+  }
+}
+document.body.setAttribute("data-measure", JSON.stringify(out));
+</script></body>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+def test_in_a_real_browser_at_1280_px_nothing_is_cut_off(tmp_path):
+    logdir = _logs(tmp_path, fault_from=40)
+    # the last phase begins near the right edge: its long name must be cut to the room left
+    marker = {"phases": [{"name": "clean", "call": 0}, {"name": "fault", "call": 40},
+                         {"name": "a phase whose name is much longer than the room", "call": 78}]}  # fmt: skip
+    (tmp_path / tw.formats.RUN_MARKER).write_text(json.dumps(marker))
+    _, page = _page(logdir)
+    path = tmp_path / "measured.html"
+    path.write_text(page.replace("</body>", MEASURE))
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000", "--dump-dom",
+         path.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    measured = json.loads(html.unescape(re.search(r'data-measure="([^"]*)"', dom).group(1)))
+    assert measured["scroll"] <= measured["client"] <= 1280  # no horizontal scrolling at 1280 px
+    assert measured["cut"] == []  # every label (ticks, values, module and phase names) inside its chart
