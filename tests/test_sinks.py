@@ -21,6 +21,7 @@ import torch
 from _models import Inject, mlp
 
 import torchwatch as tw
+from torchwatch import cli
 from torchwatch.cli import report
 from torchwatch.sinks._flagged import FLAGGED_STATS, MAX_FLAGGED, run_name
 from torchwatch.sinks.tensorboard import layout
@@ -103,8 +104,6 @@ def test_a_line_torn_by_a_crash_is_cut_before_the_next_process_appends(tmp_path)
     lines = path.read_bytes().split(b"\n")
     assert lines[-1] == b"" and len(lines) == 3  # two whole records and the final newline
     assert [json.loads(line)["calls"] for line in lines[:-1]] == [1, 2]
-    from torchwatch.cli import report
-
     assert report.summarize(report.load(tmp_path))["calls"] == 3
 
 
@@ -167,6 +166,43 @@ def test_tensorboard_events_read_back_with_tensorboards_own_reader(tmp_path):
     mx = acc.Scalars("0/max")
     assert mx[-1].step == 4 and math.isclose(max(e.value for e in mx), snap["0"].max, rel_tol=1e-6)
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+@pytest.mark.parametrize("prefix", ["", "r0/"])
+def test_the_report_reads_every_alert_back_from_tensorboard_logs_alone(tmp_path, prefix):
+    # the oracle: the alerts the sinks were given (a MemorySink beside the TensorBoard one)
+    model = mlp(inject=Inject(at=(3,)))
+    memory = tw.MemorySink()
+    sinks = [tw.TensorBoardSink(tmp_path, prefix=prefix), memory]
+    with tw.attach(model, sinks=sinks, flush_every=2, on_nonfinite=[].append) as watch:
+        for i in range(6):
+            with watch.context(trace_id=f"req-{i}"):
+                _run(model, 1)
+        odd = "x*y_z [a](b) #1 <b>&amp; `c` \\ end\nnext line"
+        watch.publish(tw.Alert("my*rule_#1", "4", "absmax", 1.0, 0.0, -1, time.time(), None, None, odd))
+        watch.flush()
+    written = [a for r in memory.records for a in r.alerts]
+    assert {a.rule for a in written} == {"nonfinite", "my*rule_#1"}
+    read = report.load(tmp_path).alerts
+    key = ("rule", "module", "call", "trace_id", "message")
+    expected = [{**{k: getattr(a, k) for k in key}, "message": a.message.replace("\n", " ")} for a in written]
+    assert sorted(({k: a[k] for k in key} for a in read), key=str) == sorted(expected, key=str)
+    assert cli.main(["report", str(tmp_path)]) == 1  # alerts need attention: exit 1, as with JSONL logs
+
+
+def test_an_alert_whose_text_cannot_be_read_back_is_still_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(tw.TensorBoardSink, "_alert_text", lambda self, record: _text_of("not an alert line"))
+    model = mlp(inject=Inject(at=(1,)))
+    with tw.attach(model, sinks=[tw.TensorBoardSink(tmp_path)], flush_every=2, on_nonfinite=[].append):
+        _run(model, 2)
+    (alert,) = report.load(tmp_path).alerts
+    assert alert["rule"] == "nonfinite" and alert["message"] == "(no readable alert text)"
+
+
+def _text_of(value: str):
+    from torch.utils.tensorboard.summary import text
+
+    return text("torchwatch/alerts", value)
 
 
 def test_root_output_is_tagged_root(tmp_path):

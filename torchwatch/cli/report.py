@@ -10,8 +10,10 @@ self-contained HTML page with inline SVG charts.
 
 from __future__ import annotations
 
+import html
 import math
 import os
+import re
 import stat
 import time
 from collections import defaultdict
@@ -259,16 +261,21 @@ def _read_events(path: str, data: LogData) -> None:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
         raise FormatError(f"reading TensorBoard logs needs tensorboard: {install_hint('tensorboard')}") from None
-    acc = EventAccumulator(path, size_guidance={"scalars": 0})
+    acc = EventAccumulator(path, size_guidance={"scalars": 0, "tensors": 0})
     try:
         acc.Reload()
     except Exception as exc:  # noqa: BLE001 - TensorBoard's reader raises its own types for corrupt files
         data.skipped.append(f"{shown(path)}: not a readable TensorBoard event file ({type(exc).__name__})")
         return
+    scalars = acc.Tags().get("scalars", [])
+    if all(_FLAGGED_TAG.fullmatch(tag) for tag in scalars) and scalars:
+        return  # an alerted module's own run (TensorBoardSink): copies of the main run's numbers
     data.sources.append(path)
     data.exact = False
+    alerts = _read_alerts(acc, scalars)
+    data.alerts += alerts
     by_module: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(dict)
-    for tag in acc.Tags().get("scalars", []):
+    for tag in scalars:
         module, _, stat = tag.rpartition("/")
         by_module[module][stat] = [(e.step, e.value) for e in acc.Scalars(tag)]
     for module, tags in by_module.items():
@@ -279,7 +286,7 @@ def _read_events(path: str, data: LogData) -> None:
             name = module.removeprefix("drift/")
             scores, ps = dict(tags.get("score", [])), dict(tags.get("p_value", []))
             data.drift[name] = [(s, scores[s], ps.get(s, 1.0)) for s in sorted(scores)]
-            for s, alarms in tags.get("alarms", []):
+            for s, alarms in tags.get("alarms", []) if not alerts else ():  # logs without alerts per rule
                 for _ in range(int(alarms)):
                     data.alerts.append(
                         {"rule": "drift", "module": name, "call": s, "time": None, "message": "drift alarm"}
@@ -304,6 +311,50 @@ def _read_events(path: str, data: LogData) -> None:
             for kind, target in (("underflow_frac_", m.under), ("overflow_frac_", m.over)):
                 if stat.startswith(kind):
                     target[stat.removeprefix(kind)] = [v for _, v in values]
+
+
+_FLAGGED_TAG = re.compile(r"(.*/)?flagged/[^/]+")
+_ALERT_COUNT_TAG = re.compile(r"(?P<prefix>.*?)torchwatch/alerts/(?P<rule>.+)")
+_ALERT_TEXT_TAG = re.compile(r"(?P<prefix>.*?)torchwatch/alerts/text_summary")
+# one line of the Text tab's alerts, as TensorBoardSink writes it (rule and message Markdown-escaped)
+_ALERT_LINE = re.compile(
+    r"\* \*\*(?P<rule>(?:\\.|[^*\\])*)\*\*(?: in `(?P<module>[^`]*)`)? (?:at call (?P<call>-?\d+)|between calls)"
+    r"(?:, request `(?P<trace>[^`]*)`)?: (?P<message>.*)"
+)
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", html.unescape(text))
+
+
+def _read_alerts(acc: Any, scalars: list[str]) -> list[dict[str, Any]]:
+    """The alerts of a TensorBoard log: how many of each rule per interval (``torchwatch/alerts/<rule>``),
+    with rule, module, call, request and message from the *Text* tab's lines where they can be
+    read back; an alert whose line cannot be says so in its message, and is still counted."""
+    lines: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for tag in acc.Tags().get("tensors", []):
+        found = _ALERT_TEXT_TAG.fullmatch(tag)
+        for event in acc.Tensors(tag) if found else ():
+            for raw in b"".join(event.tensor_proto.string_val).decode("utf-8", "replace").splitlines():
+                m = _ALERT_LINE.fullmatch(raw.strip())
+                if m:
+                    lines[(found["prefix"], event.step)].append({
+                        "rule": _unescape(m["rule"]), "module": m["module"] or "",
+                        "call": int(m["call"]) if m["call"] is not None else -1, "trace_id": m["trace"],
+                        "message": _unescape(m["message"]),
+                    })  # fmt: skip
+    out = []
+    for tag in scalars:
+        found = _ALERT_COUNT_TAG.fullmatch(tag)
+        if not found:
+            continue
+        prefix, rule = found["prefix"], found["rule"]
+        for e in acc.Scalars(tag):
+            described = [a for a in lines.get((prefix, e.step), []) if a["rule"] == rule]
+            for i in range(int(e.value)):
+                unread = {"module": "", "call": e.step - 1, "trace_id": None, "message": "(no readable alert text)"}
+                out.append({**(described[i] if i < len(described) else {"rule": rule, **unread}), "time": e.wall_time})
+    return out
 
 
 def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:

@@ -119,8 +119,9 @@ class TensorBoardSink(Sink):
     * ``<fqn>/underflow_frac_<dtype>``, ``/overflow_frac_<dtype>`` for each cast dtype;
     * ``torchwatch/alerts``: alerts raised in the interval, ``torchwatch/alerts/<rule>`` per rule
       and ``torchwatch/alerts_total/<rule>``, the rule's alerts written since attach (both from its
-      first alert on; repeats the alert policy suppressed are not written, see ``AlertPolicy``); the alerts' text (call, rule, module, request, message) in the *Text* tab under
-      ``torchwatch/alerts``;
+      first alert on; repeats the alert policy suppressed are not written, see ``AlertPolicy``);
+      the alerts' text (call, rule, module, request, message) in the *Text* tab under
+      ``torchwatch/alerts``, which ``torchwatch report`` reads back;
     * ``torchwatch/latency_p50_ms``, ``_p95_ms``, ``_p99_ms``, ``_max_ms``: root-call latency;
     * ``inputs/<input>/channel_mean_<c>``, ``/top1_fraction``, ``/distinct``: input monitors;
     * ``outputs/confidence``, ``/margin``, ``/normalized_entropy``, ``/abstention_rate``, and
