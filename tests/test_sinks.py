@@ -190,6 +190,31 @@ def test_the_report_reads_every_alert_back_from_tensorboard_logs_alone(tmp_path,
     assert cli.main(["report", str(tmp_path)]) == 1  # alerts need attention: exit 1, as with JSONL logs
 
 
+def test_a_tensorboard_log_alone_reports_what_the_same_runs_jsonl_does(tmp_path):
+    # one watch, two sinks: the statistics JSONL is the oracle for what the TensorBoard log must tell
+    model = mlp(inject=Inject(at=(5,)))
+    sinks = [tw.TensorBoardSink(tmp_path / "tb"), tw.JsonlSink(tmp_path / "js" / "stats.jsonl")]
+    with tw.attach(model, sinks=sinks, flush_every=2, on_nonfinite=[].append, outputs=True) as watch:
+        for i in range(8):
+            with watch.context(trace_id=f"req-{i}"):
+                _run(model, 1)
+    tb, js = report.summarize(report.load(tmp_path / "tb")), report.summarize(report.load(tmp_path / "js"))
+    keys = ("module", "nan", "posinf", "neginf", "first_step", "origin", "first_call", "first_trace")
+    assert [{k: r[k] for k in keys} for r in tb["nonfinite"]] == [{k: r[k] for k in keys} for r in js["nonfinite"]]
+    assert tb["nonfinite"][0]["first_trace"] == "req-5"
+
+    def alerts(summary):
+        return [{k: a[k] for k in ("rule", "module", "call", "trace_id", "message")} for a in summary["alerts"]]
+
+    assert alerts(tb) == alerts(js)
+    assert (tb["first_time"], tb["last_time"]) == (js["first_time"], js["last_time"])  # the records' own times
+    # what the JSONL report summarises and TensorBoard's only charts is named, not left out silently
+    summarised = {"latency": js["latency"], "output quality": js["outputs"], "inputs": js["inputs"]}
+    assert set(tb["charted_only"]) == {k for k, v in summarised.items() if v} == set(summarised)
+    assert js["charted_only"] == []
+    assert "charted in TensorBoard, not summarised" in report.text(tb)
+
+
 def test_an_alert_whose_text_cannot_be_read_back_is_still_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(tw.TensorBoardSink, "_alert_text", lambda self, record: _text_of("not an alert line"))
     model = mlp(inject=Inject(at=(1,)))

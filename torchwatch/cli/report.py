@@ -72,6 +72,7 @@ class LogData:
     inputs: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     comparisons: list[dict[str, Any]] = field(default_factory=list)  # the last of each comparison file
     phases: list[dict[str, Any]] = field(default_factory=list)  # {"name", "call", "time"} from run markers
+    charted_only: list[str] = field(default_factory=list)  # in TensorBoard logs, not summarised from them
     times: dict[int, float] = field(default_factory=dict)  # wall time of each record's step (JSONL logs)
     skipped: list[str] = field(default_factory=list)  # log-like files that could not be read, and why
 
@@ -167,11 +168,12 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
                 f"{shown(logdir)} holds no readable torchwatch log: its TensorBoard event file(s) hold no torchwatch "
                 f"scalars ({shown(events[0])}{' and more' if len(events) > 1 else ''} are empty or corrupt)"
             )
-    seen = {(a.get("time"), a.get("rule"), a.get("module")) for a in data.alerts}
+        _origins_from_alerts(data)
+    seen = {_alert_key(a) for a in data.alerts}
     for path in incidents:
         data.sources.append(path)
         for a in IncidentLog.read(path):
-            key = (a.get("time"), a.get("rule"), a.get("module"))
+            key = _alert_key(a)
             if key not in seen:
                 seen.add(key)
                 data.alerts.append(a)
@@ -184,6 +186,26 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
         data.phases += _phases(path, data.skipped)
     data.phases.sort(key=lambda p: (p["time"] or 0, p["call"] or 0))
     return data
+
+
+def _alert_key(a: dict[str, Any]) -> tuple[Any, ...]:
+    """One alert, however it was logged (a record, the incident log, TensorBoard's text, whose
+    times are the record's and whose messages are on one line)."""
+    return a.get("rule"), a.get("module"), a.get("call"), str(a.get("message", "")).replace("\n", " ")
+
+
+def _origins_from_alerts(data: LogData) -> None:
+    """Where NaN/Inf started, for logs without records (TensorBoard): for each module whose output
+    was not finite, the first ``nonfinite`` alert raised by a call of its first such interval."""
+    found = sorted((a["call"], a) for a in data.alerts if a.get("rule") == "nonfinite" and (a.get("call") or -1) >= 0)
+    for name, m in data.modules.items():
+        if m.first_nonfinite_step is None or name in data.origins:
+            continue
+        i = m.steps.index(m.first_nonfinite_step)
+        since = m.steps[i - 1] if i else 0  # the interval's calls: since .. first_nonfinite_step - 1
+        a = next((a for call, a in found if since <= call < m.first_nonfinite_step), None)
+        if a is not None:
+            data.origins[name] = {"origin": a["module"], "call": a["call"], "trace_id": a.get("trace_id")}
 
 
 def _phases(path: str, skipped: list[str]) -> list[dict[str, Any]]:
@@ -277,7 +299,22 @@ def _read_events(path: str, data: LogData) -> None:
     by_module: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(dict)
     for tag in scalars:
         module, _, stat = tag.rpartition("/")
-        by_module[module][stat] = [(e.step, e.value) for e in acc.Scalars(tag)]
+        events = acc.Scalars(tag)
+        by_module[module][stat] = [(e.step, e.value) for e in events]
+        if stat == "absmax":  # every module's is written at every flush: the records' steps and times
+            for e in events:
+                data.times[e.step] = e.wall_time
+                data.first_time = min(data.first_time or e.wall_time, e.wall_time)
+                data.last_time = max(data.last_time or e.wall_time, e.wall_time)
+        parts = ["", "", *tag.split("/")]  # counted from the end: past a prefix such as "r0/"
+        kind = (
+            "inputs" if parts[-3] == "inputs"
+            else "output quality" if parts[-2] == "outputs"
+            else "latency" if parts[-2] == "torchwatch" and stat.startswith("latency_")
+            else None
+        )  # fmt: skip
+        if kind and kind not in data.charted_only:
+            data.charted_only.append(kind)
     for module, tags in by_module.items():
         if module == "torchwatch":
             data.steps = max([data.steps] + [step for step, _ in tags.get("alerts", [])])
@@ -402,7 +439,7 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
         "logdir": data.logdir, "sources": data.sources, "skipped": data.skipped, "exact_counts": data.exact,
         "calls": data.calls, "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
         "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
-        "phases": data.phases, "problems": problems,
+        "phases": data.phases, "charted_only": data.charted_only, "problems": problems,
     }  # fmt: skip
 
 
@@ -481,6 +518,9 @@ def text(summary: dict[str, Any]) -> str:
     lines.append(f"  {calls}{span}; read {len(summary['sources'])} file(s)")
     for why in summary.get("skipped", [])[:10]:
         lines.append(f"  skipped {why}")
+    if summary.get("charted_only"):
+        lines.append(f"  {', '.join(summary['charted_only'])}: charted in TensorBoard, not summarised from its logs "
+                     "(a JsonlSink log adds them here)")  # fmt: skip
     lines.append("")
     if summary["nonfinite"]:
         lines.append("NaN/Inf:")
@@ -489,7 +529,7 @@ def text(summary: dict[str, Any]) -> str:
             trace = f", request {first['first_trace']!r}" if first["first_trace"] else ""
             lines.append(f"  started in {first['origin']!r} on call {first['first_call']}{trace}")
         else:
-            lines.append("  (TensorBoard logs hold counts only: the origin is in the statistics JSONL)")
+            lines.append("  (these logs do not say where it started: no nonfinite alert names an origin)")
         for row in summary["nonfinite"][:10]:
             lines.append(
                 f"  {row['module'] or '<root>':<40} nan {row['nan']:>10,}  +inf {row['posinf']:>8,}  "
