@@ -192,7 +192,7 @@ def test_the_report_reads_every_alert_back_from_tensorboard_logs_alone(tmp_path,
 
 def test_a_tensorboard_log_alone_reports_what_the_same_runs_jsonl_does(tmp_path):
     # one watch, two sinks: the statistics JSONL is the oracle for what the TensorBoard log must tell
-    model = mlp(inject=Inject(at=(5,)))
+    model = mlp(inject=Inject(at=(0, 5)))  # call 0: the first interval, whose calls start at 0
     sinks = [tw.TensorBoardSink(tmp_path / "tb"), tw.JsonlSink(tmp_path / "js" / "stats.jsonl")]
     with tw.attach(model, sinks=sinks, flush_every=2, on_nonfinite=[].append, outputs=True) as watch:
         for i in range(8):
@@ -201,7 +201,7 @@ def test_a_tensorboard_log_alone_reports_what_the_same_runs_jsonl_does(tmp_path)
     tb, js = report.summarize(report.load(tmp_path / "tb")), report.summarize(report.load(tmp_path / "js"))
     keys = ("module", "nan", "posinf", "neginf", "first_step", "origin", "first_call", "first_trace")
     assert [{k: r[k] for k in keys} for r in tb["nonfinite"]] == [{k: r[k] for k in keys} for r in js["nonfinite"]]
-    assert tb["nonfinite"][0]["first_trace"] == "req-5"
+    assert tb["nonfinite"][0]["first_trace"] == "req-0" and tb["nonfinite"][0]["first_call"] == 0
 
     def alerts(summary):
         return [{k: a[k] for k in ("rule", "module", "call", "trace_id", "message")} for a in summary["alerts"]]
@@ -222,6 +222,21 @@ def test_an_alert_whose_text_cannot_be_read_back_is_still_counted(tmp_path, monk
         _run(model, 2)
     (alert,) = report.load(tmp_path).alerts
     assert alert["rule"] == "nonfinite" and alert["message"] == "(no readable alert text)"
+
+
+def test_alert_counts_that_are_not_counts_are_bounded(tmp_path):
+    # a corrupt or hostile event file: NaN, negative and huge alert counts never raise or blow up
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(str(tmp_path))
+    for step, value in enumerate([math.nan, -3.0, 1e30, 2.0], start=1):
+        values = [summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in
+                  [("0/absmax", 1.0), ("torchwatch/alerts/x", value), ("drift/0/alarms", value)]]  # fmt: skip
+        writer.add_event(event_pb2.Event(wall_time=float(step), step=step, summary=summary_pb2.Summary(value=values)))
+    writer.close()
+    counts = [a["call"] for a in report.load(tmp_path).alerts]
+    assert counts.count(2) == report.MAX_ALERTS_PER_INTERVAL and counts.count(3) == 2 and len(counts) == 100_002
 
 
 def _text_of(value: str):

@@ -194,10 +194,15 @@ def _alert_key(a: dict[str, Any]) -> tuple[Any, ...]:
     return a.get("rule"), a.get("module"), a.get("call"), str(a.get("message", "")).replace("\n", " ")
 
 
+def _is_call(call: object) -> bool:
+    return isinstance(call, int) and not isinstance(call, bool) and call >= 0
+
+
 def _origins_from_alerts(data: LogData) -> None:
     """Where NaN/Inf started, for logs without records (TensorBoard): for each module whose output
     was not finite, the first ``nonfinite`` alert raised by a call of its first such interval."""
-    found = sorted((a["call"], a) for a in data.alerts if a.get("rule") == "nonfinite" and (a.get("call") or -1) >= 0)
+    found = [(a["call"], a) for a in data.alerts if a.get("rule") == "nonfinite" and _is_call(a.get("call"))]
+    found.sort(key=lambda ca: ca[0])
     for name, m in data.modules.items():
         if m.first_nonfinite_step is None or name in data.origins:
             continue
@@ -324,7 +329,7 @@ def _read_events(path: str, data: LogData) -> None:
             scores, ps = dict(tags.get("score", [])), dict(tags.get("p_value", []))
             data.drift[name] = [(s, scores[s], ps.get(s, 1.0)) for s in sorted(scores)]
             for s, alarms in tags.get("alarms", []) if not alerts else ():  # logs without alerts per rule
-                for _ in range(int(alarms)):
+                for _ in range(_count(alarms)):
                     data.alerts.append(
                         {"rule": "drift", "module": name, "call": s, "time": None, "message": "drift alarm"}
                     )
@@ -360,6 +365,14 @@ _ALERT_LINE = re.compile(
 )
 
 
+MAX_ALERTS_PER_INTERVAL = 100_000  # a count read from a scalar: a corrupt or hostile value stays bounded
+
+
+def _count(value: float) -> int:
+    """An alert count written as a float scalar; not a count (NaN, negative): 0."""
+    return min(int(value), MAX_ALERTS_PER_INTERVAL) if math.isfinite(value) and value >= 0 else 0
+
+
 def _unescape(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", html.unescape(text))
 
@@ -388,7 +401,7 @@ def _read_alerts(acc: Any, scalars: list[str]) -> list[dict[str, Any]]:
         prefix, rule = found["prefix"], found["rule"]
         for e in acc.Scalars(tag):
             described = [a for a in lines.get((prefix, e.step), []) if a["rule"] == rule]
-            for i in range(int(e.value)):
+            for i in range(_count(e.value)):
                 unread = {"module": "", "call": e.step - 1, "trace_id": None, "message": "(no readable alert text)"}
                 out.append({**(described[i] if i < len(described) else {"rule": rule, **unread}), "time": e.wall_time})
     return out
