@@ -343,6 +343,19 @@ def test_only_the_first_modules_alerted_get_runs_the_rest_are_warned_once(tmp_pa
     assert {"r0/flagged/log10-abs-max"} == {t for t in _event_accumulator(flagged["0"]).Tags()["scalars"] if "abs" in t}
 
 
+def test_a_run_that_cannot_be_created_leaves_the_main_run_writing(tmp_path):
+    (tmp_path / "flagged").write_text("a file where the runs' directory would go")
+    model = mlp(inject=Inject(at=(1, 5)))
+    sink = tw.TensorBoardSink(tmp_path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with tw.attach(model, sinks=[sink], flush_every=2, on_nonfinite=[].append) as watch:
+            _run(model, 8)
+    assert sink.flagged == {} and watch.errors == {}  # the sink was not disabled
+    assert [e.step for e in _event_accumulator(tmp_path).Scalars("1/nan")] == [2, 4, 6, 8]
+    assert sum("cannot write a run for the alerted module" in str(w.message) for w in seen) == 1
+
+
 @pytest.mark.parametrize(
     ("label", "expected"),
     [("<root>", "root"), ("<input>.input_ids", "input.input_ids"), ("enc/layer.0", "enc_layer.0"),

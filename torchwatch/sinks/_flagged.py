@@ -82,7 +82,8 @@ class FlaggedRuns:
         self._runs: dict[str, tuple[str, Any]] = {}  # module -> (run directory, writer) while open
         self._dirs: dict[str, str] = {}  # module -> run directory, kept after close
         self._history: deque[tuple[int, float, dict[str, int], np.ndarray]] = deque(maxlen=HISTORY)
-        self.not_flagged: set[str] = set()  # alerted once the runs were all taken
+        self.not_flagged: set[str] = set()  # alerted once the runs were all taken, or whose run failed
+        self._failed = False
 
     def write(self, record: Record) -> None:
         index = {name: i for i, name in enumerate(record.stats)}
@@ -113,7 +114,19 @@ class FlaggedRuns:
         while path in taken:  # two labels that read the same once cleaned
             n += 1
             path = f"{base}~{n}"
-        writer = self._acquire(path)
+        try:
+            writer = self._acquire(path)
+        except OSError as exc:  # the main run is written already: only this module's own run is lost
+            self.not_flagged.add(name)
+            if not self._failed:
+                self._failed = True
+                warnings.warn(
+                    f"torchwatch: TensorBoardSink: cannot write a run for the alerted module {name!r} under "
+                    f"{self._root} ({exc}); alerted modules are still charted in the main run",
+                    TorchwatchWarning,
+                    stacklevel=2,
+                )
+            return
         self._runs[name] = (path, writer)
         self._dirs[name] = path
         for step, time, index, values in self._history:  # its baseline, before the alert
