@@ -2,79 +2,33 @@
 
 Reads, anywhere under the directory, the :class:`~torchwatch.JsonlSink` statistics files
 (exact counts and where NaN/Inf started), :class:`~torchwatch.IncidentLog` files (every alert),
-and, when there is no statistics JSONL, TensorBoard event files (the per-interval scalars; they do
-not record where NaN/Inf started). Prints: modules that went non-finite and the origin, the worst
+and, when there is no statistics JSONL, TensorBoard event files (per-interval scalars and the
+alerts' text; see :mod:`.report_tensorboard`). Prints: modules that went non-finite and the origin, the worst
 cast underflow/overflow, drift alarms, and the alerts timeline — as text, JSON, or a small
 self-contained HTML page with inline SVG charts.
 """
 
 from __future__ import annotations
 
-import html
 import math
 import os
-import re
 import stat
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import formats
-from .._dist import install_hint
 from .._files import open_regular, parse_json, read_regular, shown
 from ..errors import FormatError
 from ..records import Record
 from ..shadow import Comparison
 from ..sinks.incidents import IncidentLog
+from . import report_tensorboard
+from .report_data import LogData, ModuleSeries
 
 STATS_FORMAT = formats.STATS
 INCIDENT_FORMAT = formats.INCIDENT
 COMPARISON_FORMAT = formats.COMPARISON
-
-
-@dataclass
-class ModuleSeries:
-    """One module's per-interval values (x axis: step)."""
-
-    steps: list[int] = field(default_factory=list)
-    nonfinite: list[int] = field(default_factory=list)
-    absmax: list[float] = field(default_factory=list)
-    count: int = 0
-    nan: int = 0
-    posinf: int = 0
-    neginf: int = 0
-    first_nonfinite_step: int | None = None
-    under: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # per-interval fractions
-    over: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    under_total: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # counts (JSONL)
-    over_total: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-
-@dataclass
-class LogData:
-    """Everything read from a log directory."""
-
-    logdir: str
-    sources: list[str] = field(default_factory=list)
-    exact: bool = True  # counts from JSONL (True) or fractions from TensorBoard scalars
-    calls: int = 0
-    steps: int = 0
-    first_time: float | None = None
-    last_time: float | None = None
-    modules: dict[str, ModuleSeries] = field(default_factory=dict)
-    origins: dict[str, dict[str, Any]] = field(default_factory=dict)
-    drift: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
-    alerts: list[dict[str, Any]] = field(default_factory=list)
-    errors: dict[str, int] = field(default_factory=dict)
-    outputs: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (step, record["outputs"])
-    latency: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    inputs: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
-    comparisons: list[dict[str, Any]] = field(default_factory=list)  # the last of each comparison file
-    phases: list[dict[str, Any]] = field(default_factory=list)  # {"name", "call", "time"} from run markers
-    charted_only: list[str] = field(default_factory=list)  # in TensorBoard logs, not summarised from them
-    times: dict[int, float] = field(default_factory=dict)  # wall time of each record's step (JSONL logs)
-    skipped: list[str] = field(default_factory=list)  # log-like files that could not be read, and why
 
 
 def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
@@ -162,13 +116,13 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
         _read_stats(path, data)
     if not stats:
         for path in events:
-            _read_events(path, data)
+            report_tensorboard.read_events(path, data)
         if events and not (incidents or comparisons) and not data.modules and not data.drift and not data.steps:
             raise FormatError(
                 f"{shown(logdir)} holds no readable torchwatch log: its TensorBoard event file(s) hold no torchwatch "
                 f"scalars ({shown(events[0])}{' and more' if len(events) > 1 else ''} are empty or corrupt)"
             )
-        _origins_from_alerts(data)
+        report_tensorboard.origins_from_alerts(data)
     seen = {_alert_key(a) for a in data.alerts}
     for path in incidents:
         data.sources.append(path)
@@ -192,25 +146,6 @@ def _alert_key(a: dict[str, Any]) -> tuple[Any, ...]:
     """One alert, however it was logged (a record, the incident log, TensorBoard's text, whose
     times are the record's and whose messages are on one line)."""
     return a.get("rule"), a.get("module"), a.get("call"), str(a.get("message", "")).replace("\n", " ")
-
-
-def _is_call(call: object) -> bool:
-    return isinstance(call, int) and not isinstance(call, bool) and call >= 0
-
-
-def _origins_from_alerts(data: LogData) -> None:
-    """Where NaN/Inf started, for logs without records (TensorBoard): for each module whose output
-    was not finite, the first ``nonfinite`` alert raised by a call of its first such interval."""
-    found = [(a["call"], a) for a in data.alerts if a.get("rule") == "nonfinite" and _is_call(a.get("call"))]
-    found.sort(key=lambda ca: ca[0])
-    for name, m in data.modules.items():
-        if m.first_nonfinite_step is None or name in data.origins:
-            continue
-        i = m.steps.index(m.first_nonfinite_step)
-        since = m.steps[i - 1] if i else 0  # the interval's calls: since .. first_nonfinite_step - 1
-        a = next((a for call, a in found if since <= call < m.first_nonfinite_step), None)
-        if a is not None:
-            data.origins[name] = {"origin": a["module"], "call": a["call"], "trace_id": a.get("trace_id")}
 
 
 def _phases(path: str, skipped: list[str]) -> list[dict[str, Any]]:
@@ -281,130 +216,6 @@ def _read_stats(path: str, data: LogData) -> None:
             data.latency.append((step, r.latency.to_dict()))
         for name, i in r.inputs.items():
             data.inputs.setdefault(name, []).append((step, dict(i)))
-
-
-def _read_events(path: str, data: LogData) -> None:
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        raise FormatError(f"reading TensorBoard logs needs tensorboard: {install_hint('tensorboard')}") from None
-    acc = EventAccumulator(path, size_guidance={"scalars": 0, "tensors": 0})
-    try:
-        acc.Reload()
-    except Exception as exc:  # noqa: BLE001 - TensorBoard's reader raises its own types for corrupt files
-        data.skipped.append(f"{shown(path)}: not a readable TensorBoard event file ({type(exc).__name__})")
-        return
-    scalars = acc.Tags().get("scalars", [])
-    if all(_FLAGGED_TAG.fullmatch(tag) for tag in scalars) and scalars:
-        return  # an alerted module's own run (TensorBoardSink): copies of the main run's numbers
-    data.sources.append(path)
-    data.exact = False
-    alerts = _read_alerts(acc, scalars)
-    data.alerts += alerts
-    by_module: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(dict)
-    for tag in scalars:
-        module, _, stat = tag.rpartition("/")
-        events = acc.Scalars(tag)
-        by_module[module][stat] = [(e.step, e.value) for e in events]
-        if stat == "absmax":  # every module's is written at every flush: the records' steps and times
-            for e in events:
-                data.times[e.step] = e.wall_time
-                data.first_time = min(data.first_time or e.wall_time, e.wall_time)
-                data.last_time = max(data.last_time or e.wall_time, e.wall_time)
-        parts = ["", "", *tag.split("/")]  # counted from the end: past a prefix such as "r0/"
-        kind = (
-            "inputs" if parts[-3] == "inputs"
-            else "output quality" if parts[-2] == "outputs"
-            else "latency" if parts[-2] == "torchwatch" and stat.startswith("latency_")
-            else None
-        )  # fmt: skip
-        if kind and kind not in data.charted_only:
-            data.charted_only.append(kind)
-    for module, tags in by_module.items():
-        if module == "torchwatch":
-            data.steps = max([data.steps] + [step for step, _ in tags.get("alerts", [])])
-            continue
-        if module.startswith("drift/"):
-            name = module.removeprefix("drift/")
-            scores, ps = dict(tags.get("score", [])), dict(tags.get("p_value", []))
-            data.drift[name] = [(s, scores[s], ps.get(s, 1.0)) for s in sorted(scores)]
-            for s, alarms in tags.get("alarms", []) if not alerts else ():  # logs without alerts per rule
-                for _ in range(_count(alarms)):
-                    data.alerts.append(
-                        {"rule": "drift", "module": name, "call": s, "time": None, "message": "drift alarm"}
-                    )
-            continue
-        if "absmax" not in tags:  # not a module's statistics: inputs/, outputs, timing/, alert counts, flagged/
-            continue
-        m = data.modules.setdefault(module, ModuleSeries())
-        nan, pos, neg = (dict(tags.get(k, [])) for k in ("nan", "posinf", "neginf"))
-        for step, v in tags.get("absmax", []):
-            bad = int(nan.get(step, 0) + pos.get(step, 0) + neg.get(step, 0))
-            m.steps.append(step)
-            m.absmax.append(v)
-            m.nonfinite.append(bad)
-            m.nan += int(nan.get(step, 0))
-            m.posinf += int(pos.get(step, 0))
-            m.neginf += int(neg.get(step, 0))
-            if bad and m.first_nonfinite_step is None:
-                m.first_nonfinite_step = step
-            data.steps = max(data.steps, step)
-        for stat, values in tags.items():
-            for kind, target in (("underflow_frac_", m.under), ("overflow_frac_", m.over)):
-                if stat.startswith(kind):
-                    target[stat.removeprefix(kind)] = [v for _, v in values]
-
-
-_FLAGGED_TAG = re.compile(r"(.*/)?flagged/[^/]+")
-_ALERT_COUNT_TAG = re.compile(r"(?P<prefix>.*?)torchwatch/alerts/(?P<rule>.+)")
-_ALERT_TEXT_TAG = re.compile(r"(?P<prefix>.*?)torchwatch/alerts/text_summary")
-# one line of the Text tab's alerts, as TensorBoardSink writes it (rule and message Markdown-escaped)
-_ALERT_LINE = re.compile(
-    r"\* \*\*(?P<rule>(?:\\.|[^*\\])*)\*\*(?: in `(?P<module>[^`]*)`)? (?:at call (?P<call>-?\d+)|between calls)"
-    r"(?:, request `(?P<trace>[^`]*)`)?: (?P<message>.*)"
-)
-
-
-MAX_ALERTS_PER_INTERVAL = 100_000  # a count read from a scalar: a corrupt or hostile value stays bounded
-
-
-def _count(value: float) -> int:
-    """An alert count written as a float scalar; not a count (NaN, negative): 0."""
-    return min(int(value), MAX_ALERTS_PER_INTERVAL) if math.isfinite(value) and value >= 0 else 0
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", html.unescape(text))
-
-
-def _read_alerts(acc: Any, scalars: list[str]) -> list[dict[str, Any]]:
-    """The alerts of a TensorBoard log: how many of each rule per interval (``torchwatch/alerts/<rule>``),
-    with rule, module, call, request and message from the *Text* tab's lines where they can be
-    read back; an alert whose line cannot be says so in its message, and is still counted."""
-    lines: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for tag in acc.Tags().get("tensors", []):
-        found = _ALERT_TEXT_TAG.fullmatch(tag)
-        for event in acc.Tensors(tag) if found else ():
-            for raw in b"".join(event.tensor_proto.string_val).decode("utf-8", "replace").splitlines():
-                m = _ALERT_LINE.fullmatch(raw.strip())
-                if m:
-                    lines[(found["prefix"], event.step)].append({
-                        "rule": _unescape(m["rule"]), "module": m["module"] or "",
-                        "call": int(m["call"]) if m["call"] is not None else -1, "trace_id": m["trace"],
-                        "message": _unescape(m["message"]),
-                    })  # fmt: skip
-    out = []
-    for tag in scalars:
-        found = _ALERT_COUNT_TAG.fullmatch(tag)
-        if not found:
-            continue
-        prefix, rule = found["prefix"], found["rule"]
-        for e in acc.Scalars(tag):
-            described = [a for a in lines.get((prefix, e.step), []) if a["rule"] == rule]
-            for i in range(_count(e.value)):
-                unread = {"module": "", "call": e.step - 1, "trace_id": None, "message": "(no readable alert text)"}
-                out.append({**(described[i] if i < len(described) else {"rule": rule, **unread}), "time": e.wall_time})
-    return out
 
 
 def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
