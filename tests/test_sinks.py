@@ -184,8 +184,8 @@ def test_the_report_reads_every_alert_back_from_tensorboard_logs_alone(tmp_path,
     written = [a for r in memory.records for a in r.alerts]
     assert {a.rule for a in written} == {"nonfinite", "my*rule_#1"}
     read = report.load(tmp_path).alerts
-    key = ("rule", "module", "call", "trace_id", "message")
-    expected = [{**{k: getattr(a, k) for k in key}, "message": a.message.replace("\n", " ")} for a in written]
+    key = ("rule", "module", "stat", "value", "expected", "call", "time", "cohort", "trace_id", "message")
+    expected = [{k: getattr(a, k) for k in key} for a in written]  # every field, the message's newline too
     assert sorted(({k: a[k] for k in key} for a in read), key=str) == sorted(expected, key=str)
     assert cli.main(["report", str(tmp_path)]) == 1  # alerts need attention: exit 1, as with JSONL logs
 
@@ -215,13 +215,23 @@ def test_a_tensorboard_log_alone_reports_what_the_same_runs_jsonl_does(tmp_path)
     assert "charted in TensorBoard, not summarised" in report.text(tb)
 
 
-def test_an_alert_whose_text_cannot_be_read_back_is_still_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(tw.TensorBoardSink, "_alert_text", lambda self, record: _text_of("not an alert line"))
+@pytest.mark.parametrize("payload", [b"not json", b'{"rule": "x"}', b'[{"rule": 3}]', b"[" * 100_000])
+def test_an_alert_whose_record_cannot_be_read_is_still_counted(tmp_path, monkeypatch, payload):
+    write_records = tw.TensorBoardSink._alert_records
+
+    def corrupt(self, record):
+        summary = write_records(self, record)
+        summary.value[0].tensor.string_val[0] = payload
+        return summary
+
+    monkeypatch.setattr(tw.TensorBoardSink, "_alert_records", corrupt)
     model = mlp(inject=Inject(at=(1,)))
     with tw.attach(model, sinks=[tw.TensorBoardSink(tmp_path)], flush_every=2, on_nonfinite=[].append):
         _run(model, 2)
-    (alert,) = report.load(tmp_path).alerts
-    assert alert["rule"] == "nonfinite" and alert["message"] == "(no readable alert text)"
+    data = report.load(tmp_path)
+    (alert,) = data.alerts  # from the per-rule count, without its details
+    assert alert["rule"] == "nonfinite" and alert["message"] == "(alert details not in the log)"
+    assert any("step 2 alerts" in s for s in data.skipped)  # and the unreadable record is named
 
 
 def test_alert_counts_that_are_not_counts_are_bounded(tmp_path):
@@ -241,12 +251,6 @@ def test_alert_counts_that_are_not_counts_are_bounded(tmp_path):
         and counts.count(3) == 2
         and len(counts) == 100_002
     )
-
-
-def _text_of(value: str):
-    from torch.utils.tensorboard.summary import text
-
-    return text("torchwatch/alerts", value)
 
 
 def test_root_output_is_tagged_root(tmp_path):

@@ -1,19 +1,19 @@
 """``torchwatch report`` on TensorBoard logs alone (no statistics JSONL): the per-interval scalars,
-the alerts (how many per rule and interval, each one's rule, module, call, request and message read
-back from the *Text* tab's lines as :class:`~torchwatch.TensorBoardSink` writes them) and, from the
-``nonfinite`` alerts, where NaN/Inf started."""
+the alerts (the JSON records :class:`~torchwatch.TensorBoardSink` writes beside the *Text* tab's
+lines) and, from the ``nonfinite`` alerts, where NaN/Inf started."""
 
 from __future__ import annotations
 
-import html
 import math
 import re
 from collections import defaultdict
 from typing import Any
 
 from .._dist import install_hint
-from .._files import shown
+from .._files import parse_json, shown
+from ..alerts import Alert
 from ..errors import FormatError
+from ..sinks.tensorboard import ALERT_RECORDS_TAG
 from .report_data import LogData, ModuleSeries
 
 
@@ -36,7 +36,7 @@ def read_events(path: str, data: LogData) -> None:
         return  # an alerted module's own run (TensorBoardSink): copies of the main run's numbers
     data.sources.append(path)
     data.exact = False
-    alerts = _read_alerts(acc, scalars)
+    alerts = _read_alerts(acc, scalars, path, data.skipped)
     data.alerts += alerts
     by_module: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(dict)
     for tag in scalars:
@@ -94,14 +94,7 @@ def read_events(path: str, data: LogData) -> None:
 
 _FLAGGED_TAG = re.compile(r"(.*/)?flagged/[^/]+")
 _ALERT_COUNT_TAG = re.compile(r"(?P<prefix>.*?)torchwatch/alerts/(?P<rule>.+)")
-_ALERT_TEXT_TAG = re.compile(r"(?P<prefix>.*?)torchwatch/alerts/text_summary")
-# one line of the Text tab's alerts, as TensorBoardSink writes it (rule and message Markdown-escaped)
-_ALERT_LINE = re.compile(
-    r"\* \*\*(?P<rule>(?:\\.|[^*\\])*)\*\*(?: in `(?P<module>[^`]*)`)? (?:at call (?P<call>-?\d+)|between calls)"
-    r"(?:, request `(?P<trace>[^`]*)`)?: (?P<message>.*)"
-)
-
-
+_ALERT_RECORDS_TAG = re.compile(rf"(?P<prefix>.*?){re.escape(ALERT_RECORDS_TAG)}")
 MAX_ALERTS_PER_INTERVAL = 100_000  # a count read from a scalar: a corrupt or hostile value stays bounded
 
 
@@ -110,37 +103,31 @@ def _count(value: float) -> int:
     return min(int(value), MAX_ALERTS_PER_INTERVAL) if math.isfinite(value) and value >= 0 else 0
 
 
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", html.unescape(text))
-
-
-def _read_alerts(acc: Any, scalars: list[str]) -> list[dict[str, Any]]:
-    """The alerts of a TensorBoard log: how many of each rule per interval (``torchwatch/alerts/<rule>``),
-    with rule, module, call, request and message from the *Text* tab's lines where they can be
-    read back; an alert whose line cannot be says so in its message, and is still counted."""
-    lines: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+def _read_alerts(acc: Any, scalars: list[str], path: str, skipped: list[str]) -> list[dict[str, Any]]:
+    """The alerts of a TensorBoard log, each interval's from its JSON record
+    (``torchwatch/alert_records``); an interval whose record is missing or unreadable (listed in
+    ``skipped``) still counts its alerts, from the per-rule scalars, without their details."""
+    out: list[dict[str, Any]] = []
+    read: set[tuple[str, int]] = set()
     for tag in acc.Tags().get("tensors", []):
-        found = _ALERT_TEXT_TAG.fullmatch(tag)
+        found = _ALERT_RECORDS_TAG.fullmatch(tag)
         for event in acc.Tensors(tag) if found else ():
-            for raw in b"".join(event.tensor_proto.string_val).decode("utf-8", "replace").splitlines():
-                m = _ALERT_LINE.fullmatch(raw.strip())
-                if m:
-                    lines[(found["prefix"], event.step)].append({
-                        "rule": _unescape(m["rule"]), "module": m["module"] or "",
-                        "call": int(m["call"]) if m["call"] is not None else -1, "trace_id": m["trace"],
-                        "message": _unescape(m["message"]),
-                    })  # fmt: skip
-    out = []
+            where = f"{shown(path)} step {event.step} alerts"
+            try:
+                docs = parse_json(b"".join(event.tensor_proto.string_val), where)
+                if not isinstance(docs, list):
+                    raise FormatError(f"{where}: expected a JSON list")
+                out += [Alert.from_dict(d, f"{where}[{i}]").to_dict() for i, d in enumerate(docs)]
+                read.add((found["prefix"], event.step))
+            except FormatError as exc:
+                skipped.append(str(exc))
     for tag in scalars:
         found = _ALERT_COUNT_TAG.fullmatch(tag)
-        if not found:
-            continue
-        prefix, rule = found["prefix"], found["rule"]
-        for e in acc.Scalars(tag):
-            described = [a for a in lines.get((prefix, e.step), []) if a["rule"] == rule]
-            for i in range(_count(e.value)):
-                unread = {"module": "", "call": e.step - 1, "trace_id": None, "message": "(no readable alert text)"}
-                out.append({**(described[i] if i < len(described) else {"rule": rule, **unread}), "time": e.wall_time})
+        for e in acc.Scalars(tag) if found else ():
+            if (found["prefix"], e.step) not in read:
+                unread = {"rule": found["rule"], "module": "", "call": e.step - 1, "time": e.wall_time,
+                          "trace_id": None, "message": "(alert details not in the log)"}  # fmt: skip
+                out += [dict(unread) for _ in range(_count(e.value))]
     return out
 
 

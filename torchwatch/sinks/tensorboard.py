@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from .. import _validate
+from .. import _validate, formats
 from .._dist import install_hint
 from ..errors import ConfigError
 from ..records import Record
@@ -58,6 +58,8 @@ def _release(logdir: str) -> None:
 
 
 ALERTS_TOTAL = r"(.*/)?torchwatch/alerts_total/.*"
+ALERT_RECORDS_TAG = "torchwatch/alert_records"  # each interval's alerts as JSON, read by `torchwatch report`
+ALERT_RECORDS_PLUGIN = "torchwatch_alerts"
 
 
 def layout(cast_dtypes: tuple[str, ...] | list[str]) -> dict[str, dict[str, list[Any]]]:
@@ -121,7 +123,8 @@ class TensorBoardSink(Sink):
       and ``torchwatch/alerts_total/<rule>``, the rule's alerts written since attach (both from its
       first alert on; repeats the alert policy suppressed are not written, see ``AlertPolicy``);
       the alerts' text (call, rule, module, request, message) in the *Text* tab under
-      ``torchwatch/alerts``, which ``torchwatch report`` reads back;
+      ``torchwatch/alerts``, and as data (JSON) under ``torchwatch/alert_records``, which
+      ``torchwatch report`` reads;
     * ``torchwatch/latency_p50_ms``, ``_p95_ms``, ``_p99_ms``, ``_max_ms``: root-call latency;
     * ``inputs/<input>/channel_mean_<c>``, ``/top1_fraction``, ``/distinct``: input monitors;
     * ``outputs/confidence``, ``/margin``, ``/normalized_entropy``, ``/abstention_rate``, and
@@ -232,9 +235,8 @@ class TensorBoardSink(Sink):
         self._writer.add_event(self._event(record.step, record.time, self._scalars(record)))
         self._flagged.write(record)
         if record.alerts:
-            self._writer.add_event(
-                event_pb2.Event(wall_time=record.time, step=record.step, summary=self._alert_text(record))
-            )
+            for summary in (self._alert_text(record), self._alert_records(record)):
+                self._writer.add_event(event_pb2.Event(wall_time=record.time, step=record.step, summary=summary))
 
     def _alert_text(self, record: Record) -> Any:
         """The interval's alerts as Markdown lines for TensorBoard's *Text* tab (a table's narrow
@@ -252,6 +254,22 @@ class TensorBoardSink(Sink):
             when = f"at call {a.call}" if a.call >= 0 else "between calls"  # a background check (fingerprint)
             lines.append(f"* **{plain(a.rule)}**{where} {when}{request}: {plain(a.message)}")
         return text(f"{self.prefix}torchwatch/alerts", "\n".join(lines))
+
+    def _alert_records(self, record: Record) -> Any:
+        """The interval's alerts as data (a JSON list of ``Alert.to_dict()``) for ``torchwatch report``:
+        a string tensor under a plugin name of its own, which TensorBoard shows no tab for."""
+        from tensorboard.compat.proto import tensor_pb2, types_pb2
+
+        summary_pb2 = self._pb[1]
+        data = formats.json_line([a.to_dict() for a in record.alerts])
+        value = summary_pb2.Summary.Value(
+            tag=f"{self.prefix}{ALERT_RECORDS_TAG}",
+            metadata=summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=ALERT_RECORDS_PLUGIN)
+            ),
+            tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[data]),
+        )
+        return summary_pb2.Summary(value=[value])
 
     def _write_layout(self, record: Record, event_pb2: Any) -> None:
         from torch.utils.tensorboard.summary import custom_scalars
