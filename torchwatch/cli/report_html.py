@@ -8,6 +8,7 @@ import bisect
 import html
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .report import LogData, text
@@ -21,7 +22,7 @@ class Axis:
     """The shared x axis: steps ``lo..hi`` onto pixels, with wall times where the logs have them.
     Tick labels and alert positions are worked out once and drawn on every chart."""
 
-    def __init__(self, data: LogData, alerts: list[dict[str, Any]], phases: list[dict[str, Any]] = ()) -> None:
+    def __init__(self, data: LogData, alerts: list[dict[str, Any]], phases: Sequence[dict[str, Any]] = ()) -> None:
         steps = [s for m in data.modules.values() for s in m.steps] + [s for s, *_ in _all_series(data)]
         self.lo, self.hi = (min(steps), max(steps)) if steps else (0, 1)
         by_step = sorted(data.times.items())
