@@ -125,3 +125,95 @@ def test_simd_path_is_used_where_the_cpu_has_avx2():
     if platform.machine() in ("x86_64", "AMD64"):
         flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
         assert cpu.simd() == ("avx2" in flags and "fma" in flags and "f16c" in flags) or not flags
+
+
+# ---- chunks on torch's threads, and the single pass's guessed shift and scale --------------
+
+CHUNK = 8 * 2048  # _cstats.c: TW_CHUNK elements per chunk at least (TW_BLOCK = 2048)
+
+
+def _large(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Several chunks whose blocks differ a lot: a jump of the mean by 1e4 standard deviations,
+    values near the bottom and the top of float32's range, ReLU zeros, NaN/Inf, a tail."""
+    g = torch.Generator().manual_seed(seed)
+    n = 9 * CHUNK + 4097
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    x[CHUNK : 2 * CHUNK] += 1e4  # the shift guessed from the block before is far off
+    x[3 * CHUNK : 3 * CHUNK + 5000] *= 1e-30  # the scale guessed from the block before is far off
+    x[4 * CHUNK : 5 * CHUNK] = x[4 * CHUNK : 5 * CHUNK].clamp(min=0)  # zeros counted inline
+    x[5 * CHUNK : 5 * CHUNK + 3000] = 0.0  # whole blocks of zeros
+    x[6 * CHUNK : 6 * CHUNK + 4096] *= 1e30
+    x[7 * CHUNK + 17] = math.nan
+    x[8 * CHUNK + 5] = math.inf
+    x[-3] = 1e-3  # an fp8 underflow in the tail
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_large_tensors_match_the_oracle_and_do_not_depend_on_the_thread_count(dtype):
+    from _oracle import assert_matches, oracle
+
+    x = _large(dtype, seed=3)
+    plan = cast_plan(dtype, NAMES)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            for level in LEVELS:
+                with cpu.simd_level(level):
+                    results[threads, level] = host_stats(x, plan)
+            with cpu.threads(False):
+                results[threads, "serial"] = host_stats(x, plan)
+    finally:
+        torch.set_num_threads(before)
+    for level in LEVELS:  # bit for bit: chunks are merged in one order whatever runs them
+        assert results[1, level] == results[2, level] == results[4, level], level
+    # the serial runs use the best level too, on the calling thread alone
+    assert results[1, LEVELS[-1]] == results[1, "serial"] == results[4, "serial"] == results[4, LEVELS[-1]]
+    for (_, level), raw in results.items():
+        if level != "serial":
+            assert_matches(stats_from_raw(1, raw, NAMES), oracle(x, NAMES))
+
+
+def test_threads_are_torchs_own():
+    runtime, threads = cpu.parallel_info()
+    import platform
+
+    if platform.system() == "Linux" and "OpenMP" in torch.__config__.parallel_info():
+        assert runtime is not None and "omp" in runtime.rsplit("/", 1)[-1]
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert cpu.parallel_info()[1] == 1
+            torch.set_num_threads(3)
+            assert cpu.parallel_info()[1] == 3
+        finally:
+            torch.set_num_threads(before)
+    else:
+        assert threads >= 1
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=[cpu.LEVELS[level] for level in LEVELS])
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        (0.0, 1.0, 1e6, 1.0),  # the mean jumps by 1e6 sd between blocks
+        (1e6, 1.0, 0.0, 1e-3),  # and back, with a spread 1000x smaller
+        (0.0, 1e20, 0.0, 1e-20),  # the scale falls by 2^133
+        (0.0, 1e-20, 0.0, 1e20),  # and rises
+        (5.0, 0.0, 5.0, 1.0),  # a constant block, then a spread around the same value
+    ],
+)
+def test_a_poor_guess_from_the_block_before_is_corrected(level, blocks):
+    from _oracle import assert_matches, oracle
+
+    mean_a, sd_a, mean_b, sd_b = blocks
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(2048, generator=g) * sd_a + mean_a, torch.randn(2048 + 37, generator=g) * sd_b + mean_b])
+    plan = cast_plan(torch.float32, NAMES)
+    with cpu.simd_level(level):
+        raw = host_stats(x, plan)
+    assert_matches(stats_from_raw(1, raw, NAMES), oracle(x, NAMES))
+    second = host_stats(x[2048:], plan)  # the second block alone, with its own guess
+    assert_matches(stats_from_raw(1, second, NAMES), oracle(x[2048:], NAMES))

@@ -78,6 +78,20 @@ static void merge_range(acc_t *acc, double mn, double mx) {
     if (mx > acc->max) acc->max = mx;
 }
 
+static void acc_reset(acc_t *acc) {
+    memset(acc, 0, sizeof *acc);
+    acc->min = INFINITY;
+    acc->max = -INFINITY;
+}
+
+static void acc_merge(acc_t *dst, const acc_t *src, int k) {
+    chan_merge(dst, src->nfin, src->mean, src->m2);
+    merge_range(dst, src->min, src->max);
+    dst->nan += src->nan; dst->posinf += src->posinf; dst->neginf += src->neginf;
+    dst->zeros += src->zeros; dst->subnormal += src->subnormal;
+    for (int i = 0; i < k; i++) { dst->under[i] += src->under[i]; dst->over[i] += src->over[i]; }
+}
+
 /* ---- portable exact path ------------------------------------------------------------ */
 
 #define TW_EXACT_BLOCK(NAME, T, ABS, MAXV)                                                  \
@@ -243,60 +257,89 @@ TW_AVX2 static int64_t count_zeros(const float *x, int n, uint32_t *nzbits) {
     return r;
 }
 
-/* Pass A of a block: sum (f32, used only as a shift), min, max, smallest |x| bits, and the count
-   of |x| <= tinl (the inline underflow threshold; -1 counts nothing). */
+/* The one pass over a block: min, max, the count of |x| <= tinl (the inline underflow
+   threshold; -1 counts nothing), the sums of d and d*d for d = (x - shift) * scale, shift and
+   scale guessed before the block (from the block before it), and either the smallest |x| bits
+   or, in blocks expected to hold zeros (ReLU outputs), the count of zeros and the smallest
+   nonzero |x| bits (0 if none). fma(x, scale, -shift * scale) rounds exactly like
+   (x - shift) * scale: scale is a power of two. */
 typedef struct {
-    float sum, mn, mx;
+    float mn, mx;
     uint32_t abits;
-    int64_t nsmall;
-} pass_a_t;
+    int64_t nsmall, nzero;
+    double sd, sq;
+} fused_t;
 
-/* The tail of pass A, and the reference for its vector bodies. */
-static void pass_a_tail(const float *x, int i, int n, float tinl, pass_a_t *r) {
+/* The tail of the pass, and the reference for its vector bodies. */
+static void fused_tail(const float *x, int i, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
     for (; i < n; i++) {
         float v = x[i];
         uint32_t bits;
         memcpy(&bits, &v, sizeof bits);
         bits &= 0x7fffffffu;
-        r->sum += v;
         if (v < r->mn) r->mn = v;
         if (v > r->mx) r->mx = v;
-        if (bits < r->abits) r->abits = bits;
+        if (zeros && bits == 0) r->nzero++;
+        else if (bits < r->abits || (zeros && r->abits == 0)) r->abits = bits;
         r->nsmall += fabsf(v) <= tinl;
+        double d = ((double)v - (double)shift) * (double)scale;
+        r->sd += d; r->sq += d * d;
     }
 }
 
 /* min_ps(a, m) returns m when a is NaN, so NaN never reaches the running min/max (a block
-   holding NaN is caught by its sum). |x| bits compare like |x|, so an integer min gives the
-   smallest |x|. */
-TW_AVX2 static void pass_a_avx2(const float *x, int n, float tinl, pass_a_t *r) {
+   holding NaN or Inf is caught by its sums). |x| bits compare like |x|, so an integer min gives
+   the smallest |x|; with ZEROS, the min of |x| bits - 1 as unsigned (a zero wraps to the top)
+   gives the smallest nonzero one. Sums of d stay in float lanes for 256 elements, then go to
+   double. */
+TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
+    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, fused_t *r) {
     const __m256i absmask = _mm256_set1_epi32(0x7fffffff), izero = _mm256_setzero_si256();
-    const __m256 tin = _mm256_set1_ps(tinl);
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256 tin = _mm256_set1_ps(tinl), vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-shift * scale);
     __m256 vmn = _mm256_set1_ps(INFINITY), vmx = _mm256_set1_ps(-INFINITY);
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    __m256i amin = _mm256_set1_epi32(0x7fffffff), small = izero;
+    __m256i amin = _mm256_set1_epi32(ZEROS ? -1 : 0x7fffffff), small = izero, nz = izero;
     int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
-        __m256 v = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
-        __m256i av = _mm256_and_si256(_mm256_castps_si256(v), absmask);
-        __m256i aw = _mm256_and_si256(_mm256_castps_si256(w), absmask);
-        s0 = _mm256_add_ps(s0, v);
-        s1 = _mm256_add_ps(s1, w);
-        /* pair first, then fold into the running value: one dependent op per iteration */
-        vmn = _mm256_min_ps(_mm256_min_ps(v, w), vmn);
-        vmx = _mm256_max_ps(_mm256_max_ps(v, w), vmx);
-        amin = _mm256_min_epu32(_mm256_min_epu32(av, aw), amin);
-        __m256i sv = _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(av), tin, _CMP_LE_OQ));
-        __m256i sw = _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(aw), tin, _CMP_LE_OQ));
-        small = _mm256_sub_epi32(small, _mm256_add_epi32(sv, sw));
+    while (i + 16 <= n) {
+        __m256 d0 = _mm256_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
+        int end = i + 256 < n ? i + 256 : n;
+        for (; i + 16 <= end; i += 16) {
+            _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
+            __m256 v = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
+            __m256 a = _mm256_fmadd_ps(v, vscale, vshift), b = _mm256_fmadd_ps(w, vscale, vshift);
+            d0 = _mm256_add_ps(d0, a);
+            d1 = _mm256_add_ps(d1, b);
+            q0 = _mm256_fmadd_ps(a, a, q0);
+            q1 = _mm256_fmadd_ps(b, b, q1);
+            __m256i av = _mm256_and_si256(_mm256_castps_si256(v), absmask);
+            __m256i aw = _mm256_and_si256(_mm256_castps_si256(w), absmask);
+            /* pair first, then fold into the running value: one dependent op per iteration */
+            vmn = _mm256_min_ps(_mm256_min_ps(v, w), vmn);
+            vmx = _mm256_max_ps(_mm256_max_ps(v, w), vmx);
+            if (ZEROS) {
+                amin = _mm256_min_epu32(_mm256_min_epu32(_mm256_sub_epi32(av, one), _mm256_sub_epi32(aw, one)), amin);
+                nz = _mm256_sub_epi32(nz, _mm256_add_epi32(_mm256_cmpeq_epi32(av, izero), _mm256_cmpeq_epi32(aw, izero)));
+            } else {
+                amin = _mm256_min_epu32(_mm256_min_epu32(av, aw), amin);
+            }
+            __m256i sv = _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(av), tin, _CMP_LE_OQ));
+            __m256i sw = _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(aw), tin, _CMP_LE_OQ));
+            small = _mm256_sub_epi32(small, _mm256_add_epi32(sv, sw));
+        }
+        r->sd += hsum_ps_as_pd(_mm256_add_ps(d0, d1));
+        r->sq += hsum_ps_as_pd(_mm256_add_ps(q0, q1));
     }
-    r->sum = (float)hsum_ps_as_pd(_mm256_add_ps(s0, s1));
     r->mn = hmin_ps(vmn);
     r->mx = hmax_ps(vmx);
-    r->abits = hmin_epu32(amin);
+    r->abits = hmin_epu32(amin) + (ZEROS ? 1u : 0u);
     r->nsmall = hsum_epi32(small);
-    pass_a_tail(x, i, n, tinl, r);
+    r->nzero = ZEROS ? hsum_epi32(nz) : 0;
+    fused_tail(x, i, n, tinl, scale, shift, ZEROS, r);
+}
+
+TW_AVX2 static void fused_avx2(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
+    if (zeros) fused_avx2_body(x, n, tinl, scale, shift, 1, r);
+    else fused_avx2_body(x, n, tinl, scale, shift, 0, r);
 }
 
 /* Pass B: sums of d and d*d for d = x * scale - shift * scale (f32 lanes, folded into double
@@ -327,36 +370,57 @@ TW_AVX2 static void pass_b_avx2(const float *x, int n, float scale, float shift,
 /* The same two passes, 32 elements per iteration in 512-bit registers, for CPUs with AVX-512F;
    counts come from compare masks. Same results as the AVX2 passes up to the order of float
    additions in the shift and the moments. */
-TW_AVX512 static void pass_a_avx512(const float *x, int n, float tinl, pass_a_t *r) {
-    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
-    const __m512 tin = _mm512_set1_ps(tinl);
+TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
+    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, fused_t *r) {
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1), izero = _mm512_setzero_si512();
+    const __m512 tin = _mm512_set1_ps(tinl), vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(-shift * scale);
     __m512 vmn = _mm512_set1_ps(INFINITY), vmx = _mm512_set1_ps(-INFINITY);
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    __m512i amin = _mm512_set1_epi32(0x7fffffff);
-    int64_t small = 0;
+    __m512i amin = _mm512_set1_epi32(ZEROS ? -1 : 0x7fffffff);
+    int64_t small = 0, nz = 0;
     int i = 0;
-    for (; i + 32 <= n; i += 32) {
-        _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
-        __m512 v = _mm512_loadu_ps(x + i), w = _mm512_loadu_ps(x + i + 16);
-        __m512i av = _mm512_and_si512(_mm512_castps_si512(v), absmask);
-        __m512i aw = _mm512_and_si512(_mm512_castps_si512(w), absmask);
-        s0 = _mm512_add_ps(s0, v);
-        s1 = _mm512_add_ps(s1, w);
-        vmn = _mm512_min_ps(_mm512_min_ps(v, w), vmn);
-        vmx = _mm512_max_ps(_mm512_max_ps(v, w), vmx);
-        amin = _mm512_min_epu32(_mm512_min_epu32(av, aw), amin);
-        __mmask16 sv = _mm512_cmp_ps_mask(_mm512_castsi512_ps(av), tin, _CMP_LE_OQ);
-        __mmask16 sw = _mm512_cmp_ps_mask(_mm512_castsi512_ps(aw), tin, _CMP_LE_OQ);
-        small += __builtin_popcount((unsigned)sv) + __builtin_popcount((unsigned)sw);
+    while (i + 32 <= n) {
+        __m512 d0 = _mm512_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
+        int end = i + 256 < n ? i + 256 : n;
+        for (; i + 32 <= end; i += 32) {
+            _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
+            __m512 v = _mm512_loadu_ps(x + i), w = _mm512_loadu_ps(x + i + 16);
+            __m512 a = _mm512_fmadd_ps(v, vscale, vshift), b = _mm512_fmadd_ps(w, vscale, vshift);
+            d0 = _mm512_add_ps(d0, a);
+            d1 = _mm512_add_ps(d1, b);
+            q0 = _mm512_fmadd_ps(a, a, q0);
+            q1 = _mm512_fmadd_ps(b, b, q1);
+            __m512i av = _mm512_and_si512(_mm512_castps_si512(v), absmask);
+            __m512i aw = _mm512_and_si512(_mm512_castps_si512(w), absmask);
+            vmn = _mm512_min_ps(_mm512_min_ps(v, w), vmn);
+            vmx = _mm512_max_ps(_mm512_max_ps(v, w), vmx);
+            if (ZEROS) {
+                amin = _mm512_min_epu32(_mm512_min_epu32(_mm512_sub_epi32(av, one), _mm512_sub_epi32(aw, one)), amin);
+                nz += __builtin_popcount((unsigned)_mm512_cmpeq_epi32_mask(av, izero))
+                    + __builtin_popcount((unsigned)_mm512_cmpeq_epi32_mask(aw, izero));
+            } else {
+                amin = _mm512_min_epu32(_mm512_min_epu32(av, aw), amin);
+            }
+            __mmask16 sv = _mm512_cmp_ps_mask(_mm512_castsi512_ps(av), tin, _CMP_LE_OQ);
+            __mmask16 sw = _mm512_cmp_ps_mask(_mm512_castsi512_ps(aw), tin, _CMP_LE_OQ);
+            small += __builtin_popcount((unsigned)sv) + __builtin_popcount((unsigned)sw);
+        }
+        __m512 d = _mm512_add_ps(d0, d1), q = _mm512_add_ps(q0, q1);
+        r->sd += _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(d)))
+               + _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1))));
+        r->sq += _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(q)))
+               + _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(q), 1))));
     }
-    __m512 s = _mm512_add_ps(s0, s1);
-    __m256 lo = _mm512_castps512_ps256(s), hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
-    r->sum = (float)(hsum_ps_as_pd(lo) + hsum_ps_as_pd(hi));
     r->mn = _mm512_reduce_min_ps(vmn);
     r->mx = _mm512_reduce_max_ps(vmx);
-    r->abits = (uint32_t)_mm512_reduce_min_epu32(amin);
+    r->abits = (uint32_t)_mm512_reduce_min_epu32(amin) + (ZEROS ? 1u : 0u);
     r->nsmall = small;
-    pass_a_tail(x, i, n, tinl, r);
+    r->nzero = nz;
+    fused_tail(x, i, n, tinl, scale, shift, ZEROS, r);
+}
+
+TW_AVX512 static void fused_avx512(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
+    if (zeros) fused_avx512_body(x, n, tinl, scale, shift, 1, r);
+    else fused_avx512_body(x, n, tinl, scale, shift, 0, r);
 }
 
 TW_AVX512 static void pass_b_avx512(const float *x, int n, float scale, float shift, double *sd, double *sq) {
@@ -385,19 +449,59 @@ TW_AVX512 static void pass_b_avx512(const float *x, int n, float scale, float sh
     }
 }
 
-TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t *acc, int level) {
+/* The shift and scale of the next block's moments: the mean and the power of two near the
+   largest |x| of the block before it (activations change slowly along memory), or of the first
+   elements of a chunk. A block checks its guess afterwards and re-reads itself (from L1) with
+   its own mean and scale where the guess was poor. */
+typedef struct {
+    float shift;
+    int e;
+    int set;
+    int zeros;                                  /* the block before held a zero: count them inline */
+} guess_t;
+
+static void first_guess(const float *x, int n, guess_t *g) {
+    double s = 0, top = 0;
+    int m = 0;
+    for (int i = 0; i < n && i < 16; i++) {
+        double v = x[i];
+        if (!(fabs(v) <= FLT_MAX)) continue;
+        s += v; m++;
+        if (fabs(v) > top) top = fabs(v);
+    }
+    g->shift = m ? (float)(s / m) : 0.0f;
+    g->e = 0;
+    if (top > 0) frexp(top, &g->e);
+    if (g->e > 126) g->e = 126;
+    if (g->e < -126) g->e = -126;
+    g->set = 1;
+}
+
+/* The guessed scale may be off by this many powers of two, and the shift by this fraction of
+   the block's standard deviation, before the block is read again with its own: then the sums
+   of squares are at most 1 + 1/4 times what the block's own mean would give, so rounding in
+   them costs the variance at most 25% more than that (a few float32 ulps). */
+#define TW_SCALE_SLACK 24
+#define TW_SHIFT_SLACK 0.25
+
+TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t *acc, int level, guess_t *g) {
     /* The largest underflow threshold (fp8's, if any) is hit by almost every block of real
        activations, so it is counted inline; the rarer ones get a pass only when needed. */
     const int inl = p->inline_under;
     const float tinl = inl >= 0 ? p->underf[inl] : -1.0f;
-    pass_a_t a = {0};
-    if (level >= TW_LEVEL_AVX512) pass_a_avx512(x, n, tinl, &a);
-    else pass_a_avx2(x, n, tinl, &a);
-    float sum = a.sum, mn = a.mn, mx = a.mx;
+    if (!g->set) first_guess(x, n, g);
+    float shift = g->shift, scale = ldexpf(1.0f, -g->e);
+    int e_used = g->e;
+    fused_t a = {0};
+    if (level >= TW_LEVEL_AVX512) fused_avx512(x, n, tinl, scale, shift, g->zeros, &a);
+    else fused_avx2(x, n, tinl, scale, shift, g->zeros, &a);
+    float mn = a.mn, mx = a.mx;
     uint32_t abits = a.abits;
     int64_t nsmall = a.nsmall;
-    /* A finite sum means no NaN/Inf (they would propagate). */
-    if (!(fabsf(sum) <= FLT_MAX)) {
+    double sd = a.sd, sq = a.sq;
+    /* Finite sums mean no NaN/Inf (they would propagate); the exact path counts them. */
+    if (!(fabs(sd) <= DBL_MAX && sq <= DBL_MAX)) {
+        g->set = 0;
         exact_block_f32(x, n, p, acc);
         return;
     }
@@ -406,35 +510,49 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         chan_merge(acc, n, 0.0, 0.0);
         merge_range(acc, 0.0, 0.0);
         acc->zeros += n;
+        g->shift = 0.0f;
+        g->zeros = 1;
         return;
     }
     if (amax < TW_FAST_MIN) {                   /* squares would fall below float range */
         exact_block_f32(x, n, p, acc);
         return;
     }
-    /* Zeros are only counted in blocks that hold one (ReLU outputs, padding); elsewhere the
-       smallest |x| is already the smallest nonzero one. */
-    int64_t nzero = 0;
-    if (abits == 0) nzero = count_zeros(x, n, &abits);
-    float minabs_nz;
-    memcpy(&minabs_nz, &abits, sizeof minabs_nz);
-
-    /* pass B: moments of (x - shift) * scale. scale is a power of two bringing |x| near 1, so
-       squares neither overflow nor go subnormal, and fma(x, scale, -shift * scale) rounds
-       exactly like (x - shift). */
     int e;
     frexpf(amax, &e);
     if (e > 126) e = 126;                       /* keep scale a normal float */
-    const float shift = sum / (float)n, scale = ldexpf(1.0f, -e);
-    double sd = 0, sq = 0;
-    if (level >= TW_LEVEL_AVX512) pass_b_avx512(x, n, scale, shift, &sd, &sq);
-    else pass_b_avx2(x, n, scale, shift, &sd, &sq);
-    const double inv = ldexp(1.0, e);
-    double m2 = (sq - sd * sd / (double)n) * inv * inv;
-    chan_merge(acc, n, (double)shift + sd / (double)n * inv, m2 > 0 ? m2 : 0);
+    const double dn = (double)n;
+    /* The guess was poor: the moments again, of (x - this block's mean) scaled by its own
+       power of two, so squares neither overflow nor go subnormal. */
+    if (abs(e - e_used) > TW_SCALE_SLACK || fabs(shift) * scale > 0x1p24f
+        || sd * sd / dn > TW_SHIFT_SLACK * (sq - sd * sd / dn)) {
+        /* the block's own mean first (not from the guess's sums: a far-off shift leaves
+           nothing of x in x - shift), then the moments around it */
+        scale = ldexpf(1.0f, -e);
+        e_used = e;
+        for (int round = 0; round < 2; round++) {
+            shift = round ? (float)(sd / dn * ldexp(1.0, e)) : 0.0f;
+            sd = sq = 0;
+            if (level >= TW_LEVEL_AVX512) pass_b_avx512(x, n, scale, shift, &sd, &sq);
+            else pass_b_avx2(x, n, scale, shift, &sd, &sq);
+        }
+    }
+    const double inv = ldexp(1.0, e_used);
+    const double mean = (double)shift + sd / dn * inv;
+    double m2 = (sq - sd * sd / dn) * inv * inv;
+    chan_merge(acc, n, mean, m2 > 0 ? m2 : 0);
     merge_range(acc, mn, mx);
-    acc->zeros += nzero;
+    g->shift = (float)mean;
+    g->e = e;
 
+    /* Zeros are counted inline after a block that held one (ReLU outputs, padding), else only
+       when the smallest |x| is 0; elsewhere the smallest |x| is the smallest nonzero one. */
+    int64_t nzero = a.nzero;
+    if (!g->zeros && abits == 0) nzero = count_zeros(x, n, &abits);
+    g->zeros = nzero > 0;
+    float minabs_nz;
+    memcpy(&minabs_nz, &abits, sizeof minabs_nz);
+    acc->zeros += nzero;
     if (minabs_nz < p->tinyf) acc->subnormal += count_small(x, n, p->tinyf, 1);
     for (int k = 0; k < p->k; k++) {
         if (k == inl) acc->under[k] += nsmall - nzero;
@@ -490,8 +608,10 @@ static int cpu_simd_level(void) {
 #endif
 }
 
-static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int level, acc_t *acc) {
+/* One chunk's blocks, one after another, into acc. */
+static void run_range(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int level, acc_t *acc) {
     float scratch[TW_BLOCK];
+    guess_t guess = {0.0f, 0, 0, 0};
     for (Py_ssize_t off = 0; off < n; off += TW_BLOCK) {
         int b = (int)(n - off < TW_BLOCK ? n - off : TW_BLOCK);
         if (dtype == TW_F64) {
@@ -514,26 +634,130 @@ static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int 
                 scratch[i] = dtype == TW_F16 ? half_to_float(src[i]) : bf16_to_float(src[i]);
         }
 #ifdef TW_X86
-        if (level) { simd_block_f32(x, b, p, acc, level); continue; }
+        if (level) { simd_block_f32(x, b, p, acc, level, &guess); continue; }
 #endif
         exact_block_f32(x, b, p, acc);
     }
 }
 
-static void acc_reset(acc_t *acc) {
-    memset(acc, 0, sizeof *acc);
-    acc->min = INFINITY;
-    acc->max = -INFINITY;
+
+
+
+/* ---- chunks, and torch's own OpenMP threads ----------------------------------------------
+ *
+ * A tensor is cut into chunks whose size depends on its length alone; each chunk is measured
+ * into an accumulator of its own and the chunks are merged in order. So the result is the same
+ * bit for bit whatever the number of threads, and those threads are torch's intra-op ones: the
+ * OpenMP runtime that torch loaded is found at import (its GOMP_parallel entry point, which GNU
+ * libgomp, LLVM libomp and Intel's runtime all export) and runs the chunks on the team torch's
+ * own operators use from this thread, omp_get_max_threads() of them (torch.set_num_threads sets
+ * it). Between operators those workers spin waiting for the next parallel region, so the
+ * statistics take them as an operator would; a thread pool of our own would fight them for the
+ * cores instead (measured: no faster inside a forward). Where no such runtime is loaded, or
+ * inside a parallel region, the chunks run on the calling thread. */
+#define TW_CHUNK (8 * TW_BLOCK)     /* elements per chunk, at least */
+#define TW_MAXCHUNKS 256            /* per call: the chunk size grows beyond TW_CHUNK * TW_MAXCHUNKS */
+
+typedef void (*omp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+static omp_parallel_t omp_parallel;  /* GOMP_parallel(fn, data, num_threads, flags), or NULL */
+static int (*omp_max_threads)(void);
+static int (*omp_in_parallel)(void);
+static char omp_runtime[512];        /* the runtime's file, for parallel_info() */
+static int use_threads = 1;          /* 0: the calling thread alone (benchmarks compare) */
+
+typedef struct {
+    const char *data;
+    Py_ssize_t n, chunk;
+    int dtype, level, nchunks, elsize;
+    const plan_t *p;
+    acc_t *accs;
+    int next;                        /* the next chunk to claim (atomic) */
+} job_t;
+
+static void job_run(void *arg) {
+    job_t *j = (job_t *)arg;
+    for (;;) {
+#if defined(__GNUC__) || defined(__clang__)
+        int c = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+#else
+        int c = j->next++;           /* no atomics: the chunks only ever run on this thread */
+#endif
+        if (c >= j->nchunks) return;
+        Py_ssize_t off = (Py_ssize_t)c * j->chunk, len = j->n - off < j->chunk ? j->n - off : j->chunk;
+        acc_reset(&j->accs[c]);
+        run_range(j->data + off * j->elsize, len, j->dtype, j->p, j->level, &j->accs[c]);
+    }
 }
 
-static void acc_merge(acc_t *dst, const acc_t *src, int k) {
-    chan_merge(dst, src->nfin, src->mean, src->m2);
-    merge_range(dst, src->min, src->max);
-    dst->nan += src->nan; dst->posinf += src->posinf; dst->neginf += src->neginf;
-    dst->zeros += src->zeros; dst->subnormal += src->subnormal;
-    for (int i = 0; i < k; i++) { dst->under[i] += src->under[i]; dst->over[i] += src->over[i]; }
+static const int ELSIZE[] = {4, 8, 2, 2};
+
+/* How many threads chunks of this call may use (1: the calling thread alone). */
+static int threads_for(int nchunks) {
+    if (nchunks < 2 || !use_threads || omp_parallel == NULL || omp_in_parallel()) return 1;
+    int t = omp_max_threads();
+    return t < nchunks ? t : nchunks;
 }
 
+static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int level, acc_t *acc) {
+    Py_ssize_t per = (n + TW_MAXCHUNKS - 1) / TW_MAXCHUNKS;
+    Py_ssize_t chunk = (per + TW_BLOCK - 1) / TW_BLOCK * TW_BLOCK;
+    if (chunk < TW_CHUNK) chunk = TW_CHUNK;
+    int nchunks = (int)((n + chunk - 1) / chunk);
+    if (nchunks < 2) {
+        run_range(data, n, dtype, p, level, acc);
+        return;
+    }
+    acc_t accs[TW_MAXCHUNKS];
+    job_t job = {(const char *)data, n, chunk, dtype, level, nchunks, ELSIZE[dtype], p, accs, 0};
+    int threads = threads_for(nchunks);
+    if (threads > 1) omp_parallel(job_run, &job, (unsigned)threads, 0);
+    else job_run(&job);
+    for (int c = 0; c < nchunks; c++) acc_merge(acc, &accs[c], p->k);
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#if defined(__linux__)
+#include <link.h>
+
+/* The first loaded library whose file name names an OpenMP runtime (torch loaded it privately). */
+static int find_omp_library(struct dl_phdr_info *info, size_t size, void *out) {
+    (void)size;
+    const char *name = info->dlpi_name, *base = strrchr(name, '/');
+    base = base ? base + 1 : name;
+    if (strstr(base, "libgomp") || strstr(base, "libomp") || strstr(base, "libiomp")) {
+        snprintf((char *)out, sizeof omp_runtime, "%s", name);
+        return 1;
+    }
+    return 0;
+}
+#endif
+
+static void find_omp_runtime(void) {
+    void *handle = NULL;
+    void *entry = dlsym(RTLD_DEFAULT, "GOMP_parallel");
+    Dl_info info;
+    if (entry != NULL && dladdr(entry, &info) && info.dli_fname != NULL)
+        snprintf(omp_runtime, sizeof omp_runtime, "%s", info.dli_fname);
+#if defined(__linux__)
+    else
+        dl_iterate_phdr(find_omp_library, omp_runtime);
+#endif
+    if (omp_runtime[0] == 0) return;
+    /* every entry point from that one runtime: already loaded, never a second copy */
+    handle = dlopen(omp_runtime, RTLD_LAZY | RTLD_NOLOAD);
+    if (handle == NULL) { omp_runtime[0] = 0; return; }
+    omp_parallel_t par = (omp_parallel_t)dlsym(handle, "GOMP_parallel");
+    int (*max_threads)(void) = (int (*)(void))dlsym(handle, "omp_get_max_threads");
+    int (*in_parallel)(void) = (int (*)(void))dlsym(handle, "omp_in_parallel");
+    if (par == NULL || max_threads == NULL || in_parallel == NULL) { omp_runtime[0] = 0; return; }
+    omp_max_threads = max_threads;
+    omp_in_parallel = in_parallel;
+    omp_parallel = par;
+}
+#else
+static void find_omp_runtime(void) {}
+#endif
 
 /* ---- Python interface ----------------------------------------------------------------- */
 
@@ -838,11 +1062,30 @@ static PyObject *set_simd_level(PyObject *self, PyObject *arg) {
     return PyLong_FromLong(before);
 }
 
+static PyObject *parallel_info(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    if (omp_parallel == NULL) return Py_BuildValue("(Oi)", Py_None, 1);
+    return Py_BuildValue("(si)", omp_runtime, omp_max_threads());
+}
+
+static PyObject *set_threads(PyObject *self, PyObject *arg) {
+    (void)self;
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    int before = use_threads;
+    use_threads = on;
+    return PyBool_FromLong(before);
+}
+
 static PyMethodDef methods[] = {
     {"tensor_stats", tensor_stats, METH_VARARGS, tensor_stats_doc},
     {"simd_available", simd_available, METH_NOARGS, "Whether the kernel runs a vector path (AVX2 or AVX-512)."},
     {"simd_level", get_simd_level, METH_NOARGS, "(level in use, best level of this CPU): 0 portable, 1 AVX2, 2 AVX-512."},
     {"set_simd_level", set_simd_level, METH_O, "Use vector level 0, 1 or 2 (at most the CPU's); returns the previous one."},
+    {"parallel_info", parallel_info, METH_NOARGS,
+     "(OpenMP runtime file or None, threads a call may use from this thread)."},
+    {"set_threads", set_threads, METH_O,
+     "Whether large tensors may use torch's OpenMP threads; returns the previous setting."},
     {"id_counts", id_counts, METH_VARARGS, id_counts_doc},
     {"logit_quality", logit_quality, METH_VARARGS, logit_quality_doc},
     {NULL, NULL, 0, NULL},
@@ -855,6 +1098,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__cstats(void) {
     simd_cpu = simd_level = cpu_simd_level();
+    find_omp_runtime();
     PyTypeObject *types[] = {&PlanType, &AccType};
     const char *names[] = {"Plan", "Accumulator"};
     PyObject *m = PyModule_Create(&module);

@@ -73,6 +73,26 @@ def simd_level(level: int) -> Iterator[None]:
         _cstats.set_simd_level(before)
 
 
+def parallel_info() -> tuple[str | None, int]:
+    """``(OpenMP runtime, threads)``: the runtime torch loaded, whose threads the kernel shares for
+    large tensors, and how many a call from this thread may use (``torch.get_num_threads()``
+    sets it); ``(None, 1)`` where no such runtime was found or the kernel was not built."""
+    return _cstats.parallel_info() if available else (None, 1)
+
+
+@contextlib.contextmanager
+def threads(enabled: bool) -> Iterator[None]:
+    """Let large tensors use torch's threads (the default) or not, inside the block (benchmarks
+    compare). Process-wide, like :func:`simd_level`. Results are the same bit for bit either way."""
+    if not available:
+        raise ValueError("the C kernel was not built")
+    before = _cstats.set_threads(enabled)
+    try:
+        yield
+    finally:
+        _cstats.set_threads(before)
+
+
 def raw_stats(address: int, numel: int, code: int, plan: CastPlan, exact: bool = False) -> Raw:
     """Raw statistics of ``numel`` dense elements at ``address`` (a tensor's ``data_ptr()``).
 
@@ -82,8 +102,9 @@ def raw_stats(address: int, numel: int, code: int, plan: CastPlan, exact: bool =
         plan: thresholds for that dtype.
         exact: use the portable scalar path (tests compare both paths).
 
-    One core does the work: splitting across cores was measured to gain nothing inside a
-    forward, where torch's OpenMP workers keep spinning on the other cores between ops.
+    Tensors of more than one chunk (``_cstats.c``: 16,384 elements) are measured on torch's
+    own OpenMP threads, the same ones its operators use (:func:`parallel_info`); chunks are merged
+    in a fixed order, so the result does not depend on the number of threads.
     """
     return _cstats.tensor_stats(address, numel, code, native_plan(plan), exact)
 
