@@ -1,19 +1,31 @@
-"""What torchwatch costs on BERT-base CPU inference, side by side with the tools it replaces.
+"""What torchwatch costs on CPU inference, beside the one-read floor and the tools it replaces.
+
+Models: BERT-base (fp32, seq 128, batch 1 and 8), and two convnets built from code at batch 8,
+224 x 224 (``benchmarks/convnets.py``): EfficientNet-Lite0, where depthwise convolutions make
+activations large next to the arithmetic (the hard case), and ResNet-50.
+
+**The one-read floor** is a forward hook on the same modules that only calls ``out.sum()`` on
+each floating-point output (and a pre-hook doing the same for the root call's float inputs,
+which torchwatch also measures): torch's own vectorised, multi-threaded reduction reading every
+byte torchwatch reads once, nothing kept. Its overhead is what one read of the activations costs
+on this machine; torchwatch is reported as a ratio of it (``x floor``), a figure that carries
+across machines where absolute percentages do not (a faster CPU speeds the matmuls, not the read).
 
 Method: every configuration runs on its own copy of the same model (same weights), so hooks that
 cannot be removed (HF ``DebugUnderflowOverflow``) stay on their copy. Within each round, each
-configuration's timed block runs right after a plain block of the same length on the plain copy;
-the per-pair ratio (instrumented / plain) cancels slow drift of the machine. Reported: medians of
-the block times and of the per-pair ratios, and the ratios' interquartile range.
+configuration's timed block runs right after a plain block of the same length on the plain copy,
+the configurations in a rotating order; the per-pair ratio (instrumented / plain) cancels slow
+drift of the machine. Reported: medians of the block times and of the per-pair ratios, and the
+ratios' interquartile range.
 
 ``every=16`` is timed in blocks of 16 consecutive calls (one of which is measured), so its ratio
 is the amortised cost per call. torchwatch runs as in production: a TensorBoard sink flushing on
 its own thread every 100 calls (``flush_every=100``).
 
 Usage:
-    python benchmarks/overhead.py                     # batch 1 and 8, all peers (~10 minutes)
-    python benchmarks/overhead.py --batches 1 --quick # a short smoke run
-    python benchmarks/overhead.py --json out.json     # also write the numbers as JSON
+    python benchmarks/overhead.py                     # BERT batch 1 and 8, both convnets (~20 min)
+    python benchmarks/overhead.py --models bert --batches 1 --quick   # a short smoke run
+    python benchmarks/overhead.py --models efficientnet --json out.json
     python benchmarks/overhead.py --gpu               # the GPU section (benchmarks/gpu_overhead.py)
 """
 
@@ -31,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import convnets
 import torch
 from torch import nn
 
@@ -50,6 +63,26 @@ def bert_base() -> nn.Module:
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if not list(m.children()) and not isinstance(m, IDENTITY_LIKE)]
+
+
+def setup_floor(model: nn.Module) -> object:
+    """The one-read floor: ``sum()`` of every float output of the watched modules, and of the
+    root call's float inputs, nothing kept (see the module docstring)."""
+
+    def read(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                value.sum()
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                read(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                read(item)
+
+    handles = [m.register_forward_hook(lambda m, a, out: read(out)) for m in _leaves(model)]
+    handles.append(model.register_forward_pre_hook(lambda m, args: read(args)))
+    return handles
 
 
 def setup_torchwatch(every: int) -> Callable[[nn.Module], object]:
@@ -116,63 +149,94 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run(batches: list[int], quick: bool, every16_batches: list[int]) -> dict:
-    base = bert_base()
-    results: dict = {"machine": _machine(), "date": datetime.date.today().isoformat(), "batches": {}}
-    ref = pooler_reference(base)
-    for batch in batches:
-        ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), generator=torch.Generator().manual_seed(1))
-        scale = 1 if batch == 1 else 0.4
-        configs = [
-            ("torchwatch, every forward", setup_torchwatch(1), 1, 6 if quick else int(40 * scale)),
-            ("torchwatch + drift (pooler)", setup_torchwatch_drift(ref), 1, 4 if quick else int(20 * scale)),
-            ("hand-written .item() hooks", setup_item_hooks, 1, 2 if quick else int(10 * scale)),
-            ("HF DebugUnderflowOverflow", setup_hf_debug, 1, 2 if quick else int(10 * scale)),
-        ]
-        if batch in every16_batches:
-            configs.insert(1, ("torchwatch, every=16", setup_torchwatch(16), 16, 2 if quick else int(20 * scale)))
-        if _available("torchinstruments"):
-            configs.append(
-                ("torchinstruments, every forward", setup_torchinstruments, 1, 1 if quick or batch > 1 else 2)
+FLOOR = "one-read floor (out.sum() hooks)"
+WATCHED = "torchwatch, every forward"
+
+
+def configs_for(model: str, batch: int, quick: bool, every16: bool, ref: tw.Reference | None) -> list[tuple]:
+    """(name, setup, block, rounds) per configuration; rounds scale with the forward's length."""
+    scale = 1 if batch == 1 else 0.4
+
+    def rounds(full: int, smoke: int) -> int:
+        return smoke if quick else max(2, int(full * scale))
+
+    configs = [
+        (FLOOR, setup_floor, 1, rounds(40, 6)),
+        (WATCHED, setup_torchwatch(1), 1, rounds(40, 6)),
+    ]
+    if every16:
+        configs.append(("torchwatch, every=16", setup_torchwatch(16), 16, rounds(20, 2)))
+    if ref is not None:
+        configs.append(("torchwatch + drift (pooler)", setup_torchwatch_drift(ref), 1, rounds(20, 4)))
+    configs += [
+        ("hand-written .item() hooks", setup_item_hooks, 1, rounds(10, 2)),
+        ("HF DebugUnderflowOverflow", setup_hf_debug, 1, rounds(10, 2)),
+    ]
+    if model == "bert" and _available("torchinstruments"):
+        configs.append(("torchinstruments, every forward", setup_torchinstruments, 1, 1 if quick or batch > 1 else 2))
+    return configs
+
+
+def build(model: str) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
+    """The model and a function giving its input at a batch size."""
+    if model == "bert":
+        net = bert_base()
+        ids = torch.Generator().manual_seed(1)
+        return net, lambda b: torch.randint(0, net.config.vocab_size, (b, SEQ), generator=ids)
+    make = {"efficientnet": convnets.efficientnet_lite0, "resnet50": convnets.resnet50}[model]
+    return make(), convnets.images
+
+
+def run(models: list[str], batches: list[int], quick: bool, every16_batches: list[int]) -> dict:
+    results: dict = {"machine": _machine(), "date": datetime.date.today().isoformat(), "cases": {}}
+    for model in models:
+        base, make_input = build(model)
+        ref = pooler_reference(base) if model == "bert" else None
+        for batch in batches if model == "bert" else [8]:
+            results["cases"][f"{model}, batch {batch}"] = run_case(
+                base, make_input(batch), configs_for(model, batch, quick, batch in every16_batches, ref)
             )
-        plain = copy.deepcopy(base)
-        models = {}
-        for name, setup, _, _ in configs:
-            m = copy.deepcopy(base)
-            handle = setup(m)
-            models[name] = (m, handle)
-        with torch.inference_mode():
-            for m in [plain] + [m for m, _ in models.values()]:
-                m(ids)  # warm-up: allocators, kernels, lazy plans
-            rounds = max(r for *_, r in configs)
-            times: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in configs}
-            rss_before = _rss_mb()
-            for r in range(rounds):
-                for name, _, block, n_rounds in configs[r % len(configs) :] + configs[: r % len(configs)]:
-                    if r >= n_rounds:
-                        continue
-                    t_plain = _time(plain, ids, block)
-                    t_cfg = _time(models[name][0], ids, block)
-                    times[name].append((t_plain / block, t_cfg / block))
-                    print(f"  batch {batch} round {r + 1}/{n_rounds} {name}: {100 * (t_cfg / t_plain - 1):+.2f}%",
-                          file=sys.stderr, flush=True)  # fmt: skip
-            rss_growth = _rss_mb() - rss_before
-        watch = models["torchwatch, every forward"][1]
-        results["batches"][batch] = {
-            "rss_growth_mb_during_runs": round(rss_growth, 1),
-            "torchwatch_errors": watch.errors,
-            "configs": {name: _summary(pairs) for name, pairs in times.items()},
-        }
-        for _, handle in models.values():
-            if isinstance(handle, tw.Watch):
-                handle.detach()
     return results
 
 
-def _time(model: nn.Module, ids: torch.Tensor, block: int) -> float:
+def run_case(base: nn.Module, x: torch.Tensor, configs: list[tuple]) -> dict:
+    plain = copy.deepcopy(base)
+    models = {}
+    for name, setup, _, _ in configs:
+        m = copy.deepcopy(base)
+        models[name] = (m, setup(m))
+    with torch.inference_mode():
+        for m in [plain] + [m for m, _ in models.values()]:
+            m(x)  # warm-up: allocators, kernels, lazy plans
+        rounds = max(r for *_, r in configs)
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in configs}
+        rss_before = _rss_mb()
+        for r in range(rounds):
+            for name, _, block, n_rounds in configs[r % len(configs) :] + configs[: r % len(configs)]:
+                if r >= n_rounds:
+                    continue
+                t_plain = _time(plain, x, block)
+                t_cfg = _time(models[name][0], x, block)
+                times[name].append((t_plain / block, t_cfg / block))
+                print(f"  round {r + 1}/{n_rounds} {name}: {100 * (t_cfg / t_plain - 1):+.2f}%", file=sys.stderr,
+                      flush=True)  # fmt: skip
+        rss_growth = _rss_mb() - rss_before
+    watch = models[WATCHED][1]
+    summary = {name: _summary(pairs) for name, pairs in times.items()}
+    floor = summary[FLOOR]["overhead_pct"]
+    for name, s in summary.items():
+        if name.startswith("torchwatch") and floor > 0:
+            s["x_floor"] = round(s["overhead_pct"] / floor, 2)
+    for _, handle in models.values():
+        if isinstance(handle, tw.Watch):
+            handle.detach()
+    return {"rss_growth_mb_during_runs": round(rss_growth, 1), "torchwatch_errors": watch.errors, "configs": summary}
+
+
+def _time(model: nn.Module, x: torch.Tensor, block: int) -> float:
     start = time.perf_counter()
     for _ in range(block):
-        model(ids)
+        model(x)
     return time.perf_counter() - start
 
 
@@ -189,37 +253,48 @@ def _summary(pairs: list[tuple[float, float]]) -> dict:
 
 
 def _machine() -> dict:
-    model_name = platform.processor()
+    model_name, flags = platform.processor(), []
     try:
         with open("/proc/cpuinfo") as f:
-            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            info = f.read().splitlines()
+        model_name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in info if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
+    used, _ = cpu.simd_levels()
+    runtime, threads = cpu.parallel_info()
     return {
         "cpu": model_name,
+        "vector_flags": [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_fp16") if f in flags],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "torchwatch_kernel": "C, AVX2" if cpu.simd() else ("C, portable" if cpu.available else "torch ops"),
+        "torchwatch_kernel": f"C, {cpu.LEVELS[used]}, {threads} thread(s) via {runtime}"
+        if cpu.available
+        else "torch ops",
     }
 
 
 def _print_table(results: dict) -> None:
     print(f"\nmachine: {results['machine']}")
-    for batch, res in results["batches"].items():
+    for case, res in results["cases"].items():
         growth = res["rss_growth_mb_during_runs"]
-        print(f"\nBERT-base fp32, CPU, batch {batch}, seq {SEQ} (RSS growth during runs: {growth} MB)")
-        print(f"{'configuration':<34} {'rounds':>6} {'plain ms':>10} {'with ms':>10} {'overhead':>9}  IQR")
+        print(f"\n{case} (fp32, CPU; RSS growth during runs: {growth} MB)")
+        head = f"{'configuration':<36} {'rounds':>6} {'plain ms':>10} {'with ms':>10} {'overhead':>9} {'x floor':>8}"
+        print(head + "  IQR")
         for name, s in res["configs"].items():
             lo, hi = s["overhead_iqr_pct"]
-            print(f"{name:<34} {s['rounds']:>6} {s['plain_ms']:>10.1f} {s['instrumented_ms']:>10.1f} "
-                  f"{s['overhead_pct']:>+8.2f}%  [{lo:+.2f}%, {hi:+.2f}%]")  # fmt: skip
+            ratio = f"{s['x_floor']:.2f}" if "x_floor" in s else ""
+            print(f"{name:<36} {s['rounds']:>6} {s['plain_ms']:>10.1f} {s['instrumented_ms']:>10.1f} "
+                  f"{s['overhead_pct']:>+8.2f}% {ratio:>8}  [{lo:+.2f}%, {hi:+.2f}%]")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--models", nargs="+", choices=("bert", "efficientnet", "resnet50"),
+                   default=["bert", "efficientnet", "resnet50"])  # fmt: skip
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="BERT's batch sizes (convnets: 8)")
     p.add_argument("--every16-batches", type=int, nargs="*", default=[1], help="batches to time every=16 at")
     p.add_argument("--quick", action="store_true", help="few rounds: a smoke run, not a measurement")
     p.add_argument("--json", help="also write the results here")
@@ -230,7 +305,7 @@ def main() -> None:
 
         gpu_overhead.run(["bert", "gpt2"], smoke=False, out_path=args.json)
         return
-    results = run(args.batches, args.quick, args.every16_batches)
+    results = run(args.models, args.batches, args.quick, args.every16_batches)
     _print_table(results)
     if args.json:
         with open(args.json, "w") as f:
