@@ -14,8 +14,15 @@ plain / watched pairs, one thread) and the launches per call. A real launch cost
 microseconds of Triton's Python plus the driver call on top of the per-output figure, once per
 output in the first mode and once per call in the second.
 
+``--cold``: the CPU path instead, the way a hook runs inside a real forward: each watched
+module (a ``Linear(768, 8)``, 256 outputs) runs right after a ``Linear(768, 3072)`` on 32 rows,
+whose 9.4 MB of weights push the interpreter's own data out of the caches. Reported:
+microseconds a forward adds per watched module for a no-op hook, the one-read floor (``sum()``)
+and torchwatch, interleaved with plain forwards, all threads of torch in use.
+
 Usage:
     python benchmarks/hook_cost.py [--layers 150] [--pairs 200] [--json out.json]
+    python benchmarks/hook_cost.py --cold [--layers 24] [--pairs 60]
 """
 
 from __future__ import annotations
@@ -82,12 +89,77 @@ def run(layers: int, pairs: int) -> dict:
     return result
 
 
+class _Step(nn.Module):
+    """A large matmul (the caches go cold), then the small watched module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heavy = nn.Linear(768, 3072)
+        self.back = nn.Linear(3072, 768)
+        self.probe = nn.Linear(768, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.back(self.heavy(x))
+        self.probe(h)
+        return h
+
+
+def cold(steps: int, pairs: int) -> dict:
+    torch.manual_seed(0)
+    plain = nn.Sequential(*(_Step() for _ in range(steps))).eval()
+    x = torch.randn(32, 768)
+    probes = r".*probe"
+
+    def noop(model: nn.Module) -> None:
+        for name, m in model.named_modules():
+            if name.endswith("probe"):
+                m.register_forward_hook(lambda m, a, out: None)
+
+    def floor(model: nn.Module) -> None:
+        for name, m in model.named_modules():
+            if name.endswith("probe"):
+                m.register_forward_hook(lambda m, a, out: out.sum())
+
+    def watch(model: nn.Module) -> None:
+        tw.attach(model, modules=probes, inputs=False, flush_every=100)
+
+    configs = {"no-op hook": noop, "one-read floor (sum)": floor, "torchwatch": watch}
+    models = {}
+    for name, setup in configs.items():
+        models[name] = copy.deepcopy(plain)
+        setup(models[name])
+    added: dict[str, list[float]] = {name: [] for name in configs}
+    with torch.inference_mode():
+        for m in [plain, *models.values()]:
+            m(x)
+        for _ in range(pairs):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                plain(x)
+                t1 = time.perf_counter()
+                m(x)
+                added[name].append((time.perf_counter() - t1) - (t1 - t0))
+    return {
+        "steps": steps, "pairs": pairs, "torch_threads": torch.get_num_threads(),
+        "us_added_per_hook": {name: round(statistics.median(v) / steps * 1e6, 1) for name, v in added.items()},
+    }  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=150)
     p.add_argument("--pairs", type=int, default=200)
+    p.add_argument("--cold", action="store_true", help="the CPU path, with caches cold as in a real forward")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.cold:
+        result = cold(args.layers if args.layers != 150 else 24, args.pairs if args.pairs != 200 else 60)
+        for name, us in result["us_added_per_hook"].items():
+            print(f"{name:<22} {us:6.1f} us per watched module")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     result = run(args.layers, args.pairs)
     for mode in ("per-output", "grouped"):
         r = result[mode]

@@ -63,3 +63,30 @@ def test_cohort_snapshots_partition_the_calls_across_threads():
         a, b, both = watch.snapshot(cohort="t0"), watch.snapshot(cohort="t1"), watch.snapshot()
     assert a["0"].calls + b["0"].calls == both["0"].calls == THREADS * CALLS
     assert a["0"].count + b["0"].count == both["0"].count
+
+
+def test_windows_cut_while_large_outputs_are_measured_lose_nothing():
+    # Outputs over one kernel chunk are measured with the GIL released and merged straight into
+    # their window's accumulator; a flush on another thread may cut that window meanwhile, and
+    # the measurement must land in the next one (never in a window already read).
+    model = torch.nn.Sequential(torch.nn.Linear(16, 20_000), torch.nn.ReLU()).eval()
+    sink = tw.MemorySink()
+    with tw.attach(model, flush_every=1_000_000, sinks=[sink], rules=[]) as watch:
+        done = threading.Event()
+
+        def flusher() -> None:
+            while not done.is_set():
+                watch.flush()
+
+        t = threading.Thread(target=flusher)
+        t.start()
+        try:
+            assert _hammer(model, watch) == []
+        finally:
+            done.set()
+            t.join()
+        snap = watch.snapshot()
+    total = THREADS * CALLS
+    assert snap["0"].calls == snap["1"].calls == total
+    assert snap["0"].count == snap["1"].count == total * 2 * 20_000
+    assert sum(r.calls for r in sink.records) == total and len(sink.records) > 1

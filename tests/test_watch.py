@@ -256,6 +256,7 @@ def test_a_failing_hook_never_changes_the_output_and_is_counted_and_warned_once(
 
     monkeypatch.setattr(activations_module, "host_stats", explode)
     monkeypatch.setattr(activations_module.cpu_kernel, "tensor_stats", explode)
+    monkeypatch.setattr(activations_module.StatsWindow, "measure", explode)  # the hooks' CPU path
     with tw.attach(model) as watch:
         with pytest.warns(tw.TorchwatchWarning) as record:
             out1 = model(x)

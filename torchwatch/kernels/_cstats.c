@@ -859,6 +859,29 @@ PyDoc_STRVAR(tensor_stats_doc,
 "3 bf16). Returns (finite, nan, posinf, neginf, zeros, subnormal, mean, m2, min, max,\n"
 "underflow counts, overflow counts). `exact` forces the portable path.");
 
+/* Measure n elements of a dense tensor into acc. Only work longer than a chunk releases the GIL:
+   for less, releasing and taking it back costs more than it frees (cold, inside a forward). */
+static int measure(unsigned long long address, Py_ssize_t n, int dtype, const plan_t *p, int exact, acc_t *acc) {
+    if (dtype < TW_F32 || dtype > TW_BF16) {
+        PyErr_Format(PyExc_ValueError, "bad dtype code %d", dtype);
+        return -1;
+    }
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "negative numel %zd", n);
+        return -1;
+    }
+    acc_reset(acc);
+    int level = exact ? TW_LEVEL_PORTABLE : simd_level;
+    if (n <= TW_CHUNK) {
+        run((const void *)(uintptr_t)address, n, dtype, p, level, acc);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        run((const void *)(uintptr_t)address, n, dtype, p, level, acc);
+        Py_END_ALLOW_THREADS
+    }
+    return 0;
+}
+
 static PyObject *tensor_stats(PyObject *self, PyObject *args) {
     unsigned long long address;
     Py_ssize_t n;
@@ -866,22 +889,16 @@ static PyObject *tensor_stats(PyObject *self, PyObject *args) {
     PlanObject *plan;
     (void)self;
     if (!PyArg_ParseTuple(args, "KniO!p", &address, &n, &dtype, &PlanType, &plan, &exact)) return NULL;
-    if (dtype < TW_F32 || dtype > TW_BF16) return PyErr_Format(PyExc_ValueError, "bad dtype code %d", dtype);
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "negative numel %zd", n);
-    const plan_t *p = &plan->plan;  /* kept alive by args while the GIL is released */
-    acc_t acc;
-    acc_reset(&acc);
-    int level = exact ? TW_LEVEL_PORTABLE : simd_level;
-    Py_BEGIN_ALLOW_THREADS
-    run((const void *)(uintptr_t)address, n, dtype, p, level, &acc);
-    Py_END_ALLOW_THREADS
-    return acc_to_tuple(&acc, p->k);
+    acc_t acc;  /* the plan is kept alive by args while the GIL is released */
+    if (measure(address, n, dtype, &plan->plan, exact, &acc) < 0) return NULL;
+    return acc_to_tuple(&acc, plan->plan.k);
 }
 
 /* Accumulator: running totals of raw measurements; merging happens under the GIL. */
 typedef struct {
     PyObject_HEAD
     int k;
+    int closed;                   /* its window was cut: measurements go to the next one */
     long long calls;
     acc_t acc;
 } AccObject;
@@ -895,6 +912,7 @@ static int accobj_init(AccObject *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->k = k;
+    self->closed = 0;
     self->calls = 0;
     acc_reset(&self->acc);
     return 0;
@@ -916,7 +934,37 @@ static PyObject *accobj_state(AccObject *self, PyObject *unused) {
     return Py_BuildValue("LN", self->calls, raw);
 }
 
+/* Measure a tensor straight into the totals (no tuple built and parsed back). The merge runs
+   with the GIL held, as close() does, so a measurement lands either before its window is cut or,
+   returned as a raw tuple, in the caller's hands for the next window. */
+static PyObject *accobj_measure(AccObject *self, PyObject *args) {
+    unsigned long long address;
+    Py_ssize_t n;
+    int dtype, exact;
+    PlanObject *plan;
+    if (!PyArg_ParseTuple(args, "KniO!p", &address, &n, &dtype, &PlanType, &plan, &exact)) return NULL;
+    if (plan->plan.k != self->k)
+        return PyErr_Format(PyExc_ValueError, "a plan with %d cast dtypes for an accumulator of %d", plan->plan.k, self->k);
+    acc_t one;
+    if (measure(address, n, dtype, &plan->plan, exact, &one) < 0) return NULL;
+    if (self->closed) return acc_to_tuple(&one, self->k);
+    acc_merge(&self->acc, &one, self->k);
+    self->calls++;
+    if (one.nan == 0 && one.posinf == 0 && one.neginf == 0) Py_RETURN_NONE;
+    return Py_BuildValue("(LLL)", (long long)one.nan, (long long)one.posinf, (long long)one.neginf);
+}
+
+static PyObject *accobj_close(AccObject *self, PyObject *unused) {
+    (void)unused;
+    self->closed = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef acc_methods[] = {
+    {"measure", (PyCFunction)accobj_measure, METH_VARARGS,
+     "measure(address, numel, dtype_code, plan, exact): merge a tensor's statistics; None, or\n"
+     "(nan, posinf, neginf) when it held any; after close(), the raw tuple, merged nowhere."},
+    {"close", (PyCFunction)accobj_close, METH_NOARGS, "Its window was cut: later measure() calls return their raw tuple."},
     {"add", (PyCFunction)accobj_add, METH_O, "Merge one raw measurement (counts as one call)."},
     {"state", (PyCFunction)accobj_state, METH_NOARGS, "(calls, raw totals)."},
     {NULL, NULL, 0, NULL},

@@ -121,9 +121,44 @@ class Activations(Monitor):
 
     def _make_hook(self, fqn: str) -> Callable[[nn.Module, Any, Any], None]:
         on_output = self._on_output
+        # The common case, a dense CPU tensor in a sampled call, inlined with what it needs
+        # bound here: inside a forward the interpreter's data is cold after each large op, and
+        # each attribute, call and lock costs microseconds (benchmarks/hook_cost.py --cold).
+        measure_host = self.window.measure
+        kernels = self._cpu_kernel
+        local = self._local
+        graph_mode = self._graph_mode
+        compiling = graph_op.compiling
+        seen = self._seen
+        k = len(self.cast_dtypes)
+        plain = torch.Tensor if not self._device_path else None
+        strided = torch.strided
+        hook_failed = self._bus.hook_failed
+        table_full = self._table_full
 
         def torchwatch_hook(module: nn.Module, args: Any, output: Any) -> None:
-            on_output(fqn, output)
+            call = getattr(local, "call", None)
+            if type(output) is not plain or call is None or graph_mode.cuda or compiling():
+                on_output(fqn, output)
+                return
+            if not call.sampled:
+                return
+            try:
+                kernel = kernels.get(output.dtype)
+                if kernel is None or not output.is_cpu or output.layout is not strided or not output.is_contiguous():
+                    on_output(fqn, output)
+                    return
+                if fqn not in seen:
+                    seen.add(fqn)
+                seq = call.seq
+                call.seq = seq + 1
+                nonfinite = measure_host((call.cohort, fqn), k, output.data_ptr(), output.numel(), kernel)
+                if nonfinite:
+                    call.events.append((seq, fqn, *nonfinite))
+                elif nonfinite is False:
+                    table_full(fqn)
+            except Exception as exc:  # noqa: BLE001 - a hook never breaks inference
+                hook_failed(fqn, exc)
 
         return torchwatch_hook
 
@@ -183,10 +218,14 @@ class Activations(Monitor):
             host = x.numel() == 0  # nothing to launch for
         if host:
             kernel = self._cpu_kernel.get(x.dtype)
-            if kernel is not None and x.is_cpu and x.is_contiguous():  # the common case, inlined
-                raw = cpu_kernel.tensor_stats(x.data_ptr(), x.numel(), *kernel)
-            else:
-                raw = host_stats(x, plan)
+            if kernel is not None and x.is_cpu and x.is_contiguous():
+                nonfinite = self.window.measure((call.cohort, name), len(plan.names), x.data_ptr(), x.numel(), kernel)
+                if nonfinite is False:
+                    self._table_full(name)
+                elif nonfinite:
+                    call.events.append((seq, name, *nonfinite))
+                return
+            raw = host_stats(x, plan)
             if not self.window.add((call.cohort, name), len(plan.names), raw):
                 self._table_full(name)
                 return

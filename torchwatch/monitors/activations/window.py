@@ -17,7 +17,7 @@ from typing import Any
 from ..._accumulators import stats_from_raw, to_module_stats
 from ..._table import DeviceTable, WindowRead
 from ...alerts import FirstNonFinite, nonfinite_alert
-from ...kernels.cpu import new_host_accumulator
+from ...kernels.cpu import new_host_accumulator, tensor_stats
 from ...stats import ModuleStats
 from ..base import Call, Collect
 from .provenance import device_origins
@@ -81,6 +81,21 @@ class StatsWindow:
             acc.add(raw)
             return True
 
+    def measure(self, key: Key, k: int, address: int, numel: int, kernel: tuple) -> tuple[int, int, int] | bool | None:
+        """Measure a dense CPU tensor with the C kernel (``kernel``: its dtype code, plan and exact
+        flag) straight into the window: None, or ``(nan, posinf, neginf)`` when it held any;
+        False when the position is beyond the capacity. The hooks' path for CPU tensors.
+
+        Lock-free: the C accumulator merges with the GIL held; one whose window was cut in the
+        meantime hands the measurement back, and it goes to the new window."""
+        acc = self._window.get(key)
+        raw = tensor_stats(address, numel, *kernel) if acc is None else acc.measure(address, numel, *kernel)
+        if raw is None or len(raw) == 3:
+            return raw
+        if not self.add(key, k, raw):
+            return False
+        return raw[1:4] if raw[1] or raw[2] or raw[3] else None
+
     def position(self, name: str, *, locked: bool = True) -> None:
         """A device position was measured (its place in execution order). ``locked=False`` in
         graph mode: torch.compile cannot trace a lock (and traces one graph at a time)."""
@@ -124,6 +139,7 @@ class StatsWindow:
         with self._lock:
             window, self._window = self._window, {}
             first, self._window_first = self._window_first, {}
+            _close(window.values())
         reads = [(t, t.flip()[1]) for t in tables if t.keys]
         if not (window or reads or first):
             return None
@@ -230,8 +246,17 @@ class StatsWindow:
                 self._device_root_calls[table.device] = table.root_calls()
             table.reset()
         with self._lock:
+            _close(self._window.values())
             self._window = {}
             self._totals = {}
             self._order = {}
             self._first = {}
             self._window_first = {}
+
+
+def _close(accumulators: Iterable[Any]) -> None:
+    """Mark the C accumulators of a cut window: a measurement in flight goes to the next window."""
+    for acc in accumulators:
+        close = getattr(acc, "close", None)
+        if close is not None:
+            close()
