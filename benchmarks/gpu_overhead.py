@@ -7,7 +7,8 @@ timed, medians of per-pair ratios:
   (the one-read fast pass) and NaN/Inf/overflow spread everywhere (every share read twice) — first,
   so a run cut short still has it;
 * launch-bound eager (batch 1, seq 128), full statistics every forward, under ``no_grad`` (one
-  grouped launch per call) and under ``inference_mode`` (a launch per output: see pending.py);
+  grouped launch per call, outputs probed by version) and under ``inference_mode`` (the same
+  launch, outputs probed by a copy compared on the device: see monitors/activations/grouping.py);
 * GPT-2 greedy decoding with the KV cache under ``no_grad``, full statistics every token;
 * compute-bound eager (batch 32, seq 512), full statistics, with the bandwidth floor: bytes of the
   instrumented activations divided by the copy bandwidth measured in the same run;
@@ -160,8 +161,7 @@ def run(models: list[str], smoke: bool, out_path: str | None) -> dict:
         plain = base
         watched = copy.deepcopy(base)
         watch = tw.attach(watched, flush_every=100)
-        # under no_grad the small outputs wait for one grouped launch per call; inference tensors
-        # have no version counter to prove them unchanged, so each gets its own launch
+        # in both modes the small outputs wait for one grouped launch per call once probed
         for mode in (torch.no_grad, torch.inference_mode):
             res = paired(runner(plain, ids_small, mode), runner(watched, ids_small, mode), rounds=rounds, block=16)
             res["errors"] = watch.errors

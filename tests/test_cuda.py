@@ -103,6 +103,31 @@ def test_grouped_and_own_launches_on_gpu_match_the_oracle_without_a_sync(dtype, 
             assert_matches(snap[name], oracle(want.to(dtype)))
 
 
+def test_inference_mode_outputs_are_grouped_after_a_probe_read_without_a_wait(monkeypatch):
+    """Under inference_mode a probe compares a copy on the device; its answer is read once the
+    device has finished (an event, never a wait), then the positions are held and grouped."""
+    from torchwatch.kernels import triton_stats
+
+    grouped = []
+    merge_group = triton_stats.merge_group
+    monkeypatch.setattr(triton_stats, "merge_group", lambda *a: (grouped.append(len(a[1])), merge_group(*a)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
+    xs = [torch.randn(2, 16, device="cuda") for _ in range(5)]
+    with tw.attach(model, flush_every=10**9) as watch, torch.inference_mode():
+        model(xs[0])  # measured at once, probed: copies compared on the device
+        torch.cuda.synchronize()
+        with no_sync():
+            for x in xs[1:]:
+                model(x)  # call 2 reads the answers at its end; calls 3 to 5 are grouped
+        snap = watch.snapshot()
+        assert watch.errors == {}
+    assert grouped == [4, 4, 4]  # the input and three outputs
+    with torch.no_grad():
+        want = torch.cat([model(x) for x in xs]).cpu()
+    assert_matches(snap["2"], oracle(want))
+
+
 def test_cuda_graph_replays_keep_counting_with_device_sampling():
     model = mlp().cuda()
     static_x = torch.randn(8, 16, device="cuda")

@@ -19,6 +19,7 @@ from torch import nn
 import torchwatch as tw
 from torchwatch._casts import cast_plan
 from torchwatch.kernels import descriptors, torch_ops
+from torchwatch.monitors.activations import grouping
 from torchwatch.monitors.activations import pending as pending_module
 from torchwatch.monitors.activations.pending import Pending
 
@@ -53,16 +54,26 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
 
 
-def test_a_calls_small_outputs_are_measured_by_one_grouped_launch(monkeypatch):
-    """The first call measures each output at once (a probe: is it changed in place later?);
-    from the second on, one grouped launch per call."""
-    launches = Launches(monkeypatch)
-    model = _mlp()
-    xs = [torch.randn(3, 16) for _ in range(4)]
-    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+def _run(model: nn.Module, xs: list[torch.Tensor], mode: str):
+    """Watch ``model`` on the device path over ``xs`` under ``mode``: its snapshot."""
+    with tw.Watch(model, _device_path=True) as watch, MODES[mode]():
         for x in xs:
             model(x)
-        snap = watch.snapshot()
+        assert watch.errors == {}
+        return watch.snapshot()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_calls_small_outputs_are_measured_by_one_grouped_launch(monkeypatch, mode):
+    """The first call measures each output at once (a probe: is it changed in place later? by
+    its version counter, or under inference_mode a copy); from the second on, one grouped launch
+    per call."""
+    launches = Launches(monkeypatch)
+    model = _mlp()
+    snap = _run(model, xs := [torch.randn(3, 16) for _ in range(4)], mode)
     assert launches.single == 6  # the first call: the input and 5 outputs, each probed
     assert launches.grouped == [["<input>", "0", "1", "2", "3", "4"]] * 3
     with torch.no_grad():
@@ -115,10 +126,10 @@ def test_a_position_measured_twice_in_one_call_launches_what_is_held_first(monke
 
 def test_held_bytes_are_bounded(monkeypatch):
     launches = Launches(monkeypatch)
-    monkeypatch.setattr(pending_module, "HELD_BYTES", 2 * 3 * 32 * 4)  # two [3, 32] float32 outputs
     model = _mlp()
     with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
-        model(torch.randn(3, 16))
+        model(torch.randn(3, 16))  # probes
+        monkeypatch.setattr(pending_module, "HELD_BYTES", 2 * 3 * 32 * 4)  # two [3, 32] float32 outputs
         model(torch.randn(3, 16))
         snap = watch.snapshot()
     # 192 + 384 + 384 bytes reach the bound: launched; then 384 + 384; the last 48 at the call's end
@@ -147,7 +158,8 @@ class Residual(nn.Module):
         return y
 
 
-def test_outputs_changed_in_place_are_measured_before_the_change(monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_outputs_changed_in_place_are_measured_before_the_change(monkeypatch, mode):
     launches = Launches(monkeypatch)
     torch.manual_seed(2)
     xs = [torch.randn(4, 8) for _ in range(3)]
@@ -155,7 +167,7 @@ def test_outputs_changed_in_place_are_measured_before_the_change(monkeypatch):
     for device_path in (False, True):
         torch.manual_seed(3)
         model = Residual(change_on=10**9)
-        with tw.Watch(model, _device_path=device_path) as watch, torch.no_grad():
+        with tw.Watch(model, _device_path=device_path) as watch, MODES[mode]():
             for x in xs:
                 model(x)
             results.append(watch.snapshot())
@@ -167,6 +179,9 @@ def test_outputs_changed_in_place_are_measured_before_the_change(monkeypatch):
         for key in ("mean", "std"):
             assert a.pop(key) == pytest.approx(b.pop(key), rel=1e-6, abs=1e-9), (name, key)  # C kernel vs torch ops
         assert a == b, name
+    with torch.no_grad():  # the oracle: what `a` returned, before `out += x` changed it
+        a_out = torch.cat([model.a(x) for x in xs])
+    assert_matches(device["a"], oracle(a_out))
     # "a" is changed in place after its hook: measured at once on every call; the rest grouped
     assert launches.grouped == [["<input>", "relu", "b"]] * 2
 
@@ -184,15 +199,47 @@ def test_a_held_output_changed_in_place_later_is_counted_and_measured_at_once_fr
     assert launches.grouped[-1] == ["<input>", "relu"]  # b is measured at once on call 4
 
 
-def test_inference_tensors_are_measured_at_once(monkeypatch):
-    """No version counter in inference mode: nothing can prove an output unchanged, so nothing waits."""
+def test_a_held_inference_output_changed_later_is_found_by_the_periodic_probe(monkeypatch):
+    """No version counter to check every call: every REPROBE_EVERY-th call probes held positions
+    again; the change is counted and warned, and the position is measured at once after it."""
     launches = Launches(monkeypatch)
-    model = _mlp()
+    monkeypatch.setattr(grouping, "REPROBE_EVERY", 4)
+    torch.manual_seed(4)
+    model = Residual(change_on=3)
     with tw.Watch(model, _device_path=True) as watch, torch.inference_mode():
         for _ in range(3):
-            model(torch.randn(3, 16))
-        assert watch.snapshot()["4"].calls == 3
-    assert launches.grouped == [] and launches.single == 18
+            model(torch.randn(4, 8))
+        assert watch.errors == {}  # call 3 changed b after its hook: unseen until the reprobe
+        with pytest.warns(UserWarning, match="periodic probe"):
+            model(torch.randn(4, 8))  # the 4th call: held positions probed again
+        assert watch.errors == {pending_module.MODIFIED_IN_PLACE: 1}
+        model(torch.randn(4, 8))
+        assert watch.snapshot()["b"].calls == 5
+    # calls 2 and 3 grouped; call 4 probes every held position (one launch each); call 5 groups
+    # all but b (and a, changed on every call)
+    assert launches.grouped == [["<input>", "relu", "b"]] * 2 + [["<input>", "relu"]]
+
+
+def test_probes_beyond_the_held_bound_wait_for_a_later_call(monkeypatch):
+    """Probes keep at most HELD_BYTES per call (an inference probe twice its output: the output
+    and its copy); the positions beyond are measured at once and probed on later calls."""
+    launches = Launches(monkeypatch)
+    monkeypatch.setattr(pending_module, "HELD_BYTES", 2 * 3 * 32 * 4)  # one [3, 32] float32 output and its copy
+    model = _mlp()
+    snap = _run(model, xs := [torch.randn(3, 16) for _ in range(6)], "inference_mode")
+    # call 1 probes the input and "4" (with their copies 480 bytes; "0" would make 1248), call 2
+    # probes "0", call 3 "1", ...; what is held launches at 768 bytes too (three outputs)
+    assert launches.grouped == [
+        ["<input>", "4"],  # call 2
+        ["<input>", "0", "4"],  # call 3
+        ["<input>", "0", "1"], ["4"],  # call 4
+        ["<input>", "0", "1"], ["2", "4"],  # call 5
+        ["<input>", "0", "1"], ["2", "3"], ["4"],  # call 6: every position held
+    ]  # fmt: skip
+    with torch.no_grad():
+        out = torch.cat([model[:3](x) for x in xs])
+    assert snap["2"].calls == 6
+    assert_matches(snap["2"], oracle(out))
 
 
 def test_nothing_is_held_after_the_call_and_a_failing_forward_still_measures_what_ran(monkeypatch):
@@ -233,10 +280,25 @@ def test_pending_launches_first_on_a_repeated_slot_or_a_new_stream():
     assert not p.blocks(table_b, 0, "s1")  # another table's slot 0 is another slot
     assert p.blocks(table_a, 0, "s1")
     assert p.blocks(table_a, 1, "s2")
-    taken = p.take()
+    taken = p.take(final=True)
     assert taken.stream == "s1" and len(taken.groups) == 1 and taken.groups[0][2][0][1] == 0
-    assert taken.seen == [((id(table_a), 0), True)] and taken.dropped == 0
+    assert taken.seen == [((id(table_a), 0), True)] and taken.dropped == 0 and taken.copies == []
     assert (p.held, p.groups, p.slots) == (0, {}, set())
+
+
+def test_an_inference_probe_keeps_a_copy_until_the_call_ends_and_counts_both():
+    table = object()
+    p = Pending()
+    with torch.inference_mode():
+        x = torch.arange(4.0)
+        assert p.probe(table, 3, x, None)
+        x.add_(1)  # changed after its hook: the copy keeps what the hook saw
+        assert not p.probe(table, 4, torch.zeros(pending_module.HELD_BYTES // 8), None)  # over the bound
+    assert p.probed == 2 * x.nbytes and p.waiting
+    assert p.take(final=False).copies == [] and p.waiting  # a launch before the call's end
+    [(position, tensor, copy, stream)] = p.take(final=True).copies
+    assert position == (id(table), 3) and tensor is x and copy.tolist() == [0.0, 1.0, 2.0, 3.0] and stream is None
+    assert not p.waiting and p.copies == []
 
 
 def test_a_refused_descriptor_buffer_falls_back_to_one_launch_each():

@@ -107,7 +107,7 @@ def test_the_inactive_half_is_untouched_and_flips_keep_windows_apart():
 
 
 def test_a_large_tensor_uses_many_programs_and_stays_exact():
-    n = triton_stats.GROUP * 10 + 17
+    n = triton_stats.group(torch.float32) * 10 + 17
     x = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 1e3 + 5e4
     x[::1001] = 0.0
     table = _table()
@@ -137,7 +137,7 @@ def test_a_value_the_fast_pass_cannot_count_sends_its_program_back_in_full(few_p
     that program read its share again in full, wherever in the share the value sits, and every
     other statistic must come out the same. 1e-30 moves only fast-pass counts (underflow,
     subnormal in float32/bfloat16): the control case."""
-    group = triton_stats.GROUP
+    group = triton_stats.group(dtype)
     n = 12 * group + 2000  # 12 whole groups over 4 programs, and a tail
     x = (torch.randn(n, generator=torch.Generator().manual_seed(11)) * 3.0).to(dtype)
     x[::97] = 0.0
@@ -259,6 +259,20 @@ def test_the_kernel_stays_within_the_bandwidth_budget(kernel_static):
     assert not over, over
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="a GPU compiles the kernel in the tests above")
+def test_the_loop_keeps_enough_bytes_in_flight_for_hbm(kernel_static):
+    """Issue 25: an iteration of every variant's loop loads >= IN_FLIGHT_GOAL per SM at its
+    occupancy (Little's law on an H200, ~22 KB); with 4 tiles of 2-byte elements it was 16 KB."""
+    goal = kernel_static[0]["in_flight_goal"]
+    assert 20_000 < goal < 24_000  # 4.8 TB/s x 0.6 us / 132 SMs
+    short = [(v["variant"], v["in_flight_per_sm"]) for v in kernel_static if v["in_flight_per_sm"] < goal]
+    assert not short, short
+    for v in kernel_static:  # the loads' widths add up to what the loop's elements take
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[v["variant"].split("/")[0]]
+        assert v["load_bytes_per_thread"] == v["elements_per_thread"] * dtype.itemsize, v
+        assert 0 < v["in_flight_at_first_use_per_sm"] <= v["in_flight_per_sm"]
+
+
 @pytest.mark.parametrize("dtype", triton_stats.DTYPES)
 def test_one_grouped_launch_measures_many_tensors_as_one_launch_each_would(dtype):
     """Tensors from 1 element to several programs' worth, with NaN/Inf/overflow in some (the
@@ -267,7 +281,7 @@ def test_one_grouped_launch_measures_many_tensors_as_one_launch_each_would(dtype
     values. Counts and range exactly; mean and std to float64 rounding, since a tensor of 20
     groups is split over 16 programs here and 20 there (other partial sums)."""
     gen = torch.Generator().manual_seed(5)
-    sizes = (1, 7, 1000, triton_stats.GROUP * 3 + 11, triton_stats.GROUP * 20)
+    sizes = (1, 7, 1000, triton_stats.group(dtype) * 3 + 11, triton_stats.group(dtype) * 20)
     xs = [(torch.randn(n, generator=gen) * 4).to(dtype) for n in sizes]
     xs[2][17] = math.nan
     xs[3][5] = -math.inf

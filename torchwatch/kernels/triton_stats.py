@@ -47,8 +47,11 @@ from .triton_tile import N_PART_FIXED, measure_share
 
 NUM_WARPS = 8
 BLOCK = 1024  # elements per tile: 4 per thread
-UNROLL = 4  # tiles per loop iteration: independent loads in flight, loop bookkeeping amortised
-GROUP = BLOCK * UNROLL  # a program's share is whole groups; the tail after the last one is read with masks
+# Bytes each thread loads per loop iteration, all issued before the first is used: what keeps
+# HBM busy. Little's law on an H200: ~4.8 TB/s x ~0.6 us latency / 132 SMs ~ 22 KB in flight per
+# SM; at 16 resident warps, 64 B per thread is 32 KB (benchmarks/kernel_static.py reads it back).
+# So UNROLL tiles per iteration: 4 of float32 (a 16-byte load each), 8 of float16/bfloat16.
+BYTES_PER_ITERATION = 64
 MAX_PROGRAMS = 256
 # Grouped launches (one per root call and dtype, for outputs of at most GROUPED_BYTES each): at
 # most GROUPED_PROGRAMS programs per tensor, at most GROUPED_ROWS tensors per launch.
@@ -60,6 +63,17 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A @triton.jit function may read only globals that are tl.constexpr (the interpreter does not check).
 _ENABLED = tl.constexpr(ENABLED)
 N_PART = tl.constexpr(N_PART_FIXED)
+
+
+def unroll(dtype: torch.dtype) -> int:
+    """Tiles per loop iteration for this dtype: ``BYTES_PER_ITERATION`` per thread."""
+    return max(1, BYTES_PER_ITERATION // (BLOCK // (32 * NUM_WARPS) * dtype.itemsize))
+
+
+def group(dtype: torch.dtype) -> int:
+    """Elements per loop iteration of a program: its share is whole groups; the tail after the
+    last one is read with masks."""
+    return BLOCK * unroll(dtype)
 
 
 # Integers that change from call to call are not specialised on (Triton would compile a variant
@@ -192,7 +206,7 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
     if is_bf16:
         flat = flat.view(torch.int16)
     n = flat.numel()
-    programs = max(1, min(MAX_PROGRAMS, triton.cdiv(n, GROUP)))
+    programs = max(1, min(MAX_PROGRAMS, triton.cdiv(n, group(x.dtype))))
     under, over = ws.thresholds[id(plan)]
     from_device = isinstance(call, torch.Tensor)
     _stats_kernel[(programs,)](
@@ -203,7 +217,7 @@ def merge_into(table, slot: int, x: torch.Tensor, plan: CastPlan, call: int | to
         under, over, ws.tiny_bits[id(plan)], ws.gate[id(plan)],
         K=len(plan.names), UNDER_LIVE=ws.live[id(plan)][0], OVER_LIVE=ws.live[id(plan)][1], IS_BF16=is_bf16,
         # P_POW2 fixed at the workspace's row count: one compiled variant per dtype, whatever the size
-        USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device, BLOCK=BLOCK, UNROLL=UNROLL, P_POW2=MAX_PROGRAMS,
+        USE_FLAG=use_flag, CALL_FROM_DEVICE=from_device, BLOCK=BLOCK, UNROLL=unroll(x.dtype), P_POW2=MAX_PROGRAMS,
         num_warps=NUM_WARPS,
     )  # fmt: skip
 
@@ -238,7 +252,7 @@ def merge_group(table, items: list[tuple[torch.Tensor, int]], plan: CastPlan, ca
         values: list[int] = []
         for x, slot in chunk:
             n = x.numel()
-            values += (x.data_ptr(), n, slot, max(1, min(GROUPED_PROGRAMS, -(-n // GROUP))))
+            values += (x.data_ptr(), n, slot, max(1, min(GROUPED_PROGRAMS, -(-n // group(dtype)))))
 
         def run(rows: torch.Tensor, count: int = len(chunk)) -> None:
             under, over = ws.thresholds[id(plan)]
@@ -248,7 +262,7 @@ def merge_group(table, items: list[tuple[torch.Tensor, int]], plan: CastPlan, ca
                 table.capacity, int(min(call, NO_CALL - 1)),
                 under, over, ws.tiny_bits[id(plan)], ws.gate[id(plan)],
                 X_TYPE=_X_TYPES[dtype], K=len(plan.names), UNDER_LIVE=ws.live[id(plan)][0],
-                OVER_LIVE=ws.live[id(plan)][1], IS_BF16=dtype == torch.bfloat16, BLOCK=BLOCK, UNROLL=UNROLL,
+                OVER_LIVE=ws.live[id(plan)][1], IS_BF16=dtype == torch.bfloat16, BLOCK=BLOCK, UNROLL=unroll(dtype),
                 ROWS_PER_SLOT=MAX_PROGRAMS, P_POW2=GROUPED_PROGRAMS, num_warps=NUM_WARPS,
             )  # fmt: skip
 
@@ -265,17 +279,20 @@ _SCALARS = {"part_ptr": "*fp64", "ticket_ptr": "*i32", "counts_ptr": "*i64", "mo
 def variants() -> Iterator[tuple[str, Any]]:
     """``(name, ASTSource)`` for every variant of the kernels the watch launches, to compile
     ahead of time without a GPU (``benchmarks/kernel_static.py``, the tests)."""
-    kinds = (("fp32", "*fp32", False, tl.float32), ("fp16", "*fp16", False, tl.float16),
-             ("bf16", "*i16", True, tl.int16))  # fmt: skip
-    for (dtype, x_type, bf16, _), use_flag, from_device in itertools.product(kinds, (False, True), (False, True)):
+    kinds = (("fp32", "*fp32", False, tl.float32, torch.float32), ("fp16", "*fp16", False, tl.float16, torch.float16),
+             ("bf16", "*i16", True, tl.int16, torch.bfloat16))  # fmt: skip
+    for (dtype, x_type, bf16, _, torch_dtype), use_flag, from_device in itertools.product(
+        kinds, (False, True), (False, True)
+    ):
         consts = {"K": 4, "UNDER_LIVE": 0b1011, "OVER_LIVE": 0b0111, "IS_BF16": bf16, "USE_FLAG": use_flag,
-                  "CALL_FROM_DEVICE": from_device, "BLOCK": BLOCK, "UNROLL": UNROLL,
+                  "CALL_FROM_DEVICE": from_device, "BLOCK": BLOCK, "UNROLL": unroll(torch_dtype),
                   "P_POW2": MAX_PROGRAMS}  # fmt: skip
         name = f"{dtype}/flag={int(use_flag)}/device_call={int(from_device)}"
         yield name, _source(_stats_kernel, consts, {"x_ptr": x_type})
-    for dtype, _, bf16, x_tl in kinds:
+    for dtype, _, bf16, x_tl, torch_dtype in kinds:
         consts = {"X_TYPE": x_tl, "K": 4, "UNDER_LIVE": 0b1011, "OVER_LIVE": 0b0111, "IS_BF16": bf16, "BLOCK": BLOCK,
-                  "UNROLL": UNROLL, "ROWS_PER_SLOT": MAX_PROGRAMS, "P_POW2": GROUPED_PROGRAMS}  # fmt: skip
+                  "UNROLL": unroll(torch_dtype), "ROWS_PER_SLOT": MAX_PROGRAMS,
+                  "P_POW2": GROUPED_PROGRAMS}  # fmt: skip
         yield f"{dtype}/grouped", _source(_grouped_kernel, consts, {"desc_ptr": "*i64"})
 
 

@@ -3,7 +3,8 @@
 Each selected module's forward hook measures the tensors it returned: CPU tensors through the C
 kernel into host accumulators (:class:`~.window.StatsWindow`), others into the slots of a
 :class:`~torchwatch._table.DeviceTable` on their device with the fused kernel (or its torch-ops
-twin). At the end of a root call the NaN/Inf measurements of that call name where NaN/Inf
+twin); small device outputs wait for one grouped launch per call (``grouping.py``). At the end
+of a root call the NaN/Inf measurements of that call name where NaN/Inf
 started (host: at once; device: at the next flush, or at once with ``on_nonfinite="raise"``).
 
 Under ``torch.compile`` or CUDA-graph capture the hooks run once, at trace time, so they take a
@@ -13,7 +14,6 @@ device and sets the sampling flag there; the statistics kernels read both.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import weakref
 from collections.abc import Callable
@@ -30,16 +30,14 @@ from ...alerts import nonfinite_alert
 from ...kernels import PLAIN_TENSOR_TYPES, graph_op, host_stats, measurable, torch_ops
 from ...kernels import cpu as cpu_kernel
 from ..base import Call, Collect, Monitor, labels
-from .pending import MODIFIED_IN_PLACE, Pending
+from .grouping import Grouping, merge_for
 from .window import ActivationPart, StatsWindow, Taken
 
 if TYPE_CHECKING:
     from ...engine.core import Engine
 
 POSITIONS_NOT_MEASURED = "positions not measured"  # measurements of output positions beyond the capacity
-GROUPED_LAUNCH_FAILED = "grouped launches failed"  # then measured one by one, and grouping turned off
 _NO_PLAN = object()
-_NO_CONTEXT = contextlib.nullcontext()
 
 
 class Activations(Monitor):
@@ -77,7 +75,6 @@ class Activations(Monitor):
         for name in _float_dtypes():
             self._new_plan(getattr(torch, name))
         self._tables: dict[torch.device, DeviceTable] = {}
-        self._holdable: dict[tuple[int, int], bool] = {}  # (table, slot) -> its output may wait for the call's end
         self._seen: set[str] = set()
         self._completed = 0  # sampled calls completed (the check for modules that never ran waits for one)
         self._unseen_checked = False
@@ -98,6 +95,7 @@ class Activations(Monitor):
         self._cohorts = engine.cohorts
         self._device_lock = engine.device_lock
         self._flush_lock = engine.flush_lock
+        self._grouping = Grouping(engine.bus, engine.device_lock)
         self._new_table(model_device(self._model()))  # before any trace: tables cannot be made inside one
         root = self._model()
         # The model's own hook must run before the engine closes the call: it goes first.
@@ -238,63 +236,8 @@ class Activations(Monitor):
             self._table_full(name)
             return
         self.window.position(name)
-        # A small output waits for the call's grouped launch once its position is known not to be
-        # changed in place later in the call; until then it is measured now and kept as a probe.
-        grouped = table.grouped
-        holdable = False
-        if grouped is not None and grouped.groupable(x, table.k) and not x.is_inference():
-            holdable = self._holdable.get((id(table), slot))
-        x = x.detach()
-        if holdable:
-            self._hold(call, table, slot, x, plan)
-        else:
-            with self._device_lock, torch.no_grad():
-                _merge_for(table, x)(table, slot, x, plan, call.index, use_flag=False)
-            if holdable is None and self._pending(call).probe(table, slot, x):
-                self._launch(call)
+        self._grouping.measure(call, table, slot, x.detach(), plan)
         call.device.append((seq, name, table, slot))
-
-    @staticmethod
-    def _pending(call: Call) -> Pending:
-        if call.pending is None:
-            call.pending = Pending()
-        return call.pending
-
-    def _hold(self, call: Call, table: DeviceTable, slot: int, x: torch.Tensor, plan: CastPlan) -> None:
-        """Keep a small output for the call's grouped launch (``pending.py``)."""
-        pending = self._pending(call)
-        stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
-        if pending.blocks(table, slot, stream):
-            self._launch(call)
-        if pending.add(table, slot, x, plan, stream):
-            self._launch(call)
-
-    def _launch(self, call: Call) -> None:
-        """Measure everything the call holds (one grouped launch per table and dtype), and learn
-        which positions may be held."""
-        taken = call.pending.take()
-        with self._device_lock, torch.no_grad(), torch.cuda.stream(taken.stream) if taken.stream else _NO_CONTEXT:
-            for table, plan, items in taken.groups:
-                try:
-                    table.grouped.merge_group(table, items, plan, call.index)
-                except Exception as exc:  # noqa: BLE001 - measured one by one instead; grouping is off
-                    self._grouping_failed(table, exc)
-                    for x, slot in items:
-                        _merge_for(table, x)(table, slot, x, plan, call.index, use_flag=False)
-        for position, unchanged in taken.seen:
-            if not unchanged:
-                self._holdable[position] = False
-            elif position not in self._holdable:
-                self._holdable[position] = True
-        if taken.dropped:
-            self._bus.count(MODIFIED_IN_PLACE, taken.dropped)
-            self._bus.warn_once(
-                "modified-in-place",
-                f"{taken.dropped} output(s) held for this call's grouped launch were changed in place after "
-                f"their hook (their version counter moved), so they were not measured on call {call.index} "
-                f"(counted in watch.errors[{MODIFIED_IN_PLACE!r}]); those positions are measured at once from "
-                "now on.",
-            )
 
     def _graph_output(self, fqn: str, output: Any) -> None:
         """Graph path of a module's hook: device-side operations only, nothing to wait for."""
@@ -314,7 +257,7 @@ class Activations(Monitor):
             # inductor neither traces their reductions (the compile-time blow-up) nor plans memory
             # around a hand-launched kernel (a compiled BERT-base that launched the Triton kernel
             # directly crashed with an illegal memory access on an H200; see RESULTS.md).
-            merge = _compiled_merge if graph_op.compiling() and not self.triton_in_compile else _merge_for(table, x)
+            merge = _compiled_merge if graph_op.compiling() and not self.triton_in_compile else merge_for(table, x)
             with torch.no_grad():
                 merge(table, slot, x.detach(), plan, call, use_flag=True)
 
@@ -357,18 +300,6 @@ class Activations(Monitor):
                     self._graph_mode.cuda = True  # graph capture is possible
         return table
 
-    def _grouping_failed(self, table: DeviceTable, exc: Exception) -> None:
-        """A grouped launch failed: its outputs are measured one launch each, and so is every
-        later output on that device (counted, warned once)."""
-        table.grouped = None
-        self._bus.count(GROUPED_LAUNCH_FAILED)
-        self._bus.warn_once(
-            "grouped-launch",
-            f"a grouped statistics launch on {table.device} failed ({type(exc).__name__}: {exc}); its outputs were "
-            f"measured one launch each, as every output on that device will be from now on (counted in "
-            f"watch.errors[{GROUPED_LAUNCH_FAILED!r}])",
-        )
-
     def _table_full(self, name: str) -> None:
         self._bus.count(POSITIONS_NOT_MEASURED)
         self._bus.warn_once(
@@ -383,8 +314,7 @@ class Activations(Monitor):
     def _finish_call(self, call: Call) -> None:
         """Resolve where NaN/Inf started on this call. Device measurements are resolved at the
         next flush, unless ``on_nonfinite="raise"`` needs them now (one wait for the device)."""
-        if call.pending is not None and call.pending.held:  # held outputs or probes
-            self._launch(call)
+        self._grouping.finish(call)
         events = call.events
         if call.device and self._raise:
             events = sorted(events + self._device_events(call))
@@ -470,14 +400,6 @@ def _triton_for(device: torch.device) -> Any:
     except ImportError:
         return None
     return triton_stats
-
-
-def _merge_for(table: DeviceTable, x: torch.Tensor) -> Callable[..., None]:
-    """The table's fused kernel where it takes this dtype, else the torch-ops twin."""
-    kernel = table.kernel
-    if kernel is not None and kernel.supports(x, table.k):
-        return kernel.merge_into
-    return torch_ops.merge_into
 
 
 # torch < 2.4 has no custom ops: compiled graphs then trace the torch ops themselves.
