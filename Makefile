@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/torchwatch demo --logdir runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,8 @@
 """The C kernel's vector paths side by side on this CPU: portable, AVX2, AVX-512 (where present).
 
 Per dtype, the kernel's throughput on a BERT-base-sized activation (batch 8 x seq 128 x 768 and
-x 3072, one thread, the median of interleaved repeats), and, with ``--bert``, BERT-base's
+x 3072, torch's threads, the median of interleaved repeats) beside ``x.sum()`` (the one-read
+floor), and, with ``--bert``, BERT-base's
 every-forward overhead with the watch on each level (interleaved plain/watched pairs in one
 process, as in ``benchmarks/overhead.py``).
 
@@ -33,16 +34,20 @@ def kernel_rates(repeats: int) -> dict[str, dict[str, float]]:
         plan = cast_plan(dtype, DEFAULT_CAST_DTYPES)
         for width in (768, 3072):
             x = torch.randn(8 * 128, width).mul_(0.5).to(dtype)
-            times: dict[int, list[float]] = {level: [] for level in levels}
+            times: dict[int | str, list[float]] = {level: [] for level in levels}
+            times["sum"] = []  # the one-read floor: torch's own reduction, all its threads
             for _ in range(repeats):
+                t = time.perf_counter()
+                x.sum()
+                times["sum"].append(time.perf_counter() - t)
                 for level in levels:
                     with cpu.simd_level(level):
                         t = time.perf_counter()
                         host_stats(x, plan)
                         times[level].append(time.perf_counter() - t)
-            gbs = {
-                cpu.LEVELS[lv]: x.numel() * x.element_size() / statistics.median(ts) / 1e9 for lv, ts in times.items()
-            }
+            size = x.numel() * x.element_size()
+            gbs = {(cpu.LEVELS[lv] if isinstance(lv, int) else lv): size / statistics.median(ts) / 1e9
+                   for lv, ts in times.items()}  # fmt: skip
             out[f"{str(dtype).removeprefix('torch.')} [1024, {width}]"] = gbs
     return out
 

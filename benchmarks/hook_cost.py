@@ -7,7 +7,8 @@ module is replaced by a stub that launches nothing, on a stack of ``N`` tiny lay
 
 * ``per-output``: every output launches on its own (the path before grouped launches, and the
   path for outputs over ``GROUPED_BYTES``);
-* ``grouped``: outputs are held and one grouped launch per root call measures them.
+* ``grouped``: outputs are held and one grouped launch per root call measures them, under
+  ``torch.no_grad()`` and under ``torch.inference_mode()`` (positions probed by a copy first).
 
 Reported: microseconds a watched forward adds per watched output (median over interleaved
 plain / watched pairs, one thread) and the launches per call. A real launch costs a few
@@ -64,14 +65,15 @@ def run(layers: int, pairs: int) -> dict:
     plain = nn.Sequential(*(nn.Linear(8, 8) for _ in range(layers)))
     x = torch.randn(1, 8)
     result = {"layers": layers, "pairs": pairs, "torch": torch.__version__}
-    for mode in ("per-output", "grouped"):
+    for mode, grad_mode in (("per-output", torch.no_grad), ("grouped", torch.no_grad),
+                            ("grouped, inference_mode", torch.inference_mode)):  # fmt: skip
         watched = copy.deepcopy(plain)
         launches = [0]
         watch = tw.Watch(watched, _device_path=True, inputs=False)
         for table in watch.engine.activations.tables():
-            table.kernel = table.grouped = stub(mode == "grouped", launches)
+            table.kernel = table.grouped = stub(mode.startswith("grouped"), launches)
         added = []
-        with torch.no_grad():
+        with grad_mode():
             for _ in range(20):
                 watched(x), plain(x)
             launches[0] = 0
@@ -161,9 +163,9 @@ def main() -> None:
                 json.dump(result, f, indent=2)
         return
     result = run(args.layers, args.pairs)
-    for mode in ("per-output", "grouped"):
+    for mode in ("per-output", "grouped", "grouped, inference_mode"):
         r = result[mode]
-        print(f"{mode:<11} {r['us_per_output']:6.2f} us per output  {r['launches_per_call']:6.1f} launches per call")
+        print(f"{mode:<24} {r['us_per_output']:6.2f} us per output  {r['launches_per_call']:6.1f} launches per call")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -9,7 +9,9 @@ slow drift of the machine hits both alike:
   thread: the fixed cost of a root call (its bookkeeping, the monitors' call hooks, one
   measurement) with nothing to hide it;
 * ``bert``: BERT-base fp32, seq 128, a TensorBoard sink flushing every 100 calls: the median over
-  interleaved pairs of (watched forward / plain forward) - 1, as in ``benchmarks/overhead.py``.
+  interleaved pairs of (watched forward / plain forward) - 1, as in ``benchmarks/overhead.py``,
+  beside the one-read floor (``out.sum()`` hooks on the same leaves, interleaved the same way)
+  and torchwatch as a multiple of it.
 
 The other revision is checked out with ``git worktree`` into a temporary directory and its C
 kernel built in place, so both import their own ``torchwatch``.
@@ -79,21 +81,34 @@ else:
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
     base = BertModel(BertConfig()).eval()
-    plain, watched = copy.deepcopy(base), copy.deepcopy(base)
+    plain, watched, floor = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
     watch = tw.attach(watched, sinks=[tw.TensorBoardSink(tempfile.mkdtemp())], flush_every=100)
+    def read(m, args, out):  # the one-read floor: out.sum() on the same modules, nothing kept
+        for t in (out if isinstance(out, tuple) else (out,)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t.sum()
+    for m in floor.modules():
+        if not list(m.children()) and not isinstance(m, (torch.nn.Dropout, torch.nn.Identity)):
+            m.register_forward_hook(read)
     ids = torch.randint(0, 30522, (batch, 128), generator=torch.Generator().manual_seed(1))
-    ratios = []
+    ratios, floors = [], []
     with torch.inference_mode():
         plain(ids)
         watched(ids)
+        floor(ids)
         for _ in range(rounds):
             t0 = time.perf_counter()
             plain(ids)
             t1 = time.perf_counter()
             watched(ids)
-            ratios.append((time.perf_counter() - t1) / (t1 - t0))
+            t2 = time.perf_counter()
+            plain(ids)
+            t3 = time.perf_counter()
+            floor(ids)
+            ratios.append((t2 - t1) / (t1 - t0))
+            floors.append((time.perf_counter() - t3) / (t3 - t2))
     watch.detach()
-    print(json.dumps({"value": 100 * (statistics.median(ratios) - 1)}))
+    print(json.dumps({"value": 100 * (statistics.median(ratios) - 1), "floor": 100 * (statistics.median(floors) - 1)}))
 """
 
 
@@ -105,10 +120,10 @@ def worktree(rev: str) -> str:
     return path
 
 
-def measure(repo: str, what: str, batch: int, rounds: int) -> float:
+def measure(repo: str, what: str, batch: int, rounds: int) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", CHILD, repo, what, str(batch), str(rounds)], check=True,
                          capture_output=True, text=True).stdout  # fmt: skip
-    return json.loads(out.strip().splitlines()[-1])["value"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -125,16 +140,22 @@ def main() -> None:
         for what, batch, rounds in cases:
             if args.only and what != args.only:
                 continue
-            runs: dict[str, list[float]] = {"base": [], "this": []}
+            runs: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
             for _ in range(args.repeats):
                 runs["base"].append(measure(base, what, batch, rounds))
                 runs["this"].append(measure(HERE, what, batch, rounds))
             unit = "% overhead" if what == "bert" else "us/forward" if what == "hooks" else "us added/call"
             key = f"{what}, batch {batch} ({unit})"
             results[key] = runs
-            print(f"{key:<32} base {args.base}: {[round(v, 1) for v in runs['base']]} (median "
-                  f"{statistics.median(runs['base']):.1f})   this: {[round(v, 1) for v in runs['this']]} "
-                  f"(median {statistics.median(runs['this']):.1f})")  # fmt: skip
+            line = f"{key:<32}"
+            for side, label in (("base", f"base {args.base}"), ("this", "this")):
+                values = [r["value"] for r in runs[side]]
+                line += f"   {label}: {[round(v, 1) for v in values]} (median {statistics.median(values):.1f})"
+                if what == "bert":
+                    floor = statistics.median(r["floor"] for r in runs[side])
+                    ratio = statistics.median(values) / floor if floor > 0 else float("nan")
+                    line += f", floor {floor:.1f}, x floor {ratio:.2f}"
+            print(line)
     finally:
         subprocess.run(["git", "-C", HERE, "worktree", "remove", "--force", base], check=False)
     if args.json:

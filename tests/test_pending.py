@@ -321,12 +321,18 @@ def test_a_refused_descriptor_buffer_falls_back_to_one_launch_each():
         ring.launch([1, 2, 3], seen.append)
 
 
-def test_the_grouped_triton_kernel_through_the_watch():
-    """The real grouped kernel (Triton's interpreter on CPU tensors) behind the watch's holding."""
+@pytest.mark.parametrize("mode", ["grad", "inference_mode"])
+def test_the_grouped_triton_kernel_through_the_watch(monkeypatch, mode):
+    """The real grouped kernel (Triton's interpreter on CPU tensors) behind the watch's holding,
+    on a model that changes outputs in place after their hooks: each measured as returned."""
     triton_stats = pytest.importorskip("torchwatch.kernels.triton_stats")
-    model = _mlp()
-    xs = [torch.randn(3, 16) for _ in range(3)]
-    with tw.Watch(model, _device_path=True) as watch:
+    grouped = []
+    merge_group = triton_stats.merge_group
+    monkeypatch.setattr(triton_stats, "merge_group", lambda *a: (grouped.append(len(a[1])), merge_group(*a)))
+    torch.manual_seed(5)
+    model = Residual(change_on=10**9)
+    xs = [torch.randn(4, 8) for _ in range(3)]
+    with tw.Watch(model, _device_path=True) as watch, torch.inference_mode(mode == "inference_mode"):
         for table in watch.engine.activations.tables():
             plans = [cast_plan(d, watch.config.cast_dtypes) for d in triton_stats.DTYPES]
             table.scratch = triton_stats.Workspace(table, plans)
@@ -334,11 +340,15 @@ def test_the_grouped_triton_kernel_through_the_watch():
         for x in xs:
             model(x)
         snap = watch.snapshot()
+        assert watch.errors == {}
+    assert grouped == [3, 3]  # the input, relu and b on calls 2 and 3; a (changed in place) alone
     with torch.no_grad():
-        outs = [torch.cat([model[: i + 1](x) for x in xs]) for i in range(5)]
-    for i, out in enumerate(outs):
-        assert snap[str(i)].calls == 3
-        assert_matches(snap[str(i)], oracle(out, watch.config.cast_dtypes))
+        a = [model.a(x) for x in xs]
+        relu = [torch.relu(y + x) for y, x in zip(a, xs, strict=True)]
+        want = {"a": a, "relu": relu, "b": [model.b(r) for r in relu]}
+    for name, outs in want.items():
+        assert snap[name].calls == 3
+        assert_matches(snap[name], oracle(torch.cat(outs), watch.config.cast_dtypes))
 
 
 def test_a_failing_grouped_launch_falls_back_to_one_launch_each_and_turns_grouping_off(monkeypatch):
