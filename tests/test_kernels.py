@@ -79,8 +79,8 @@ def test_c_python_and_device_accumulators_merge_identically(x, y):
     for key in c:
         if key in ("mean", "std"):
             assert (math.isnan(c[key]) and math.isnan(d[key])) or abs(c[key] - d[key]) <= 1e-6 * spread, key
-        else:
-            assert c[key] == d[key], key
+        else:  # min/max are NaN in both when no value was finite
+            assert c[key] == d[key] or (math.isnan(c[key]) and math.isnan(d[key])), key
 
 
 def test_the_best_vector_level_is_in_use_and_others_are_refused():
@@ -217,3 +217,28 @@ def test_a_poor_guess_from_the_block_before_is_corrected(level, blocks):
     assert_matches(stats_from_raw(1, raw, NAMES), oracle(x, NAMES))
     second = host_stats(x[2048:], plan)  # the second block alone, with its own guess
     assert_matches(stats_from_raw(1, second, NAMES), oracle(x[2048:], NAMES))
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=[cpu.LEVELS[level] for level in LEVELS])
+@pytest.mark.parametrize("jump", [1e3, 1e4])
+def test_a_block_after_a_poor_shift_guess_is_as_exact_as_one_measured_alone(level, jump):
+    """The second block's shift is guessed from the first (mean 0) while its own mean is `jump`
+    sd away. The whole tensor's std is dominated by the jump, so the oracle cannot see a block's
+    own error; the Chan merge of the two blocks measured alone (each with its own guess) can: its
+    second moment differs from the whole call's only by float32 rounding of squares taken within
+    half a block sd of the block's mean (~1e-7 of the blocks' own m2, allowed 1e-5) and float64
+    rounding of the jump's term (allowed 1e-13 of it). Squares taken around the guessed shift
+    instead lose ~1e-7 of jump^2 each: 1e3 to 1e6 times that allowance."""
+    plan = cast_plan(torch.float32, NAMES)
+
+    def measured(t: torch.Tensor):
+        with cpu.simd_level(level):
+            s = stats_from_raw(1, host_stats(t, plan), NAMES)
+        return s.count, s.mean, s.std**2 * s.count  # n, mean, m2
+
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        a, b = torch.randn(2048, generator=g), torch.randn(2085, generator=g) + jump
+        (_, _, m2), (na, ma, m2a), (nb, mb, m2b) = measured(torch.cat([a, b])), measured(a), measured(b)
+        merged = m2a + m2b + (mb - ma) ** 2 * na * nb / (na + nb)
+        assert abs(m2 - merged) <= 1e-5 * (m2a + m2b) + 1e-13 * merged, (seed, m2, merged)
