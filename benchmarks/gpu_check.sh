@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check for a lent device machine (see the device tool): CUDA tests, then GPU benchmarks,
 # in order of what matters most, each under its own timeout so the whole fits one 600 s call:
-#   sync probe 40 s, CUDA tests 200 s, overhead benchmark $BENCH_S s (default 300; the stats
-#   kernel's bandwidth first, then BERT/GPT-2 batch 1, GPT-2 decoding, batch 32, compile; its
+#   sync probe 40 s, CUDA tests 200 s (grouped launches under no_grad and inference_mode, no host
+#   sync), overhead benchmark $BENCH_S s (default 300; the stats kernel's bandwidth first, then
+#   BERT/GPT-2 batch 1 under no_grad and inference_mode, GPT-2 decoding, batch 32, compile; its
 #   results are rewritten to gpu.json after every section, so a run cut short still leaves numbers).
 # EXTRA=1 adds the integrity benchmark and the compile probe (another ~5 minutes).
 # Results go to $OUT (default /tmp/torchwatch-gpu). Run from the repository root:
