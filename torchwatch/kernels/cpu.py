@@ -64,13 +64,8 @@ def simd_level(level: int) -> Iterator[None]:
     Raises:
         ValueError: this CPU (or a build without the kernel) lacks that level.
     """
-    if not available:
-        raise ValueError("the C kernel was not built")
-    before = _cstats.set_simd_level(level)
-    try:
+    with _switched("set_simd_level", level):
         yield
-    finally:
-        _cstats.set_simd_level(before)
 
 
 def parallel_info() -> tuple[str | None, int]:
@@ -84,13 +79,21 @@ def parallel_info() -> tuple[str | None, int]:
 def threads(enabled: bool) -> Iterator[None]:
     """Let large tensors use torch's threads (the default) or not, inside the block (benchmarks
     compare). Process-wide, like :func:`simd_level`. Results are the same bit for bit either way."""
+    with _switched("set_threads", enabled):
+        yield
+
+
+@contextlib.contextmanager
+def _switched(setter: str, value: object) -> Iterator[None]:
+    """A process-wide kernel setting (``_cstats.<setter>`` returns the one before) for a block."""
     if not available:
         raise ValueError("the C kernel was not built")
-    before = _cstats.set_threads(enabled)
+    set_value = getattr(_cstats, setter)
+    before = set_value(value)
     try:
         yield
     finally:
-        _cstats.set_threads(before)
+        set_value(before)
 
 
 def raw_stats(address: int, numel: int, code: int, plan: CastPlan, exact: bool = False) -> Raw:

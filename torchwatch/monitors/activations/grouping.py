@@ -58,10 +58,11 @@ class Grouping:
         if pending is None:
             pending = call.pending = Pending(reprobe=next(self._calls) % REPROBE_EVERY == 0)
         position = (id(table), slot)
+        inference = x.is_inference()
         state = False
         if table.grouped is not None and table.grouped.groupable(x, table.k):
             state = self._holdable.get(position)
-            if state and pending.reprobe and x.is_inference():
+            if state and pending.reprobe and inference:
                 state = None
         stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
         if state:
@@ -72,9 +73,9 @@ class Grouping:
             return
         with self._device_lock, torch.no_grad():
             merge_for(table, x)(table, slot, x, plan, call.index, use_flag=False)
-        if state is None and not (x.is_inference() and self._copying.get(position)):
+        if state is None and not (inference and self._copying.get(position)):
             with self._lock:
-                if pending.probe(table, slot, x, stream) and x.is_inference():
+                if pending.probe(table, slot, x, stream) and inference:
                     self._copying[position] = self._copying.get(position, 0) + 1
 
     def finish(self, call: Call) -> None:
@@ -137,6 +138,7 @@ class Grouping:
                 (ready if answer[2] is None or answer[2].query() else waiting).append(answer)
             self._answers = waiting
             for positions, changed, _, reprobe in ready:
+                # a host tensor (pinned, its copy finished: the event said so), so no wait here
                 for position, moved in zip(positions, changed.tolist(), strict=True):
                     self._copying[position] -= 1
                     if moved:
