@@ -221,6 +221,9 @@ def run_case(base: nn.Module, x: torch.Tensor, configs: list[tuple]) -> dict:
                 print(f"  round {r + 1}/{n_rounds} {name}: {100 * (t_cfg / t_plain - 1):+.2f}%", file=sys.stderr,
                       flush=True)  # fmt: skip
         rss_growth = _rss_mb() - rss_before
+        before = cpu.rereads()
+        models[WATCHED][0](x)
+        rereads = cpu.rereads() - before
     watch = models[WATCHED][1]
     summary = {name: _summary(pairs) for name, pairs in times.items()}
     floor = summary[FLOOR]["overhead_pct"]
@@ -230,7 +233,12 @@ def run_case(base: nn.Module, x: torch.Tensor, configs: list[tuple]) -> dict:
     for _, handle in models.values():
         if isinstance(handle, tw.Watch):
             handle.detach()
-    return {"rss_growth_mb_during_runs": round(rss_growth, 1), "torchwatch_errors": watch.errors, "configs": summary}
+    return {
+        "rss_growth_mb_during_runs": round(rss_growth, 1),
+        "kernel_blocks_read_again_per_forward": rereads,
+        "torchwatch_errors": watch.errors,
+        "configs": summary,
+    }
 
 
 def _time(model: nn.Module, x: torch.Tensor, block: int) -> float:
@@ -280,7 +288,9 @@ def _print_table(results: dict) -> None:
     print(f"\nmachine: {results['machine']}")
     for case, res in results["cases"].items():
         growth = res["rss_growth_mb_during_runs"]
-        print(f"\n{case} (fp32, CPU; RSS growth during runs: {growth} MB)")
+        again = res["kernel_blocks_read_again_per_forward"]
+        print(f"\n{case} (fp32, CPU; RSS growth during runs: {growth} MB; kernel blocks read again per forward: "
+              f"{again})")  # fmt: skip
         head = f"{'configuration':<36} {'rounds':>6} {'plain ms':>10} {'with ms':>10} {'overhead':>9} {'x floor':>8}"
         print(head + "  IQR")
         for name, s in res["configs"].items():

@@ -75,6 +75,13 @@ def parallel_info() -> tuple[str | None, int]:
     return _cstats.parallel_info() if available else (None, 1)
 
 
+def rereads() -> int:
+    """Blocks (``_cstats.c``: 2,048 elements) whose moments the kernel read a second time since
+    import, because the shift it took from a few samples of the block, or the scale from the
+    block before, proved poor; 0 without the kernel. Benchmarks report it per forward."""
+    return _cstats.rereads() if available else 0
+
+
 @contextlib.contextmanager
 def threads(enabled: bool) -> Iterator[None]:
     """Let large tensors use torch's threads (the default) or not, inside the block (benchmarks
