@@ -342,14 +342,20 @@ TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
     fused_tail(x, i, n, tinl, scale, shift, ZEROS, r);
 }
 
+/* The body specialised for its two switches. Unscaled (scale 1), x - shift is one subtraction,
+   which on AVX2 CPUs that split 256-bit operations (AMD Zen 1) leaves the multiply ports to the
+   squares, minimum and maximum. */
+#define TW_FUSED_DISPATCH(BODY)                                                                 \
+    do {                                                                                        \
+        int scaled = scale != 1.0f;                                                             \
+        if (zeros && scaled) BODY(x, n, tinl, scale, shift, 1, 1, r);                           \
+        else if (zeros) BODY(x, n, tinl, scale, shift, 1, 0, r);                                \
+        else if (scaled) BODY(x, n, tinl, scale, shift, 0, 1, r);                               \
+        else BODY(x, n, tinl, scale, shift, 0, 0, r);                                           \
+    } while (0)
+
 TW_AVX2 static void fused_avx2(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
-    /* unscaled (scale 1): x - shift is one subtraction, which on AVX2 CPUs that split 256-bit
-       operations (AMD Zen 1) leaves the multiply ports to the squares, minimum and maximum */
-    int scaled = scale != 1.0f;
-    if (zeros && scaled) fused_avx2_body(x, n, tinl, scale, shift, 1, 1, r);
-    else if (zeros) fused_avx2_body(x, n, tinl, scale, shift, 1, 0, r);
-    else if (scaled) fused_avx2_body(x, n, tinl, scale, shift, 0, 1, r);
-    else fused_avx2_body(x, n, tinl, scale, shift, 0, 0, r);
+    TW_FUSED_DISPATCH(fused_avx2_body);
 }
 
 /* Pass B: sums of d and d*d for d = x * scale - shift * scale (f32 lanes, folded into double
@@ -431,13 +437,7 @@ TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
 }
 
 TW_AVX512 static void fused_avx512(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
-    /* unscaled (scale 1): x - shift is one subtraction, which on AVX2 CPUs that split 256-bit
-       operations (AMD Zen 1) leaves the multiply ports to the squares, minimum and maximum */
-    int scaled = scale != 1.0f;
-    if (zeros && scaled) fused_avx512_body(x, n, tinl, scale, shift, 1, 1, r);
-    else if (zeros) fused_avx512_body(x, n, tinl, scale, shift, 1, 0, r);
-    else if (scaled) fused_avx512_body(x, n, tinl, scale, shift, 0, 1, r);
-    else fused_avx512_body(x, n, tinl, scale, shift, 0, 0, r);
+    TW_FUSED_DISPATCH(fused_avx512_body);
 }
 
 TW_AVX512 static void pass_b_avx512(const float *x, int n, float scale, float shift, double *sd, double *sq) {
