@@ -2,9 +2,11 @@
 
 The extension is plain C against the CPython API (no torch headers), so one build serves every
 torch version. If it cannot be compiled, installation still succeeds and torchwatch uses its
-torch-ops implementation instead (same results, slower).
+torch-ops implementation instead (same results, slower) -- unless TORCHWATCH_REQUIRE_KERNEL=1 is
+set (CI sets it): then a kernel that does not compile fails the installation.
 """
 
+import os
 import sys
 
 from setuptools import Extension, setup
@@ -17,7 +19,7 @@ setup(
             "torchwatch.kernels._cstats",
             sources=["torchwatch/kernels/_cstats.c"],
             extra_compile_args=flags,
-            optional=True,
+            optional=os.environ.get("TORCHWATCH_REQUIRE_KERNEL") != "1",
         )
     ]
 )

@@ -89,3 +89,21 @@ def test_the_installed_wheel_imports_and_runs_outside_the_repository(wheel, tmp_
         [sys.executable, str(script), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert version.returncode == 0 and torchwatch.__version__ in version.stdout, version.stderr
+
+
+def test_the_c_kernel_is_built_wherever_a_c_compiler_is():
+    """setup.py builds the kernel as optional, so that a machine without a C compiler still
+    installs (the torch-ops path, tested by test_kernels' fallback test). Where a compiler exists,
+    a kernel that did not build is a bug the suite must not pass over: every kernel test would
+    skip and the stats tests would lose their vector paths."""
+    import sysconfig
+
+    from torchwatch.kernels import cpu
+
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}): this machine gets the torch-ops path")
+    assert cpu.available, (
+        f"{cc} is here but torchwatch/kernels/_cstats.c was not built; "
+        "TORCHWATCH_REQUIRE_KERNEL=1 pip install -e . shows the compiler's error"
+    )
