@@ -250,3 +250,59 @@ def test_the_real_all_minilm_checkpoint_verifies_against_its_own_manifest(tmp_pa
     canary = tw.Canary.record(model, tokens, manifest=of_file)
     assert tw.selftest(model, manifest=of_file, canary=canary).ok
     assert tw.selftest(model, manifest=tw.Manifest.from_model(model), canary=canary).ok
+
+
+# ---- every tensor is compared: a change to any one of them, at either end of its bytes, is named
+
+
+def _flip_in_file(path, name: str, where: int) -> None:
+    """Flip the lowest bit of the first (where=0) or last (where=-1) byte of tensor `name` in a
+    safetensors file, found through the file's own header."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8 : 8 + n])[name]["data_offsets"]
+    data[8 + n + (start if where == 0 else end - 1)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _tensors_in(path) -> list[str]:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return [k for k in json.loads(data[8 : 8 + n]) if k != "__metadata__"]
+
+
+@pytest.mark.parametrize("where", [0, -1], ids=["first byte", "last byte"])
+def test_a_change_to_any_tensor_of_a_model_is_named(where):
+    model = _bert()
+    manifest = tw.Manifest.from_model(model)
+    names = [n for n, _ in model.state_dict().items()]
+    assert tw.verify_weights(model, manifest).ok
+    for name in names:  # the first, the last and every one between, in the model's own order
+        tensor = model.state_dict()[name]
+        view = tensor.view(-1).view(torch.uint8) if tensor.numel() else None
+        if view is None:
+            continue
+        view[where] ^= 1
+        try:
+            report = tw.verify_weights(model, manifest)
+        finally:
+            view[where] ^= 1
+        assert report.mismatched == [name] and not report.ok, name
+
+
+@pytest.mark.parametrize("where", [0, -1], ids=["first byte", "last byte"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["one file", "shards"])
+def test_a_change_to_any_tensor_of_a_checkpoint_is_named(tmp_path, where, sharded):
+    model = _bert()
+    model.save_pretrained(tmp_path, max_shard_size="20KB" if sharded else "10GB")
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert (len(files) > 2) == sharded
+    manifest = tw.Manifest.from_safetensors(tmp_path)
+    assert tw.verify_weights(tmp_path, manifest).ok
+    for path in files:
+        original = path.read_bytes()
+        for name in _tensors_in(path):  # in the file's own order: its first and last included
+            _flip_in_file(path, name, where)
+            report = tw.verify_weights(tmp_path, manifest)
+            path.write_bytes(original)
+            assert report.mismatched == [name] and not report.ok, (path.name, name)
