@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -65,6 +67,95 @@ def test_dropped_model_is_freed_with_or_without_detach():
         gc.collect()
         assert ref() is None
         assert watch.model is None
+
+
+def _drift_reference(model: nn.Module) -> tw.Reference:
+    g = torch.Generator().manual_seed(0)
+    return tw.Reference.fit(model, [torch.randn(64, 16, generator=g) for _ in range(8)], modules=["4"])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"timing": True, "outputs": True, "every": 2},
+        {"modules": (nn.Linear,), "sinks": "memory", "flush_every": 1},
+        {"drift": "reference"},
+        {"rules": "defaults", "inputs": False},
+    ],
+    ids=["defaults", "timing-outputs", "types-memory-sink", "drift", "rules"],
+)
+def test_a_dropped_model_is_freed_at_once_while_its_watch_lives(options):
+    """With the garbage collector off, so that a reference cycle cannot hide a strong reference:
+    dropping the model (and its last output) frees every module, parameter and activation while
+    the watch, its config and its records live on; the watch then reports no model and still
+    snapshots and detaches. The first attach of the process imports torch._dynamo, whose import
+    leaves a cycle through the calling frames: it must not be attach()'s frames."""
+    model = mlp()
+    options = dict(options)
+    if options.get("drift") == "reference":
+        options["drift"] = _drift_reference(model)
+    if options.get("sinks") == "memory":
+        options["sinks"] = [tw.MemorySink()]
+    if options.get("rules") == "defaults":
+        options["rules"] = [*tw.rules.defaults(), lambda snapshot: []]
+    gc.collect()
+    gc.disable()
+    try:
+        watch = tw.attach(model, **options)
+        for _ in range(3):
+            out = model(torch.randn(8, 16))
+        watch.flush()
+        refs = [weakref.ref(x) for x in [model, out, *model.modules(), *model.parameters()]]
+        del model, out
+        alive = [r() for r in refs if r() is not None]
+        assert not alive, [type(x).__name__ for x in alive]
+        assert watch.model is None
+        watch.snapshot()
+        watch.detach()
+    finally:
+        gc.enable()
+
+
+def test_a_shadow_holds_neither_the_primary_nor_after_close_the_candidate():
+    """The server owns the primary: a shadow sampling it must not keep it alive. The shadow runs
+    the candidate until close(); a closed shadow kept for its report lets the candidate go."""
+    primary = mlp()
+    candidate = copy.deepcopy(primary)
+    gc.collect()
+    gc.disable()
+    try:
+        watch = tw.attach(primary)
+        shadow = tw.shadow(primary, candidate, sample=1.0)
+        for _ in range(3):
+            primary(torch.randn(2, 16))
+        assert shadow.wait()
+        refs = [weakref.ref(primary), weakref.ref(candidate)]
+        del primary
+        assert refs[0]() is None
+        shadow.close()
+        del candidate
+        assert refs[1]() is None
+        assert shadow.report().calls == 3
+        assert watch.model is None
+    finally:
+        gc.enable()
+
+
+def test_the_first_attach_of_a_process_does_not_keep_its_model():
+    """attach() imports torch._dynamo the first time (for compiled models); that import leaves a
+    reference cycle through the importing frames, and attach()'s frames hold the model. In a
+    fresh process (the suite's own has imported it long before), with the collector off."""
+    code = (
+        "import gc, sys, weakref, torch, torchwatch as tw\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "gc.disable()\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4)); w = tw.attach(m); m(torch.randn(1, 4))\n"
+        "r = weakref.ref(m); del m\n"
+        "print('freed' if r() is None else 'alive')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "freed", out.stderr[-2000:]
 
 
 def test_no_activation_outlives_its_hook():

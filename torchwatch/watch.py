@@ -57,7 +57,7 @@ class Watch:
     def __init__(self, model: nn.Module, *, _device_path: bool = False, **options: Any) -> None:
         config = WatchConfig.of(model, **options, device_path=_device_path)
         self.config = config
-        self.modules = [name for name, _ in config.selected]
+        self.modules = list(config.selected)
         self.every = config.every
         self.sampling = config.sampling
         self.flush_every = config.flush_every
@@ -69,7 +69,7 @@ class Watch:
         self._model = weakref.ref(model)
         self._bus = AlertBus(config.on_nonfinite)
         activations = Activations(
-            list(config.selected), model, cast_dtypes=config.cast_dtypes, every=config.every,
+            config.modules(model), model, cast_dtypes=config.cast_dtypes, every=config.every,
             on_nonfinite=config.on_nonfinite, device_path=config.device_path,
         )  # fmt: skip
         monitors = config.build_monitors(model, activations.measure)

@@ -34,7 +34,9 @@ _RESERVED = frozenset({"stats", "drift", "latency", "inputs", "outputs", "timing
 class WatchConfig:
     """Everything :func:`torchwatch.attach` was asked for, checked (see its docstring)."""
 
-    selected: tuple[tuple[str, nn.Module], ...]
+    # names, not modules: a config (kept by the watch, its records' readers, a user) must not keep
+    # the model's weights alive; :meth:`modules` finds them in the model
+    selected: tuple[str, ...]
     every: int
     sampling: str
     sinks: tuple[Sink, ...]
@@ -48,7 +50,7 @@ class WatchConfig:
     outputs: OutputMonitor | None
     timing: bool
     drift: Reference | None
-    drift_modules: tuple[tuple[str, nn.Module], ...]
+    drift_modules: tuple[str, ...]
     drift_arl: float | None
     monitors: tuple[Monitor, ...]
     device_path: bool  # measure CPU tensors the way accelerator ones are (the CPU twin, in tests)
@@ -74,7 +76,7 @@ class WatchConfig:
             raise ConfigError(f"alert_policy must be a tw.rules.AlertPolicy, got {type(alert_policy).__name__}")
         reference, drift_modules = _drift(model, drift, drift_arl)
         return cls(
-            selected=tuple(select_modules(model, modules)),
+            selected=tuple(name for name, _ in select_modules(model, modules)),
             every=_validate.integer("attach()", "every", every),
             sampling=sampling,
             sinks=tuple(_sink_list(sinks)),
@@ -94,6 +96,10 @@ class WatchConfig:
             device_path=device_path,
         )
 
+    def modules(self, model: nn.Module, names: tuple[str, ...] | None = None) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the selected modules (or of ``names``) in ``model``."""
+        return [(name, model.get_submodule(name)) for name in (self.selected if names is None else names)]
+
     def build_monitors(self, model: nn.Module, measure: Callable[..., None]) -> list[Monitor]:
         """The monitors these options turn on, after the activation statistics (whose ``measure``
         the input monitor shares), in hook order; then ``attach(monitors=...)``'s."""
@@ -102,17 +108,17 @@ class WatchConfig:
         path = "torch" if self.device_path else None  # CPU tensors through the device path's torch ops (tests)
         out: list[Monitor] = [Latency(cuda=cuda)]
         if self.timing:
-            out.append(Timing(list(self.selected), cuda=cuda))
+            out.append(Timing(self.modules(model), cuda=cuda))
         if self.inputs is not None:
             out.append(Inputs(self.inputs, measure, path=path))
         if self.outputs is not None:
             out.append(Outputs(self.outputs, path=path))
         if self.drift is not None:
-            out.append(Drift(self.drift, list(self.drift_modules), device, self.drift_arl))
+            out.append(Drift(self.drift, self.modules(model, self.drift_modules), device, self.drift_arl))
         return out + list(self.monitors)
 
 
-def _drift(model: nn.Module, drift: Any, arl: Any) -> tuple[Reference | None, list[tuple[str, nn.Module]]]:
+def _drift(model: nn.Module, drift: Any, arl: Any) -> tuple[Reference | None, list[str]]:
     """The reference of ``attach(drift=..., drift_arl=...)`` and the modules it hooks."""
     if drift is None:
         if arl is not None:
@@ -129,7 +135,7 @@ def _drift(model: nn.Module, drift: Any, arl: Any) -> tuple[Reference | None, li
             f"the drift reference monitors modules this model does not have: {missing}; "
             f"fit the reference on this model (its modules include {list(names)[1:6]})"
         )
-    return drift, [(n, names[n]) for n in drift.modules]
+    return drift, list(drift.modules)
 
 
 def _input_monitor(inputs: Any) -> InputMonitor | None:

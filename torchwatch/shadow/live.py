@@ -58,8 +58,9 @@ class Shadow:
         path: str | os.PathLike[str] | None, write_every: int, min_top1: float, max_rel_l2: float,
         min_calls: int,
     ) -> None:  # fmt: skip
-        self._primary = primary
-        self._candidate = candidate
+        # The primary is the server's: only its hooks refer to it (dropping it frees it). The
+        # candidate is the shadow's to run until close(), which lets it go.
+        self._candidate: nn.Module | None = candidate
         self.sample = sample
         self.min_top1, self.max_rel_l2, self.min_calls = min_top1, max_rel_l2, min_calls
         self._rng = random.Random(seed)
@@ -142,8 +143,11 @@ class Shadow:
                 self._stream = self._stream or torch.cuda.Stream()
                 self._stream.wait_event(event)
             stream_context = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+            candidate = self._candidate
+            if candidate is None:  # closed meanwhile
+                return
             with torch.no_grad(), stream_context:
-                got = self._candidate(*args, **kwargs)
+                got = candidate(*args, **kwargs)
                 self._comparer.add(expected, got)
         except Exception as exc:  # noqa: BLE001 - a failing candidate is the finding, not a crash
             with self._lock:
@@ -223,6 +227,7 @@ class Shadow:
             self.wait(timeout)
             self._queue.put(None)
             self._thread.join(timeout)
+            self._candidate = None  # a closed shadow keeps its report, not the candidate's weights
         result = self.report()
         if self._path is not None and result.calls:
             self._write()
@@ -268,7 +273,8 @@ def shadow(
     live (the primary's watch covers all its calls, the candidate would be measured on the sampled
     ones only): :func:`torchwatch.compare` compares them on the same inputs. Disagreement beyond the
     limits raises one ``"shadow"`` :class:`Alert` per output, delivered to the primary's watch
-    (sinks, incident log) when it is watched, or warned.
+    (sinks, incident log) when it is watched, or warned. The shadow holds the candidate until
+    :meth:`Shadow.close` and never the primary (dropping the primary frees it).
 
     Args:
         primary, candidate: the serving model and the version under evaluation.

@@ -15,6 +15,9 @@ device and sets the sampling flag there; the statistics kernels read both.
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
+import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -38,6 +41,18 @@ if TYPE_CHECKING:
 
 POSITIONS_NOT_MEASURED = "positions not measured"  # measurements of output positions beyond the capacity
 _NO_PLAN = object()
+
+
+def _import_dynamo() -> None:
+    """Import ``torch._dynamo`` (``torch.compiler.assume_constant_result`` does, the first time)
+    on a thread of its own. Its import leaves a reference cycle through the importing frames,
+    which only the garbage collector frees, and ``attach()``'s frames hold the model: imported
+    from here, a model dropped after its first attach would live until the next collection."""
+    if "torch._dynamo" in sys.modules:
+        return
+    thread = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="torchwatch-import")
+    thread.start()
+    thread.join()
 
 
 class Activations(Monitor):
@@ -79,6 +94,7 @@ class Activations(Monitor):
         self._completed = 0  # sampled calls completed (the check for modules that never ran waits for one)
         self._unseen_checked = False
         self.triton_in_compile = False  # benchmarks/_compile_probe.py sets it to reproduce the crash
+        _import_dynamo()
         ref = weakref.ref(self)  # weak: the closure must not keep the monitor in a cycle
 
         def graph_slot(device: str, fqn: str, name: str) -> int:
