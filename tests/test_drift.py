@@ -18,7 +18,7 @@ import torchwatch as tw
 from torchwatch.monitors.drift import mewma, statistics
 from torchwatch.monitors.drift import sequential as _sequential
 from torchwatch.monitors.drift.online import RING, DriftMonitor
-from torchwatch.monitors.drift.reference import STATISTICS
+from torchwatch.monitors.drift.reference import STATISTICS, default_reduce
 from torchwatch.monitors.drift.statistics import RESIDUAL_RESOLUTION, ModuleReference, Reservoir, lower_p, upper_p
 
 D = 12
@@ -452,6 +452,31 @@ def test_attach_rejects_bad_drift_arguments(ref):
         tw.attach(passthrough(), drift=ref, drift_arl=0.5)
 
 
+def test_a_cnn_feature_map_drift_monitors_with_the_defaults():
+    """(N, C, H, W) feature maps are the most common embedding of a vision model: by default they
+    are averaged over the spatial dimensions (the oracle: torch's own mean over dims 2, 3), in
+    either memory format, and a shift of the images is caught with no reduce= given."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(6000, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        out = cnn(images[:16])
+    torch.testing.assert_close(default_reduce(out), out.mean(dim=(2, 3)))
+    torch.testing.assert_close(default_reduce(out.to(memory_format=torch.channels_last)), out.mean(dim=(2, 3)))
+    torch.testing.assert_close(default_reduce(out[:, :, None]), out.mean(dim=(2, 3)))  # 5-D: all spatial dims
+    ref = tw.Reference.fit(cnn, images.split(200), modules=["2"], window=16, components=4, features=16,
+                           resamples=1000)  # fmt: skip
+    assert ref.modules["2"].mean.shape == (12,)
+    shifted = torch.randn(16 * 40, 3, 8, 8, generator=g) + 0.5
+    with pytest.warns(tw.TorchwatchWarning, match="drift in '2'"):
+        with torch.no_grad(), tw.attach(cnn, drift=ref, flush_every=5) as watch:
+            for batch in shifted.to(memory_format=torch.channels_last).split(16):
+                cnn(batch)
+            status = watch.snapshot().drift["2"]
+    assert status.alarm and watch.errors == {}
+
+
 def test_fit_rejects_what_it_cannot_use():
     model = passthrough()
     data = gaussian(3000, seed=18).split(100)
@@ -461,9 +486,9 @@ def test_fit_rejects_what_it_cannot_use():
         tw.Reference.fit(model, gaussian(40, seed=19).split(20), modules=["0"])
     with pytest.raises(tw.ConfigError, match="NaN/Inf"):
         tw.Reference.fit(model, [torch.full((100, D), math.nan)] * 30, modules=["0"], resamples=100)
-    conv = nn.Sequential(nn.Conv2d(1, 2, 3))
+    flat = nn.Sequential(nn.Flatten(0))  # (batch, features) -> one dimension: no batch left
     with pytest.raises(tw.ConfigError, match="pass reduce="):
-        tw.Reference.fit(conv, [torch.randn(4, 1, 8, 8)], modules=["0"])
+        tw.Reference.fit(flat, [torch.randn(4, 8)], modules=["0"])
     with pytest.raises(tw.ConfigError, match="window must be an integer from 1 to"):
         tw.Reference.fit(model, data, modules=["0"], window=0)
     with pytest.raises(tw.ConfigError, match="splits"):

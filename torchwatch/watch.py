@@ -382,7 +382,10 @@ def attach(
             (where Python does not run per call). Same as ``"python"`` when ``every == 1``.
         sinks: where flushes go: :class:`TensorBoardSink`, :class:`JsonlSink`, :class:`MemorySink`.
         flush_every: eager root calls between flushes (also on :meth:`Watch.flush`,
-            :meth:`Watch.snapshot` reads, detach and exit).
+            :meth:`Watch.snapshot` reads, detach and exit). A flush is one interval of the
+            baseline rules, which learn each baseline over 30 intervals first: with the defaults
+            no baseline alert is possible before 3,000 calls (NaN/Inf, cast overflow and the
+            fingerprint alert from the first call).
         cast_dtypes: dtypes to count would-underflow/overflow against (at most 8).
         on_nonfinite: on NaN/Inf: ``"ignore"`` (record only), ``"warn"`` (an :class:`Alert` and
             one warning per origin module), ``"raise"`` (:class:`NonFiniteError` after the forward

@@ -58,7 +58,8 @@ def defaults(cast_dtypes: Sequence[str] = ("float16", "bfloat16", "float8_e4m3fn
       to fp8: more than 0.1% of values (fp8's range is small: saturation is routine at a low rate);
     * underflow to 0 on a cast to fp16/bf16: more than 1% of nonzero-able values;
     * abs-max, std and zero fraction leaving their baselines (warm-up 30 intervals, ARL 10,000,
-      intervals of at least 4096 elements per module), inputs' abs-max and std included;
+      intervals of at least 4096 elements per module), inputs' abs-max and std included; an
+      interval is a flush, so at ``flush_every=100`` none can alert before 3,000 calls;
     * input channel means, integer-input frequencies and output quality leaving their baselines
       (:class:`EdgeChart`).
     """

@@ -2,7 +2,8 @@
 
 :meth:`Reference.fit` runs the model on reference data and keeps, per monitored module, a
 fixed-size summary of its embeddings (one vector per sample: 2-D outputs by row, 3-D outputs
-averaged over the sequence axis, or a ``reduce=`` callable):
+averaged over the sequence axis, 4-D and more (convolutions' feature maps) over their spatial
+dimensions, or a ``reduce=`` callable):
 
 * the mean and a PCA basis (``components`` directions, Ledoit-Wolf-shrunk variances), so a
   sample ``x`` becomes whitened coordinates ``z``;
@@ -61,7 +62,10 @@ Reduce = Callable[[Any], torch.Tensor]
 
 
 def default_reduce(output: Any) -> torch.Tensor:
-    """One vector per sample: 2-D as is, 3-D averaged over the sequence axis (dim 1)."""
+    """One vector per sample: 2-D ``(batch, features)`` as is; 3-D ``(batch, sequence, features)``
+    averaged over the sequence (dim 1); 4-D and more ``(batch, channels, *spatial)``, the layout
+    of convolutions' feature maps whatever their memory format (channels_last included),
+    averaged over the spatial dimensions (global average pooling, as a CNN's head does)."""
     t = output if isinstance(output, torch.Tensor) else _first_tensor(output)
     if t is None or not t.is_floating_point():
         raise ConfigError(f"drift needs a floating-point tensor output, got {type(output).__name__}")
@@ -69,9 +73,11 @@ def default_reduce(output: Any) -> torch.Tensor:
         return t
     if t.dim() == 3:
         return t.mean(dim=1)
+    if t.dim() >= 4:
+        return t.mean(dim=tuple(range(2, t.dim())))
     raise ConfigError(
-        f"drift reduces 2-D (batch, features) or 3-D (batch, sequence, features) outputs, got shape "
-        f"{tuple(t.shape)}; pass reduce= to map it to (batch, features)"
+        f"drift reduces outputs of 2 or more dimensions (batch first), got shape {tuple(t.shape)}; "
+        "pass reduce= to map it to (batch, features)"
     )
 
 
@@ -164,7 +170,8 @@ class Reference:
             arl: default target windows between false alarms (see :func:`arl_windows`).
             delta: CUSUM allowance; larger reacts to strong shifts faster, smaller to weak ones.
             reduce: maps a module output to (batch, features); default: 2-D as is, 3-D
-                averaged over dim 1. Not saved with the reference: pass it again to :meth:`load`.
+                averaged over dim 1, 4-D and more (batch, channels, *spatial) averaged over the
+                spatial dimensions. Not saved with the reference: pass it again to :meth:`load`.
             splits: fractions of samples for fit / calibration / holdout.
             resamples: bootstrap windows for each null distribution.
             max_samples: reference samples kept while fitting (reservoir-sampled beyond).
