@@ -115,6 +115,34 @@ def test_policy_deduplicates_and_rate_limits():
     assert policy.suppressed == 2
 
 
+def test_tripping_alerts_reach_every_sink_whatever_the_alert_budget(tmp_path, quiet):
+    """A budget of one alert an hour, used up by a chatty rule: every NaN fault (the same input,
+    the same statistic, minutes apart in the policy's eyes) and a tripping cast overflow still
+    reach the records, the incident log and watch.alerts; the chatty repeats are suppressed."""
+    model = _model()
+    sink = tw.MemorySink()
+    log = tmp_path / "incidents.jsonl"
+
+    def chatty(interval):
+        return [tw.Alert("chatty", "0", "x", 1.0, 0.0, interval.step, interval.time, None, None, "noise")]
+
+    policy = rules.AlertPolicy(cooldown=3600, max_per_minute=1)
+    bad = torch.randn(4, WIDTH)
+    bad[0, 0] = math.nan
+    with tw.attach(model, sinks=[sink, tw.IncidentLog(log)], flush_every=1, alert_policy=policy,
+                   rules=[chatty, rules.CastRange("float16", "overflow", trips=True)]) as watch:  # fmt: skip
+        for x in [torch.randn(4, WIDTH), torch.randn(4, WIDTH), bad, torch.randn(4, WIDTH), bad,
+                  torch.randn(4, WIDTH) * 1e6]:  # fmt: skip
+            model(x)
+            watch.flush()
+    delivered = [a for r in sink.records for a in r.alerts]
+    nan = [a for a in delivered if a.rule == "nonfinite"]
+    assert [a.call for a in nan] == [2, 4] and {a.module for a in nan} == {"<input>"}
+    assert any(a.rule == "cast_overflow" for a in delivered)
+    assert [a.rule for a in delivered].count("chatty") == 1 and policy.suppressed >= 5
+    assert [i["rule"] for i in tw.IncidentLog.read(log)] == [a.rule for a in delivered]
+
+
 def test_bad_rule_arguments():
     with pytest.raises(tw.ConfigError, match="stat='mean' is not valid"):
         rules.ControlChart("mean")

@@ -41,6 +41,7 @@ class AlertBus:
         self.trips = 0  # tripping alerts so far; healthy while it equals trips_cleared
         self.trips_cleared = 0
         self.last_trip: Alert | None = None
+        self._tripping: set[Alert] = set()  # tripping alerts not yet in a record: no policy holds them back
 
     # ---- alerts ------------------------------------------------------------------------------
 
@@ -86,6 +87,15 @@ class AlertBus:
         with self._lock:
             self.last_trip = alert
             self.trips += 1
+            if len(self._tripping) < 10_000:  # a flush takes them; bounded if none ever comes
+                self._tripping.add(alert)
+
+    def take_tripping(self, alerts: Iterable[Alert]) -> set[Alert]:
+        """Those of ``alerts`` that trip (the flush admits them whatever the alert policy)."""
+        with self._lock:
+            found = self._tripping.intersection(alerts)
+            self._tripping -= found
+        return found
 
     def take_window(self) -> list[Alert]:
         """The alerts waiting for the next record (a flush cuts them)."""

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..alerts import Alert
 from ..errors import NonFiniteError
 from ..kernels.graph_op import compiling
 from ..monitors.activations import Activations
@@ -344,6 +345,12 @@ class Engine:
         values = {m.name: m.collect(t, ctx) for m, t in taken[1:]}
         return part, values, ctx
 
+    def _admitted(self, alerts: list[Alert], now: float) -> list[Alert]:
+        """What reaches the sinks: tripping alerts (NaN/Inf, fingerprint, ``trips=True`` rules)
+        always, and outside the alert policy's budget; the others as the policy admits them."""
+        tripping = self.bus.take_tripping(alerts)
+        return [a for a in alerts if a in tripping or self.alert_policy.admit(a, now)]
+
     def _finish_flush(self, interval: Interval, waiting: int) -> Record | None:
         """Worker thread: wait for the copies, fold the window into the totals, run the rules on
         it, and make the record. With ``MERGE_RECORDS_BEHIND`` or more intervals ``waiting``
@@ -362,7 +369,7 @@ class Engine:
             alerts += self.bus.run_rules(self.rules, ctx.step, now, part.stats, published)
         parts = RecordParts(
             step=ctx.step, time=now, calls=interval.calls + part.calls, sampled=interval.sampled + part.sampled,
-            stats=part.stats, alerts=[a for a in alerts if self.alert_policy.admit(a, now)],
+            stats=part.stats, alerts=self._admitted(alerts, now),
             nonfinite=part.nonfinite, values=values, merged=interval.merged,
         )  # fmt: skip
         if self._carry is not None:  # earlier intervals held back while the sinks were behind

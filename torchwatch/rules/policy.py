@@ -14,6 +14,10 @@ from ..alerts import Alert
 class AlertPolicy:
     """De-duplication and rate limiting of alerts before they reach sinks and the incident log.
 
+    Tripping alerts (NaN/Inf, the fingerprint, rules made with ``trips=True``: those that make
+    :attr:`torchwatch.Watch.healthy` False) are never held back and do not use the budget: a
+    fault must reach the sinks however many alerts came before it.
+
     Args:
         cooldown: seconds during which a repeat of the same (rule, module, stat, cohort) is
             suppressed (counted in :attr:`suppressed`).
