@@ -136,3 +136,18 @@ def id_counts(values: np.ndarray, exact: int, hashed: int) -> np.ndarray:
     for v in values.tolist():
         counts[v if 0 <= v < exact else exact + hashed_bucket(v, hashed)] += 1
     return counts
+
+
+def false_alarm_bound(trials: int, rate: float, confidence: float = 0.999) -> int:
+    """The most false alarms ``trials`` independent chances at the advertised ``rate`` give with
+    probability ``confidence``: the binomial quantile (summed in log space, no scipy). A test
+    that accepts more than this accepts a rate above the advertised one."""
+    log_q = math.log1p(-rate)
+    total, k = 0.0, 0
+    while True:
+        log_pmf = (math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+                   + k * math.log(rate) + (trials - k) * log_q)  # fmt: skip
+        total += math.exp(log_pmf)
+        if total >= confidence:
+            return k
+        k += 1
