@@ -1,0 +1,143 @@
+"""Deliberate bugs in the core, each of which some test must catch.
+
+Copies the committed tree to a temporary directory, builds the C kernel there, and for each
+mutation below: applies it (one exact text replacement), rebuilds the kernel if it touched it,
+runs the tests named beside it, and expects them to FAIL. A mutation the tests survive is a hole
+in the suite. Run before resolving an issue that touches the core (not in CI's time budget:
+about ten minutes on 2 cores):
+
+    .venv/bin/python benchmarks/mutations.py            # all
+    .venv/bin/python benchmarks/mutations.py -k verify  # those whose name contains "verify"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+KERNEL = "torchwatch/kernels/_cstats.c"
+MUTATIONS = (
+    Mutation("kernel does not compile", KERNEL, "#define TW_BLOCK 2048", "#define TW_BLOCK 2048 +",
+             ("tests/test_install.py::test_the_c_kernel_is_built_wherever_a_c_compiler_is",)),
+    Mutation("kernel: a chunk skipped", KERNEL, "        if (c >= j->nchunks) return;",
+             "        if (c >= j->nchunks - (j->nchunks > 2)) return;", ("tests/test_kernels.py",)),
+    Mutation("kernel: zeros off by one", KERNEL, "    acc->zeros += nzero;", "    acc->zeros += nzero + (nzero > 0);",
+             ("tests/test_kernels.py", "tests/test_stats.py")),
+    Mutation("kernel: a poor shift is never corrected", KERNEL,
+             "if (abs(e - e_used) > TW_SCALE_SLACK || sd * sd / dn > TW_SHIFT_SLACK * (sq - sd * sd / dn)) {",
+             "if (abs(e - e_used) > TW_SCALE_SLACK) {", ("tests/test_kernels.py",)),
+    Mutation("kernel: the inline underflow count drops zeros twice", KERNEL,
+             "        if (k == inl) acc->under[k] += nsmall - nzero;", "        if (k == inl) acc->under[k] += nsmall;",
+             ("tests/test_kernels.py", "tests/test_stats.py")),
+    Mutation("verify: a file's first tensor is never compared", "torchwatch/integrity/verify.py",
+             "    bad = {n for n in to_hash if got[n] != expected[n].sha256}",
+             "    bad = {n for n in to_hash[1:] if got[n] != expected[n].sha256}", ("tests/test_verify.py",)),
+    Mutation("verify: a model's last tensor is never compared", "torchwatch/integrity/verify.py",
+             "{n for n in to_hash if got[n] != expected[n].sha256})",
+             "{n for n in to_hash[:-1] if got[n] != expected[n].sha256})",
+             ("tests/test_verify.py",)),
+    Mutation("drift: the CUSUM threshold doubled", "torchwatch/monitors/drift/online.py",
+             "        self.cusum = Cusum(ref.threshold(share), ref.delta)",
+             "        self.cusum = Cusum(2 * ref.threshold(share), ref.delta)", ("tests/test_drift.py",)),
+    Mutation("charts: a threshold set for ARL/10", "torchwatch/rules/charts.py",
+             "        return cusum_threshold(self.arl, self.k)\n\n    def evaluate",
+             "        return cusum_threshold(self.arl / 10, self.k)\n\n    def evaluate", ("tests/test_rules.py",)),
+    Mutation("charts: a chart never restarts after a signal", "torchwatch/rules/charts.py",
+             "        self.hi = self.lo = 0.0\n        return z, direction", "        return z, direction",
+             ("tests/test_rules.py",)),
+    Mutation("alerts: tripping alerts wait behind the budget", "torchwatch/engine/core.py",
+             "return [a for a in alerts if a in tripping or self.alert_policy.admit(a, now)]",
+             "return [a for a in alerts if self.alert_policy.admit(a, now)]", ("tests/test_rules.py",)),
+    Mutation("lifecycle: the watch holds the model strongly", "torchwatch/watch.py",
+             "        self._model = weakref.ref(model)", "        self._model = (lambda m: lambda: m)(model)",
+             ("tests/test_lifecycle.py",)),
+    Mutation("drift: 4-D feature maps not averaged", "torchwatch/monitors/drift/reference.py",
+             "        return t.mean(dim=tuple(range(2, t.dim())))", "        return t.flatten(1)",
+             ("tests/test_drift.py",)),
+)  # fmt: skip
+
+
+def _copy_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def _build(root: Path) -> bool:
+    for so in (root / "torchwatch" / "kernels").glob("_cstats*.so"):
+        so.unlink()
+    done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=root,
+                          capture_output=True, text=True)  # fmt: skip
+    return done.returncode == 0 and any((root / "torchwatch" / "kernels").glob("_cstats*.so"))
+
+
+def _tests_fail(root: Path, tests: tuple[str, ...]) -> tuple[bool, str]:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider",
+           "-n", "2", *tests]  # fmt: skip
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    return done.returncode != 0, (done.stdout.strip().splitlines() or [""])[-1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-k", default="", help="only mutations whose name contains this")
+    args = p.parse_args()
+    chosen = [m for m in MUTATIONS if args.k in m.name]
+    survived = []
+    with tempfile.TemporaryDirectory(prefix="tw-mutations-") as tmp:
+        root = Path(tmp)
+        _copy_tree(root)
+        if not _build(root):
+            sys.exit("the unmutated kernel does not build in the copy")
+        check = subprocess.run([sys.executable, "-c", "import torchwatch; print(torchwatch.__file__)"], cwd=root,
+                               env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)  # fmt: skip
+        if not check.stdout.startswith(str(root)):
+            sys.exit(f"the copy's torchwatch is not the one imported: {check.stdout or check.stderr}")
+        for m in chosen:
+            path = root / m.path
+            original = path.read_text()
+            if original.count(m.old) != 1:
+                sys.exit(f"{m.name}: the text to mutate is not in {m.path} exactly once (update this list)")
+            start = time.monotonic()
+            path.write_text(original.replace(m.old, m.new))
+            try:
+                if m.path.endswith(".c"):
+                    _build(root)  # a kernel that does not build is itself the mutation to catch
+                caught, last = _tests_fail(root, m.tests)
+            finally:
+                path.write_text(original)
+                if m.path.endswith(".c"):
+                    _build(root)
+            verdict = "caught" if caught else "SURVIVED"
+            print(f"{verdict:<9} {m.name:<55} {time.monotonic() - start:6.0f} s  {last}", flush=True)
+            if not caught:
+                survived.append(m.name)
+    print(f"\n{len(chosen) - len(survived)} of {len(chosen)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
