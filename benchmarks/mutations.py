@@ -86,6 +86,9 @@ def _copy_tree(dest: Path) -> None:
 
 
 def _build(root: Path) -> bool:
+    # setuptools copies the last good build from build/ when an optional extension fails to
+    # compile: a stale kernel would hide the very mutation that breaks the build
+    shutil.rmtree(root / "build", ignore_errors=True)
     for so in (root / "torchwatch" / "kernels").glob("_cstats*.so"):
         so.unlink()
     done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=root,
