@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -29,12 +30,16 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
 def test_scraped_values_equal_the_snapshot(quiet):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
     sink = tw.PrometheusSink(port=0, model_name="m1")
+    absmax, seconds = [], []  # per call, measured outside torchwatch: the oracles of the gauges
+    model[0].register_forward_hook(lambda m, a, out: absmax.append(out[out.isfinite()].abs().max().item()))
     with tw.attach(model, sinks=[sink], flush_every=5, on_nonfinite=[].append) as watch:
         for i in range(12):
             x = torch.randn(3, 4) * 1e5
             if i == 7:
                 x[0, 0] = float("nan")
+            start = time.perf_counter()
             model(x)
+            seconds.append(time.perf_counter() - start)
         watch.flush()
         snap = watch.snapshot()
         got = _scrape(sink.port)
@@ -51,8 +56,11 @@ def test_scraped_values_equal_the_snapshot(quiet):
         assert got[key("torchwatch_cast_overflow_total", module=name, dtype="float16")] == s.overflow["float16"]
     assert s.nan > 0 and s.overflow["float16"] > 0
     assert got[key("torchwatch_alerts_total", rule="nonfinite")] >= 1
-    assert key("torchwatch_absmax", module="0") in got
-    assert 0 < got[key("torchwatch_latency_seconds", quantile="0.99")] < 10
+    # gauges hold the latest interval: calls 10 and 11 (flushes after 5 and 10 calls, then flush())
+    assert got[key("torchwatch_absmax", module="0")] == pytest.approx(max(absmax[10:]), rel=1e-6)
+    # a root call's latency is timed inside the call: no longer than the same call timed around
+    # it (the sketch's quantiles are within 1% of a value it holds)
+    assert 0 < got[key("torchwatch_latency_seconds", quantile="0.99")] <= max(seconds[10:]) * 1.01
 
 
 def test_registers_into_the_application_registry_and_bounds_module_labels():
