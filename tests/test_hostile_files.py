@@ -267,3 +267,24 @@ def test_any_json_as_a_run_marker_gives_well_formed_phases_or_a_skipped_note(doc
         assert p["time"] is None or math.isfinite(p["time"])
     entries = doc.get("phases") if isinstance(doc, dict) else None
     assert len(phases) + len(skipped) >= (len(entries) if isinstance(entries, list) else 0)
+
+
+@pytest.mark.parametrize(
+    ("save", "kind"),
+    [
+        (lambda p: torch.save({"w": torch.ones(3)}, p), "a zip archive (torch.save's format"),
+        (lambda p: torch.save({"w": torch.ones(3)}, p, _use_new_zipfile_serialization=False), "a Python pickle"),
+        (lambda p: __import__("numpy").save(open(p, "wb"), __import__("numpy").ones(3)), "a NumPy .npy array"),
+    ],
+    ids=["torch.save", "legacy torch.save", "npy"],
+)
+def test_a_checkpoint_in_another_format_is_named_as_such_not_called_corrupt(tmp_path, capsys, save, kind):
+    path = tmp_path / "model.pth"
+    save(path)
+    with pytest.raises(tw.FormatError, match="not a safetensors file") as err:
+        tw.Manifest.from_safetensors(path)
+    assert kind in str(err.value) and "corrupt" not in str(err.value)
+    assert "safetensors.torch.save_file" in str(err.value) and "Manifest.from_model" in str(err.value)
+    assert cli.main(["manifest", str(path), "-o", str(tmp_path / "m.json")]) == 2
+    assert kind in _one_line_error(capsys)
+    assert not (tmp_path / "m.json").exists()

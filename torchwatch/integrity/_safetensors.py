@@ -81,6 +81,14 @@ def read_header(path: str | os.PathLike[str], what: str = "checkpoint") -> Heade
                     f"{shown(path)} is not a safetensors file: {size} bytes, shorter than its 8-byte header length"
                 )
             (n,) = struct.unpack("<Q", head)
+            kind = _other_format(head) if n > MAX_HEADER_BYTES or n > size - 8 else None
+            if kind is not None:
+                raise FormatError(
+                    f"{shown(path)} is {kind}, not a safetensors file: torchwatch reads weights from safetensors "
+                    "only (no pickle is ever loaded). Load it in your own code and save it once with "
+                    "safetensors.torch.save_file(state_dict, 'model.safetensors'), or make the manifest from the "
+                    "loaded model: tw.Manifest.from_model(model) (command line: --model module:factory)"
+                )
             if n > MAX_HEADER_BYTES or n > size - 8:
                 raise FormatError(
                     f"{shown(path)} is not a valid safetensors file: its header claims {n:,} bytes but the file has "
@@ -102,6 +110,19 @@ def read_header(path: str | os.PathLike[str], what: str = "checkpoint") -> Heade
     entries = {name: _entry(path, name, info, data_start) for name, info in doc.items()}
     _check_layout(path, entries, data_start, size)
     return Header(path, entries, metadata, size)
+
+
+def _other_format(head: bytes) -> str | None:
+    """What a file that is not safetensors is, from its first 8 bytes, where that is known."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save's format: a PyTorch .pt/.pth/.bin checkpoint, or an .npz)"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "a Python pickle (a legacy torch.save checkpoint)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array"
+    if head.startswith(b"GGUF"):
+        return "a GGUF model file"
+    return None
 
 
 def _entry(path: str, name: str, info: object, data_start: int) -> Entry:
