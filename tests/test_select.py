@@ -78,3 +78,35 @@ def test_attach_uses_the_selector():
     with tw.attach(m, modules=(nn.LayerNorm,)) as watch:
         m(torch.randn(2, 4))
         assert list(watch.snapshot()) == ["<input>", "3"]  # the root call's input is measured too
+
+
+class _SamePadConv(nn.Conv2d):
+    """A convolution with TF-style "same" padding done by a padding module it holds (as models
+    ported from TensorFlow do): a Conv2d with a child, so not a leaf."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pad(x))
+
+
+def test_by_default_layers_with_helpers_inside_are_watched_whole_and_pass_throughs_are_not(quiet):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(
+        _SamePadConv(3, 4), nn.BatchNorm2d(4), nn.ReLU6(), nn.ZeroPad2d(1), nn.Flatten(),
+        weight_norm(nn.Linear(4 * 10 * 10, 5)), nn.Dropout(), nn.TransformerEncoderLayer(5, 1, 8),
+    ).eval()  # fmt: skip
+    chosen = [n for n, _ in select_modules(model, None)]
+    # the padded convolution and the parametrized Linear whole; no padding layer, no helper inside
+    # a layer (its padding, its weight parametrization); a transformer layer is a container
+    assert chosen == ["0", "1", "2", "4", "5", "7.self_attn.out_proj", "7.linear1", "7.linear2", "7.norm1", "7.norm2"]
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    with tw.attach(model, on_nonfinite="ignore") as watch:
+        model(torch.randn(2, 3, 8, 8))
+        snap = watch.snapshot()
+    assert watch.last_trip.module == "0"  # the NaN's origin is the convolution, not a helper
+    assert "0" in snap and snap["0"].nan > 0 and "0.pad" not in snap and "3" not in snap

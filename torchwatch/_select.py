@@ -29,6 +29,24 @@ IDENTITY_LIKE: tuple[type[nn.Module], ...] = tuple(
     if cls is not None
 )
 
+# Padding layers' outputs are their inputs with constant borders: not watched by default either.
+PADDING: tuple[type[nn.Module], ...] = tuple(
+    cls
+    for cls in (getattr(nn.modules.padding, name, None) for name in ("_ConstantPadNd", "_ReflectionPadNd",
+                                                                    "_ReplicationPadNd", "CircularPad1d"))
+    if cls is not None
+)  # fmt: skip
+
+# torch.nn's own computing layers. A subclass of one that holds helper modules (a padding layer,
+# as "same"-padding convolutions of TF-ported models do; weight parametrizations) is still one
+# layer: it is watched whole by default, its helpers are not.
+LAYERS: tuple[type[nn.Module], ...] = tuple(
+    cls
+    for cls in (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                nn.GroupNorm, nn.Embedding, nn.EmbeddingBag, getattr(nn, "RMSNorm", None))
+    if cls is not None
+)  # fmt: skip
+
 Selector = Union[None, str, re.Pattern, list, tuple, set, frozenset, Callable[[str, nn.Module], bool]]
 
 
@@ -36,10 +54,24 @@ def _is_leaf(module: nn.Module) -> bool:
     return next(iter(module.children()), None) is None
 
 
+def _default(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Leaves and torch.nn layers with helpers inside, less pass-throughs and those helpers."""
+    layers = [n for n, m in named if isinstance(m, LAYERS) and not _is_leaf(m)]
+    inside = tuple(f"{n}." if n else "" for n in layers)
+
+    def chosen(name: str, module: nn.Module) -> bool:
+        if isinstance(module, IDENTITY_LIKE + PADDING) or (inside and name.startswith(inside)):
+            return False
+        return _is_leaf(module) or isinstance(module, LAYERS)
+
+    return [(n, m) for n, m in named if chosen(n, m)]
+
+
 def select_modules(model: nn.Module, spec: Any) -> list[tuple[str, nn.Module]]:
     """``(fqn, module)`` pairs chosen by ``spec``, in ``named_modules()`` order.
 
-    ``spec`` is ``None`` (every leaf module except identity-like ones), a regex that must
+    ``spec`` is ``None`` (every leaf module except identity-like and padding ones, with torch.nn
+    layers that hold helper modules counted as leaves and their helpers left out), a regex that must
     match the whole fully-qualified name, a collection of exact names, a tuple of module
     types, or a callable ``(fqn, module) -> bool``. The model itself has the name ``""``.
 
@@ -49,7 +81,7 @@ def select_modules(model: nn.Module, spec: Any) -> list[tuple[str, nn.Module]]:
     """
     named = list(model.named_modules())
     if spec is None:
-        chosen = [(n, m) for n, m in named if _is_leaf(m) and not isinstance(m, IDENTITY_LIKE)]
+        chosen = _default(named)
         what = "modules=None (leaf modules)"
     elif isinstance(spec, (str, re.Pattern)):
         try:

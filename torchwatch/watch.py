@@ -372,9 +372,11 @@ def attach(
         model: the model; its own ``model(...)`` calls are the *root calls* that are counted,
             sampled and labelled. Attach after moving it to its device and before
             ``torch.compile`` (hooks added after compiling are ignored by compiled code).
-        modules: which modules: ``None`` (every leaf module except Dropout/Identity), a regex
-            matched against the whole fully-qualified name, a list of names, a tuple of module
-            types, or a callable ``(fqn, module) -> bool``.
+        modules: which modules: ``None`` (every leaf module except Dropout/Identity/padding; a
+            torch.nn layer such as Conv2d or Linear that holds helper modules, a padding layer or
+            a weight parametrization, counts as one leaf), a regex matched against the whole
+            fully-qualified name, a list of names, a tuple of module types, or a callable
+            ``(fqn, module) -> bool``.
         every: measure one root call in ``every`` (the first is always measured).
         sampling: ``"python"`` (default): unsampled eager calls run no per-module hook at all.
             ``"device"``: the hooks stay installed and a counter on the device decides which calls
