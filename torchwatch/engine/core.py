@@ -347,9 +347,8 @@ class Engine:
 
     def _admitted(self, alerts: list[Alert], now: float) -> list[Alert]:
         """What reaches the sinks: tripping alerts (NaN/Inf, fingerprint, ``trips=True`` rules)
-        always, and outside the alert policy's budget; the others as the policy admits them."""
-        tripping = self.bus.take_tripping(alerts)
-        return [a for a in alerts if a in tripping or self.alert_policy.admit(a, now)]
+        outside the alert policy's budget, one per episode; the others as the policy admits them."""
+        return self.alert_policy.select(alerts, self.bus.take_tripping(alerts), now)
 
     def _finish_flush(self, interval: Interval, waiting: int) -> Record | None:
         """Worker thread: wait for the copies, fold the window into the totals, run the rules on

@@ -15,8 +15,11 @@ class AlertPolicy:
     """De-duplication and rate limiting of alerts before they reach sinks and the incident log.
 
     Tripping alerts (NaN/Inf, the fingerprint, rules made with ``trips=True``: those that make
-    :attr:`torchwatch.Watch.healthy` False) are never held back and do not use the budget: a
-    fault must reach the sinks however many alerts came before it.
+    :attr:`torchwatch.Watch.healthy` False) do not use the budget and are not held back by the
+    cool-down: a fault must reach the sinks however many alerts came before it, and a second
+    fault minutes after the first is a second alert. A fault that persists is one episode: its
+    alert is held back (counted) while the same (rule, module, stat, cohort) tripped in the
+    interval before too (:meth:`select`).
 
     Args:
         cooldown: seconds during which a repeat of the same (rule, module, stat, cohort) is
@@ -33,11 +36,29 @@ class AlertPolicy:
         _validate.integer("AlertPolicy", "max_per_minute", self.max_per_minute, low=1)
         self._last: dict[tuple[Any, ...], float] = {}
         self._recent: list[float] = []
+        self._episodes: set[tuple[Any, ...]] = set()  # tripping keys of the interval before
+
+    def select(self, alerts: list[Alert], tripping: set[Alert], now: float) -> list[Alert]:
+        """The alerts of one interval that reach the sinks: those of ``tripping`` whose key did
+        not trip in the interval before; the others as :meth:`admit` says."""
+        out, keys = [], set()
+        for alert in alerts:
+            if alert in tripping:
+                key = _key(alert)
+                keys.add(key)
+                if key in self._episodes:
+                    self.suppressed += 1
+                    continue
+                out.append(alert)
+            elif self.admit(alert, now):
+                out.append(alert)
+        self._episodes = keys
+        return out
 
     def admit(self, alert: Alert, now: float | None = None) -> bool:
         """Whether to let ``alert`` through (and remember it)."""
         now = time.time() if now is None else now
-        key = (alert.rule, alert.module, alert.stat, alert.cohort)
+        key = _key(alert)
         last = self._last.get(key)
         self._recent = [t for t in self._recent if now - t < 60.0]
         if (last is not None and now - last < self.cooldown) or len(self._recent) >= self.max_per_minute:
@@ -46,3 +67,7 @@ class AlertPolicy:
         self._last[key] = now
         self._recent.append(now)
         return True
+
+
+def _key(alert: Alert) -> tuple[Any, ...]:
+    return (alert.rule, alert.module, alert.stat, alert.cohort)
