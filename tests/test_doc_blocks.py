@@ -129,12 +129,16 @@ def _readme(line: int, ns: dict) -> None:
     if "snap" in ns and "dense" in ns and "quick" not in ns:
         ns["quick"] = True
         assert ns["dense"].calls == 1 and ns["dense"].nan == 0 and ns["snap"].outputs.rows == 8
+        assert not ns["snap"].nonfinite  # "(empty: none did)"
     if "result" in ns and "compared" not in ns:
         ns["compared"] = True
         assert pathlib.Path("v2-vs-v1.jsonl").stat().st_size > 0
     if "ref" in ns and "drift" not in ns:
         ns["drift"] = True
         assert pathlib.Path("pooler-ref.safetensors").exists()
+    if "mlp_watch" in ns and "sampled" not in ns:
+        ns["sampled"] = True
+        assert ns["mlp_watch"].snapshot()["2"].calls == 2  # "2 of the 32 calls were sampled"
     if "report" in ns and "selftested" not in ns:
         ns["selftested"] = True
         assert ns["report"].ok and pathlib.Path("manifest.key").stat().st_mode & 0o777 == 0o600
@@ -159,7 +163,7 @@ def _concepts(line: int, ns: dict) -> None:
 
 CHECKS = {"README.md": _readme, "docs/serving.md": _serving, "docs/concepts.md": _concepts}
 # what each document's checks must have seen: a block renamed or removed fails here, not silently
-CHECKED = {"README.md": {"quick", "compared", "drift", "selftested"}, "docs/serving.md": {"handled"},
+CHECKED = {"README.md": {"quick", "compared", "drift", "selftested", "sampled"}, "docs/serving.md": {"handled"},
            "docs/concepts.md": {"contained"}}  # fmt: skip
 EXAMPLES = {(ROOT / path).read_text(): path for path in EXAMPLE_TESTS}
 
