@@ -17,9 +17,9 @@ class AlertPolicy:
     Tripping alerts (NaN/Inf, the fingerprint, rules made with ``trips=True``: those that make
     :attr:`torchwatch.Watch.healthy` False) do not use the budget and are not held back by the
     cool-down: a fault must reach the sinks however many alerts came before it, and a second
-    fault minutes after the first is a second alert. A fault that persists is one episode: its
-    alert is held back (counted) while the same (rule, module, stat, cohort) tripped in the
-    interval before too (:meth:`select`).
+    fault minutes after the first is a second alert. A fault that persists is one episode: while
+    the same (rule, module, stat, cohort) tripped in the interval before too, its alert is held
+    back (counted) until ``cooldown`` seconds after the episode's last one (:meth:`select`).
 
     Args:
         cooldown: seconds during which a repeat of the same (rule, module, stat, cohort) is
@@ -39,16 +39,19 @@ class AlertPolicy:
         self._episodes: set[tuple[Any, ...]] = set()  # tripping keys of the interval before
 
     def select(self, alerts: list[Alert], tripping: set[Alert], now: float) -> list[Alert]:
-        """The alerts of one interval that reach the sinks: those of ``tripping`` whose key did
-        not trip in the interval before; the others as :meth:`admit` says."""
+        """The alerts of one interval that reach the sinks: those of ``tripping`` that start an
+        episode (their key did not trip in the interval before) or come ``cooldown`` seconds after
+        its last alert; the others as :meth:`admit` says."""
         out, keys = [], set()
         for alert in alerts:
             if alert in tripping:
                 key = _key(alert)
                 keys.add(key)
-                if key in self._episodes:
-                    self.suppressed += 1
+                last = self._last.get(key)
+                if key in self._episodes and last is not None and now - last < self.cooldown:
+                    self.suppressed += 1  # the same fault, still going: reported at its start
                     continue
+                self._last[key] = now
                 out.append(alert)
             elif self.admit(alert, now):
                 out.append(alert)
