@@ -469,7 +469,7 @@ TW_AVX512 static void pass_b_avx512(const float *x, int n, float scale, float sh
 /* The shift and scale of a block's moments. The shift is the mean of TW_SAMPLES elements spread
    evenly over the block itself: a block of a convolution's output often spans two channels whose
    means differ by several of its standard deviations, so the block before is a poor guess (it
-   was for 28% of EfficientNet-Lite0's blocks, each read twice more; 0.3% with 32 samples). The
+   was for 28% of EfficientNet-Lite0's blocks, each read twice more; 0.4% with 32 samples). The
    scale is the power of two near the largest |x| of the block before (or of the samples, for a
    chunk's first block); within 2^+-TW_SCALE_SLACK of 1 the moments are taken unscaled. A block
    checks the guess afterwards and re-reads itself (from L1) with its own mean and scale where it
@@ -482,9 +482,14 @@ typedef struct {
     int zeros;                                  /* the block before held a zero: count them inline */
 } guess_t;
 
+/* Every stride-th element of x[0:n], from stride / 2, is a sample: TW_SAMPLES of a full block. */
+static inline int sample_stride(int n) {
+    return n / TW_SAMPLES > 0 ? n / TW_SAMPLES : 1;
+}
+
 /* The mean and the largest |x| of the finite samples of x[0:n] (0, 0 if none is finite). */
 static void sample_block(const float *x, int n, float *mean, float *top) {
-    int stride = n / TW_SAMPLES > 0 ? n / TW_SAMPLES : 1, m = 0;
+    int stride = sample_stride(n), m = 0;
     double s = 0, t = 0;
     for (int i = stride / 2; i < n; i += stride) {
         double v = x[i];
@@ -500,7 +505,7 @@ static void sample_block(const float *x, int n, float *mean, float *top) {
 /* Bring the next block's samples towards the core while this block is read, so that taking
    them does not wait on memory. */
 static inline void prefetch_samples(const float *x, int n) {
-    int stride = n / TW_SAMPLES > 0 ? n / TW_SAMPLES : 1;
+    int stride = sample_stride(n);
     for (int i = stride / 2; i < n; i += stride) _mm_prefetch((const char *)(x + i), _MM_HINT_T0);
 }
 #endif
@@ -526,6 +531,8 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     if (!g->set) {
         g->e = 0;
         if (top > 0) frexpf(top, &g->e);
+        if (g->e > 126) g->e = 126;             /* keep the scale a normal float: samples may be */
+        if (g->e < -126) g->e = -126;           /* subnormal, or within a factor 2 of FLT_MAX */
         g->set = 1;
     }
     int e_used = abs(g->e) <= TW_SCALE_SLACK ? 0 : g->e;  /* 0: unscaled */
