@@ -58,9 +58,10 @@ def test_scraped_values_equal_the_snapshot(quiet):
     assert got[key("torchwatch_alerts_total", rule="nonfinite")] >= 1
     # gauges hold the latest interval: calls 10 and 11 (flushes after 5 and 10 calls, then flush())
     assert got[key("torchwatch_absmax", module="0")] == pytest.approx(max(absmax[10:]), rel=1e-6)
-    # a root call's latency is timed inside the call: no longer than the same call timed around
-    # it (the sketch's quantiles are within 1% of a value it holds)
-    assert 0 < got[key("torchwatch_latency_seconds", quantile="0.99")] <= max(seconds[10:]) * 1.01
+    # a root call's latency is timed inside the call: no longer than the slowest of the same calls
+    # timed around them (the sketch's quantiles are within 1% of a value it holds). Latency cuts
+    # its window on the worker (issue 27), so the last interval may hold calls before 10.
+    assert 0 < got[key("torchwatch_latency_seconds", quantile="0.99")] <= max(seconds) * 1.01
 
 
 def test_registers_into_the_application_registry_and_bounds_module_labels():
