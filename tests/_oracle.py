@@ -151,3 +151,23 @@ def false_alarm_bound(trials: int, rate: float, confidence: float = 0.999) -> in
         if total >= confidence:
             return k
         k += 1
+
+
+def cusum_arl(h: float, k: float, states: int = 600) -> float:
+    """In-control ARL of a one-sided CUSUM S = max(0, S + z - k) of N(0, 1) values signalling at
+    S >= h, from Brook & Evans' Markov chain on ``states`` cells of [0, h) (midpoint rule): an
+    independent check of the charts' closed-form (Siegmund) thresholds."""
+    w = h / states
+    mids = (np.arange(states) + 0.5) * w
+    edges = np.arange(states + 1) * w
+
+    def cdf(x: np.ndarray) -> np.ndarray:
+        return 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+    # from state i: to cell 0 if S + z - k < w (max(0, .) included), to cell j for edges j..j+1
+    shift = edges[None, :] - mids[:, None] + k
+    c = cdf(shift)
+    p = np.diff(c, axis=1)
+    p[:, 0] = c[:, 1]
+    arl = np.linalg.solve(np.eye(states) - p, np.ones(states))
+    return float(arl[0])

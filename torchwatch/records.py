@@ -25,6 +25,35 @@ from .stats import ModuleStats
 MONITOR_FIELDS = ("drift", "latency", "inputs", "outputs", "timing")  # the built-in monitors' values
 
 
+@dataclass(frozen=True)
+class Warmup:
+    """How far the alert rules' baselines are learned (``snapshot().baselines``, ``record.baselines``).
+
+    Attributes:
+        series: baseline series kept by the rules (one per cohort, module and statistic).
+        learning: how many of them are still in warm-up: no baseline alert can come from those.
+        intervals_left: the most flush intervals any of them still needs (0 when all are learned).
+    """
+
+    series: int
+    learning: int
+    intervals_left: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"series": self.series, "learning": self.learning, "intervals_left": self.intervals_left}
+
+    @classmethod
+    def from_dict(cls, doc: object, where: str = "baselines") -> Warmup:
+        f = Fields(doc, where)
+        return cls(f.count("series"), f.count("learning"), f.count("intervals_left"))
+
+    def __str__(self) -> str:
+        if not self.learning:
+            return f"all {self.series} baseline series learned"
+        return (f"{self.learning} of {self.series} baseline series still learning (up to {self.intervals_left} more "
+                "intervals): no baseline alert can come from them yet")  # fmt: skip
+
+
 def _fields(stats: Mapping[str, ModuleStats], obj: Any) -> dict[str, Any]:
     """The fields a snapshot and a record share, as plain data."""
     return {
@@ -39,6 +68,7 @@ def _fields(stats: Mapping[str, ModuleStats], obj: Any) -> dict[str, Any]:
         "outputs": obj.outputs.to_dict() if obj.outputs is not None else None,
         "timing": {name: t.to_dict() for name, t in obj.timing.items()},
         **({"extra": {name: _plain(v) for name, v in obj.extra.items()}} if obj.extra else {}),
+        **({"baselines": obj.baselines.to_dict()} if obj.baselines is not None else {}),
     }
 
 
@@ -81,6 +111,8 @@ class Snapshot(Mapping[str, ModuleStats]):
             and in a cohort snapshot).
         timing: per module, :class:`~torchwatch.monitors.latency.LatencyStats` with ``attach(timing=True)``.
         extra: the values of monitors added with ``attach(monitors=...)``, by name.
+        baselines: how far the rules' baselines are learned (:class:`Warmup`), as of the last
+            flush; None when no rule learns one.
 
     Example:
         >>> import torch, torchwatch as tw
@@ -107,8 +139,10 @@ class Snapshot(Mapping[str, ModuleStats]):
         outputs: Any = None,
         timing: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
+        baselines: Warmup | None = None,
     ) -> None:
         self._stats = dict(stats)
+        self.baselines = baselines
         self.calls = calls
         self.sampled = sampled
         self.cohort = cohort
@@ -177,6 +211,8 @@ class Record:
         merged: automatic flushes folded into this record because the watch's writer thread was
             behind (slow sinks, a busy process): the record covers their calls too; nothing is
             dropped. 0 normally.
+        baselines: how far the rules' baselines are learned after this interval (:class:`Warmup`);
+            None when no rule learns one.
     """
 
     step: int
@@ -194,6 +230,7 @@ class Record:
     timing: Mapping[str, Any] = field(default_factory=dict)
     merged: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    baselines: Warmup | None = None
 
     @classmethod
     def of(cls, *, values: Mapping[str, Any], **fields: Any) -> Record:
@@ -229,6 +266,7 @@ class Record:
         f = Fields(doc, where)
         outputs = f.obj("outputs", optional=True)
         latency = f.obj("latency", optional=True)
+        baselines = f.obj("baselines", optional=True)
         return cls(
             step=f.int("step"), time=f.float("time"), calls=f.count("calls"), sampled=f.count("sampled"),
             stats={name: ModuleStats.from_dict(m.doc, m.where) for name, m in f.items("modules")},
@@ -243,4 +281,5 @@ class Record:
             outputs=OutputQuality.summary_from_json(outputs) if outputs is not None else None,
             timing={name: LatencyStats.from_mapping(t.doc, t.where) for name, t in f.items("timing")},
             merged=f.count("merged"), extra=dict(e.doc) if (e := f.obj("extra", optional=True)) is not None else {},
+            baselines=Warmup.from_dict(baselines.doc, baselines.where) if baselines is not None else None,
         )  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 from .. import formats
 from .._files import open_regular, parse_json, read_regular, shown
 from ..errors import FormatError
-from ..records import Record
+from ..records import Record, Warmup
 from ..shadow import Comparison
 from ..sinks.incidents import IncidentLog
 from . import report_tensorboard
@@ -216,6 +216,8 @@ def _read_stats(path: str, data: LogData) -> None:
             data.latency.append((step, r.latency.to_dict()))
         for name, i in r.inputs.items():
             data.inputs.setdefault(name, []).append((step, dict(i)))
+        if r.baselines is not None and step >= data.baselines_step:
+            data.baselines, data.baselines_step = r.baselines.to_dict(), step
 
 
 def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
@@ -264,6 +266,7 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
         "calls": data.calls, "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
         "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
         "phases": data.phases, "charted_only": data.charted_only, "problems": problems,
+        "baselines": data.baselines,
     }  # fmt: skip
 
 
@@ -340,6 +343,8 @@ def text(summary: dict[str, Any]) -> str:
     span = f", {_when(summary['first_time'])} to {_when(summary['last_time'])}" if summary["first_time"] else ""
     calls = f"{summary['calls']:,} calls" if summary["exact_counts"] else f"up to step {summary['steps']:,}"
     lines.append(f"  {calls}{span}; read {len(summary['sources'])} file(s)")
+    if summary.get("baselines"):
+        lines.append(f"  {Warmup(**summary['baselines'])}")
     for why in summary.get("skipped", [])[:10]:
         lines.append(f"  skipped {why}")
     if summary.get("charted_only"):

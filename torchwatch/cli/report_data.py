@@ -49,3 +49,5 @@ class LogData:
     charted_only: list[str] = field(default_factory=list)  # in TensorBoard logs, not summarised from them
     times: dict[int, float] = field(default_factory=dict)  # wall time of each record's step (JSONL logs)
     skipped: list[str] = field(default_factory=list)  # log-like files that could not be read, and why
+    baselines: dict[str, int] | None = None  # the rules' warm-up as of the latest record that says
+    baselines_step: int = -1

@@ -31,7 +31,8 @@ from ..errors import NonFiniteError
 from ..kernels.graph_op import compiling
 from ..monitors.activations import Activations
 from ..monitors.base import ROOT_CALL, Call, Collect, Monitor, labels
-from ..records import Record, Snapshot
+from ..records import Record, Snapshot, Warmup
+from ..rules import warmup
 from ..sinks.base import Sink
 from ..stats import merge_all
 from .bus import AlertBus
@@ -369,7 +370,7 @@ class Engine:
         parts = RecordParts(
             step=ctx.step, time=now, calls=interval.calls + part.calls, sampled=interval.sampled + part.sampled,
             stats=part.stats, alerts=self._admitted(alerts, now),
-            nonfinite=part.nonfinite, values=values, merged=interval.merged,
+            nonfinite=part.nonfinite, values=values, merged=interval.merged, baselines=self._warmup(),
         )  # fmt: skip
         if self._carry is not None:  # earlier intervals held back while the sinks were behind
             parts = self._carry.merge(parts, monitors)
@@ -401,8 +402,17 @@ class Engine:
         shown = {m.name: m.publish(values[m.name]) for m, _ in taken[1:] if cohort is None or m.cohort_snapshot}
         return Snapshot.of(
             stats, calls=calls + part.calls, sampled=sampled + part.sampled, cohort=cohort, nonfinite=first,
-            errors=errors, values=shown,
+            errors=errors, values=shown, baselines=self._warmup(),
         )  # fmt: skip
+
+    def _warmup(self) -> Warmup | None:
+        """How far the rules' baselines are learned (read between flushes, or on the worker)."""
+        try:
+            return warmup(self.rules)
+        except Exception as exc:  # noqa: BLE001 - a custom rule's warmup_state() never stops a flush
+            self.bus.count("rule:warmup_state")
+            self.bus.warn_once("rule:warmup_state", f"a rule's warmup_state() raised {exc!r}; counted in watch.errors")
+            return None
 
     def reset(self) -> None:
         """Forget statistics and non-finite records (alerts and error counts are kept)."""

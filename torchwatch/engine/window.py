@@ -14,7 +14,7 @@ from typing import Any
 
 from ..alerts import Alert, FirstNonFinite
 from ..monitors.base import Monitor
-from ..records import Record
+from ..records import Record, Warmup
 from ..stats import ModuleStats, merge_all
 
 
@@ -43,6 +43,7 @@ class RecordParts:
     nonfinite: dict[str, FirstNonFinite]
     values: dict[str, Any]  # each monitor's collected value, by name
     merged: int
+    baselines: Warmup | None = None  # the rules' warm-up after the latest interval
 
     def merge(self, later: RecordParts, monitors: Sequence[Monitor]) -> RecordParts:
         """These intervals followed by ``later``'s, as one (counts add, statistics merge)."""
@@ -56,7 +57,7 @@ class RecordParts:
             step=later.step, time=later.time, calls=self.calls + later.calls, sampled=self.sampled + later.sampled,
             stats=self.stats + later.stats, alerts=self.alerts + later.alerts,
             nonfinite={**later.nonfinite, **self.nonfinite},  # the first occurrence wins
-            values=values, merged=self.merged + later.merged + 1,
+            values=values, merged=self.merged + later.merged + 1, baselines=later.baselines,
         )  # fmt: skip
 
     def record(
@@ -72,6 +73,6 @@ class RecordParts:
         return Record.of(
             step=self.step, time=self.time, calls=self.calls, sampled=self.sampled,
             stats={name: merge_all(per_name[name]) for name in order(per_name)}, alerts=tuple(self.alerts),
-            nonfinite=self.nonfinite, errors=errors, merged=self.merged,
+            nonfinite=self.nonfinite, errors=errors, merged=self.merged, baselines=self.baselines,
             values={m.name: m.publish(self.values[m.name]) for m in monitors},
         )  # fmt: skip

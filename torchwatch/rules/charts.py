@@ -1,5 +1,6 @@
 """Control charts: a statistic leaving its own learned baseline (:class:`ControlChart`,
-:class:`EdgeChart` for inputs and outputs), each a two-sided CUSUM with a computed threshold."""
+:class:`EdgeChart` for inputs and outputs), each a two-sided CUSUM with a computed threshold, all
+series of a model sharing one false-alarm budget (:class:`Budget`)."""
 
 from __future__ import annotations
 
@@ -37,11 +38,15 @@ def _zeros(s: ModuleStats) -> float:
     return s.zeros / s.count if s.count else math.nan
 
 
-# statistic -> (how it is charted, the smallest standard deviation the chart assumes, words)
-STATISTICS: dict[str, tuple[Callable[[ModuleStats], float], float, str]] = {
-    "absmax": (_absmax, 0.10, "log abs-max"),  # a batch maximum is Gumbel-like: wider floor
-    "std": (_std, 0.05, "log std"),
-    "zero_fraction": (_zeros, 0.01, "fraction of zeros"),
+# statistic -> (how it is charted, the smallest standard deviation the chart assumes, words, sides)
+STATISTICS: dict[str, tuple[Callable[[ModuleStats], float], float, str, str]] = {
+    # A batch maximum is Gumbel-like (wider floor), and its drops are routine: an interval that
+    # lacks the one kind of input that drives a module's extremes (or a clamped activation that
+    # did not saturate) sits several warm-up sd below. A rise is the risk (overflow, a x255
+    # input); a module that went dead moves its std and zero fraction. So abs-max is charted upward.
+    "absmax": (_absmax, 0.10, "log abs-max", "above"),
+    "std": (_std, 0.05, "log std", "both"),
+    "zero_fraction": (_zeros, 0.01, "fraction of zeros", "both"),
 }
 
 
@@ -64,6 +69,49 @@ def cusum_threshold(arl: float, k: float) -> float:
     return hi
 
 
+DEFAULT_MODEL_ARL = 100_000.0  # intervals between false alarms of all a model's charts together
+
+
+class Budget:
+    """One false-alarm budget shared by every series of the charts given it: ``arl`` clean
+    intervals between false alarms of them all together (a model-level figure, however many
+    modules and statistics are charted).
+
+    Each series gets the threshold of a per-series ARL of ``arl x series`` (a union bound over the
+    series, so the model's rate is at most ``1 / arl`` under the charts' model), recomputed as
+    series appear. ``rules.defaults()`` shares one budget between its charts.
+
+    Example:
+        >>> from torchwatch import rules
+        >>> budget = rules.Budget(arl=100_000)
+        >>> charts = [rules.ControlChart(s, budget=budget) for s in ("absmax", "std")]
+        >>> budget.series  # none yet: series are registered as modules are first charted
+        0
+    """
+
+    def __init__(self, arl: float = DEFAULT_MODEL_ARL) -> None:
+        _validate.number("Budget", "arl", arl, above=1.0)
+        self.arl = float(arl)
+        self.series = 0
+
+    def series_arl(self) -> float:
+        """The ARL each series is charted for: ``arl`` times the series registered so far."""
+        return self.arl * max(self.series, 1)
+
+    def __repr__(self) -> str:
+        return f"Budget(arl={self.arl:g}, series={self.series})"
+
+
+def _spread(values: np.ndarray, mu: float, inflate: float, min_sigma: float) -> float:
+    """The in-control spread learned from warm-up values: the larger of 1.4826 x MAD and the
+    5-95% quantile range / 3.29 (equal for Gaussian values; the second is wider where a minority
+    of intervals sits far out, as a batch abs-max does when one kind of input is missing), widened
+    by ``inflate`` for the error of a short warm-up, and at least ``min_sigma``."""
+    mad = 1.4826 * float(np.median(np.abs(values - mu)))
+    q05, q95 = np.quantile(values, (0.05, 0.95))
+    return max(inflate * max(mad, float(q95 - q05) / 3.29), min_sigma)
+
+
 class _Series:
     __slots__ = ("hi", "lo", "mu", "sigma", "warm")
 
@@ -73,22 +121,36 @@ class _Series:
         self.hi = self.lo = 0.0
 
     def step(
-        self, v: float, warmup: int, min_sigma: float, k: float, threshold: float, inflate: float = 1.0
+        self,
+        v: float,
+        warmup: int,
+        min_sigma: float,
+        k: float,
+        threshold: float,
+        inflate: float = 1.0,
+        upward: bool = False,
     ) -> tuple[float, str] | None:
         """Feed one value: learn the baseline during warm-up, then run the two-sided CUSUM.
-        Returns ``(z, "above" | "below")`` when the chart signals (and restarts it), else None."""
+        Returns ``(z, "above" | "below")`` when the chart signals (and restarts it), else None.
+
+        One interval moves the CUSUM by at most ``threshold / 2``: a single outlying interval (a
+        heavy tail, one odd batch) never signals alone, two in a row past ``threshold / 2 + k``
+        standard deviations always do."""
         if math.isnan(v):
             return None
-        if len(self.warm) < warmup:
+        if math.isnan(self.mu):
             self.warm.append(v)
-            if len(self.warm) == warmup:
+            if len(self.warm) >= warmup:
                 values = np.asarray(self.warm)
                 self.mu = float(np.median(values))
-                self.sigma = max(inflate * 1.4826 * float(np.median(np.abs(values - self.mu))), min_sigma)
+                self.sigma = _spread(values, self.mu, inflate, min_sigma)
+                self.warm = []
             return None
         z = (v - self.mu) / self.sigma
-        self.hi = max(0.0, self.hi + z - k)
-        self.lo = max(0.0, self.lo - z - k)
+        clip = threshold / 2 + k
+        zc = min(max(z, -clip), clip)
+        self.hi = max(0.0, self.hi + zc - k)
+        self.lo = 0.0 if upward else max(0.0, self.lo - zc - k)
         if self.hi < threshold and self.lo < threshold:
             return None
         direction = "above" if self.hi >= threshold else "below"
@@ -96,20 +158,70 @@ class _Series:
         return z, direction
 
 
-def _chart_arguments(owner: str, arl: object, k: object, max_series: object, trips: object) -> None:
-    _validate.number(owner, "arl", arl, above=1.0)
-    _validate.number(owner, "k", k, above=0.0, high=10.0)
-    _validate.integer(owner, "max_series", max_series, low=1)
-    _validate.flag(owner, "trips", trips)
+class _Chart:
+    """What the charts share: the false-alarm budget, its threshold, and series creation."""
+
+    arl: float | None
+    budget: Budget
+    k: float
+    max_series: int
+    _series: dict
+
+    def _setup(self, owner: str, warmup: object, arl: object, budget: object, k: object, max_series: object,
+               trips: object) -> None:  # fmt: skip
+        _validate.integer(owner, "warmup", warmup, low=5)
+        _validate.optional(_validate.number, owner, "arl", arl, above=1.0)
+        if budget is not None and not isinstance(budget, Budget):
+            raise ConfigError(f"{owner}: budget must be a torchwatch.rules.Budget, got {type(budget).__name__}")
+        if arl is not None and budget is not None:
+            raise ConfigError(f"{owner}: pass arl= (per series) or budget= (shared by a model's charts), not both")
+        _validate.number(owner, "k", k, above=0.0, high=10.0)
+        _validate.integer(owner, "max_series", max_series, low=1)
+        _validate.flag(owner, "trips", trips)
+        self.arl = None if arl is None else float(arl)
+        self.budget = Budget() if budget is None else budget
+        self.k, self.max_series, self.trips = float(k), max_series, trips
+        # A spread learned from a short warm-up is often too small, and a CUSUM's false-alarm rate
+        # grows fast with that error: widen it by 1 + 3/sqrt(warmup) (x1.55 at 30 intervals).
+        self.inflate = 1.0 + 3.0 / math.sqrt(warmup)  # type: ignore[operator]
+
+    @property
+    def threshold(self) -> float:
+        """The CUSUM threshold of every series: for ``arl`` per series when given, else for the
+        budget's per-series share (it rises, slowly, as series are added)."""
+        return cusum_threshold(self.budget.series_arl() if self.arl is None else self.arl, self.k)
+
+    @property
+    def series(self) -> int:
+        """Series this chart keeps (each counted once in its budget)."""
+        return len(self._series)
+
+    def warmup_state(self) -> tuple[int, int, int]:
+        """``(series, still learning their baseline, most intervals any of them still needs)``."""
+        learning = [self.warmup - len(s.warm) for s in self._series.values() if math.isnan(s.mu)]
+        return len(self._series), len(learning), max(learning, default=0)
+
+    def _series_for(self, series: dict, key: tuple) -> _Series | None:
+        found = series.get(key)
+        if found is None and len(series) < self.max_series:
+            found = series[key] = _Series()
+            self.budget.series += 1
+        return found
 
 
-class ControlChart:
-    """A statistic of every module on its own two-sided CUSUM chart, baselines learned in warm-up.
+class ControlChart(_Chart):
+    """A statistic of every module on its own CUSUM chart, baselines learned in warm-up.
 
     Args:
-        stat: ``"absmax"``, ``"std"`` (charted on a log scale) or ``"zero_fraction"``.
-        warmup: intervals per series used to learn its baseline (median, 1.4826 x MAD).
-        arl: target in-control average run length per series, in intervals.
+        stat: ``"absmax"`` (log scale, upward only: a batch maximum's drops are routine, its rises
+            are the overflow risk), ``"std"`` (log scale) or ``"zero_fraction"``, both two-sided.
+        warmup: intervals per series used to learn its baseline: the median, and a spread that is
+            the larger of 1.4826 x MAD and the 5-95% range / 3.29, widened by 1 + 3/sqrt(warmup)
+            for the error of a short warm-up.
+        arl: target in-control average run length of each series, in intervals; by default
+            (None) the series share ``budget`` instead.
+        budget: the :class:`Budget` shared with other charts (``rules.defaults()`` gives all its
+            charts one); by default a budget of this chart's own, of 100,000 intervals.
         k: CUSUM reference value in standard deviations (0.5 detects shifts of ~1 sd fastest).
         min_sigma: floor on the learned spread (default: 0.10 on the log scale for abs-max, whose
             batch-to-batch spread is Gumbel-like and badly estimated from a short warm-up; 0.05 for
@@ -130,7 +242,8 @@ class ControlChart:
         stat: str,
         *,
         warmup: int = 30,
-        arl: float = 10_000,
+        arl: float | None = None,
+        budget: Budget | None = None,
         k: float = 0.5,
         min_sigma: float | None = None,
         max_series: int = 4096,
@@ -139,35 +252,28 @@ class ControlChart:
     ) -> None:
         if not isinstance(stat, str) or stat not in STATISTICS:
             raise ConfigError(f"ControlChart stat={stat!r} is not valid: use one of {', '.join(STATISTICS)}")
-        _validate.integer("ControlChart", "warmup", warmup, low=5)
-        _chart_arguments("ControlChart", arl, k, max_series, trips)
+        self._setup("ControlChart", warmup, arl, budget, k, max_series, trips)
         _validate.optional(_validate.number, "ControlChart", "min_sigma", min_sigma, above=0.0)
         _validate.integer("ControlChart", "min_elements", min_elements, low=0)
-        self.stat, self.warmup, self.arl, self.k = stat, warmup, float(arl), float(k)
-        self.value_of, default_sigma, self.words = STATISTICS[stat]
+        self.stat, self.warmup = stat, warmup
+        self.value_of, default_sigma, self.words, sides = STATISTICS[stat]
+        self.upward = sides == "above"
         self.min_sigma = default_sigma if min_sigma is None else float(min_sigma)
-        self.max_series, self.min_elements, self.trips = max_series, min_elements, trips
+        self.min_elements = min_elements
         self.name = f"baseline_{stat}"
         self._series: dict[tuple[str | None, str], _Series] = {}
 
-    @property
-    def threshold(self) -> float:
-        """The CUSUM threshold for the target ARL (computed once per (arl, k), on first use)."""
-        return cusum_threshold(self.arl, self.k)
-
     def evaluate(self, interval: Interval) -> list[Alert]:
         out = []
+        threshold = self.threshold
         for module, s in interval.stats.items():
             if s.count < self.min_elements:
                 continue
-            key = (interval.cohort, module)
-            series = self._series.get(key)
+            series = self._series_for(self._series, (interval.cohort, module))
             if series is None:
-                if len(self._series) >= self.max_series:
-                    continue
-                series = self._series[key] = _Series()
+                continue
             v = self.value_of(s)
-            step = series.step(v, self.warmup, self.min_sigma, self.k, self.threshold)
+            step = series.step(v, self.warmup, self.min_sigma, self.k, threshold, self.inflate, self.upward)
             if step is not None:
                 z, direction = step
                 shown, expected = self._shown(v), self._shown(series.mu)
@@ -189,7 +295,7 @@ class ControlChart:
         return series.mu, series.sigma
 
 
-class EdgeChart:
+class EdgeChart(_Chart):
     """What goes in and what comes out, on CUSUM charts with baselines learned in warm-up.
 
     One series per signal, each learned and charted like :class:`ControlChart`'s:
@@ -205,30 +311,21 @@ class EdgeChart:
       histogram and the warm-up's (its baseline from leave-one-out distances of the warm-up intervals).
 
     Intervals with fewer than ``min_count`` values (rows for outputs) are not charted. Alerts have
-    ``rule="input_shift"`` or ``"output_shift"``; ``stat`` names the signal.
+    ``rule="input_shift"`` or ``"output_shift"``; ``stat`` names the signal. ``warmup``, ``arl``,
+    ``budget`` and ``k`` are :class:`ControlChart`'s.
     """
 
     def __init__(
-        self, *, warmup: int = 30, arl: float = 10_000, k: float = 0.5, min_count: int = 64,
-        max_series: int = 1024, trips: bool = False,
+        self, *, warmup: int = 30, arl: float | None = None, budget: Budget | None = None, k: float = 0.5,
+        min_count: int = 64, max_series: int = 1024, trips: bool = False,
     ) -> None:  # fmt: skip
-        _validate.integer("EdgeChart", "warmup", warmup, low=5)
-        _chart_arguments("EdgeChart", arl, k, max_series, trips)
+        self._setup("EdgeChart", warmup, arl, budget, k, max_series, trips)
         _validate.integer("EdgeChart", "min_count", min_count, low=1)
-        self.warmup, self.arl, self.k, self.min_count = warmup, float(arl), float(k), min_count
-        self.max_series, self.trips = max_series, trips
-        # A spread learned from a short warm-up is often too small, and a CUSUM's false-alarm rate
-        # grows fast with that error: widen it by 1 + 3/sqrt(warmup) (x1.55 at 30 intervals; the
-        # measured rate on clean Gaussian channels is then 0.7x the nominal 1/arl, 8.8x without).
-        self.inflate = 1.0 + 3.0 / math.sqrt(warmup)
+        self.warmup, self.min_count = warmup, min_count
         self.name = "edge_baseline"
         self._series: dict[tuple[str, str], _Series] = {}
         self._class_warm: list[np.ndarray] = []
         self._class_base: np.ndarray | None = None
-
-    @property
-    def threshold(self) -> float:
-        return cusum_threshold(self.arl, self.k)
 
     def _signals(self, interval: Interval) -> list[tuple[str, str, str, float, float]]:
         """(rule, position, signal, value, smallest spread) for the interval."""
@@ -265,7 +362,9 @@ class EdgeChart:
         self._class_warm.append(counts.astype(np.float64))
         if len(self._class_warm) == self.warmup:
             total = np.sum(self._class_warm, axis=0)
-            series = self._series[("<output>", "class_mix")] = _Series()
+            series = self._series_for(self._series, ("<output>", "class_mix"))
+            if series is None:
+                return None
             for h in self._class_warm:  # leave-one-out distances: the in-control spread of the signal
                 rest = total - h
                 series.step(0.5 * float(np.abs(h / h.sum() - rest / rest.sum()).sum()), self.warmup, 0.01, self.k, 0,
@@ -276,14 +375,12 @@ class EdgeChart:
 
     def evaluate(self, interval: Interval) -> list[Alert]:
         out = []
+        threshold = self.threshold
         for rule, position, signal, value, min_sigma in self._signals(interval):
-            key = (position, signal)
-            series = self._series.get(key)
+            series = self._series_for(self._series, (position, signal))
             if series is None:
-                if len(self._series) >= self.max_series:
-                    continue
-                series = self._series[key] = _Series()
-            step = series.step(value, self.warmup, min_sigma, self.k, self.threshold, self.inflate)
+                continue
+            step = series.step(value, self.warmup, min_sigma, self.k, threshold, self.inflate)
             if step is not None:
                 z, direction = step
                 what = "input" if rule == "input_shift" else "output"
