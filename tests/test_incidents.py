@@ -71,3 +71,62 @@ def test_unwritable_log_disables_the_sink_and_inference_goes_on(tmp_path, quiet)
         assert model(torch.ones(1, 2)).shape == (1, 2)
     assert any(k.startswith("sink:") for k in watch.errors)
     assert os.path.isfile(blocker)
+
+
+def _alert(rule: str, module: str, stat: str = "absmax", cohort: str | None = None) -> tw.Alert:
+    return tw.Alert(rule, module, stat, 1.0, 0.0, 9, 0.0, cohort, None, f"{rule} on {module}")
+
+
+def test_an_intervals_alerts_on_module_outputs_are_one_incident_led_by_the_first_module():
+    from torchwatch import incidents
+
+    order = ["<input>", "0", "1", "2"]
+    alerts = [
+        _alert("baseline_std", "2", "std"), _alert("cast_overflow", "1", "overflow.float16"),
+        _alert("nonfinite", "2", "nan"), _alert("baseline_absmax", "1"), _alert("baseline_absmax", "<input>"),
+        _alert("latency_slo", "", "latency.p99_ms"), _alert("baseline_std", "0", "std", cohort="eu"),
+        _alert("output_shift", "<output>", "confidence"),
+    ]  # fmt: skip
+    found = incidents.group(alerts, order)
+    leads = [(i.lead.rule, i.lead.module, i.lead.cohort) for i in found]
+    # in the order their first alert came; the NaN origin, latency and the other cohort stand apart
+    assert leads == [("baseline_absmax", "<input>", None), ("nonfinite", "2", None), ("latency_slo", "", None),
+                     ("baseline_std", "0", "eu")]  # fmt: skip
+    first = found[0]
+    # related in execution order: the input's, then module 1's two (in arrival order), 2, the output
+    assert [(a.module, a.rule) for a in first.related] == [
+        ("1", "cast_overflow"),
+        ("1", "baseline_absmax"),
+        ("2", "baseline_std"),
+        ("<output>", "output_shift"),
+    ]
+    assert "first of 5 alerts this interval on 3 later module(s): '1', '2', '<output>'" in first.summary()
+    assert found[1].summary() == "nonfinite on 2"  # alone: its own message
+    assert sum(1 + len(i.related) for i in found) == len(alerts)  # nothing dropped
+
+
+def test_a_x255_input_is_one_incident_naming_the_input(tmp_path, quiet):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8)).eval()
+    path = tmp_path / "incidents.jsonl"
+    everything = tw.rules.AlertPolicy(cooldown=0, max_per_minute=10_000)  # every alert reaches the log
+    watch = tw.attach(model, flush_every=1, sinks=[tw.IncidentLog(path)], alert_policy=everything)
+    with torch.no_grad():
+        for _ in range(40):
+            model(torch.randn(128, 64))
+        for _ in range(3):
+            model(torch.randn(128, 64) * 255)
+        model[0].weight[0, 0] = float("nan")
+        model(torch.randn(128, 64))
+    watch.detach()
+    logged = tw.IncidentLog.read(path)
+    assert sum(1 + len(i["related"]) for i in logged) == len(watch.alerts)  # every alert on disk
+    shifted = [i for i in logged if i["rule"] != "nonfinite"]
+    assert shifted and all(i["module"] == "<input>" for i in shifted), [(i["rule"], i["module"]) for i in shifted]
+    assert max(len(i["related"]) for i in shifted) >= 4  # the spread downstream is inside the incident
+    assert "later module(s)" in shifted[0]["summary"]
+    (nan,) = [i for i in logged if i["rule"] == "nonfinite"]
+    assert nan["module"] == "0" and nan["related"] == []

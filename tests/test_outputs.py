@@ -25,11 +25,12 @@ def _quality_oracle(logits: np.ndarray, threshold: float) -> dict[str, float]:
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("abstain_below", [0.3, None])
 @pytest.mark.parametrize("path", ["c", "torch"])
-def test_output_quality_matches_plain_softmax_and_counts_classes(path):
+def test_output_quality_matches_plain_softmax_and_counts_classes(path, abstain_below):
     model = Tagger()
     ids = torch.randint(0, 2000, (6, 10))
-    monitor = tw.OutputMonitor("logits", abstain_below=0.3)
+    monitor = tw.OutputMonitor("logits", abstain_below=abstain_below)
     with tw.Watch(model, outputs=monitor, _device_path=path == "torch") as watch:
         watch.engine.monitor("outputs").accumulator.path = path
         with torch.no_grad():
@@ -38,9 +39,39 @@ def test_output_quality_matches_plain_softmax_and_counts_classes(path):
         q = watch.snapshot().outputs
     logits = torch.cat([out.reshape(-1, 5), out[:2].reshape(-1, 5)]).double().numpy()
     assert q.rows == 80 and q.nonfinite == 0
-    for name, value in _quality_oracle(logits, 0.3).items():
+    threshold = 0.3 if abstain_below is not None else 1 / math.sqrt(5)  # the default: 1/sqrt(classes)
+    for name, value in _quality_oracle(logits, threshold).items():
         assert getattr(q, name) == pytest.approx(value, rel=1e-5, abs=1e-7), name
     np.testing.assert_array_equal(q.classes.counts[:5], np.bincount(logits.argmax(-1), minlength=5))
+
+
+class _PassThrough(nn.Module):
+    """A head that returns the logits it is given."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+@pytest.mark.parametrize("path", ["c", "torch"])
+def test_the_default_abstention_threshold_follows_the_class_count(path):
+    """A healthy 1,000-class head whose confidence is spread over a few similar classes (top-1
+    0.2-0.6) abstains on no row by default (1/sqrt(1000) = 0.032), while a fixed 0.5 would count
+    most rows; a head that collapsed to near-uniform answers abstains on every row."""
+    gen = torch.Generator().manual_seed(0)
+    rows = 256
+    healthy = torch.randn(rows, 1000, generator=gen)
+    top = torch.randint(0, 1000, (rows, 4), generator=gen)
+    healthy.scatter_(1, top, torch.tensor([9.0, 8.5, 8.0, 7.5]).expand(rows, 4))  # a few plausible classes
+    uniform = torch.randn(rows, 1000, generator=gen) * 0.01
+    for logits, expected in ((healthy, 0.0), (uniform, 1.0)):
+        head = _PassThrough()
+        with tw.Watch(head, outputs=True, _device_path=path == "torch") as watch:
+            watch.engine.monitor("outputs").accumulator.path = path
+            head(logits)
+            q = watch.snapshot().outputs
+        oracle = _quality_oracle(logits.double().numpy(), 1 / math.sqrt(1000))
+        assert q.abstention_rate == oracle["abstention_rate"] == expected
+    assert _quality_oracle(healthy.double().numpy(), 0.5)["abstention_rate"] > 0.5  # what 0.5 would say
 
 
 def test_lm_head_last_position_and_nonfinite_rows_are_left_out():

@@ -351,6 +351,36 @@ def test_only_the_first_modules_alerted_get_runs_the_rest_are_warned_once(tmp_pa
     assert {"r0/flagged/log10-abs-max"} == {t for t in _event_accumulator(flagged["0"]).Tags()["scalars"] if "abs" in t}
 
 
+def test_flagged_runs_go_to_the_most_severe_alerts_not_the_first(tmp_path):
+    """A fault that fans out raises many alerts before the one that matters is published: the
+    NaN origin and a cast overflow get runs although eight modules were alerted before them, in
+    the same interval and in a later one (where the least severe run gives its place up)."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(MAX_FLAGGED + 4)])
+    sink = tw.TensorBoardSink(tmp_path)
+
+    def alert(rule: str, module: int) -> tw.Alert:
+        return tw.Alert(rule, str(module), "absmax", 1.0, 0.0, 0, time.time(), None, None, rule)
+
+    with tw.attach(model, sinks=[sink], flush_every=1000) as watch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(torch.randn(1, 4))
+        for i in range(MAX_FLAGGED + 1):
+            watch.publish(alert("baseline_absmax", i))
+        watch.publish(alert("nonfinite", MAX_FLAGGED + 1))  # the same interval, published last
+        watch.flush()
+        assert str(MAX_FLAGGED + 1) in sink.flagged and str(MAX_FLAGGED) not in sink.flagged
+        model(torch.randn(1, 4))
+        watch.publish(alert("cast_overflow", MAX_FLAGGED + 2))  # a later interval, all runs taken
+        watch.publish(alert("baseline_std", MAX_FLAGGED + 3))  # not more severe: no run
+        watch.flush()
+    flagged = sink.flagged
+    assert str(MAX_FLAGGED + 2) in flagged and str(MAX_FLAGGED + 3) not in flagged
+    # the NaN origin took one of the eight; modules 0-6 got the rest, and module 0's run (the least
+    # severe, first in execution order) gave its place up: it keeps what it wrote
+    assert sorted(int(m) for m in flagged if int(m) < MAX_FLAGGED) == list(range(MAX_FLAGGED - 1))
+    assert os.listdir(flagged["0"])
+
+
 def test_a_run_that_cannot_be_created_leaves_the_main_run_writing(tmp_path):
     (tmp_path / "flagged").write_text("a file where the runs' directory would go")
     model = mlp(inject=Inject(at=(1, 5)))

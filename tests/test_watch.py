@@ -179,6 +179,36 @@ def test_first_nonfinite_names_the_origin_not_the_layers_it_spread_to():
     assert "0" not in first
 
 
+class _SharedActivation(nn.Module):
+    """One ReLU6 module called after both BatchNorms (a common way to write a conv block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+
+
+@pytest.mark.parametrize("broken", ["bn1", "bn2"])
+def test_a_reused_module_does_not_move_the_nan_origin(broken):
+    """The shared ReLU6 ran before bn2 too (its first call), but its output became NaN only on
+    its second call: the origin is the BatchNorm whose weights hold NaN, in execution order."""
+    model = _SharedActivation().eval()
+    with torch.no_grad():
+        getattr(model, broken).weight[0] = math.nan
+    seen: list[tw.Alert] = []
+    with tw.attach(model, on_nonfinite=seen.append) as watch:
+        with torch.no_grad():
+            model(torch.randn(2, 3, 8, 8))
+        first = watch.snapshot().nonfinite
+    (alert,) = seen
+    assert alert.module == broken and all(r.origin == broken for r in first.values())
+    assert {"act", "bn2"} <= set(first) and "conv1" not in first and ("bn1" in first) == (broken == "bn1")
+
+
 def test_warn_policy_warns_once_per_origin_and_records_every_alert():
     model = mlp(inject=Inject(at=(0, 1, 2)))
     with tw.attach(model) as watch:

@@ -126,11 +126,13 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
     seen = {_alert_key(a) for a in data.alerts}
     for path in incidents:
         data.sources.append(path)
-        for a in IncidentLog.read(path):
-            key = _alert_key(a)
-            if key not in seen:
-                seen.add(key)
-                data.alerts.append(a)
+        for incident in IncidentLog.read(path):
+            lead = {k: v for k, v in incident.items() if k not in ("related", "summary")}
+            for a in [lead, *incident.get("related", ())]:
+                key = _alert_key(a)
+                if key not in seen:
+                    seen.add(key)
+                    data.alerts.append(a)
     data.alerts.sort(key=lambda a: (a.get("time") or 0, a.get("call") or 0))
     for path in comparisons:
         data.sources.append(path)

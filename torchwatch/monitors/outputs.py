@@ -44,7 +44,10 @@ class OutputMonitor:
             Or a key or attribute name, an index into a tuple, a callable ``output -> tensor``,
             or None for a model that returns the logits tensor itself.
         abstain_below: a row whose confidence (max softmax probability) is below this counts as
-            an abstention.
+            an abstention. None (the default): ``1 / sqrt(classes)``, the geometric midpoint
+            between chance (``1 / classes``) and certainty (1): 0.71 for 2 classes, 0.32 for 10,
+            0.032 for 1,000. A fixed 0.5 would count most rows of a healthy 1,000-class model,
+            whose confidence is spread over similar classes.
         positions: ``"all"`` rows of ``logits.reshape(-1, classes)``, or ``"last"``: only the last
             position of a ``[batch, seq, vocab]`` LM output (the token being generated).
         max_classes: classes counted exactly in the predicted-class histogram; higher class ids
@@ -54,7 +57,7 @@ class OutputMonitor:
     """
 
     select: str | int | Callable[[Any], Any] | None = "auto"
-    abstain_below: float = 0.5
+    abstain_below: float | None = None
     positions: str = "all"
     max_classes: int = 1024
     max_traces: int = 4096
@@ -63,7 +66,7 @@ class OutputMonitor:
     def __post_init__(self) -> None:
         if not (self.select is None or isinstance(self.select, (str, int)) or callable(self.select)):
             raise ConfigError(f"OutputMonitor select must be a key, an index, a callable or None, got {self.select!r}")
-        _validate.number("OutputMonitor", "abstain_below", self.abstain_below, low=0.0, high=1.0)
+        _validate.optional(_validate.number, "OutputMonitor", "abstain_below", self.abstain_below, low=0.0, high=1.0)
         _validate.one_of("OutputMonitor", "positions", self.positions, ("all", "last"))
         for name, high in (("max_classes", 1 << 20), ("max_traces", 1 << 20), ("calibration_bins", 1 << 12)):
             _validate.integer("OutputMonitor", name, getattr(self, name), high=high)
@@ -94,6 +97,10 @@ class OutputMonitor:
         if self.positions == "last" and x.dim() >= 3:
             x = x[:, -1]
         return x.detach().reshape(-1, x.shape[-1])
+
+    def abstention_threshold(self, classes: int) -> float:
+        """The confidence below which a row of ``classes`` logits counts as an abstention."""
+        return 1.0 / math.sqrt(classes) if self.abstain_below is None else float(self.abstain_below)
 
 
 AUTO = "auto"
@@ -131,7 +138,8 @@ class OutputQuality:
             out of the means.
         confidence, margin, entropy, normalized_entropy: means over the finite rows (entropy in
             nats; normalized: divided by log(classes), 1.0 = uniform).
-        abstention_rate: share of finite rows with confidence below ``abstain_below``.
+        abstention_rate: share of finite rows with confidence below ``abstain_below`` (by default
+            ``1 / sqrt(classes)``).
         classes: the predicted-class :class:`IdStats`.
         labelled: rows with labels fed back (:meth:`Watch.record_labels`); ``accuracy`` and
             ``ece`` (expected calibration error) over them, NaN when none.
@@ -261,7 +269,7 @@ class OutputAccumulator:
         with self._lock:
             if self._sums is None or self._sums.device.type != "cpu":
                 self._new_sums(torch.device("cpu"))
-            _cstats.logit_quality(z.data_ptr(), rows, k, float(self.config.abstain_below), self._sums.data_ptr(),
+            _cstats.logit_quality(z.data_ptr(), rows, k, self.config.abstention_threshold(k), self._sums.data_ptr(),
                                   pred.data_ptr(), conf.data_ptr() if conf is not None else 0)  # fmt: skip
             self._rows += rows
             self._classes.add(pred)
@@ -301,7 +309,7 @@ class OutputAccumulator:
         entropy = torch.special.entr(p).sum(dim=-1)
         values = torch.stack([
             conf, conf * conf, conf - top.values[:, 1], entropy, entropy / math.log(z.shape[-1]),
-            (conf < self.config.abstain_below).to(conf.dtype),
+            (conf < self.config.abstention_threshold(z.shape[-1])).to(conf.dtype),
         ])  # fmt: skip
         sums = torch.cat([torch.where(finite, values, 0.0).sum(dim=1, dtype=torch.float64),
                           (~finite).sum().reshape(1).to(torch.float64)])  # fmt: skip

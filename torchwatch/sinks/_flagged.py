@@ -39,7 +39,11 @@ MODULE_STATS = frozenset(
     {"nan", "posinf", "neginf", "mean", "std", "min", "max", "absmax", "zeros", "zero_fraction", "subnormal",
      "overflow", "underflow"}
 )  # fmt: skip
-MAX_FLAGGED = 8  # runs of their own per sink: the first modules alerted (all stay in the main run)
+MAX_FLAGGED = 8  # runs of their own per sink, open at once: the most severe alerted (all stay in the main run)
+# how severe an alert's rule is (lower: more): a fault first (NaN/Inf origin, changed weights, a
+# cast that breaks), then the rest; a flagged run goes to the most severe, not to the first alerted
+SEVERITY = {"nonfinite": 0, "fingerprint": 0, "cast_overflow": 1}
+OTHER = 2
 HISTORY = 32  # records of every module kept to start a flagged run with its baseline
 
 
@@ -80,29 +84,45 @@ class FlaggedRuns:
         self._prefix = prefix
         self._acquire, self._release, self._event = acquire, release, event
         self._runs: dict[str, tuple[str, Any]] = {}  # module -> (run directory, writer) while open
+        self._severity: dict[str, int] = {}  # module -> the severity its run was opened for
         self._dirs: dict[str, str] = {}  # module -> run directory, kept after close
         self._history: deque[tuple[int, float, dict[str, int], np.ndarray]] = deque(maxlen=HISTORY)
         self.not_flagged: set[str] = set()  # alerted once the runs were all taken, or whose run failed
         self._failed = False
+        self._full_warned = False
 
     def write(self, record: Record) -> None:
         index = {name: i for i, name in enumerate(record.stats)}
         values = np.array([[f(s) for _, _, f in FLAGGED_STATS] for s in record.stats.values()], dtype=np.float64)
-        for a in record.alerts:
-            new = a.module in index and a.module not in self._runs and a.module not in self.not_flagged
-            if new and (a.module or a.stat.partition(".")[0] in MODULE_STATS):
-                self._flag(a.module)
+        # the most severe first; within a severity, execution order (where a fault showed first)
+        ranked = sorted(
+            (SEVERITY.get(a.rule, OTHER), index.get(a.module, -1), a.module) for a in record.alerts if a.module in index
+        )
+        for severity, _, module in ranked:
+            new = module not in self._runs and module not in self.not_flagged
+            if new and (module or any(a.stat.partition(".")[0] in MODULE_STATS for a in record.alerts
+                                      if a.module == module)):  # fmt: skip
+                self._flag(module, severity)
         for name, (_, writer) in self._runs.items():
             if name in index:
                 writer.add_event(self._event(record.step, record.time, self._scalars(values[index[name]])))
         self._history.append((record.step, record.time, index, values))
 
-    def _flag(self, name: str) -> None:
+    def _flag(self, name: str, severity: int) -> None:
         if len(self._runs) >= MAX_FLAGGED:
-            if not self.not_flagged:
+            least = max(self._runs, key=lambda m: self._severity[m])
+            if self._severity[least] > severity:  # a worse fault takes the least severe one's place
+                path, writer = self._runs.pop(least)
+                writer.flush()
+                self._release(path)  # its run keeps what it holds; its module stays in the main run
+                self.not_flagged.add(least)
+        if len(self._runs) >= MAX_FLAGGED:
+            if not self._full_warned:
+                self._full_warned = True
                 warnings.warn(
                     f"torchwatch: TensorBoardSink: more than {MAX_FLAGGED} modules alerted; {name!r} and later ones "
-                    f"have no run of their own under {self._root} (all are still charted in the main run)",
+                    f"have no run of their own under {self._root} unless a more severe alert names them (all are "
+                    "still charted in the main run)",
                     TorchwatchWarning,
                     stacklevel=2,
                 )
@@ -128,6 +148,7 @@ class FlaggedRuns:
                 )
             return
         self._runs[name] = (path, writer)
+        self._severity[name] = severity
         self._dirs[name] = path
         for step, time, index, values in self._history:  # its baseline, before the alert
             if name in index:

@@ -1,11 +1,11 @@
-"""An append-only incident log: one JSON line per alert, fsynced, readable after any crash."""
+"""An append-only incident log: one JSON line per incident, fsynced, readable after any crash."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .. import _validate, formats
+from .. import _validate, formats, incidents
 from .._schema import Fields
 from ..alerts import Alert
 from ..records import Record
@@ -15,10 +15,17 @@ FORMAT = formats.INCIDENT
 
 
 class IncidentLog(Sink):
-    """Appends every alert that passed the alert policy to ``path``, one JSON object per line.
+    """Appends every alert that passed the alert policy to ``path``, one incident per line.
+
+    An incident is one fault (:mod:`torchwatch.incidents`): the alerts one interval raised about
+    module outputs are one line, led by the module where the change showed first in execution
+    order (a x255 input: the input, not the 40 modules after it); NaN/Inf (already one per call,
+    naming its origin), fingerprint and drift alerts are lines of their own.
 
     Each line: ``{"format": "torchwatch.incident/1", "step": ..., "rule", "module", "stat",
-    "value", "expected", "call", "time", "cohort", "trace_id", "message"}``. The lines of one flush
+    "value", "expected", "call", "time", "cohort", "trace_id", "message"}`` of the lead alert,
+    ``"summary"``: its message and how far the change spread, and ``"related"``: the other alerts of
+    the incident, each with the alert fields (nothing is dropped; ``[]`` for a single alert). The lines of one flush
     are written with a single ``write`` and the file is fsynced before the sink returns, so an
     alert that was reported is on disk. A process killed in the middle of a write leaves at most
     one partial last line; it is cut off when the log is opened again, so the log a restarted
@@ -45,8 +52,12 @@ class IncidentLog(Sink):
     def write(self, record: Record) -> None:
         if record.alerts:
             lines = b"".join(
-                formats.json_line({"format": FORMAT, "step": record.step, **a.to_dict()}) for a in record.alerts
-            )
+                formats.json_line({
+                    "format": FORMAT, "step": record.step, **incident.lead.to_dict(), "summary": incident.summary(),
+                    "related": [a.to_dict() for a in incident.related],
+                })
+                for incident in incidents.group(record.alerts, list(record.stats))
+            )  # fmt: skip
             self._log.append(lines, fsync=True)
 
     def close(self) -> None:
@@ -63,7 +74,10 @@ class IncidentLog(Sink):
         out = []
         for where, item in formats.read_jsonl(path, "incident log", "incident", FORMAT):
             Alert.from_dict(item, where)  # every field of the alert checked
-            Fields(item, where).int("step")
+            f = Fields(item, where)
+            f.int("step")
+            for i, related in enumerate(f.list("related")):  # missing in logs written before it
+                Alert.from_dict(related, f"{where}, related[{i}]")
             out.append(item)
         return out
 
