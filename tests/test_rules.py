@@ -126,6 +126,27 @@ def test_policy_deduplicates_and_rate_limits():
     assert policy.suppressed == 2
 
 
+def test_the_rate_limit_counts_a_fault_seen_at_every_module_once():
+    """A budget of 2 a minute: a x255 input's 40 alerts (every module x statistic) are one
+    incident and pass together; a second, different fault on the same input a few seconds later
+    (another incident) still gets the second place; a third waits."""
+    policy = rules.AlertPolicy(cooldown=300, max_per_minute=2)
+    order = ["<input>", *map(str, range(20))]
+
+    def alert(module: str, stat: str, rule: str = "baseline_absmax") -> tw.Alert:
+        return tw.Alert(rule, module, stat, 1.0, 0.0, 9, 0.0, None, None, f"{stat} of {module}")
+
+    fan_out = [alert(m, s) for m in order for s in ("absmax", "std")]
+    assert policy.select(fan_out, set(), now=0.0, order=order) == fan_out
+    second = [alert("<input>", "channel_mean[0]", "input_shift")]
+    assert policy.select(second, set(), now=5.0, order=order) == second
+    assert policy.select([alert("3", "zero_fraction")], set(), now=6.0, order=order) == []
+    assert policy.suppressed == 1
+    # repeats within the cool-down are held back alert by alert; new keys of the incident pass
+    again = [alert("<input>", "absmax"), alert("4", "zero_fraction")]
+    assert policy.select(again, set(), now=70.0, order=order) == again[1:]
+
+
 def test_tripping_alerts_reach_every_sink_whatever_the_alert_budget(tmp_path, quiet):
     """A budget of one alert an hour, used up by a chatty rule: every NaN fault (the same input,
     the same statistic, within the cool-down) and a tripping cast overflow still reach the
@@ -152,7 +173,9 @@ def test_tripping_alerts_reach_every_sink_whatever_the_alert_budget(tmp_path, qu
     assert [a.call for a in nan] == [2, 4] and {a.module for a in nan} == {"<input>"}
     assert any(a.rule == "cast_overflow" for a in delivered)
     assert [a.rule for a in delivered].count("chatty") == 1 and policy.suppressed >= 7 + 2
-    assert [i["rule"] for i in tw.IncidentLog.read(log)] == [a.rule for a in delivered]
+    # every delivered alert is in the incident log (a fault's fan-out as one incident's related alerts)
+    logged = [(a["rule"], a["module"]) for i in tw.IncidentLog.read(log) for a in (i, *i["related"])]
+    assert sorted(logged) == sorted((a.rule, a.module) for a in delivered)
 
 
 def test_bad_rule_arguments():
@@ -197,7 +220,10 @@ def test_attached_rules_alert_trip_and_reach_sinks(tmp_path, quiet):
     alerts = [a for r in sink.records for a in r.alerts]
     assert any(a.rule == "cast_overflow" and a.stat == "overflow.float16" for a in alerts)
     incidents = tw.IncidentLog.read(log)
-    assert [i["rule"] for i in incidents] == [a.rule for a in alerts]
+    # one fault, one incident: the x1e5 input's overflow at every module, led by the input
+    assert [(i["rule"], i["module"]) for i in incidents] == [("cast_overflow", "<input>")]
+    assert sorted(a["stat"] + a["module"] for i in incidents for a in (i, *i["related"])) == sorted(
+        a.stat + a.module for a in alerts)  # fmt: skip
     assert seen and seen == sorted(seen)
 
 

@@ -346,10 +346,11 @@ class Engine:
         values = {m.name: m.collect(t, ctx) for m, t in taken[1:]}
         return part, values, ctx
 
-    def _admitted(self, alerts: list[Alert], now: float) -> list[Alert]:
+    def _admitted(self, alerts: list[Alert], now: float, order: list[str]) -> list[Alert]:
         """What reaches the sinks: tripping alerts (NaN/Inf, fingerprint, ``trips=True`` rules)
-        outside the alert policy's budget, one per episode; the others as the policy admits them."""
-        return self.alert_policy.select(alerts, self.bus.take_tripping(alerts), now)
+        outside the alert policy's budget, one per episode; the others as the policy admits them,
+        an incident at a time (``order``: the interval's positions in execution order)."""
+        return self.alert_policy.select(alerts, self.bus.take_tripping(alerts), now, order)
 
     def _finish_flush(self, interval: Interval, waiting: int) -> Record | None:
         """Worker thread: wait for the copies, fold the window into the totals, run the rules on
@@ -367,9 +368,10 @@ class Engine:
         if self.rules and (part.stats or any(m.active(values[m.name]) for m in monitors)):
             published = {m.name: m.publish(values[m.name]) for m in monitors}
             alerts += self.bus.run_rules(self.rules, ctx.step, now, part.stats, published)
+        order = self.activations.window.order_of({name for (_, name), _ in part.stats})
         parts = RecordParts(
             step=ctx.step, time=now, calls=interval.calls + part.calls, sampled=interval.sampled + part.sampled,
-            stats=part.stats, alerts=self._admitted(alerts, now),
+            stats=part.stats, alerts=self._admitted(alerts, now, order),
             nonfinite=part.nonfinite, values=values, merged=interval.merged, baselines=self._warmup(),
         )  # fmt: skip
         if self._carry is not None:  # earlier intervals held back while the sinks were behind

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import _validate
+from .. import _validate, incidents
 from ..alerts import Alert
 
 
@@ -21,10 +22,14 @@ class AlertPolicy:
     the same (rule, module, stat, cohort) tripped in the interval before too, its alert is held
     back (counted) until ``cooldown`` seconds after the episode's last one (:meth:`select`).
 
+    The rate limit counts incidents, not alerts: the alerts one interval raised about module
+    outputs (one fault seen at every module after it, :mod:`torchwatch.incidents`) pass or wait
+    together and use one place in the minute's budget.
+
     Args:
         cooldown: seconds during which a repeat of the same (rule, module, stat, cohort) is
             suppressed (counted in :attr:`suppressed`).
-        max_per_minute: at most this many alerts admitted per rolling minute, all kinds together.
+        max_per_minute: at most this many incidents admitted per rolling minute, all kinds together.
     """
 
     cooldown: float = 300.0
@@ -38,11 +43,26 @@ class AlertPolicy:
         self._recent: list[float] = []
         self._episodes: set[tuple[Any, ...]] = set()  # tripping keys of the interval before
 
-    def select(self, alerts: list[Alert], tripping: set[Alert], now: float) -> list[Alert]:
+    def select(self, alerts: list[Alert], tripping: set[Alert], now: float, order: Sequence[str] = ()) -> list[Alert]:
         """The alerts of one interval that reach the sinks: those of ``tripping`` that start an
         episode (their key did not trip in the interval before) or come ``cooldown`` seconds after
-        its last alert; the others as :meth:`admit` says."""
+        its last alert; the others by incident (``order``: the interval's positions in execution
+        order), each incident's new alerts using one place in the minute's budget."""
         out, keys = [], set()
+        admitted: set[Alert] = set()
+        for incident in incidents.group([a for a in alerts if a not in tripping], order):
+            fresh = [a for a in (incident.lead, *incident.related) if not self._cooling(a, now)]
+            self.suppressed += 1 + len(incident.related) - len(fresh)
+            if not fresh:
+                continue
+            self._recent = [t for t in self._recent if now - t < 60.0]
+            if len(self._recent) >= self.max_per_minute:
+                self.suppressed += len(fresh)
+                continue
+            self._recent.append(now)
+            for a in fresh:
+                self._last[_key(a)] = now
+            admitted.update(fresh)
         for alert in alerts:
             if alert in tripping:
                 key = _key(alert)
@@ -53,10 +73,14 @@ class AlertPolicy:
                     continue
                 self._last[key] = now
                 out.append(alert)
-            elif self.admit(alert, now):
+            elif alert in admitted:
                 out.append(alert)
         self._episodes = keys
         return out
+
+    def _cooling(self, alert: Alert, now: float) -> bool:
+        last = self._last.get(_key(alert))
+        return last is not None and now - last < self.cooldown
 
     def admit(self, alert: Alert, now: float | None = None) -> bool:
         """Whether to let ``alert`` through (and remember it)."""
