@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/torchwatch demo --logdir runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,20 +6,35 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 import torchwatch as tw
 from torchwatch import cli
 from torchwatch.cli import demo
 
+# The demo tests share one idle run (a run takes ~40 s on 2 cores) and one xdist worker
+# (`make test` distributes by group), so the run is made once.
+DEMO = pytest.mark.xdist_group("demo")
 
-def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(tmp_path, capsys):
+
+@pytest.fixture(scope="module")
+def idle_demo(tmp_path_factory) -> tuple[pathlib.Path, demo.Outcome, str]:
+    """One seeded demo run on an idle machine: its log directory, its outcome, what it printed.
+    Tests read it and never write into it."""
+    root = tmp_path_factory.mktemp("demo")
     out = io.StringIO()
-    outcome = demo.run(logdir=str(tmp_path), out=out)
-    text = out.getvalue()
+    return root, demo.run(logdir=str(root), out=out), out.getvalue()
+
+
+@DEMO
+def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(idle_demo, tmp_path, capsys):
+    logs, outcome, text = idle_demo
     run_dir = pathlib.Path(outcome.logdir)
-    assert run_dir.parent == tmp_path and run_dir.name.startswith("run-")  # each run in its own directory
+    assert run_dir.parent == logs and run_dir.name.startswith("run-")  # each run in its own directory
     assert outcome.caught, text
     assert outcome.startup_refused and outcome.startup_passed
     assert "replica B refused: 10 with different bytes" in text
@@ -32,10 +47,10 @@ def test_demo_catches_every_phase_and_leaves_logs_the_report_reads(tmp_path, cap
     assert "Every failure was caught" in text and f"tensorboard --logdir {run_dir / 'tensorboard'}" in text
     incidents = tw.IncidentLog.read(run_dir / "incidents.jsonl")
     assert {"fingerprint", "drift", "cast_overflow", "baseline_absmax"} <= {i["rule"] for i in incidents}
-    assert cli.main(["report", str(tmp_path)]) == 1  # the logs hold alerts
+    assert cli.main(["report", str(logs)]) == 1  # the logs hold alerts
     report = capsys.readouterr().out
     assert "Worst cast overflow:" in report and "fingerprint" in report and "alarm(s), first at call" in report
-    assert cli.main(["report", str(tmp_path), "--json", "--html", str(tmp_path / "r.html")]) == 1
+    assert cli.main(["report", str(logs), "--json", "--html", str(tmp_path / "r.html")]) == 1
     summary = json.loads(capsys.readouterr().out)
     assert summary["problems"] and summary["drift"][0]["module"] == "4" and summary["drift"][0]["alarms"] >= 1
     assert {"fingerprint", "drift", "cast_overflow"} <= {a["rule"] for a in summary["alerts"]}
@@ -59,10 +74,11 @@ def _timeline(outcome: demo.Outcome) -> tuple:
     )
 
 
-def test_demo_is_the_same_on_a_busy_machine(tmp_path):
+@DEMO
+def test_demo_is_the_same_on_a_busy_machine(idle_demo, tmp_path):
     """What the demo catches, when, and what the breaker answers do not depend on thread timing:
     a second run while other processes keep every core busy gives the same timeline."""
-    first = demo.run(logdir=str(tmp_path / "idle"), out=io.StringIO())
+    _, first, _ = idle_demo
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(2, os.cpu_count() or 2))]
     try:
         busy = demo.run(logdir=str(tmp_path / "busy"), out=io.StringIO())
@@ -73,12 +89,14 @@ def test_demo_is_the_same_on_a_busy_machine(tmp_path):
     assert _timeline(busy) == _timeline(first)
 
 
-def test_demo_runs_never_mix_and_report_reads_the_latest(tmp_path, capsys):
+@DEMO
+def test_demo_runs_never_mix_and_report_reads_the_latest(idle_demo, tmp_path, capsys):
     """A second run writes beside the first; the report of the directory reads the latest run and
     says so, and --all-runs merges them (twice the calls)."""
-    first = demo.run(logdir=str(tmp_path), out=io.StringIO())
+    _, first, _ = idle_demo
+    first_dir = shutil.copytree(first.logdir, tmp_path / pathlib.Path(first.logdir).name)
     second = demo.run(logdir=str(tmp_path), out=io.StringIO())
-    assert first.logdir != second.logdir and _timeline(first) == _timeline(second)  # seeded: the same catches
+    assert str(first_dir) != second.logdir and _timeline(first) == _timeline(second)  # seeded: the same catches
     assert cli.main(["report", str(tmp_path), "--json"]) == 1
     latest = json.loads(capsys.readouterr().out)
     assert latest["runs"] == {"count": 2, "reading": second.logdir, "all": False}
@@ -88,12 +106,13 @@ def test_demo_runs_never_mix_and_report_reads_the_latest(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path), "--all-runs", "--json"]) == 1
     merged = json.loads(capsys.readouterr().out)
     assert merged["calls"] == 2 * latest["calls"] and merged["runs"]["all"]
-    assert cli.main(["report", first.logdir, "--json"]) == 1  # one run's own directory: just that run
+    assert cli.main(["report", str(first_dir), "--json"]) == 1  # one run's own directory: just that run
     assert json.loads(capsys.readouterr().out)["runs"] is None
 
 
 def test_cli_exit_codes(tmp_path, capsys):
-    assert cli.main(["demo", "--logdir", str(tmp_path)]) == 0
+    # the fewest requests the demo takes: every phase still caught (exit code 0)
+    assert cli.main(["demo", "--logdir", str(tmp_path), "--requests", str(demo.MIN_REQUESTS)]) == 0
     assert cli.main([]) == 2
     assert "usage: torchwatch" in capsys.readouterr().err
     assert cli.main(["demo", "--requests", "0"]) == 2
