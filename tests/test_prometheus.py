@@ -64,6 +64,29 @@ def test_scraped_values_equal_the_snapshot(quiet):
     assert 0 < got[key("torchwatch_latency_seconds", quantile="0.99")] <= max(seconds) * 1.01
 
 
+def test_the_baselines_still_learning_are_scraped(quiet):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh())
+    sink = tw.PrometheusSink(port=0, model_name="warming")
+
+    def learning() -> tuple[float, float]:
+        got = _scrape(sink.port)
+        return tuple(
+            got[("torchwatch_baseline_series", (("model", "warming"), ("state", s)))] for s in ("all", "learning")
+        )
+
+    with tw.attach(model, sinks=[sink], flush_every=1) as watch:
+        for i in range(32):
+            model(torch.randn(128, 64))  # 8,192 elements an interval: every output charted
+            if i == 4:
+                watch.flush()
+                early = watch.snapshot().baselines
+                assert early.series >= 6 and early.learning == early.series  # 5 of 30 warm-up intervals
+                assert learning() == (early.series, early.learning)
+        watch.flush()
+        late = watch.snapshot().baselines
+        assert late.learning == 0 and learning() == (late.series, 0)
+
+
 def test_registers_into_the_application_registry_and_bounds_module_labels():
     registry = prometheus_client.CollectorRegistry()
     model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(5)])

@@ -260,6 +260,16 @@ def test_root_output_is_tagged_root(tmp_path):
     assert "<root>/mean" in _event_accumulator(tmp_path).Tags()["scalars"]
 
 
+def test_baselines_still_learning_are_charted(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh())
+    sink = tw.MemorySink()
+    with tw.attach(model, sinks=[tw.TensorBoardSink(tmp_path), sink], flush_every=1):
+        for _ in range(3):
+            model(torch.randn(128, 64))  # 8,192 elements an interval: every output charted
+    learning = [e.value for e in _event_accumulator(tmp_path).Scalars("torchwatch/baselines_learning")]
+    assert learning == [r.baselines.learning for r in sink.records] and learning[0] >= 6
+
+
 def test_layout_opens_on_what_changed_then_nonfinite_and_casts():
     lay = layout(["float16"])
     assert list(lay)[:3] == ["torchwatch: what changed", "torchwatch: NaN / Inf", "torchwatch: fp16 / bf16 / fp8 casts"]

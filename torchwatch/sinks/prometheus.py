@@ -36,6 +36,8 @@ class PrometheusSink(Sink):
       "normalized_entropy"|"abstention_rate"}`` (gauges, latest interval), ``torchwatch_predictions_total``,
       ``torchwatch_labelled_total``, ``torchwatch_labelled_correct_total`` (accuracy over any window in PromQL);
     * ``torchwatch_input_top1_fraction{input}`` — an integer input's most frequent value's share;
+    * ``torchwatch_baseline_series{state="all"|"learning"}`` — the alert rules' baseline series and
+      how many are still in warm-up (no baseline alert can come from those yet);
     * ``torchwatch_errors_total{kind}`` — failures caught and anything not recorded, by the kinds
       of ``watch.errors``; ``torchwatch_flushes_merged_total`` — automatic flushes merged into
       later records because the writer was behind (nothing lost);
@@ -191,6 +193,9 @@ class PrometheusSink(Sink):
         for name, i in record.inputs.items():
             if i.ids is not None:
                 lab(f.top1, self._module(name)).set(i.ids.top1_fraction)
+        if record.baselines is not None:
+            lab(f.baselines, "all").set(record.baselines.series)
+            lab(f.baselines, "learning").set(record.baselines.learning)
         lab(f.last_flush).set(record.time)
 
     def close(self) -> None:
@@ -266,6 +271,7 @@ class _Families:
         self.labelled = counter("torchwatch_labelled", "Prediction rows with labels fed back.")
         self.correct = counter("torchwatch_labelled_correct", "Labelled rows predicted right.")
         self.top1 = gauge("torchwatch_input_top1_fraction", "Share of an integer input's top value.", ("input",))
+        self.baselines = gauge("torchwatch_baseline_series", "Alert baseline series, all and in warm-up.", ("state",))
 
     @classmethod
     def acquire(cls, pc: Any, registry: Any, model: str, multiprocess: bool) -> _Families:

@@ -126,6 +126,8 @@ class TensorBoardSink(Sink):
       ``torchwatch/alerts``, and as data (JSON) under ``torchwatch/alert_records``, which
       ``torchwatch report`` reads;
     * ``torchwatch/latency_p50_ms``, ``_p95_ms``, ``_p99_ms``, ``_max_ms``: root-call latency;
+    * ``torchwatch/baselines_learning``: the alert rules' baseline series still in warm-up (no
+      baseline alert can come from them yet), 0 once every baseline is learned;
     * ``inputs/<input>/channel_mean_<c>``, ``/top1_fraction``, ``/distinct``: input monitors;
     * ``outputs/confidence``, ``/margin``, ``/normalized_entropy``, ``/abstention_rate``, and
       ``/accuracy``, ``/ece`` in intervals with labels (``attach(outputs=...)``);
@@ -191,6 +193,8 @@ class TensorBoardSink(Sink):
         self._rules.update(per_rule)
         out += [(f"{self.prefix}torchwatch/alerts/{rule}", float(per_rule[rule])) for rule in self._rules]
         out += [(f"{self.prefix}torchwatch/alerts_total/{rule}", float(n)) for rule, n in self._rules.items()]
+        if record.baselines is not None:
+            out.append((f"{self.prefix}torchwatch/baselines_learning", float(record.baselines.learning)))
         lat = record.latency
         if lat is not None and lat.count:
             for tag in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
