@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from _models import Tagger
-from _oracle import false_alarm_bound, id_counts
+from _oracle import assert_matches, false_alarm_bound, gamma, id_counts, oracle
 from torch import nn
 
 import torchwatch as tw
@@ -117,6 +117,34 @@ def _run(model, watch, batches, fault=None) -> list[tw.Alert]:
             model(fault(x) if fault else x)
     watch.flush()
     return watch.alerts[before:]
+
+
+def test_channels_last_images_are_measured_whole(quiet):
+    """A CNN served channels_last (the fast layout on CPUs and tensor cores; its conv outputs are
+    channels_last too): the input's channel means equal a plain per-channel mean, and every
+    output's statistics equal the float64 oracle of the very tensors the model produced."""
+    rng = np.random.default_rng(5)
+    images = [_normalize(_images(8, rng)).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+    model = _cnn().to(memory_format=torch.channels_last)
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, module in model.named_children():
+        module.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(out.clone()))
+    with tw.attach(model, flush_every=100) as watch, torch.no_grad():
+        for x in images:
+            model(x)
+        snap = watch.snapshot()
+    assert images[0].is_contiguous(memory_format=torch.channels_last) and not images[0].is_contiguous()
+    assert seen["0"][0].is_contiguous(memory_format=torch.channels_last)  # the conv kept the layout
+    # float64 sums of the same float32 values in another order: they differ by at most
+    # gamma_n (float64) x the sum of |x| (Higham), n the values per channel
+    every = torch.cat(images).double()
+    n = every.numel() // every.shape[1]
+    bound = gamma(n, 2.0**-53) * every.abs().mean(dim=(0, 2, 3)).numpy()
+    expected = every.mean(dim=(0, 2, 3)).numpy()
+    assert np.all(np.abs(np.array(snap.inputs["<input>"].channel_means) - expected) <= 2 * bound)
+    assert_matches(snap["<input>"], oracle(torch.cat([x.reshape(-1) for x in images])))
+    for name, outs in seen.items():
+        assert_matches(snap[name], oracle(torch.cat([o.reshape(-1) for o in outs])))
 
 
 @pytest.mark.parametrize(
