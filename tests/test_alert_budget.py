@@ -206,3 +206,16 @@ def test_snapshot_records_and_report_say_while_baselines_are_learning(tmp_path, 
     assert f"all {early.series} baseline series learned" in report.text(report.summarize(report.load(tmp_path)))
     with tw.attach(nn.Linear(2, 2), rules=[]) as bare:
         assert bare.snapshot().baselines is None  # no rule learns a baseline
+
+
+def test_the_output_class_mix_counts_as_learning_before_its_series_exists(quiet):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    watch = tw.attach(model, outputs=True, flush_every=5)
+    (edge,) = [r for r in watch.rules if isinstance(r, rules.EdgeChart)]
+    _serve(model, watch, [torch.randn(16, 8) for _ in range(12 * 5)])  # 80 rows an interval: charted
+    assert edge.baseline("<output>", "class_mix") is None  # its series is made when its warm-up ends
+    assert edge.warmup_state() == (edge.series + 1, edge.series + 1, 18)
+    _serve(model, watch, [torch.randn(16, 8) for _ in range(18 * 5)])
+    assert edge.baseline("<output>", "class_mix") is not None and edge.warmup_state() == (edge.series, 0, 0)
+    watch.detach()

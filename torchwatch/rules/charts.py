@@ -354,6 +354,12 @@ class EdgeChart(_Chart):
                     out.append(("output_shift", "<output>", "class_mix", mix, 0.01))
         return out
 
+    def warmup_state(self) -> tuple[int, int, int]:
+        series, learning, left = super().warmup_state()
+        if self._class_warm:  # the class mix collects its warm-up before its series exists
+            return series + 1, learning + 1, max(left, self.warmup - len(self._class_warm))
+        return series, learning, left
+
     def _class_mix(self, counts: np.ndarray) -> float | None:
         """Total-variation distance to the warm-up class mix; during warm-up, collects the mix."""
         p = counts / counts.sum()
