@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _images import MEAN, STD, cnn, requests  # the tests' traffic, shared on purpose
+from _images import MEAN, STD, cnn, requests, serve  # the tests' traffic, shared on purpose
 
 import torchwatch as tw
 
@@ -35,19 +35,10 @@ FAULTS = {
 }
 
 
-def _serve(model, watch, batches) -> list[tw.Alert]:
-    before = len(watch.alerts)
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    watch.flush()
-    return watch.alerts[before:]
-
-
 def clean(seed: int, n: int) -> tuple[int, int]:
     model = cnn()
     watch = tw.attach(model, flush_every=FLUSH, outputs="auto")
-    found = _serve(model, watch, requests(np.random.default_rng(seed), n))
+    found = serve(model, watch, requests(np.random.default_rng(seed), n))
     series = watch.snapshot().baselines.series
     watch.detach()
     return len(found), series
@@ -57,7 +48,7 @@ def delay(fault: str, seed: int) -> int | None:
     rng = np.random.default_rng(100 + seed)
     model = cnn()
     watch = tw.attach(model, flush_every=FLUSH, outputs="auto")
-    _serve(model, watch, requests(rng, 40 * FLUSH))
+    serve(model, watch, requests(rng, 40 * FLUSH))
     with torch.no_grad():
         if fault == "BatchNorm weights x8":
             model[2][1].weight.mul_(8.0)
@@ -69,7 +60,7 @@ def delay(fault: str, seed: int) -> int | None:
             if fault == "blue channel dead":
                 for x in batches:
                     x[:, 2] = float(-MEAN[2, 0, 0] / STD[2, 0, 0])
-            if {a.rule for a in _serve(model, watch, batches)} & FAULTS[fault]:
+            if {a.rule for a in serve(model, watch, batches)} & FAULTS[fault]:
                 return i + 1
         return None
     finally:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import torchwatch as tw
+
 MEAN = np.array([0.485, 0.456, 0.406])[:, None, None]
 STD = np.array([0.229, 0.224, 0.225])[:, None, None]
 KINDS = (0.35, 0.3, 0.1, 0.1, 0.15)  # how often each kind of scene arrives
@@ -55,3 +57,13 @@ def requests(rng: np.random.Generator, n: int, *, normalize: bool = True) -> lis
         x = np.stack([photo(int(k), rng) for k in kinds])
         out.append(torch.from_numpy((x - MEAN) / STD if normalize else x).float())
     return out
+
+
+def serve(model: nn.Module, watch: tw.Watch, batches: list[torch.Tensor]) -> list[tw.Alert]:
+    """Run ``batches`` through ``model`` without gradients, flush, and return the alerts they raised."""
+    before = len(watch.alerts)
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    watch.flush()
+    return watch.alerts[before:]

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _images import MEAN, STD, cnn, requests
+from _images import MEAN, STD, cnn, requests, serve
 from _oracle import cusum_arl
 from torch import nn
 
@@ -23,19 +23,10 @@ def _watch(model, **kwargs) -> tw.Watch:
     return tw.attach(model, flush_every=FLUSH, outputs="auto", **kwargs)
 
 
-def _serve(model, watch, batches) -> list[tw.Alert]:
-    before = len(watch.alerts)
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    watch.flush()
-    return watch.alerts[before:]
-
-
 def test_the_default_charts_share_one_budget_and_each_series_gets_its_share():
     model = cnn()
     watch = _watch(model)
-    _serve(model, watch, requests(np.random.default_rng(0), 40))
+    serve(model, watch, requests(np.random.default_rng(0), 40))
     charts = [r for r in watch.rules if isinstance(r, (rules.ControlChart, rules.EdgeChart))]
     assert len(charts) == 4 and len({id(c.budget) for c in charts}) == 1
     budget = charts[0].budget
@@ -130,7 +121,7 @@ def test_clean_mixed_photo_traffic_on_a_cnn_raises_no_alert_in_1000_requests(qui
     torch.set_num_threads(1)
     model = cnn()
     watch = _watch(model)
-    found = _serve(model, watch, requests(np.random.default_rng(seed), 1000))
+    found = serve(model, watch, requests(np.random.default_rng(seed), 1000))
     assert found == [], [(a.rule, a.module, a.stat, a.message) for a in found]
     assert watch.errors == {}
     watch.detach()
@@ -157,7 +148,7 @@ def test_faults_on_the_same_cnn_are_still_caught_within_a_few_intervals(quiet, f
     rng = np.random.default_rng(7)
     model = cnn()
     watch = _watch(model)
-    assert _serve(model, watch, requests(rng, 40 * FLUSH)) == []  # warm-up: 30 intervals, then 10 clean
+    assert serve(model, watch, requests(rng, 40 * FLUSH)) == []  # warm-up: 30 intervals, then 10 clean
     if fault == "bn_scale":
         with torch.no_grad():
             model[2][1].weight.mul_(8.0)
@@ -168,7 +159,7 @@ def test_faults_on_the_same_cnn_are_still_caught_within_a_few_intervals(quiet, f
         batches = requests(rng, FLUSH, normalize=fault != "unnormalised")
         if fault == "blue_dead":
             batches = [_blue_dead(x) for x in batches]
-        found = _serve(model, watch, batches)
+        found = serve(model, watch, batches)
         if {a.rule for a in found} & expect:
             break
     else:
@@ -189,7 +180,7 @@ def test_snapshot_records_and_report_say_while_baselines_are_learning(tmp_path, 
     model = cnn()
     watch = tw.attach(model, flush_every=FLUSH, sinks=[tw.JsonlSink(tmp_path / "stats.jsonl")])
     assert watch.snapshot().baselines == tw.rules.Warmup(0, 0, 0)  # no series yet
-    _serve(model, watch, requests(np.random.default_rng(3), 12 * FLUSH))
+    serve(model, watch, requests(np.random.default_rng(3), 12 * FLUSH))
     charts = [r for r in watch.rules if isinstance(r, (rules.ControlChart, rules.EdgeChart))]
     early = watch.snapshot().baselines
     # every series charted from the first interval on: all still learning, 30 - 12 intervals to go
@@ -197,7 +188,7 @@ def test_snapshot_records_and_report_say_while_baselines_are_learning(tmp_path, 
     assert "no baseline alert can come from them yet" in str(early)
     text = report.text(report.summarize(report.load(tmp_path)))
     assert f"{early.series} of {early.series} baseline series still learning (up to 18 more intervals)" in text
-    _serve(model, watch, requests(np.random.default_rng(4), 18 * FLUSH))
+    serve(model, watch, requests(np.random.default_rng(4), 18 * FLUSH))
     assert watch.snapshot().baselines == tw.rules.Warmup(early.series, 0, 0)
     watch.detach()
     lines = (tmp_path / "stats.jsonl").read_text().splitlines()
@@ -213,9 +204,21 @@ def test_the_output_class_mix_counts_as_learning_before_its_series_exists(quiet)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     watch = tw.attach(model, outputs=True, flush_every=5)
     (edge,) = [r for r in watch.rules if isinstance(r, rules.EdgeChart)]
-    _serve(model, watch, [torch.randn(16, 8) for _ in range(12 * 5)])  # 80 rows an interval: charted
+    serve(model, watch, [torch.randn(16, 8) for _ in range(12 * 5)])  # 80 rows an interval: charted
     assert edge.baseline("<output>", "class_mix") is None  # its series is made when its warm-up ends
     assert edge.warmup_state() == (edge.series + 1, edge.series + 1, 18)
-    _serve(model, watch, [torch.randn(16, 8) for _ in range(18 * 5)])
+    serve(model, watch, [torch.randn(16, 8) for _ in range(18 * 5)])
     assert edge.baseline("<output>", "class_mix") is not None and edge.warmup_state() == (edge.series, 0, 0)
     watch.detach()
+
+
+def test_a_class_mix_past_max_series_is_not_charted_and_its_warm_up_is_let_go(quiet):
+    """With every series slot taken, the class mix gets none: its warm-up counts are dropped once
+    collected (not kept growing), and it is no longer reported as learning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    edge = rules.EdgeChart(max_series=1)  # the input's scale takes the one slot
+    with tw.attach(model, outputs=True, flush_every=5, rules=[edge]) as watch:
+        serve(model, watch, [torch.randn(16, 8) for _ in range(35 * 5)])
+    assert edge.series == 1 and edge.baseline("<output>", "class_mix") is None
+    assert edge.warmup_state() == (1, 0, 0)

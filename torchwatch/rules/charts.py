@@ -165,6 +165,7 @@ class _Chart:
     budget: Budget
     k: float
     max_series: int
+    warmup: int
     _series: dict
 
     def _setup(self, owner: str, warmup: object, arl: object, budget: object, k: object, max_series: object,
@@ -178,6 +179,7 @@ class _Chart:
         _validate.number(owner, "k", k, above=0.0, high=10.0)
         _validate.integer(owner, "max_series", max_series, low=1)
         _validate.flag(owner, "trips", trips)
+        self.warmup = warmup  # type: ignore[assignment]
         self.arl = None if arl is None else float(arl)
         self.budget = Budget() if budget is None else budget
         self.k, self.max_series, self.trips = float(k), max_series, trips
@@ -201,10 +203,11 @@ class _Chart:
         learning = [self.warmup - len(s.warm) for s in self._series.values() if math.isnan(s.mu)]
         return len(self._series), len(learning), max(learning, default=0)
 
-    def _series_for(self, series: dict, key: tuple) -> _Series | None:
-        found = series.get(key)
-        if found is None and len(series) < self.max_series:
-            found = series[key] = _Series()
+    def _series_for(self, key: tuple) -> _Series | None:
+        """The series of ``key``, made (and counted in the budget) on first use; None past ``max_series``."""
+        found = self._series.get(key)
+        if found is None and len(self._series) < self.max_series:
+            found = self._series[key] = _Series()
             self.budget.series += 1
         return found
 
@@ -255,7 +258,7 @@ class ControlChart(_Chart):
         self._setup("ControlChart", warmup, arl, budget, k, max_series, trips)
         _validate.optional(_validate.number, "ControlChart", "min_sigma", min_sigma, above=0.0)
         _validate.integer("ControlChart", "min_elements", min_elements, low=0)
-        self.stat, self.warmup = stat, warmup
+        self.stat = stat
         self.value_of, default_sigma, self.words, sides = STATISTICS[stat]
         self.upward = sides == "above"
         self.min_sigma = default_sigma if min_sigma is None else float(min_sigma)
@@ -269,7 +272,7 @@ class ControlChart(_Chart):
         for module, s in interval.stats.items():
             if s.count < self.min_elements:
                 continue
-            series = self._series_for(self._series, (interval.cohort, module))
+            series = self._series_for((interval.cohort, module))
             if series is None:
                 continue
             v = self.value_of(s)
@@ -321,7 +324,7 @@ class EdgeChart(_Chart):
     ) -> None:  # fmt: skip
         self._setup("EdgeChart", warmup, arl, budget, k, max_series, trips)
         _validate.integer("EdgeChart", "min_count", min_count, low=1)
-        self.warmup, self.min_count = warmup, min_count
+        self.min_count = min_count
         self.name = "edge_baseline"
         self._series: dict[tuple[str, str], _Series] = {}
         self._class_warm: list[np.ndarray] = []
@@ -368,13 +371,11 @@ class EdgeChart(_Chart):
         self._class_warm.append(counts.astype(np.float64))
         if len(self._class_warm) == self.warmup:
             total = np.sum(self._class_warm, axis=0)
-            series = self._series_for(self._series, ("<output>", "class_mix"))
-            if series is None:
-                return None
-            for h in self._class_warm:  # leave-one-out distances: the in-control spread of the signal
-                rest = total - h
-                series.step(0.5 * float(np.abs(h / h.sum() - rest / rest.sum()).sum()), self.warmup, 0.01, self.k, 0,
-                            self.inflate)  # fmt: skip
+            series = self._series_for(("<output>", "class_mix"))  # None past max_series: not charted
+            for h in self._class_warm if series is not None else ():
+                rest = total - h  # leave-one-out distances: the in-control spread of the signal
+                distance = 0.5 * float(np.abs(h / h.sum() - rest / rest.sum()).sum())
+                series.step(distance, self.warmup, 0.01, self.k, 0, self.inflate)
             self._class_base = total / total.sum()
             self._class_warm = []
         return None
@@ -383,7 +384,7 @@ class EdgeChart(_Chart):
         out = []
         threshold = self.threshold
         for rule, position, signal, value, min_sigma in self._signals(interval):
-            series = self._series_for(self._series, (position, signal))
+            series = self._series_for((position, signal))
             if series is None:
                 continue
             step = series.step(value, self.warmup, min_sigma, self.k, threshold, self.inflate)
