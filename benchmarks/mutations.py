@@ -84,7 +84,7 @@ MUTATIONS = (
              "        out.append(Incident(items[-1][2], tuple(a for _, _, a in items[:-1])))",
              ("tests/test_incidents.py",)),
     Mutation("alerts: each alert of an incident uses a place in the budget", "torchwatch/rules/policy.py",
-             "            self._recent.append(now)\n", "            self._recent += [now] * len(fresh)\n",
+             "        self._recent.append(now)\n", "        self._recent += [now] * len(alerts)\n",
              ("tests/test_rules.py",)),
     Mutation("tensorboard: flagged runs to the first alerted, not the most severe", "torchwatch/sinks/_flagged.py",
              "            (SEVERITY.get(a.rule, OTHER), index.get", "            (OTHER, index.get",

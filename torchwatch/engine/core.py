@@ -368,7 +368,8 @@ class Engine:
         if self.rules and (part.stats or any(m.active(values[m.name]) for m in monitors)):
             published = {m.name: m.publish(values[m.name]) for m in monitors}
             alerts += self.bus.run_rules(self.rules, ctx.step, now, part.stats, published)
-        order = self.activations.window.order_of({name for (_, name), _ in part.stats})
+        # execution order groups an interval's alerts into incidents; not needed without alerts
+        order = self.activations.window.order_of({name for (_, name), _ in part.stats}) if alerts else []
         parts = RecordParts(
             step=ctx.step, time=now, calls=interval.calls + part.calls, sampled=interval.sampled + part.sampled,
             stats=part.stats, alerts=self._admitted(alerts, now, order),

@@ -81,15 +81,15 @@ def read_header(path: str | os.PathLike[str], what: str = "checkpoint") -> Heade
                     f"{shown(path)} is not a safetensors file: {size} bytes, shorter than its 8-byte header length"
                 )
             (n,) = struct.unpack("<Q", head)
-            kind = _other_format(head) if n > MAX_HEADER_BYTES or n > size - 8 else None
-            if kind is not None:
-                raise FormatError(
-                    f"{shown(path)} is {kind}, not a safetensors file: torchwatch reads weights from safetensors "
-                    "only (no pickle is ever loaded). Load it in your own code and save it once with "
-                    "safetensors.torch.save_file(state_dict, 'model.safetensors'), or make the manifest from the "
-                    "loaded model: tw.Manifest.from_model(model) (command line: --model module:factory)"
-                )
             if n > MAX_HEADER_BYTES or n > size - 8:
+                kind = _other_format(head)
+                if kind is not None:
+                    raise FormatError(
+                        f"{shown(path)} is {kind}, not a safetensors file: torchwatch reads weights from safetensors "
+                        "only (no pickle is ever loaded). Load it in your own code and save it once with "
+                        "safetensors.torch.save_file(state_dict, 'model.safetensors'), or make the manifest from "
+                        "the loaded model: tw.Manifest.from_model(model) (command line: --model module:factory)"
+                    )
                 raise FormatError(
                     f"{shown(path)} is not a valid safetensors file: its header claims {n:,} bytes but the file has "
                     f"{size:,} bytes in all (limit {MAX_HEADER_BYTES:,}); the file is truncated or corrupt"

@@ -53,16 +53,8 @@ class AlertPolicy:
         for incident in incidents.group([a for a in alerts if a not in tripping], order):
             fresh = [a for a in (incident.lead, *incident.related) if not self._cooling(a, now)]
             self.suppressed += 1 + len(incident.related) - len(fresh)
-            if not fresh:
-                continue
-            self._recent = [t for t in self._recent if now - t < 60.0]
-            if len(self._recent) >= self.max_per_minute:
-                self.suppressed += len(fresh)
-                continue
-            self._recent.append(now)
-            for a in fresh:
-                self._last[_key(a)] = now
-            admitted.update(fresh)
+            if fresh and self._take_place(fresh, now):
+                admitted.update(fresh)
         for alert in alerts:
             if alert in tripping:
                 key = _key(alert)
@@ -82,18 +74,24 @@ class AlertPolicy:
         last = self._last.get(_key(alert))
         return last is not None and now - last < self.cooldown
 
+    def _take_place(self, alerts: list[Alert], now: float) -> bool:
+        """One place in the minute's budget for ``alerts`` (remembered), or all suppressed."""
+        self._recent = [t for t in self._recent if now - t < 60.0]
+        if len(self._recent) >= self.max_per_minute:
+            self.suppressed += len(alerts)
+            return False
+        self._recent.append(now)
+        for alert in alerts:
+            self._last[_key(alert)] = now
+        return True
+
     def admit(self, alert: Alert, now: float | None = None) -> bool:
         """Whether to let ``alert`` through (and remember it)."""
         now = time.time() if now is None else now
-        key = _key(alert)
-        last = self._last.get(key)
-        self._recent = [t for t in self._recent if now - t < 60.0]
-        if (last is not None and now - last < self.cooldown) or len(self._recent) >= self.max_per_minute:
+        if self._cooling(alert, now):
             self.suppressed += 1
             return False
-        self._last[key] = now
-        self._recent.append(now)
-        return True
+        return self._take_place([alert], now)
 
 
 def _key(alert: Alert) -> tuple[Any, ...]:
