@@ -21,10 +21,13 @@ the expected time to ``T >= h`` from ``e = 0`` solves one linear system, as for 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
+
+from .sequential import solve_threshold
 
 DEFAULT_LAMBDA = 0.1
 _CELLS = 300
@@ -47,7 +50,7 @@ def _poisson(mean: np.ndarray, terms: int) -> np.ndarray:
     return np.exp(log - mu - torch.special.gammaln(torch.as_tensor(j + 1.0)).numpy())
 
 
-def arl(h: float, d: int, lam: float, cells: int = _CELLS) -> float:
+def arl(h: float, d: float, lam: float, cells: int = _CELLS) -> float:
     """Expected windows until ``T >= h`` from ``e = 0``, for ``v ~ N(0, I_d)`` i.i.d."""
     if h <= 0:
         return 1.0
@@ -74,8 +77,10 @@ def arl(h: float, d: int, lam: float, cells: int = _CELLS) -> float:
     return value
 
 
-def threshold_for(target_arl: float, d: int, lam: float) -> float:
-    """The smallest ``h`` whose in-control ARL reaches ``target_arl`` (bisection on :func:`arl`)."""
+@functools.lru_cache(maxsize=256)  # attach asks for the same few (a linear solve each)
+def threshold_for(target_arl: float, d: float, lam: float) -> float:
+    """The smallest ``h`` whose in-control ARL reaches ``target_arl`` (``d`` may be fractional:
+    the chain only reads ``d/2`` as a gamma shape, which is how :mod:`.guarantee` uses it)."""
     if target_arl <= 1:
         return 0.0
     lo, hi = float(d), float(d) + 10.0
@@ -85,15 +90,7 @@ def threshold_for(target_arl: float, d: int, lam: float) -> float:
             raise ValueError(f"no MEWMA threshold reaches an ARL of {target_arl:g} windows")
     if arl(lo, d, lam) >= target_arl:
         lo = 0.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if arl(mid, d, lam) < target_arl:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-3 * hi:
-            break
-    return hi
+    return solve_threshold(lambda h: arl(h, d, lam), target_arl, lo, hi)
 
 
 class Mewma:

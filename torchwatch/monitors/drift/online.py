@@ -27,7 +27,6 @@ detector statistic as a fraction of its threshold: it does not restart during dr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import threading
 import time
@@ -80,7 +79,7 @@ class DriftMonitor:
         self.arl = float(arl or ref.arl)
         # one budget: the CUSUM, the partial-window test and 3 accumulating detectors per module,
         # each at that many times the target ARL (false-alarm rates add)
-        share = self.arl * (2 + 3 * len(ref.modules))
+        share = self.arl * ref.detectors()
         self.cusum = Cusum(ref.threshold(share), ref.delta)
         self.partial_alpha = 1.0 / share  # a window not yet complete: at most one test per window
         self._partial_checked = -1
@@ -101,8 +100,8 @@ class DriftMonitor:
                 if device.type == "cuda":
                     mark_static(*params, sums, count)
                 detectors = tuple(
-                    mewma.Mewma(d, ref.smoothing, _threshold(share, d, ref.smoothing))
-                    for d in (m.components, m.features, m.components)
+                    mewma.Mewma(d, ref.smoothing, m.detector_threshold(j, share, ref.smoothing))
+                    for j, d in enumerate(m.detector_dims)
                 )
                 self.modules[name] = _Module(name, params, sums, count, detectors)
 
@@ -325,11 +324,6 @@ class DriftMonitor:
                 if count != start:
                     m.sums[(start // window) % RING].zero_()
                     m.count.fill_(start)
-
-
-@functools.lru_cache(maxsize=64)
-def _threshold(arl: float, d: int, lam: float) -> float:
-    return mewma.threshold_for(arl, d, lam)
 
 
 DRIFT_WINDOWS_LOST = "drift windows lost"  # completed faster than flushes read the device ring

@@ -47,10 +47,11 @@ from ..._pytree import call_batch, tensors_in
 from ..._schema import Fields
 from ...errors import ConfigError, FormatError
 from ...integrity import _safetensors
+from . import guarantee as _guarantee
 from . import mewma as _mewma
 from . import sequential as _sequential
 from .calibration import CalibrationReport, ks_uniform, simulate_runs, verdict
-from .statistics import ModuleReference, Reservoir, fit_module, has_residual, lower_p, predictive_windows
+from .statistics import ModuleReference, Reservoir, fit_module, has_residual, lower_p, predictive_windows, window_sums
 
 FORMAT = formats.REFERENCE
 
@@ -99,6 +100,11 @@ class Reference:
         smoothing: λ of the accumulating detectors (:mod:`.mewma`): about ``2/λ`` windows of memory.
         samples: reference samples it was fit on (after reservoir sampling; 0 if not recorded).
         reduce_name: ``"default"`` or the name of the custom ``reduce`` used at fit time.
+        guarantee: the probability, over the draw of the reference samples, that the detector
+            false-alarms no more often than its target (0: calibrated on average over draws only;
+            see ``fit(guarantee=...)``).
+        null_guard: the exponent ``a`` of ``P(p <= x) = x^a`` the per-window CUSUM's threshold is
+            set for (1: uniform p-values; below 1: guarded, see :mod:`.guarantee`).
     """
 
     def __init__(
@@ -114,6 +120,8 @@ class Reference:
         reduce_name: str = "default",
         smoothing: float = _mewma.DEFAULT_LAMBDA,
         samples: int = 0,
+        guarantee: float = 0.0,
+        null_guard: float = 1.0,
     ) -> None:
         self.modules = modules
         self.window = window
@@ -125,6 +133,8 @@ class Reference:
         self.holdout_p = np.asarray(holdout_p, dtype=np.float64)
         self.reduce = reduce or default_reduce
         self.reduce_name = reduce_name
+        self.guarantee = guarantee
+        self.null_guard = null_guard
 
     def joint_p(self, module_ps: np.ndarray) -> np.ndarray:
         """(windows,) calibrated p-values of the smallest module p-value, per window."""
@@ -132,8 +142,13 @@ class Reference:
 
     def threshold(self, arl: float | None = None) -> float:
         """The CUSUM threshold for ``arl`` windows between false alarms (default: ``self.arl``)."""
-        cdf = _sequential.uniform_cdf(self.delta, resolution=self.joint_null.size)
+        cdf = _sequential.uniform_cdf(self.delta, resolution=self.joint_null.size, exponent=self.null_guard)
         return _sequential.threshold_for(arl or self.arl, cdf)
+
+    def detectors(self) -> int:
+        """How many detectors share the false-alarm budget: the per-window CUSUM, the test of the
+        window being filled, and three accumulating detectors per module."""
+        return 2 + 3 * len(self.modules)
 
     # ---- fitting -----------------------------------------------------------------------
 
@@ -154,6 +169,7 @@ class Reference:
         resamples: int = 10_000,
         max_samples: int = 100_000,
         seed: int = 0,
+        guarantee: float | None = _guarantee.DEFAULT,
     ) -> Reference:
         """Run ``model`` on reference data and summarise the embeddings of ``modules``.
 
@@ -176,6 +192,13 @@ class Reference:
             resamples: bootstrap windows for each null distribution.
             max_samples: reference samples kept while fitting (reservoir-sampled beyond).
             seed: seeds the split, the random features and the resampling.
+            guarantee: the probability, over the draw of the reference samples from their
+                population, that the detector false-alarms no more often than ``arl`` (and any
+                ARL given to ``attach``) says: thresholds are raised by a bootstrap of the
+                reference (Gandy & Kvaløy, 2013; see :mod:`torchwatch.monitors.drift.guarantee`).
+                The price is detection delay, larger for smaller references (measured in
+                ``benchmarks/RESULTS.md``). ``None``: thresholds calibrated on average over
+                references only (a given reference may false-alarm several times as often).
 
         Returns:
             The Reference (its size does not grow with the number of reference samples).
@@ -193,6 +216,8 @@ class Reference:
             (8, 16)
         """
         _check_fit_args(window, components, features, arl, delta, splits, resamples, max_samples, reduce, seed)
+        if guarantee is not None:
+            _validate.number("Reference.fit", "guarantee (a probability below 1)", guarantee, above=0.0, high=0.999)
         _validate.instance("Reference.fit", "model", model, nn.Module, "a torch.nn.Module")
         modules = _validate.strings("Reference.fit", "modules", modules)
         names = dict(model.named_modules())
@@ -217,19 +242,43 @@ class Reference:
         # held-out windows are disjoint, not resampled: each is a genuine window of fresh samples
         hold_windows = np.arange(len(parts[2]) // window * window).reshape(-1, window)
         refs, cal_mod_p, hold_mod_p = {}, [], []
+        # the guards draw from their own stream: the rest of the fit is the same with or without them
+        guard_rng = np.random.default_rng(None if seed is None else [seed, 1])
+        level = None if guarantee is None else _guarantee.per_detector(guarantee, 2 + 3 * len(embeddings))
         for name, emb in embeddings.items():
             ref, cal_p, hold_p = fit_module(
-                name, emb[:n], parts, boot_cal, hold_windows, components, features, rng, _mewma.DEFAULT_LAMBDA
+                name,
+                emb[:n],
+                parts,
+                boot_cal,
+                hold_windows,
+                components,
+                features,
+                rng,
+                _mewma.DEFAULT_LAMBDA,
+                level,
+                guard_rng,
             )
             refs[name] = ref
             cal_mod_p.append(cal_p)
             hold_mod_p.append(hold_p)
         joint_null = np.sort(np.stack(cal_mod_p, axis=1).min(axis=1))
         holdout_p = lower_p(joint_null, np.stack(hold_mod_p, axis=1).min(axis=1))
+        null_guard = 1.0
+        if level is not None:
+            cal_rows = {name: refs[name].sample_features(emb[parts[1]]) for name, emb in embeddings.items()}
+
+            def joint_p(index_windows: np.ndarray) -> np.ndarray:
+                size = np.full(len(index_windows), float(window))
+                module_p = [refs[m].module_p(refs[m].window_statistics(size, window_sums(rows, index_windows)))
+                            for m, rows in cal_rows.items()]  # fmt: skip
+                return lower_p(joint_null, np.stack(module_p, axis=1).min(axis=1))
+
+            null_guard = _guarantee.cusum_guard(joint_p, len(parts[1]), window, level=level, rng=guard_rng)
         return cls(
             refs, window=window, arl=float(arl), delta=float(delta), joint_null=joint_null, holdout_p=holdout_p,
             reduce=reduce, reduce_name="default" if reduce is default_reduce else getattr(reduce, "__name__", "custom"),
-            samples=n,
+            samples=n, guarantee=0.0 if guarantee is None else float(guarantee), null_guard=null_guard,
         )  # fmt: skip
 
     # ---- checking ------------------------------------------------------------------------
@@ -286,6 +335,11 @@ class Reference:
             accumulating={name: tuple(float(v) for v in m.holdout_level) for name, m in self.modules.items()},
             censored=float((runs >= cap).mean()),
             window=self.window,
+            guarantee=self.guarantee,
+            allowance={
+                name: tuple(float(c * nu / d) for (c, nu), d in zip(m.guard, m.detector_dims, strict=True))
+                for name, m in self.modules.items()
+            },
         )
 
     def _samples_for(self, holdout_windows: int) -> int:
@@ -306,7 +360,8 @@ class Reference:
         """
         from safetensors.numpy import save_file
 
-        tensors: dict[str, np.ndarray] = {"joint_null": self.joint_null, "holdout_p": self.holdout_p}
+        tensors: dict[str, np.ndarray] = {"joint_null": self.joint_null, "holdout_p": self.holdout_p,
+                                          "null_guard": np.array([self.null_guard])}  # fmt: skip
         meta_modules = []
         for i, (name, ref) in enumerate(self.modules.items()):
             for key in ModuleReference.ARRAYS:
@@ -320,6 +375,7 @@ class Reference:
             "delta": repr(self.delta),
             "smoothing": repr(self.smoothing),
             "samples": str(self.samples),
+            "guarantee": repr(self.guarantee),
             "reduce": self.reduce_name,
             "torch": torch.__version__,
         }
@@ -366,8 +422,19 @@ class Reference:
             for i, m in enumerate(meta_modules):
                 f = Fields(m, f"{where}, module {i}")
                 name = f.str("name")
-                arrays = {key: tensors[f"m{i}.{key}"].astype(np.float64) for key in ModuleReference.ARRAYS}
+                arrays = {key: tensors[f"m{i}.{key}"].astype(np.float64) for key in ModuleReference.ARRAYS
+                          if key not in ModuleReference.OPTIONAL or f"m{i}.{key}" in tensors}  # fmt: skip
+                arrays.setdefault("guard", np.zeros((3, 2)))
                 modules[name] = ModuleReference(name, arrays, f.number("resid_mean"), f.number("resid_std"))
+            # a file fit before guarantees has neither guards nor a guarantee: on average only
+            guarded = "null_guard" in tensors and all(f"m{i}.guard" in tensors for i in range(len(meta_modules)))
+            if guarded and tensors["null_guard"].size != 1:
+                raise FormatError(f"{where}: null_guard has shape {tensors['null_guard'].shape}, expected (1,)")
+            guarantee = float(metadata.get("guarantee", "0")) if guarded else 0.0
+            null_guard = float(tensors["null_guard"].reshape(-1)[0]) if guarded else 1.0
+            if not guarded:
+                for module_ref in modules.values():
+                    module_ref.guard = module_ref.unguarded()
             joint_null, holdout_p = tensors["joint_null"], tensors["holdout_p"]
         except KeyError as exc:
             raise FormatError(f"{where} lacks {exc.args[0]!r}; it is truncated or not a reference") from None
@@ -379,6 +446,11 @@ class Reference:
             raise FormatError(f"{where} has window={window}, arl={arl}, delta={delta}: not a valid reference")
         if not 0 < smoothing <= 1:
             raise FormatError(f"{where} has smoothing={smoothing}: not a valid reference (0 < smoothing <= 1)")
+        if not (0 <= guarantee < 1 and 0 < null_guard <= 1):
+            raise FormatError(
+                f"{where} has guarantee={guarantee}, null_guard={null_guard}: not a valid reference "
+                "(0 <= guarantee < 1, 0 < null_guard <= 1)"
+            )
         for name, ref in modules.items():
             _check_shapes(path, name, ref)
         reduce_name = metadata.get("reduce", "default")
@@ -388,7 +460,8 @@ class Reference:
                 f"pass it again: Reference.load(path, reduce={reduce_name})"
             )
         return cls(modules, window=window, arl=arl, delta=delta, joint_null=joint_null, holdout_p=holdout_p,
-                   reduce=reduce, reduce_name=reduce_name, smoothing=smoothing, samples=max(samples, 0))  # fmt: skip
+                   reduce=reduce, reduce_name=reduce_name, smoothing=smoothing, samples=max(samples, 0),
+                   guarantee=guarantee, null_guard=null_guard)  # fmt: skip
 
     def __repr__(self) -> str:
         dims = ", ".join(f"{n!r}: d={r.dim}, k={r.components}" for n, r in self.modules.items())
@@ -460,7 +533,8 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     d, k, m = ref.dim, ref.components, ref.features
     expected = {"mean": (d,), "scale": (k,), "phase": (m,), "rff_ref": (m,), "omega": (k, m), "resid_floor": (1,),
                 "center_z": (k,), "white_z": (k, k), "center_phi": (m,), "white_phi": (m, m),
-                "center_spread": (k,), "white_spread": (k, k), "pooled": (3,), "holdout_level": (3,)}  # fmt: skip
+                "center_spread": (k,), "white_spread": (k, k), "pooled": (3,), "holdout_level": (3,),
+                "guard": (3, 2)}  # fmt: skip
     for key, shape in expected.items():
         if getattr(ref, key).shape != shape:
             raise FormatError(
@@ -470,6 +544,8 @@ def _check_shapes(path: str, name: str, ref: ModuleReference) -> None:
     for key in ModuleReference.ARRAYS:
         if not np.isfinite(getattr(ref, key)).all():
             raise FormatError(f"reference file {path!r}, module {name!r}: {key} holds NaN/Inf")
+    if not ref.guard.min() > 0:
+        raise FormatError(f"reference file {path!r}, module {name!r}: guard {ref.guard.tolist()} must be positive")
     if not ref.pooled.min() >= 1:
         raise FormatError(f"reference file {path!r}, module {name!r}: pooled sample count {ref.pooled.min()} < 1")
     if not has_residual(ref.basis) and np.any(ref.null_novelty != 0):

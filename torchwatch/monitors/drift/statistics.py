@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError
+from . import guarantee, mewma
 
 
 class ModuleReference:
@@ -16,9 +17,11 @@ class ModuleReference:
 
     ARRAYS = ("mean", "basis", "scale", "omega", "phase", "rff_ref", "resid_floor", "null_mean_shift", "null_mmd",
               "null_novelty", "null_min_p", "center_z", "white_z", "center_phi", "white_phi", "center_spread",
-              "white_spread", "pooled", "holdout_level")  # fmt: skip
+              "white_spread", "pooled", "holdout_level", "guard")  # fmt: skip
     # what the accumulating detectors read: a file without them is from an older torchwatch
-    DETECTOR_ARRAYS = ARRAYS[ARRAYS.index("center_z") :]
+    DETECTOR_ARRAYS = ARRAYS[ARRAYS.index("center_z") : ARRAYS.index("guard")]
+    # arrays a file from an older torchwatch may lack, and what stands in for them
+    OPTIONAL = ("guard",)
 
     def __init__(self, name: str, arrays: dict[str, np.ndarray], resid_mean: float, resid_std: float) -> None:
         self.name = name
@@ -39,6 +42,21 @@ class ModuleReference:
     def features(self) -> int:
         return self.omega.shape[1]
 
+    @property
+    def detector_dims(self) -> tuple[int, int, int]:
+        """Dimensions of the accumulating detectors: PCA mean, random-feature mean, spread."""
+        return (self.components, self.features, self.components)
+
+    def unguarded(self) -> np.ndarray:
+        """The ``guard`` of a detector calibrated on average only: ``c = 1``, ``ν = d``."""
+        return np.array([[1.0, float(d)] for d in self.detector_dims])
+
+    def detector_threshold(self, j: int, arl: float, lam: float) -> float:
+        """The threshold of accumulating detector ``j`` for ``arl`` windows between its false
+        alarms: the ideal detector's in ``ν`` dimensions scaled by ``c`` (see :mod:`.guarantee`)."""
+        c, nu = self.guard[j]
+        return float(c) * mewma.threshold_for(arl, float(nu), lam)
+
     def sample_features(self, x: np.ndarray) -> np.ndarray:
         """Per-sample ``[r, z..., φ..., |z|...]`` rows for embeddings ``x`` (n, d), as the hook computes them."""
         return sample_features(x, self.mean, self.basis, self.scale, self.omega, self.phase, self.resid_floor[0])
@@ -54,8 +72,8 @@ class ModuleReference:
         :meth:`sample_features` rows.
 
         ``sqrt(n)·W(mean - centre)``, ``W`` the inverse square root of the (Ledoit-Wolf) per-sample
-        covariance, ``centre`` the mean of the ``pooled`` fit and calibration samples (which
-        samples give which covariance: see ``fit_module``);
+        covariance, ``centre`` the mean of the ``pooled`` calibration samples (which samples
+        give which covariance: see ``fit_module``);
         divided by ``sqrt(1 + κ)``, ``κ = (n / pooled)(2 - λ)/λ``: the centre's own
         estimation error is a constant offset that the detector's averaging would otherwise
         count as drift (its variance, ``n / pooled`` per window, relative to the detector's
@@ -250,9 +268,14 @@ def window_statistics(
 
 def fit_module(
     name: str, emb: np.ndarray, parts: tuple[np.ndarray, ...], boot_cal: np.ndarray, boot_hold: np.ndarray,
-    components: int, features: int, rng: np.random.Generator, lam: float,
+    components: int, features: int, rng: np.random.Generator, lam: float, guard_level: float | None,
+    guard_rng: np.random.Generator,
 ) -> tuple[ModuleReference, np.ndarray, np.ndarray]:  # fmt: skip
-    """One module's summary, and the module-level p-values of the calibration and holdout windows."""
+    """One module's summary, and the module-level p-values of the calibration and holdout windows.
+
+    ``guard_level``: the probability each accumulating detector's threshold is guarded at
+    (:mod:`.guarantee`), or None for thresholds calibrated on average over references.
+    """
     fit, cal, hold = (emb[p] for p in parts)
     mean = fit.mean(0)
     cov, alpha = ledoit_wolf(fit - mean)
@@ -281,35 +304,75 @@ def fit_module(
     def stats(x: np.ndarray, boot: np.ndarray) -> np.ndarray:
         rows = sample_features(x, mean, basis, scale, omega, phase, floor)
         return window_statistics(
-            np.full(len(boot), boot.shape[1]), rows[boot].sum(1), k, rff_ref, resid_mean, resid_std
+            np.full(len(boot), boot.shape[1]), window_sums(rows, boot), k, rff_ref, resid_mean, resid_std
         )
 
     cal_stats, hold_stats = stats(cal, boot_cal), stats(hold, boot_hold)
     nulls = {key: np.sort(cal_stats[:, j]) for j, key in enumerate(("null_mean_shift", "null_mmd", "null_novelty"))}
-    # Centres and covariances from the fit and calibration samples: fewer samples leave the
-    # detectors a persistent offset (the centre's error, which ~2/λ windows of averaging read as
-    # drift) and a badly scaled whitening (the 128 random features whitened from 1,500
+    # Centres from the calibration samples, whitenings (but the PCA mean's) from the fit and
+    # calibration samples. The fit samples chose the basis, so their coordinates run large along
+    # its top directions, and a centre on them carries that bias as a persistent offset, which
+    # ~2/λ windows of averaging read as drift and no resampling of the reference can size (it is
+    # the same in every resample); the calibration samples are exchangeable with fresh ones, so
+    # their centre's error is what the guarantee's bootstrap measures (:mod:`.guarantee`). The
+    # whitenings want every sample they can get (the 128 random features whitened from 1,500
     # calibration samples alone had fresh-data variances of 0.5-1.9 on real embeddings; see
-    # benchmarks/drift_text.py). The fit samples chose the basis, so their coordinates run
-    # slightly large along its top directions; for the centres that cost less than the offset
-    # it removes. The PCA mean's covariance stays on the calibration samples alone: the fit
-    # samples' whitened coordinates have variance 1 by construction, which fresh ones do not.
+    # benchmarks/drift_text.py); the bias moves a covariance far less than a centre. The PCA
+    # mean's covariance stays on the calibration samples alone: the fit samples' whitened
+    # coordinates have variance 1 by construction, which fresh ones do not.
     rows_cal = sample_features(cal, mean, basis, scale, omega, phase, floor)
     both = np.concatenate([rows_fit, rows_cal])
     z_part, phi_part, q_part = slice(1, 1 + k), slice(1 + k, 1 + k + features), slice(1 + k + features, None)
     arrays = {"mean": mean, "basis": basis, "scale": scale, "omega": omega, "phase": phase, "rff_ref": rff_ref,
               "resid_floor": np.array([floor]),
               **nulls, "null_min_p": np.zeros(1),
-              "center_z": both[:, z_part].mean(0), "white_z": inverse_sqrt(rows_cal[:, z_part]),
-              "center_phi": both[:, phi_part].mean(0), "white_phi": inverse_sqrt(both[:, phi_part]),
-              "center_spread": both[:, q_part].mean(0), "white_spread": inverse_sqrt(both[:, q_part]),
-              "pooled": np.full(3, float(len(both))),
-              "holdout_level": np.zeros(3)}  # fmt: skip
+              "center_z": rows_cal[:, z_part].mean(0), "white_z": inverse_sqrt(rows_cal[:, z_part]),
+              "center_phi": rows_cal[:, phi_part].mean(0), "white_phi": inverse_sqrt(both[:, phi_part]),
+              "center_spread": rows_cal[:, q_part].mean(0), "white_spread": inverse_sqrt(both[:, q_part]),
+              "pooled": np.full(3, float(len(rows_cal))),
+              "holdout_level": np.zeros(3), "guard": np.zeros((3, 2))}  # fmt: skip
     ref = ModuleReference(name, arrays, resid_mean, resid_std)
+    ref.guard = ref.unguarded()
+    if guard_level is not None:
+        ref.guard = _guards(ref, both, len(rows_fit), boot_cal.shape[1], lam, guard_level, guard_rng)
     ref.null_min_p = np.sort(ref.p_values(cal_stats).min(axis=1))
-    rows_hold = sample_features(hold, mean, basis, scale, omega, phase, floor)[boot_hold].sum(1)
+    rows_hold = window_sums(sample_features(hold, mean, basis, scale, omega, phase, floor), boot_hold)
     ref.holdout_level = steady_levels(ref, boot_hold.shape[1], rows_hold, lam)
     return ref, ref.module_p(cal_stats), ref.module_p(hold_stats)
+
+
+def _guards(
+    ref: ModuleReference, both: np.ndarray, n_fit: int, window: int, lam: float, level: float,
+    rng: np.random.Generator,
+) -> np.ndarray:  # fmt: skip
+    """Each accumulating detector's ``(c, ν)`` (:func:`.guarantee.mewma_guard`), refitting its
+    centre and whitening from the same rows the fit used for them."""
+    k, m = ref.components, ref.features
+    out = np.empty((3, 2))
+    for j, (at, width) in enumerate(((1, k), (1 + k, m), (1 + k + m, k))):
+        rows = both[:, at : at + width]
+        if j == 0:  # the PCA mean is whitened by the calibration rows alone (see fit_module)
+
+            def whitening(pick: np.ndarray, rows: np.ndarray = rows) -> np.ndarray:
+                return inverse_sqrt(rows[pick[pick >= n_fit]])
+
+        else:
+
+            def whitening(pick: np.ndarray, rows: np.ndarray = rows) -> np.ndarray:
+                return inverse_sqrt(rows[pick])
+
+        kappa = window / ref.pooled[j] * (2.0 - lam) / lam
+        out[j] = guarantee.mewma_guard(
+            rows,
+            n_fit,
+            whitening,
+            window=window,
+            scale=math.sqrt(window / (1.0 + kappa)),
+            lam=lam,
+            level=level,
+            rng=rng,
+        )
+    return out
 
 
 def steady_levels(ref: ModuleReference, n: int, window_sums: np.ndarray, lam: float) -> np.ndarray:
@@ -330,6 +393,16 @@ def steady_levels(ref: ModuleReference, n: int, window_sums: np.ndarray, lam: fl
         bias = max(float(mean @ mean) - spread / len(v), 0.0)
         levels.append(((2 - lam) / lam * bias + spread) / v.shape[1])
     return np.array(levels)
+
+
+def window_sums(rows: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """(windows, columns) sums of ``rows`` over each row of index ``windows`` (windows, size).
+
+    ``rows[windows].sum(1)`` materialises every window's rows first (gigabytes for the tens of
+    thousands of windows a null is made of); an embedding bag sums as it gathers, ~20x faster.
+    """
+    out = torch.nn.functional.embedding_bag(torch.from_numpy(windows), torch.from_numpy(rows), mode="sum")
+    return out.numpy()
 
 
 def predictive_windows(rng: np.random.Generator, n: int, count: int, window: int) -> np.ndarray:
