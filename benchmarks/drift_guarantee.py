@@ -1,6 +1,8 @@
 """No-drift run lengths per reference draw, per detector: what the per-reference guarantee buys.
 
-Synthetic embeddings as in ``drift_mixture.py`` (64-d Gaussians, window 32). For each of
+Synthetic embeddings as in ``drift_mixture.py`` (64-d Gaussians, window 32), or with ``--data
+text`` the real sentence embeddings of ``drift_text.py`` (96-d spaCy vectors of docstring
+sentences; references are random docs sentences, streams draw the others). For each of
 ``--draws`` references of ``--reference`` samples, fit with ``--guarantee`` (or ``none``), then
 ``--streams`` streams of fresh windows (from a 50,000-sample pool of the same population) run
 through the live detectors' arithmetic — the joint p-value CUSUM and the three accumulating
@@ -12,6 +14,7 @@ median run length and which detector alarmed first.
 Usage:
     python benchmarks/drift_guarantee.py --reference 5000 --draws 4 --streams 200 --guarantee 0.9
     python benchmarks/drift_guarantee.py --reference 5000 --draws 4 --streams 200 --guarantee none
+    python benchmarks/drift_guarantee.py --data text ...   (needs requirements/drift-bench.txt)
 """
 
 from __future__ import annotations
@@ -87,20 +90,31 @@ def main() -> None:
     p.add_argument("--arl", type=float, default=200)
     p.add_argument("--cap", type=int, default=2000)
     p.add_argument("--guarantee", default="0.9", help="a probability, or none")
+    p.add_argument("--data", choices=("synthetic", "text"), default="synthetic")
     args = p.parse_args()
     guarantee = None if args.guarantee == "none" else float(args.guarantee)
-    sample = source(2.6)
-    pool = sample(50_000, torch.Generator().manual_seed(99)).double().numpy()
+    if args.data == "text":
+        from drift_text import embeddings
+
+        docs = embeddings()[0]["docs"].astype(np.float64)
+    else:
+        sample = source(2.6)
+        pool = sample(50_000, torch.Generator().manual_seed(99)).double().numpy()
     for d in range(args.draws):
         start = time.time()
-        x = sample(args.reference, torch.Generator().manual_seed(1 + d))
+        if args.data == "text":  # as drift_text.py's no-drift part: a random reference, the rest for streams
+            order = np.random.default_rng(1000 + d).permutation(len(docs))
+            x, pool = torch.from_numpy(docs[order[: args.reference]]), docs[order[args.reference :]]
+        else:
+            x = sample(args.reference, torch.Generator().manual_seed(1 + d))
         ref = tw.Reference.fit(nn.Sequential(nn.Identity()), x.split(500), modules=["0"], window=WINDOW,
                                arl=args.arl, resamples=4000, seed=d, guarantee=guarantee)  # fmt: skip
         first, who = run_lengths(ref, pool, args.streams, args.cap, np.random.default_rng(d))
         by = np.bincount(who + 1, minlength=5)[1:]
         print(
-            f"guarantee {args.guarantee}, reference {args.reference}, draw {d}: mean run {first.mean():.0f} "
-            f"median {np.median(first):.0f} (capped at {args.cap}: {(who < 0).mean():.0%}); first alarms by "
+            f"{args.data}: guarantee {args.guarantee}, reference {args.reference}, draw {d}: "
+            f"mean run {first.mean():.0f} median {np.median(first):.0f} "
+            f"(capped at {args.cap}: {(who < 0).mean():.0%}); first alarms by "
             f"CUSUM/PCA mean/random features/spread {by.tolist()} ({time.time() - start:.0f} s)",
             flush=True,
         )

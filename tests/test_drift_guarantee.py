@@ -15,7 +15,7 @@ from torch import nn
 
 import torchwatch as tw
 from torchwatch.errors import ConfigError, FormatError
-from torchwatch.monitors.drift import guarantee, mewma
+from torchwatch.monitors.drift import guarantee, mewma, sequential
 from torchwatch.monitors.drift.online import DriftMonitor
 from torchwatch.monitors.drift.statistics import inverse_sqrt
 
@@ -73,6 +73,46 @@ def test_a_guarded_accumulating_detector_keeps_its_arl_for_most_references():
     assert np.quantile(arls, 0.1) < 4 * target, np.sort(arls)
 
 
+def test_the_guard_covers_the_threshold_each_reference_truly_needs_at_its_level():
+    """For 120 references of 150 samples from a known Gaussian population, the statistic's true
+    steady moments follow exactly from the population (mean ``tr Σ_v + A|b|²``, variance
+    ``2 tr Σ_v² + 4A bᵀΣ_v b``, as the guard models them); the threshold they need (in the guard's
+    ranking units, ``c·χ²_ν`` quantile) must lie within the guard for at least 90% of references.
+    At level 0.9, 19 or more of 120 short has probability 0.03 (binomial): at most 18. A guard
+    blind to the centre's error (or to the whitening's) fails about half of them. And the guard
+    must be a quantile, not merely large: at level 0.5 it falls short for half the references
+    (41 to 79 of 120: 3.5 binomial standard deviations); a guard that overstates the error passes
+    the first check and fails this one."""
+    rng = np.random.default_rng(7)
+    d, n_cal, amplify = 6, 150, (2 - LAM) / LAM
+    pop_cov = np.diag(np.linspace(0.5, 2.0, d))
+    pop_chol = np.linalg.cholesky(pop_cov)
+    kappa = WINDOW / n_cal * amplify
+    scale = math.sqrt(WINDOW / (1 + kappa))
+    short, short_median = 0, 0
+    for _ in range(120):
+        rows = rng.standard_normal((n_cal, d)) @ pop_chol.T
+        white = inverse_sqrt(rows)
+        b = scale * white @ (0.0 - rows.mean(0))
+        sigma = white @ pop_cov @ white * scale * scale / WINDOW
+        mean = np.trace(sigma) + amplify * b @ b
+        var = 2 * (sigma * sigma).sum() + 4 * amplify * b @ sigma @ b
+        c_true, nu_true = guarantee.patnaik(mean, var)
+        c, nu = guarantee.mewma_guard(
+            rows, 0, lambda pick, rows=rows: inverse_sqrt(rows[pick]), window=WINDOW, scale=scale, lam=LAM,
+            level=0.9, rng=rng, refits=100,
+        )  # fmt: skip
+        need = c_true * guarantee.chi2_quantile(nu_true)
+        short += need > c * guarantee.chi2_quantile(nu)
+        c, nu = guarantee.mewma_guard(
+            rows, 0, lambda pick, rows=rows: inverse_sqrt(rows[pick]), window=WINDOW, scale=scale, lam=LAM,
+            level=0.5, rng=rng, refits=100,
+        )  # fmt: skip
+        short_median += need > c * guarantee.chi2_quantile(nu)
+    assert short <= 18, short
+    assert 41 <= short_median <= 79, short_median
+
+
 def test_the_levels_split_over_detectors_and_the_quantile_follows_the_normal_one():
     assert guarantee.per_detector(0.9, 5) == pytest.approx(0.98)
     draws = np.random.default_rng(1).standard_normal(200_000)
@@ -84,24 +124,31 @@ def test_the_levels_split_over_detectors_and_the_quantile_follows_the_normal_one
     assert guarantee.upper_quantile(np.full(10, 3.0), 0.99) == 3.0
 
 
-def test_the_cusum_guard_reads_an_excess_of_small_p_values():
-    """p-values drawn as ``x^a`` (P(p <= x) = x^a) give back ``a``; uniform ones give 1 and no guard."""
+def test_the_cusum_guard_raises_the_threshold_only_for_calibration_sets_that_run_eager():
+    """Refits whose p-values are uniform need no guard; when half the resamples see p-values
+    distributed as ``x^0.7`` (more small ones), the guard raises the threshold until even those
+    keep the target: checked on the chain's ARL for ``x^0.7`` p-values (the oracle: a p-value
+    ``u^(1/0.7)`` with ``u`` uniform), at the level's quantile (the eager half's ARLs sit well
+    below the uniform ones', so the 0.98 quantile is among them)."""
     rng = np.random.default_rng(3)
-    for a in (0.6, 0.8, 1.0):
-        p = rng.random(400_000) ** (1 / a)
-        assert guarantee.tilt_exponent(p) == pytest.approx(a, rel=0.03)
-    n_cal = 2000
+    delta, share = 1.5, 500.0
+    nominal = sequential.threshold_for(share, sequential.uniform_cdf(delta))
 
-    def uniform(windows: np.ndarray) -> np.ndarray:  # every resample scores like the population
+    def uniform(windows: np.ndarray) -> np.ndarray:
         return rng.random(len(windows))
 
-    assert guarantee.cusum_guard(uniform, n_cal, 8, level=0.98, rng=rng, refits=20, windows=4000) > 0.93
+    factor = guarantee.cusum_guard(uniform, 2000, 8, share=share, delta=delta, nominal=nominal, level=0.9,
+                                   rng=rng, refits=20, windows=4000)  # fmt: skip
+    assert factor < 1.15
 
-    def eager(windows: np.ndarray) -> np.ndarray:  # half the resamples see p-values like x^0.7
-        a = 0.7 if windows[0, 0] % 2 else 1.0
-        return rng.random(len(windows)) ** (1 / a)
+    def eager(windows: np.ndarray) -> np.ndarray:
+        return rng.random(len(windows)) ** (1 / 0.7 if windows[0, 0] % 2 else 1.0)
 
-    assert guarantee.cusum_guard(eager, n_cal, 8, level=0.98, rng=rng, refits=40, windows=4000) < 0.8
+    factor = guarantee.cusum_guard(eager, 2000, 8, share=share, delta=delta, nominal=nominal, level=0.98,
+                                   rng=rng, refits=40, windows=4000)  # fmt: skip
+    tilted = sequential.empirical_cdf(rng.random(400_000) ** (1 / 0.7), delta)
+    assert sequential.arl(factor * nominal, tilted) >= 0.9 * share
+    assert sequential.arl(nominal, tilted) < 0.5 * share  # the unguarded threshold would not have held
 
 
 def _data(n: int, seed: int) -> torch.Tensor:
@@ -126,7 +173,7 @@ def test_guarantee_none_keeps_the_average_calibration_and_the_rest_of_the_fit(re
     assert p.null_guard == 1.0 and np.array_equal(p.modules["0"].guard, [[1, 4], [1, 16], [1, 4]])
     # the guards draw from their own random stream: everything else is the same fit
     assert np.array_equal(g.joint_null, p.joint_null) and np.array_equal(g.modules["0"].omega, p.modules["0"].omega)
-    assert g.null_guard < 1.0 and g.threshold(500) > p.threshold(500)
+    assert g.null_guard > 1.0 and g.threshold(500) > p.threshold(500)
     mon_g, mon_p = DriftMonitor(g, torch.device("cpu"), None), DriftMonitor(p, torch.device("cpu"), None)
     for a, b in zip(mon_g.modules["0"].detectors, mon_p.modules["0"].detectors, strict=True):
         assert a.threshold > b.threshold
@@ -167,7 +214,7 @@ def test_guards_survive_save_and_load_and_a_file_without_them_loads_unguarded(re
     with pytest.raises(FormatError, match="guard"):
         tw.Reference.load(broken)
     bad = dict(load_file(os.fspath(path)))
-    bad["null_guard"] = np.array([1.5])
+    bad["null_guard"] = np.array([0.5])
     save_file(bad, os.fspath(broken), metadata=meta)
     with pytest.raises(FormatError, match="null_guard"):
         tw.Reference.load(broken)

@@ -20,8 +20,9 @@ the reference (which plays the population), and take that threshold's upper quan
   quantile (Wilson-Hilferty) and the guard keeps the upper quantile as one ``(c, ν)``.
 * **The per-window CUSUM** reads p-values from a null built on the calibration samples. Windows of
   a resample of those samples, scored against that null, give the p-values a refit null would
-  see; their excess of small values is summarised as the exponent ``a`` of ``P(p <= x) = x^a``
-  (``a < 1``: eager), and the threshold is set for the lower quantile of ``a``.
+  see; the CUSUM's ARL on each resample's p-values is computed exactly, and the threshold is
+  raised until their lower quantile reaches the target (a factor on the threshold, kept for any
+  ARL given at attach).
 
 The stated probability (``Reference.fit(guarantee=...)``, default 0.9) is split evenly over the
 detectors (Bonferroni): with probability at least that, every detector keeps to its share of the
@@ -47,11 +48,8 @@ REFITS = 100
 # with it (refits differ in dimension by a few percent).
 RANK_Z = 4.0
 # Resamples of the calibration samples for the CUSUM's guard, and windows scored per resample.
-NULL_REFITS = 40
-NULL_WINDOWS = 1000
-# The moment of p-values that summarises their excess of small values: E[p^-θ] = a/(a-θ) when
-# P(p <= x) = x^a. θ below 1/2 keeps its variance finite for uniform p-values.
-TILT = 0.4
+NULL_REFITS = 30
+NULL_WINDOWS = 4000
 
 
 def per_detector(guarantee: float, detectors: int) -> float:
@@ -126,35 +124,47 @@ def mewma_guard(
     return max(c, 1e-6), max(nu, 1e-3)
 
 
-def tilt_exponent(p_values: np.ndarray, theta: float = TILT) -> float:
-    """The ``a`` of ``P(p <= x) = x^a`` whose ``E[p^-θ]`` matches these p-values' (1 for uniform)."""
-    m = float(np.mean(np.clip(p_values, 1e-300, 1.0) ** -theta))
-    return theta * m / (m - 1.0) if m > 1.0 else math.inf
-
-
 def cusum_guard(
-    joint_p: Callable[[np.ndarray], np.ndarray], n_cal: int, window: int, *, level: float,
-    rng: np.random.Generator, refits: int = NULL_REFITS, windows: int = NULL_WINDOWS,
+    joint_p: Callable[[np.ndarray], np.ndarray], n_cal: int, window: int, *, share: float, delta: float,
+    nominal: float, level: float, rng: np.random.Generator, refits: int = NULL_REFITS, windows: int = NULL_WINDOWS,
 ) -> float:  # fmt: skip
-    """The exponent ``a`` (at most 1) the CUSUM's threshold is set for, so that the CUSUM keeps to
-    its share with probability ``level`` over the calibration samples.
+    """How much the CUSUM's threshold is raised (a factor, at least 1) so that the CUSUM keeps to
+    its ``share`` with probability ``level`` over the calibration samples.
 
     ``joint_p`` maps (windows, window) index windows into the calibration samples to the joint
-    p-values the live detector would compute for them. Each refit draws windows from a resample
-    of the calibration samples; the spread of the refits' exponents, less the part that comes from
-    scoring only ``windows`` windows each (binomial-like noise, estimated per refit by the delta
-    method), is the spread over calibration sets.
+    p-values the live detector would compute for them; ``nominal`` is the threshold for uniform
+    p-values at ``share``. Each refit draws windows from a resample of the calibration samples;
+    the CUSUM's ARL on each refit's p-values is computed exactly for their empirical distribution
+    (the chain of :mod:`.sequential`: alarm paths are made of moderately small p-values, which a
+    few thousand windows pin), and the threshold is raised until the ``1 - level`` quantile of the
+    refits' log-ARLs (normal: a far quantile from a few dozen refits) reaches ``share``. The log of
+    a CUSUM's ARL grows about linearly with its threshold, so the factor carries to other ARLs.
     """
-    exps, noise = np.empty(refits), np.empty(refits)
-    for i in range(refits):
+    from . import sequential
+
+    halves = []  # per refit, two independent sets of windows: their disagreement is the scoring noise
+    for _ in range(refits):
         resample = rng.integers(0, n_cal, n_cal)
         p = joint_p(resample[rng.integers(0, n_cal, (windows, window))])
-        powered = np.clip(p, 1e-300, 1.0) ** -TILT
-        m = float(powered.mean())
-        exps[i] = TILT * m / (m - 1.0) if m > 1.0 else 10.0
-        # da/dm = -θ/(m-1)²; var(m) = var(p^-θ)/windows
-        noise[i] = (TILT / max(m - 1.0, 1e-3) ** 2) ** 2 * float(powered.var()) / windows
-    mu = float(exps.mean())
-    between = max(float(exps.var()) - float(noise.mean()), 0.0)
+        halves.append((sequential.empirical_cdf(p[::2], delta), sequential.empirical_cdf(p[1::2], delta)))
     z = float(torch.special.ndtri(torch.tensor(level, dtype=torch.float64)))
-    return float(min(1.0, max(mu - z * math.sqrt(between), 0.05)))
+    top = math.log(sequential.MAX_ARL)
+
+    def guaranteed_arl(h: float) -> float:
+        logs = np.array([[min(math.log(max(sequential.arl(h, cdf, cells=200), 1.0)), top) for cdf in pair]
+                         for pair in halves])  # fmt: skip
+        per_refit = logs.mean(1)
+        # the spread over calibration sets: the refits' spread less what scoring a finite number of
+        # windows adds (the variance of a mean of two halves is a quarter of their difference's)
+        noise = float(((logs[:, 0] - logs[:, 1]) ** 2).mean()) / 4.0
+        between = max(float(per_refit.var()) - noise, 0.0)
+        return math.exp(float(per_refit.mean()) - z * math.sqrt(between))
+
+    if guaranteed_arl(nominal) >= share:
+        return 1.0
+    lo, hi = nominal, 2.0 * nominal
+    while guaranteed_arl(hi) < share:
+        lo, hi = hi, 2.0 * hi
+        if hi > 64 * nominal:
+            return hi / nominal  # beyond any useful threshold: the calibration set is far too small
+    return sequential.solve_threshold(guaranteed_arl, share, lo, hi) / nominal

@@ -103,8 +103,8 @@ class Reference:
         guarantee: the probability, over the draw of the reference samples, that the detector
             false-alarms no more often than its target (0: calibrated on average over draws only;
             see ``fit(guarantee=...)``).
-        null_guard: the exponent ``a`` of ``P(p <= x) = x^a`` the per-window CUSUM's threshold is
-            set for (1: uniform p-values; below 1: guarded, see :mod:`.guarantee`).
+        null_guard: the factor the per-window CUSUM's threshold is raised by (1: set for uniform
+            p-values; see :mod:`.guarantee`).
     """
 
     def __init__(
@@ -142,8 +142,8 @@ class Reference:
 
     def threshold(self, arl: float | None = None) -> float:
         """The CUSUM threshold for ``arl`` windows between false alarms (default: ``self.arl``)."""
-        cdf = _sequential.uniform_cdf(self.delta, resolution=self.joint_null.size, exponent=self.null_guard)
-        return _sequential.threshold_for(arl or self.arl, cdf)
+        cdf = _sequential.uniform_cdf(self.delta, resolution=self.joint_null.size)
+        return self.null_guard * _sequential.threshold_for(arl or self.arl, cdf)
 
     def detectors(self) -> int:
         """How many detectors share the false-alarm budget: the per-window CUSUM, the test of the
@@ -274,7 +274,18 @@ class Reference:
                             for m, rows in cal_rows.items()]  # fmt: skip
                 return lower_p(joint_null, np.stack(module_p, axis=1).min(axis=1))
 
-            null_guard = _guarantee.cusum_guard(joint_p, len(parts[1]), window, level=level, rng=guard_rng)
+            share = float(arl) * (2 + 3 * len(embeddings))
+            nominal = _sequential.threshold_for(share, _sequential.uniform_cdf(delta, resolution=joint_null.size))
+            null_guard = _guarantee.cusum_guard(
+                joint_p,
+                len(parts[1]),
+                window,
+                share=share,
+                delta=float(delta),
+                nominal=nominal,
+                level=level,
+                rng=guard_rng,
+            )
         return cls(
             refs, window=window, arl=float(arl), delta=float(delta), joint_null=joint_null, holdout_p=holdout_p,
             reduce=reduce, reduce_name="default" if reduce is default_reduce else getattr(reduce, "__name__", "custom"),
@@ -446,10 +457,10 @@ class Reference:
             raise FormatError(f"{where} has window={window}, arl={arl}, delta={delta}: not a valid reference")
         if not 0 < smoothing <= 1:
             raise FormatError(f"{where} has smoothing={smoothing}: not a valid reference (0 < smoothing <= 1)")
-        if not (0 <= guarantee < 1 and 0 < null_guard <= 1):
+        if not (0 <= guarantee < 1 and 1 <= null_guard <= 1e3):
             raise FormatError(
                 f"{where} has guarantee={guarantee}, null_guard={null_guard}: not a valid reference "
-                "(0 <= guarantee < 1, 0 < null_guard <= 1)"
+                "(0 <= guarantee < 1, 1 <= null_guard)"
             )
         for name, ref in modules.items():
             _check_shapes(path, name, ref)

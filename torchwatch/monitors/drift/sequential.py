@@ -28,25 +28,17 @@ _CELLS = 600
 MAX_ARL = 1e12  # larger computed ARLs are reported as infinite (float64 cannot resolve them)
 
 
-def uniform_cdf(
-    delta: float, resolution: int | None = None, exponent: float = 1.0
-) -> Callable[[np.ndarray], np.ndarray]:
+def uniform_cdf(delta: float, resolution: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """CDF of the increment ``-log p - delta`` for ``p`` uniform on (0, 1], or on the grid
-    ``{1/(R+1), ..., R/(R+1), 1}`` when p-values come from ``resolution`` = R null samples.
-
-    ``exponent`` ``a`` < 1 makes small p-values more frequent than uniform, ``P(p <= x) = x^a``
-    (``-log p`` then Exp(a)): what a per-reference guarantee sets the threshold for (:mod:`.guarantee`).
-    """
-    a = float(exponent)
+    ``{1/(R+1), ..., R/(R+1), 1}`` when p-values come from ``resolution`` = R null samples."""
     if resolution is None:
-        return lambda x: np.where(x + delta > 0, 1.0 - np.exp(-a * np.maximum(x + delta, 0.0)), 0.0)
+        return lambda x: np.where(x + delta > 0, 1.0 - np.exp(-np.maximum(x + delta, 0.0)), 0.0)
     top = resolution + 1
 
-    # -log(k/top) - delta <= x  <=>  k >= top * exp(-(x + delta)) = kmin; P(p >= kmin/top) = 1 - ((kmin-1)/top)^a
+    # -log(k/top) - delta <= x  <=>  k >= top * exp(-(x + delta)); P = (top - ceil(...) + 1) / top
     def cdf(x: np.ndarray) -> np.ndarray:
         kmin = np.ceil(top * np.exp(-np.clip(x + delta, -700, 700)) - 1e-9)
-        below = np.clip((np.maximum(kmin, 1) - 1) / top, 0.0, 1.0)
-        return np.clip(1.0 - below**a, 0.0, 1.0)
+        return np.clip((top - np.maximum(kmin, 1) + 1) / top, 0.0, 1.0)
 
     return cdf
 
