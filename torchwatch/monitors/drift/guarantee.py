@@ -27,7 +27,11 @@ the reference (which plays the population), and take that threshold's upper quan
 The stated probability (``Reference.fit(guarantee=...)``, default 0.9) is split evenly over the
 detectors (Bonferroni): with probability at least that, every detector keeps to its share of the
 false-alarm budget, so the whole keeps to the target. It assumes what the reference assumes:
-live clean traffic drawn from the same population as the reference samples.
+live clean traffic drawn from the same population as the reference samples. Not guarded: the
+test of the window being filled (it keeps its p-value bound of one per share; it reads the same
+null as the CUSUM and is counted in the split), and the guards are computed at the fit's ARL and
+carried to another one given at attach (a factor on the CUSUM's threshold, ``(c, ν)`` on the
+accumulating ones), which the approximations above make close but not exact.
 """
 
 from __future__ import annotations
