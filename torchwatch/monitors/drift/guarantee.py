@@ -42,6 +42,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from . import sequential
+
 DEFAULT = 0.9
 # Bootstrap refits of the accumulating detectors: the guard is a far quantile, read from the
 # refits' mean, spread and skewness (Cornish-Fisher), which 100 pin well enough; each refit of a
@@ -144,8 +146,6 @@ def cusum_guard(
     refits' log-ARLs (normal: a far quantile from a few dozen refits) reaches ``share``. The log of
     a CUSUM's ARL grows about linearly with its threshold, so the factor carries to other ARLs.
     """
-    from . import sequential
-
     halves = []  # per refit, two independent sets of windows: their disagreement is the scoring noise
     for _ in range(refits):
         resample = rng.integers(0, n_cal, n_cal)
