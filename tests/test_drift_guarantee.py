@@ -224,3 +224,22 @@ def test_guards_survive_save_and_load_and_a_file_without_them_loads_unguarded(re
 def test_a_guarantee_that_is_not_a_probability_is_refused(value):
     with pytest.raises(ConfigError, match="guarantee"):
         tw.Reference.fit(nn.Sequential(nn.Identity()), [_data(400, 1)], modules=["0"], window=8, guarantee=value)
+
+
+def test_the_stated_guarantee_is_split_over_every_detector_of_every_module(monkeypatch):
+    """Two modules make 2 + 3·2 = 8 detectors: each accumulating guard and the CUSUM's are asked
+    for 1 - 0.1/8 so that all of them hold together with probability 0.9 (Bonferroni)."""
+    asked: list[float] = []
+    for name in ("mewma_guard", "cusum_guard"):
+        real = getattr(guarantee, name)
+
+        def spy(*args, real=real, **kwargs):
+            asked.append(kwargs["level"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(guarantee, name, spy)
+    model = nn.Sequential(nn.Identity(), nn.Tanh())
+    tw.Reference.fit(model, [_data(1200, 4)], modules=["0", "1"], window=8, components=3, features=8,
+                     resamples=200, guarantee=0.9)  # fmt: skip
+    assert len(asked) == 3 * 2 + 1
+    assert asked == pytest.approx([1 - 0.1 / 8] * 7)
