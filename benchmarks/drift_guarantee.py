@@ -44,13 +44,12 @@ def run_lengths(ref: tw.Reference, pool: np.ndarray, streams: int, cap: int, rng
     ((name, m),) = ref.modules.items()
     live = monitor.modules[name]
     rows = m.sample_features(pool)
-    lam, k, f = ref.smoothing, m.components, m.features
-    parts = ((1, k, m.center_z, m.white_z), (1 + k, f, m.center_phi, m.white_phi),
-             (1 + k + f, k, m.center_spread, m.white_spread))  # fmt: skip
+    lam = ref.smoothing
+    fitted = ((m.center_z, m.white_z), (m.center_phi, m.white_phi), (m.center_spread, m.white_spread))
     limits = [monitor.cusum.threshold] + [det.threshold for det in live.detectors]
     caps = [det.cap for det in live.detectors]
     s = np.zeros(streams)
-    e = [np.zeros((streams, width)) for _, width, _, _ in parts]
+    e = [np.zeros((streams, centre.size)) for centre, _ in fitted]
     first, who = np.full(streams, cap), np.full(streams, -1)
     alive = np.ones(streams, dtype=bool)
     for t0 in range(0, cap, chunk):
@@ -59,9 +58,9 @@ def run_lengths(ref: tw.Reference, pool: np.ndarray, streams: int, cap: int, rng
         p = p.reshape(streams, chunk)
         sums = sums.reshape(streams, chunk, -1)
         vs = []
-        for (at, width, centre, white), pooled in zip(parts, m.pooled.tolist(), strict=True):
+        for columns, (centre, white), pooled in zip(m.detector_columns(), fitted, m.pooled.tolist(), strict=True):
             scale = math.sqrt(WINDOW / (1 + WINDOW / pooled * (2 - lam) / lam))  # as standardised_means
-            vs.append(np.einsum("ij,abj->abi", white, scale * (sums[:, :, at : at + width] / WINDOW - centre)))
+            vs.append(np.einsum("ij,abj->abi", white, scale * (sums[:, :, columns] / WINDOW - centre)))
         for t in range(chunk):
             s = np.maximum(0.0, s - np.log(np.maximum(p[:, t], 1e-300)) - ref.delta)
             hit = [s >= limits[0]]

@@ -146,9 +146,8 @@ class Reference:
         return self.null_guard * _sequential.threshold_for(arl or self.arl, cdf)
 
     def detectors(self) -> int:
-        """How many detectors share the false-alarm budget: the per-window CUSUM, the test of the
-        window being filled, and three accumulating detectors per module."""
-        return 2 + 3 * len(self.modules)
+        """How many detectors share the false-alarm budget (see :func:`detectors_for`)."""
+        return detectors_for(len(self.modules))
 
     # ---- fitting -----------------------------------------------------------------------
 
@@ -246,21 +245,10 @@ class Reference:
         refs, cal_mod_p, hold_mod_p = {}, [], []
         # the guards draw from their own stream: the rest of the fit is the same with or without them
         guard_rng = np.random.default_rng(None if seed is None else [seed, 1])
-        level = None if guarantee is None else _guarantee.per_detector(guarantee, 2 + 3 * len(embeddings))
+        level = None if guarantee is None else _guarantee.per_detector(guarantee, detectors_for(len(embeddings)))
         for name, emb in embeddings.items():
-            ref, cal_p, hold_p = fit_module(
-                name,
-                emb[:n],
-                parts,
-                boot_cal,
-                hold_windows,
-                components,
-                features,
-                rng,
-                _mewma.DEFAULT_LAMBDA,
-                level,
-                guard_rng,
-            )
+            ref, cal_p, hold_p = fit_module(name, emb[:n], parts, boot_cal, hold_windows, components, features, rng,
+                                            _mewma.DEFAULT_LAMBDA, level, guard_rng)  # fmt: skip
             refs[name] = ref
             cal_mod_p.append(cal_p)
             hold_mod_p.append(hold_p)
@@ -276,18 +264,10 @@ class Reference:
                             for m, rows in cal_rows.items()]  # fmt: skip
                 return lower_p(joint_null, np.stack(module_p, axis=1).min(axis=1))
 
-            share = float(arl) * (2 + 3 * len(embeddings))
+            share = float(arl) * detectors_for(len(embeddings))
             nominal = _sequential.threshold_for(share, _sequential.uniform_cdf(delta, resolution=joint_null.size))
-            null_guard = _guarantee.cusum_guard(
-                joint_p,
-                len(parts[1]),
-                window,
-                share=share,
-                delta=float(delta),
-                nominal=nominal,
-                level=level,
-                rng=guard_rng,
-            )
+            null_guard = _guarantee.cusum_guard(joint_p, len(parts[1]), window, share=share, delta=float(delta),
+                                                nominal=nominal, level=level, rng=guard_rng)  # fmt: skip
         return cls(
             refs, window=window, arl=float(arl), delta=float(delta), joint_null=joint_null, holdout_p=holdout_p,
             reduce=reduce, reduce_name="default" if reduce is default_reduce else getattr(reduce, "__name__", "custom"),
@@ -479,6 +459,13 @@ class Reference:
     def __repr__(self) -> str:
         dims = ", ".join(f"{n!r}: d={r.dim}, k={r.components}" for n, r in self.modules.items())
         return f"Reference({dims}; window={self.window}, arl={self.arl:g})"
+
+
+def detectors_for(modules: int) -> int:
+    """How many detectors share one false-alarm budget for ``modules`` drift-monitored modules:
+    the per-window CUSUM, the test of the window being filled, and three accumulating detectors
+    per module (each gets the target ARL times this many windows: false-alarm rates add)."""
+    return 2 + 3 * modules
 
 
 def _check_fit_args(window, components, features, arl, delta, splits, resamples, max_samples, reduce, seed) -> None:

@@ -47,6 +47,11 @@ class ModuleReference:
         """Dimensions of the accumulating detectors: PCA mean, random-feature mean, spread."""
         return (self.components, self.features, self.components)
 
+    def detector_columns(self) -> tuple[slice, slice, slice]:
+        """Where each accumulating detector reads a :meth:`sample_features` row (or a window's sum
+        of them): the PCA coordinates, the random features, their absolute PCA coordinates."""
+        return detector_columns(self.components, self.features)
+
     def unguarded(self) -> np.ndarray:
         """The ``guard`` of a detector calibrated on average only: ``c = 1``, ``ν = d``."""
         return np.array([[1.0, float(d)] for d in self.detector_dims])
@@ -79,10 +84,9 @@ class ModuleReference:
         count as drift (its variance, ``n / pooled`` per window, relative to the detector's
         steady-state variance ``λ/(2 - λ)``).
         """
-        k, m = self.components, self.features
         n = max(float(n), 1.0)
-        parts = ((1, k, self.center_z, self.white_z), (1 + k, m, self.center_phi, self.white_phi),
-                 (1 + k + m, k, self.center_spread, self.white_spread))  # fmt: skip
+        fitted = ((self.center_z, self.white_z), (self.center_phi, self.white_phi),
+                  (self.center_spread, self.white_spread))  # fmt: skip
         # einsum, not ``@``: a matrix-vector product goes to the BLAS, whose threads fight the
         # model's torch threads for the cores; on 2 cores that made one window in ten take ~3 ms
         # instead of ~0.3 ms (benchmarks/drift_text.py, cost). einsum's own loop uses one thread.
@@ -90,9 +94,11 @@ class ModuleReference:
             np.einsum(
                 "ij,j->i",
                 white,
-                math.sqrt(n / (1.0 + n / pooled * (2.0 - lam) / lam)) * (sums[at : at + width] / n - centre),
+                math.sqrt(n / (1.0 + n / pooled * (2.0 - lam) / lam)) * (sums[columns] / n - centre),
             )
-            for (at, width, centre, white), pooled in zip(parts, self.pooled.tolist(), strict=True)
+            for columns, (centre, white), pooled in zip(
+                self.detector_columns(), fitted, self.pooled.tolist(), strict=True
+            )
         )
 
     def p_values(self, stats: np.ndarray) -> np.ndarray:
@@ -322,7 +328,7 @@ def fit_module(
     # coordinates have variance 1 by construction, which fresh ones do not.
     rows_cal = sample_features(cal, mean, basis, scale, omega, phase, floor)
     both = np.concatenate([rows_fit, rows_cal])
-    z_part, phi_part, q_part = slice(1, 1 + k), slice(1 + k, 1 + k + features), slice(1 + k + features, None)
+    z_part, phi_part, q_part = detector_columns(k, features)
     arrays = {"mean": mean, "basis": basis, "scale": scale, "omega": omega, "phase": phase, "rff_ref": rff_ref,
               "resid_floor": np.array([floor]),
               **nulls, "null_min_p": np.zeros(1),
@@ -347,10 +353,9 @@ def _guards(
 ) -> np.ndarray:  # fmt: skip
     """Each accumulating detector's ``(c, ν)`` (:func:`.guarantee.mewma_guard`), refitting its
     centre and whitening from the same rows the fit used for them."""
-    k, m = ref.components, ref.features
     out = np.empty((3, 2))
-    for j, (at, width) in enumerate(((1, k), (1 + k, m), (1 + k + m, k))):
-        rows = both[:, at : at + width]
+    for j, columns in enumerate(ref.detector_columns()):
+        rows = both[:, columns]
         if j == 0:  # the PCA mean is whitened by the calibration rows alone (see fit_module)
 
             def whitening(pick: np.ndarray, rows: np.ndarray = rows) -> np.ndarray:
@@ -362,16 +367,8 @@ def _guards(
                 return inverse_sqrt(rows[pick])
 
         kappa = window / ref.pooled[j] * (2.0 - lam) / lam
-        out[j] = guarantee.mewma_guard(
-            rows,
-            n_fit,
-            whitening,
-            window=window,
-            scale=math.sqrt(window / (1.0 + kappa)),
-            lam=lam,
-            level=level,
-            rng=rng,
-        )
+        out[j] = guarantee.mewma_guard(rows, n_fit, whitening, window=window, scale=math.sqrt(window / (1.0 + kappa)),
+                                       lam=lam, level=level, rng=rng)  # fmt: skip
     return out
 
 
@@ -393,6 +390,11 @@ def steady_levels(ref: ModuleReference, n: int, window_sums: np.ndarray, lam: fl
         bias = max(float(mean @ mean) - spread / len(v), 0.0)
         levels.append(((2 - lam) / lam * bias + spread) / v.shape[1])
     return np.array(levels)
+
+
+def detector_columns(k: int, m: int) -> tuple[slice, slice, slice]:
+    """The accumulating detectors' columns of a ``[r, z (k), φ (m), |z| (k)]`` row."""
+    return slice(1, 1 + k), slice(1 + k, 1 + k + m), slice(1 + k + m, 1 + 2 * k + m)
 
 
 def window_sums(rows: np.ndarray, windows: np.ndarray) -> np.ndarray:
