@@ -17,6 +17,7 @@ import torch
 import transformers
 
 import torchwatch as tw
+from torchwatch import _testing
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "torch"
 torch.manual_seed(0)
@@ -25,9 +26,8 @@ model = transformers.BertModel(cfg).cuda().half().eval()
 plain = copy.deepcopy(model)
 ids = torch.randint(0, cfg.vocab_size, (32, 512), device="cuda")
 watch = tw.attach(model, flush_every=10**9)
-watch.engine.activations.triton_in_compile = mode == "triton"
 compiled, compiled_plain = torch.compile(model), torch.compile(plain)
-with torch.inference_mode():
+with torch.inference_mode(), _testing.triton_in_compile(mode == "triton"):
     for _ in range(3):
         compiled(ids)
         compiled_plain(ids)

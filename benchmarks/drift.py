@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
-from torchwatch.monitors.drift.online import DriftMonitor
+from torchwatch.monitors.drift.online import OnlineDrift
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -103,7 +103,7 @@ def shifts(pool_x: np.ndarray, pool_y: np.ndarray) -> dict[str, Callable[[np.ran
 
 
 class Torchwatch:
-    """torchwatch's online path: DriftMonitor.observe per batch of ``window``, evaluate per window."""
+    """torchwatch's online path: OnlineDrift.observe per batch of ``window``, evaluate per window."""
 
     name = "torchwatch"
 
@@ -112,7 +112,7 @@ class Torchwatch:
         self.reset()
 
     def reset(self) -> None:
-        self.monitor = DriftMonitor(self.ref, torch.device("cpu"), self.arl)
+        self.monitor = OnlineDrift(self.ref, torch.device("cpu"), self.arl)
 
     def run(self, emb: np.ndarray) -> int | None:
         """Samples consumed until the first alarm, or None."""
@@ -194,7 +194,7 @@ def torchwatch_update_cost(model: nn.Module, ref: tw.Reference, pool: np.ndarray
             t1 = time.perf_counter()
         w.detach()
         watched.append(t1 - t0)
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     monitor.observe("3", model[:4](torch.from_numpy(pool[: window * 64])).detach())
     t0 = time.perf_counter()
     monitor.process(monitor.start_read(), 0)
@@ -234,7 +234,7 @@ def synthetic(quick: bool) -> dict:
     runs = []
     for s in range(40 if quick else 150):
         r = np.random.default_rng(50_000 + s)
-        det = DriftMonitor(ref, torch.device("cpu"), None)
+        det = OnlineDrift(ref, torch.device("cpu"), None)
         for wdx in range(10 * arl):
             det.observe("0", torch.from_numpy(sample(window, r)))
             if det.process(det.start_read(), wdx)[1]:
@@ -265,7 +265,7 @@ def synthetic(quick: bool) -> dict:
                     k = x.shape[0] // 20
                     x[:k] += (v * basis[:, 5] * spectrum[5]).astype(np.float32)
                     x = x[r.permutation(x.shape[0])]
-                det = DriftMonitor(ref, torch.device("cpu"), None)
+                det = OnlineDrift(ref, torch.device("cpu"), None)
                 for wdx, batch in enumerate(torch.from_numpy(x).split(window)):
                     det.observe("0", batch)
                     if det.process(det.start_read(), wdx)[1]:

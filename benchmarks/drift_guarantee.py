@@ -6,7 +6,7 @@ sentences; references are random docs sentences, streams draw the others). For e
 ``--draws`` references of ``--reference`` samples, fit with ``--guarantee`` (or ``none``), then
 ``--streams`` streams of fresh windows (from a 50,000-sample pool of the same population) run
 through the live detectors' arithmetic — the joint p-value CUSUM and the three accumulating
-detectors, at the thresholds ``DriftMonitor`` sets — until the first alarm (cap ``--cap``). The
+detectors, at the thresholds ``OnlineDrift`` sets — until the first alarm (cap ``--cap``). The
 test of the window being filled never runs here (windows arrive whole), so with four of the five
 budget shares active the whole target is ``arl x 5/4`` windows. Reported per draw: the mean and
 median run length and which detector alarmed first.
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
-from torchwatch.monitors.drift.online import DriftMonitor
+from torchwatch.monitors.drift.online import OnlineDrift
 from torchwatch.monitors.drift.statistics import window_sums
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -40,7 +40,7 @@ from drift_mixture import WINDOW, source
 def run_lengths(ref: tw.Reference, pool: np.ndarray, streams: int, cap: int, rng: np.random.Generator,
                 chunk: int = 100) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(first alarm per stream, detector index: 0 CUSUM, 1 PCA mean, 2 random features, 3 spread)."""
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     ((name, m),) = ref.modules.items()
     live = monitor.modules[name]
     rows = m.sample_features(pool)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
-from torchwatch.monitors.drift.online import DriftMonitor
+from torchwatch.monitors.drift.online import OnlineDrift
 
 D = 64
 WINDOW = 32
@@ -52,7 +52,7 @@ def source(delta: float):
 def delay(ref: tw.Reference, sample, share, seed: int, cap: int, accumulate: bool) -> int | None:
     """Windows until the first drift alarm (None within ``cap``); ``share``: a number, or a
     function of the window index (creep)."""
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     if not accumulate:
         monitor.cusum.threshold = ref.threshold(ref.arl)
         for det in monitor.modules["0"].detectors:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
-from torchwatch.monitors.drift.online import DriftMonitor
+from torchwatch.monitors.drift.online import OnlineDrift
 
 sys.path.insert(0, os.path.dirname(__file__))
 from drift import Alibi, state_bytes  # the digits benchmark's alibi-detect wrapper
@@ -200,7 +200,7 @@ class Streams:
 
 def torchwatch_run(ref: tw.Reference, x: np.ndarray) -> int | None:
     """Windows until the first drift alarm (observe per window, then the flush's processing)."""
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     for w, batch in enumerate(torch.from_numpy(x).split(WINDOW)):
         monitor.observe("0", batch)
         _, alerts = monitor.process(monitor.start_read(), w)
@@ -333,7 +333,7 @@ def torchwatch_cost(ref: tw.Reference, s: Streams) -> dict:
     (``us_per_sample``, the typical cost) and from the mean (``us_per_sample_mean``, what the CPU
     pays, slow windows included); and the monitor's retained state in bytes."""
     x = torch.from_numpy(s.draw(np.random.default_rng(9), 264)).split(WINDOW)
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     times = []
     for w, batch in enumerate(x):
         t0 = time.perf_counter()

@@ -191,7 +191,7 @@ def run(models: list[str], smoke: bool, out_path: str | None) -> dict:
 
         ops = copy.deepcopy(base)
         ops_watch = tw.attach(ops, flush_every=100)
-        for table in ops_watch.engine.activations.tables():
+        for table in ops_watch.engine.monitor("stats").tables():
             table.kernel = None  # torchwatch without its fused kernel: the torch-ops path
         record(
             f"{name}/eager/batch{big[0]}_seq{big[1]}/torchwatch_torch_ops",

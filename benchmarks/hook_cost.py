@@ -2,7 +2,7 @@
 
 At batch 1 on a GPU the cost of monitoring is the hooks' Python and one kernel launch per
 watched output, not the bytes. Without a GPU both can still be counted: a watch in the device
-path (``_device_path=True``, CPU tensors measured the way accelerator ones are) whose kernel
+path (``torchwatch._testing.device_path()``, CPU tensors measured the way accelerator ones are) whose kernel
 module is replaced by a stub that launches nothing, on a stack of ``N`` tiny layers. Two modes:
 
 * ``per-output``: every output launches on its own (the path before grouped launches, and the
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import torchwatch as tw
+from torchwatch import _testing
 from torchwatch.kernels import torch_ops
 
 
@@ -69,8 +70,9 @@ def run(layers: int, pairs: int) -> dict:
                             ("grouped, inference_mode", torch.inference_mode)):  # fmt: skip
         watched = copy.deepcopy(plain)
         launches = [0]
-        watch = tw.Watch(watched, _device_path=True, inputs=False)
-        for table in watch.engine.activations.tables():
+        with _testing.device_path():
+            watch = tw.Watch(watched, inputs=False)
+        for table in watch.engine.monitor("stats").tables():
             table.kernel = table.grouped = stub(mode.startswith("grouped"), launches)
         added = []
         with grad_mode():

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import torchwatch as tw
-from torchwatch.monitors import Collect, Monitor
+from torchwatch.monitors import Binding, Call, Monitor
 
 
 class DeadRows(Monitor):
@@ -37,23 +37,23 @@ class DeadRows(Monitor):
         self.modules = modules
         self._lock = threading.Lock()
         self._counts: dict[str, torch.Tensor] = {}  # module -> [rows, zero rows] (int64, on its device)
-        self._totals: dict[str, dict[str, int]] = {}
 
-    def bind(self, engine: Any) -> None:
-        model = engine.model
-        wanted = self.modules if self.modules is not None else engine.activations.modules
-        named = dict(model.named_modules())
+    def bind(self, binding: Binding) -> None:
+        watched = dict(binding.modules)
+        wanted = self.modules if self.modules is not None else list(watched)
+        named = watched if self.modules is None else dict(binding.model.named_modules())
         for fqn in wanted:
-            engine.module_hook(named[fqn], self._hook(fqn))  # sampled calls, like the statistics
+            # sampled eager calls only, like the statistics; a failure is counted, never raised
+            binding.on_output(fqn, named[fqn], self._measure(fqn), error_key=self.name)
 
-    def _hook(self, fqn: str) -> Any:
-        def dead_rows_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    def _measure(self, fqn: str) -> Any:
+        def measure(call: Call, output: Any) -> None:
             if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.dim() == 0:
                 return
+            if not output.shape[-1]:
+                return
             with torch.no_grad():
-                rows = output.detach().reshape(-1, output.shape[-1]) if output.shape[-1] else None
-                if rows is None:
-                    return
+                rows = output.detach().reshape(-1, output.shape[-1])
                 zero = (rows == 0).all(dim=1).sum()
                 with self._lock:
                     acc = self._counts.get(fqn)
@@ -63,7 +63,7 @@ class DeadRows(Monitor):
                     acc[0] += rows.shape[0]
                     acc[1] += zero
 
-        return dead_rows_hook
+        return measure
 
     def take(self, *, keep: bool) -> dict[str, torch.Tensor] | None:
         with self._lock:
@@ -73,12 +73,11 @@ class DeadRows(Monitor):
                     acc.zero_()
         return taken or None
 
-    def collect(self, taken: dict[str, torch.Tensor] | None, ctx: Collect) -> dict[str, dict[str, int]]:
-        interval = {fqn: dict(zip(("rows", "zero"), t.tolist(), strict=True)) for fqn, t in (taken or {}).items()}
-        if not ctx.fold:  # a snapshot: the totals since the reset, this window included
-            return self.merge(self._totals, interval)
-        self._totals = self.merge(self._totals, interval)
-        return interval
+    def collect(self, taken: dict[str, torch.Tensor] | None, ctx: Any) -> dict[str, dict[str, int]] | None:
+        # the window's counts; the watch keeps the totals since the reset with merge()
+        if taken is None:
+            return None
+        return {fqn: dict(zip(("rows", "zero"), t.tolist(), strict=True)) for fqn, t in taken.items()}
 
     def merge(self, earlier: dict[str, dict[str, int]], later: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
         out = {fqn: dict(c) for fqn, c in earlier.items()}
@@ -90,7 +89,6 @@ class DeadRows(Monitor):
 
     def reset(self) -> None:
         self.take(keep=False)
-        self._totals = {}
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import torchwatch as tw
-from torchwatch._casts import _float_dtypes, cast_plan, normalize_cast_dtypes, underflow_threshold
+from torchwatch._casts import cast_plan, float_dtypes, normalize_cast_dtypes, underflow_threshold
 
 SOURCES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
-TARGETS = tuple(getattr(torch, n) for n in _float_dtypes())
+TARGETS = tuple(getattr(torch, n) for n in float_dtypes())
 _INT = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 

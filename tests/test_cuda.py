@@ -1,7 +1,7 @@
 """CUDA: no host sync in the hot path, graphs keep counting, GPU statistics equal the CPU ones.
 
 Skipped without a GPU. Each path here has a CPU twin that CI runs: the torch-ops device path
-(test_watch.py, ``_device_path=True``), the fused kernel in Triton's interpreter
+(test_watch.py, ``device_watch(...)``), the fused kernel in Triton's interpreter
 (test_triton_kernel.py) and compiled graphs (test_compile.py).
 """
 

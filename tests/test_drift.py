@@ -17,7 +17,7 @@ from torch import nn
 import torchwatch as tw
 from torchwatch.monitors.drift import mewma, statistics
 from torchwatch.monitors.drift import sequential as _sequential
-from torchwatch.monitors.drift.online import RING, DriftMonitor
+from torchwatch.monitors.drift.online import RING, OnlineDrift
 from torchwatch.monitors.drift.reference import STATISTICS, default_reduce
 from torchwatch.monitors.drift.statistics import RESIDUAL_RESOLUTION, ModuleReference, Reservoir, lower_p, upper_p
 
@@ -164,7 +164,7 @@ def test_every_live_detector_holds_its_share_of_the_one_false_alarm_budget(ref, 
     Each share is met for the guarded distributions (:mod:`...guarantee`): the CUSUM's threshold
     raised by its factor, the accumulating statistics as ``c·χ²_ν``; with ideal ones the
     accumulating detectors' ARLs are only longer."""
-    monitor = DriftMonitor(ref, torch.device("cpu"), arl)
+    monitor = OnlineDrift(ref, torch.device("cpu"), arl)
     share = arl * (2 + 3 * len(ref.modules))
     ideal = _sequential.uniform_cdf(ref.delta, resolution=ref.joint_null.size)
     assert _sequential.arl(monitor.cusum.threshold / ref.null_guard, ideal) == pytest.approx(share, rel=0.03)
@@ -214,7 +214,7 @@ def test_an_alarm_names_the_module_statistic_and_directions(ref):
 
 
 def test_online_window_sums_equal_the_offline_features(ref):
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     x = gaussian(16 * 3 + 5, seed=11)
     for batch in x.split(7):  # batches straddle windows
         monitor.observe("0", batch)
@@ -230,7 +230,7 @@ def test_online_window_sums_equal_the_offline_features(ref):
 
 
 def test_windows_beyond_the_ring_between_flushes_are_skipped_and_reported(ref):
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     x = gaussian(16 * (RING + 10), seed=12)
     monitor.observe("0", x)
     statuses, _ = monitor.process(monitor.start_read(), step=1)
@@ -674,7 +674,7 @@ def mixture_ref() -> tw.Reference:
 def _delay(ref: tw.Reference, share: float, seed: int, accumulate: bool, windows: int = 80,
            scale: float = 1.0) -> tuple[int, str] | None:  # fmt: skip
     """(windows until the first drift alert, its statistic), or None within ``windows``."""
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     if not accumulate:  # the per-window CUSUM alone, with the whole budget (what came before)
         monitor.cusum.threshold = ref.threshold(ref.arl)
         for det in monitor.modules["0"].detectors:
@@ -709,7 +709,7 @@ def test_a_narrower_spread_is_seen_by_the_spread_detector(mixture_ref):
 
 
 def test_a_drift_episode_alerts_once_keeps_its_score_up_and_ends_when_the_stream_returns(mixture_ref):
-    monitor = DriftMonitor(mixture_ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(mixture_ref, torch.device("cpu"), None)
     mod = monitor.modules["0"]
     alerts, scores = [], []
     for w in range(120):
@@ -763,7 +763,7 @@ def test_a_500_sample_reference_fits_with_fewer_components_and_says_how_many_sam
 
 def test_a_gross_shift_alarms_before_its_window_is_complete(ref):
     """10 samples of a gross shift, then a flush: the window being filled (16) is tested once."""
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     monitor.observe("0", gaussian(16 * 3, seed=50))  # three clean windows
     monitor.observe("0", gaussian(10, seed=51, shift=4.0))
     statuses, alerts = monitor.process(monitor.start_read(), step=1)
@@ -776,7 +776,7 @@ def test_a_gross_shift_alarms_before_its_window_is_complete(ref):
 
 
 def test_a_partial_window_is_tested_once_at_its_share_of_the_budget(ref):
-    monitor = DriftMonitor(ref, torch.device("cpu"), None)
+    monitor = OnlineDrift(ref, torch.device("cpu"), None)
     assert monitor.partial_alpha == 1.0 / (ref.arl * (2 + 3 * len(ref.modules)))
     monitor.observe("0", gaussian(3, seed=53))  # fewer than a quarter of a window: not tested
     assert monitor.process(monitor.start_read(), step=1)[1] == [] and monitor._partial_checked == -1

@@ -16,7 +16,7 @@ from torch import nn
 import torchwatch as tw
 from torchwatch.errors import ConfigError, FormatError
 from torchwatch.monitors.drift import guarantee, mewma, sequential
-from torchwatch.monitors.drift.online import DriftMonitor
+from torchwatch.monitors.drift.online import OnlineDrift
 from torchwatch.monitors.drift.statistics import inverse_sqrt
 
 D, WINDOW, LAM = 4, 8, 0.1
@@ -174,7 +174,7 @@ def test_guarantee_none_keeps_the_average_calibration_and_the_rest_of_the_fit(re
     # the guards draw from their own random stream: everything else is the same fit
     assert np.array_equal(g.joint_null, p.joint_null) and np.array_equal(g.modules["0"].omega, p.modules["0"].omega)
     assert g.null_guard > 1.0 and g.threshold(500) > p.threshold(500)
-    mon_g, mon_p = DriftMonitor(g, torch.device("cpu"), None), DriftMonitor(p, torch.device("cpu"), None)
+    mon_g, mon_p = OnlineDrift(g, torch.device("cpu"), None), OnlineDrift(p, torch.device("cpu"), None)
     for a, b in zip(mon_g.modules["0"].detectors, mon_p.modules["0"].detectors, strict=True):
         assert a.threshold > b.threshold
 

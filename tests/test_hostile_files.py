@@ -19,9 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import torchwatch as tw
-from torchwatch import cli
+from torchwatch import _safetensors, cli
 from torchwatch.cli import report
-from torchwatch.integrity import _safetensors
 
 DEEP = "[" * 100_000 + "]" * 100_000
 HUGE = "9" * 5000  # more digits than int() converts

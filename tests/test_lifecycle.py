@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 import torch
+from _device import device_watch
 from _models import mlp
 from torch import nn
 
@@ -169,7 +170,7 @@ def test_no_activation_outlives_its_hook():
         model(x)
         gc.collect()
         assert all(r() is None for r in tracked)
-    with tw.Watch(model, on_nonfinite="ignore", _device_path=True):
+    with device_watch(model, on_nonfinite="ignore", device_path=True):
         tracked.clear()
         model(x)
         gc.collect()

@@ -145,3 +145,77 @@ def test_a_failing_monitor_never_breaks_inference_and_is_counted():
 def test_bad_monitors_are_refused_at_attach(monitors, match):
     with pytest.raises(tw.ConfigError, match=match):
         tw.attach(_model(), monitors=monitors)
+
+
+@pytest.mark.parametrize("sampling", ["python", "device"])
+def test_on_output_callbacks_run_on_sampled_calls_only(sampling):
+    """``binding.on_output`` is gated by the engine: with every=2 only calls 0, 2, 4 are counted,
+    whether the hooks come and go with the sampled calls (python) or stay installed (device)."""
+    model, batches = _model(), _batches()
+    with tw.attach(model, monitors=[DeadRows(["1"])], every=2, sampling=sampling, rules=[]) as watch:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        got = watch.snapshot().extra["dead_rows"]
+    assert got == {"1": _oracle(model, batches[0::2])["1"]}
+
+
+def test_an_unregistered_monitors_numbers_reach_prometheus():
+    pytest.importorskip("prometheus_client")
+    import urllib.request
+
+    model, batches = _model(), _batches()
+    sink = tw.PrometheusSink(port=0, model_name="dead-rows")
+    with tw.attach(model, monitors=[DeadRows(["1"])], sinks=[sink], rules=[], flush_every=100) as watch:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        watch.flush()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{sink.port}/metrics").read().decode()
+    want = _oracle(model, batches)["1"]
+    assert f'torchwatch_extra{{key="1/zero",model="dead-rows",monitor="dead_rows"}} {float(want["zero"])}' in body
+    assert f'torchwatch_extra{{key="1/rows",model="dead-rows",monitor="dead_rows"}} {float(want["rows"])}' in body
+
+
+class PerCall(tw.Monitor):
+    """A monitor whose exported series would grow a label value per call: the sink bounds it."""
+
+    name = "per_call"
+
+    def __init__(self):
+        self.calls = []
+
+    def after_call(self, call, output):
+        self.calls.append(call.index)
+
+    def take(self, *, keep):
+        calls = list(self.calls)
+        if not keep:
+            self.calls.clear()
+        return calls or None
+
+
+def _per_call_export(value, record):
+    for index in value:
+        yield tw.values.Series("torchwatch_test_per_call", "gauge", "One series per call (unbounded).", 1.0,
+                               (("call", str(index)),))  # fmt: skip
+
+
+def test_prometheus_bounds_the_label_sets_of_an_exported_family(monkeypatch):
+    pytest.importorskip("prometheus_client")
+    from torchwatch.sinks import prometheus
+
+    monkeypatch.setattr(prometheus, "MAX_SERIES", 5)
+    tw.values.register("per_call", export=_per_call_export)
+    registry = __import__("prometheus_client").CollectorRegistry()
+    sink = tw.PrometheusSink(registry=registry, model_name="bounded")
+    model = _model()
+    with tw.attach(model, monitors=[PerCall()], sinks=[sink], rules=[], flush_every=100) as watch:
+        for _ in range(8):
+            model(torch.randn(2, 6))
+        watch.flush()
+        get = registry.get_sample_value  # read while attached: detaching removes the model's series
+        kept = [i for i in range(8) if get("torchwatch_test_per_call", {"model": "bounded", "call": str(i)}) == 1.0]
+        dropped = get("torchwatch_series_dropped_total", {"model": "bounded", "metric": "torchwatch_test_per_call"})
+    assert kept == [0, 1, 2, 3, 4]  # the first five label sets, then dropped, and counted
+    assert dropped == 3.0

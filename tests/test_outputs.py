@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _device import device_watch
 from _models import Tagger
 from torch import nn
 
@@ -31,7 +32,7 @@ def test_output_quality_matches_plain_softmax_and_counts_classes(path, abstain_b
     model = Tagger()
     ids = torch.randint(0, 2000, (6, 10))
     monitor = tw.OutputMonitor("logits", abstain_below=abstain_below)
-    with tw.Watch(model, outputs=monitor, _device_path=path == "torch") as watch:
+    with device_watch(model, outputs=monitor, device_path=path == "torch") as watch:
         watch.engine.monitor("outputs").accumulator.path = path
         with torch.no_grad():
             out = model(ids)["logits"]
@@ -65,7 +66,7 @@ def test_the_default_abstention_threshold_follows_the_class_count(path):
     uniform = torch.randn(rows, 1000, generator=gen) * 0.01
     for logits, expected in ((healthy, 0.0), (uniform, 1.0)):
         head = _PassThrough()
-        with tw.Watch(head, outputs=True, _device_path=path == "torch") as watch:
+        with device_watch(head, outputs=True, device_path=path == "torch") as watch:
             watch.engine.monitor("outputs").accumulator.path = path
             head(logits)
             q = watch.snapshot().outputs
@@ -78,7 +79,7 @@ def test_lm_head_last_position_and_nonfinite_rows_are_left_out():
     model = Tagger()
     ids = torch.randint(0, 2000, (3, 7))
     monitor = tw.OutputMonitor("logits", positions="last")
-    with tw.Watch(model, outputs=monitor, on_nonfinite="ignore", _device_path=True) as watch:
+    with device_watch(model, outputs=monitor, on_nonfinite="ignore", device_path=True) as watch:
         with torch.no_grad():
             out = model(ids)["logits"]
         q = watch.snapshot().outputs

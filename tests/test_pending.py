@@ -1,6 +1,6 @@
 """Small accelerator outputs wait for one grouped launch per root call (monitors/activations/pending.py).
 
-Run on CPU through the device path (``_device_path=True``): the twin ``torch_ops.merge_group``
+Run on CPU through the device path (``device_watch(...)``, tests/_device.py): the twin ``torch_ops.merge_group``
 stands in for the grouped kernel, so what is held, when it is launched and what it leaves in
 the table are checked on every push; the Triton grouped kernel itself runs under the
 interpreter at the end (and its launch arithmetic in test_triton_kernel.py).
@@ -13,10 +13,10 @@ import weakref
 
 import pytest
 import torch
+from _device import device_watch
 from _oracle import assert_matches, oracle
 from torch import nn
 
-import torchwatch as tw
 from torchwatch._casts import cast_plan
 from torchwatch.kernels import descriptors, torch_ops
 from torchwatch.monitors.activations import grouping
@@ -59,7 +59,7 @@ MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 def _run(model: nn.Module, xs: list[torch.Tensor], mode: str):
     """Watch ``model`` on the device path over ``xs`` under ``mode``: its snapshot."""
-    with tw.Watch(model, _device_path=True) as watch, MODES[mode]():
+    with device_watch(model, device_path=True) as watch, MODES[mode]():
         for x in xs:
             model(x)
         assert watch.errors == {}
@@ -87,7 +87,7 @@ def test_an_output_over_the_grouped_size_keeps_its_own_launch(monkeypatch):
     monkeypatch.setattr(descriptors, "GROUPED_BYTES", 3 * 32 * 4 - 1)  # a [3, 32] float32 output is too big
     monkeypatch.setattr(torch_ops, "GROUPED_BYTES", descriptors.GROUPED_BYTES)
     model = _mlp()
-    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+    with device_watch(model, device_path=True) as watch, torch.no_grad():
         model(torch.randn(3, 16))
         model(torch.randn(3, 16))
         snap = watch.snapshot()
@@ -112,7 +112,7 @@ def test_a_position_measured_twice_in_one_call_launches_what_is_held_first(monke
     torch.manual_seed(1)
     model = Twice()
     x = torch.randn(5, 8)
-    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+    with device_watch(model, device_path=True) as watch, torch.no_grad():
         model(x)
         model(x)
         snap = watch.snapshot()
@@ -127,7 +127,7 @@ def test_a_position_measured_twice_in_one_call_launches_what_is_held_first(monke
 def test_held_bytes_are_bounded(monkeypatch):
     launches = Launches(monkeypatch)
     model = _mlp()
-    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+    with device_watch(model, device_path=True) as watch, torch.no_grad():
         model(torch.randn(3, 16))  # probes
         monkeypatch.setattr(pending_module, "HELD_BYTES", 2 * 3 * 32 * 4)  # two [3, 32] float32 outputs
         model(torch.randn(3, 16))
@@ -167,7 +167,7 @@ def test_outputs_changed_in_place_are_measured_before_the_change(monkeypatch, mo
     for device_path in (False, True):
         torch.manual_seed(3)
         model = Residual(change_on=10**9)
-        with tw.Watch(model, _device_path=device_path) as watch, MODES[mode]():
+        with device_watch(model, device_path=device_path) as watch, MODES[mode]():
             for x in xs:
                 model(x)
             results.append(watch.snapshot())
@@ -190,7 +190,7 @@ def test_a_held_output_changed_in_place_later_is_counted_and_measured_at_once_fr
     launches = Launches(monkeypatch)
     torch.manual_seed(4)
     model = Residual(change_on=3)
-    with tw.Watch(model, _device_path=True) as watch, torch.no_grad(), pytest.warns(UserWarning, match="in place"):
+    with device_watch(model, device_path=True) as watch, torch.no_grad(), pytest.warns(UserWarning, match="in place"):
         for _ in range(4):
             model(torch.randn(4, 8))
         snap = watch.snapshot()
@@ -206,7 +206,7 @@ def test_a_held_inference_output_changed_later_is_found_by_the_periodic_probe(mo
     monkeypatch.setattr(grouping, "REPROBE_EVERY", 4)
     torch.manual_seed(4)
     model = Residual(change_on=3)
-    with tw.Watch(model, _device_path=True) as watch, torch.inference_mode():
+    with device_watch(model, device_path=True) as watch, torch.inference_mode():
         for _ in range(3):
             model(torch.randn(4, 8))
         assert watch.errors == {}  # call 3 changed b after its hook: unseen until the reprobe
@@ -259,7 +259,7 @@ def test_nothing_is_held_after_the_call_and_a_failing_forward_still_measures_wha
 
     launches = Launches(monkeypatch)
     model = Fails()
-    with tw.Watch(model, _device_path=True) as watch, torch.no_grad():
+    with device_watch(model, device_path=True) as watch, torch.no_grad():
         model(torch.randn(2, 4))  # probes
         model.fail = True
         with pytest.raises(RuntimeError, match="boom"):
@@ -332,8 +332,8 @@ def test_the_grouped_triton_kernel_through_the_watch(monkeypatch, mode):
     torch.manual_seed(5)
     model = Residual(change_on=10**9)
     xs = [torch.randn(4, 8) for _ in range(3)]
-    with tw.Watch(model, _device_path=True) as watch, torch.inference_mode(mode == "inference_mode"):
-        for table in watch.engine.activations.tables():
+    with device_watch(model, device_path=True) as watch, torch.inference_mode(mode == "inference_mode"):
+        for table in watch.engine.monitor("stats").tables():
             plans = [cast_plan(d, watch.config.cast_dtypes) for d in triton_stats.DTYPES]
             table.scratch = triton_stats.Workspace(table, plans)
             table.kernel = table.grouped = triton_stats
@@ -357,13 +357,13 @@ def test_a_failing_grouped_launch_falls_back_to_one_launch_each_and_turns_groupi
 
     model = _mlp()
     xs = [torch.randn(3, 16) for _ in range(3)]
-    with tw.Watch(model, _device_path=True) as watch, torch.no_grad(), pytest.warns(UserWarning, match="grouped"):
+    with device_watch(model, device_path=True) as watch, torch.no_grad(), pytest.warns(UserWarning, match="grouped"):
         monkeypatch.setattr(torch_ops, "merge_group", broken)
         for x in xs:
             model(x)
         snap = watch.snapshot()
         assert watch.errors == {"grouped launches failed": 1}  # once: grouping is off afterwards
-        assert all(t.grouped is None for t in watch.engine.activations.tables())
+        assert all(t.grouped is None for t in watch.engine.monitor("stats").tables())
     with torch.no_grad():
         out = torch.cat([model(x) for x in xs])
     assert snap["4"].calls == 3

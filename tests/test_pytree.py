@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from _device import device_watch
 from _models import Out, Pair, Structured
 from hypothesis import given
 from hypothesis import strategies as st
@@ -144,8 +145,8 @@ def test_a_new_output_key_every_call_keeps_positions_bounded_and_counts_what_it_
     model = Structured(fresh_key)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with tw.Watch(model, inputs=False, _device_path=device_path, rules=[]) as watch:
-            capacity = watch.engine.activations.capacity
+        with device_watch(model, inputs=False, device_path=device_path, rules=[]) as watch:
+            capacity = watch.engine.monitor("stats").capacity
             for _ in range(capacity + 50):
                 model(torch.ones(2))
             snap = watch.snapshot()

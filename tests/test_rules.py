@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _device import device_watch
 from _oracle import false_alarm_bound
 from torch import nn
 
@@ -237,7 +238,7 @@ def test_rules_off_and_nonfinite_trips_even_when_ignored():
 def test_device_path_nan_trips_at_the_flush_every_window():
     """The accelerator path (its CPU twin): NaN/Inf is resolved at flush and trips each window it appears in."""
     model = _model()
-    with tw.Watch(model, rules=[], on_nonfinite="ignore", _device_path=True) as watch:
+    with device_watch(model, rules=[], on_nonfinite="ignore", device_path=True) as watch:
         model(torch.full((2, WIDTH), float("nan")))
         assert watch.healthy  # not known before the flush on an accelerator
         watch.flush()

@@ -9,6 +9,7 @@ import weakref
 
 import pytest
 import torch
+from _device import device_watch
 from _models import Inject, Wrapper, mlp
 from _oracle import assert_matches, oracle
 from torch import nn
@@ -326,7 +327,7 @@ def test_statistics_are_the_same_under_every_autograd_mode(mode):
 def test_inference_mode_then_normal_mode_share_accumulators():
     # accumulators created inside inference_mode must still take updates outside it
     model = mlp()
-    with tw.Watch(model, _device_path=True) as watch:
+    with device_watch(model, device_path=True) as watch:
         with torch.inference_mode():
             model(torch.randn(2, 16))
         model(torch.randn(2, 16))
@@ -340,7 +341,7 @@ def test_device_path_twin_gives_the_host_path_numbers():
     results = []
     for device_path in (False, True):
         model[1].calls = 0
-        watch = tw.Watch(model, on_nonfinite="ignore", _device_path=device_path)
+        watch = device_watch(model, on_nonfinite="ignore", device_path=device_path)
         for x in xs:
             model(x)
         results.append(watch.snapshot())
@@ -357,7 +358,7 @@ def test_device_path_twin_gives_the_host_path_numbers():
 
 def test_device_path_raise_policy_waits_for_the_device_once_per_call():
     model = mlp(inject=Inject(at=(0,)))
-    with tw.Watch(model, on_nonfinite="raise", _device_path=True) as watch, pytest.raises(tw.NonFiniteError, match="in '1' on call 0"):  # fmt: skip
+    with device_watch(model, on_nonfinite="raise", device_path=True) as watch, pytest.raises(tw.NonFiniteError, match="in '1' on call 0"):  # fmt: skip
         model(torch.randn(2, 16))
     assert watch.alerts[0].module == "1"
 
@@ -512,7 +513,7 @@ def test_device_path_flushes_finish_on_the_worker_thread():
     model = mlp(inject=Inject(at=(3,)))
     sink = tw.MemorySink()
     seen = []
-    with tw.Watch(model, sinks=[sink], flush_every=2, on_nonfinite=seen.append, _device_path=True) as watch:
+    with device_watch(model, sinks=[sink], flush_every=2, on_nonfinite=seen.append, device_path=True) as watch:
         for i in range(5):
             with watch.context(trace_id=f"t{i}"):
                 model(torch.randn(2, 16))

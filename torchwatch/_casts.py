@@ -38,7 +38,7 @@ def _has_finfo(dtype: torch.dtype) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _float_dtypes() -> tuple[str, ...]:
+def float_dtypes() -> tuple[str, ...]:
     dtypes = {v for v in vars(torch).values() if isinstance(v, torch.dtype) and v.is_floating_point}
     return tuple(sorted(dtype_name(d) for d in dtypes if _has_finfo(d)))
 
@@ -48,9 +48,9 @@ def resolve_dtype(spec: object, *, what: str) -> torch.dtype:
     dtype = spec
     if isinstance(spec, str):
         dtype = getattr(torch, spec.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or dtype_name(dtype) not in _float_dtypes():
+    if not isinstance(dtype, torch.dtype) or dtype_name(dtype) not in float_dtypes():
         raise ConfigError(
-            f"{what}: {spec!r} is not a floating-point torch dtype; use one of {', '.join(_float_dtypes())}"
+            f"{what}: {spec!r} is not a floating-point torch dtype; use one of {', '.join(float_dtypes())}"
         )
     return dtype
 

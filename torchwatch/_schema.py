@@ -87,6 +87,10 @@ class Fields:
             raise self._bad(key, "a string", value)
         return value
 
+    def get(self, key: str) -> Any:
+        """The raw value of ``key`` (None when missing or null)."""
+        return self.doc.get(key)
+
     def obj(self, key: str, *, optional: bool = False) -> Fields | None:
         """A nested object; with ``optional``, null or missing reads as None."""
         value = self._get(key, None if optional else _MISSING)
@@ -139,3 +143,11 @@ def _kind(value: object) -> str:
     if isinstance(value, (int, float)):
         return f"the number {value!r}" if abs(value) < 1e18 else "a number"
     return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def entries(doc: object, where: str) -> Iterator[tuple[str, Fields]]:
+    """``(name, Fields)`` for a JSON object of objects at ``where`` (a monitor value's decoder)."""
+    if not isinstance(doc, Mapping):
+        raise FormatError(f"{where}: expected a JSON object, got {_kind(doc)}")
+    for name, item in doc.items():
+        yield name, Fields(item, f"{where}.{name!r}")

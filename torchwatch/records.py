@@ -13,16 +13,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import values as _values
 from ._schema import Fields
 from .alerts import Alert, FirstNonFinite
 from .formats import json_safe
-from .monitors.drift.status import DriftStatus
-from .monitors.inputs import InputStats
-from .monitors.latency import LatencyStats
-from .monitors.outputs import OutputQuality
 from .stats import ModuleStats
 
-MONITOR_FIELDS = ("drift", "latency", "inputs", "outputs", "timing")  # the built-in monitors' values
+# The record fields that hold a built-in monitor's value (any other monitor's is in ``extra``);
+# their types come from the value registry (torchwatch/values.py), which each monitor's file fills.
+MONITOR_FIELDS = ("drift", "latency", "inputs", "outputs", "timing")
 
 
 @dataclass(frozen=True)
@@ -76,6 +75,13 @@ def _plain(value: Any) -> Any:
     """A custom monitor's value as plain data: its ``to_dict()`` if it has one."""
     to_dict = getattr(value, "to_dict", None)
     return to_dict() if callable(to_dict) else value
+
+
+def monitor_values(obj: Any) -> dict[str, Any]:
+    """The monitors' values of a record or snapshot by name (the built-in fields not empty, then
+    ``extra``): what the sinks export through the value registry."""
+    out = {name: value for name in MONITOR_FIELDS if (value := getattr(obj, name)) is not None and value != {}}
+    return {**out, **obj.extra}
 
 
 def split_values(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,20 +259,22 @@ class Record:
     def from_json(cls, doc: object, where: str = "record") -> Record:
         """A record read back from :meth:`to_json` (a JSONL line), every field checked.
 
-        Statistics, alerts, non-finite records, drift and latency come back as their types; a
-        JSON record holds only summaries of ``inputs`` and ``outputs``, and ``extra`` as plain data (the ``to_dict`` of
+        Statistics, alerts, non-finite records and every monitor value whose type is registered
+        (:mod:`torchwatch.values`: drift, latency, timing, histograms, ...) come back as their
+        types; a JSON record holds only summaries of ``inputs`` and ``outputs`` (the ``to_dict`` of
         :class:`~torchwatch.InputStats` and :class:`~torchwatch.OutputQuality`), which come back
-        as plain mappings. Fields a newer writer added are ignored; missing optional ones are
-        empty.
+        as plain mappings, as do the values of unregistered monitors in ``extra``. Fields a newer
+        writer added are ignored; missing optional ones are empty.
 
         Raises:
             FormatError: not an object, or a field of the wrong type; the message names
                 ``where`` and the field.
         """
         f = Fields(doc, where)
-        outputs = f.obj("outputs", optional=True)
-        latency = f.obj("latency", optional=True)
         baselines = f.obj("baselines", optional=True)
+        extra = f.obj("extra", optional=True)
+        monitors = {name: _values.decode(name, raw, f"{where}, {name}") for name in MONITOR_FIELDS
+                    if (raw := f.get(name)) is not None}  # fmt: skip
         return cls(
             step=f.int("step"), time=f.float("time"), calls=f.count("calls"), sampled=f.count("sampled"),
             stats={name: ModuleStats.from_dict(m.doc, m.where) for name, m in f.items("modules")},
@@ -275,11 +283,8 @@ class Record:
             ),
             nonfinite={name: FirstNonFinite.from_dict(n.doc, n.where) for name, n in f.items("nonfinite")},
             errors=f.counts("errors"),
-            drift={name: DriftStatus.from_dict(d.doc, d.where) for name, d in f.items("drift")},
-            latency=LatencyStats.from_mapping(latency.doc, latency.where) if latency is not None else None,
-            inputs={name: InputStats.summary_from_json(i) for name, i in f.items("inputs")},
-            outputs=OutputQuality.summary_from_json(outputs) if outputs is not None else None,
-            timing={name: LatencyStats.from_mapping(t.doc, t.where) for name, t in f.items("timing")},
-            merged=f.count("merged"), extra=dict(e.doc) if (e := f.obj("extra", optional=True)) is not None else {},
+            **monitors, merged=f.count("merged"),
+            extra={name: _values.decode(name, raw, f"{where}, extra.{name!r}") for name, raw in extra.doc.items()}
+            if extra is not None else {},
             baselines=Warmup.from_dict(baselines.doc, baselines.where) if baselines is not None else None,
         )  # fmt: skip

@@ -1,7 +1,7 @@
 """``attach()`` and :class:`Watch`: one line in serving code turns torchwatch on.
 
 A :class:`Watch` is a thin facade: :func:`attach` validates the options once into a frozen
-:class:`~torchwatch.engine.config.WatchConfig`, builds the monitors they turn on
+:class:`~torchwatch.config.WatchConfig`, builds the monitors they turn on
 (:mod:`torchwatch.monitors`) and hands them to the :class:`~torchwatch.engine.core.Engine`,
 which runs the hooks, the windows, the alert bus and the sink worker. Every public method here
 is a call into one of those.
@@ -21,12 +21,11 @@ from torch import nn
 
 from . import _validate
 from .alerts import Alert
+from .config import WatchConfig
 from .engine import registry
 from .engine.bus import AlertBus
-from .engine.config import WatchConfig
 from .engine.core import Engine
 from .errors import ConfigError
-from .monitors.activations import Activations
 from .monitors.base import Monitor, labels
 from .monitors.fingerprint import FingerprintMonitor
 from .monitors.outputs import Outputs
@@ -50,12 +49,12 @@ class Watch:
         on_nonfinite: ``"ignore" | "warn" | "raise"`` or a callable taking an :class:`Alert`.
         rules: the alert rules evaluated at each flush.
         alert_policy: the :class:`~torchwatch.rules.AlertPolicy` of what reaches the sinks.
-        config: every option, validated (:class:`~torchwatch.engine.config.WatchConfig`).
+        config: every option, validated (:class:`~torchwatch.config.WatchConfig`).
         engine: the :class:`~torchwatch.engine.core.Engine` (for monitors and tools built on torchwatch).
     """
 
-    def __init__(self, model: nn.Module, *, _device_path: bool = False, **options: Any) -> None:
-        config = WatchConfig.of(model, **options, device_path=_device_path)
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        config = WatchConfig.of(model, **options)
         self.config = config
         self.modules = list(config.selected)
         self.every = config.every
@@ -68,14 +67,10 @@ class Watch:
         self.attached = False
         self._model = weakref.ref(model)
         self._bus = AlertBus(config.on_nonfinite)
-        activations = Activations(
-            config.modules(model), model, cast_dtypes=config.cast_dtypes, every=config.every,
-            on_nonfinite=config.on_nonfinite, device_path=config.device_path,
-        )  # fmt: skip
-        monitors = config.build_monitors(model, activations.measure)
+        monitors = config.build_monitors(model)
         self._outputs = next((m for m in monitors if isinstance(m, Outputs)), None)
         self.engine = self._engine = Engine(
-            model, activations, monitors, every=config.every, sampling=config.sampling,
+            model, monitors, modules=config.modules(model), every=config.every, sampling=config.sampling,
             flush_every=config.flush_every, max_cohorts=config.max_cohorts, rules=self.rules,
             alert_policy=config.alert_policy, sinks=list(config.sinks), bus=self._bus,
         )  # fmt: skip

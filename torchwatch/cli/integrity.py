@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from .. import _safetensors
 from .._files import shown
 from ..errors import ConfigError, FormatError, IntegrityError, TorchwatchError
-from ..integrity import _safetensors
 from ..integrity.canary import MODES, Canary
 from ..integrity.keys import KEY_BYTES, write_key
 from ..integrity.manifest import Manifest

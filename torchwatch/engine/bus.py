@@ -14,12 +14,9 @@ import collections
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
-from .. import rules as _rules
 from ..alerts import Alert
 from ..errors import TorchwatchWarning
-from ..stats import ModuleStats, merge_all
 
 MAX_ALERTS = 1000  # alerts kept in watch.alerts (oldest dropped first)
 
@@ -140,41 +137,3 @@ class AlertBus:
                 return
             self._warned.add(key)
         warnings.warn(f"torchwatch: {message}", TorchwatchWarning, stacklevel=3)
-
-    # ---- rules -------------------------------------------------------------------------------
-
-    def run_rules(
-        self,
-        rules: Iterable[Any],
-        step: int,
-        now: float,
-        stats: list[tuple[tuple[str | None, str], ModuleStats]],
-        values: Mapping[str, Any],
-    ) -> list[Alert]:
-        """Worker thread: evaluate ``rules`` on one interval, once per cohort; the monitors'
-        ``values`` (drift, latency, inputs, outputs, ...) only in the all-cohorts interval."""
-        by_cohort: dict[str | None, dict[str, list[ModuleStats]]] = {None: {}}
-        for (cohort, name), s in stats:
-            by_cohort.setdefault(cohort, {}).setdefault(name, []).append(s)
-        out: list[Alert] = []
-        for cohort, per_name in by_cohort.items():
-            merged = {n: merge_all(v) for n, v in per_name.items()}
-            if cohort is None:
-                interval = _rules.Interval.of(step, now, None, merged, values)
-            else:
-                interval = _rules.Interval(step, now, cohort, merged)
-            for rule in rules:
-                try:
-                    found = list((rule.evaluate if isinstance(rule, _rules.Rule) else rule)(interval) or ())
-                except Exception as exc:  # noqa: BLE001 - a broken rule never stops the flush
-                    name = _rules.rule_name(rule)
-                    self.count(f"rule:{name}")
-                    self.warn_once(f"rule:{name}", f"rule {name!r} raised {exc!r}; counted in watch.errors")
-                    continue
-                trips = _rules.trips(rule)
-                for alert in found:
-                    if isinstance(alert, Alert):
-                        # one warning per rule: a fault that moves every module must not flood the log
-                        self.publish(alert, window=False, trip=trips, warn="rule")
-                        out.append(alert)
-        return out

@@ -5,13 +5,14 @@ Data path, one direction::
     model(x) ─► root pre-hook: Call (index, sampled?, labels) ─► monitors' before_call
               ─► module hooks (installed for sampled calls) ─► monitors measure on the device
               ─► root post-hook: monitors' after_call (NaN/Inf origin) ─► every flush_every calls:
-    flush (serving thread): monitors' take() cut the window, start device copies ─► Interval
+    flush (serving thread): monitors' take() cut the window, start device copies ─► Cut
               ─► worker thread: monitors' collect() (waits for the copies, folds into totals)
               ─► rules on the interval (alert bus) ─► RecordParts ─► Record ─► sinks
 
-A snapshot runs the same take/collect, keeping the window in place. The engine knows monitors
-only through :class:`~torchwatch.monitors.Monitor`; the activation statistics are the monitor
-whose value is the record's ``stats``, ``calls`` and ``nonfinite``.
+A snapshot runs the same take/collect, keeping the window in place, and shows the totals since
+the reset (kept here, merged with each monitor's ``merge``) with the window. The engine knows
+monitors only through :mod:`torchwatch.monitors.base`: the activation statistics are one monitor
+among the others, whose ``ctx.positions(...)`` fill the record's ``stats`` and ``nonfinite``.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ from torch import nn
 from ..alerts import Alert
 from ..errors import NonFiniteError
 from ..kernels.graph_op import compiling
-from ..monitors.activations import Activations
-from ..monitors.base import ROOT_CALL, Call, Collect, Monitor, labels
+from ..monitors.base import ROOT_CALL, Binding, Call, Collect, Monitor, labels
 from ..records import Record, Snapshot, Warmup
-from ..rules import warmup
+from ..rules import run_rules, warmup
 from ..sinks.base import Sink
-from ..stats import merge_all
 from .bus import AlertBus
 from .hooks import HookSet
-from .window import Interval, RecordParts
+from .totals import Totals
+from .window import Cut, RecordParts
 from .worker import Worker
 
 OTHER_COHORT = "__other__"
@@ -93,19 +93,17 @@ class Cohorts:
 class Engine:
     """Root calls, hook installation, flushes and snapshots of one watch (made by :class:`~torchwatch.Watch`).
 
-    Public to monitors and tools: :attr:`bus`, :attr:`model`, :attr:`activations`, :attr:`local`,
-    :attr:`graph_mode` (a :class:`GraphMode`), :attr:`cohorts`, :meth:`module_hook`,
-    :meth:`monitor`, :meth:`add_monitor`,
-    :attr:`device_lock`, :attr:`flush_lock`. A monitor keeps what it needs of these, never the
-    engine itself (that would be a reference cycle).
+    Public to tools: :attr:`bus`, :attr:`model`, :attr:`calls`, :meth:`monitor`, :meth:`add_monitor`.
+    Monitors get a :class:`~torchwatch.monitors.Binding` instead (the engine's parts they may use),
+    and keep what they need of it, never the engine (that would be a reference cycle).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        activations: Activations,
         monitors: Sequence[Monitor],
         *,
+        modules: list[tuple[str, nn.Module]],
         every: int,
         sampling: str,
         flush_every: int,
@@ -121,9 +119,7 @@ class Engine:
         self.flush_every = flush_every
         self.rules = rules
         self.alert_policy = alert_policy
-        self.activations = activations
-        self._others = list(monitors)
-        self._monitors = [activations, *self._others]
+        self._monitors = list(monitors)
         self._order_hooks()
         self._model = weakref.ref(model)
         self.graph_mode = GraphMode()
@@ -136,42 +132,36 @@ class Engine:
         self.cohorts = Cohorts(max_cohorts, bus)
         self._calls = 0
         self._window_calls = self._window_sampled = 0
-        self._since_reset_calls = self._since_reset_sampled = 0
         self._merged = 0  # automatic flushes deferred into the next one
+        self._totals = Totals()  # since the reset: the worker adds each interval, snapshots read them
         self._carry: RecordParts | None = None  # worker thread: intervals held back while the sinks are behind
         self._hooks = HookSet()
         self._worker = Worker(sinks, _weak_callback(self._sink_failed), _weak_callback(self._job_failed))
         weakref.finalize(self, self._worker.close, 0)  # a watch dropped without detach() stops its thread
         for monitor in self._monitors:
-            monitor.bind(self)
+            monitor.bind(self._binding(modules))
 
     # ---- for monitors ------------------------------------------------------------------------
 
-    def module_hook(
-        self, module: nn.Module, hook: Callable[..., None], *, sampled: bool = True, pre: bool = False,
-        prepend: bool = False,
-    ) -> None:  # fmt: skip
-        """Add a forward hook (``pre``: a pre-hook) to ``module`` when the watch starts.
-
-        ``sampled``: only while a sampled call runs (with ``every > 1`` and python sampling the
-        hooks are installed for those calls alone); False: on every call. Register at bind time.
-        """
-        self._hooks.add(module, hook, sampled=sampled, pre=pre, prepend=prepend)
+    def _binding(self, modules: list[tuple[str, nn.Module]]) -> Binding:
+        return Binding(
+            bus=self.bus, modules=modules, model=self._model, graph_mode=self.graph_mode, cohorts=self.cohorts,
+            local=self.local, device_lock=self.device_lock, flush_lock=self.flush_lock, add_hook=self._hooks.add,
+        )  # fmt: skip
 
     def add_monitor(self, monitor: Monitor, *, replace: type | None = None) -> None:
         """Add a monitor that needs no hooks while attached (``replace``: close the one of that type)."""
-        old = [m for m in self._others if replace is not None and isinstance(m, replace)]
+        old = [m for m in self._monitors if replace is not None and isinstance(m, replace)]
         for m in old:
             m.close(30.0)
-        monitor.bind(self)
-        self._others = [m for m in self._others if m not in old] + [monitor]
-        self._monitors = [self.activations, *self._others]
+        monitor.bind(self._binding([]))
+        self._monitors = [m for m in self._monitors if m not in old] + [monitor]
         self._order_hooks()
 
     def _order_hooks(self) -> None:
-        """The monitors each call hook runs, in order (those that do nothing there left out):
-        every-call monitors (latency) first, the activation statistics (NaN/Inf origin) last."""
-        ordered = sorted(self._monitors, key=_after_call_order)
+        """The monitors each call hook runs, in ``call_order`` (those that do nothing there left
+        out): latency first, the activation statistics (NaN/Inf origin) last."""
+        ordered = sorted(self._monitors, key=lambda m: m.call_order)
         self._before = [m for m in ordered if type(m).before_call is not Monitor.before_call]
         self._after = [m for m in ordered if type(m).after_call is not Monitor.after_call]
         self._graph = [m for m in self._monitors if type(m).graph_call is not Monitor.graph_call]
@@ -329,7 +319,7 @@ class Engine:
             alerts = self.bus.take_window()
             taken = [(m, m.take(keep=False)) for m in self._monitors]
             if calls or alerts or any(t is not None for _, t in taken):
-                interval = Interval(step, calls, sampled, alerts, taken, merged)
+                interval = Cut(step, calls, sampled, alerts, taken, merged)
                 # queued under the lock: intervals reach the worker in the order they were cut
                 self._worker.submit(functools.partial(self._finish_flush, interval))
         finally:
@@ -337,14 +327,17 @@ class Engine:
         if wait:
             self._worker.submit(None, wait=True, timeout=timeout)
 
-    def _collect(self, step: int, taken: list[tuple[Monitor, Any]], *, fold: bool) -> tuple[Any, dict, Collect]:
-        """The one collect step of flushes (``fold``) and snapshots: the activation part first
-        (its graph replays advance the step), then every other monitor's value by name."""
+    def _collect(self, step: int, taken: list[tuple[Monitor, Any]], *, fold: bool) -> tuple[dict[str, Any], Collect]:
+        """The one collect step of flushes (``fold``) and snapshots: each monitor's window value by
+        name (None: no value), in the monitors' order (the activation statistics first: their
+        graph replays advance the step the others see)."""
         ctx = Collect(step, fold, self.bus)
-        part = self.activations.collect(taken[0][1], ctx)
-        ctx.step += part.calls
-        values = {m.name: m.collect(t, ctx) for m, t in taken[1:]}
-        return part, values, ctx
+        values = {}
+        for monitor, t in taken:
+            value = monitor.collect(t, ctx)
+            if value is not None:
+                values[monitor.name] = value
+        return values, ctx
 
     def _admitted(self, alerts: list[Alert], now: float, order: list[str]) -> list[Alert]:
         """What reaches the sinks: tripping alerts (NaN/Inf, fingerprint, ``trips=True`` rules)
@@ -352,28 +345,26 @@ class Engine:
         an incident at a time (``order``: the interval's positions in execution order)."""
         return self.alert_policy.select(alerts, self.bus.take_tripping(alerts), now, order)
 
-    def _finish_flush(self, interval: Interval, waiting: int) -> Record | None:
+    def _finish_flush(self, interval: Cut, waiting: int) -> Record | None:
         """Worker thread: wait for the copies, fold the window into the totals, run the rules on
         it, and make the record. With ``MERGE_RECORDS_BEHIND`` or more intervals ``waiting``
         behind this one (the sinks are behind), the record is held back and merged into the
         next one's: rules still see every interval, the sinks get fewer, larger records,
         nothing is dropped."""
-        part, values, ctx = self._collect(interval.step, interval.taken, fold=True)
-        with self._lock:
-            self._since_reset_calls += interval.calls + part.calls
-            self._since_reset_sampled += interval.sampled + part.sampled
+        values, ctx = self._collect(interval.step, interval.taken, fold=True)
+        monitors = {m.name: m for m, _ in interval.taken}
+        new_first = self._totals.add(interval.calls, interval.sampled, values, ctx, monitors)
         now = time.time()
-        monitors = [m for m, _ in interval.taken[1:]]
-        alerts = interval.alerts + ctx.alerts
-        if self.rules and (part.stats or any(m.active(values[m.name]) for m in monitors)):
-            published = {m.name: m.publish(values[m.name]) for m in monitors}
-            alerts += self.bus.run_rules(self.rules, ctx.step, now, part.stats, published)
+        published = {name: monitors[name].view(v) for name, v in values.items()}
+        if self.rules and (ctx.stats or any(monitors[n].active(v) for n, v in values.items())):
+            run_rules(self.rules, ctx.step, now, ctx.stats, published, ctx)
+        alerts = interval.alerts + ctx.alerts  # published before the cut, and while finishing it
         # execution order groups an interval's alerts into incidents; not needed without alerts
-        order = self.activations.window.order_of({name for (_, name), _ in part.stats}) if alerts else []
+        order = list(dict.fromkeys(name for (_, name), _ in ctx.stats)) if alerts else []
         parts = RecordParts(
-            step=ctx.step, time=now, calls=interval.calls + part.calls, sampled=interval.sampled + part.sampled,
-            stats=part.stats, alerts=self._admitted(alerts, now, order),
-            nonfinite=part.nonfinite, values=values, merged=interval.merged, baselines=self._warmup(),
+            step=ctx.step, time=now, calls=interval.calls + ctx.calls, sampled=interval.sampled + ctx.sampled,
+            stats=ctx.stats, alerts=self._admitted(alerts, now, order), nonfinite=new_first, values=values,
+            published=published, merged=interval.merged, baselines=self._warmup(),
         )  # fmt: skip
         if self._carry is not None:  # earlier intervals held back while the sinks were behind
             parts = self._carry.merge(parts, monitors)
@@ -381,32 +372,22 @@ class Engine:
         if waiting >= MERGE_RECORDS_BEHIND:
             self._carry = parts
             return None
-        return parts.record(self.activations.window.order_of, self.errors(), monitors)
+        return parts.record(self.errors(), monitors)
 
     def snapshot(self, cohort: str | None) -> Snapshot:
-        """Statistics merged since the last reset: the flushes' totals plus the current window."""
+        """The totals since the last reset merged with the current window."""
         with self.flush_lock:
             self._worker.submit(None, wait=True)  # finish the flushes already started
             with self._lock:
-                calls = self._since_reset_calls + self._window_calls
-                sampled = self._since_reset_sampled + self._window_sampled
-                step = self._calls
+                calls, sampled, step = self._window_calls, self._window_sampled, self._calls
             taken = [(m, m.take(keep=True)) for m in self._monitors]
-            part, values, _ = self._collect(step, taken, fold=False)
+            window, ctx = self._collect(step, taken, fold=False)
             errors = self.errors()
-        per_name: dict[str, list[Any]] = {}
-        for (c, name), s in part.stats:
-            if cohort is None or c == cohort:
-                per_name.setdefault(name, []).append(s)
-        stats = {name: merge_all(per_name[name]) for name in self.activations.window.order_of(per_name)}
-        first = part.nonfinite
-        if cohort is not None:
-            first = {k: v for k, v in first.items() if v.cohort == cohort}
-        shown = {m.name: m.publish(values[m.name]) for m, _ in taken[1:] if cohort is None or m.cohort_snapshot}
-        return Snapshot.of(
-            stats, calls=calls + part.calls, sampled=sampled + part.sampled, cohort=cohort, nonfinite=first,
-            errors=errors, values=shown, baselines=self._warmup(),
-        )  # fmt: skip
+            stats, first, shown = self._totals.with_window(window, ctx, self._monitors, cohort)
+            calls += self._totals.calls + ctx.calls
+            sampled += self._totals.sampled + ctx.sampled
+        return Snapshot.of(stats, calls=calls, sampled=sampled, cohort=cohort, nonfinite=first, errors=errors,
+                           values=shown, baselines=self._warmup())  # fmt: skip
 
     def _warmup(self) -> Warmup | None:
         """How far the rules' baselines are learned (read between flushes, or on the worker)."""
@@ -425,7 +406,7 @@ class Engine:
                 monitor.reset()
             with self._lock:
                 self._window_calls = self._window_sampled = 0
-                self._since_reset_calls = self._since_reset_sampled = 0
+            self._totals.clear()
 
     # ---- failures ----------------------------------------------------------------------------
 
@@ -442,10 +423,6 @@ class Engine:
             f"{sink!r} failed with {exc!r} and is disabled; inference and the other sinks go on. "
             "Fix the destination (permissions, free space) and attach again to re-enable it.",
         )
-
-
-def _after_call_order(monitor: Monitor) -> int:
-    return 0 if monitor.every_call else 2 if isinstance(monitor, Activations) else 1
 
 
 def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .._files import open_regular, shown
+from .._safetensors import Entry
 from ..errors import FormatError
 from ._progress import Progress
-from ._safetensors import Entry
 
 PIECE = 16 << 20  # bytes per hashlib.update: bounds staging memory and progress granularity
 

@@ -38,11 +38,10 @@ from typing import Any
 
 import torch
 
-from .. import _validate, formats
+from .. import _safetensors, _validate, formats
 from .._files import atomic_write, parse_json, shown
 from .._pytree import call_batch, flatten_outputs, is_logits
 from ..errors import CanaryError, ConfigError, FormatError
-from . import _safetensors
 from .manifest import Manifest
 
 __all__ = ["Canary", "CanaryReport", "OutputCheck", "Tolerances"]

@@ -47,10 +47,10 @@ import torch
 
 from .. import _validate, formats
 from .._files import atomic_write_text, parse_json, read_regular, shown
+from .._safetensors import DTYPES, checkpoint_files, entry_files
 from .._tensors import require_plain
 from ..errors import ConfigError, FormatError, IntegrityError
 from . import _hashing
-from ._safetensors import DTYPES, checkpoint_files, entry_files
 
 __all__ = ["Manifest", "TensorEntry"]
 

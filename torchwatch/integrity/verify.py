@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from .. import _validate
+from .._safetensors import checkpoint_files, entry_files
 from ..errors import ConfigError, IntegrityError
 from . import _hashing
-from ._safetensors import checkpoint_files, entry_files
 from .manifest import Key, Manifest, PathLike, dtype_name, model_state
 
 __all__ = ["WeightReport", "verify_weights"]

@@ -23,6 +23,9 @@ available = _cstats is not None
 # The kernel itself, for callers that hold ``native_plan(plan)`` already (the hooks):
 # tensor_stats(address, numel, code, native_plan, exact) -> raw tuple.
 tensor_stats = _cstats.tensor_stats if available else None
+# The id sketch and logit-quality passes of the input and output monitors (None without the kernel).
+id_counts = _cstats.id_counts if available else None
+logit_quality = _cstats.logit_quality if available else None
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 

@@ -10,6 +10,6 @@ A monitor of your own subclasses :class:`Monitor` and is passed to
 ``tw.attach(model, monitors=[...])``; see :mod:`.base`.
 """
 
-from .base import Call, Collect, Monitor
+from .base import Binding, Call, Collect, Monitor
 
-__all__ = ["Call", "Collect", "Monitor"]
+__all__ = ["Binding", "Call", "Collect", "Monitor"]

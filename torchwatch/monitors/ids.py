@@ -18,7 +18,7 @@ import torch
 from .._schema import Fields
 from .._transfer import HostCopy, copy_to_host, state_mode
 from ..errors import FormatError
-from ..kernels.cpu import _cstats
+from ..kernels import cpu as cpu_kernel
 
 __all__ = ["IdStats"]
 
@@ -33,7 +33,7 @@ ID_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.
 def resolve_path(device: torch.device, path: str | None) -> str:
     """How a monitor computes on ``device``: ``"c"`` (one pass of the C extension) on CPU where it
     was built, else ``"torch"`` ops (the device path; on CPU its twin, forced with ``path="torch"``)."""
-    if device.type != "cpu" or path == "torch" or _cstats is None:
+    if device.type != "cpu" or path == "torch" or not cpu_kernel.available:
         return "torch"
     return "c"
 
@@ -47,7 +47,7 @@ class IdAccumulator:
     """Device-side counts for one integer input (or the predicted classes of an output).
 
     ``state`` (int64): [count, min, max, ring position, counts[exact + hashed], ring[RING]].
-    On CPU the same arithmetic runs in one pass of the C extension (``_cstats.id_counts``: ~1 us
+    On CPU the same arithmetic runs in one pass of the C extension (``kernels.cpu.id_counts``: ~1 us
     for 128 ids, where each torch op costs ~5-20 us), or in the torch ops where it was not built;
     ``path="torch"`` forces the device path on CPU (its twin, tested against the C pass).
     """
@@ -72,7 +72,9 @@ class IdAccumulator:
             v = ids if ids.dtype is torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
             n = v.numel()
             if n:
-                _cstats.id_counts(v.data_ptr(), n, self.state.data_ptr(), self.exact, self.hashed, RING, RING_PER_CALL)
+                cpu_kernel.id_counts(
+                    v.data_ptr(), n, self.state.data_ptr(), self.exact, self.hashed, RING, RING_PER_CALL
+                )
             return
         v = ids.detach().reshape(-1)
         n = v.numel()

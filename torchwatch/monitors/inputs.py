@@ -12,17 +12,18 @@ default rules chart these like the activation statistics (:class:`torchwatch.rul
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .. import _validate
+from .. import _validate, values
 from .._pytree import tensors_in
-from .._schema import Fields
+from .._schema import Fields, entries
 from .._transfer import copy_to_host, state_mode
 from ..kernels import PLAIN_TENSOR_TYPES
+from ..values import Export, Scalar, Series
 from .base import Call, Collect, Monitor
 from .ids import ID_DTYPES, IdAccumulator, IdStats
 
@@ -181,8 +182,6 @@ class Inputs(Monitor):
         self.config = config
         self.accumulators = InputAccumulators(config, path=path)
         self._measure = measure
-        self._lock = threading.Lock()
-        self._totals: dict[str, InputStats] = {}
 
     def before_call(self, call: Call, args: Any, kwargs: dict[str, Any]) -> None:
         acc = self.accumulators
@@ -210,12 +209,7 @@ class Inputs(Monitor):
         return self.accumulators.take(keep=keep) or None
 
     def collect(self, taken: dict[str, Any] | None, ctx: Collect) -> dict[str, InputStats]:
-        inputs = inputs_to_host(taken or {})
-        with self._lock:
-            totals = self.merge(self._totals, inputs)
-            if ctx.fold:
-                self._totals = totals
-        return inputs if ctx.fold else totals
+        return inputs_to_host(taken or {})
 
     def merge(self, earlier: dict[str, InputStats], later: dict[str, InputStats]) -> dict[str, InputStats]:
         out = dict(earlier)
@@ -228,5 +222,23 @@ class Inputs(Monitor):
 
     def reset(self) -> None:
         self.accumulators.take(keep=False)
-        with self._lock:
-            self._totals = {}
+
+
+def _decode(doc: Any, where: str) -> dict[str, dict[str, Any]]:
+    return {name: InputStats.summary_from_json(f) for name, f in entries(doc, where)}
+
+
+def _export(value: Mapping[str, InputStats], record: Any) -> Iterator[Export]:
+    """Per input position: channel means; an integer input's top value's share and distinct ids."""
+    for name, stats in value.items():
+        base = f"inputs/{name}/"
+        for c, mean in enumerate(stats.channel_means or ()):
+            yield Scalar(f"{base}channel_mean_{c}", mean)
+        if stats.ids is not None:
+            yield Scalar(base + "top1_fraction", stats.ids.top1_fraction)
+            yield Scalar(base + "distinct", stats.ids.distinct)
+            yield Series("torchwatch_input_top1_fraction", "gauge", "Share of an integer input's top value.",
+                         stats.ids.top1_fraction, (("input", name),))  # fmt: skip
+
+
+values.register("inputs", decode=_decode, export=_export)

@@ -16,15 +16,17 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .._schema import Fields
+from .. import values
+from .._schema import Fields, entries
 from ..errors import ConfigError
-from .base import ROOT_CALL, Call, Collect, Monitor
+from ..values import Export, Scalar, Series, module_label
+from .base import ROOT_CALL, Binding, Call, Collect, Monitor
 
 __all__ = ["LatencySketch", "LatencyStats"]
 
@@ -147,7 +149,6 @@ class CallTimer:
         self._raw: list[float] = []  # CPU durations, bucketed off the serving thread
         self.dropped = 0  # device timings dropped because no flush read them in time
         self._window = LatencySketch(accuracy)
-        self.total = LatencySketch(accuracy)
 
     def start(self) -> Any:
         if self._event is not None:
@@ -186,26 +187,28 @@ class CallTimer:
         return self.take_sketch().stats()
 
     def take_sketch(self) -> LatencySketch:
-        """Like :meth:`take`, as a mergeable sketch."""
+        """Like :meth:`take`, as a mergeable sketch (never waits: device timings not finished yet
+        stay pending for a later window)."""
         with self._lock:
             self._drain()
             window, self._window = self._window, LatencySketch(self._window.accuracy)
-            self.total = self.total.merge(window)
         return window
 
     def peek(self) -> LatencyStats:
-        """Statistics since the last reset, the current window included (finished device timings)."""
+        """The current window's statistics (finished device timings), the window kept."""
         return self.peek_sketch().stats()
 
     def peek_sketch(self) -> LatencySketch:
         """Like :meth:`peek`, as a mergeable sketch."""
         with self._lock:
             self._drain()
-            return self.total.merge(self._window)
+            return self._window.merge(LatencySketch(self._window.accuracy))
 
     def reset(self) -> None:
+        """Forget the window (timings still pending on the device go to the next one)."""
         with self._lock:
-            self.total = LatencySketch(self.total.accuracy)
+            self._drain()
+            self._window = LatencySketch(self._window.accuracy)
 
 
 LATENCY_LOST = "latency timings lost"  # device timings no flush read in time
@@ -226,13 +229,14 @@ class Latency(Monitor):
     name = "latency"
     error_key = ROOT_CALL
     every_call = True
+    call_order = 0  # first before the call and last after it: the others' hooks are timed too
 
     def __init__(self, *, cuda: bool) -> None:
         self.timer = CallTimer(cuda=cuda)
         self._tls = threading.local()
 
-    def bind(self, engine: Any) -> None:
-        self._bus = engine.bus
+    def bind(self, binding: Binding) -> None:
+        self._bus = binding.bus
 
     def before_call(self, call: Call, args: Any, kwargs: dict[str, Any]) -> None:
         self._tls.t0 = None
@@ -243,16 +247,18 @@ class Latency(Monitor):
         if t0 is not None:
             self.timer.stop(t0)
 
-    def collect(self, taken: None, ctx: Collect) -> LatencySketch:
-        if not ctx.fold:
-            return self.timer.peek_sketch()
+    def take(self, *, keep: bool) -> LatencySketch | None:
+        sketch = self.timer.peek_sketch() if keep else self.timer.take_sketch()
+        return sketch if sketch.count or keep else None
+
+    def collect(self, taken: LatencySketch | None, ctx: Collect) -> LatencySketch | None:
         _warn_lost(self._bus, [self.timer])
-        return self.timer.take_sketch()
+        return taken
 
     def merge(self, earlier: LatencySketch, later: LatencySketch) -> LatencySketch:
         return earlier.merge(later)
 
-    def publish(self, value: LatencySketch) -> LatencyStats:
+    def view(self, value: LatencySketch) -> LatencyStats:
         return value.stats()
 
     def active(self, value: LatencySketch) -> bool:
@@ -271,19 +277,19 @@ class Timing(Monitor):
 
     name = "timing"
 
-    def __init__(self, selected: list[tuple[str, Any]], *, cuda: bool) -> None:
-        self.timers = {name: CallTimer(cuda=cuda) for name, _ in selected}
-        self._selected = selected
+    def __init__(self, *, cuda: bool) -> None:
+        self.timers: dict[str, CallTimer] = {}  # per watched module, made at bind
+        self._cuda = cuda
         self._tls = threading.local()
 
-    def bind(self, engine: Any) -> None:
-        self._bus = engine.bus
-        graph_mode = engine.graph_mode
-        for name, module in self._selected:
+    def bind(self, binding: Binding) -> None:
+        self._bus = binding.bus
+        graph_mode = binding.graph_mode
+        for name, module in binding.modules:
+            self.timers[name] = CallTimer(cuda=self._cuda)
             before, after = self._hooks(name, graph_mode)
-            engine.module_hook(module, before, pre=True)
-            engine.module_hook(module, after, prepend=True)  # first, so the statistics are not timed
-        del self._selected
+            binding.module_hook(module, before, pre=True)
+            binding.module_hook(module, after, prepend=True)  # first, so the statistics are not timed
 
     def _hooks(self, fqn: str, graph_mode: Any) -> tuple[Any, Any]:
         timer, tls, bus = self.timers[fqn], self._tls, self._bus
@@ -307,16 +313,17 @@ class Timing(Monitor):
 
         return torchwatch_time_start, torchwatch_time_stop
 
-    def collect(self, taken: None, ctx: Collect) -> dict[str, LatencySketch]:
-        if not ctx.fold:
-            return {name: timer.peek_sketch() for name, timer in self.timers.items()}
+    def take(self, *, keep: bool) -> dict[str, LatencySketch]:
+        return {name: timer.peek_sketch() if keep else timer.take_sketch() for name, timer in self.timers.items()}
+
+    def collect(self, taken: dict[str, LatencySketch], ctx: Collect) -> dict[str, LatencySketch]:
         _warn_lost(self._bus, list(self.timers.values()))
-        return {name: timer.take_sketch() for name, timer in self.timers.items()}
+        return taken
 
     def merge(self, earlier: dict[str, LatencySketch], later: dict[str, LatencySketch]) -> dict[str, LatencySketch]:
         return {**earlier, **{n: earlier[n].merge(t) if n in earlier else t for n, t in later.items()}}
 
-    def publish(self, value: dict[str, LatencySketch]) -> dict[str, LatencyStats]:
+    def view(self, value: dict[str, LatencySketch]) -> dict[str, LatencyStats]:
         return {name: sketch.stats() for name, sketch in value.items() if sketch.count}
 
     def lost(self) -> dict[str, int]:
@@ -325,3 +332,28 @@ class Timing(Monitor):
     def reset(self) -> None:
         for timer in self.timers.values():
             timer.reset()
+
+
+def _export_latency(value: LatencyStats, record: Any) -> Iterator[Export]:
+    """Root-call latency quantiles: TensorBoard scalars (ms) and Prometheus gauges (seconds)."""
+    if not value.count:
+        return
+    for tag in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
+        yield Scalar(f"torchwatch/latency_{tag}", getattr(value, tag))
+    for q, ms in (("0.5", value.p50_ms), ("0.95", value.p95_ms), ("0.99", value.p99_ms)):
+        yield Series("torchwatch_latency_seconds", "gauge", "Root-call latency quantiles, last interval.", ms / 1e3,
+                     (("quantile", q),))  # fmt: skip
+
+
+def _decode_timing(doc: Any, where: str) -> dict[str, LatencyStats]:
+    return {name: LatencyStats.from_mapping(f.doc, f.where) for name, f in entries(doc, where)}
+
+
+def _export_timing(value: Mapping[str, LatencyStats], record: Any) -> Iterator[Export]:
+    for name, stats in value.items():
+        yield Scalar(f"timing/{module_label(name)}/p50_ms", stats.p50_ms)
+        yield Scalar(f"timing/{module_label(name)}/p99_ms", stats.p99_ms)
+
+
+values.register("latency", decode=LatencyStats.from_mapping, export=_export_latency)
+values.register("timing", decode=_decode_timing, export=_export_timing)

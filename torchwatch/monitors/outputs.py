@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .. import _validate
+from .. import _validate, values
 from .._schema import Fields
 from .._transfer import copy_to_host, state_mode
 from ..errors import ConfigError, FormatError
-from ..kernels.cpu import _cstats
-from .base import Call, Collect, Monitor
+from ..kernels import cpu as cpu_kernel
+from ..values import Export, Scalar, Series
+from .base import Binding, Call, Collect, Monitor
 from .ids import IdAccumulator, IdStats, resolve_path
 
 __all__ = ["OutputMonitor", "OutputQuality"]
@@ -269,7 +270,7 @@ class OutputAccumulator:
         with self._lock:
             if self._sums is None or self._sums.device.type != "cpu":
                 self._new_sums(torch.device("cpu"))
-            _cstats.logit_quality(z.data_ptr(), rows, k, self.config.abstention_threshold(k), self._sums.data_ptr(),
+            cpu_kernel.logit_quality(z.data_ptr(), rows, k, self.config.abstention_threshold(k), self._sums.data_ptr(),
                                   pred.data_ptr(), conf.data_ptr() if conf is not None else 0)  # fmt: skip
             self._rows += rows
             self._classes.add(pred)
@@ -397,11 +398,9 @@ class Outputs(Monitor):
     def __init__(self, config: OutputMonitor, *, path: str | None = None) -> None:
         self.config = config
         self.accumulator = OutputAccumulator(config, path=path)
-        self._lock = threading.Lock()
-        self._total: OutputQuality | None = None
 
-    def bind(self, engine: Any) -> None:
-        self._bus = engine.bus
+    def bind(self, binding: Binding) -> None:
+        self._bus = binding.bus
 
     def after_call(self, call: Call, output: Any) -> None:
         try:
@@ -419,12 +418,7 @@ class Outputs(Monitor):
         return self.accumulator.take(keep=keep)
 
     def collect(self, taken: tuple[Any, ...] | None, ctx: Collect) -> OutputQuality | None:
-        outputs = output_to_host(taken)
-        with self._lock:
-            total = self.merge(self._total, outputs)
-            if ctx.fold:
-                self._total = total
-        return outputs if ctx.fold else total
+        return output_to_host(taken)
 
     def merge(self, earlier: OutputQuality | None, later: OutputQuality | None) -> OutputQuality | None:
         return _merged(earlier, later, lambda a, b: a.merge(b))
@@ -434,5 +428,26 @@ class Outputs(Monitor):
 
     def reset(self) -> None:
         self.accumulator.take(keep=False)
-        with self._lock:
-            self._total = None
+
+
+def _decode(doc: Any, where: str) -> dict[str, Any]:
+    return OutputQuality.summary_from_json(Fields(doc, where))
+
+
+def _export(q: OutputQuality, record: Any) -> Iterator[Export]:
+    """Means of confidence, margin, entropy, abstention (and accuracy, ECE with labels); rows and
+    labelled rows as Prometheus counters, so accuracy over any window is a PromQL ratio."""
+    stats = ("confidence", "margin", "normalized_entropy", "abstention_rate") if q.rows else ()
+    for tag in (*stats, *(("accuracy", "ece") if q.labelled else ())):
+        yield Scalar(f"outputs/{tag}", getattr(q, tag))
+    yield Series("torchwatch_predictions", "counter", "Prediction rows measured.", q.rows)
+    for stat in stats:
+        yield Series("torchwatch_output_quality", "gauge", "Output quality of the latest interval.", getattr(q, stat),
+                     (("stat", stat),))  # fmt: skip
+    if q.labelled:
+        yield Series("torchwatch_labelled", "counter", "Prediction rows with labels fed back.", q.labelled)
+        yield Series("torchwatch_labelled_correct", "counter", "Labelled rows predicted right.",
+                     round(q.accuracy * q.labelled))  # fmt: skip
+
+
+values.register("outputs", decode=_decode, export=_export)

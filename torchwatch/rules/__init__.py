@@ -42,6 +42,7 @@ from .interval import rule_name as rule_name
 from .interval import trips as trips
 from .limits import CastRange, LatencySLO
 from .policy import AlertPolicy
+from .runner import run_rules as run_rules
 
 __all__ = [
     "AlertPolicy",

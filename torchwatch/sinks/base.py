@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..records import Record
-
-ROOT_LABEL = "<root>"  # how the watched model's own output is named where "" would be unreadable
+from ..values import ROOT_LABEL as ROOT_LABEL  # how the watched model itself ("") is shown
 
 
 class Sink:

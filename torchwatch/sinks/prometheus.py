@@ -7,13 +7,15 @@ import os
 import threading
 from typing import Any, ClassVar
 
-from .. import _validate
+from .. import _validate, values
 from .._dist import install_hint
 from ..errors import ConfigError
-from ..records import Record
+from ..records import Record, monitor_values
 from .base import ROOT_LABEL, Sink
 
 OTHER = "__other__"
+BOUNDED_LABELS = ("module", "input")  # label values that grow with the model: bounded by max_modules
+MAX_SERIES = 4096  # label sets per exported metric family (and model)
 
 
 class PrometheusSink(Sink):
@@ -122,6 +124,7 @@ class PrometheusSink(Sink):
         self._series: set[tuple[Any, tuple[str, ...]]] = set()  # (metric, labels) this sink wrote, removed on close
         self._errors_seen: dict[str, int] = {}
         self._modules: set[str] = set()
+        self._per_family: dict[str, set[tuple[str, ...]]] = {}  # label sets written per exported family
         self._closed = False
         if port is not None:
             try:
@@ -143,6 +146,27 @@ class PrometheusSink(Sink):
             self._modules.add(label)
             return label
         return OTHER
+
+    def _sample(self, series: values.Series) -> None:
+        """One exported sample: its family made on first use; ``module`` and ``input`` label values
+        bounded by ``max_modules``, and at most ``MAX_SERIES`` label sets per family (beyond them
+        the sample is dropped and counted in ``torchwatch_series_dropped_total{metric}``)."""
+        metric = self._families.family(series)
+        if metric is None:  # the name is taken with other labels or another type
+            self._labels(self._families.dropped, series.name).inc()
+            return
+        labels = tuple(self._module(v) if k in BOUNDED_LABELS else v for k, v in series.labels)
+        seen = self._per_family.setdefault(series.name, set())
+        if labels not in seen:
+            if len(seen) >= MAX_SERIES:
+                self._labels(self._families.dropped, series.name).inc()
+                return
+            seen.add(labels)
+        sample = self._labels(metric, *labels)
+        if series.kind == "counter":
+            sample.inc(series.value)
+        else:
+            sample.set(series.value)
 
     def write(self, record: Record) -> None:
         if self._error is not None:
@@ -167,10 +191,6 @@ class PrometheusSink(Sink):
                 lab(f.absmax, module).set(s.absmax)
             if s.std == s.std:
                 lab(f.std, module).set(s.std)
-        for name, status in record.drift.items():
-            module = self._module(name)
-            lab(f.drift_score, module).set(status.score)
-            lab(f.drift_p, module).set(status.p_value)
         for alert in record.alerts:
             lab(f.alerts, alert.rule).inc()
         for kind, total in record.errors.items():  # cumulative in each record: count what is new
@@ -178,21 +198,10 @@ class PrometheusSink(Sink):
             if new > 0:
                 lab(f.errors, str(kind)).inc(new)
                 self._errors_seen[kind] = total
-        lat = record.latency
-        if lat is not None and lat.count:
-            for q, value in (("0.5", lat.p50_ms), ("0.95", lat.p95_ms), ("0.99", lat.p99_ms)):
-                lab(f.latency, q).set(value / 1e3)
-        q = record.outputs
-        if q is not None:
-            lab(f.predictions).inc(q.rows)
-            for stat in ("confidence", "margin", "normalized_entropy", "abstention_rate") if q.rows else ():
-                lab(f.output, stat).set(getattr(q, stat))
-            if q.labelled:
-                lab(f.labelled).inc(q.labelled)
-                lab(f.correct).inc(round(q.accuracy * q.labelled))
-        for name, i in record.inputs.items():
-            if i.ids is not None:
-                lab(f.top1, self._module(name)).set(i.ids.top1_fraction)
+        for name, value in monitor_values(record).items():  # what each monitor's value exports
+            for item in values.exports(name, value, record):
+                if isinstance(item, values.Series):
+                    self._sample(item)
         if record.baselines is not None:
             lab(f.baselines, "all").set(record.baselines.series)
             lab(f.baselines, "learning").set(record.baselines.learning)
@@ -236,6 +245,8 @@ class _Families:
         self.models: set[str] = set()
         gauge_kw = {"multiprocess_mode": "liveall"} if multiprocess else {}
         self.collectors: list[Any] = []
+        self._pc, self._gauge_kw = pc, gauge_kw
+        self._exported: dict[str, tuple[str, tuple[str, ...], Any]] = {}  # name -> (kind, labels, metric or None)
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
             metric = pc.Counter(name, doc, ("model", *labels), registry=registry)
@@ -260,18 +271,30 @@ class _Families:
         )
         self.absmax = gauge("torchwatch_absmax", "Largest finite |x| in the latest interval.", m)
         self.std = gauge("torchwatch_std", "Standard deviation of finite elements, latest interval.", m)
-        self.drift_score = gauge("torchwatch_drift_score", "Drift score of the latest window.", m)
-        self.drift_p = gauge("torchwatch_drift_p_value", "Drift p-value of the latest window.", m)
         self.alerts = counter("torchwatch_alerts", "Alerts raised.", ("rule",))
         self.errors = counter("torchwatch_errors", "Failures caught, data not recorded (watch.errors).", ("kind",))
         self.last_flush = gauge("torchwatch_last_flush_timestamp_seconds", "Unix time of the latest flush.")
-        self.latency = gauge("torchwatch_latency_seconds", "Root-call latency quantiles, last interval.", ("quantile",))
-        self.output = gauge("torchwatch_output_quality", "Output quality of the latest interval.", ("stat",))
-        self.predictions = counter("torchwatch_predictions", "Prediction rows measured.")
-        self.labelled = counter("torchwatch_labelled", "Prediction rows with labels fed back.")
-        self.correct = counter("torchwatch_labelled_correct", "Labelled rows predicted right.")
-        self.top1 = gauge("torchwatch_input_top1_fraction", "Share of an integer input's top value.", ("input",))
+        self.dropped = counter("torchwatch_series_dropped", "Exported samples dropped (label sets beyond the bound).",
+                               ("metric",))  # fmt: skip
         self.baselines = gauge("torchwatch_baseline_series", "Alert baseline series, all and in warm-up.", ("state",))
+
+    def family(self, series: values.Series) -> Any:
+        """The metric family of an exported series, registered on first use; None when its name
+        is already used with another kind or other label names (that series is not exported)."""
+        names = tuple(k for k, _ in series.labels)
+        with self._lock:
+            known = self._exported.get(series.name)
+            if known is None:
+                make = self._pc.Counter if series.kind == "counter" else self._pc.Gauge
+                kw = self._gauge_kw if series.kind == "gauge" else {}
+                try:
+                    metric = make(series.name, series.help, ("model", *names), registry=self.registry, **kw)
+                    self.collectors.append(metric)
+                except ValueError:  # taken in the registry by a metric that is not this one
+                    metric = None
+                known = self._exported[series.name] = (series.kind, names, metric)
+        kind, label_names, metric = known
+        return metric if (kind, label_names) == (series.kind, names) else None
 
     @classmethod
     def acquire(cls, pc: Any, registry: Any, model: str, multiprocess: bool) -> _Families:

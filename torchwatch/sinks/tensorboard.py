@@ -6,13 +6,12 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
-from .. import _validate, formats
+from .. import _validate, formats, values
 from .._dist import install_hint
 from ..errors import ConfigError
-from ..records import Record
+from ..records import Record, monitor_values
 from . import _flagged
 from .base import ROOT_LABEL, Sink
 
@@ -195,40 +194,15 @@ class TensorBoardSink(Sink):
         out += [(f"{self.prefix}torchwatch/alerts_total/{rule}", float(n)) for rule, n in self._rules.items()]
         if record.baselines is not None:
             out.append((f"{self.prefix}torchwatch/baselines_learning", float(record.baselines.learning)))
-        lat = record.latency
-        if lat is not None and lat.count:
-            for tag in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
-                out.append((f"{self.prefix}torchwatch/latency_{tag}", getattr(lat, tag)))
-        out += self._edge_scalars(record)
-        for name, d in record.drift.items():
-            base = f"{self.prefix}drift/{name or ROOT_LABEL}/"
-            alarms = sum(1 for a in record.alerts if a.rule == "drift" and a.module == name)
-            out += [(base + "score", d.score), (base + "p_value", d.p_value), (base + "alarms", float(alarms))]
-        for name, value in record.extra.items():
-            out += _numbers(f"{self.prefix}extra/{name}", value)[:MAX_EXTRA_SCALARS]
         return out
 
-    def _edge_scalars(self, record: Record) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        for name, i in record.inputs.items():
-            base = f"{self.prefix}inputs/{name}/"
-            out += [(f"{base}channel_mean_{c}", m) for c, m in enumerate(i.channel_means or ())]
-            if i.ids is not None:
-                out += [(base + "top1_fraction", i.ids.top1_fraction), (base + "distinct", i.ids.distinct)]
-        q = record.outputs
-        if q is not None:
-            tags = ["confidence", "margin", "normalized_entropy", "abstention_rate"] if q.rows else []
-            tags += ["accuracy", "ece"] if q.labelled else []
-            out += [(f"{self.prefix}outputs/{tag}", getattr(q, tag)) for tag in tags]
-        for name, t in record.timing.items():
-            base = f"{self.prefix}timing/{name or ROOT_LABEL}/"
-            out += [(base + "p50_ms", t.p50_ms), (base + "p99_ms", t.p99_ms)]
-        return out
-
-    def _event(self, step: int, wall_time: float, scalars: list[tuple[str, float]]) -> Any:
+    def _event(self, step: int, wall_time: float, scalars: list[tuple[str, float]],
+               histograms: list[values.Histogram] = ()) -> Any:  # fmt: skip
         event_pb2, summary_pb2, _ = self._pb
-        values = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scalars]
-        return event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(value=values))
+        items = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scalars]
+        items += [summary_pb2.Summary.Value(tag=self.prefix + h.tag, histo=_histogram_proto(summary_pb2, h))
+                  for h in histograms]  # fmt: skip
+        return event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(value=items))
 
     def write(self, record: Record) -> None:
         event_pb2 = self._pb[0]
@@ -236,7 +210,14 @@ class TensorBoardSink(Sink):
             self._writer = _acquire(self.logdir)
         if not self._layout_written:
             self._write_layout(record, event_pb2)
-        self._writer.add_event(self._event(record.step, record.time, self._scalars(record)))
+        scalars, histograms = self._scalars(record), []
+        for name, value in monitor_values(record).items():  # what each monitor's value exports
+            for item in values.exports(name, value, record):
+                if isinstance(item, values.Scalar):
+                    scalars.append((self.prefix + item.tag, float(item.value)))
+                elif isinstance(item, values.Histogram):
+                    histograms.append(item)
+        self._writer.add_event(self._event(record.step, record.time, scalars, histograms))
         self._flagged.write(record)
         if record.alerts:
             for summary in (self._alert_text(record), self._alert_records(record)):
@@ -306,21 +287,16 @@ class TensorBoardSink(Sink):
         return f"TensorBoardSink({self.logdir!r})"
 
 
-MAX_EXTRA_SCALARS = 256  # per custom monitor and record: a value that grows a key per call stays bounded
-
-
-def _numbers(tag: str, value: Any, depth: int = 0) -> list[tuple[str, float]]:
-    """The numbers in a custom monitor's value, tagged by their path (bools and strings skipped)."""
-    to_dict = getattr(value, "to_dict", None)
-    if callable(to_dict):
-        value = to_dict()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [(tag, float(value))]
-    if isinstance(value, Mapping) and depth < 4:
-        out: list[tuple[str, float]] = []
-        for key, item in value.items():
-            out += _numbers(f"{tag}/{key or ROOT_LABEL}", item, depth + 1)
-            if len(out) >= MAX_EXTRA_SCALARS:
-                break
-        return out
-    return []
+def _histogram_proto(summary_pb2: Any, h: values.Histogram) -> Any:
+    """TensorBoard's histogram: ``bucket[i]`` values up to ``bucket_limit[i]`` (above the previous
+    limit); the first edge is the lower limit of the first bucket, given as an empty bucket."""
+    counts = [0.0, *map(float, h.counts)]
+    mids = [(a + b) / 2 for a, b in zip(h.edges, h.edges[1:], strict=False)]
+    num = sum(counts)
+    total = sum(m * c for m, c in zip(mids, h.counts, strict=True))
+    filled = [i for i, c in enumerate(h.counts) if c]
+    return summary_pb2.HistogramProto(
+        min=h.edges[filled[0]] if filled else 0.0, max=h.edges[filled[-1] + 1] if filled else 0.0, num=num,
+        sum=total, sum_squares=sum(m * m * c for m, c in zip(mids, h.counts, strict=True)),
+        bucket_limit=list(map(float, h.edges)), bucket=counts,
+    )  # fmt: skip

@@ -1,6 +1,6 @@
-"""Activation statistics: the monitor whose value is a record's ``stats`` and ``nonfinite``."""
+"""Activation statistics: the monitor whose measurements fill a record's ``stats`` and ``nonfinite``."""
 
 from .monitor import POSITIONS_NOT_MEASURED, Activations
-from .window import ActivationPart, StatsWindow
+from .window import StatsWindow
 
-__all__ = ["POSITIONS_NOT_MEASURED", "ActivationPart", "Activations", "StatsWindow"]
+__all__ = ["POSITIONS_NOT_MEASURED", "Activations", "StatsWindow"]

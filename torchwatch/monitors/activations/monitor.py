@@ -20,24 +20,22 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..._casts import CastPlan, _float_dtypes, cast_plan
+from ..._casts import CastPlan, cast_plan, float_dtypes
 from ..._pytree import tensors_in
 from ..._table import C_NAN, C_NEGINF, CALLS, DeviceTable
 from ..._tensors import model_device
+from ..._testing import TRITON_IN_COMPILE
 from ...alerts import nonfinite_alert
 from ...kernels import PLAIN_TENSOR_TYPES, graph_op, host_stats, measurable, torch_ops
 from ...kernels import cpu as cpu_kernel
-from ..base import Call, Collect, Monitor, labels
+from ..base import Binding, Call, Collect, Monitor, labels
 from .grouping import Grouping, merge_for
-from .window import ActivationPart, StatsWindow, Taken
-
-if TYPE_CHECKING:
-    from ...engine.core import Engine
+from .window import StatsCut, StatsWindow
 
 POSITIONS_NOT_MEASURED = "positions not measured"  # measurements of output positions beyond the capacity
 _NO_PLAN = object()
@@ -58,42 +56,42 @@ def _import_dynamo() -> None:
 class Activations(Monitor):
     """Per output position: ModuleStats (moments, range, NaN/Inf, zeros, subnormals, casts).
 
-    Its value is an :class:`~.window.ActivationPart`; the engine puts its statistics and first
-    NaN/Inf records into ``record.stats`` / ``record.nonfinite`` and ``snapshot[...]``.
+    It has no value of its own: its statistics and first NaN/Inf records go to the record's core
+    fields (``record.stats``, ``record.nonfinite``, ``snapshot[...]``) through ``ctx.positions``.
+    Its hooks are raw module hooks (``binding.module_hook``): they also run under graph tracing
+    and capture (the graph path) and inline the common CPU case.
+
+    Args:
+        modules: how many modules it will watch (sizes the device tables).
+        device_path: measure CPU tensors the way accelerator ones are (the CPU twin of the
+            device path; tests and benchmarks set it through :func:`device_path`).
     """
 
     name = "stats"
     cohort_snapshot = True
+    call_order = 2  # after the other monitors' after_call: NaN/Inf origin over every measurement
 
     def __init__(
-        self,
-        selected: list[tuple[str, nn.Module]],
-        model: nn.Module,
-        *,
-        cast_dtypes: tuple[str, ...],
-        every: int,
-        on_nonfinite: Any,
+        self, model: nn.Module, *, modules: int, cast_dtypes: tuple[str, ...], every: int, on_nonfinite: Any,
         device_path: bool = False,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.cast_dtypes = cast_dtypes
-        self.modules = [name for name, _ in selected]
-        self._selected = selected
+        self.modules: list[str] = []  # the watched modules' names, set at bind
         self._model = weakref.ref(model)
         self._raise = on_nonfinite == "raise"
-        self._device_path = device_path  # measure CPU tensors the way accelerator ones are (tests)
-        self.capacity = 4 * len(selected) + 64
+        self._device_path = device_path
+        self.capacity = 4 * modules + 64
         self.window = StatsWindow(cast_dtypes, self.capacity, every)
         self.every = every
         # Every plan up front: under torch.compile a hook may not run Python that touches tensors.
         self._plans: dict[torch.dtype, CastPlan | None] = {}
         self._cpu_kernel: dict[torch.dtype, tuple[int, object, bool]] = {}  # dtype -> C kernel arguments
-        for name in _float_dtypes():
+        for name in float_dtypes():
             self._new_plan(getattr(torch, name))
         self._tables: dict[torch.device, DeviceTable] = {}
         self._seen: set[str] = set()
         self._completed = 0  # sampled calls completed (the check for modules that never ran waits for one)
         self._unseen_checked = False
-        self.triton_in_compile = False  # benchmarks/_compile_probe.py sets it to reproduce the crash
         _import_dynamo()
         ref = weakref.ref(self)  # weak: the closure must not keep the monitor in a cycle
 
@@ -103,21 +101,20 @@ class Activations(Monitor):
 
         self._graph_slot = torch.compiler.assume_constant_result(graph_slot)
 
-    def bind(self, engine: Engine) -> None:
-        # what the hooks need of the engine, not the engine: no reference cycle back to it
-        self._bus = engine.bus
-        self._local = engine.local
-        self._graph_mode = engine.graph_mode
-        self._cohorts = engine.cohorts
-        self._device_lock = engine.device_lock
-        self._flush_lock = engine.flush_lock
-        self._grouping = Grouping(engine.bus, engine.device_lock)
+    def bind(self, binding: Binding) -> None:
+        self._bus = binding.bus
+        self._local = binding.local
+        self._graph_mode = binding.graph_mode
+        self._cohorts = binding.cohorts
+        self._device_lock = binding.device_lock
+        self._flush_lock = binding.flush_lock
+        self._grouping = Grouping(binding.bus, binding.device_lock)
         self._new_table(model_device(self._model()))  # before any trace: tables cannot be made inside one
         root = self._model()
+        self.modules = [name for name, _ in binding.modules]
         # The model's own hook must run before the engine closes the call: it goes first.
-        for name, module in self._selected:
-            engine.module_hook(module, self._make_hook(name), prepend=module is root)
-        del self._selected
+        for name, module in binding.modules:
+            binding.module_hook(module, self._make_hook(name), prepend=module is root)
 
     # ---- calls -------------------------------------------------------------------------------
 
@@ -273,7 +270,7 @@ class Activations(Monitor):
             # inductor neither traces their reductions (the compile-time blow-up) nor plans memory
             # around a hand-launched kernel (a compiled BERT-base that launched the Triton kernel
             # directly crashed with an illegal memory access on an H200; see RESULTS.md).
-            merge = _compiled_merge if graph_op.compiling() and not self.triton_in_compile else merge_for(table, x)
+            merge = _compiled_merge if graph_op.compiling() and not TRITON_IN_COMPILE.on else merge_for(table, x)
             with torch.no_grad():
                 merge(table, slot, x.detach(), plan, call, use_flag=True)
 
@@ -369,13 +366,12 @@ class Activations(Monitor):
         """The device tables, one per device measured so far (benchmarks switch their kernel)."""
         return list(self._tables.values())
 
-    def take(self, *, keep: bool) -> Taken | None:
+    def take(self, *, keep: bool) -> StatsCut | None:
         return self.window.take(list(self._tables.values()), keep=keep)
 
-    def collect(self, taken: Taken | None, ctx: Collect) -> ActivationPart:
-        part = self.window.collect(taken, ctx)
+    def collect(self, taken: StatsCut | None, ctx: Collect) -> None:
+        self.window.collect(taken, ctx)
         self._check_unseen()
-        return part
 
     def reset(self) -> None:
         self.window.reset(list(self._tables.values()))

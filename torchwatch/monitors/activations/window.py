@@ -1,9 +1,10 @@
-"""The activation statistics of a window and since the reset, and where NaN/Inf first appeared.
+"""The activation statistics of a window, and where NaN/Inf first appeared since the reset.
 
 Host measurements accumulate here per ``(cohort, position)``; device measurements live in the
 :class:`~torchwatch._table.DeviceTable` halves and arrive as window reads. :meth:`StatsWindow.take`
 cuts a window (or copies it, for a snapshot) and :meth:`StatsWindow.collect` turns it into
-:class:`~torchwatch.ModuleStats`: the one conversion used by flushes and snapshots alike.
+:class:`~torchwatch.ModuleStats` handed to the engine (``ctx.positions``), which keeps the totals:
+the one conversion used by flushes and snapshots alike.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ Key = tuple[str | None, str]  # (cohort, position)
 
 
 @dataclasses.dataclass
-class Taken:
+class StatsCut:
     """A window cut (or copied) on the serving thread: host accumulators, device reads being
-    copied (table, handle) or already read (table, WindowRead), first NaN/Inf records."""
+    copied (table, handle) or already read (table, WindowRead), the window's first NaN/Inf records."""
 
     window: dict[Key, Any]  # host accumulators (a flush) or their ModuleStats (a snapshot)
     reads: list[tuple[DeviceTable, Any]]
@@ -39,9 +40,9 @@ class Taken:
 
 
 @dataclasses.dataclass
-class ActivationPart:
-    """A collected window: statistics per (cohort, position), root calls replayed from graphs
-    since the previous read, and first NaN/Inf records (new ones for a flush, all for a snapshot)."""
+class DeviceWindow:
+    """Device window reads folded: statistics per (cohort, position), root calls replayed from
+    graphs since the previous read, and the positions' first NaN/Inf records."""
 
     stats: list[tuple[Key, ModuleStats]] = dataclasses.field(default_factory=list)
     calls: int = 0
@@ -58,7 +59,6 @@ class StatsWindow:
         self.every = every
         self._lock = threading.Lock()
         self._window: dict[Key, Any] = {}
-        self._totals: dict[Key, ModuleStats] = {}
         self._order: dict[str, None] = {}  # positions in first-measured order
         self._host_keys: set[Key] = set()  # host positions admitted (bounded like the tables' slots)
         self._first: dict[str, FirstNonFinite] = {}
@@ -128,14 +128,14 @@ class StatsWindow:
 
     # ---- flush and snapshot ------------------------------------------------------------------
 
-    def take(self, tables: list[DeviceTable], *, keep: bool) -> Taken | None:
+    def take(self, tables: list[DeviceTable], *, keep: bool) -> StatsCut | None:
         """Cut the window (flip the device tables: their copies start) or, with ``keep``, copy it
         (reads the tables' active halves: waits for the device)."""
         if keep:
             with self._lock:
                 window = {key: to_module_stats(acc, self.cast_dtypes) for key, acc in self._window.items()}
-                first = dict(self._first)
-            return Taken(window, [(t, t.read_active()) for t in tables if t.keys], first, copied=True)
+                first = dict(self._window_first)
+            return StatsCut(window, [(t, t.read_active()) for t in tables if t.keys], first, copied=True)
         with self._lock:
             window, self._window = self._window, {}
             first, self._window_first = self._window_first, {}
@@ -143,48 +143,40 @@ class StatsWindow:
         reads = [(t, t.flip()[1]) for t in tables if t.keys]
         if not (window or reads or first):
             return None
-        return Taken(window, reads, first, copied=False)
+        return StatsCut(window, reads, first, copied=False)
 
-    def collect(self, taken: Taken | None, ctx: Collect) -> ActivationPart:
-        """The window's statistics; a flush (``ctx.fold``) adds them to the totals and raises the
-        NaN/Inf alerts of device positions; a snapshot returns the totals with the window."""
+    def collect(self, taken: StatsCut | None, ctx: Collect) -> None:
+        """The window's statistics, in execution order, and its first NaN/Inf records, to the
+        engine (``ctx.positions``; graph replays: ``ctx.replayed``). A flush (``ctx.fold``) also
+        raises the NaN/Inf alerts of device positions."""
         if taken is None:  # a flush with nothing measured (a snapshot's take never returns None)
-            return ActivationPart()
+            return
         if taken.copied:
             stats = list(taken.window.items())
             reads = taken.reads
         else:
             stats = [(key, to_module_stats(acc, self.cast_dtypes)) for key, acc in taken.window.items()]
             reads = [(table, table.read(handle)) for table, handle in taken.reads]
-        part, counts = self._device_reads(reads, advance=ctx.fold)
-        stats += part.stats
-        if not ctx.fold:
-            with self._lock:
-                totals = list(self._totals.items())
-            part.stats = totals + stats
-            part.nonfinite = {
-                **taken.nonfinite,
-                **{n: r for n, r in part.nonfinite.items() if n not in taken.nonfinite},
-            }
-            return part
+        device, counts = self._device_reads(reads, advance=ctx.fold)
+        stats += device.stats
         with self._lock:
-            for key, s in stats:
-                total = self._totals.get(key)
-                self._totals[key] = s if total is None else total.merge(s)
-            new = {name: r for name, r in part.nonfinite.items() if name not in self._first}
-            self._first.update(new)
-        self._device_alerts(new, counts, ctx)
-        part.stats = stats
-        part.nonfinite = {**taken.nonfinite, **new}
-        return part
+            order = {name: i for i, name in enumerate(self._order)}
+            new = {name: r for name, r in device.nonfinite.items() if name not in self._first}
+            if ctx.fold:
+                self._first.update(new)
+        if ctx.fold:
+            self._device_alerts(new, counts, ctx)
+        stats.sort(key=lambda item: order.get(item[0][1], len(order)))  # stable: cohorts keep their order
+        ctx.replayed(device.calls, device.sampled)
+        ctx.positions(stats, {**taken.nonfinite, **{n: r for n, r in new.items() if n not in taken.nonfinite}})
 
     def _device_reads(
         self, reads: list[tuple[DeviceTable, WindowRead]], *, advance: bool
-    ) -> tuple[ActivationPart, dict[str, tuple[int, int, int]]]:
+    ) -> tuple[DeviceWindow, dict[str, tuple[int, int, int]]]:
         """Fold device window reads: their statistics, the root calls replayed from graphs since the
         previous read (``advance``: now accounted for), where NaN/Inf first appeared, and the
         NaN/+Inf/-Inf counts of the positions that held any."""
-        part = ActivationPart()
+        part = DeviceWindow()
         counts: dict[str, tuple[int, int, int]] = {}
         for table, read in reads:
             with self._lock:
@@ -248,7 +240,6 @@ class StatsWindow:
         with self._lock:
             _close(self._window.values())
             self._window = {}
-            self._totals = {}
             self._order = {}
             self._first = {}
             self._window_first = {}

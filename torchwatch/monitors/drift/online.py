@@ -1,6 +1,6 @@
 """Drift detection in the hooks: device-side window sums, host-side windows and detector.
 
-In a hook, :meth:`DriftMonitor.observe` reduces a module's output to one vector per sample,
+In a hook, :meth:`OnlineDrift.observe` reduces a module's output to one vector per sample,
 projects it (mean, PCA basis, whitening, random features, residual energy — all device tensors)
 and adds each sample's row to the running sums of *its* window in a ring of window rows, with
 the window index computed on the device from a device-side sample counter. Nothing is read back
@@ -40,7 +40,7 @@ from ..._table import mark_static
 from ..._transfer import HostCopy, copy_to_host
 from ...alerts import Alert
 from ...errors import ConfigError
-from ..base import Collect, Monitor
+from ..base import Binding, Collect, Monitor
 from . import mewma
 from .reference import STATISTICS, Reference
 from .sequential import Cusum
@@ -70,7 +70,7 @@ class DriftRead:
     copies: dict[str, HostCopy]
 
 
-class DriftMonitor:
+class OnlineDrift:
     """The online side of a :class:`~torchwatch.Reference` for one watch."""
 
     def __init__(self, ref: Reference, device: torch.device, arl: float | None) -> None:
@@ -339,15 +339,15 @@ class Drift(Monitor):
 
     def __init__(self, reference: Reference, modules: list[tuple[str, Any]], device: torch.device,
                  arl: float | None) -> None:  # fmt: skip
-        self.online = DriftMonitor(reference, device, arl)
+        self.online = OnlineDrift(reference, device, arl)
         self._modules = modules
         self._fresh = False  # samples observed since the last flush read (eager calls)
         self._traced = False  # observed in a graph: replays add samples Python does not see
 
-    def bind(self, engine: Any) -> None:
-        self._bus = engine.bus
+    def bind(self, binding: Binding) -> None:
+        self._bus = binding.bus
         for name, module in self._modules:
-            engine.module_hook(module, self._hook(name, engine.graph_mode), sampled=False)
+            binding.module_hook(module, self._hook(name, binding.graph_mode), sampled=False)
         del self._modules
 
     def _hook(self, fqn: str, graph_mode: Any) -> Any:

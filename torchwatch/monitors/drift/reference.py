@@ -41,12 +41,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import _validate, formats
+from ... import _safetensors, _validate, formats
 from ..._files import atomic_write, parse_json
 from ..._pytree import call_batch, tensors_in
 from ..._schema import Fields
 from ...errors import ConfigError, FormatError
-from ...integrity import _safetensors
 from . import guarantee as _guarantee
 from . import mewma as _mewma
 from . import sequential as _sequential

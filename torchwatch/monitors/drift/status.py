@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ... import _validate
-from ..._schema import Fields
+from ... import _validate, values
+from ..._schema import Fields, entries
 from ...errors import FormatError
+from ...values import Export, Scalar, Series, module_label
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,24 @@ def arl_windows(*, days: float, requests_per_second: float, window: int) -> floa
     rate = _validate.number("arl_windows()", "requests_per_second", requests_per_second, above=0.0)
     window = _validate.integer("arl_windows()", "window", window)
     return days * 86400 * rate / window
+
+
+def _decode(doc: Any, where: str) -> dict[str, DriftStatus]:
+    return {name: DriftStatus.from_dict(f.doc, f.where) for name, f in entries(doc, where)}
+
+
+def _export(value: Mapping[str, DriftStatus], record: Any) -> Iterator[Export]:
+    """Per module: score, p-value and the interval's drift alarms (TensorBoard); score and p-value
+    (Prometheus gauges)."""
+    for name, status in value.items():
+        module = module_label(name)
+        alarms = sum(1 for a in record.alerts if a.rule == "drift" and a.module == name)
+        yield Scalar(f"drift/{module}/score", status.score)
+        yield Scalar(f"drift/{module}/p_value", status.p_value)
+        yield Scalar(f"drift/{module}/alarms", float(alarms))
+        labels = (("module", module),)
+        yield Series("torchwatch_drift_score", "gauge", "Drift score of the latest window.", status.score, labels)
+        yield Series("torchwatch_drift_p_value", "gauge", "Drift p-value of the latest window.", status.p_value, labels)
+
+
+values.register("drift", decode=_decode, export=_export)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._files import open_regular, parse_json, read_regular, shown
-from ..errors import ConfigError, FormatError
+from ._files import open_regular, parse_json, read_regular, shown
+from .errors import ConfigError, FormatError
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000

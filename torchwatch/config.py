@@ -9,25 +9,29 @@ from typing import Any
 
 from torch import nn
 
-from .. import _validate
-from .. import rules as _rules
-from .._casts import normalize_cast_dtypes
-from .._select import select_modules
-from .._tensors import model_device
-from ..alerts import Alert
-from ..errors import ConfigError
-from ..monitors.base import Monitor
-from ..monitors.drift import Drift, Reference
-from ..monitors.inputs import InputMonitor, Inputs
-from ..monitors.latency import Latency, Timing
-from ..monitors.outputs import OutputMonitor, Outputs
-from ..sinks.base import Sink
-from ..stats import DEFAULT_CAST_DTYPES
+from . import _testing, _validate
+from . import rules as _rules
+from ._casts import normalize_cast_dtypes
+from ._select import select_modules
+from ._tensors import model_device
+from .alerts import Alert
+from .errors import ConfigError
+from .monitors.activations import Activations
+from .monitors.base import Monitor
+from .monitors.drift import Drift, Reference
+from .monitors.fingerprint import FingerprintMonitor
+from .monitors.inputs import InputMonitor, Inputs
+from .monitors.latency import Latency, Timing
+from .monitors.outputs import OutputMonitor, Outputs
+from .records import MONITOR_FIELDS
+from .sinks.base import Sink
+from .stats import DEFAULT_CAST_DTYPES
 
 NONFINITE_POLICIES = ("ignore", "warn", "raise")
 SAMPLING_MODES = ("python", "device")
-# monitor names taken by the built-in monitors (attach(monitors=...) may not reuse them)
-_RESERVED = frozenset({"stats", "drift", "latency", "inputs", "outputs", "timing", "fingerprint"})
+# monitor names taken by the built-in monitors (attach(monitors=...) may not reuse them): the
+# record's monitor fields, and the monitors without one
+_RESERVED = frozenset({*MONITOR_FIELDS, Activations.name, FingerprintMonitor.name})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +57,14 @@ class WatchConfig:
     drift_modules: tuple[str, ...]
     drift_arl: float | None
     monitors: tuple[Monitor, ...]
-    device_path: bool  # measure CPU tensors the way accelerator ones are (the CPU twin, in tests)
+    device_path: bool  # measure CPU tensors the way accelerator ones are (_testing.device_path(), in tests)
 
     @classmethod
     def of(
         cls, model: nn.Module, *, modules: Any = None, every: Any = 1, sampling: Any = "python", sinks: Any = (),
         flush_every: Any = 100, cast_dtypes: Any = DEFAULT_CAST_DTYPES, on_nonfinite: Any = "warn",
         max_cohorts: Any = 16, drift: Any = None, drift_arl: Any = None, rules: Any = None, alert_policy: Any = None,
-        inputs: Any = True, outputs: Any = None, timing: Any = False, monitors: Any = (), device_path: bool = False,
+        inputs: Any = True, outputs: Any = None, timing: Any = False, monitors: Any = (),
     ) -> WatchConfig:  # fmt: skip
         """Check every option (defaults: those of :func:`torchwatch.attach`); raises
         :class:`~torchwatch.ConfigError` naming the first bad one."""
@@ -93,24 +97,27 @@ class WatchConfig:
             drift_modules=tuple(drift_modules),
             drift_arl=drift_arl,
             monitors=_monitor_list(monitors),
-            device_path=device_path,
+            device_path=_testing.DEVICE_PATH.get(),
         )
 
     def modules(self, model: nn.Module, names: tuple[str, ...] | None = None) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of the selected modules (or of ``names``) in ``model``."""
         return [(name, model.get_submodule(name)) for name in (self.selected if names is None else names)]
 
-    def build_monitors(self, model: nn.Module, measure: Callable[..., None]) -> list[Monitor]:
-        """The monitors these options turn on, after the activation statistics (whose ``measure``
-        the input monitor shares), in hook order; then ``attach(monitors=...)``'s."""
+    def build_monitors(self, model: nn.Module) -> list[Monitor]:
+        """The monitors these options turn on: the activation statistics first (their graph
+        replays advance the step the others collect at; the input monitor shares their
+        ``measure``), then the others, then ``attach(monitors=...)``'s."""
         device = model_device(model)
         cuda = device.type == "cuda"
         path = "torch" if self.device_path else None  # CPU tensors through the device path's torch ops (tests)
-        out: list[Monitor] = [Latency(cuda=cuda)]
+        stats = Activations(model, modules=len(self.selected), cast_dtypes=self.cast_dtypes, every=self.every,
+                            on_nonfinite=self.on_nonfinite, device_path=self.device_path)  # fmt: skip
+        out: list[Monitor] = [stats, Latency(cuda=cuda)]
         if self.timing:
-            out.append(Timing(self.modules(model), cuda=cuda))
+            out.append(Timing(cuda=cuda))
         if self.inputs is not None:
-            out.append(Inputs(self.inputs, measure, path=path))
+            out.append(Inputs(self.inputs, stats.measure, path=path))
         if self.outputs is not None:
             out.append(Outputs(self.outputs, path=path))
         if self.drift is not None:
