@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from .. import formats
+from .. import formats, values
 from .._files import open_regular, parse_json, read_regular, shown
 from ..errors import FormatError
 from ..records import Record, Warmup
@@ -220,6 +220,24 @@ def _read_stats(path: str, data: LogData) -> None:
             data.inputs.setdefault(name, []).append((step, dict(i)))
         if r.baselines is not None and step >= data.baselines_step:
             data.baselines, data.baselines_step = r.baselines.to_dict(), step
+        _read_histograms(r, data, where)
+
+
+def _read_histograms(r: Record, data: LogData, where: str) -> None:
+    """Sum the histograms the monitors' values in ``extra`` export (any monitor, through the value
+    registry); a value its own export cannot read is noted in ``skipped``, not fatal."""
+    for name, value in r.extra.items():
+        try:
+            found = [h for h in values.exports(name, value, r) if isinstance(h, values.Histogram)]
+        except Exception as exc:  # noqa: BLE001 - a plug-in monitor's export must not stop the report
+            data.skipped.append(f"{where}: the value of monitor {name!r} could not be summarised ({exc!r})")
+            continue
+        for h in found:
+            known = data.histograms.get(h.tag)
+            if known is None or known[0] != h.edges:
+                data.histograms[h.tag] = (h.edges, list(h.counts))
+            else:
+                known[1][:] = [a + b for a, b in zip(known[1], h.counts, strict=True)]
 
 
 def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
@@ -269,6 +287,8 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
         "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
         "phases": data.phases, "charted_only": data.charted_only, "problems": problems,
         "baselines": data.baselines,
+        "histograms": [{"tag": tag, "edges": list(edges), "counts": counts, "total": sum(counts)}
+                       for tag, (edges, counts) in data.histograms.items()],
     }  # fmt: skip
 
 
@@ -417,6 +437,10 @@ def text(summary: dict[str, Any]) -> str:
             elif "last_channel_means" in i:
                 means = ", ".join(f"{m:.3g}" for m in i["last_channel_means"])
                 lines.append(f"  {i['input']:<28} channel means (last interval): {means}")
+    if summary.get("histograms"):
+        lines.append("\nHistograms (summed over the log; one bar per bucket, lowest first):")
+        for h in summary["histograms"][:40]:
+            lines.append(f"  {h['tag']:<40} {_bars(h['counts'])}  {h['total']:,.0f} values" + _peak(h))
     for c in summary["comparisons"]:
         lines.append(f"\nComparison ({c['kind']}, {os.path.basename(c['file'])}): {c['calls']:,} calls compared, "
                      + ("OK" if c["ok"] else "DIFFERENT"))  # fmt: skip
@@ -442,6 +466,19 @@ def text(summary: dict[str, Any]) -> str:
             "\nErrors caught (inference went on): " + ", ".join(f"{k}: {v}" for k, v in summary["errors"].items())
         )
     return "\n".join(lines)
+
+
+def _bars(counts: list[float]) -> str:
+    """One character per bucket, its height the bucket's share of the largest."""
+    top = max(counts, default=0) or 1
+    return "".join(" ▁▂▃▄▅▆▇█"[round(8 * c / top)] if c else "·" for c in counts)
+
+
+def _peak(h: dict[str, Any]) -> str:
+    if not h["total"]:
+        return ""
+    i = max(range(len(h["counts"])), key=h["counts"].__getitem__)
+    return f"; most in ({h['edges'][i]:g}, {h['edges'][i + 1]:g}]: {h['counts'][i] / h['total']:.0%}"
 
 
 def _f(value: float | None, spec: str) -> str:

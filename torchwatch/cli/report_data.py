@@ -51,3 +51,5 @@ class LogData:
     skipped: list[str] = field(default_factory=list)  # log-like files that could not be read, and why
     baselines: dict[str, int] | None = None  # the rules' warm-up as of the latest record that says
     baselines_step: int = -1
+    # tag -> (edges, counts summed over the records): every histogram a monitor's value exports
+    histograms: dict[str, tuple[tuple[float, ...], list[float]]] = field(default_factory=dict)

@@ -4,12 +4,14 @@
 * :mod:`.inputs` (with :mod:`.ids`) — the root call's inputs; :mod:`.outputs` — output quality;
 * :mod:`.latency` — root-call latency and per-module timing;
 * :mod:`.drift` — embedding drift against a reference;
-* :mod:`.fingerprint` — the weights re-checked in memory.
+* :mod:`.fingerprint` — the weights re-checked in memory;
+* :mod:`.histograms` — per-module magnitude histograms (opt-in: ``monitors=[Histograms()]``).
 
 A monitor of your own subclasses :class:`Monitor` and is passed to
 ``tw.attach(model, monitors=[...])``; see :mod:`.base`.
 """
 
 from .base import Binding, Call, Collect, Monitor
+from .histograms import Histograms, MagnitudeHistograms
 
-__all__ = ["Binding", "Call", "Collect", "Monitor"]
+__all__ = ["Binding", "Call", "Collect", "Histograms", "MagnitudeHistograms", "Monitor"]
