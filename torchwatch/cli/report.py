@@ -440,7 +440,8 @@ def text(summary: dict[str, Any]) -> str:
     if summary.get("histograms"):
         lines.append("\nHistograms (summed over the log; one bar per bucket, lowest first):")
         for h in summary["histograms"][:40]:
-            lines.append(f"  {h['tag']:<40} {_bars(h['counts'])}  {h['total']:,.0f} values" + _peak(h))
+            span = f"({h['edges'][0]:g} .. {h['edges'][-1]:g}]"
+            lines.append(f"  {h['tag']:<40} {span} {_bars(h['counts'])}  {h['total']:,.0f} values" + _peak(h))
     for c in summary["comparisons"]:
         lines.append(f"\nComparison ({c['kind']}, {os.path.basename(c['file'])}): {c['calls']:,} calls compared, "
                      + ("OK" if c["ok"] else "DIFFERENT"))  # fmt: skip
@@ -471,7 +472,7 @@ def text(summary: dict[str, Any]) -> str:
 def _bars(counts: list[float]) -> str:
     """One character per bucket, its height the bucket's share of the largest."""
     top = max(counts, default=0) or 1
-    return "".join(" ▁▂▃▄▅▆▇█"[round(8 * c / top)] if c else "·" for c in counts)
+    return "".join("▁▂▃▄▅▆▇█"[max(round(8 * c / top) - 1, 0)] if c else "·" for c in counts)
 
 
 def _peak(h: dict[str, Any]) -> str:
