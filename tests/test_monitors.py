@@ -139,6 +139,7 @@ def test_a_failing_monitor_never_breaks_inference_and_is_counted():
         ([object()], "is not a monitor"),
         ([Broken(), Broken()], "share a name"),
         ([type("Latency", (tw.Monitor,), {"name": "latency"})()], "other than the built-in names"),
+        ([type("Old", (tw.Monitor,), {"name": "old", "publish": lambda self, v: v})()], "rename it view"),
         (Broken(), "must be a list"),
     ],
 )

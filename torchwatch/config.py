@@ -210,6 +210,12 @@ def _monitor_list(monitors: Iterable[Monitor]) -> tuple[Monitor, ...]:
                 f"monitors: {type(m).__name__}.name must be a non-empty string other than the built-in names "
                 f"{sorted(_RESERVED)}, got {m.name!r}"
             )
+        if callable(getattr(m, "publish", None)):
+            raise ConfigError(
+                f"monitors: {type(m).__name__} defines publish(value), the name of an earlier Monitor protocol: "
+                "rename it view(value); and let collect() return the window's value only (the watch now keeps "
+                "the totals since the reset with merge())"
+            )
     names = [m.name for m in items]
     if len(set(names)) != len(names):
         raise ConfigError(f"monitors: two monitors share a name ({names}); each needs its own")
