@@ -18,7 +18,12 @@ import torch
 
 import torchwatch as tw
 from torchwatch.cli import report
-from torchwatch.monitors.histograms import BOUNDS, BUCKETS, LOG2_EDGES, Histograms, MagnitudeHistograms
+from torchwatch.monitors.histograms import BUCKETS, LOG2_EDGES, Histograms, MagnitudeHistograms
+
+# The documented bucket bounds, written out here rather than imported: the oracle must not share
+# the code's constant (a bound off by one power in the code then fails every count below).
+BOUNDS = (0.0, 2**-24, 2**-22, 2**-20, 2**-18, 2**-16, 2**-14, 2**-12, 2**-10, 2**-8, 2**-6, 2**-4, 2**-2,
+          1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0)  # fmt: skip
 
 
 def _oracle(tensors: list[torch.Tensor]) -> tuple[int, ...]:
@@ -143,6 +148,7 @@ def test_report_shows_the_histograms(tmp_path):
     [
         ({"bounds": [0.0, 1.0], "counts": {}}, "bounds"),
         ({"bounds": list(BOUNDS), "counts": []}, "counts"),
+        ({"bounds": [2 * b for b in BOUNDS], "counts": {}}, "bounds"),
         ({"bounds": list(BOUNDS), "counts": {"0": [1] * (BUCKETS - 1)}}, "non-negative integers"),
         ({"bounds": list(BOUNDS), "counts": {"0": [-1] * BUCKETS}}, "non-negative integers"),
         ({"bounds": list(BOUNDS), "counts": {"0": [0.5] * BUCKETS}}, "non-negative integers"),
