@@ -13,8 +13,9 @@ versions compare bucket by bucket:
 Every floating-point tensor of a watched module's output is a position, named as the statistics
 name them (``fqn``, ``fqn[1]``, ``fqn.key``). Measured in sampled eager calls, on the output's own
 device (``bucketize`` and ``index_add_`` into a small int64 table: no host sync in the hook);
-not under ``torch.compile`` or CUDA-graph capture. Costs one extra pass over each output (an
-int64 index per element, freed at once): an opt-in for diagnosis, not the default.
+not under ``torch.compile`` or CUDA-graph capture. Not cheap: a binary search and an int64 index
+per element (freed at once), about 20 ns per element on one Zen 1 core, which tripled a CPU
+convnet's forward (``benchmarks/histograms_cost.py``): an opt-in for diagnosis on a few modules.
 
 Use it with ``tw.attach(model, monitors=[tw.monitors.Histograms()])``. The value,
 ``record.extra["histograms"]`` (:class:`MagnitudeHistograms`), shows in TensorBoard as real
