@@ -127,7 +127,7 @@ MUTATIONS = (
              "BOUNDS = (0.0, *(2.0**e for e in range(-24, 17, 2)))",
              "BOUNDS = (0.0, *(2.0**e for e in range(-23, 18, 2)))", ("tests/test_histograms.py",)),
     Mutation("histograms: NaN counted as the largest bucket", "torchwatch/monitors/histograms.py",
-             ".masked_fill_(a.reshape(-1).isnan(), BUCKETS)", ".masked_fill_(a.reshape(-1).isnan(), BUCKETS - 1)",
+             ".masked_fill_(flat.isnan(), BUCKETS)", ".masked_fill_(flat.isnan(), BUCKETS - 1)",
              ("tests/test_histograms.py",)),
     Mutation("prometheus: histogram buckets not cumulative", "torchwatch/monitors/histograms.py",
              "                running += n\n", "                running = n\n", ("tests/test_histograms.py",)),

@@ -147,7 +147,8 @@ class Histograms(Monitor):
             if bounds is None:
                 with state_mode():
                     bounds = self._bounds[(a.device, a.dtype)] = torch.tensor(BOUNDS, dtype=a.dtype, device=a.device)
-            index = torch.bucketize(a.reshape(-1), bounds).masked_fill_(a.reshape(-1).isnan(), BUCKETS)
+            flat = a.reshape(-1)
+            index = torch.bucketize(flat, bounds).masked_fill_(flat.isnan(), BUCKETS)
             with self._lock:
                 counts = self._counts.get(name)
                 if counts is None:
