@@ -43,7 +43,12 @@ class PrometheusSink(Sink):
     * ``torchwatch_errors_total{kind}`` — failures caught and anything not recorded, by the kinds
       of ``watch.errors``; ``torchwatch_flushes_merged_total`` — automatic flushes merged into
       later records because the writer was behind (nothing lost);
-    * ``torchwatch_last_flush_timestamp_seconds``.
+    * ``torchwatch_last_flush_timestamp_seconds``;
+    * whatever a monitor's value exports (:mod:`torchwatch.values`): the drift, latency, output and
+      input series above come that way, ``torchwatch_abs_histogram_total{module, le}`` from
+      ``tw.monitors.Histograms()``, and ``torchwatch_extra{monitor, key}`` gauges for the numbers of a
+      monitor that exports nothing of its own. Each such family keeps at most ``MAX_SERIES`` label
+      sets per model; samples beyond are dropped and counted in ``torchwatch_series_dropped_total{metric}``.
 
     Several sinks may share a registry (one per watched model, each with its own
     ``model_name``); :meth:`close` (on detach) removes the model's series, and the last sink of
