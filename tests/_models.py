@@ -91,3 +91,37 @@ class Tagger(nn.Module):
         if features is not None:
             h = h + features.mean()
         return {"logits": self.head(h)}
+
+
+# ---- real architectures built from configs (factories for `torchwatch replay --model _models:...`) ----
+
+
+def tiny_bert() -> nn.Module:
+    """A 2-layer BERT from transformers, built from its config (no download), eager attention."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=500, max_position_embeddings=256, attn_implementation="eager")  # fmt: skip
+    return transformers.BertModel(cfg).eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    """A 2-layer GPT-2 language model from transformers, built from its config."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=128,
+                                  attn_implementation="eager")  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def small_cnn() -> nn.Module:
+    """A torchvision-style convnet (conv-BN-ReLU blocks, pooling, a linear head), built from code."""
+    torch.manual_seed(0)
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    return nn.Sequential(block(3, 8), nn.MaxPool2d(2), block(8, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10)).eval()  # fmt: skip

@@ -19,6 +19,7 @@ EXPECTED = {
     "CircuitBreaker", "CircuitOpenError", "IncidentLog", "PrometheusSink", "rules",
     "IdStats", "InputMonitor", "InputStats", "OutputMonitor", "OutputQuality", "Comparison", "Shadow", "compare",
     "shadow", "write_key",
+    "Capture", "Incident", "ReplayReport",
 }  # fmt: skip
 
 

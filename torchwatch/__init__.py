@@ -13,6 +13,9 @@ from __future__ import annotations
 from . import rules
 from ._dist import DISTRIBUTION
 from .alerts import Alert, FirstNonFinite
+from .capture import Capture
+from .capture.incident import Incident
+from .capture.verdict import ReplayReport
 from .containment import CircuitBreaker
 from .errors import (
     CanaryError,
@@ -65,6 +68,7 @@ __all__ = [
     "Canary",
     "CanaryError",
     "CanaryReport",
+    "Capture",
     "CircuitBreaker",
     "CircuitOpenError",
     "Comparison",
@@ -75,6 +79,7 @@ __all__ = [
     "FirstNonFinite",
     "FormatError",
     "IdStats",
+    "Incident",
     "IncidentLog",
     "InputMonitor",
     "InputStats",
@@ -91,6 +96,7 @@ __all__ = [
     "PrometheusSink",
     "Record",
     "Reference",
+    "ReplayReport",
     "SelfTestReport",
     "Shadow",
     "Sink",

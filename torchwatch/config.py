@@ -15,6 +15,8 @@ from ._casts import normalize_cast_dtypes
 from ._select import select_modules
 from ._tensors import model_device
 from .alerts import Alert
+from .capture.monitor import CaptureMonitor
+from .capture.options import Capture
 from .errors import ConfigError
 from .monitors.activations import Activations
 from .monitors.base import Monitor
@@ -31,7 +33,7 @@ NONFINITE_POLICIES = ("ignore", "warn", "raise")
 SAMPLING_MODES = ("python", "device")
 # monitor names taken by the built-in monitors (attach(monitors=...) may not reuse them): the
 # record's monitor fields, and the monitors without one
-_RESERVED = frozenset({*MONITOR_FIELDS, Activations.name, FingerprintMonitor.name})
+_RESERVED = frozenset({*MONITOR_FIELDS, Activations.name, FingerprintMonitor.name, CaptureMonitor.name})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class WatchConfig:
     drift_modules: tuple[str, ...]
     drift_arl: float | None
     monitors: tuple[Monitor, ...]
+    capture: Capture | None
     device_path: bool  # measure CPU tensors the way accelerator ones are (_testing.device_path(), in tests)
 
     @classmethod
@@ -64,7 +67,7 @@ class WatchConfig:
         cls, model: nn.Module, *, modules: Any = None, every: Any = 1, sampling: Any = "python", sinks: Any = (),
         flush_every: Any = 100, cast_dtypes: Any = DEFAULT_CAST_DTYPES, on_nonfinite: Any = "warn",
         max_cohorts: Any = 16, drift: Any = None, drift_arl: Any = None, rules: Any = None, alert_policy: Any = None,
-        inputs: Any = True, outputs: Any = None, timing: Any = False, monitors: Any = (),
+        inputs: Any = True, outputs: Any = None, timing: Any = False, monitors: Any = (), capture: Any = None,
     ) -> WatchConfig:  # fmt: skip
         """Check every option (defaults: those of :func:`torchwatch.attach`); raises
         :class:`~torchwatch.ConfigError` naming the first bad one."""
@@ -97,6 +100,7 @@ class WatchConfig:
             drift_modules=tuple(drift_modules),
             drift_arl=drift_arl,
             monitors=_monitor_list(monitors),
+            capture=_validate.instance("attach()", "capture", capture, Capture, "a tw.Capture", optional=True),
             device_path=_testing.DEVICE_PATH.get(),
         )
 
@@ -122,6 +126,8 @@ class WatchConfig:
             out.append(Outputs(self.outputs, path=path))
         if self.drift is not None:
             out.append(Drift(self.drift, self.modules(model, self.drift_modules), device, self.drift_arl))
+        if self.capture is not None:
+            out.append(CaptureMonitor(self.capture, rules=list(self.rules), cast_dtypes=self.cast_dtypes))
         return out + list(self.monitors)
 
 

@@ -24,6 +24,9 @@ COMPARISON = "torchwatch.comparison/1"  # Comparison.save and the shadow log
 MANIFEST = "torchwatch.manifest/1"
 CANARY = "torchwatch.canary/1"
 REFERENCE = "torchwatch.reference/1"
+BUNDLE = "torchwatch.bundle/1"  # an incident bundle (capture): safetensors metadata
+CAPTURE = "torchwatch.capture/1"  # the index of a capture directory, one line per bundle
+REPLAY = "torchwatch.replay/1"  # a replay verdict, saved beside its bundle
 
 
 def json_safe(value: Any) -> Any:

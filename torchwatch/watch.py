@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _validate
 from .alerts import Alert
+from .capture.monitor import CaptureMonitor
 from .config import WatchConfig
 from .engine import registry
 from .engine.bus import AlertBus
@@ -69,6 +70,7 @@ class Watch:
         self._bus = AlertBus(config.on_nonfinite)
         monitors = config.build_monitors(model)
         self._outputs = next((m for m in monitors if isinstance(m, Outputs)), None)
+        self._capture = next((m for m in monitors if isinstance(m, CaptureMonitor)), None)
         self.engine = self._engine = Engine(
             model, monitors, modules=config.modules(model), every=config.every, sampling=config.sampling,
             flush_every=config.flush_every, max_cohorts=config.max_cohorts, rules=self.rules,
@@ -308,6 +310,34 @@ class Watch:
         self._engine.add_monitor(monitor, replace=FingerprintMonitor)
         return monitor
 
+    def capture(self, trace_id: str) -> bool:
+        """Capture the call labelled ``trace_id`` (``watch.context(trace_id=...)``) as an incident bundle.
+
+        A call among the ``Capture(keep=...)`` recent ones is written now; otherwise the next call
+        with that label is captured when it ends.
+
+        Returns:
+            True if a kept call was queued for writing, False if the next such call will be.
+
+        Raises:
+            ConfigError: the watch was attached without ``capture=tw.Capture(...)``.
+
+        Example:
+            >>> import tempfile, torch, torchwatch as tw
+            >>> model = torch.nn.Linear(2, 2)
+            >>> capture = tw.Capture(tempfile.mkdtemp(), inputs=True)
+            >>> with tw.attach(model, capture=capture) as watch:
+            ...     watch.capture("req-7")
+            ...     with watch.context(trace_id="req-7"):
+            ...         _ = model(torch.ones(1, 2))
+            False
+            >>> tw.Incident.load(tw.Incident.list(capture.directory)[0]).trace_id
+            'req-7'
+        """
+        if self._capture is None:
+            raise ConfigError("watch.capture() needs attach(model, capture=tw.Capture(directory, inputs=True))")
+        return self._capture.capture(str(trace_id))
+
     def publish(self, alert: Alert, *, trip: bool = False) -> None:
         """Raise an alert of your own through this watch (a custom monitor, a serving check).
 
@@ -360,6 +390,7 @@ def attach(
     outputs: Any = None,
     timing: bool = False,
     monitors: Iterable[Monitor] = (),
+    capture: Any = None,
 ) -> Watch:
     """Start measuring the outputs of ``model``'s modules on every ``every``-th call.
 
@@ -419,6 +450,9 @@ def attach(
         monitors: monitors of your own (:class:`torchwatch.monitors.Monitor` subclasses), each
             with a distinct ``name``; their values are in ``snapshot().extra[name]`` and
             ``record.extra[name]``.
+        capture: a :class:`~torchwatch.Capture`: write an incident bundle (statistics of the call,
+            and its inputs and outputs if asked) for the call behind a tripping alert or a named
+            rule, for ``torchwatch replay`` (docs/incidents.md). Off by default.
 
     Returns:
         The :class:`Watch`, also a context manager that detaches on exit.
@@ -440,7 +474,7 @@ def attach(
         model, modules=modules, every=every, sampling=sampling, sinks=sinks, flush_every=flush_every,
         cast_dtypes=cast_dtypes, on_nonfinite=on_nonfinite, max_cohorts=max_cohorts, drift=drift,
         drift_arl=drift_arl, rules=rules, alert_policy=alert_policy, inputs=inputs, outputs=outputs, timing=timing,
-        monitors=monitors,
+        monitors=monitors, capture=capture,
     )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
-"""The ``torchwatch`` command line: ``demo`` (:mod:`.demo`), ``report`` (:mod:`.report`), and
-``manifest``, ``verify``, ``canary``, ``keygen`` (:mod:`.integrity`).
+"""The ``torchwatch`` command line: ``demo`` (:mod:`.demo`), ``report`` (:mod:`.report`),
+``manifest``, ``verify``, ``canary``, ``keygen`` (:mod:`.integrity`) and ``replay`` (:mod:`.replay`).
 
 Exit codes: 0 ok, 1 a check failed (weights or canary outputs differ, or the demo did not
 catch its failure), 2 bad usage or unreadable input.
@@ -19,6 +19,7 @@ from ..errors import TorchwatchError
 from . import report, report_html
 from .demo import MIN_REQUESTS, run
 from .integrity import add_commands
+from .replay import add_command as add_replay
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -96,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--top", type=_positive, default=5, help="modules listed per cast dtype (default 5)")
     rep.set_defaults(handler=_report)
     add_commands(sub)
+    add_replay(sub)
     return p
 
 

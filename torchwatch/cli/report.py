@@ -23,7 +23,7 @@ from ..errors import FormatError
 from ..records import Record, Warmup
 from ..shadow import Comparison
 from ..sinks.incidents import IncidentLog
-from . import report_tensorboard
+from . import report_captures, report_tensorboard
 from .report_data import LogData, ModuleSeries
 
 STATS_FORMAT = formats.STATS
@@ -31,10 +31,10 @@ INCIDENT_FORMAT = formats.INCIDENT
 COMPARISON_FORMAT = formats.COMPARISON
 
 
-def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[str], list[str], list[str], list[str]]:
     """The log files under ``logdir`` by kind, and the run markers; what cannot be read (dangling
     links, FIFOs, devices, unreadable files) is listed in ``skipped`` and never opened for reading."""
-    stats, incidents, events, comparisons, markers = [], [], [], [], []
+    stats, incidents, events, comparisons, markers, captures = [], [], [], [], [], []
     for root, _, files in os.walk(logdir):
         for f in sorted(files):
             is_events = f.startswith("events.out.tfevents")
@@ -66,7 +66,9 @@ def _walk(logdir: str, skipped: list[str]) -> tuple[list[str], list[str], list[s
                 incidents.append(path)
             elif COMPARISON_FORMAT.encode() in head:
                 comparisons.append(path)
-    return stats, incidents, events, comparisons, markers
+            elif formats.CAPTURE.encode() in head:
+                captures.append(path)
+    return stats, incidents, events, comparisons, markers, captures
 
 
 RUN_MARKER = formats.RUN_MARKER  # written by each demo run into its own directory
@@ -106,11 +108,12 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
     if not os.path.isdir(logdir):
         raise FormatError(f"log directory {shown(logdir)} does not exist")
     data = LogData(logdir)
-    stats, incidents, events, comparisons, markers = _walk(logdir, data.skipped)
-    if not (stats or incidents or events or comparisons):
+    stats, incidents, events, comparisons, markers, captures = _walk(logdir, data.skipped)
+    if not (stats or incidents or events or comparisons or captures):
         why = f"; skipped {'; '.join(data.skipped[:3])}" if data.skipped else ""
         raise FormatError(
-            f"{shown(logdir)} holds no torchwatch log (statistics *.jsonl, incident *.jsonl or TensorBoard events){why}"
+            f"{shown(logdir)} holds no torchwatch log (statistics *.jsonl, incident *.jsonl, captures.jsonl or "
+            f"TensorBoard events){why}"
         )
     for path in stats:
         _read_stats(path, data)
@@ -138,6 +141,10 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
         data.sources.append(path)
         c = Comparison.load(path)
         data.comparisons.append({"file": path, **c.to_dict()})
+    for path in captures:
+        data.sources.append(path)
+        data.captures += report_captures.read(path, data.skipped)
+    data.captures.sort(key=lambda c: c.get("time") or 0)
     for path in markers:
         data.phases += _phases(path, data.skipped)
     data.phases.sort(key=lambda p: (p["time"] or 0, p["call"] or 0))
@@ -277,7 +284,11 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
         })  # fmt: skip
     comparisons = list(data.comparisons)
     problems = bool(
-        nonfinite or any(d["alarms"] for d in drift) or data.alerts or any(not c["ok"] for c in comparisons)
+        nonfinite
+        or any(d["alarms"] for d in drift)
+        or data.alerts
+        or any(not c["ok"] for c in comparisons)
+        or data.captures
     )
     return {
         "outputs": _output_summary(data.outputs), "latency": _latency_summary(data.latency),
@@ -286,7 +297,7 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
         "calls": data.calls, "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
         "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
         "phases": data.phases, "charted_only": data.charted_only, "problems": problems,
-        "baselines": data.baselines,
+        "baselines": data.baselines, "captures": data.captures,
         "histograms": [{"tag": tag, "edges": list(edges), "counts": counts, "total": sum(counts)}
                        for tag, (edges, counts) in data.histograms.items()],
     }  # fmt: skip
@@ -455,6 +466,7 @@ def text(summary: dict[str, Any]) -> str:
         for m in c["modules"][:5]:
             lines.append(f"  module {m['name'] or '<root>'} {m['stat']}: {_f(m['a'], '.4g')} -> {_f(m['b'], '.4g')}")
         lines += [f"  ! {f}" for f in c["failures"]]
+    lines += report_captures.text_lines(summary.get("captures", []))
     lines.append(f"\nAlerts ({len(summary['alerts'])}):" if summary["alerts"] else "\nAlerts: none")
     for a in summary["alerts"][:40]:
         lines.append(

@@ -53,3 +53,4 @@ class LogData:
     baselines_step: int = -1
     # tag -> (edges, counts summed over the records): every histogram a monitor's value exports
     histograms: dict[str, tuple[tuple[float, ...], list[float]]] = field(default_factory=dict)
+    captures: list[dict[str, Any]] = field(default_factory=list)  # capture indexes' bundles, with replay verdicts

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import report_captures
 from .report import LogData, text
 
 WIDTH = 1100  # px: fits a 1280 px window with the page margins
@@ -228,6 +229,7 @@ def verdict(summary: dict[str, Any]) -> str:
         findings.append(
             "alerts: " + ", ".join(f"{rule} {n}" for rule, n in sorted(rules.items(), key=lambda kv: -kv[1]))
         )
+    findings += report_captures.findings(summary.get("captures", []))
     for c in summary["comparisons"]:
         if not c["ok"]:
             findings.append(f"comparison {c.get('kind', '')} failed: " + "; ".join(c.get("failures", [])[:2]))
@@ -272,11 +274,13 @@ def html_page(summary: dict[str, Any], data: LogData) -> str:
         ".verdict{background:#fbfbfb;padding:.2em 1em;margin-bottom:1em}.verdict h2{margin:.4em 0}"
         "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap;overflow-wrap:anywhere}"
         "figure{margin:.8em 0}figcaption{font-size:13px;color:#333}svg{max-width:100%;height:auto}"
-        ".legend{font-size:12px}</style></head><body>"
+        ".legend{font-size:12px}.captures td,.captures th{padding:2px 8px;text-align:left;font-size:13px}"
+        "</style></head><body>"
         f"<h1>torchwatch report</h1>{verdict(summary)}"
         f"<p class='legend'>Vertical lines are alerts (hover for the message): {legend or 'none'}"
         f"{'; dashed grey lines: where each phase began (named over the heat strip)' if axis.has_phases else ''}. "
         "Every chart shares the time axis: steps (root calls), wall time after the dot.</p>"
         + "".join(c for c in charts if c)
+        + report_captures.table(summary.get("captures", []))
         + f"<h2>Full report</h2><pre>{html.escape(text(summary))}</pre></body></html>\n"
     )

@@ -39,6 +39,13 @@ class AlertBus:
         self.trips_cleared = 0
         self.last_trip: Alert | None = None
         self._tripping: set[Alert] = set()  # tripping alerts not yet in a record: no policy holds them back
+        self._listeners: tuple[Callable[[Alert, bool], None], ...] = ()
+
+    def listen(self, listener: Callable[[Alert, bool], None]) -> None:
+        """Call ``listener(alert, trip)`` for every alert published from now on (on the publishing
+        thread, before it is kept or notified; ``"nonfinite"`` ones under ``on_nonfinite="ignore"``
+        too). It must be quick and must not publish; its exceptions are counted, never raised."""
+        self._listeners = (*self._listeners, listener)
 
     # ---- alerts ------------------------------------------------------------------------------
 
@@ -57,6 +64,12 @@ class AlertBus:
         """
         if trip:
             self.trip(alert)
+        for listener in self._listeners:
+            try:
+                listener(alert, trip)
+            except Exception as exc:  # noqa: BLE001 - a listener never stops an alert
+                self.count("alert listener")
+                self.warn_once("listener", f"an alert listener raised {exc!r}; counted in watch.errors")
         nonfinite = alert.rule == "nonfinite"
         if nonfinite and self.on_nonfinite == "ignore":
             return False

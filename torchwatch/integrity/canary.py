@@ -26,11 +26,9 @@ Integer and bool outputs are compared exactly in every mode; NaN must be where i
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from typing import Any
 import torch
 
 from .. import _safetensors, _validate, formats
+from .._environment import device_name
 from .._files import atomic_write, parse_json, shown
 from .._pytree import call_batch, flatten_outputs, is_logits
 from ..errors import CanaryError, ConfigError, FormatError
@@ -184,24 +183,12 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 # ---- environment ----------------------------------------------------------------------------
 
 
-@functools.cache
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment(device: torch.device) -> dict[str, str]:
+    name = device_name(device)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
         tf32 = f"{torch.backends.cuda.matmul.allow_tf32},{torch.backends.cudnn.allow_tf32}"
     else:
-        name, tf32 = _cpu_name(), "n/a"
+        tf32 = "n/a"
     return {
         "device": device.type,
         "device_name": name,

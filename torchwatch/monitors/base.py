@@ -71,10 +71,23 @@ class Call:
         events: host NaN/Inf measurements ``(seq, name, nan, +inf, -inf)``.
         device: device measurements ``(seq, name, table, slot)``, resolved at the flush.
         pending: small device outputs held for the call's grouped launch.
+        detail: None, or a list the activation hooks also append each host measurement of this
+            call to, as ``(name, raw)`` (a capture asks for it: the statistics of one call).
         raise_alert: an alert to raise from the call (``on_nonfinite="raise"``).
     """
 
-    __slots__ = ("cohort", "device", "events", "index", "pending", "raise_alert", "sampled", "seq", "trace_id")
+    __slots__ = (
+        "cohort",
+        "detail",
+        "device",
+        "events",
+        "index",
+        "pending",
+        "raise_alert",
+        "sampled",
+        "seq",
+        "trace_id",
+    )
 
     def __init__(self, index: int, cohort: str | None, trace_id: str | None, *, sampled: bool = True) -> None:
         self.index = index
@@ -85,6 +98,7 @@ class Call:
         self.events: list[tuple[int, str, int, int, int]] = []
         self.device: list[tuple[int, str, Any, int]] = []
         self.pending: Any = None
+        self.detail: list[tuple[str, Any]] | None = None
         self.raise_alert: Alert | None = None
 
 

@@ -149,7 +149,7 @@ class Activations(Monitor):
 
         def torchwatch_hook(module: nn.Module, args: Any, output: Any) -> None:
             call = getattr(local, "call", None)
-            if type(output) is not plain or call is None or graph_mode.cuda or compiling():
+            if type(output) is not plain or call is None or graph_mode.cuda or compiling() or call.detail is not None:
                 on_output(fqn, output)
                 return
             if not call.sampled:
@@ -229,14 +229,19 @@ class Activations(Monitor):
             host = x.numel() == 0  # nothing to launch for
         if host:
             kernel = self._cpu_kernel.get(x.dtype)
-            if kernel is not None and x.is_cpu and x.is_contiguous():
+            if kernel is not None and x.is_cpu and x.is_contiguous() and call.detail is None:
                 nonfinite = self.window.measure((call.cohort, name), len(plan.names), x.data_ptr(), x.numel(), kernel)
                 if nonfinite is False:
                     self._table_full(name)
                 elif nonfinite:
                     call.events.append((seq, name, *nonfinite))
                 return
-            raw = host_stats(x, plan)
+            if kernel is not None and x.is_cpu and x.is_contiguous():  # a call whose own statistics are kept
+                raw = cpu_kernel.tensor_stats(x.data_ptr(), x.numel(), *kernel)
+            else:
+                raw = host_stats(x, plan)
+            if call.detail is not None:
+                call.detail.append((name, raw))
             if not self.window.add((call.cohort, name), len(plan.names), raw):
                 self._table_full(name)
                 return

@@ -1,0 +1,292 @@
+"""The serving side of a capture: which call faulted, and a copy of what it was given.
+
+On CPU a call is judged when it ends (its hooks ran on the host): NaN/Inf anywhere in it, or a
+per-call :class:`~torchwatch.rules.CastRange` limit broken, and only then are its arguments
+(referenced during the call, never copied before) and outputs copied for the writer. The
+statistics of that very call come from the activation hooks, which measure a call for
+which ``call.detail`` is a list into it as well as into the window.
+
+Calls with accelerator tensors cannot be judged without waiting for the device, so the last
+``keep`` sampled calls are kept in a ring (their tensors copied on the device, asynchronously),
+and alerts decided later — at a flush, on the worker thread, or by a user's
+:meth:`~torchwatch.Watch.capture` — pick their call from it.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import weakref
+from typing import Any
+
+import torch
+
+from .._accumulators import stats_from_raw
+from .._environment import numerics
+from .._tensors import model_device
+from ..alerts import Alert, nonfinite_alert
+from ..monitors.base import Binding, Call, Collect, Monitor
+from ..rules.interval import Interval
+from ..rules.limits import CastRange
+from ..stats import ModuleStats, merge_all
+from .options import Capture
+from .writer import MISSED, OVER_LIMIT, Pending, Writer
+
+AUTO_KEEP_DEVICE = 4  # Capture(keep=None): calls kept when their tensors are on an accelerator
+MANUAL = "capture"  # the rule of a bundle asked for with Watch.capture(trace_id)
+JUDGED = 256  # host-judged call indices remembered (their flush-time alerts are not captured twice)
+
+
+class Kept:
+    """One recent call: labels, copies of its arguments and outputs, its numerics settings."""
+
+    __slots__ = ("args", "call", "cohort", "dropped", "environment", "kwargs", "outputs", "stats", "time", "trace_id")
+
+    def __init__(self, call: Call, environment: dict[str, Any]) -> None:
+        self.call = call.index
+        self.trace_id = call.trace_id
+        self.cohort = call.cohort
+        self.time = time.time()
+        self.environment = environment
+        self.args: tuple[Any, ...] | None = None
+        self.kwargs: dict[str, Any] | None = None
+        self.outputs: Any = None
+        self.stats: dict[str, ModuleStats] | None = None
+        self.dropped: str | None = None
+
+
+class CaptureMonitor(Monitor):
+    """Decides which calls to capture and hands them to the :class:`~.writer.Writer`
+    (built by ``attach(capture=tw.Capture(...))``)."""
+
+    name = "capture"
+    call_order = -1  # first: asks the activation hooks for per-call detail before any measures
+
+    def __init__(self, options: Capture, *, rules: list[Any], cast_dtypes: tuple[str, ...]) -> None:
+        self.options = options
+        self.cast_dtypes = cast_dtypes
+        # the fixed cast limits that can be judged on one call (stateless), if they trigger captures
+        self._limits = [r for r in rules if isinstance(r, CastRange) and options.wants(r.name, r.trips)]
+        self._per_call_rules = {"nonfinite", *(r.name for r in self._limits)}
+        self._ring: collections.deque[Kept] = collections.deque(maxlen=max(options.keep or 0, AUTO_KEEP_DEVICE))
+        self._ring_lock = threading.Lock()
+        self._judged: collections.deque[int] = collections.deque(maxlen=JUDGED)
+        self._captured: collections.deque[int] = collections.deque(maxlen=JUDGED)
+        self._armed: set[str] = set()
+        self._deferred: list[Alert] = []
+        self._interval: dict[str, ModuleStats] | None = None
+        self._tl = threading.local()  # the call in progress on this thread: (index, args, kwargs)
+        self._missed = 0
+
+    def bind(self, binding: Binding) -> None:
+        self._bus = binding.bus
+        model = binding.model
+        self._device = model_device(model) if model is not None else torch.device("cpu")
+        ref = weakref.ref(model) if model is not None else lambda: None
+        names = [name for name, _ in binding.modules]
+        self.writer = Writer(self.options, ref, names, binding.bus.count, binding.bus.warn_once)
+        binding.bus.listen(self._on_alert)
+
+    # ---- serving thread ----------------------------------------------------------------------
+
+    def before_call(self, call: Call, args: Any, kwargs: dict[str, Any]) -> None:
+        self._tl.current = (args, kwargs)
+        call.detail = []  # the activation hooks also keep this call's own measurements
+        keep = self.options.keep
+        if keep is None:
+            keep = AUTO_KEEP_DEVICE if self._device.type != "cpu" or _on_device((args, kwargs)) else 0
+        if keep:
+            kept = Kept(call, numerics(self._device))
+            if self.options.inputs:
+                self._copy_into(kept, args, kwargs)
+            with self._ring_lock:
+                while len(self._ring) >= keep:
+                    self._ring.popleft()
+                self._ring.append(kept)
+            self._tl.kept = kept
+        else:
+            self._tl.kept = None
+
+    def after_call(self, call: Call, output: Any) -> None:
+        args, kwargs = getattr(self._tl, "current", ((), {}))
+        kept, self._tl.current, self._tl.kept = getattr(self._tl, "kept", None), None, None
+        host = not call.device  # every measurement of the call is on the host: judged now
+        stats = _call_stats(call.detail, self.cast_dtypes) if host and call.detail is not None else None
+        if kept is not None and kept.call == call.index:
+            kept.stats = stats
+            if self.options.inputs and kept.dropped is None:
+                kept.outputs = _copy(output)
+        if not host:
+            return
+        self._judged.append(call.index)
+        triggers = self._triggers(call, stats or {})
+        if not triggers:
+            return
+        self._captured.append(call.index)
+        job = Pending(triggers[0], triggers, call.index, call.trace_id, call.cohort, time.time(), True,
+                      numerics(self._device), stats=stats, stats_scope="call",
+                      nonfinite=list(call.events))  # fmt: skip
+        if self.options.inputs:
+            size = _nbytes((args, kwargs, output))
+            if size > self.options.max_bundle_bytes:
+                job.dropped = f"the call's tensors ({size:,} bytes) are over max_bundle_bytes"
+                self.writer.lost(OVER_LIMIT, f"call {call.index}: {job.dropped}; its bundle keeps the statistics only")
+            else:
+                job.args, job.kwargs, job.outputs = _copy(tuple(args)), _copy(dict(kwargs)), _copy(output)
+        self.writer.submit(job)
+
+    def _triggers(self, call: Call, stats: dict[str, ModuleStats]) -> list[Alert]:
+        """The alerts this call raises that trigger a capture (judged on the host, at its end)."""
+        out = []
+        if call.events and self.options.wants("nonfinite", True):
+            events = sorted(call.events)
+            _, origin, nan, posinf, neginf = events[0]
+            names = list(dict.fromkeys(name for _, name, *_ in events))
+            out.append(nonfinite_alert(origin, (nan, posinf, neginf), spread=len(names) - 1, call=call.index,
+                                       cohort=call.cohort, trace_id=call.trace_id))  # fmt: skip
+        if self._limits and stats:
+            interval = Interval(call.index + 1, time.time(), call.cohort, stats)
+            for rule in self._limits:
+                out += [a for a in rule.evaluate(interval) if a.module in stats][:1]
+        if call.trace_id is not None and call.trace_id in self._armed:
+            self._armed.discard(call.trace_id)
+            out.append(_manual(call.index, call.trace_id, call.cohort))
+        for alert in out:
+            if alert.trace_id is None and call.trace_id is not None:
+                out[out.index(alert)] = Alert(**{**alert.to_dict(), "trace_id": call.trace_id})
+        return out
+
+    def _copy_into(self, kept: Kept, args: Any, kwargs: dict[str, Any]) -> None:
+        size = _nbytes((args, kwargs))
+        if size > self.options.max_bundle_bytes:
+            kept.dropped = f"the call's inputs ({size:,} bytes) are over max_bundle_bytes"
+            return
+        kept.args, kept.kwargs = _copy(tuple(args)), _copy(dict(kwargs))
+
+    # ---- alerts decided later ----------------------------------------------------------------
+
+    def _on_alert(self, alert: Alert, trip: bool) -> None:
+        """The alert bus's listener (any thread): alerts decided after their call ended."""
+        if not self.options.wants(alert.rule, trip) or alert.call in self._captured:
+            return
+        if alert.rule in self._per_call_rules and (alert.call in self._judged or (alert.call < 0 and self._judged)):
+            return  # judged when its call ended
+        if alert.rule == "nonfinite":  # the device's NaN/Inf, found while the flush collects
+            with self._ring_lock:
+                self._deferred.append(alert)
+            return
+        self._from_ring(alert, self._interval)
+
+    def _from_ring(self, alert: Alert, interval: dict[str, ModuleStats] | None) -> bool:
+        exact = alert.rule in ("nonfinite", MANUAL)
+        with self._ring_lock:
+            if alert.rule == MANUAL:
+                found = [k for k in self._ring if k.trace_id == alert.trace_id]
+            elif exact:
+                found = [k for k in self._ring if k.call == alert.call]
+            else:  # an interval's alert: the latest call kept before it was decided
+                found = [k for k in self._ring if alert.call < 0 or k.call <= alert.call]
+        if not found:
+            self._missed += 1
+            self._bus.warn_once(
+                "capture:missed", f"capture: {alert.rule!r} on {alert.module!r} (call {alert.call}) fired after its "
+                "call's inputs were gone; raise Capture(keep=...) to keep more recent calls. Counted in "
+                f'watch.errors["{MISSED}"]',
+            )  # fmt: skip
+            return False
+        kept = found[-1]
+        self._captured.append(kept.call)
+        stats, scope = (kept.stats, "call") if kept.stats is not None else (interval, "interval" if interval else None)
+        job = Pending(alert, [alert], kept.call, kept.trace_id, kept.cohort, kept.time, exact, kept.environment,
+                      args=kept.args, kwargs=kept.kwargs, outputs=kept.outputs, stats=stats, stats_scope=scope,
+                      dropped=kept.dropped)  # fmt: skip
+        self.writer.submit(job)
+        return True
+
+    def capture(self, trace_id: str) -> bool:
+        """Capture the call labelled ``trace_id``: a kept recent call now (True), else the next
+        call with that label when it ends (False)."""
+        alert = _manual(-1, trace_id, None)
+        with self._ring_lock:
+            kept = any(k.trace_id == trace_id for k in self._ring)
+        if kept:
+            return self._from_ring(alert, self._interval)
+        self._armed.add(trace_id)
+        return False
+
+    # ---- flushes -----------------------------------------------------------------------------
+
+    def collect(self, taken: Any, ctx: Collect) -> None:
+        if not ctx.fold:
+            return
+        if ctx.stats:
+            self._interval = {name: merge_all(s for (_, n), s in ctx.stats if n == name)
+                              for name in dict.fromkeys(n for (_, n), _ in ctx.stats)}  # fmt: skip
+        with self._ring_lock:
+            deferred, self._deferred = self._deferred, []
+        for alert in deferred:
+            if alert.call not in self._captured:
+                self._from_ring(alert, self._interval)
+
+    def take(self, *, keep: bool) -> Any:
+        return None
+
+    def lost(self) -> dict[str, int]:
+        return {MISSED: self._missed}
+
+    def close(self, timeout: float) -> None:
+        self.writer.wait(timeout)
+
+
+def _manual(call: int, trace_id: str, cohort: str | None) -> Alert:
+    return Alert(MANUAL, "", "", float("nan"), float("nan"), call, time.time(), cohort, trace_id,
+                 f"capture of trace id {trace_id!r} asked for with watch.capture()")  # fmt: skip
+
+
+def _call_stats(detail: list[tuple[str, Any]], cast_dtypes: tuple[str, ...]) -> dict[str, ModuleStats]:
+    """Per position, the statistics of one call's own measurements (in execution order)."""
+    out: dict[str, ModuleStats] = {}
+    for name, raw in detail:
+        s = stats_from_raw(1, raw, cast_dtypes)
+        out[name] = out[name].merge(s) if name in out else s
+    return out
+
+
+def tensors_of(tree: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors in an argument or output tree (containers, mappings, dataclasses; 8 levels deep)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if depth > 8:
+        return []
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in tensors_of(v, depth + 1)]
+    if isinstance(tree, (tuple, list)):
+        return [t for v in tree for t in tensors_of(v, depth + 1)]
+    if hasattr(tree, "__dataclass_fields__"):
+        return [t for k in tree.__dataclass_fields__ for t in tensors_of(getattr(tree, k, None), depth + 1)]
+    return []
+
+
+def _on_device(tree: Any) -> bool:
+    return any(t.device.type != "cpu" for t in tensors_of(tree))
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors_of(tree) if t.layout is torch.strided)
+
+
+def _copy(tree: Any, depth: int = 0) -> Any:
+    """``tree`` with its tensors copied (on their device: asynchronous on accelerators); mappings
+    become dicts (a Hugging Face ``ModelOutput`` too), other leaves are kept as they are."""
+    if isinstance(tree, torch.Tensor):
+        with torch.no_grad():
+            return tree.detach().clone() if tree.layout is torch.strided and not tree.is_meta else tree
+    if depth > 32:
+        return tree
+    if isinstance(tree, dict) or (hasattr(tree, "keys") and hasattr(tree, "items")):
+        return {k: _copy(v, depth + 1) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)) and not hasattr(type(tree), "_fields"):
+        return type(tree)(_copy(v, depth + 1) for v in tree) if type(tree) in (tuple, list) else tuple(
+            _copy(v, depth + 1) for v in tree)  # fmt: skip
+    return tree
