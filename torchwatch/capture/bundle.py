@@ -26,6 +26,7 @@ import torch
 from .. import _safetensors, formats
 from .._files import atomic_write, atomic_write_text, parse_json, shown
 from .._schema import Fields
+from ..alerts import Alert
 from ..errors import FormatError
 from ..stats import ModuleStats
 
@@ -203,9 +204,9 @@ def read(path: str | os.PathLike[str]) -> Bundle:
     f.str("format")
     f.int("call")
     f.float("time")
-    trigger = f.obj("trigger")
-    trigger.str("rule")
-    trigger.str("module")
+    if not isinstance(meta.get("trigger"), dict):
+        raise FormatError(f"{where} metadata: field 'trigger' must be the alert's object")
+    Alert.from_dict(meta["trigger"], f"{where} metadata, trigger")
     args = kwargs = outputs = None
     inputs = f.get("inputs")
     if inputs is not None:

@@ -28,6 +28,18 @@ class Incident:
             ``meta["stats_scope"]``), or None.
         environment: the settings that decided its numerics (versions, device, threads, TF32, autocast).
         meta: the whole JSON story of the bundle.
+
+    Example:
+        >>> import math, tempfile, torch, torchwatch as tw
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+        >>> capture = tw.Capture(tempfile.mkdtemp(), inputs=True)
+        >>> with tw.attach(model, capture=capture, on_nonfinite="ignore"):
+        ...     _ = model(torch.tensor([[1.0, math.inf]]))
+        >>> incident = tw.Incident.load(tw.Incident.list(capture.directory)[0])
+        >>> incident.trigger.module, incident.stats["<input>"].posinf, incident.meta["stats_scope"]
+        ('<input>', 1, 'call')
+        >>> incident.replay(model).culprit
+        'data'
     """
 
     def __init__(self, data: bundle.Bundle) -> None:

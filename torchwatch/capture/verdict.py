@@ -46,6 +46,7 @@ from ..watch import attach
 from .monitor import tensors_of
 
 LOW = (torch.float16, torch.bfloat16)
+AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CULPRITS = ("data", "weights", "precision", "model", "hardware", "none")
 
 
@@ -73,6 +74,18 @@ class ReplayReport:
         live_origin, replay_origin: where NaN/Inf started in the capture and in the replay.
         rows: ``(position, live statistics or None, replay statistics)`` in execution order.
         notes: other findings (sandbox weights against the manifest, settings that could not be set).
+
+    Example:
+        >>> import tempfile, torch, torchwatch as tw
+        >>> model = torch.nn.Linear(2, 2)
+        >>> capture = tw.Capture(tempfile.mkdtemp(), inputs=True)
+        >>> with tw.attach(model, capture=capture) as watch:
+        ...     _ = watch.capture("req-1")
+        ...     with watch.context(trace_id="req-1"):
+        ...         _ = model(torch.ones(1, 2))
+        >>> report = tw.Incident.load(tw.Incident.list(capture.directory)[0]).replay(model)
+        >>> report.culprit, report.bitwise, report.found
+        ('none', True, False)
     """
 
     culprit: str
@@ -141,7 +154,7 @@ def settings(environment: dict[str, Any], device: torch.device, *, full_precisio
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         want = environment.get("threads")
-        if device.type == "cpu" and isinstance(want, int) and want > 0 and want != threads:
+        if device.type == "cpu" and isinstance(want, int) and 0 < want <= 4096 and want != threads:
             torch.set_num_threads(want)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = bool(environment.get("tf32_matmul")) and not full_precision
@@ -149,9 +162,11 @@ def settings(environment: dict[str, Any], device: torch.device, *, full_precisio
         captured = environment.get("device")
         if isinstance(captured, str) and captured != device.type:
             notes.append(f"captured on {captured}, replayed on {device.type}: bitwise equality is not expected")
-        autocast = environment.get("autocast")
-        if autocast and not full_precision:
-            with torch.autocast(device.type, dtype=getattr(torch, str(autocast), torch.float16)):
+        autocast = AUTOCAST.get(environment.get("autocast"))  # type: ignore[arg-type]
+        if environment.get("autocast") and autocast is None:
+            notes.append(f"the captured autocast dtype {environment.get('autocast')!r} is not one this replay sets")
+        if autocast is not None and not full_precision:
+            with torch.autocast(device.type, dtype=autocast):
                 yield notes
         else:
             yield notes
@@ -191,8 +206,9 @@ def weight_changes(live: Any, model: torch.nn.Module) -> list[tuple[str, int, in
     if not isinstance(live, dict) or not isinstance(live.get("tensors"), dict):
         return []
     chunk_bytes = live.get("chunk_bytes")
-    if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise FormatError("the bundle's weight fingerprint has no valid chunk_bytes")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not 8 <= chunk_bytes <= 1 << 40 \
+            or chunk_bytes % 8:  # fmt: skip
+        raise FormatError(f"the bundle's weight fingerprint has chunk_bytes {chunk_bytes!r}, not a multiple of 8 bytes")
     here = fingerprint(model, chunk_bytes=chunk_bytes).to_dict()["tensors"]
     out = []
     for name in sorted(set(live["tensors"]) | set(here)):
@@ -296,7 +312,8 @@ def judge(incident: Any, model: torch.nn.Module, manifest: Any) -> ReplayReport:
             f"the alert was on input {trigger.module!r} ({trigger.message}): the data changed before the model",
             trigger.module,
         )
-    changes = weight_changes(incident.meta.get("weights", {}).get("fingerprint"), model)
+    weights = incident.meta.get("weights")
+    changes = weight_changes(weights.get("fingerprint") if isinstance(weights, dict) else None, model)
     if changes and not reproduced:
         name, start, end = changes[0]
         where_in = f" (bytes {start:,}-{end:,})" if start >= 0 else " (missing or reshaped on one side)"
