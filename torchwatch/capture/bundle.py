@@ -203,7 +203,7 @@ def read(path: str | os.PathLike[str]) -> Bundle:
     f = Fields(meta, f"{where} metadata")
     f.str("format")
     f.int("call")
-    f.float("time")
+    f.number("time")
     if not isinstance(meta.get("trigger"), dict):
         raise FormatError(f"{where} metadata: field 'trigger' must be the alert's object")
     Alert.from_dict(meta["trigger"], f"{where} metadata, trigger")

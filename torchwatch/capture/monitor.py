@@ -36,12 +36,13 @@ from .writer import MISSED, OVER_LIMIT, Pending, Writer
 AUTO_KEEP_DEVICE = 4  # Capture(keep=None): calls kept when their tensors are on an accelerator
 MANUAL = "capture"  # the rule of a bundle asked for with Watch.capture(trace_id)
 JUDGED = 256  # host-judged call indices remembered (their flush-time alerts are not captured twice)
+RAW_UNDER, RAW_OVER = 10, 11  # a raw measurement's per-cast-dtype counts (torchwatch._accumulators.Raw)
 
 
 class Kept:
     """One recent call: labels, copies of its arguments and outputs, its numerics settings."""
 
-    __slots__ = ("args", "call", "cohort", "dropped", "environment", "kwargs", "outputs", "stats", "time", "trace_id")
+    __slots__ = ("args", "call", "cohort", "detail", "dropped", "environment", "kwargs", "outputs", "time", "trace_id")
 
     def __init__(self, call: Call, environment: dict[str, Any]) -> None:
         self.call = call.index
@@ -52,7 +53,7 @@ class Kept:
         self.args: tuple[Any, ...] | None = None
         self.kwargs: dict[str, Any] | None = None
         self.outputs: Any = None
-        self.stats: dict[str, ModuleStats] | None = None
+        self.detail: list[tuple[str, Any]] | None = None  # the call's own measurements (host calls)
         self.dropped: str | None = None
 
 
@@ -112,15 +113,15 @@ class CaptureMonitor(Monitor):
         args, kwargs = getattr(self._tl, "current", ((), {}))
         kept, self._tl.current, self._tl.kept = getattr(self._tl, "kept", None), None, None
         host = not call.device  # every measurement of the call is on the host: judged now
-        stats = _call_stats(call.detail, self.cast_dtypes) if host and call.detail is not None else None
+        detail = call.detail if host else None
         if kept is not None and kept.call == call.index:
-            kept.stats = stats
+            kept.detail = detail
             if self.options.inputs and kept.dropped is None:
                 kept.outputs = _copy(output)
         if not host:
             return
         self._judged.append(call.index)
-        triggers = self._triggers(call, stats or {})
+        triggers, stats = self._triggers(call, detail or [])
         if not triggers:
             return
         self._captured.append(call.index)
@@ -136,8 +137,9 @@ class CaptureMonitor(Monitor):
                 job.args, job.kwargs, job.outputs = _copy(tuple(args)), _copy(dict(kwargs)), _copy(output)
         self.writer.submit(job)
 
-    def _triggers(self, call: Call, stats: dict[str, ModuleStats]) -> list[Alert]:
-        """The alerts this call raises that trigger a capture (judged on the host, at its end)."""
+    def _triggers(self, call: Call, detail: list[tuple[str, Any]]) -> tuple[list[Alert], dict[str, ModuleStats]]:
+        """The alerts this call raises that trigger a capture (judged on the host, at its end),
+        and its statistics when there are any (only then are they made: most calls are healthy)."""
         out = []
         if call.events and self.options.wants("nonfinite", True):
             events = sorted(call.events)
@@ -145,17 +147,32 @@ class CaptureMonitor(Monitor):
             names = list(dict.fromkeys(name for _, name, *_ in events))
             out.append(nonfinite_alert(origin, (nan, posinf, neginf), spread=len(names) - 1, call=call.index,
                                        cohort=call.cohort, trace_id=call.trace_id))  # fmt: skip
-        if self._limits and stats:
+        stats: dict[str, ModuleStats] = {}
+        if self._limits and any(self._may_break(rule, detail) for rule in self._limits):
+            stats = _call_stats(detail, self.cast_dtypes)
             interval = Interval(call.index + 1, time.time(), call.cohort, stats)
             for rule in self._limits:
                 out += [a for a in rule.evaluate(interval) if a.module in stats][:1]
         if call.trace_id is not None and call.trace_id in self._armed:
             self._armed.discard(call.trace_id)
             out.append(_manual(call.index, call.trace_id, call.cohort))
-        for alert in out:
-            if alert.trace_id is None and call.trace_id is not None:
-                out[out.index(alert)] = Alert(**{**alert.to_dict(), "trace_id": call.trace_id})
-        return out
+        if out and not stats:
+            stats = _call_stats(detail, self.cast_dtypes)
+        out = [Alert(**{**a.to_dict(), "trace_id": call.trace_id}) if a.trace_id is None else a for a in out]
+        return out, stats
+
+    def _may_break(self, rule: CastRange, detail: list[tuple[str, Any]]) -> bool:
+        """Whether one measurement breaks the limit: necessary for a position's merged fraction to
+        (a weighted mean of its measurements' fractions), and cheap enough for every call."""
+        if rule.dtype not in self.cast_dtypes:
+            return False
+        i, field = self.cast_dtypes.index(rule.dtype), RAW_OVER if rule.kind == "overflow" else RAW_UNDER
+        limit = rule.max_fraction
+        for _, raw in detail:
+            n = raw[0] + raw[1] + raw[2] + raw[3]
+            if n and raw[field][i] > limit * n:
+                return True
+        return False
 
     def _copy_into(self, kept: Kept, args: Any, kwargs: dict[str, Any]) -> None:
         size = _nbytes((args, kwargs))
@@ -197,7 +214,10 @@ class CaptureMonitor(Monitor):
             return False
         kept = found[-1]
         self._captured.append(kept.call)
-        stats, scope = (kept.stats, "call") if kept.stats is not None else (interval, "interval" if interval else None)
+        if kept.detail is not None:
+            stats, scope = _call_stats(kept.detail, self.cast_dtypes), "call"
+        else:
+            stats, scope = interval, "interval" if interval else None
         job = Pending(alert, [alert], kept.call, kept.trace_id, kept.cohort, kept.time, exact, kept.environment,
                       args=kept.args, kwargs=kept.kwargs, outputs=kept.outputs, stats=stats, stats_scope=scope,
                       dropped=kept.dropped)  # fmt: skip

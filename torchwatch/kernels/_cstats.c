@@ -995,11 +995,25 @@ static PyObject *accobj_measure(AccObject *self, PyObject *args) {
     Py_ssize_t n;
     int dtype, exact;
     PlanObject *plan;
-    if (!PyArg_ParseTuple(args, "KniO!p", &address, &n, &dtype, &PlanType, &plan, &exact)) return NULL;
+    PyObject *detail = Py_None, *name = Py_None;
+    if (!PyArg_ParseTuple(args, "KniO!p|OO", &address, &n, &dtype, &PlanType, &plan, &exact, &detail, &name))
+        return NULL;
     if (plan->plan.k != self->k)
         return PyErr_Format(PyExc_ValueError, "a plan with %d cast dtypes for an accumulator of %d", plan->plan.k, self->k);
+    if (detail != Py_None && !PyList_Check(detail))
+        return PyErr_Format(PyExc_TypeError, "detail must be a list or None");
     acc_t one;
     if (measure(address, n, dtype, &plan->plan, exact, &one) < 0) return NULL;
+    if (detail != Py_None) {  /* the call's own measurements, kept beside the window's totals */
+        PyObject *raw = acc_to_tuple(&one, self->k);
+        if (raw == NULL) return NULL;
+        PyObject *item = PyTuple_Pack(2, name, raw);
+        Py_DECREF(raw);
+        if (item == NULL) return NULL;
+        int failed = PyList_Append(detail, item);
+        Py_DECREF(item);
+        if (failed < 0) return NULL;
+    }
     if (self->closed) return acc_to_tuple(&one, self->k);
     acc_merge(&self->acc, &one, self->k);
     self->calls++;
@@ -1015,8 +1029,9 @@ static PyObject *accobj_close(AccObject *self, PyObject *unused) {
 
 static PyMethodDef acc_methods[] = {
     {"measure", (PyCFunction)accobj_measure, METH_VARARGS,
-     "measure(address, numel, dtype_code, plan, exact): merge a tensor's statistics; None, or\n"
-     "(nan, posinf, neginf) when it held any; after close(), the raw tuple, merged nowhere."},
+     "measure(address, numel, dtype_code, plan, exact[, detail, name]): merge a tensor's statistics; None,\n"
+     "or (nan, posinf, neginf) when it held any; after close(), the raw tuple, merged nowhere. With a list\n"
+     "detail, (name, raw tuple) of this measurement is also appended to it."},
     {"close", (PyCFunction)accobj_close, METH_NOARGS, "Its window was cut: later measure() calls return their raw tuple."},
     {"add", (PyCFunction)accobj_add, METH_O, "Merge one raw measurement (counts as one call)."},
     {"state", (PyCFunction)accobj_state, METH_NOARGS, "(calls, raw totals)."},

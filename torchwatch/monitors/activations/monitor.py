@@ -149,7 +149,7 @@ class Activations(Monitor):
 
         def torchwatch_hook(module: nn.Module, args: Any, output: Any) -> None:
             call = getattr(local, "call", None)
-            if type(output) is not plain or call is None or graph_mode.cuda or compiling() or call.detail is not None:
+            if type(output) is not plain or call is None or graph_mode.cuda or compiling():
                 on_output(fqn, output)
                 return
             if not call.sampled:
@@ -163,7 +163,7 @@ class Activations(Monitor):
                     seen.add(fqn)
                 seq = call.seq
                 call.seq = seq + 1
-                nonfinite = measure_host((call.cohort, fqn), k, output.data_ptr(), output.numel(), kernel)
+                nonfinite = measure_host((call.cohort, fqn), k, output.data_ptr(), output.numel(), kernel, call.detail)
                 if nonfinite:
                     call.events.append((seq, fqn, *nonfinite))
                 elif nonfinite is False:
@@ -229,17 +229,16 @@ class Activations(Monitor):
             host = x.numel() == 0  # nothing to launch for
         if host:
             kernel = self._cpu_kernel.get(x.dtype)
-            if kernel is not None and x.is_cpu and x.is_contiguous() and call.detail is None:
-                nonfinite = self.window.measure((call.cohort, name), len(plan.names), x.data_ptr(), x.numel(), kernel)
+            if kernel is not None and x.is_cpu and x.is_contiguous():
+                nonfinite = self.window.measure(
+                    (call.cohort, name), len(plan.names), x.data_ptr(), x.numel(), kernel, call.detail
+                )
                 if nonfinite is False:
                     self._table_full(name)
                 elif nonfinite:
                     call.events.append((seq, name, *nonfinite))
                 return
-            if kernel is not None and x.is_cpu and x.is_contiguous():  # a call whose own statistics are kept
-                raw = cpu_kernel.tensor_stats(x.data_ptr(), x.numel(), *kernel)
-            else:
-                raw = host_stats(x, plan)
+            raw = host_stats(x, plan)
             if call.detail is not None:
                 call.detail.append((name, raw))
             if not self.window.add((call.cohort, name), len(plan.names), raw):

@@ -81,15 +81,23 @@ class StatsWindow:
             acc.add(raw)
             return True
 
-    def measure(self, key: Key, k: int, address: int, numel: int, kernel: tuple) -> tuple[int, int, int] | bool | None:
+    def measure(
+        self, key: Key, k: int, address: int, numel: int, kernel: tuple, detail: list | None = None
+    ) -> tuple[int, int, int] | bool | None:
         """Measure a dense CPU tensor with the C kernel (``kernel``: its dtype code, plan and exact
         flag) straight into the window: None, or ``(nan, posinf, neginf)`` when it held any;
         False when the position is beyond the capacity. The hooks' path for CPU tensors.
+        ``detail``: a call's list that ``(position, raw)`` of this measurement is appended to.
 
         Lock-free: the C accumulator merges with the GIL held; one whose window was cut in the
         meantime hands the measurement back, and it goes to the new window."""
         acc = self._window.get(key)
-        raw = tensor_stats(address, numel, *kernel) if acc is None else acc.measure(address, numel, *kernel)
+        if acc is not None:
+            raw = acc.measure(address, numel, *kernel, detail, key[1])
+        else:
+            raw = tensor_stats(address, numel, *kernel)
+            if detail is not None:
+                detail.append((key[1], raw))
         if raw is None or len(raw) == 3:
             return raw
         if not self.add(key, k, raw):
