@@ -35,6 +35,8 @@ class Mutation:
 
 
 KERNEL = "torchwatch/kernels/_cstats.c"
+CAPTURE_TESTS = "tests/test_capture.py"
+REPLAY_TESTS = "tests/test_replay.py"
 MUTATIONS = (
     Mutation("kernel does not compile", KERNEL, "#define TW_BLOCK 2048", "#define TW_BLOCK 2048 +",
              ("tests/test_install.py::test_the_c_kernel_is_built_wherever_a_c_compiler_is",)),
@@ -134,6 +136,33 @@ MUTATIONS = (
     Mutation("records: a registered value read back as plain data", "torchwatch/values.py",
              "    if kind is None or kind.decode is None:", "    if True:",
              ("tests/test_histograms.py", "tests/test_sinks.py")),
+    Mutation("capture: a position's first measurement of a window left out of the call's statistics",
+             "torchwatch/monitors/activations/window.py",
+             "            if detail is not None:\n                detail.append((key[1], raw))", "            pass",
+             (CAPTURE_TESTS,)),
+    Mutation("capture: the call's inputs referenced, not copied", "torchwatch/capture/monitor.py",
+             "job.args, job.kwargs, job.outputs = _copy(tuple(args)), _copy(dict(kwargs)), _copy(output)",
+             "job.args, job.kwargs, job.outputs = tuple(args), dict(kwargs), output", (CAPTURE_TESTS,)),
+    Mutation("capture: a per-call cast limit doubled", "torchwatch/capture/monitor.py",
+             "if n and raw[field][i] > limit * n:", "if n and raw[field][i] > 2 * limit * n:", (CAPTURE_TESTS,)),
+    Mutation("capture: one bundle more than max_per_hour", "torchwatch/capture/writer.py",
+             "if len(self._written) >= options.max_per_hour:", "if len(self._written) > options.max_per_hour:",
+             (CAPTURE_TESTS,)),
+    Mutation("capture: a flush-time alert takes the oldest kept call", "torchwatch/capture/monitor.py",
+             "        kept = found[-1]", "        kept = found[0]", (CAPTURE_TESTS,)),
+    Mutation("capture: redact skipped", "torchwatch/capture/writer.py",
+             "tree, outputs = options.redact(tree), options.redact(outputs) if outputs is not None else None",
+             "tree, outputs = tree, outputs", (CAPTURE_TESTS,)),
+    Mutation("bundle: a tensor the story does not name is accepted", "torchwatch/capture/bundle.py",
+             "    if set(tensors) != referenced:", "    if set(tensors) < referenced:", (REPLAY_TESTS,)),
+    Mutation("replay: the weights are never compared", "torchwatch/capture/verdict.py",
+             'changes = weight_changes(weights.get("fingerprint") if isinstance(weights, dict) else None, model)',
+             "changes = []", (REPLAY_TESTS,)),
+    Mutation("replay: the control run keeps the low precision", "torchwatch/capture/verdict.py",
+             "fp32, _ = run(full_precision_copy(model),", "fp32, _ = run(copy.deepcopy(model),", (REPLAY_TESTS,)),
+    Mutation("replay: outputs always bitwise equal", "torchwatch/capture/verdict.py",
+             "        if a.dtype != b.dtype or a.shape != b.shape:\n            return False", "        return True",
+             (REPLAY_TESTS,)),
 )  # fmt: skip
 
 

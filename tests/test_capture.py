@@ -213,16 +213,34 @@ def test_any_pytree_of_arguments_round_trips_and_what_cannot_be_stored_is_named(
         second.replay(model)
 
 
-def test_a_per_call_cast_limit_captures_the_call_that_would_overflow(tmp_path, quiet):
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+def test_a_per_call_cast_limit_captures_the_call_that_breaks_it(tmp_path, quiet):
+    model = nn.Identity()
     capture = tw.Capture(tmp_path / "inc", inputs=True)
-    x = torch.ones(1, 4)
-    with tw.attach(model, capture=capture, rules=[CastRange("float16", "overflow", 0.0, trips=True)]) as watch:
-        _serve(model, [x, x * 1e6, x], watch)
+    big = 1e6  # over float16's 65504
+    calls = [torch.tensor([[1.0, 2.0, 3.0, 4.0]]),  # none over
+             torch.tensor([[big, 2.0, 3.0, 4.0]]),  # 1 of 4 over: 0.25, within the limit of 0.3
+             torch.tensor([[big, big, 3.0, 4.0]]),  # 2 of 4: 0.5 breaks it (and is within twice the limit)
+             torch.tensor([[1.0, 2.0, 3.0, 4.0]])]  # fmt: skip
+    rule = CastRange("float16", "overflow", 0.3, trips=True)
+    with tw.attach(model, modules=[""], capture=capture, rules=[rule], on_nonfinite="ignore") as watch:
+        _serve(model, calls, watch)
     (path,) = tw.Incident.list(capture.directory)
     incident = tw.Incident.load(path)
-    assert incident.call == 1 and incident.trigger.rule == "cast_overflow" and incident.meta["exact"]
-    assert incident.stats[incident.trigger.module].overflow["float16"] > 0
+    assert incident.call == 2 and incident.trigger.rule == "cast_overflow" and incident.meta["exact"]
+    assert incident.stats[incident.trigger.module].overflow["float16"] == 2
+
+
+def test_the_bundle_holds_what_the_model_received_even_when_the_caller_reuses_its_buffer(tmp_path, quiet):
+    model = mlp(4).eval()
+    capture = tw.Capture(tmp_path / "inc", inputs=True)
+    buffer = torch.empty(2, 4)  # a serving loop's staging buffer, refilled for every request
+    with tw.attach(model, capture=capture, on_nonfinite="ignore"):
+        for i in range(3):
+            buffer.copy_(torch.full((2, 4), math.nan if i == 1 else float(i)))
+            with torch.no_grad():
+                model(buffer)
+    incident = tw.Incident.load(tw.Incident.list(capture.directory)[0])
+    assert incident.call == 1 and incident.args[0].isnan().all()
 
 
 def test_flush_time_rules_capture_from_the_kept_calls_and_a_call_not_kept_is_counted(tmp_path, quiet):

@@ -134,6 +134,7 @@ def test_a_one_off_activation_corruption_is_a_suspected_hardware_fault(tmp_path,
     code, verdict = _replay(path, "_models:tiny_bert", weights)
     assert code == 1 and verdict["culprit"] == "hardware", verdict["reason"]
     assert verdict["reproduced"] is False and verdict["module"] == "encoder.layer.0.intermediate.dense"
+    assert verdict["bitwise"] is False  # the served outputs held the corruption's NaN; the replay's do not
 
 
 def test_a_healthy_call_captured_by_hand_finds_nothing_and_exits_0(tmp_path, quiet):
