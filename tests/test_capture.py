@@ -232,13 +232,20 @@ def test_a_per_call_cast_limit_captures_the_call_that_breaks_it(tmp_path, quiet)
 
 def test_the_bundle_holds_what_the_model_received_even_when_the_caller_reuses_its_buffer(tmp_path, quiet):
     model = mlp(4).eval()
-    capture = tw.Capture(tmp_path / "inc", inputs=True)
+    served = threading.Event()
+
+    def after_serving(tree):  # holds the writer until the loop below has refilled its buffer
+        served.wait(30)
+        return tree
+
+    capture = tw.Capture(tmp_path / "inc", inputs=True, redact=after_serving)
     buffer = torch.empty(2, 4)  # a serving loop's staging buffer, refilled for every request
     with tw.attach(model, capture=capture, on_nonfinite="ignore"):
         for i in range(3):
             buffer.copy_(torch.full((2, 4), math.nan if i == 1 else float(i)))
             with torch.no_grad():
                 model(buffer)
+        served.set()
     incident = tw.Incident.load(tw.Incident.list(capture.directory)[0])
     assert incident.call == 1 and incident.args[0].isnan().all()
 

@@ -309,3 +309,24 @@ def test_shadow_on_cuda_agrees_for_a_copy_and_leaves_the_primary_alone():
         result = sh.report()
     assert all(torch.equal(o, expected) for o in outs)
     assert result.calls == 10 and result.outputs[0].rel_l2 == 0.0
+
+
+def test_capture_keeps_recent_calls_on_the_device_without_a_sync_and_writes_the_faulting_one(tmp_path):
+    model = mlp().cuda()
+    capture = tw.Capture(tmp_path / "inc", inputs=True)  # keep=None: 4 calls kept for CUDA tensors
+    xs = [torch.randn(8, 16, device="cuda") for _ in range(3)]
+    xs[1][0, 0] = math.nan
+    with tw.attach(model, capture=capture, on_nonfinite="ignore", flush_every=10**9) as watch:
+        with no_sync():
+            for i, x in enumerate(xs):
+                with torch.no_grad(), watch.context(trace_id=f"req-{i}"):
+                    model(x)
+        watch.flush()  # the device's NaN is found here, and its call taken from the ring
+        watch.engine.monitor("capture").close(60)
+    (path,) = tw.Incident.list(capture.directory)
+    incident = tw.Incident.load(path)
+    assert (incident.call, incident.trace_id, incident.meta["exact"]) == (1, "req-1", True)
+    assert incident.environment["device"] == "cuda" and incident.meta["stats_scope"] == "interval"
+    assert torch.equal(incident.args[0].nan_to_num(), xs[1].cpu().nan_to_num())
+    report = incident.replay(model)  # on the GPU, as captured
+    assert report.culprit == "data" and report.bitwise is True

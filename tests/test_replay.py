@@ -8,6 +8,7 @@ does not show (suspected hardware). Then hostile bundles, which must be ``Format
 
 from __future__ import annotations
 
+import html as html_lib
 import json
 import math
 import os
@@ -76,6 +77,15 @@ def test_a_nan_pixel_in_the_request_is_a_data_fault(tmp_path, quiet):
     assert code == 1 and verdict["culprit"] == "data" and verdict["module"] == "<input>"
     assert verdict["reproduced"] is True and verdict["bitwise"] is True
     assert "replayed: DATA at '<input>'" in _report(tmp_path / "run")
+    html = tmp_path / "report.html"
+    done = subprocess.run([sys.executable, "-m", "torchwatch", "report", str(tmp_path / "run"), "--json", "--html",
+                           str(html)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    (captured,) = json.loads(done.stdout)["captures"]
+    assert done.returncode == 1 and captured["call"] == 2 and captured["trace_id"] == "req-2"
+    assert captured["verdict"]["culprit"] == "data" and captured["path"] == path
+    page = html.read_text()
+    assert "Captured incidents" in page and f"{pathlib.Path(path).name}</a>" in page and ".replay.json'>" in page
+    assert "call 2: replay says data at '<input>'" in html_lib.unescape(page)  # in the verdict box at the top
 
 
 @transformers_or_skip

@@ -10,6 +10,7 @@ ever waits for it or sees its errors.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import os
@@ -86,6 +87,7 @@ class Writer:
         self.paths: list[str] = []  # bundles written by this watch, oldest first
         self._idle = threading.Condition(self._lock)
         self._busy = 0
+        _WRITERS.add(self)
 
     # ---- any thread --------------------------------------------------------------------------
 
@@ -100,8 +102,10 @@ class Writer:
         with self._lock:
             self._busy += 1
             if self._thread is None or not self._thread.is_alive():
-                # not a daemon: bundles queued at exit are still written (the queue is short)
-                self._thread = threading.Thread(target=_run, args=(weakref.ref(self),), name="torchwatch-capture")
+                # a daemon that exit waits for while it has work (_drain), not while it idles
+                self._thread = threading.Thread(
+                    target=_run, args=(weakref.ref(self),), name="torchwatch-capture", daemon=True
+                )
                 self._thread.start()
 
     def lost(self, key: str, why: str) -> None:
@@ -207,6 +211,18 @@ class Writer:
             n += 1
             path = f"{base}-{n}.safetensors"
         return path
+
+
+_WRITERS: weakref.WeakSet[Writer] = weakref.WeakSet()
+EXIT_WAIT_S = 30.0  # at interpreter exit, how long queued bundles are waited for
+
+
+@atexit.register
+def _drain() -> None:
+    """At exit, after the watches' final flushes (registered before them, so it runs after),
+    write what is queued."""
+    for writer in list(_WRITERS):
+        writer.wait(EXIT_WAIT_S)
 
 
 def _run(ref: weakref.ref[Writer]) -> None:
