@@ -280,7 +280,7 @@ def html_page(summary: dict[str, Any], data: LogData) -> str:
         f"<p class='legend'>Vertical lines are alerts (hover for the message): {legend or 'none'}"
         f"{'; dashed grey lines: where each phase began (named over the heat strip)' if axis.has_phases else ''}. "
         "Every chart shares the time axis: steps (root calls), wall time after the dot.</p>"
-        + "".join(c for c in charts if c)
         + report_captures.table(summary.get("captures", []))
+        + "".join(c for c in charts if c)
         + f"<h2>Full report</h2><pre>{html.escape(text(summary))}</pre></body></html>\n"
     )
