@@ -112,7 +112,9 @@ class CaptureMonitor(Monitor):
     def after_call(self, call: Call, output: Any) -> None:
         args, kwargs = getattr(self._tl, "current", ((), {}))
         kept, self._tl.current, self._tl.kept = getattr(self._tl, "kept", None), None, None
-        host = not call.device  # every measurement of the call is on the host: judged now
+        # judged now if the call was measured, all on the host (a compiled graph's or a device's
+        # measurements are read at the flush)
+        host = call.seq > 0 and not call.device
         detail = call.detail if host else None
         if kept is not None and kept.call == call.index:
             kept.detail = detail
