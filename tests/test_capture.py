@@ -357,3 +357,19 @@ def test_bad_options_are_config_errors(options, match):
         tw.Capture(**options)
     with pytest.raises(tw.ConfigError, match="capture"):
         tw.attach(mlp(2), capture="dir")
+
+
+def test_a_compiled_graph_s_fault_is_counted_as_missed_not_lost(tmp_path):
+    model = mlp(4).eval()
+    capture = tw.Capture(tmp_path / "inc", inputs=True, keep=2)
+    watch = tw.attach(model, capture=capture, on_nonfinite="ignore")
+    compiled = torch.compile(model, backend="eager")  # dynamo traces the hooks; no inductor build
+    try:
+        with pytest.warns(tw.TorchwatchWarning, match="torch.compile'd graph"):
+            for x in (torch.randn(2, 4), torch.full((2, 4), math.nan)):
+                with torch.no_grad():
+                    compiled(x)
+            watch.flush()
+        assert watch.errors == {capture_writer.MISSED: 1}
+    finally:
+        watch.detach()

@@ -208,10 +208,15 @@ class CaptureMonitor(Monitor):
                 found = [k for k in self._ring if alert.call < 0 or k.call <= alert.call]
         if not found:
             self._missed += 1
+            why = (
+                "raise Capture(keep=...) to keep more recent calls"
+                if self._ring
+                else "no call was kept: on CPU "
+                "set Capture(keep=N); calls replayed from a torch.compile'd graph or a CUDA graph cannot be kept"
+            )
             self._bus.warn_once(
                 "capture:missed", f"capture: {alert.rule!r} on {alert.module!r} (call {alert.call}) fired after its "
-                "call's inputs were gone; raise Capture(keep=...) to keep more recent calls. Counted in "
-                f'watch.errors["{MISSED}"]',
+                f'call\'s inputs were gone; {why}. Counted in watch.errors["{MISSED}"]',
             )  # fmt: skip
             return False
         kept = found[-1]
