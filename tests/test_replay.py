@@ -269,3 +269,19 @@ def test_the_command_line_answers_a_hostile_bundle_with_exit_2_and_one_line(tmp_
     done = subprocess.run([sys.executable, "-m", "torchwatch", "replay", str(bad), "--model", "_models:small_cnn"],
                           cwd=TESTS, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("torchwatch: error:")
+
+
+def test_an_autocast_float16_overflow_replays_under_autocast_and_is_a_precision_fault(tmp_path, quiet):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(3e5)  # fine in float32; over float16's 65504 under autocast
+    capture = tw.Capture(tmp_path / "c", inputs=True)
+    with tw.attach(model, capture=capture, on_nonfinite="ignore"):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            model(torch.ones(2, 8))
+    incident = tw.Incident.load(tw.Incident.list(capture.directory)[0])
+    assert incident.environment["autocast"] == "float16"
+    report = incident.replay(model)  # no autocast block here: the replay sets the captured one
+    assert report.culprit == "precision" and report.module == "0" and report.reproduced
+    assert report.bitwise is True

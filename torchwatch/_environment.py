@@ -30,8 +30,13 @@ def cpu_name() -> str:
 def device_name(device: torch.device) -> str:
     """The accelerator's name, or the CPU's."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
     return cpu_name()
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def numerics(device: torch.device) -> dict[str, Any]:
