@@ -122,11 +122,13 @@ class CaptureMonitor(Monitor):
                 kept.outputs = _copy(output)
         if not host:
             return
-        self._judged.append(call.index)
+        with self._ring_lock:  # other threads test membership: a deque must not change under them
+            self._judged.append(call.index)
         triggers, stats = self._triggers(call, detail or [])
         if not triggers:
             return
-        self._captured.append(call.index)
+        with self._ring_lock:
+            self._captured.append(call.index)
         job = Pending(triggers[0], triggers, call.index, call.trace_id, call.cohort, time.time(), True,
                       numerics(self._device), stats=stats, stats_scope="call",
                       nonfinite=list(call.events))  # fmt: skip
@@ -187,10 +189,13 @@ class CaptureMonitor(Monitor):
 
     def _on_alert(self, alert: Alert, trip: bool) -> None:
         """The alert bus's listener (any thread): alerts decided after their call ended."""
-        if not self.options.wants(alert.rule, trip) or alert.call in self._captured:
+        if not self.options.wants(alert.rule, trip):
             return
-        if alert.rule in self._per_call_rules and (alert.call in self._judged or (alert.call < 0 and self._judged)):
-            return  # judged when its call ended
+        with self._ring_lock:
+            captured = alert.call in self._captured
+            judged = alert.call in self._judged or (alert.call < 0 and bool(self._judged))
+        if captured or (alert.rule in self._per_call_rules and judged):
+            return  # captured already, or judged when its call ended
         if alert.rule == "nonfinite":  # the device's NaN/Inf, found while the flush collects
             with self._ring_lock:
                 self._deferred.append(alert)
@@ -220,7 +225,8 @@ class CaptureMonitor(Monitor):
             )  # fmt: skip
             return False
         kept = found[-1]
-        self._captured.append(kept.call)
+        with self._ring_lock:
+            self._captured.append(kept.call)
         if kept.detail is not None:
             stats, scope = _call_stats(kept.detail, self.cast_dtypes), "call"
         else:
@@ -253,7 +259,9 @@ class CaptureMonitor(Monitor):
         with self._ring_lock:
             deferred, self._deferred = self._deferred, []
         for alert in deferred:
-            if alert.call not in self._captured:
+            with self._ring_lock:
+                captured = alert.call in self._captured
+            if not captured:
                 self._from_ring(alert, self._interval)
 
     def take(self, *, keep: bool) -> Any:
