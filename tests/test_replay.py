@@ -285,3 +285,27 @@ def test_an_autocast_float16_overflow_replays_under_autocast_and_is_a_precision_
     report = incident.replay(model)  # no autocast block here: the replay sets the captured one
     assert report.culprit == "precision" and report.module == "0" and report.reproduced
     assert report.bitwise is True
+
+
+class _WithCache(torch.nn.Module):
+    """Returns its logits and an object a capture cannot store (as a KV cache is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return {"logits": self.linear(x), "cache": object()}
+
+
+def test_outputs_the_capture_could_not_store_are_left_out_of_the_bitwise_comparison(tmp_path, quiet):
+    model = _WithCache().eval()
+    capture = tw.Capture(tmp_path / "c", inputs=True)
+    with tw.attach(model, capture=capture) as watch:
+        watch.capture("r")
+        with torch.no_grad(), watch.context(trace_id="r"):
+            model(torch.ones(1, 3))
+    incident = tw.Incident.load(tw.Incident.list(capture.directory)[0])
+    assert incident.meta["outputs"]["dict"][1] == ["cache", {"opaque": "object"}]
+    report = incident.replay(model)
+    assert report.bitwise is True and report.culprit == "none"

@@ -43,6 +43,7 @@ from ..integrity.fingerprinting import fingerprint
 from ..integrity.verify import verify_weights
 from ..stats import ModuleStats
 from ..watch import attach
+from .bundle import Opaque
 from .monitor import tensors_of
 
 LOW = (torch.float16, torch.bfloat16)
@@ -401,6 +402,8 @@ def _where(trigger: Alert, run_: Run) -> str | None:
 
 
 def _bitwise(a: Any, b: Any) -> bool:
+    if isinstance(a, Opaque):  # what the capture could not store (a KV-cache object) is not compared
+        return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
