@@ -160,6 +160,8 @@ MUTATIONS = (
              "changes = []", (REPLAY_TESTS,)),
     Mutation("replay: the control run keeps the low precision", "torchwatch/capture/verdict.py",
              "fp32, _ = run(full_precision_copy(model),", "fp32, _ = run(copy.deepcopy(model),", (REPLAY_TESTS,)),
+    Mutation("replay: an input range from too few healthy calls is trusted", "torchwatch/capture/reference.py",
+             "calls < MIN_CALLS", "calls < 0", (REPLAY_TESTS,)),
     Mutation("replay: outputs always bitwise equal", "torchwatch/capture/verdict.py",
              "        if a.dtype != b.dtype or a.shape != b.shape:\n            return False", "        return True",
              (REPLAY_TESTS,)),

@@ -309,3 +309,30 @@ def test_outputs_the_capture_could_not_store_are_left_out_of_the_bitwise_compari
     assert incident.meta["outputs"]["dict"][1] == ["cache", {"opaque": "object"}]
     report = incident.replay(model)
     assert report.bitwise is True and report.culprit == "none"
+
+
+def test_inputs_far_outside_the_recent_healthy_range_are_a_data_fault_not_precision(tmp_path, quiet):
+    """A preprocessing change that scales features by 255 x 100 overflows float16 in the first layer:
+    finite inputs, a cast-overflow trigger; held against the last healthy calls' range, it is data."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(20.0)
+    capture = tw.Capture(tmp_path / "c", inputs=True)
+    g = torch.Generator().manual_seed(0)
+    with tw.attach(model, capture=capture, on_nonfinite="ignore"):
+        for i in range(41):
+            x = torch.rand(2, 16, generator=g)  # features in [0, 1)
+            if i == 40:
+                x = x * 255 * 100  # the new preprocessing (within float16 itself: < 25,500)
+            with torch.no_grad():
+                model(x)
+    incident = tw.Incident.load(tw.Incident.list(capture.directory)[0])
+    assert incident.trigger.rule == "cast_overflow" and incident.call == 40  # judged when the call ended
+    reference = incident.meta["input_reference"]["<input>"]
+    assert reference["calls"] == 40 and reference["absmax_p99"] < 1.0
+    report = incident.replay(model)
+    assert report.culprit == "data" and report.module == "<input>" and "99th percentile" in report.reason
+    short = incident.meta | {"input_reference": {"<input>": {**reference, "calls": 31}}}  # too few calls to say
+    incident.meta = short
+    assert incident.replay(model).culprit == "precision"

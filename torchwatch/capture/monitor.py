@@ -31,6 +31,7 @@ from ..rules.interval import Interval
 from ..rules.limits import CastRange
 from ..stats import ModuleStats, merge_all
 from .options import Capture
+from .reference import InputRange
 from .writer import MISSED, OVER_LIMIT, Pending, Writer
 
 AUTO_KEEP_DEVICE = 4  # Capture(keep=None): calls kept when their tensors are on an accelerator
@@ -77,6 +78,7 @@ class CaptureMonitor(Monitor):
         self._armed: set[str] = set()
         self._deferred: list[Alert] = []
         self._interval: dict[str, ModuleStats] | None = None
+        self.inputs = InputRange()  # recent healthy calls' input range (a replay's data check)
         self._tl = threading.local()  # the call in progress on this thread: (index, args, kwargs)
         self._missed = 0
 
@@ -126,12 +128,13 @@ class CaptureMonitor(Monitor):
             self._judged.append(call.index)
         triggers, stats = self._triggers(call, detail or [])
         if not triggers:
+            self.inputs.add(detail or [])
             return
         with self._ring_lock:
             self._captured.append(call.index)
         job = Pending(triggers[0], triggers, call.index, call.trace_id, call.cohort, time.time(), True,
                       numerics(self._device), stats=stats, stats_scope="call",
-                      nonfinite=list(call.events))  # fmt: skip
+                      nonfinite=list(call.events), reference=self.inputs.reference())  # fmt: skip
         if self.options.inputs:
             size = _nbytes((args, kwargs, output))
             if size > self.options.max_bundle_bytes:
@@ -233,7 +236,7 @@ class CaptureMonitor(Monitor):
             stats, scope = interval, "interval" if interval else None
         job = Pending(alert, [alert], kept.call, kept.trace_id, kept.cohort, kept.time, exact, kept.environment,
                       args=kept.args, kwargs=kept.kwargs, outputs=kept.outputs, stats=stats, stats_scope=scope,
-                      dropped=kept.dropped)  # fmt: skip
+                      dropped=kept.dropped, reference=self.inputs.reference())  # fmt: skip
         self.writer.submit(job)
         return True
 

@@ -10,7 +10,8 @@ answers three questions:
    limit), with the capture's per-module statistics beside the replay's;
 3. **which culprit**, from controlled re-runs and checks, in this order:
 
-   * ``data``: a floating-point argument holds NaN/Inf, or the trigger was on an input position;
+   * ``data``: a floating-point argument holds NaN/Inf, or lies far outside the range of the recent
+     healthy calls' inputs (:mod:`.reference`), or the trigger was on an input position;
    * ``weights``: the sandbox does not reproduce it and the weights the serving process held
      (their fingerprint, in the bundle) differ from the sandbox's: the differing tensor is named;
    * ``precision``: reproduced, and clean again with the model and inputs in float32, autocast
@@ -45,6 +46,7 @@ from ..stats import ModuleStats
 from ..watch import attach
 from .bundle import Opaque
 from .monitor import tensors_of
+from .reference import out_of_range
 
 LOW = (torch.float16, torch.bfloat16)
 AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -307,6 +309,10 @@ def judge(incident: Any, model: torch.nn.Module, manifest: Any) -> ReplayReport:
             "or preprocessing fault upstream of the model",
             name,
         )
+    for name, s in same.stats.items():
+        why = out_of_range(name, s.absmax, incident.meta.get("input_reference")) if name.startswith("<input>") else None
+        if why is not None:
+            return verdict("data", why, name)
     if trigger.module.startswith("<input>"):
         return verdict(
             "data",

@@ -58,6 +58,7 @@ class Pending:
     stats_scope: str | None = None
     nonfinite: list[tuple[int, str, int, int, int]] = dataclasses.field(default_factory=list)
     dropped: str | None = None  # why the tensors are not in the bundle
+    reference: dict[str, Any] | None = None  # recent healthy calls' input range (capture/reference.py)
 
 
 class Writer:
@@ -198,7 +199,7 @@ class Writer:
             "model": type(model).__name__ if model is not None else None, "dtype": _model_dtype(model),
             "modules": self._modules,
             "weights": {"fingerprint": prints, "manifest_digest": options.manifest},
-            "environment": job.environment,
+            "environment": job.environment, "input_reference": job.reference,
         }  # fmt: skip
         return tensors, meta
 
