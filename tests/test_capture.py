@@ -373,3 +373,23 @@ def test_a_compiled_graph_s_fault_is_counted_as_missed_not_lost(tmp_path):
         assert watch.errors == {capture_writer.MISSED: 1}
     finally:
         watch.detach()
+
+
+def test_a_written_bundle_is_announced_where_the_alerts_go(tmp_path, quiet):
+    model = mlp(4).eval()
+    capture = tw.Capture(tmp_path / "inc", inputs=True)
+    memory = tw.MemorySink()
+    with tw.attach(model, capture=capture, sinks=[memory, tw.IncidentLog(tmp_path / "incidents.jsonl")],
+                   on_nonfinite="ignore") as watch:  # fmt: skip
+        with torch.no_grad(), watch.context(trace_id="req-9"):
+            model(torch.full((1, 4), math.nan))
+        watch.engine.monitor("capture").close(10)
+        watch.flush()
+        (path,) = tw.Incident.list(capture.directory)
+        (announced,) = [a for a in watch.alerts if a.rule == capture_writer.CAPTURED]
+    assert (announced.call, announced.trace_id, announced.stat) == (0, "req-9", "nonfinite")
+    assert path in announced.message and "torchwatch replay" in announced.message
+    assert any(a.rule == capture_writer.CAPTURED for r in memory.records for a in r.alerts)  # TensorBoard's text too
+    logged = [i for i in tw.IncidentLog.read(tmp_path / "incidents.jsonl") if i["rule"] == capture_writer.CAPTURED]
+    assert len(logged) == 1 and logged[0]["related"] == []  # a line of its own
+    assert watch.errors == {}

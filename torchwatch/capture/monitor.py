@@ -88,7 +88,7 @@ class CaptureMonitor(Monitor):
         self._device = model_device(model) if model is not None else torch.device("cpu")
         ref = weakref.ref(model) if model is not None else lambda: None
         names = [name for name, _ in binding.modules]
-        self.writer = Writer(self.options, ref, names, binding.bus.count, binding.bus.warn_once)
+        self.writer = Writer(self.options, ref, names, binding.bus.count, binding.bus.warn_once, binding.bus.publish)
         binding.bus.listen(self._on_alert)
 
     # ---- serving thread ----------------------------------------------------------------------

@@ -24,7 +24,8 @@ class Capture:
     time, the per-module statistics of that very call (CPU; on accelerators those of its flush
     interval, said so in the bundle), the weights' fingerprint, the settings that decide numerics
     and, with ``inputs=True``, the call's arguments and outputs, so that ``torchwatch replay``
-    can run it again in a sandbox. ``tw.Incident.load(path)`` reads one.
+    can run it again in a sandbox. ``tw.Incident.load(path)`` reads one. Each bundle written is
+    announced by a ``"captured"`` alert naming its path and the replay command (it does not trip).
 
     Which calls can be captured: on CPU, the call that raised NaN/Inf, or whose output positions
     break a :class:`~torchwatch.rules.CastRange` that trips (default: any value that would

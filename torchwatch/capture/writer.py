@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import dataclasses
+import math
 import os
 import queue
 import re
@@ -33,6 +35,7 @@ from .options import Capture
 
 NOT_WRITTEN = "captures not written"  # redact failed, the disk is full, the directory is read-only, queue full
 OVER_LIMIT = "captures over limit"  # bundles per hour, bytes on disk, or a call's tensors over max_bundle_bytes
+CAPTURED = "captured"  # the rule of the alert that says where a bundle was written
 MISSED = "captures missed"  # a trigger whose call's inputs were not kept (see Capture.keep)
 QUEUE = 8  # bundles waiting for the writer at most
 IDLE_S = 2.0  # the writer thread ends after this long without work
@@ -72,13 +75,15 @@ class Writer:
     """
 
     def __init__(self, options: Capture, model: Callable[[], torch.nn.Module | None], modules: list[str],
-                 count: Callable[[str, int], None], warn_once: Callable[[str, str], None]) -> None:  # fmt: skip
+                 count: Callable[[str, int], None], warn_once: Callable[[str, str], None],
+                 publish: Callable[[Alert], object] | None = None) -> None:  # fmt: skip
         self.options = options
         self.directory = str(options.directory)
         self._model = model
         self._modules = modules
         self._count = count
         self._warn_once = warn_once
+        self._publish = publish
         self._queue: queue.Queue[Pending] = queue.Queue(QUEUE)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -170,6 +175,10 @@ class Writer:
         self._disk += written
         self._written.append(now)
         self.paths.append(path)
+        if self._publish is not None:  # where it is: in TensorBoard's alert text, the incident log, watch.alerts
+            # the alert is kept before its warning is issued: a warnings filter set to "error" costs the warning only
+            with contextlib.suppress(Exception):
+                self._publish(written_alert(job, path))
         return path
 
     def _contents(self, job: Pending) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -246,6 +255,25 @@ def _run(ref: weakref.ref[Writer]) -> None:
         finally:
             writer._done()
         del writer, job
+
+
+def written_alert(job: Pending, path: str) -> Alert:
+    """The alert that says a bundle was written, where, and the command that replays it. It names no
+    module (so it stands alone in the incident log) and does not trip."""
+    t = job.trigger
+    return Alert(
+        CAPTURED,
+        "",
+        t.rule,
+        float(job.call),
+        math.nan,
+        job.call,
+        time.time(),
+        job.cohort,
+        job.trace_id,
+        f"incident bundle written for call {job.call} ({t.rule} on {t.module!r}): {path}; replay it with "
+        f"`torchwatch replay {path} --model SPEC --weights CKPT`",
+    )
 
 
 def _as_inputs(tree: Any) -> dict[str, Any]:
