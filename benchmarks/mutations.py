@@ -150,6 +150,8 @@ MUTATIONS = (
              (CAPTURE_TESTS,)),
     Mutation("capture: a flush-time alert takes the oldest kept call", "torchwatch/capture/monitor.py",
              "        kept = found[-1]", "        kept = found[0]", (CAPTURE_TESTS,)),
+    Mutation("capture: a written bundle is not announced", "torchwatch/capture/writer.py",
+             "                self._publish(written_alert(job, path))", "                pass", (CAPTURE_TESTS,)),
     Mutation("capture: redact skipped", "torchwatch/capture/writer.py",
              "tree, outputs = options.redact(tree), options.redact(outputs) if outputs is not None else None",
              "tree, outputs = tree, outputs", (CAPTURE_TESTS,)),
