@@ -15,6 +15,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -183,9 +184,11 @@ def good_bundle(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("good")
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     capture = tw.Capture(tmp / "c", inputs=True)
-    with tw.attach(model, capture=capture, on_nonfinite="ignore"):
-        with torch.no_grad():
-            model(torch.tensor([[math.nan, 1.0, 2.0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tw.TorchwatchWarning)  # the bundle's announcement
+        with tw.attach(model, capture=capture, on_nonfinite="ignore"):
+            with torch.no_grad():
+                model(torch.tensor([[math.nan, 1.0, 2.0]]))
     (path,) = tw.Incident.list(capture.directory)
     from safetensors import safe_open
 
@@ -336,3 +339,25 @@ def test_inputs_far_outside_the_recent_healthy_range_are_a_data_fault_not_precis
     short = incident.meta | {"input_reference": {"<input>": {**reference, "calls": 31}}}  # too few calls to say
     incident.meta = short
     assert incident.replay(model).culprit == "precision"
+
+
+def test_the_report_reads_a_hostile_capture_index_and_verdict_without_a_traceback(good_bundle, tmp_path, capsys):
+    from torchwatch import cli
+
+    path, _, _ = good_bundle
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    (logdir / "b.safetensors").write_bytes(pathlib.Path(path).read_bytes())
+    (logdir / "b.safetensors.replay.json").write_text(json.dumps({"format": "torchwatch.replay/1", "culprit": [1]}))
+    lines = [
+        {"format": "torchwatch.capture/1", "file": "b.safetensors", "rule": None, "module": 5, "call": "x"},
+        {"format": "torchwatch.capture/1", "file": "../outside.safetensors"},
+        {"format": "torchwatch.capture/1", "file": "gone.safetensors", "rule": "nonfinite", "module": "0"},
+    ]
+    (logdir / "captures.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert cli.main(["report", str(logdir)]) == 1
+    out = capsys.readouterr().out
+    assert "Captured incidents (2;" in out and "not replayed yet" in out and "(file gone)" in out
+    assert cli.main(["report", str(logdir), "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert any("not a replay verdict" in s for s in summary["skipped"])

@@ -32,9 +32,13 @@ def read(path: str, skipped: list[str]) -> list[dict[str, Any]]:
         bundle = os.path.join(directory, name)
         exists = os.path.isfile(bundle)
         verdict = read_verdict(bundle) if exists else None
-        keep = ("time", "call", "trace_id", "cohort", "rule", "module", "message", "exact", "bytes", "inputs")
+        if verdict is not None and not all(isinstance(verdict.get(k), str) for k in ("culprit", "reason")):
+            skipped.append(f"{bundle}.replay.json: not a replay verdict (culprit and reason must be strings)")
+            verdict = None
+        keep = ("time", "call", "trace_id", "cohort", "exact", "bytes", "inputs")
         out.append({
             **{k: line.get(k) for k in keep}, "path": bundle, "exists": exists,
+            **{k: str(line.get(k, "?")) for k in ("rule", "module", "message")},  # shown as text, whatever was written
             "verdict": {k: verdict.get(k) for k in ("culprit", "reason", "module", "tensor", "reproduced")}
             if verdict else None,
         })  # fmt: skip
