@@ -213,3 +213,23 @@ def test_cached_chunk_table_follows_tensors_that_moved():
     model[0].weight.data = model[0].weight.data.flip(0).contiguous()
     changed = {c.tensor for c in first.diff(tw.fingerprint(model, chunk_bytes=CHUNK, backend="triton"))}
     assert changed == {"0.weight"}
+
+
+def test_a_fingerprint_read_back_from_its_dict_is_equal_and_a_malformed_one_is_a_format_error():
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))
+    model.register_buffer("empty", torch.zeros(0))
+    before = tw.fingerprint(model, chunk_bytes=1 << 14)
+    again = tw.Fingerprint.from_dict(before.to_dict())
+    assert again == before and again.diff(before) == []
+    good = before.to_dict()
+    bad_docs = [
+        {**good, "chunk_bytes": 1000},  # not a power of two
+        {**good, "tensors": {"0.weight": {**good["tensors"]["0.weight"], "dtype": "nn"}}},
+        {**good, "tensors": {"0.weight": {**good["tensors"]["0.weight"], "shape": [200, -1]}}},
+        {**good, "tensors": {"0.weight": {**good["tensors"]["0.weight"], "chunks": ["zz"] * 15}}},
+        {**good, "tensors": {"0.weight": {**good["tensors"]["0.weight"], "chunks": ["0"] * 3}}},  # 240,000 B: 15
+        {"tensors": {}},
+    ]
+    for doc in bad_docs:
+        with pytest.raises(tw.FormatError):
+            tw.Fingerprint.from_dict(doc)

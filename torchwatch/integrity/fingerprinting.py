@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .. import _tensors
-from ..errors import ConfigError
+from .._schema import Fields
+from ..errors import ConfigError, FormatError
 from ..kernels import fingerprint_ops
 from ..kernels.fingerprint_ops import SALT_BITS, TorchMixer, as_words, position
 
@@ -154,6 +155,35 @@ class Fingerprint:
                 for n, p in self.tensors.items()
             },
         }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "fingerprint") -> Fingerprint:
+        """Inverse of :meth:`to_dict` (a fingerprint kept in a file: an incident bundle's).
+
+        Raises:
+            FormatError: a field of the wrong type, an unknown dtype, or a chunk count that does
+                not fit the tensor's size (naming ``where`` and the tensor).
+        """
+        f = Fields(data, where)
+        chunk_bytes = f.int("chunk_bytes")
+        if not MIN_CHUNK_BYTES <= chunk_bytes <= 1 << 40 or chunk_bytes & (chunk_bytes - 1):
+            raise FormatError(f"{where}: chunk_bytes must be a power of two >= {MIN_CHUNK_BYTES}, got {chunk_bytes}")
+        prints = {}
+        for name, t in f.items("tensors"):
+            dtype, shape, chunks = t.str("dtype"), t.list("shape"), t.list("chunks")
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise FormatError(f"{where}: tensor {name!r} has dtype {dtype!r}, not a torch dtype")
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise FormatError(f"{where}: tensor {name!r} has shape {shape!r}, not a list of sizes")
+            try:
+                sums = tuple(int(c, 16) for c in chunks if isinstance(c, str) and len(c) <= 16)
+            except ValueError:
+                sums = ()
+            p = TensorPrint(dtype, tuple(shape), t.str("device", ""), sums)
+            if len(sums) != len(chunks) or len(sums) != -(-_nbytes(p) // chunk_bytes):
+                raise FormatError(f"{where}: tensor {name!r} needs {-(-_nbytes(p) // chunk_bytes)} hex chunk sums")
+            prints[name] = p
+        return cls(prints, chunk_bytes)
 
     def __repr__(self) -> str:
         return f"Fingerprint({len(self.tensors)} tensors, {self.nbytes / 1e6:.1f} MB, digest {self.digest[:12]}…)"
