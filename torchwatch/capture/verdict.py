@@ -39,14 +39,14 @@ import torch
 from .. import formats
 from .._tensors import model_device
 from ..alerts import Alert
-from ..errors import ConfigError, FormatError, TorchwatchWarning
-from ..integrity.fingerprinting import fingerprint
+from ..errors import ConfigError, TorchwatchWarning
+from ..integrity.fingerprinting import Fingerprint, FingerprintChange, fingerprint
 from ..integrity.verify import verify_weights
 from ..stats import ModuleStats
 from ..watch import attach
 from .bundle import Opaque
-from .monitor import tensors_of
 from .reference import out_of_range
+from .trees import map_tensors, tensors_of
 
 LOW = (torch.float16, torch.bfloat16)
 AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -180,14 +180,12 @@ def settings(environment: dict[str, Any], device: torch.device, *, full_precisio
 
 def to_device(tree: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """The argument tree on ``device`` (floating-point tensors cast to ``dtype`` if given)."""
-    if isinstance(tree, torch.Tensor):
-        t = tree.to(device)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    if isinstance(tree, dict):
-        return {k: to_device(v, device, dtype) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(to_device(v, device, dtype) for v in tree)
-    return tree
+
+    return map_tensors(tree, move)
 
 
 def full_precision_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -203,36 +201,17 @@ def low_precision(model: torch.nn.Module, environment: dict[str, Any], args: Any
     return any(d in LOW for d in floats + inputs) or bool(environment.get("autocast")) or tf32
 
 
-def weight_changes(live: Any, model: torch.nn.Module) -> list[tuple[str, int, int]]:
-    """``(tensor, first byte, end byte)`` of each chunk where the serving process's weights (the bundle's
-    fingerprint) differ from ``model``'s; a tensor only one side has, or of another size, reads ``(name, -1, -1)``."""
-    if not isinstance(live, dict) or not isinstance(live.get("tensors"), dict):
+def weight_changes(live: Any, model: torch.nn.Module) -> list[FingerprintChange]:
+    """Where the serving process's weights (the bundle's fingerprint, None when it has none)
+    differ from ``model``'s.
+
+    Raises:
+        FormatError: the bundle's fingerprint is malformed.
+    """
+    if not isinstance(live, dict) or "tensors" not in live:  # none, or {"error": ...} from the writer
         return []
-    chunk_bytes = live.get("chunk_bytes")
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not 8 <= chunk_bytes <= 1 << 40 \
-            or chunk_bytes % 8:  # fmt: skip
-        raise FormatError(f"the bundle's weight fingerprint has chunk_bytes {chunk_bytes!r}, not a multiple of 8 bytes")
-    here = fingerprint(model, chunk_bytes=chunk_bytes).to_dict()["tensors"]
-    out = []
-    for name in sorted(set(live["tensors"]) | set(here)):
-        a, b = live["tensors"].get(name), here.get(name)
-        if (
-            not isinstance(a, dict)
-            or b is None
-            or not isinstance(a.get("chunks"), list)
-            or a.get("shape") != b["shape"]
-        ):
-            out.append((name, -1, -1))
-            continue
-        nbytes = math.prod(b["shape"]) * getattr(torch, b["dtype"]).itemsize
-        out += [
-            (name, i * chunk_bytes, min((i + 1) * chunk_bytes, nbytes))
-            for i, (x, y) in enumerate(zip(a["chunks"], b["chunks"], strict=False))
-            if x != y
-        ]
-        if len(a["chunks"]) != len(b["chunks"]):
-            out.append((name, -1, -1))
-    return out
+    baseline = Fingerprint.from_dict(live, "the bundle's weight fingerprint")
+    return baseline.diff(fingerprint(model, chunk_bytes=baseline.chunk_bytes))
 
 
 def _yes(value: bool | None) -> str:
@@ -322,18 +301,16 @@ def judge(incident: Any, model: torch.nn.Module, manifest: Any) -> ReplayReport:
     weights = incident.meta.get("weights")
     changes = weight_changes(weights.get("fingerprint") if isinstance(weights, dict) else None, model)
     if changes and not reproduced:
-        name, start, end = changes[0]
-        where_in = f" (bytes {start:,}-{end:,})" if start >= 0 else " (missing or reshaped on one side)"
-        more = f"; {len(changes) - 1} more chunk(s) differ" if len(changes) > 1 else ""
+        more = f"; {len(changes) - 1} more change(s)" if len(changes) > 1 else ""
         return verdict(
             "weights",
-            f"the serving process's weights differed from the sandbox's in {name!r}{where_in}"
-            f"{more}, and the sandbox's weights do not reproduce the fault",
+            f"the serving process's weights differed from the sandbox's: {changes[0]}{more}, and the sandbox's "
+            "weights do not reproduce the fault",
             where,
-            name,
+            changes[0].tensor,
         )
     if changes:
-        notes.append(f"the serving process's weights also differed from the sandbox's in {changes[0][0]!r}")
+        notes.append(f"the serving process's weights also differed from the sandbox's: {changes[0]}")
     if reproduced:
         if low_precision(model, env, incident.args):
             fp32, _ = run(full_precision_copy(model), incident.args, incident.kwargs, env, full_precision=True)
