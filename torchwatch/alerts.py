@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -126,3 +126,15 @@ def nonfinite_alert(
         rule="nonfinite", module=origin, stat=stat, value=float(value), expected=0.0, call=call,
         time=time.time(), cohort=cohort, trace_id=trace_id, message=message,
     )  # fmt: skip
+
+
+def call_nonfinite_alert(
+    events: Sequence[tuple[int, str, int, int, int]], *, call: int, cohort: str | None, trace_id: str | None
+) -> tuple[Alert, list[str]]:
+    """The ``"nonfinite"`` alert of one call from its NaN/Inf measurements ``(seq, position, nan,
+    +inf, -inf)`` in execution order (the first is the origin), and the positions that held any."""
+    _, origin, nan, posinf, neginf = events[0]
+    names = list(dict.fromkeys(name for _, name, *_ in events))
+    alert = nonfinite_alert(origin, (nan, posinf, neginf), spread=len(names) - 1, call=call, cohort=cohort,
+                            trace_id=trace_id)  # fmt: skip
+    return alert, names

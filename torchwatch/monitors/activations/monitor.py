@@ -30,7 +30,7 @@ from ..._pytree import tensors_in
 from ..._table import C_NAN, C_NEGINF, CALLS, DeviceTable
 from ..._tensors import model_device
 from ..._testing import TRITON_IN_COMPILE
-from ...alerts import nonfinite_alert
+from ...alerts import call_nonfinite_alert
 from ...kernels import PLAIN_TENSOR_TYPES, graph_op, host_stats, measurable, torch_ops
 from ...kernels import cpu as cpu_kernel
 from ..base import Binding, Call, Collect, Monitor, labels
@@ -337,13 +337,8 @@ class Activations(Monitor):
             events = sorted(events + self._device_events(call))
         if not events:
             return
-        _, origin, nan, posinf, neginf = events[0]  # the first in execution order
-        names = list(dict.fromkeys(name for _, name, *_ in events))
-        self.window.first_nonfinite(call, names, origin)
-        alert = nonfinite_alert(
-            origin, (nan, posinf, neginf), spread=len(names) - 1, call=call.index, cohort=call.cohort,
-            trace_id=call.trace_id,
-        )  # fmt: skip
+        alert, names = call_nonfinite_alert(events, call=call.index, cohort=call.cohort, trace_id=call.trace_id)
+        self.window.first_nonfinite(call, names, alert.module)
         if self._bus.publish(alert, trip=True) and self._raise:
             call.raise_alert = alert
 
