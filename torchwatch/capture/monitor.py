@@ -15,6 +15,7 @@ and alerts decided later — at a flush, on the worker thread, or by a user's
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 import weakref
@@ -25,16 +26,17 @@ import torch
 from .._accumulators import stats_from_raw
 from .._environment import numerics
 from .._tensors import model_device
-from ..alerts import Alert, nonfinite_alert
+from ..alerts import Alert, call_nonfinite_alert
 from ..monitors.base import Binding, Call, Collect, Monitor
 from ..rules.interval import Interval
 from ..rules.limits import CastRange
 from ..stats import ModuleStats, merge_all
 from .options import Capture
 from .reference import InputRange
+from .trees import copied, nbytes
 from .writer import MISSED, OVER_LIMIT, Pending, Writer
 
-AUTO_KEEP_DEVICE = 4  # Capture(keep=None): calls kept when their tensors are on an accelerator
+AUTO_KEEP_DEVICE = 4  # Capture(keep=None): calls kept for a model on an accelerator
 MANUAL = "capture"  # the rule of a bundle asked for with Watch.capture(trace_id)
 JUDGED = 256  # host-judged call indices remembered (their flush-time alerts are not captured twice)
 RAW_UNDER, RAW_OVER = 10, 11  # a raw measurement's per-cast-dtype counts (torchwatch._accumulators.Raw)
@@ -71,7 +73,7 @@ class CaptureMonitor(Monitor):
         # the fixed cast limits that can be judged on one call (stateless), if they trigger captures
         self._limits = [r for r in rules if isinstance(r, CastRange) and options.wants(r.name, r.trips)]
         self._per_call_rules = {"nonfinite", *(r.name for r in self._limits)}
-        self._ring: collections.deque[Kept] = collections.deque(maxlen=max(options.keep or 0, AUTO_KEEP_DEVICE))
+        self._ring: collections.deque[Kept] = collections.deque()  # sized at bind
         self._ring_lock = threading.Lock()
         self._judged: collections.deque[int] = collections.deque(maxlen=JUDGED)
         self._captured: collections.deque[int] = collections.deque(maxlen=JUDGED)
@@ -86,6 +88,9 @@ class CaptureMonitor(Monitor):
         self._bus = binding.bus
         model = binding.model
         self._device = model_device(model) if model is not None else torch.device("cpu")
+        keep = self.options.keep
+        self._keep = keep if keep is not None else AUTO_KEEP_DEVICE if self._device.type != "cpu" else 0
+        self._ring = collections.deque(maxlen=max(self._keep, 1))
         ref = weakref.ref(model) if model is not None else lambda: None
         names = [name for name, _ in binding.modules]
         self.writer = Writer(self.options, ref, names, binding.bus.count, binding.bus.warn_once, binding.bus.publish)
@@ -96,16 +101,11 @@ class CaptureMonitor(Monitor):
     def before_call(self, call: Call, args: Any, kwargs: dict[str, Any]) -> None:
         self._tl.current = (args, kwargs)
         call.detail = []  # the activation hooks also keep this call's own measurements
-        keep = self.options.keep
-        if keep is None:
-            keep = AUTO_KEEP_DEVICE if self._device.type != "cpu" or _on_device((args, kwargs)) else 0
-        if keep:
+        if self._keep:
             kept = Kept(call, numerics(self._device))
             if self.options.inputs:
                 self._copy_into(kept, args, kwargs)
             with self._ring_lock:
-                while len(self._ring) >= keep:
-                    self._ring.popleft()
                 self._ring.append(kept)
             self._tl.kept = kept
         else:
@@ -121,7 +121,7 @@ class CaptureMonitor(Monitor):
         if kept is not None and kept.call == call.index:
             kept.detail = detail
             if self.options.inputs and kept.dropped is None:
-                kept.outputs = _copy(output)
+                kept.outputs = copied(output)
         if not host:
             return
         with self._ring_lock:  # other threads test membership: a deque must not change under them
@@ -136,24 +136,21 @@ class CaptureMonitor(Monitor):
                       numerics(self._device), stats=stats, stats_scope="call",
                       nonfinite=list(call.events), reference=self.inputs.reference())  # fmt: skip
         if self.options.inputs:
-            size = _nbytes((args, kwargs, output))
+            size = nbytes((args, kwargs, output))
             if size > self.options.max_bundle_bytes:
                 job.dropped = f"the call's tensors ({size:,} bytes) are over max_bundle_bytes"
                 self.writer.lost(OVER_LIMIT, f"call {call.index}: {job.dropped}; its bundle keeps the statistics only")
             else:
-                job.args, job.kwargs, job.outputs = _copy(tuple(args)), _copy(dict(kwargs)), _copy(output)
+                job.args, job.kwargs, job.outputs = copied(tuple(args)), copied(dict(kwargs)), copied(output)
         self.writer.submit(job)
 
     def _triggers(self, call: Call, detail: list[tuple[str, Any]]) -> tuple[list[Alert], dict[str, ModuleStats]]:
         """The alerts this call raises that trigger a capture (judged on the host, at its end),
         and its statistics when there are any (only then are they made: most calls are healthy)."""
         out = []
-        if call.events and self.options.wants("nonfinite", True):
-            events = sorted(call.events)
-            _, origin, nan, posinf, neginf = events[0]
-            names = list(dict.fromkeys(name for _, name, *_ in events))
-            out.append(nonfinite_alert(origin, (nan, posinf, neginf), spread=len(names) - 1, call=call.index,
-                                       cohort=call.cohort, trace_id=call.trace_id))  # fmt: skip
+        if call.events and self.options.wants("nonfinite", True):  # host events: in execution order
+            out.append(call_nonfinite_alert(call.events, call=call.index, cohort=call.cohort,
+                                            trace_id=call.trace_id)[0])  # fmt: skip
         stats: dict[str, ModuleStats] = {}
         if self._limits and any(self._may_break(rule, detail) for rule in self._limits):
             stats = _call_stats(detail, self.cast_dtypes)
@@ -165,7 +162,7 @@ class CaptureMonitor(Monitor):
             out.append(_manual(call.index, call.trace_id, call.cohort))
         if out and not stats:
             stats = _call_stats(detail, self.cast_dtypes)
-        out = [Alert(**{**a.to_dict(), "trace_id": call.trace_id}) if a.trace_id is None else a for a in out]
+        out = [dataclasses.replace(a, trace_id=call.trace_id) if a.trace_id is None else a for a in out]
         return out, stats
 
     def _may_break(self, rule: CastRange, detail: list[tuple[str, Any]]) -> bool:
@@ -182,11 +179,11 @@ class CaptureMonitor(Monitor):
         return False
 
     def _copy_into(self, kept: Kept, args: Any, kwargs: dict[str, Any]) -> None:
-        size = _nbytes((args, kwargs))
+        size = nbytes((args, kwargs))
         if size > self.options.max_bundle_bytes:
             kept.dropped = f"the call's inputs ({size:,} bytes) are over max_bundle_bytes"
             return
-        kept.args, kept.kwargs = _copy(tuple(args)), _copy(dict(kwargs))
+        kept.args, kept.kwargs = copied(tuple(args)), copied(dict(kwargs))
 
     # ---- alerts decided later ----------------------------------------------------------------
 
@@ -205,49 +202,57 @@ class CaptureMonitor(Monitor):
             return
         self._from_ring(alert, self._interval)
 
-    def _from_ring(self, alert: Alert, interval: dict[str, ModuleStats] | None) -> bool:
-        exact = alert.rule in ("nonfinite", MANUAL)
+    def _from_ring(self, alert: Alert, interval: dict[str, ModuleStats] | None) -> None:
+        """Capture the kept call ``alert`` is about, or count it missed."""
+        kept = self._find(alert)
+        if kept is not None:
+            self._submit(alert, kept, interval)
+            return
+        self._missed += 1
+        why = (
+            "raise Capture(keep=...) to keep more recent calls"
+            if self._ring
+            else "no call was kept: on CPU set Capture(keep=N); calls replayed from a torch.compile'd graph or a CUDA "
+            "graph cannot be kept"
+        )
+        self._bus.warn_once(
+            "capture:missed", f"capture: {alert.rule!r} on {alert.module!r} (call {alert.call}) fired after its "
+            f'call\'s inputs were gone; {why}. Counted in watch.errors["{MISSED}"]',
+        )  # fmt: skip
+
+    def _find(self, alert: Alert) -> Kept | None:
+        """The kept call an alert decided after its call is about: by trace id (``watch.capture``), by
+        call index (NaN/Inf), else the latest kept before the alert (an interval's)."""
         with self._ring_lock:
             if alert.rule == MANUAL:
                 found = [k for k in self._ring if k.trace_id == alert.trace_id]
-            elif exact:
+            elif alert.rule == "nonfinite":
                 found = [k for k in self._ring if k.call == alert.call]
-            else:  # an interval's alert: the latest call kept before it was decided
+            else:
                 found = [k for k in self._ring if alert.call < 0 or k.call <= alert.call]
-        if not found:
-            self._missed += 1
-            why = (
-                "raise Capture(keep=...) to keep more recent calls"
-                if self._ring
-                else "no call was kept: on CPU "
-                "set Capture(keep=N); calls replayed from a torch.compile'd graph or a CUDA graph cannot be kept"
-            )
-            self._bus.warn_once(
-                "capture:missed", f"capture: {alert.rule!r} on {alert.module!r} (call {alert.call}) fired after its "
-                f'call\'s inputs were gone; {why}. Counted in watch.errors["{MISSED}"]',
-            )  # fmt: skip
-            return False
-        kept = found[-1]
+        return found[-1] if found else None
+
+    def _submit(self, alert: Alert, kept: Kept, interval: dict[str, ModuleStats] | None) -> None:
         with self._ring_lock:
             self._captured.append(kept.call)
         if kept.detail is not None:
             stats, scope = _call_stats(kept.detail, self.cast_dtypes), "call"
         else:
             stats, scope = interval, "interval" if interval else None
+        exact = alert.rule in ("nonfinite", MANUAL)
         job = Pending(alert, [alert], kept.call, kept.trace_id, kept.cohort, kept.time, exact, kept.environment,
                       args=kept.args, kwargs=kept.kwargs, outputs=kept.outputs, stats=stats, stats_scope=scope,
                       dropped=kept.dropped, reference=self.inputs.reference())  # fmt: skip
         self.writer.submit(job)
-        return True
 
     def capture(self, trace_id: str) -> bool:
         """Capture the call labelled ``trace_id``: a kept recent call now (True), else the next
         call with that label when it ends (False)."""
         alert = _manual(-1, trace_id, None)
-        with self._ring_lock:
-            kept = any(k.trace_id == trace_id for k in self._ring)
-        if kept:
-            return self._from_ring(alert, self._interval)
+        kept = self._find(alert)
+        if kept is not None:
+            self._submit(alert, kept, self._interval)
+            return True
         self._armed.add(trace_id)
         return False
 
@@ -289,42 +294,3 @@ def _call_stats(detail: list[tuple[str, Any]], cast_dtypes: tuple[str, ...]) -> 
         s = stats_from_raw(1, raw, cast_dtypes)
         out[name] = out[name].merge(s) if name in out else s
     return out
-
-
-def tensors_of(tree: Any, depth: int = 0) -> list[torch.Tensor]:
-    """The tensors in an argument or output tree (containers, mappings, dataclasses; 8 levels deep)."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if depth > 8:
-        return []
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in tensors_of(v, depth + 1)]
-    if isinstance(tree, (tuple, list)):
-        return [t for v in tree for t in tensors_of(v, depth + 1)]
-    if hasattr(tree, "__dataclass_fields__"):
-        return [t for k in tree.__dataclass_fields__ for t in tensors_of(getattr(tree, k, None), depth + 1)]
-    return []
-
-
-def _on_device(tree: Any) -> bool:
-    return any(t.device.type != "cpu" for t in tensors_of(tree))
-
-
-def _nbytes(tree: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors_of(tree) if t.layout is torch.strided)
-
-
-def _copy(tree: Any, depth: int = 0) -> Any:
-    """``tree`` with its tensors copied (on their device: asynchronous on accelerators); mappings
-    become dicts (a Hugging Face ``ModelOutput`` too), other leaves are kept as they are."""
-    if isinstance(tree, torch.Tensor):
-        with torch.no_grad():
-            return tree.detach().clone() if tree.layout is torch.strided and not tree.is_meta else tree
-    if depth > 32:
-        return tree
-    if isinstance(tree, dict) or (hasattr(tree, "keys") and hasattr(tree, "items")):
-        return {k: _copy(v, depth + 1) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)) and not hasattr(type(tree), "_fields"):
-        return type(tree)(_copy(v, depth + 1) for v in tree) if type(tree) in (tuple, list) else tuple(
-            _copy(v, depth + 1) for v in tree)  # fmt: skip
-    return tree

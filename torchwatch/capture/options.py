@@ -48,7 +48,7 @@ class Capture:
             :class:`~torchwatch.CircuitBreaker`) and rule names (``"drift"``, a rule's ``name``).
             :meth:`torchwatch.Watch.capture` captures a call by its trace id on demand.
         keep: recent sampled calls whose inputs are kept for captures decided after the call
-            ends (None: 4 for calls whose tensors are on an accelerator, 0 on CPU).
+            ends (None: 4 for a model on an accelerator, 0 for a CPU model).
         max_bundle_bytes: a call's tensors larger than this are not stored (the bundle keeps
             the statistics; counted in ``watch.errors["captures over limit"]``).
         max_per_hour: bundles written per hour at most (the rest counted there too).
