@@ -241,6 +241,22 @@ def _tensor_names(spec: Any, prefix: str) -> set[str]:
     return out
 
 
+def indexed(index: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(bundle path, index line)`` for each line of a ``captures.jsonl`` that names a bundle in its
+    own directory (a name with a path separator, or of another kind, is skipped).
+
+    Raises:
+        FormatError: the index is missing or not a capture index.
+    """
+    directory = os.path.dirname(index)
+    out = []
+    for _, line in formats.read_jsonl(index, "capture index", "capture", formats.CAPTURE):
+        name = line.get("file")
+        if isinstance(name, str) and os.sep not in name and name.endswith(".safetensors"):
+            out.append((os.path.join(directory, name), line))
+    return out
+
+
 def save_verdict(bundle_path: str, verdict: dict[str, Any]) -> str:
     """Write a replay's verdict beside its bundle (``<bundle>.replay.json``); returns the path."""
     out = f"{bundle_path}.replay.json"

@@ -73,14 +73,7 @@ class Incident:
         index = os.path.join(directory, bundle.INDEX)
         if not os.path.lexists(index):
             return []
-        out = []
-        for _, line in formats.read_jsonl(index, "capture index", "capture", formats.CAPTURE):
-            name = line.get("file")
-            if isinstance(name, str) and os.sep not in name and name.endswith(".safetensors"):
-                path = os.path.join(directory, name)
-                if os.path.isfile(path):
-                    out.append(path)
-        return out
+        return [path for path, _ in bundle.indexed(index) if os.path.isfile(path)]
 
     def replay(self, model: torch.nn.Module, *, manifest: Any = None) -> ReplayReport:
         """Run the captured call again on ``model`` (freshly loaded, on the device it should run

@@ -11,7 +11,7 @@ import html
 import os
 from typing import Any
 
-from .. import formats
+from ..capture.bundle import indexed
 from ..capture.incident import read_verdict
 from ..errors import FormatError
 
@@ -19,17 +19,12 @@ from ..errors import FormatError
 def read(path: str, skipped: list[str]) -> list[dict[str, Any]]:
     """The bundles one ``captures.jsonl`` lists, each with ``"path"``, ``"exists"`` and ``"verdict"``."""
     out = []
-    directory = os.path.dirname(path)
     try:
-        lines = list(formats.read_jsonl(path, "capture index", "capture", formats.CAPTURE))
+        lines = indexed(path)
     except FormatError as exc:
         skipped.append(str(exc))
         return []
-    for _, line in lines:
-        name = line.get("file")
-        if not isinstance(name, str) or os.sep in name or not name.endswith(".safetensors"):
-            continue
-        bundle = os.path.join(directory, name)
+    for bundle, line in lines:
         exists = os.path.isfile(bundle)
         verdict = read_verdict(bundle) if exists else None
         if verdict is not None and not all(isinstance(verdict.get(k), str) for k in ("culprit", "reason")):
