@@ -19,6 +19,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter or buffer (None if it has none)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
 def model_tensors(model: nn.Module, verb: str = "read") -> dict[str, torch.Tensor]:
     """Parameters then buffers (non-persistent ones too), each object once, in module order.
 

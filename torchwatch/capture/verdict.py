@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .. import formats
-from .._tensors import model_device
+from .._tensors import model_device, model_dtype
 from ..alerts import Alert
 from ..errors import ConfigError, TorchwatchWarning
 from ..integrity.fingerprinting import Fingerprint, FingerprintChange, fingerprint
@@ -325,7 +325,7 @@ def judge(incident: Any, model: torch.nn.Module, manifest: Any) -> ReplayReport:
             return verdict(
                 "precision",
                 f"the values of {where!r} exceed {dtype}'s range on this input: the model is "
-                f"fine in {_model_dtype(model)} but cannot run in {dtype}",
+                f"fine in {str(model_dtype(model) or torch.float32).removeprefix('torch.')} but cannot run in {dtype}",
             )
         return verdict(
             "model",
@@ -409,11 +409,6 @@ def _bitwise(a: Any, b: Any) -> bool:
             isinstance(b, (tuple, list)) and len(a) == len(b) and all(_bitwise(x, y) for x, y in zip(a, b, strict=True))
         )
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-
-
-def _model_dtype(model: torch.nn.Module) -> str:
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return str(dtype).removeprefix("torch.")
 
 
 def _nonfinite_at(run_: Run, name: str) -> bool:

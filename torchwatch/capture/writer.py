@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .. import formats
+from .._tensors import model_dtype
 from ..alerts import Alert
 from ..integrity.fingerprinting import fingerprint
 from ..stats import ModuleStats
@@ -205,7 +206,7 @@ class Writer:
             "redacted": options.redact is not None and job.args is not None, "dropped": job.dropped,
             "stats": {k: s.to_dict() for k, s in job.stats.items()} if job.stats is not None else None,
             "stats_scope": job.stats_scope, "nonfinite": [list(e) for e in job.nonfinite],
-            "model": type(model).__name__ if model is not None else None, "dtype": _model_dtype(model),
+            "model": type(model).__name__ if model is not None else None, "dtype": _dtype_name(model),
             "modules": self._modules,
             "weights": {"fingerprint": prints, "manifest_digest": options.manifest},
             "environment": job.environment, "input_reference": job.reference,
@@ -283,11 +284,8 @@ def _as_inputs(tree: Any) -> dict[str, Any]:
     return {"args": tuple(tree["args"]), "kwargs": dict(tree["kwargs"])}
 
 
-def _model_dtype(model: torch.nn.Module | None) -> str | None:
-    """The dtype of the model's first floating-point parameter (what a replay casts a fresh model to)."""
-    if model is None:
-        return None
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+def _dtype_name(model: torch.nn.Module | None) -> str | None:
+    dtype = model_dtype(model) if model is not None else None
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
