@@ -29,42 +29,41 @@ def cpu_name() -> str:
 
 def device_name(device: torch.device) -> str:
     """The accelerator's name, or the CPU's."""
-    if device.type == "cuda":
-        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
-    return cpu_name()
-
-
-@functools.cache
-def _cuda_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def numerics(device: torch.device) -> dict[str, Any]:
     """The settings that decide the numbers a forward on ``device`` gives, as JSON values.
 
-    Read on the thread that ran the forward (thread count and autocast are per thread)."""
-    cuda = device.type == "cuda"
+    Read on the thread that ran the forward (thread count and autocast are per thread); what
+    cannot change in a process is read once."""
     autocast = torch.is_autocast_enabled(device.type) if _autocast_takes_device() else torch.is_autocast_enabled()
-    autocast_dtype = (
-        torch.get_autocast_dtype(device.type) if autocast and hasattr(torch, "get_autocast_dtype") else None
-    )
+    dtype = torch.get_autocast_dtype(device.type) if autocast and hasattr(torch, "get_autocast_dtype") else None
     return {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "device": device.type,
-        "device_name": device_name(device),
-        "cpu": cpu_name(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **_fixed(device),
         "threads": torch.get_num_threads(),
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "autocast": str(autocast_dtype).removeprefix("torch.") if autocast else None,
+        "autocast": str(dtype).removeprefix("torch.") if autocast else None,
         "grad_enabled": torch.is_grad_enabled(),
+        "pid": os.getpid(),  # not cached: a forked worker has its own
+    }
+
+
+@functools.cache
+def _fixed(device: torch.device) -> dict[str, Any]:
+    """Versions and names: the same for every forward of the process on ``device``."""
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "device": device.type,
+        "device_name": device_name(device),
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "host": platform.node(),
-        "pid": os.getpid(),
     }
 
 
