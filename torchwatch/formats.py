@@ -87,12 +87,14 @@ class JsonlLog:
             self._fd = None
 
 
-def append_once(path: str, data: bytes) -> None:
+def append_once(path: str, data: bytes, *, fsync: bool = False) -> None:
     """Append whole lines to ``path`` and close it (a torn last line is cut first; a FIFO
-    without a reader fails, never blocks)."""
+    without a reader fails, never blocks); ``fsync``: on disk before it returns."""
     fd = open_log(path)
     try:
         os.write(fd, data)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

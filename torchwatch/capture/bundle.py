@@ -45,8 +45,8 @@ _JSON_SCALARS = (bool, int, str, type(None))
 def encode(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """The JSON spec of ``tree``; its tensors go into ``tensors`` as ``<prefix>/<i>`` (CPU copies).
 
-    Tensors, tuples, lists, dicts (string keys; a Hugging Face ``ModelOutput`` too), dataclasses,
-    JSON scalars and floats are kept; anything else is named (``{"opaque": "TypeName"}``) and
+    Tensors, tuples, lists, dicts (string keys; a Hugging Face ``ModelOutput`` too), JSON scalars
+    and floats are kept; anything else is named (``{"opaque": "TypeName"}``) and
     cannot be replayed. Tensors safetensors cannot hold (sparse, quantized, meta, nested) are
     named the same way.
     """
@@ -152,9 +152,7 @@ def write(path: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
 
     text = json.dumps(formats.json_safe(meta), allow_nan=False, separators=(",", ":"))
 
-    def save(tmp: str) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
+    def save(tmp: str) -> None:  # in the writer's 0700 directory: no one else sees it before the chmod
         save_file(tensors, tmp, metadata={"format": FORMAT, "meta": text})
         os.chmod(tmp, 0o600)
 

@@ -90,8 +90,6 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._written: collections.deque[float] = collections.deque()  # times of the last hour's bundles
         self._disk: int | None = None  # bytes of bundles in the directory (scanned on the first write)
-        self._index = formats.JsonlLog(os.path.join(self.directory, bundle.INDEX), f"Capture({self.directory!r})")
-        self.paths: list[str] = []  # bundles written by this watch, oldest first
         self._idle = threading.Condition(self._lock)
         self._busy = 0
         _WRITERS.add(self)
@@ -169,13 +167,14 @@ class Writer:
                 return None
             path = self._new_path(job)
             written = bundle.write(path, meta, tensors)
-            self._index.append(formats.json_line(_index_line(path, job, written, bool(tensors))), fsync=True)
+            # opened per bundle (a few an hour): a watch holds no file open for its capture
+            index = os.path.join(self.directory, bundle.INDEX)
+            formats.append_once(index, formats.json_line(_index_line(path, job, written, bool(tensors))), fsync=True)
         except OSError as exc:
             self.lost(NOT_WRITTEN, f"writing into {self.directory!r} failed ({exc.strerror or exc}); serving goes on")
             return None
         self._disk += written
         self._written.append(now)
-        self.paths.append(path)
         if self._publish is not None:  # where it is: in TensorBoard's alert text, the incident log, watch.alerts
             # the alert is kept before its warning is issued: a warnings filter set to "error" costs the warning only
             with contextlib.suppress(Exception):
