@@ -152,7 +152,7 @@ def write(path: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
 
     text = json.dumps(formats.json_safe(meta), allow_nan=False, separators=(",", ":"))
 
-    def save(tmp: str) -> None:  # in the writer's 0700 directory: no one else sees it before the chmod
+    def save(tmp: str) -> None:  # owner-only before it is renamed into place
         save_file(tensors, tmp, metadata={"format": FORMAT, "meta": text})
         os.chmod(tmp, 0o600)
 

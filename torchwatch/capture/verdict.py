@@ -42,9 +42,11 @@ from ..alerts import Alert
 from ..errors import ConfigError, TorchwatchWarning
 from ..integrity.fingerprinting import Fingerprint, FingerprintChange, fingerprint
 from ..integrity.verify import verify_weights
+from ..monitors.inputs import INPUT
 from ..stats import ModuleStats
 from ..watch import attach
 from .bundle import Opaque
+from .monitor import MANUAL
 from .reference import out_of_range
 from .trees import map_tensors, tensors_of
 
@@ -279,20 +281,20 @@ def judge(incident: Any, model: torch.nn.Module, manifest: Any) -> ReplayReport:
             culprit, reason, module, tensor, reproduced, bitwise, live_origin, same.origin, trigger, rows, notes
         )
 
-    bad_inputs = [(name, s) for name, s in same.stats.items() if name.startswith("<input>") and s.nonfinite]
-    if bad_inputs:
-        name, s = bad_inputs[0]
-        return verdict(
-            "data",
-            f"input {name!r} arrived holding {s.nan} NaN, {s.posinf} +Inf, {s.neginf} -Inf: a data "
-            "or preprocessing fault upstream of the model",
-            name,
-        )
-    for name, s in same.stats.items():
-        why = out_of_range(name, s.absmax, incident.meta.get("input_reference")) if name.startswith("<input>") else None
+    inputs = [(name, s) for name, s in same.stats.items() if name.startswith(INPUT)]
+    for name, s in inputs:  # NaN/Inf in the data first: the plainest evidence
+        if s.nonfinite:
+            return verdict(
+                "data",
+                f"input {name!r} arrived holding {s.nan} NaN, {s.posinf} +Inf, {s.neginf} -Inf: a data "
+                "or preprocessing fault upstream of the model",
+                name,
+            )
+    for name, s in inputs:
+        why = out_of_range(name, s.absmax, incident.meta.get("input_reference"))
         if why is not None:
             return verdict("data", why, name)
-    if trigger.module.startswith("<input>"):
+    if trigger.module.startswith(INPUT):
         return verdict(
             "data",
             f"the alert was on input {trigger.module!r} ({trigger.message}): the data changed before the model",
@@ -340,7 +342,7 @@ def judge(incident: Any, model: torch.nn.Module, manifest: Any) -> ReplayReport:
             else f"the replay went non-finite at {same.origin!r}",
             same.origin,
         )
-    if trigger.rule == "capture" and live_origin is None:
+    if trigger.rule == MANUAL and live_origin is None:
         return verdict("none", "the captured call was healthy and the replay is too")
     return verdict(
         "hardware",
@@ -362,7 +364,7 @@ def _first(stats: dict[str, ModuleStats], test: Any) -> str | None:
 
 
 def _reproduced(trigger: Alert, run_: Run, live_origin: str | None) -> bool | None:
-    if trigger.rule == "nonfinite" or (trigger.rule == "capture" and live_origin is not None):
+    if trigger.rule == "nonfinite" or (trigger.rule == MANUAL and live_origin is not None):
         return run_.origin is not None and (
             live_origin is None or live_origin == run_.origin or _nonfinite_at(run_, live_origin)
         )
@@ -370,7 +372,7 @@ def _reproduced(trigger: Alert, run_: Run, live_origin: str | None) -> bool | No
         dtype = trigger.stat.split(".", 1)[1]
         s = run_.stats.get(trigger.module)
         return s is not None and s.overflow.get(dtype, 0) > 0
-    if trigger.rule == "capture":
+    if trigger.rule == MANUAL:
         return run_.origin is not None
     return None
 
