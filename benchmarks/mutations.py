@@ -141,7 +141,7 @@ MUTATIONS = (
              "            if detail is not None:\n                detail.append((key[1], raw))", "            pass",
              (CAPTURE_TESTS,)),
     Mutation("capture: the call's inputs referenced, not copied", "torchwatch/capture/monitor.py",
-             "job.args, job.kwargs, job.outputs = _copy(tuple(args)), _copy(dict(kwargs)), _copy(output)",
+             "job.args, job.kwargs, job.outputs = copied(tuple(args)), copied(dict(kwargs)), copied(output)",
              "job.args, job.kwargs, job.outputs = tuple(args), dict(kwargs), output", (CAPTURE_TESTS,)),
     Mutation("capture: a per-call cast limit doubled", "torchwatch/capture/monitor.py",
              "if n and raw[field][i] > limit * n:", "if n and raw[field][i] > 2 * limit * n:", (CAPTURE_TESTS,)),
