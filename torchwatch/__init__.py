@@ -27,6 +27,7 @@ from .errors import (
     TorchwatchError,
     TorchwatchWarning,
 )
+from .fleet.identity import Identity
 from .integrity import (
     Canary,
     CanaryReport,
@@ -79,6 +80,7 @@ __all__ = [
     "FirstNonFinite",
     "FormatError",
     "IdStats",
+    "Identity",
     "Incident",
     "IncidentLog",
     "InputMonitor",

@@ -25,6 +25,8 @@ class Alert:
         time: Unix time when it was detected.
         cohort, trace_id: labels from :meth:`torchwatch.Watch.context` active on that call.
         message: one sentence for a person.
+        replica: the replica that raised it (:class:`~torchwatch.Identity`), as written to logs;
+            None on alerts still in the process that raised them.
 
     Example:
         >>> import torch, torchwatch as tw
@@ -45,6 +47,7 @@ class Alert:
     cohort: str | None
     trace_id: str | None
     message: str
+    replica: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +59,7 @@ class Alert:
         return cls(
             rule=f.str("rule"), module=f.str("module"), stat=f.str("stat", ""), value=f.float("value"),
             expected=f.float("expected"), call=f.int("call", -1), time=f.float("time"), cohort=f.str("cohort", None),
-            trace_id=f.str("trace_id", None), message=f.str("message", ""),
+            trace_id=f.str("trace_id", None), message=f.str("message", ""), replica=f.str("replica", None),
         )  # fmt: skip
 
 

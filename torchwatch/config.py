@@ -22,6 +22,7 @@ from .monitors.activations import Activations
 from .monitors.base import Monitor
 from .monitors.drift import Drift, Reference
 from .monitors.fingerprint import FingerprintMonitor
+from .monitors.identity import IdentityMonitor
 from .monitors.inputs import InputMonitor, Inputs
 from .monitors.latency import Latency, Timing
 from .monitors.outputs import OutputMonitor, Outputs
@@ -60,6 +61,7 @@ class WatchConfig:
     drift_arl: float | None
     monitors: tuple[Monitor, ...]
     capture: Capture | None
+    replica: str | None
     device_path: bool  # measure CPU tensors the way accelerator ones are (_testing.device_path(), in tests)
 
     @classmethod
@@ -68,6 +70,7 @@ class WatchConfig:
         flush_every: Any = 100, cast_dtypes: Any = DEFAULT_CAST_DTYPES, on_nonfinite: Any = "warn",
         max_cohorts: Any = 16, drift: Any = None, drift_arl: Any = None, rules: Any = None, alert_policy: Any = None,
         inputs: Any = True, outputs: Any = None, timing: Any = False, monitors: Any = (), capture: Any = None,
+        replica: Any = None,
     ) -> WatchConfig:  # fmt: skip
         """Check every option (defaults: those of :func:`torchwatch.attach`); raises
         :class:`~torchwatch.ConfigError` naming the first bad one."""
@@ -82,6 +85,8 @@ class WatchConfig:
         if not isinstance(policy, _rules.AlertPolicy):
             raise ConfigError(f"alert_policy must be a tw.rules.AlertPolicy, got {type(alert_policy).__name__}")
         reference, drift_modules = _drift(model, drift, drift_arl)
+        if replica is not None and (not isinstance(replica, str) or not replica.strip()):
+            raise ConfigError(f"attach(): replica must be a non-empty name (a string), got {replica!r}")
         return cls(
             selected=tuple(name for name, _ in select_modules(model, modules)),
             every=_validate.integer("attach()", "every", every),
@@ -101,6 +106,7 @@ class WatchConfig:
             drift_arl=drift_arl,
             monitors=_monitor_list(monitors),
             capture=_validate.instance("attach()", "capture", capture, Capture, "a tw.Capture", optional=True),
+            replica=replica,
             device_path=_testing.DEVICE_PATH.get(),
         )
 
@@ -117,7 +123,7 @@ class WatchConfig:
         path = "torch" if self.device_path else None  # CPU tensors through the device path's torch ops (tests)
         stats = Activations(model, modules=len(self.selected), cast_dtypes=self.cast_dtypes, every=self.every,
                             on_nonfinite=self.on_nonfinite, device_path=self.device_path)  # fmt: skip
-        out: list[Monitor] = [stats, Latency(cuda=cuda)]
+        out: list[Monitor] = [stats, Latency(cuda=cuda), IdentityMonitor(device, self.replica)]
         if self.timing:
             out.append(Timing(cuda=cuda))
         if self.inputs is not None:

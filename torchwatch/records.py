@@ -10,7 +10,7 @@ output position, first NaN/Inf records, counted failures, and one value per moni
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import values as _values
@@ -21,7 +21,7 @@ from .stats import ModuleStats
 
 # The record fields that hold a built-in monitor's value (any other monitor's is in ``extra``);
 # their types come from the value registry (torchwatch/values.py), which each monitor's file fills.
-MONITOR_FIELDS = ("drift", "latency", "inputs", "outputs", "timing")
+MONITOR_FIELDS = ("drift", "latency", "inputs", "outputs", "timing", "identity")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ def _fields(stats: Mapping[str, ModuleStats], obj: Any) -> dict[str, Any]:
         "inputs": {name: i.to_dict() for name, i in obj.inputs.items()},
         "outputs": obj.outputs.to_dict() if obj.outputs is not None else None,
         "timing": {name: t.to_dict() for name, t in obj.timing.items()},
+        "identity": obj.identity.to_dict() if obj.identity is not None else None,
         **({"extra": {name: _plain(v) for name, v in obj.extra.items()}} if obj.extra else {}),
         **({"baselines": obj.baselines.to_dict()} if obj.baselines is not None else {}),
     }
@@ -119,6 +120,7 @@ class Snapshot(Mapping[str, ModuleStats]):
         extra: the values of monitors added with ``attach(monitors=...)``, by name.
         baselines: how far the rules' baselines are learned (:class:`Warmup`), as of the last
             flush; None when no rule learns one.
+        identity: the :class:`~torchwatch.Identity` of the replica that made it.
 
     Example:
         >>> import torch, torchwatch as tw
@@ -146,9 +148,11 @@ class Snapshot(Mapping[str, ModuleStats]):
         timing: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
         baselines: Warmup | None = None,
+        identity: Any = None,
     ) -> None:
         self._stats = dict(stats)
         self.baselines = baselines
+        self.identity = identity
         self.calls = calls
         self.sampled = sampled
         self.cohort = cohort
@@ -219,6 +223,8 @@ class Record:
             dropped. 0 normally.
         baselines: how far the rules' baselines are learned after this interval (:class:`Warmup`);
             None when no rule learns one.
+        identity: the :class:`~torchwatch.Identity` of the replica that made it (host, process,
+            rank, device, versions); its alerts are written with its ``replica`` name.
     """
 
     step: int
@@ -237,6 +243,7 @@ class Record:
     merged: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
     baselines: Warmup | None = None
+    identity: Any = None
 
     @classmethod
     def of(cls, *, values: Mapping[str, Any], **fields: Any) -> Record:
@@ -250,10 +257,16 @@ class Record:
                 "step": self.step,
                 "time": self.time,
                 **_fields(self.stats, self),
-                "alerts": [a.to_dict() for a in self.alerts],
+                "alerts": [self._stamped(a).to_dict() for a in self.alerts],
                 "merged": self.merged,
             }
         )
+
+    def _stamped(self, alert: Alert) -> Alert:
+        """``alert`` with the name of the replica that raised it (this record's)."""
+        if alert.replica is not None or self.identity is None:
+            return alert
+        return replace(alert, replica=self.identity.replica)
 
     @classmethod
     def from_json(cls, doc: object, where: str = "record") -> Record:

@@ -391,6 +391,7 @@ def attach(
     timing: bool = False,
     monitors: Iterable[Monitor] = (),
     capture: Any = None,
+    replica: str | None = None,
 ) -> Watch:
     """Start measuring the outputs of ``model``'s modules on every ``every``-th call.
 
@@ -474,7 +475,7 @@ def attach(
         model, modules=modules, every=every, sampling=sampling, sinks=sinks, flush_every=flush_every,
         cast_dtypes=cast_dtypes, on_nonfinite=on_nonfinite, max_cohorts=max_cohorts, drift=drift,
         drift_arl=drift_arl, rules=rules, alert_policy=alert_policy, inputs=inputs, outputs=outputs, timing=timing,
-        monitors=monitors, capture=capture,
+        monitors=monitors, capture=capture, replica=replica,
     )  # fmt: skip
 
 

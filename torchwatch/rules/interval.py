@@ -27,6 +27,7 @@ class Interval:
             (cohort None only), or None.
         timing: per module, its latency with ``attach(timing=True)`` (cohort None only).
         extra: the values of monitors added with ``attach(monitors=...)``, by name (cohort None only).
+        identity: the :class:`~torchwatch.Identity` of the replica (cohort None only).
     """
 
     step: int
@@ -39,6 +40,7 @@ class Interval:
     outputs: Any = None
     timing: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    identity: Any = None
 
     @classmethod
     def of(

@@ -44,6 +44,12 @@ class PrometheusSink(Sink):
       of ``watch.errors``; ``torchwatch_flushes_merged_total`` — automatic flushes merged into
       later records because the writer was behind (nothing lost);
     * ``torchwatch_last_flush_timestamp_seconds``;
+    * ``torchwatch_replica_info{replica, host, pid, rank, local_rank, world_size, device, device_name,
+      device_uuid, cpu, torch, cuda, cudnn}`` — who this replica is (value 1; the labels are the
+      information, one label set per process: join on ``instance`` to name the replica of any series);
+      with ``watch.verify_canary_every``: ``torchwatch_canary_info{replica, output, digest, weights}``,
+      ``torchwatch_canary_checks_total{result}`` (docs/fleet.md). An info family keeps only the label
+      sets of its latest value;
     * whatever a monitor's value exports (:mod:`torchwatch.values`): the drift, latency, output and
       input series above come that way, ``torchwatch_abs_histogram_total{module, le}`` from
       ``tw.monitors.Histograms()``, and ``torchwatch_extra{monitor, key}`` gauges for the numbers of a
@@ -130,6 +136,7 @@ class PrometheusSink(Sink):
         self._errors_seen: dict[str, int] = {}
         self._modules: set[str] = set()
         self._per_family: dict[str, set[tuple[str, ...]]] = {}  # label sets written per exported family
+        self._info: dict[str, set[tuple[str, ...]]] = {}  # per *_info family: the label sets of the last write
         self._closed = False
         if port is not None:
             try:
@@ -152,7 +159,7 @@ class PrometheusSink(Sink):
             return label
         return OTHER
 
-    def _sample(self, series: values.Series) -> None:
+    def _sample(self, series: values.Series, info: dict[str, set[tuple[str, ...]]] | None = None) -> None:
         """One exported sample: its family made on first use; ``module`` and ``input`` label values
         bounded by ``max_modules``, and at most ``MAX_SERIES`` label sets per family (beyond them
         the sample is dropped and counted in ``torchwatch_series_dropped_total{metric}``)."""
@@ -168,6 +175,8 @@ class PrometheusSink(Sink):
                 return
             seen.add(labels)
         sample = self._labels(metric, *labels)
+        if series.name.endswith("_info") and info is not None:
+            info.setdefault(series.name, set()).add(labels)
         if series.kind == "counter":
             sample.inc(series.value)
         else:
@@ -203,14 +212,28 @@ class PrometheusSink(Sink):
             if new > 0:
                 lab(f.errors, str(kind)).inc(new)
                 self._errors_seen[kind] = total
+        info: dict[str, set[tuple[str, ...]]] = {}
         for name, value in monitor_values(record).items():  # what each monitor's value exports
             for item in values.exports(name, value, record):
                 if isinstance(item, values.Series):
-                    self._sample(item)
+                    self._sample(item, info)
+        self._replace_info(info)
         if record.baselines is not None:
             lab(f.baselines, "all").set(record.baselines.series)
             lab(f.baselines, "learning").set(record.baselines.learning)
         lab(f.last_flush).set(record.time)
+
+    def _replace_info(self, written: dict[str, set[tuple[str, ...]]]) -> None:
+        """An info family shows what is true now (a replica's rank, a canary's output digest): the
+        label sets it had before and were not written again this time are removed."""
+        for name, now in written.items():
+            metric = self._families.family_named(name)
+            for labels in self._info.get(name, set()) - now:
+                with contextlib.suppress(KeyError):
+                    metric.remove(self.model_name, *labels)
+                self._series.discard((metric, (self.model_name, *labels)))
+                self._per_family.get(name, set()).discard(labels)
+            self._info[name] = now
 
     def close(self) -> None:
         """Stop serving, remove this model's series and release the metric families (the last
@@ -300,6 +323,11 @@ class _Families:
                 known = self._exported[series.name] = (series.kind, names, metric)
         kind, label_names, metric = known
         return metric if (kind, label_names) == (series.kind, names) else None
+
+    def family_named(self, name: str) -> Any:
+        """The exported family registered under ``name`` (None if it could not be)."""
+        with self._lock:
+            return self._exported[name][2]
 
     @classmethod
     def acquire(cls, pc: Any, registry: Any, model: str, multiprocess: bool) -> _Families:
