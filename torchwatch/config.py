@@ -34,7 +34,7 @@ NONFINITE_POLICIES = ("ignore", "warn", "raise")
 SAMPLING_MODES = ("python", "device")
 # monitor names taken by the built-in monitors (attach(monitors=...) may not reuse them): the
 # record's monitor fields, and the monitors without one
-_RESERVED = frozenset({*MONITOR_FIELDS, Activations.name, FingerprintMonitor.name, CaptureMonitor.name})
+_RESERVED = frozenset({*MONITOR_FIELDS, Activations.name, FingerprintMonitor.name, CaptureMonitor.name, "canary"})
 
 
 @dataclasses.dataclass(frozen=True)

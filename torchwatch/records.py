@@ -257,16 +257,17 @@ class Record:
                 "step": self.step,
                 "time": self.time,
                 **_fields(self.stats, self),
-                "alerts": [self._stamped(a).to_dict() for a in self.alerts],
+                "alerts": [a.to_dict() for a in self.alerts],
                 "merged": self.merged,
             }
         )
 
-    def _stamped(self, alert: Alert) -> Alert:
-        """``alert`` with the name of the replica that raised it (this record's)."""
-        if alert.replica is not None or self.identity is None:
-            return alert
-        return replace(alert, replica=self.identity.replica)
+    def __post_init__(self) -> None:
+        """Its alerts carry the name of the replica that raised them (this record's identity)."""
+        if self.identity is not None and any(a.replica is None for a in self.alerts):
+            name = self.identity.replica
+            stamped = tuple(a if a.replica is not None else replace(a, replica=name) for a in self.alerts)
+            object.__setattr__(self, "alerts", stamped)
 
     @classmethod
     def from_json(cls, doc: object, where: str = "record") -> Record:

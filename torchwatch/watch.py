@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,7 +28,10 @@ from .engine import registry
 from .engine.bus import AlertBus
 from .engine.core import Engine
 from .errors import ConfigError
+from .fleet.identity import replica_name
+from .integrity.canary import Canary
 from .monitors.base import Monitor, labels
+from .monitors.canary import CanaryMonitor
 from .monitors.fingerprint import FingerprintMonitor
 from .monitors.outputs import Outputs
 from .records import Snapshot
@@ -308,6 +312,59 @@ class Watch:
             raise ConfigError("verify_fingerprint_every() needs an attached watch whose model is alive")
         monitor = FingerprintMonitor(model, float(seconds), baseline, functools.partial(self._bus.publish, trip=True))
         self._engine.add_monitor(monitor, replace=FingerprintMonitor)
+        return monitor
+
+    def verify_canary_every(self, seconds: float, canary: Any, *, wait: float = 30.0) -> Any:
+        """Re-run ``canary`` every ``seconds`` while the model serves, between requests.
+
+        Each check takes the model to itself for one canary forward: calls in flight finish first,
+        new ones wait at their start until it is done (the cost of a forward on the canary's small
+        batch, once a period; never concurrently with a request), and the canary's forward is not
+        counted or measured by this watch. The outputs are compared as :func:`torchwatch.selftest`
+        does (:meth:`Canary.verify`); a failure is a tripping ``"canary"`` alert. Every check's
+        output digests (bitwise) and the weights' fingerprint digest go out with the next record
+        (``record.extra["canary"]``) and to Prometheus as ``torchwatch_canary_info{replica, output,
+        digest, weights}``, so replicas can be compared with each other (docs/fleet.md). Calling it
+        again replaces the previous check; :meth:`detach` stops it.
+
+        Args:
+            seconds: period between checks (> 0; minutes are typical: 300).
+            canary: a :class:`~torchwatch.Canary` or the path of a canary file.
+            wait: longest wait, in seconds, for calls in flight to finish before a check (a check
+                that cannot start is skipped and counted in ``watch.errors["canary checks not run"]``).
+
+        Returns:
+            The :class:`~torchwatch.monitors.canary.CanaryMonitor` (``check_now()``, ``checks``,
+            ``failures``, ``last``, ``stop()``).
+
+        Raises:
+            ConfigError: bad arguments, an unreadable canary file, or a detached watch.
+
+        Example:
+            >>> import torch, torchwatch as tw
+            >>> import warnings; warnings.simplefilter("ignore", tw.TorchwatchWarning)
+            >>> model = torch.nn.Linear(4, 2)
+            >>> canary = tw.Canary.record(model, torch.randn(3, 4))
+            >>> with tw.attach(model) as watch:
+            ...     checks = watch.verify_canary_every(300, canary)
+            ...     print(checks.check_now().ok, watch.calls)
+            ...     with torch.no_grad():
+            ...         model.bias[0] += 1.0
+            ...     print(checks.check_now().ok, watch.healthy, watch.alerts[-1].rule)
+            True 0
+            False False canary
+        """
+        seconds = _validate.number("verify_canary_every()", "seconds", seconds, above=0.0)
+        wait = _validate.number("verify_canary_every()", "wait", wait, low=0.0)
+        model = self._model()
+        if not self.attached or model is None:
+            raise ConfigError("verify_canary_every() needs an attached watch whose model is alive")
+        if isinstance(canary, (str, os.PathLike)):
+            canary = Canary.load(canary)
+        _validate.instance("verify_canary_every()", "canary", canary, Canary, "a tw.Canary or a canary file's path")
+        replica = functools.partial(replica_name, self.config.replica)
+        monitor = CanaryMonitor(model, seconds, canary, wait=wait, exclusive=self._engine.exclusive, replica=replica)
+        self._engine.add_monitor(monitor, replace=CanaryMonitor)
         return monitor
 
     def capture(self, trace_id: str) -> bool:

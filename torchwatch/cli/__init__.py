@@ -1,5 +1,6 @@
 """The ``torchwatch`` command line: ``demo`` (:mod:`.demo`), ``report`` (:mod:`.report`),
-``manifest``, ``verify``, ``canary``, ``keygen`` (:mod:`.integrity`) and ``replay`` (:mod:`.replay`).
+``manifest``, ``verify``, ``canary``, ``keygen`` (:mod:`.integrity`), ``replay`` (:mod:`.replay`) and
+``fleet`` (:mod:`.fleet`).
 
 Exit codes: 0 ok, 1 a check failed (weights or canary outputs differ, or the demo did not
 catch its failure), 2 bad usage or unreadable input.
@@ -18,6 +19,7 @@ from .._files import atomic_write_text, shown
 from ..errors import TorchwatchError
 from . import report, report_html
 from .demo import MIN_REQUESTS, run
+from .fleet import add_command as add_fleet
 from .integrity import add_commands
 from .replay import add_command as add_replay
 
@@ -98,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
     rep.set_defaults(handler=_report)
     add_commands(sub)
     add_replay(sub)
+    add_fleet(sub)
     return p
 
 

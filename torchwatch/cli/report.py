@@ -133,7 +133,7 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
             lead = {k: v for k, v in incident.items() if k not in ("related", "summary")}
             for a in [lead, *incident.get("related", ())]:
                 key = _alert_key(a)
-                if key not in seen:
+                if key not in seen and (*key[:-1], None) not in seen:  # logs that do not name the replica
                     seen.add(key)
                     data.alerts.append(a)
     data.alerts.sort(key=lambda a: (a.get("time") or 0, a.get("call") or 0))
@@ -154,7 +154,8 @@ def load(logdir: str | os.PathLike[str]) -> LogData:
 def _alert_key(a: dict[str, Any]) -> tuple[Any, ...]:
     """One alert, however it was logged (a record, the incident log, TensorBoard's text, whose
     times are the record's and whose messages are on one line)."""
-    return a.get("rule"), a.get("module"), a.get("call"), str(a.get("message", "")).replace("\n", " ")
+    return (a.get("rule"), a.get("module"), a.get("call"), str(a.get("message", "")).replace("\n", " "),
+            a.get("replica"))  # fmt: skip
 
 
 def _phases(path: str, skipped: list[str]) -> list[dict[str, Any]]:
@@ -212,12 +213,15 @@ def _read_stats(path: str, data: LogData) -> None:
             for dtype, n in s.overflow.items():
                 m.over[dtype].append(n / s.count if s.count else 0.0)
                 m.over_total[dtype] += n
+        replica = r.identity.replica if r.identity is not None else None
+        if r.identity is not None:
+            data.replicas.setdefault(replica, r.identity.to_dict())
         for name, first in r.nonfinite.items():
-            data.origins.setdefault(name, first.to_dict())
+            data.origins.setdefault(name, {**first.to_dict(), "replica": replica})
         for name, d in r.drift.items():
             score = d.score if not math.isnan(d.score) else 0.0
             data.drift.setdefault(name, []).append((step, score, d.p_value if not math.isnan(d.p_value) else 1.0))
-        data.alerts += [a.to_dict() for a in r.alerts]
+        data.alerts += [a.to_dict() | {"replica": a.replica or replica} for a in r.alerts]
         data.errors.update(r.errors)
         if r.outputs is not None:
             data.outputs.append((step, dict(r.outputs)))
@@ -257,6 +261,7 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
                 "module": name, "nan": m.nan, "posinf": m.posinf, "neginf": m.neginf,
                 "first_step": m.first_nonfinite_step, "origin": origin.get("origin"),
                 "first_call": origin.get("call"), "first_trace": origin.get("trace_id"),
+                "first_replica": origin.get("replica"),
             })  # fmt: skip
     nonfinite.sort(key=lambda x: x["first_call"] if x["first_call"] is not None else x["first_step"] or 0)
     casts: dict[str, dict[str, list[dict[str, Any]]]] = {"overflow": {}, "underflow": {}}
@@ -297,7 +302,7 @@ def summarize(data: LogData, *, top: int = 5) -> dict[str, Any]:
         "calls": data.calls, "steps": data.steps, "first_time": data.first_time, "last_time": data.last_time,
         "nonfinite": nonfinite, "casts": casts, "drift": drift, "alerts": data.alerts, "errors": data.errors,
         "phases": data.phases, "charted_only": data.charted_only, "problems": problems,
-        "baselines": data.baselines, "captures": data.captures,
+        "baselines": data.baselines, "captures": data.captures, "replicas": data.replicas,
         "histograms": [{"tag": tag, "edges": list(edges), "counts": counts, "total": sum(counts)}
                        for tag, (edges, counts) in data.histograms.items()],
     }  # fmt: skip
@@ -376,6 +381,11 @@ def text(summary: dict[str, Any]) -> str:
     span = f", {_when(summary['first_time'])} to {_when(summary['last_time'])}" if summary["first_time"] else ""
     calls = f"{summary['calls']:,} calls" if summary["exact_counts"] else f"up to step {summary['steps']:,}"
     lines.append(f"  {calls}{span}; read {len(summary['sources'])} file(s)")
+    replicas = summary.get("replicas") or {}
+    several = len(replicas) > 1
+    if several:
+        lines.append(f"  {len(replicas)} replicas merged: " + ", ".join(
+            f"{name} ({r.get('host')}, {r.get('device_name')})" for name, r in sorted(replicas.items())))  # fmt: skip
     if summary.get("baselines"):
         lines.append(f"  {Warmup(**summary['baselines'])}")
     for why in summary.get("skipped", [])[:10]:
@@ -389,7 +399,8 @@ def text(summary: dict[str, Any]) -> str:
         first = summary["nonfinite"][0]
         if first["origin"] is not None:
             trace = f", request {first['first_trace']!r}" if first["first_trace"] else ""
-            lines.append(f"  started in {first['origin']!r} on call {first['first_call']}{trace}")
+            where = f" of replica {first['first_replica']}" if several and first.get("first_replica") else ""
+            lines.append(f"  started in {first['origin']!r} on call {first['first_call']}{where}{trace}")
         else:
             lines.append("  (these logs do not say where it started: no nonfinite alert names an origin)")
         for row in summary["nonfinite"][:10]:
@@ -469,8 +480,9 @@ def text(summary: dict[str, Any]) -> str:
     lines += report_captures.text_lines(summary.get("captures", []))
     lines.append(f"\nAlerts ({len(summary['alerts'])}):" if summary["alerts"] else "\nAlerts: none")
     for a in summary["alerts"][:40]:
+        who = f"[{a.get('replica')}] " if several and a.get("replica") else ""
         lines.append(
-            f"  {_when(a.get('time'))}  call {a.get('call')!s:>7}  {a.get('rule', '?'):<18} {a.get('message', '')}"
+            f"  {_when(a.get('time'))}  call {a.get('call')!s:>7}  {a.get('rule', '?'):<18} {who}{a.get('message', '')}"
         )
     if len(summary["alerts"]) > 40:
         lines.append(f"  ... and {len(summary['alerts']) - 40} more (see --json)")

@@ -38,6 +38,7 @@ class LogData:
     last_time: float | None = None
     modules: dict[str, ModuleSeries] = field(default_factory=dict)
     origins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replicas: dict[str, dict[str, Any]] = field(default_factory=dict)  # record.identity by replica name
     drift: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)

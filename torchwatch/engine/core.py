@@ -17,11 +17,12 @@ among the others, whose ``ctx.positions(...)`` fill the record's ``stats`` and `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -124,6 +125,12 @@ class Engine:
         self._model = weakref.ref(model)
         self.graph_mode = GraphMode()
         self._lock = threading.Lock()  # call counters
+        # root calls in flight, and the gate that holds new ones back while a check has the model to
+        # itself (exclusive(): a canary re-run between requests); _paused is read once per call
+        self._inflight = 0
+        self._paused = False
+        self._idle = threading.Condition(self._lock)
+        self._exclusive = threading.Lock()
         self.flush_lock = threading.RLock()  # one flush / snapshot / reset at a time
         self.device_lock = threading.Lock()  # device merges are several ops: one thread at a time
         # .call: this thread's root Call (None outside one, or when its bookkeeping failed), .depth:
@@ -236,6 +243,9 @@ class Engine:
         tls.flush_due = False
         try:
             with self._lock:
+                while self._paused:  # a check has the model to itself (exclusive()): wait for it
+                    self._idle.wait()
+                self._inflight += 1
                 index = self._calls
                 self._calls += 1
                 self._window_calls += 1
@@ -269,6 +279,10 @@ class Engine:
         tls.depth = depth - 1
         if depth > 1:
             return
+        with self._lock:
+            self._inflight -= 1
+            if self._paused and not self._inflight:
+                self._idle.notify_all()
         call, tls.call = tls.call, None
         if call is not None:
             if call.sampled and self.every > 1 and self.sampling == "python":
@@ -291,6 +305,38 @@ class Engine:
                 'pass on_nonfinite="warn" to keep serving and only record it.',
                 alert,
             )
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float) -> Iterator[None]:
+        """Run the block with the model to itself, unseen by the watch: root calls in flight on
+        other threads finish first, new ones wait at their start until the block ends, and the
+        model's calls inside the block are not counted, measured or observed by any monitor (a
+        canary re-check between requests). One such block at a time.
+
+        Raises:
+            TimeoutError: calls were still in flight after ``timeout`` seconds (nothing ran; calls
+                went on as usual), or this thread is itself inside a call of the model.
+        """
+        tls = self.local
+        if getattr(tls, "depth", 0):
+            raise TimeoutError("exclusive() was entered from inside a call of the watched model")
+        with self._exclusive:
+            with self._lock:
+                self._paused = True
+                idle = self._idle.wait_for(lambda: self._inflight == 0, timeout)
+                if not idle:
+                    self._paused = False
+                    self._idle.notify_all()
+            if not idle:
+                raise TimeoutError(f"calls of the watched model were still running after {timeout:g} s")
+            tls.depth, tls.call, tls.aside = 1, None, True  # inside: the hooks treat it as an unsampled call
+            try:
+                yield
+            finally:
+                tls.depth, tls.aside = 0, False
+                with self._lock:
+                    self._paused = False
+                    self._idle.notify_all()
 
     # ---- windows -----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ Integer and bool outputs are compared exactly in every mode; NaN must be where i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -41,9 +42,10 @@ from .._environment import device_name
 from .._files import atomic_write, parse_json, shown
 from .._pytree import call_batch, flatten_outputs, is_logits
 from ..errors import CanaryError, ConfigError, FormatError
+from ._hashing import tensor_bytes
 from .manifest import Manifest
 
-__all__ = ["Canary", "CanaryReport", "OutputCheck", "Tolerances"]
+__all__ = ["Canary", "CanaryReport", "OutputCheck", "Tolerances", "output_digest"]
 
 FORMAT = formats.CANARY
 MODES = ("auto", "bitwise", "tolerance", "summary")
@@ -136,6 +138,8 @@ class CanaryReport:
         outputs: one :class:`OutputCheck` per recorded output.
         unexpected_outputs: outputs the model gives now that were not recorded.
         seconds: wall time (the forward included).
+        digests: per output the model gave now, its :func:`output_digest` (sha256 of dtype, shape
+            and bytes): replicas that should be bitwise equal compare these.
     """
 
     ok: bool
@@ -144,6 +148,7 @@ class CanaryReport:
     outputs: list[OutputCheck]
     unexpected_outputs: list[str]
     seconds: float
+    digests: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def failed(self) -> list[OutputCheck]:
@@ -167,13 +172,22 @@ class CanaryReport:
         return {
             "ok": self.ok, "mode": self.mode, "mode_reason": self.mode_reason,
             "outputs": [_jsonable(dataclasses.asdict(o)) for o in self.outputs],
-            "unexpected_outputs": self.unexpected_outputs, "seconds": self.seconds,
+            "unexpected_outputs": self.unexpected_outputs, "seconds": self.seconds, "digests": self.digests,
         }  # fmt: skip
 
     def raise_for_failure(self) -> None:
         """Raise :class:`torchwatch.CanaryError` (carrying this report) unless ``ok``."""
         if not self.ok:
             raise CanaryError(self.summary(), report=self)
+
+
+def output_digest(t: torch.Tensor) -> str:
+    """sha256 over a tensor's dtype, shape and bytes (copied to the host): equal exactly when the
+    tensors are bitwise equal."""
+    t = t.detach()
+    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}\t{','.join(map(str, t.shape))}\n".encode())
+    h.update(tensor_bytes(t.cpu()))
+    return h.hexdigest()
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -502,14 +516,19 @@ class Canary:
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not valid: use one of {', '.join(MODES)}")
         start = time.perf_counter()
-        if mode == "auto":
-            mode, why = self.choose_mode(model)
-        else:
-            why = "chosen by the caller"
-        if tolerances is None:
-            tolerances = Tolerances.from_json(self.metadata.get("tolerances", "{}"), "canary")
-        else:
-            _validate.instance("Canary.verify", "tolerances", tolerances, Tolerances, "a torchwatch.Tolerances")
+        report = self.compare(self.run(model), model, mode=mode, tolerances=tolerances)
+        report.seconds = time.perf_counter() - start
+        if raise_on_failure:
+            report.raise_for_failure()
+        return report
+
+    def run(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's outputs on the stored inputs, by name (in inference mode; inputs moved to the
+        model's device, floating ones cast to its dtype when it differs from the recorded one).
+
+        Raises:
+            ConfigError: the model fails on the stored inputs; the message gives their shapes.
+        """
         device, dtype = _model_device_dtype(model)
         recorded = self.metadata.get("dtype")
         values = []
@@ -526,7 +545,25 @@ class Canary:
                 f"the model failed on the canary inputs ({_describe(list(self.input_keys), values)}): {exc!r}; "
                 "is this the model the canary was recorded for?"
             ) from None
-        got = flatten_outputs(out)
+        return flatten_outputs(out)
+
+    def compare(
+        self, got: Mapping[str, torch.Tensor], model: torch.nn.Module, *, mode: str = "auto",
+        tolerances: Tolerances | None = None,
+    ) -> CanaryReport:  # fmt: skip
+        """Compare outputs :meth:`run` gave on ``model`` with the recorded ones (what :meth:`verify`
+        does after running); ``report.digests`` holds each output's :func:`output_digest`."""
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r} is not valid: use one of {', '.join(MODES)}")
+        start = time.perf_counter()
+        if mode == "auto":
+            mode, why = self.choose_mode(model)
+        else:
+            why = "chosen by the caller"
+        if tolerances is None:
+            tolerances = Tolerances.from_json(self.metadata.get("tolerances", "{}"), "canary")
+        else:
+            _validate.instance("Canary.verify", "tolerances", tolerances, Tolerances, "a torchwatch.Tolerances")
         checks = []
         n_out = len(self.expected)
         for name, exp in self.expected.items():
@@ -536,13 +573,11 @@ class Canary:
                 continue
             checks.append(_compare(name, got[name], exp, mode, tolerances, is_logits(name, exp, n_out)))
         unexpected = [n for n in got if n not in self.expected]
-        report = CanaryReport(
+        return CanaryReport(
             ok=all(c.passed for c in checks), mode=mode, mode_reason=why, outputs=checks,
             unexpected_outputs=unexpected, seconds=time.perf_counter() - start,
+            digests={name: output_digest(t) for name, t in got.items()},
         )  # fmt: skip
-        if raise_on_failure:
-            report.raise_for_failure()
-        return report
 
     def __repr__(self) -> str:
         return (

@@ -115,7 +115,9 @@ class Binding:
         graph_mode: callable, True while ``torch.compile`` traces or a CUDA graph is captured.
         cohorts: the watch's cohort bound (``cohorts.bound(cohort)``).
         local: per-thread state of the call in progress (``local.call``: its :class:`Call`, or
-            None outside one; ``local.depth``: nesting).
+            None outside one; ``local.depth``: nesting; ``local.aside``: True while the model runs
+            a check the watch must not see (``Engine.exclusive``): hooks that run outside root
+            calls skip it).
         device_lock, flush_lock: one device merge / one flush at a time.
     """
 

@@ -287,15 +287,15 @@ class Timing(Monitor):
         graph_mode = binding.graph_mode
         for name, module in binding.modules:
             self.timers[name] = CallTimer(cuda=self._cuda)
-            before, after = self._hooks(name, graph_mode)
+            before, after = self._hooks(name, graph_mode, binding.local)
             binding.module_hook(module, before, pre=True)
             binding.module_hook(module, after, prepend=True)  # first, so the statistics are not timed
 
-    def _hooks(self, fqn: str, graph_mode: Any) -> tuple[Any, Any]:
+    def _hooks(self, fqn: str, graph_mode: Any, local: Any) -> tuple[Any, Any]:
         timer, tls, bus = self.timers[fqn], self._tls, self._bus
 
         def torchwatch_time_start(module: Any, args: Any) -> None:
-            if graph_mode():
+            if graph_mode() or getattr(local, "aside", False):
                 return
             try:
                 tls.__dict__.setdefault("timing", {}).setdefault(fqn, []).append(timer.start())

@@ -347,13 +347,15 @@ class Drift(Monitor):
     def bind(self, binding: Binding) -> None:
         self._bus = binding.bus
         for name, module in self._modules:
-            binding.module_hook(module, self._hook(name, binding.graph_mode), sampled=False)
+            binding.module_hook(module, self._hook(name, binding.graph_mode, binding.local), sampled=False)
         del self._modules
 
-    def _hook(self, fqn: str, graph_mode: Any) -> Any:
+    def _hook(self, fqn: str, graph_mode: Any, local: Any) -> Any:
         online, bus = self.online, self._bus
 
         def torchwatch_drift_hook(module: Any, args: Any, output: Any) -> None:
+            if getattr(local, "aside", False):  # a check run aside (Engine.exclusive), not traffic
+                return
             if graph_mode():
                 self._traced = True
                 online.observe(fqn, output, locked=False)
