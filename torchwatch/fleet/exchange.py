@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,8 +28,8 @@ PREFIX = "torchwatch/fleet"
 class Exchange:
     """The rounds of one group: the store, the group's ranks and this rank."""
 
-    _rounds: dict[tuple[int, ...], int] = {}
-    _lock = threading.Lock()
+    _rounds: ClassVar[dict[tuple[int, ...], int]] = {}  # rounds so far per group, in this process
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, group: Any = None, store: Any = None) -> None:
         dist = torch.distributed

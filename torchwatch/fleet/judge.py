@@ -32,6 +32,8 @@ __all__ = ["CAUSES", "Finding", "FleetReport", "judge"]
 
 CAUSES = ("unresponsive", "inputs", "weights", "configuration", "hardware")
 STATS = ("mean", "std", "absmax")
+SILENT = ("did not answer within the timeout: the process died, hangs or cannot reach the others; look at its logs "
+          "and restart it")
 MAD_SCALE = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 
 
@@ -138,8 +140,7 @@ def judge(
     findings: dict[int, Finding] = {}
     for r in ranks:
         if r not in present:
-            findings[r] = Finding(r, "", "unresponsive", "did not answer within the timeout: the process "
-                                  "died, hangs or cannot reach the others; look at its logs and restart it")  # fmt: skip
+            findings[r] = Finding(r, "", "unresponsive", SILENT)
 
     def add(f: Finding) -> None:
         findings.setdefault(f.rank, f)

@@ -86,7 +86,7 @@ def canary_alert(report: CanaryReport) -> Alert:
     message = (f"the canary re-check failed while serving ({report.mode}): "
                + (f"output {first.name!r}: {first.reason}" if first else "outputs missing")
                + (f" and {len(failed) - 1} more output(s)" if len(failed) > 1 else "")
-               + "; the model computes differently than when it was validated: check weights, settings and device")  # fmt: skip
+               + "; the model computes differently than when validated: check weights, settings, device")  # fmt: skip
     return Alert(rule="canary", module="", stat=first.name if first else "outputs", value=float(len(failed)),
                  expected=0.0, call=-1, time=time.time(), cohort=None, trace_id=None, message=message)  # fmt: skip
 
