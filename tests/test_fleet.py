@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -14,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import torchwatch as tw
 from torchwatch.cli import main
 from torchwatch.fleet.judge import judge
 from torchwatch.fleet.probe import ModuleProbe, Probe, take
+from torchwatch.fleet.promql import queries, query
 
 HERE = Path(__file__).parent
 
@@ -267,3 +272,114 @@ def test_module_summaries_match_a_float64_oracle():
     assert row.mean == pytest.approx(float(h.mean()), rel=1e-12)
     assert row.std == pytest.approx(float(h.std(unbiased=False)), rel=1e-12)
     assert row.absmax == float(h.abs().max())
+
+
+# ---- compare_replicas: 4 gloo ranks, real processes -----------------------------------------------
+
+
+@pytest.mark.xdist_group("heavy")
+def test_four_gloo_ranks_name_the_odd_rank_and_why(tmp_path):
+    pytest.importorskip("transformers")
+    import _fleet_ranks
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_fleet_ranks.run, args=(r, 4, port, str(tmp_path / "canary.safetensors"), results))
+             for r in range(4)]  # fmt: skip
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=600) for _ in range(4))
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+
+    def causes(rank: int, name: str) -> dict[int, tuple[str, str | None]]:
+        return {f["rank"]: (f["cause"], f["module"]) for f in got[rank][name]["findings"]}
+
+    for rank in range(4):
+        assert got[rank]["agree"]["ok"], got[rank]["agree"]
+        assert causes(rank, "bit") == {2: ("weights", "encoder.layer.5.attention.self.query")}
+        assert causes(rank, "sdc") == {1: ("hardware", _fleet_ranks.SDC_MODULE)}
+        assert causes(rank, "dtype") == {3: ("configuration", "embeddings.word_embeddings")}
+        threads = causes(rank, "threads").get(3)
+        assert threads is None or threads[0] == "configuration"  # other threads may or may not change the bits
+    dtype = next(f for f in got[0]["dtype"]["findings"] if f["rank"] == 3)
+    assert dtype["differs"]["dtype"] == ["bfloat16", "float32"]
+    for rank in range(3):  # the survivors report the dead rank within the timeout and finish
+        assert causes(rank, "dead") == {3: ("unresponsive", None)}
+        assert got[rank]["dead"]["seconds"] < 10.0 + 20.0
+        assert got[rank]["dead"]["answered"] == [0, 1, 2]
+    assert not got[2]["healthy"] and not got[1]["healthy"]  # the odd ranks' own watches tripped
+    assert got[0]["healthy"] and any("replica-1 (rank 1)" in m and "hardware" in m for m in got[0]["alerts"])
+    assert all(got[r]["calls"] == 0 for r in range(4))  # the canary runs are not counted as traffic
+
+
+# ---- the same from Prometheus: real replica processes scraped by a real server ---------------------
+
+
+@pytest.mark.xdist_group("heavy")
+def test_prometheus_finds_the_odd_replicas_with_the_documented_queries(tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no prometheus server binary (.ci/run installs the Debian package)")
+    import _fleet_replica
+
+    canary = tmp_path / "canary.safetensors"
+    model = _fleet_replica.build()
+    tw.Canary.record(model, torch.randn(4, 16, generator=torch.Generator().manual_seed(2))).save(canary)
+    faults = {"pod-0": "none", "pod-1": "none", "pod-2": "weights", "pod-3": "none", "pod-4": "sdc"}
+    replicas = {
+        name: subprocess.Popen([sys.executable, str(HERE / "_fleet_replica.py"), name, fault, str(canary)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for name, fault in faults.items()
+    }  # fmt: skip
+    server = None
+    try:
+        ports = [int(p.stdout.readline()) for p in replicas.values()]
+        web = _free_port()
+        config = tmp_path / "prometheus.yml"
+        targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
+        config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: serving\n"
+                          f"    static_configs:\n      - targets: [{targets}]\n")  # fmt: skip
+        server = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{web}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        url = f"http://127.0.0.1:{web}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if len(query(url, "torchwatch_canary_info")) == 5 and len(query(url, "torchwatch_std")) >= 15:
+                    break
+            except tw.FormatError:
+                pass
+            assert time.monotonic() < deadline, "Prometheus did not scrape the five replicas in 90 s"
+            time.sleep(0.5)
+        code, out = _fleet_cli(url)
+        assert code == 1
+        found = {f["replica"]: f for f in out["findings"]}
+        assert set(found) == {"pod-2", "pod-4"}
+        assert found["pod-2"]["cause"] == "weights"
+        assert found["pod-4"]["cause"] == "hardware"
+        assert "1" in found["pod-4"]["modules"]  # the module computing wrong, from its statistics
+        assert out["replicas"] == {"clf": 5}
+        # the documented canary query alone names both odd replicas
+        names = {s["metric"]["replica"] for s in query(url, queries()["canary"])}
+        assert names == {"pod-2", "pod-4"}
+    finally:
+        for p in replicas.values():
+            p.stdin.close()
+            p.wait(30)
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+
+
+def _fleet_cli(url: str) -> tuple[int, dict]:
+    result = subprocess.run([sys.executable, "-m", "torchwatch", "fleet", "--prometheus", url, "--json"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.stdout.startswith("{"), result.stderr
+    return result.returncode, json.loads(result.stdout)

@@ -17,7 +17,7 @@ EXPECTED = {
     "Canary", "CanaryReport", "Fingerprint", "FingerprintChange", "Manifest", "OutputCheck", "SelfTestReport",
     "Tolerances", "WeightReport", "fingerprint", "selftest", "verify_weights",
     "CircuitBreaker", "CircuitOpenError", "IncidentLog", "PrometheusSink", "rules",
-    "IdStats", "InputMonitor", "InputStats", "OutputMonitor", "OutputQuality", "Comparison", "Shadow", "compare",
+    "IdStats", "Identity", "InputMonitor", "InputStats", "OutputMonitor", "OutputQuality", "Comparison", "Shadow", "compare",
     "shadow", "write_key",
     "Capture", "Incident", "ReplayReport",
 }  # fmt: skip

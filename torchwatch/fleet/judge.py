@@ -32,8 +32,10 @@ __all__ = ["CAUSES", "Finding", "FleetReport", "judge"]
 
 CAUSES = ("unresponsive", "inputs", "weights", "configuration", "hardware")
 STATS = ("mean", "std", "absmax")
-SILENT = ("did not answer within the timeout: the process died, hangs or cannot reach the others; look at its logs "
-          "and restart it")
+SILENT = (
+    "did not answer within the timeout: the process died, hangs or cannot reach the others; look at its logs "
+    "and restart it"
+)
 MAD_SCALE = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 
 

@@ -49,7 +49,8 @@ def outlier_query(metric: str, threshold: float = 8.0, rel_floor: float = 0.01) 
     med = f"quantile by (model, module) (0.5, {metric})"
     dev = f"abs({metric} - on (model, module) group_left {med})"
     mad = f"quantile by (model, module) (0.5, {dev})"
-    limit = f"({threshold:g} * 1.4826 * {mad} + {rel_floor:g} * abs({med}) + 1e-30)"
+    # no parenthesis right after group_left: PromQL would read it as a label list
+    limit = f"{mad} * {threshold * 1.4826:g} + abs({med}) * {rel_floor:g} + 1e-30"
     return (f"({dev} > on (model, module) group_left {limit}) "
             f"* on (instance, model) group_left (replica) {REPLICA_INFO}")  # fmt: skip
 
