@@ -37,6 +37,7 @@ class Mutation:
 KERNEL = "torchwatch/kernels/_cstats.c"
 CAPTURE_TESTS = "tests/test_capture.py"
 REPLAY_TESTS = "tests/test_replay.py"
+FLEET_TESTS = "tests/test_fleet.py"
 MUTATIONS = (
     Mutation("kernel does not compile", KERNEL, "#define TW_BLOCK 2048", "#define TW_BLOCK 2048 +",
              ("tests/test_install.py::test_the_c_kernel_is_built_wherever_a_c_compiler_is",)),
@@ -168,6 +169,31 @@ MUTATIONS = (
     Mutation("replay: outputs always bitwise equal", "torchwatch/capture/verdict.py",
              "        if a.dtype != b.dtype or a.shape != b.shape:\n            return False", "        return True",
              (REPLAY_TESTS,)),
+    # issue 29: the fleet comparison
+    Mutation("fleet: a tie counts as a majority", "torchwatch/fleet/judge.py",
+             "if n * 2 > len(values) and", "if n * 2 >= len(values) and",
+             (FLEET_TESTS + "::test_two_replicas_that_disagree_name_neither",)),
+    Mutation("fleet: weights never compared", "torchwatch/fleet/judge.py",
+             "and p.weights != reference.weights:", "and False:",
+             (FLEET_TESTS + "::test_the_majority_decides_and_each_cause_is_named",)),
+    Mutation("fleet: a silent rank not reported", "torchwatch/fleet/judge.py",
+             'findings[r] = Finding(r, "", "unresponsive", SILENT)', "pass",
+             (FLEET_TESTS + "::test_the_majority_decides_and_each_cause_is_named",)),
+    Mutation("fleet: robust distance threshold doubled", "torchwatch/fleet/judge.py",
+             "abs(v - med) > threshold * scale", "abs(v - med) > 2 * threshold * scale",
+             (FLEET_TESTS + "::test_no_majority_names_no_one_bitwise_but_a_far_module_still_shows",)),
+    Mutation("fleet: the gate lets requests in during a check", "torchwatch/engine/core.py",
+             "                while self._paused:  # a check has", "                while False:  # a check has",
+             (FLEET_TESTS + "::test_a_canary_check_never_overlaps_a_request",)),
+    Mutation("fleet: canary forwards counted as traffic", "torchwatch/engine/core.py",
+             "tls.depth, tls.call, tls.aside = 1, None, True", "tls.depth, tls.call, tls.aside = 0, None, True",
+             (FLEET_TESTS + "::test_canary_checks_run_between_requests_and_are_not_counted",)),
+    Mutation("fleet: stale canary digest kept in Prometheus", "torchwatch/sinks/prometheus.py",
+             "            for labels in self._info.get(name, set()) - now:", "            for labels in ():",
+             (FLEET_TESTS + "::test_a_failed_canary_trips_once_and_prometheus_shows_the_current_digest_only",)),
+    Mutation("fleet: module summary std off by ddof", "torchwatch/fleet/probe.py",
+             "float(finite.std(unbiased=False))", "float(finite.std(unbiased=True))",
+             (FLEET_TESTS + "::test_module_summaries_match_a_float64_oracle",)),
 )  # fmt: skip
 
 
