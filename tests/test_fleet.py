@@ -110,6 +110,7 @@ class _Guarded(torch.nn.Module):
                 self.active -= 1
 
 
+@pytest.mark.timeout(120)  # a gate that waits for itself hangs: fail, do not wait 10 minutes
 def test_canary_checks_run_between_requests_and_are_not_counted():
     model = _Guarded()
     canary = tw.Canary.record(model, torch.randn(4, 32))
@@ -144,6 +145,7 @@ def test_canary_checks_run_between_requests_and_are_not_counted():
     assert status.weights == tw.fingerprint(model).digest
 
 
+@pytest.mark.timeout(120)  # a gate that waits for itself hangs: fail, do not wait 10 minutes
 def test_a_canary_check_never_overlaps_a_request():
     """One serving thread, so any overlap can only be the canary's forward with a request."""
     model = _Guarded()
@@ -166,6 +168,7 @@ def test_a_canary_check_never_overlaps_a_request():
     assert model.overlaps == 0
 
 
+@pytest.mark.timeout(120)  # a gate that waits for itself hangs: fail, do not wait 10 minutes
 def test_a_failed_canary_trips_once_and_prometheus_shows_the_current_digest_only():
     pytest.importorskip("prometheus_client")
     model = torch.nn.Linear(4, 3)
@@ -241,6 +244,24 @@ def test_no_majority_names_no_one_bitwise_but_a_far_module_still_shows():
     probes[3] = _probe(3, outputs="o3", modules=[far])
     report = judge(list(range(4)), probes)
     assert [(f.rank, f.cause, f.module) for f in report.findings] == [(3, "hardware", "a")]
+
+
+def test_a_module_is_named_past_threshold_scales_from_the_fleet_median_and_not_before():
+    # five replicas with no bitwise majority; absmax 3.0 on four of them: MAD 0, so the scale is
+    # rel_floor * |median| = 0.03 and the default threshold of 8 scales is 0.24 from the median
+    def fleet(absmax: float) -> dict:
+        rows = {r: [ModuleProbe("a", f"d{r}", 0.0, 1.0, 3.0)] for r in range(4)}
+        rows[4] = [ModuleProbe("a", "d4", 0.0, 1.0, absmax)]
+        return {r: _probe(r, outputs=f"o{r}", modules=rows[r]) for r in range(5)}
+
+    assert judge(list(range(5)), fleet(3.0 + 0.18)).ok  # 6 scales: within the fleet's spread
+    report = judge(list(range(5)), fleet(3.0 + 0.36))  # 12 scales
+    assert [(f.rank, f.cause, f.module) for f in report.findings] == [(4, "hardware", "a")]
+
+
+def test_a_two_two_split_is_no_majority():
+    probes = {0: _probe(0), 1: _probe(1), 2: _probe(2, outputs="x"), 3: _probe(3, outputs="x")}
+    assert judge(list(range(4)), probes).ok
 
 
 def test_two_replicas_that_disagree_name_neither():
