@@ -10,6 +10,7 @@ import sys
 import torchwatch as tw
 
 EXPECTED = {
+    "MetricEvidence", "Rollout", "Verdict", "rollout",
     "Alert", "CanaryError", "ConfigError", "DEFAULT_CAST_DTYPES", "FirstNonFinite", "FormatError", "IntegrityError",
     "JsonlSink", "MemorySink", "ModuleStats", "Monitor", "NonFiniteError", "Record", "Sink", "Snapshot", "TensorBoardSink",
     "TorchwatchError", "TorchwatchWarning", "Watch", "attach", "tensor_stats",

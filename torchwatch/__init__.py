@@ -50,6 +50,7 @@ from .monitors.ids import IdStats
 from .monitors.inputs import InputMonitor, InputStats
 from .monitors.outputs import OutputMonitor, OutputQuality
 from .records import Record, Snapshot
+from .rollout import MetricEvidence, Rollout, Verdict, rollout
 from .shadow import Comparison, Shadow, compare, shadow
 from .sinks import IncidentLog, JsonlSink, MemorySink, PrometheusSink, Sink, TensorBoardSink
 from .stats import DEFAULT_CAST_DTYPES, ModuleStats
@@ -89,6 +90,7 @@ __all__ = [
     "JsonlSink",
     "Manifest",
     "MemorySink",
+    "MetricEvidence",
     "ModuleStats",
     "Monitor",
     "NonFiniteError",
@@ -99,6 +101,7 @@ __all__ = [
     "Record",
     "Reference",
     "ReplayReport",
+    "Rollout",
     "SelfTestReport",
     "Shadow",
     "Sink",
@@ -107,12 +110,14 @@ __all__ = [
     "Tolerances",
     "TorchwatchError",
     "TorchwatchWarning",
+    "Verdict",
     "Watch",
     "WeightReport",
     "arl_windows",
     "attach",
     "compare",
     "fingerprint",
+    "rollout",
     "rules",
     "selftest",
     "shadow",

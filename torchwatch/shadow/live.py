@@ -16,6 +16,7 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,7 +57,8 @@ class Shadow:
     def __init__(
         self, primary: nn.Module, candidate: nn.Module, *, sample: float, seed: int | None, max_pending: int,
         path: str | os.PathLike[str] | None, write_every: int, min_top1: float, max_rel_l2: float,
-        min_calls: int,
+        min_calls: int, on_compare: Callable[[Any, Any, Any, BaseException | None], object] | None = None,
+        tag: Callable[[], Any] | None = None,
     ) -> None:  # fmt: skip
         # The primary is the server's: only its hooks refer to it (dropping it frees it). The
         # candidate is the shadow's to run until close(), which lets it go.
@@ -78,6 +80,7 @@ class Shadow:
         # and a candidate's would measure the sampled calls only, so their differences showed
         # shifts for identical layers. tw.compare runs both models on the same inputs for that.
         self._notes: list[str] = [LIVE_MODULES_NOTE]
+        self._on_compare, self._tag = on_compare, tag
         self._primary_watch = watch_of(primary)
         self._closed = False
         self._stream: Any = None  # the candidate's CUDA stream, made on first use (shadow thread)
@@ -106,6 +109,7 @@ class Shadow:
         if self._rng.random() >= self.sample:
             return
         try:
+            tls.tag = self._tag() if self._tag is not None else None
             tls.inputs = (_copy(args), _copy(kwargs))
         except Exception:  # noqa: BLE001 - the primary's call must go on
             self.errors += 1
@@ -127,7 +131,7 @@ class Shadow:
             ):  # the copies are queued on this stream: the worker waits for this event, not the host
                 event = torch.cuda.Event()
                 event.record()
-            self._queue.put_nowait((inputs, expected, event))
+            self._queue.put_nowait((inputs, expected, event, getattr(tls, "tag", None)))
             self.sampled += 1
         except queue.Full:
             self.dropped += 1
@@ -136,8 +140,9 @@ class Shadow:
 
     # ---- shadow thread -----------------------------------------------------------------------
 
-    def _compare_one(self, item: tuple[Any, Any, Any]) -> None:
-        (args, kwargs), expected, event = item
+    def _compare_one(self, item: tuple[Any, Any, Any, Any]) -> None:
+        (args, kwargs), expected, event, tag = item
+        got = error = None
         try:
             if event is not None:
                 self._stream = self._stream or torch.cuda.Stream()
@@ -150,10 +155,18 @@ class Shadow:
                 got = candidate(*args, **kwargs)
                 self._comparer.add(expected, got)
         except Exception as exc:  # noqa: BLE001 - a failing candidate is the finding, not a crash
+            error = exc
             with self._lock:
                 self.errors += 1
             self._warn_once("error", f"the shadow candidate raised {exc!r}; counted in shadow.errors")
         finally:
+            try:
+                if self._on_compare is not None and (got is not None or error is not None):
+                    self._on_compare(expected, got, tag, error)
+            except Exception as exc:  # noqa: BLE001 - the observer's failure is counted, not the thread's end
+                with self._lock:
+                    self.errors += 1
+                self._warn_once("observer", f"the shadow's on_compare raised {exc!r}; counted in shadow.errors")
             self._queue.task_done()
         calls = self._comparer.calls
         try:  # the thread must outlive anything a sink or a warnings filter raises, or samples pile up
@@ -263,6 +276,8 @@ def shadow(
     min_top1: float = 0.99,
     max_rel_l2: float = 0.05,
     min_calls: int = 20,
+    on_compare: Callable[[Any, Any, Any, BaseException | None], object] | None = None,
+    tag: Callable[[], Any] | None = None,
 ) -> Shadow:
     """Run ``candidate`` on a random ``sample`` of ``primary``'s calls, off the serving path.
 
@@ -285,6 +300,11 @@ def shadow(
             :meth:`Shadow.close` (``torchwatch report`` shows it).
         min_top1, max_rel_l2: agreement limits (top-1 for logits-like outputs, rel-L2 for others).
         min_calls: comparisons before the limits are applied.
+        on_compare: called on the shadow thread after each sampled call as
+            ``on_compare(primary_output, candidate_output, tag, error)`` (``error``: the exception
+            the candidate raised, its output then None); what it raises is counted in ``errors``.
+        tag: called on the serving thread for each sampled call; its value is handed to
+            ``on_compare`` (a request's trace id, say).
 
     Returns:
         A :class:`Shadow` (context manager; ``close()`` returns the final :class:`Comparison`).
@@ -317,4 +337,5 @@ def shadow(
     return Shadow(
         primary, candidate, sample=float(sample), seed=seed, max_pending=max_pending, path=path,
         write_every=write_every, min_top1=min_top1, max_rel_l2=max_rel_l2, min_calls=min_calls,
+        on_compare=on_compare, tag=tag,
     )  # fmt: skip
