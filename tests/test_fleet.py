@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _prometheus import prometheus, wait_until
 
 import torchwatch as tw
 from torchwatch.cli import main
@@ -344,9 +344,6 @@ def test_four_gloo_ranks_name_the_odd_rank_and_why(tmp_path):
 
 @pytest.mark.xdist_group("heavy")
 def test_prometheus_finds_the_odd_replicas_with_the_documented_queries(tmp_path):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("no prometheus server binary (.ci/run installs the Debian package)")
     import _fleet_replica
 
     canary = tmp_path / "canary.safetensors"
@@ -358,45 +355,26 @@ def test_prometheus_finds_the_odd_replicas_with_the_documented_queries(tmp_path)
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         for name, fault in faults.items()
     }  # fmt: skip
-    server = None
     try:
         ports = [int(p.stdout.readline()) for p in replicas.values()]
-        web = _free_port()
-        config = tmp_path / "prometheus.yml"
-        targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
-        config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: serving\n"
-                          f"    static_configs:\n      - targets: [{targets}]\n")  # fmt: skip
-        server = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                   f"--web.listen-address=127.0.0.1:{web}"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        url = f"http://127.0.0.1:{web}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if len(query(url, "torchwatch_canary_info")) == 5 and len(query(url, "torchwatch_std")) >= 15:
-                    break
-            except tw.FormatError:
-                pass
-            assert time.monotonic() < deadline, "Prometheus did not scrape the five replicas in 90 s"
-            time.sleep(0.5)
-        code, out = _fleet_cli(url)
-        assert code == 1
-        found = {f["replica"]: f for f in out["findings"]}
-        assert set(found) == {"pod-2", "pod-4"}
-        assert found["pod-2"]["cause"] == "weights"
-        assert found["pod-4"]["cause"] == "hardware"
-        assert "1" in found["pod-4"]["modules"]  # the module computing wrong, from its statistics
-        assert out["replicas"] == {"clf": 5}
-        # the documented canary query alone names both odd replicas
-        names = {s["metric"]["replica"] for s in query(url, queries()["canary"])}
-        assert names == {"pod-2", "pod-4"}
+        with prometheus(tmp_path, ports) as url:
+            wait_until(lambda: len(query(url, "torchwatch_canary_info")) == 5 and len(query(url, "torchwatch_std")) >= 15,
+                       "Prometheus did not scrape the five replicas")  # fmt: skip
+            code, out = _fleet_cli(url)
+            assert code == 1
+            found = {f["replica"]: f for f in out["findings"]}
+            assert set(found) == {"pod-2", "pod-4"}
+            assert found["pod-2"]["cause"] == "weights"
+            assert found["pod-4"]["cause"] == "hardware"
+            assert "1" in found["pod-4"]["modules"]  # the module computing wrong, from its statistics
+            assert out["replicas"] == {"clf": 5}
+            # the documented canary query alone names both odd replicas
+            names = {s["metric"]["replica"] for s in query(url, queries()["canary"])}
+            assert names == {"pod-2", "pod-4"}
     finally:
         for p in replicas.values():
             p.stdin.close()
             p.wait(30)
-        if server is not None:
-            server.terminate()
-            server.wait(30)
 
 
 def _fleet_cli(url: str) -> tuple[int, dict]:
