@@ -98,11 +98,11 @@ def build() -> nn.Module:
     return model
 
 
-def serve(server: Server, rollout: tw.Rollout, requests: int, seed: int, labels=None) -> int:
+def serve(server: Server, rollout: tw.Rollout, requests: int, seed: int, labels=None, batch: int = BATCH) -> int:
     """Serve up to ``requests`` until the verdict is final; returns the requests served."""
     gen = torch.Generator().manual_seed(seed)
     for i in range(requests):
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+        ids = torch.randint(0, VOCAB, (batch, SEQ), generator=gen)
         server.handle(ids, f"req-{seed}-{i}")
         if labels is not None:
             rollout.record_labels(f"req-{seed}-{i}", labels(ids))
@@ -151,7 +151,7 @@ def run() -> dict:
     with tw.rollout(primary, Slower(copy.deepcopy(primary), 0.2), share=0.5, seed=3, metrics=["latency_p99"],
                     on_verdict=act) as ro:  # fmt: skip
         server.model = ro
-        n = serve(server, ro, 40_000, seed=3)
+        n = serve(server, ro, 40_000, seed=3, batch=1)  # one row per request: latency needs many requests
         report("20% slower", ro.verdict(), n, "primary" if server.model is primary else "rollout")
 
     # 4. a fix: the primary is the version that swaps classes on 10% of inputs, the candidate does not

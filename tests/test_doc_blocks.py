@@ -161,10 +161,24 @@ def _concepts(line: int, ns: dict) -> None:
         assert ns["answer"].eq(0).all() and not ns["watch"].healthy
 
 
-CHECKS = {"README.md": _readme, "docs/serving.md": _serving, "docs/concepts.md": _concepts}
+def _rollouts(line: int, ns: dict) -> None:
+    """docs/rollouts.md's printed outputs, as the text blocks show them."""
+    if "verdict" in ns and "aa" not in ns:
+        ns["aa"] = True
+        assert ns["verdict"].decision == "promote"
+    if "act" in ns and "server" in ns and "rolled_back" not in ns and ns["server"].model is ns["primary"]:
+        ns["rolled_back"] = True
+        assert ns["rollout"].verdict().metric == "agreement"
+    if "share" in ns and "gradual" not in ns:
+        ns["gradual"] = True
+        assert ns["rollout"].verdict().decision == "promote"
+
+
+CHECKS = {"README.md": _readme, "docs/serving.md": _serving, "docs/concepts.md": _concepts,
+          "docs/rollouts.md": _rollouts}  # fmt: skip
 # what each document's checks must have seen: a block renamed or removed fails here, not silently
 CHECKED = {"README.md": {"quick", "compared", "drift", "selftested", "sampled"}, "docs/serving.md": {"handled"},
-           "docs/concepts.md": {"contained"}}  # fmt: skip
+           "docs/concepts.md": {"contained"}, "docs/rollouts.md": {"aa", "rolled_back", "gradual"}}  # fmt: skip
 EXAMPLES = {(ROOT / path).read_text(): path for path in EXAMPLE_TESTS}
 
 
@@ -175,4 +189,4 @@ def test_example_files_shown_whole_are_the_files_and_have_their_test():
         assert path in (ROOT / test).read_text() or pathlib.Path(path).stem in (ROOT / test).read_text()
 
 
-PRINTS = {"README.md", "docs/concepts.md"}
+PRINTS = {"README.md", "docs/concepts.md", "docs/rollouts.md"}

@@ -40,6 +40,8 @@ candidate.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import queue
 import random
@@ -108,6 +110,7 @@ class Rollout:
                                         name="torchwatch-rollout")  # fmt: skip
         self._thread.start()
         weakref.finalize(self, self._queue.put, None)
+        _open.add(self)
         if mode == "shadow":
             # the shadow's own fixed limits would alert on a look the sequential test does not allow:
             # off (min_calls past reach); the verdict decides
@@ -296,6 +299,18 @@ class Rollout:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_open: weakref.WeakSet[Rollout] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Rollouts left open stop before the interpreter does: a daemon thread still inside torch or
+    numpy while the interpreter shuts down can abort the process."""
+    for r in list(_open):
+        with contextlib.suppress(Exception):
+            r.close(timeout=5.0)
 
 
 def _work(ref: weakref.ref[Rollout], items: queue.Queue[Any]) -> None:
