@@ -38,6 +38,7 @@ KERNEL = "torchwatch/kernels/_cstats.c"
 CAPTURE_TESTS = "tests/test_capture.py"
 REPLAY_TESTS = "tests/test_replay.py"
 FLEET_TESTS = "tests/test_fleet.py"
+ROLLOUT_TESTS = "tests/test_rollout.py"
 MUTATIONS = (
     Mutation("kernel does not compile", KERNEL, "#define TW_BLOCK 2048", "#define TW_BLOCK 2048 +",
              ("tests/test_install.py::test_the_c_kernel_is_built_wherever_a_c_compiler_is",)),
@@ -196,6 +197,37 @@ MUTATIONS = (
     Mutation("fleet: module summary std off by ddof", "torchwatch/fleet/probe.py",
              "float(finite.std(unbiased=False))", "float(finite.std(unbiased=True))",
              (FLEET_TESTS + "::test_module_summaries_match_a_float64_oracle",)),
+    # issue 30: rollout verdicts
+    Mutation("rollout: the betting threshold halved", "torchwatch/rollout/sequential.py",
+             "self._threshold = math.log(1.0 / alpha)", "self._threshold = math.log(0.5 / alpha)",
+             (ROLLOUT_TESTS + "::test_a_mean_test_rejects_at_the_first_sample_its_capital_reaches_one_over_alpha",)),
+    Mutation("rollout: the interval is not intersected over time", "torchwatch/rollout/sequential.py",
+             "self.lower = max(self.lower, centre - half)", "self.lower = centre - half",
+             (ROLLOUT_TESTS + "::test_the_empirical_bernstein_interval_covers_the_mean_and_narrows",)),
+    Mutation("rollout: the latency tolerance ignored", "torchwatch/rollout/evidence.py",
+             "if cl > k * pu:", "if cl > pu:",
+             (ROLLOUT_TESTS + "::test_a_slower_candidate_is_rolled_back_on_p99_latency_and_an_equal_one_is_not",)),
+    Mutation("rollout: the quantile's lower bound searched from the wrong side", "torchwatch/rollout/sequential.py",
+             "lo, hi = self._lower_edge + 1, len(self.edges)", "lo, hi = self._lower_edge + 1, self._lower_edge + 1",
+             (ROLLOUT_TESTS + "::test_quantile_bounds_cover_the_true_quantile_whenever_read",)),
+    Mutation("rollout: confidence compared the wrong way round", "torchwatch/rollout/ledger.py",
+             'm["confidence"].add(pc - cc)', 'm["confidence"].add(cc - pc)',
+             (ROLLOUT_TESTS
+              + "::test_a_less_confident_candidate_is_rolled_back_on_confidence_and_a_more_confident_one_is_not",)),
+    Mutation("rollout: one metric's promotion promotes", "torchwatch/rollout/ledger.py",
+             'if not missing and evidence and all(e.decision == "promote" for e in evidence):',
+             'if not missing and evidence and any(e.decision == "promote" for e in evidence):',
+             (ROLLOUT_TESTS + "::test_the_verdict_promotes_only_once_every_metric_has",)),
+    Mutation("rollout: accuracy compared the wrong way round", "torchwatch/rollout/ledger.py",
+             'self.metrics["accuracy"].add(pc - cc)', 'self.metrics["accuracy"].add(cc - pc)',
+             (ROLLOUT_TESTS + "::test_with_labels_a_better_candidate_is_promoted_and_a_worse_one_rolled_back",)),
+    Mutation("rollout: the canary keeps routing to a rolled-back candidate", "torchwatch/rollout/router.py",
+             'use_candidate = self._final is None or self._final.decision != "rollback"', "use_candidate = True",
+             (ROLLOUT_TESTS
+              + "::test_a_candidate_that_raises_never_breaks_a_request_and_is_rolled_back_then_gets_no_traffic",)),
+    Mutation("rollout: class shares counted twice where both versions agree", "torchwatch/rollout/evidence.py",
+             "plus, minus = plus - same, minus - same", "pass",
+             (ROLLOUT_TESTS + "::test_class_mix_decides_when_per_row_tests_of_each_class_would",)),
 )  # fmt: skip
 
 

@@ -56,6 +56,53 @@ def test_a_mean_test_rejects_a_false_null_and_counts_fit_the_values_it_is_given(
     np.testing.assert_allclose(by_values.log_capital, by_counts.log_capital, rtol=1e-12)
 
 
+def test_a_mean_test_rejects_at_the_first_sample_its_capital_reaches_one_over_alpha():
+    # the oracle: the mixture's capital from its definition, the average over the bets of
+    # prod(1 + lambda_k (x_i - m)), with the bets 1/2 of the largest allowed, halved 15 times
+    rng = np.random.default_rng(4)
+    m, alpha = 0.1, 0.01
+    x = (rng.random(400) < 0.3).astype(np.float64)
+    lambdas = 0.5 / m * 2.0 ** -np.arange(16)
+    capital = np.cumprod(1 + np.outer(x - m, lambdas), axis=0).mean(axis=1)
+    first = int(np.argmax(capital >= 1 / alpha)) + 1
+    assert capital[first - 2] < 1 / alpha <= capital[first - 1]
+    test = MeanTest(m, "above", alpha)
+    for v in x:  # one sample per look: rejected exactly where the capital crosses
+        test.update(np.array([v]))
+    assert test.rejected_at == first
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_class_mix_decides_when_per_row_tests_of_each_class_would(shift):
+    """The class-mix metric counts rows per class; the oracle feeds each class's test every row's
+    difference (+1 the candidate alone predicts it, -1 the primary alone, 0 otherwise)."""
+    from torchwatch.rollout.evidence import ClassMixMetric
+
+    rng = np.random.default_rng(5)
+    k, tol, a_r, a_p = 3, 0.05, 0.01, 0.05
+    metric = ClassMixMetric(k, tol, alpha_rollback=a_r, alpha_promote=a_p)
+    up, down = (1 + tol) / 2, (1 - tol) / 2
+    oracle = {"rollback": [MeanTest(up, "above", a_r / (2 * k), width=k), MeanTest(down, "below", a_r / (2 * k), width=k)],
+              "promote": [MeanTest(up, "below", a_p, width=k), MeanTest(down, "above", a_p, width=k)]}  # fmt: skip
+    want = None
+    for _ in range(400):
+        p = rng.integers(0, k, 16)
+        c = np.where(rng.random(16) < shift, 0, p)  # the candidate says class 0 on a share of rows
+        metric.add(c, p)
+        d = np.zeros((16, k))
+        d[np.arange(16), c] += 1
+        d[np.arange(16), p] -= 1
+        for t in oracle["rollback"] + oracle["promote"]:
+            t.update((d + 1) / 2)
+        if want is None:
+            if any(t.rejected_at_each.any() for t in oracle["rollback"]):
+                want = ("rollback", metric.n)
+            elif all(t.rejected for t in oracle["promote"]):
+                want = ("promote", metric.n)
+    got = metric.evidence()
+    assert want is not None and (got.decision, got.decided_at) == want
+
+
 def test_quantile_bounds_cover_the_true_quantile_whenever_read():
     rng = np.random.default_rng(2)
     p, alpha, runs = 0.9, 0.1, 300
@@ -80,10 +127,13 @@ def test_the_empirical_bernstein_interval_covers_the_mean_and_narrows():
     for _ in range(300):
         e = EmpiricalBernstein(0.1)
         miss = False
+        previous = (0.0, 1.0)
         for _ in range(25):
             e.update(rng.beta(2, 8, 20))
             lo, hi = e.bounds()
             miss |= not lo <= 0.2 <= hi
+            assert previous[0] <= lo <= hi <= previous[1]  # a running intersection never widens
+            previous = (lo, hi)
         misses += miss
     assert misses / 300 <= _mc_limit(0.1, 300)
     assert e.bounds()[1] - e.bounds()[0] < 0.08
@@ -206,6 +256,68 @@ def test_a_slower_candidate_is_rolled_back_on_p99_latency_and_an_equal_one_is_no
     with tw.rollout(primary, same, share=0.5, seed=1, metrics=["latency_p99"], clock=clock) as ro:
         _serve(ro, 30_000, rows=1)
         assert ro.verdict().decision == "promote"
+    within = Timed(copy.deepcopy(base), clock, 0.0105, rng)  # 5% slower: inside the 10% tolerance
+    with tw.rollout(primary, within, share=0.5, seed=2, metrics=["latency_p99"], clock=clock) as ro:
+        _serve(ro, 20_000, rows=1)
+        assert ro.verdict().decision != "rollback"
+
+
+class Scaled(nn.Module):
+    """The same answers with logits times ``k``: less confident for k < 1; ``shift`` favours class 0."""
+
+    def __init__(self, model: nn.Module, k: float, shift: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.k, self.shift = model, k, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x) * self.k
+        y[:, 0] += self.shift
+        return y
+
+
+def test_a_less_confident_candidate_is_rolled_back_on_confidence_and_a_more_confident_one_is_not():
+    primary = _classifier(10, sharpness=3.0)
+    with tw.rollout(primary, Scaled(copy.deepcopy(primary), 0.3), mode="shadow", share=1.0, seed=0,
+                    metrics=["agreement", "confidence"]) as ro:  # fmt: skip
+        _serve(ro, 1000)
+        verdict = ro.verdict()
+    assert verdict.decision == "rollback" and verdict.metric == "confidence"
+    assert verdict.estimate > 0.05  # the primary's confidence minus the candidate's
+    with tw.rollout(primary, Scaled(copy.deepcopy(primary), 3.0), mode="shadow", share=1.0, seed=0,
+                    metrics=["agreement", "confidence"]) as ro:  # fmt: skip
+        _serve(ro, 1000)
+        assert ro.verdict().decision == "promote"
+
+
+def test_a_candidate_that_favours_one_class_is_rolled_back_on_class_mix():
+    primary = _classifier(11, sharpness=3.0)
+    with tw.rollout(primary, Scaled(copy.deepcopy(primary), 1.0, shift=2.0), share=0.5, seed=0,
+                    metrics=["class_mix"]) as ro:  # fmt: skip
+        _serve(ro, 2000)
+        verdict = ro.verdict()
+    assert verdict.decision == "rollback" and verdict.metric == "class_mix[0]" and verdict.estimate > 0.05
+
+
+def test_the_verdict_promotes_only_once_every_metric_has():
+    """Agreement and confidence are shown within tolerance after a few hundred rows; errors (per
+    call) needs about a thousand calls: until then the verdict is continue."""
+    from torchwatch.rollout.ledger import Ledger
+
+    ledger = Ledger("v2", "shadow", ("agreement", "confidence", "errors"), {}, alpha_rollback=0.01,
+                    alpha_promote=0.05, abstain_below=None, max_traces=16, warn=lambda key, message: None)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):  # 4800 identical rows
+        logits = torch.randn(16, 4, generator=gen)
+        ledger.shadow_pair(None, logits, logits.clone())
+    v = ledger.verdict({"primary": 300, "candidate": 300}, 0, 0)
+    decided = {m.name: m.decision for m in v.metrics}
+    assert decided == {"agreement": "promote", "confidence": "promote", "errors": "continue"}
+    assert v.decision == "continue" and v.metric is None
+    for _ in range(1000):
+        logits = torch.randn(16, 4, generator=gen)
+        ledger.shadow_pair(None, logits, logits.clone())
+    v = ledger.verdict({"primary": 1300, "candidate": 1300}, 0, 0)
+    assert v.decision == "promote" and v.metric == "errors"
 
 
 def test_with_labels_a_better_candidate_is_promoted_and_a_worse_one_rolled_back():
