@@ -403,3 +403,30 @@ def test_the_verdict_reaches_prometheus_through_the_primarys_watch(quiet):
     assert got[("torchwatch_rollout_metric_verdict", key)] == -1.0
     assert got[("torchwatch_rollout_estimate", key)] == pytest.approx(verdict.estimate)
     assert got[("torchwatch_rollout_tolerance", key)] == 0.01
+
+
+def test_threads_serving_one_rollout_lose_no_call_and_get_their_own_answers():
+    import threading
+
+    primary = _classifier(12)
+    candidate = copy.deepcopy(primary)
+    errors = []
+    with tw.rollout(primary, candidate, share=0.5, seed=0, metrics=["confidence", "errors"], max_pending=1024) as ro:
+
+        def serve(seed: int) -> None:
+            gen = torch.Generator().manual_seed(seed)
+            with torch.inference_mode():
+                for _ in range(200):
+                    x = torch.randn(4, 8, generator=gen)
+                    if not torch.equal(ro(x), primary(x)):  # identical versions: the same answer
+                        errors.append(seed)
+
+        threads = [threading.Thread(target=serve, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ro.wait()
+        assert ro.calls["primary"] + ro.calls["candidate"] == 800 and ro.dropped == 0
+        assert not errors
+        assert ro.verdict().decision != "rollback"

@@ -22,6 +22,7 @@ __all__ = ["Ledger"]
 
 MAX_CLASS_MIX = 256  # classes beyond this: class_mix is not kept (its cost grows with the classes)
 PAIR_BACKLOG = 4096  # rows waiting for a partner from the other version
+LABELS = ("accuracy", "calibration")
 
 
 @dataclass
@@ -57,6 +58,10 @@ def _rows(logits: torch.Tensor, abstain_below: float | None) -> _Rows:
                  not bool(finite_rows.all()))  # fmt: skip
 
 
+def _count_rows(logits: torch.Tensor) -> int:
+    return logits.numel() // max(logits.shape[-1], 1) if logits.dim() else 0
+
+
 class _Pairs:
     """Pairs a candidate's samples with the primary's in time: each waits for the other version's
     next sample, or takes its most recent unpaired one. The rule never looks at values."""
@@ -65,6 +70,9 @@ class _Pairs:
         self._waiting: dict[str, collections.deque[Any]] = {
             "primary": collections.deque(maxlen=PAIR_BACKLOG), "candidate": collections.deque(maxlen=PAIR_BACKLOG)
         }  # fmt: skip
+
+    def waiting(self, version: str) -> int:
+        return len(self._waiting[version])
 
     def add(self, version: str, items: Iterable[Any]) -> list[tuple[Any, Any]]:
         """New samples of ``version``; returns ``(candidate, primary)`` pairs completed."""
@@ -111,26 +119,76 @@ class Ledger:
         self._max_traces = max_traces
         self._decided_order: list[str] = []
         self.labels_unmatched = 0
+        # primary calls not read yet (canary without labels): (logits on the host), newest last
+        self._lazy = mode == "canary" and not set(LABELS) & set(metrics)
+        self._unread: collections.deque[torch.Tensor] = collections.deque()
+        self._unread_rows = 0
+        self._deferred: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+
+    def _add(self, name: str, values: np.ndarray) -> None:
+        """Samples for a metric, applied at the next :meth:`flush` (one update per batch of calls)."""
+        self._deferred[name].append(values)
+
+    def flush(self) -> None:
+        """Apply the samples taken since the last flush, in order, one update per metric (the tests
+        are read after it: a valid look, as any time of reading is)."""
+        deferred, self._deferred = self._deferred, collections.defaultdict(list)
+        for name, chunks in deferred.items():
+            metric = self.metrics.get(name)
+            if metric is None:
+                continue
+            if name == "class_mix":
+                both = np.concatenate(chunks, axis=1)
+                metric.add(both[0], both[1])
+            else:
+                metric.add(np.concatenate(chunks))
 
     def call_error(self, version: str, bad: bool = True) -> None:
         """A call of ``version`` that raised (or, ``bad``, returned non-finite values)."""
         if "errors" in self.metrics:
             pairs = self._pairs["calls"].add(version, [float(bad)])
             if pairs:
-                self.metrics["errors"].add(np.array([c - p for c, p in pairs]))
+                self._add("errors", np.array([c - p for c, p in pairs]))
 
     def canary_call(self, version: str, trace: str | None, logits: torch.Tensor | None, seconds: float) -> None:
         """One call served by ``version`` (canary): its latency and, when it gave logits, its rows."""
         for m in self.metrics.values():
             if isinstance(m, QuantileMetric):
                 m.add(version, np.array([seconds]))
-        if logits is not None:
-            rows = _rows(logits, self.abstain_below)
-            self._canary_rows(version, rows)
-            self._remember(trace, {version: rows})
+        if logits is None:
+            return
+        if version == "primary" and self._lazy and not self._pairs["rows"].waiting("candidate"):
+            # most primary rows never meet a candidate row: read only when one needs a partner
+            x = logits.detach().to("cpu")
+            self.call_error("primary", not bool(np.isfinite(x.numpy()).all()))
+            self._unread.append(x)
+            self._unread_rows += _count_rows(x)
+            while self._unread and self._unread_rows - _count_rows(self._unread[0]) >= PAIR_BACKLOG:
+                self._unread_rows -= _count_rows(self._unread.popleft())  # older than any pairing needs
+            return
+        rows = _rows(logits, self.abstain_below)
+        if version == "candidate":
+            self._read_unread(len(rows.pred))
+        self._canary_rows(version, rows)
+        self._remember(trace, {version: rows})
 
-    def _canary_rows(self, version: str, rows: _Rows) -> None:
-        self.call_error(version, rows.bad)
+    def _read_unread(self, needed: int) -> None:
+        """Read the most recent unread primary calls, enough for ``needed`` rows, oldest first (all
+        newer than any primary row already waiting, so the pairing order is what reading every call
+        at once would give)."""
+        taken: list[torch.Tensor] = []
+        rows = 0
+        while self._unread and rows < needed:
+            x = self._unread.pop()
+            taken.append(x)
+            rows += _count_rows(x)
+        self._unread_rows -= rows
+        for x in reversed(taken):
+            self._canary_rows("primary", _rows(x, self.abstain_below), count_call=False)
+
+    def _canary_rows(self, version: str, rows: _Rows, *, count_call: bool = True) -> None:
+        if count_call:
+            self.call_error(version, rows.bad)
         items = list(zip(rows.confidence, rows.entropy, rows.pred, rows.abstain, strict=True))
         pairs = self._pairs["rows"].add(version, items)
         if pairs:
@@ -142,11 +200,11 @@ class Ledger:
     def _row_metrics(self, cc, ce, cp, ca, pc, pe, pp, pa, *, classes: int | None) -> None:
         m = self.metrics
         if "confidence" in m:
-            m["confidence"].add(pc - cc)
+            self._add("confidence", pc - cc)
         if "entropy" in m:
-            m["entropy"].add(ce - pe)
+            self._add("entropy", ce - pe)
         if "abstention" in m:
-            m["abstention"].add(ca - pa)
+            self._add("abstention", ca - pa)
         if "class_mix" in m:
             if m["class_mix"] is None:
                 k = classes or int(max(cp.max(), pp.max())) + 1
@@ -158,7 +216,7 @@ class Ledger:
                     return
                 m["class_mix"] = ClassMixMetric(k, self.tolerances["class_mix"], alpha_rollback=self._alpha_each,
                                                 alpha_promote=self.alpha_promote)  # fmt: skip
-            m["class_mix"].add(cp.astype(np.int64), pp.astype(np.int64))
+            self._add("class_mix", np.stack([cp, pp]).astype(np.int64))
 
     def shadow_pair(self, trace: Any, prim: torch.Tensor, cand: torch.Tensor | None) -> None:
         """One sampled call's logits of both versions (``cand`` None: the candidate raised or gave
@@ -171,7 +229,7 @@ class Ledger:
         c = _rows(cand, self.abstain_below)
         self._call_errors_paired(float(c.bad), float(p.bad))
         if "agreement" in self.metrics:
-            self.metrics["agreement"].add((c.pred != p.pred).astype(np.float64))
+            self._add("agreement", (c.pred != p.pred).astype(np.float64))
         self._row_metrics(c.confidence, c.entropy, c.pred, c.abstain, p.confidence, p.entropy, p.pred, p.abstain,
                           classes=prim.shape[-1])  # fmt: skip
         if isinstance(trace, str):
@@ -179,7 +237,7 @@ class Ledger:
 
     def _call_errors_paired(self, c: float, p: float) -> None:
         if "errors" in self.metrics:
-            self.metrics["errors"].add(np.array([c - p]))
+            self._add("errors", np.array([c - p]))
 
     def _remember(self, trace: str | None, rows: dict[str, _Rows]) -> None:
         if trace is None or not {"accuracy", "calibration"} & set(self.metrics):
@@ -219,12 +277,20 @@ class Ledger:
             cc, cb = np.array([c for c, _ in pairs]).T
             pc, pb = np.array([p for _, p in pairs]).T
         if "accuracy" in self.metrics:
-            self.metrics["accuracy"].add(pc - cc)
+            self._add("accuracy", pc - cc)
         if "calibration" in self.metrics:
-            self.metrics["calibration"].add(cb - pb)
+            self._add("calibration", cb - pb)
+
+    def final(self) -> bool:
+        """Whether the evidence so far gives a final verdict (cheaper than :meth:`verdict`)."""
+        self.flush()
+        decisions = [m.decision for m in self.metrics.values() if m is not None]
+        missing = any(m is None for m in self.metrics.values())
+        return "rollback" in decisions or (not missing and bool(decisions) and all(d == "promote" for d in decisions))
 
     def verdict(self, calls: dict[str, int], dropped: int, errors: int) -> Verdict:
         """Where the evidence stands (see :func:`torchwatch.rollout` for the rule)."""
+        self.flush()
         for name, m in self.metrics.items():  # the order metrics were decided in
             if m is not None and m.decision != "continue" and name not in self._decided_order:
                 self._decided_order.append(name)

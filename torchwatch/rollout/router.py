@@ -41,9 +41,10 @@ candidate.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
+import itertools
 import math
-import queue
 import random
 import threading
 import time
@@ -103,13 +104,20 @@ class Rollout:
         self.tolerances = self._ledger.tolerances
         self._final: Verdict | None = None
         self._tls = threading.local()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        # the serving thread appends (no lock, no wake-up); the evidence thread takes what has
+        # gathered every few milliseconds: a wake-up per call would hand the GIL back and forth
+        self._pending: collections.deque[Any] = collections.deque()
+        self._max_pending = max_pending
+        self._queued = itertools.count(1)  # next() is atomic: calls queued so far, from any thread
+        self._last_queued = 0
+        self._taken = 0  # items the evidence thread has finished with
+        self._stop = threading.Event()
         self._closed = False
         self._shadow = None
-        self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._queue), daemon=True,
+        self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._pending, self._stop), daemon=True,
                                         name="torchwatch-rollout")  # fmt: skip
         self._thread.start()
-        weakref.finalize(self, self._queue.put, None)
+        weakref.finalize(self, self._stop.set)
         _open.add(self)
         if mode == "shadow":
             # the shadow's own fixed limits would alert on a look the sequential test does not allow:
@@ -173,9 +181,10 @@ class Rollout:
         return getattr(self._tls, "trace", None)
 
     def _put(self, item: tuple[Any, ...]) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if len(self._pending) < self._max_pending:
+            self._pending.append(item)
+            self._last_queued = next(self._queued)
+        else:
             with self._lock:
                 self.dropped += 1
             self._warnings.warn_once("dropped", f"rollout {self.name!r}: evidence queue full; calls dropped from "
@@ -226,10 +235,9 @@ class Rollout:
             ledger.shadow_pair(trace, prim, cand)
         elif kind == "labels":
             ledger.labels(item[1], item[2])
-        self._decide()
 
     def _decide(self) -> None:
-        if self._final is not None:
+        if self._final is not None or not self._ledger.final():
             return
         verdict = self.verdict()
         if verdict.decision != "continue":
@@ -276,8 +284,9 @@ class Rollout:
         return self._drain(deadline)
 
     def _drain(self, deadline: float) -> bool:
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
+        target = self._last_queued
+        while self._taken < target or self._pending:
+            if time.monotonic() > deadline or not self._thread.is_alive():
                 return False
             time.sleep(0.002)
         return True
@@ -290,7 +299,7 @@ class Rollout:
             if self._shadow is not None:
                 self._shadow.close(timeout)  # its queued comparisons are compared first
             self._drain(time.monotonic() + timeout)
-            self._queue.put(None)
+            self._stop.set()
             self._thread.join(timeout)
         return self.verdict()
 
@@ -313,21 +322,39 @@ def _close_at_exit() -> None:
             r.close(timeout=5.0)
 
 
-def _work(ref: weakref.ref[Rollout], items: queue.Queue[Any]) -> None:
+BATCH = 1024  # calls whose evidence is applied together: one update per metric, one look at the verdict
+TICK = 0.002  # seconds the evidence thread waits when nothing is pending
+
+
+def _work(ref: weakref.ref[Rollout], pending: collections.deque[Any], stop: threading.Event) -> None:
+    """The evidence thread: takes what has gathered (up to ``BATCH`` calls at once), holding the
+    rollout only while it does; ends when stopped or when the rollout is gone."""
     while True:
-        item = items.get()
-        owner = ref() if item is not None else None
-        try:
-            if owner is None:
+        if not pending:
+            if stop.wait(TICK):
                 return
-            try:
-                owner._handle(item)
-            except Exception as exc:  # noqa: BLE001 - one bad item must not stop the evidence
-                owner.callback_errors += 1
-                owner._warnings.warn_once("evidence", f"rollout {owner.name!r}: evidence not taken: {exc!r}")
-        finally:
-            items.task_done()
-            del owner, item
+            continue
+        batch = [pending.popleft() for _ in range(min(len(pending), BATCH))]
+        owner = ref()
+        if owner is None:
+            return
+        _take(owner, batch)
+        owner._taken += len(batch)  # after the verdict is decided: wait() then sees it
+        del owner, batch
+
+
+def _take(owner: Rollout, batch: list[tuple[Any, ...]]) -> None:
+    for item in batch:
+        try:
+            owner._handle(item)
+        except Exception as exc:  # noqa: BLE001 - one bad item must not stop the evidence
+            owner.callback_errors += 1
+            owner._warnings.warn_once("evidence", f"rollout {owner.name!r}: evidence not taken: {exc!r}")
+    try:
+        owner._decide()
+    except Exception as exc:  # noqa: BLE001 - counted; the evidence goes on
+        owner.callback_errors += 1
+        owner._warnings.warn_once("evidence", f"rollout {owner.name!r}: verdict not taken: {exc!r}")
 
 
 def _check_share(share: float) -> None:
