@@ -36,7 +36,6 @@ def test_serve_with_watch_names_the_bad_request_and_writes_tensorboard(tmp_path)
     assert len(absmax) == 10 and all(0 < v < float("inf") for v in absmax)
 
 
-@pytest.mark.xdist_group("heavy")
 def test_the_rollout_example_decides_each_candidate_and_rolls_back_by_itself(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "verdicts.json"
