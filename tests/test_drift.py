@@ -149,9 +149,12 @@ def test_a_null_stream_through_the_hooks_raises_few_alarms(ref):
             for batch in gaussian(16 * 1500, seed=7).split(48):
                 model(batch)
             status = watch.snapshot().drift["0"]
+            lost = watch.errors.get("drift windows lost", 0)
     alarms = sum(1 for a in watch.alerts if a.rule == "drift")
-    assert status.windows == 1500
-    assert 8 <= alarms <= 70  # 1500 windows at ARL 50: about 30 (Poisson-ish bounds)
+    # every window is evaluated or counted lost: a flush worker starved by a busy machine can fall
+    # more than the device ring's 1024 windows behind, and those are counted, not hidden
+    assert status.windows + lost == 1500 and status.windows >= 1024
+    assert 8 <= alarms <= 70  # ~1500 windows at ARL 50: about 30 (Poisson-ish bounds)
 
 
 @pytest.mark.parametrize("arl", [50, 1000])
