@@ -430,3 +430,20 @@ def test_threads_serving_one_rollout_lose_no_call_and_get_their_own_answers():
         assert ro.calls["primary"] + ro.calls["candidate"] == 800 and ro.dropped == 0
         assert not errors
         assert ro.verdict().decision != "rollback"
+
+
+def test_the_newest_rollout_of_a_watched_model_is_in_its_records_and_survives_json():
+    import json
+
+    primary = _classifier(13)
+    sink = tw.MemorySink()
+    with tw.attach(primary, sinks=[sink], flush_every=10**6) as watch:
+        first = tw.rollout(primary, copy.deepcopy(primary), share=0.5, seed=0, name="v2", metrics=["confidence"])
+        first.close()
+        with tw.rollout(primary, copy.deepcopy(primary), share=0.5, seed=0, name="v3", metrics=["confidence"]) as ro:
+            _serve(ro, 200)
+        watch.flush()
+    status = sink.records[-1].extra["rollout"]
+    assert status.name == "v3" and status.decision == ro.verdict().decision == "promote"
+    back = tw.Record.from_json(json.loads(json.dumps(sink.records[-1].to_json()))).extra["rollout"]
+    assert back == status

@@ -129,7 +129,7 @@ class Rollout:
         watch = watch_of(primary)
         if watch is not None:
             self._monitor = RolloutMonitor(self)
-            watch.engine.add_monitor(self._monitor)
+            watch.engine.add_monitor(self._monitor, replace=RolloutMonitor)  # the newest rollout of this model
 
     # ---- serving thread ----------------------------------------------------------------------
 
