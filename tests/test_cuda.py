@@ -330,3 +330,38 @@ def test_capture_keeps_recent_calls_on_the_device_without_a_sync_and_writes_the_
     assert torch.equal(incident.args[0].nan_to_num(), xs[1].cpu().nan_to_num())
     report = incident.replay(model)  # on the GPU, as captured
     assert report.culprit == "data" and report.bitwise is True
+
+
+def test_a_canary_call_through_a_rollout_never_synchronises_the_serving_thread():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).cuda().eval()
+    x = torch.randn(8, 16, device="cuda")
+    ro = tw.rollout(model, copy.deepcopy(model), share=0.5, seed=0, metrics=["confidence"])
+    with torch.inference_mode():
+        ro(x)  # first calls outside: allocator, kernels
+        ro.wait()
+        ro._stop.set()  # the evidence thread reads results to the host: the serving thread alone here
+        ro._thread.join(5)
+        with no_sync():
+            for _ in range(20):
+                ro(x)
+    assert sum(ro.calls.values()) == 21 and ro.dropped == 0
+
+
+def test_rollouts_decide_on_the_gpu_as_on_the_cpu():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).cuda().eval()
+    swapped = copy.deepcopy(model)
+    with torch.no_grad():  # classes 0 and 1 swapped for every input: a bad export
+        swapped[2].weight[[0, 1]] = swapped[2].weight[[1, 0]].clone()
+        swapped[2].bias[[0, 1]] = swapped[2].bias[[1, 0]].clone()
+    for candidate, mode, want in ((copy.deepcopy(model), "canary", "promote"), (swapped, "shadow", "rollback")):
+        metrics = ["confidence", "entropy", "errors"] if mode == "canary" else ["agreement", "confidence"]
+        with tw.rollout(model, candidate, mode=mode, share=0.5, seed=0, metrics=metrics) as ro:
+            with torch.inference_mode():
+                for i in range(3000):
+                    ro(torch.randn(16, 8, device="cuda"))
+                    if i % 50 == 49:
+                        ro.wait()
+                        if ro.verdict().decision != "continue":
+                            break
+            assert ro.verdict().decision == want, ro.verdict().reason
