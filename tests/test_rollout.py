@@ -447,3 +447,25 @@ def test_the_newest_rollout_of_a_watched_model_is_in_its_records_and_survives_js
     assert status.name == "v3" and status.decision == ro.verdict().decision == "promote"
     back = tw.Record.from_json(json.loads(json.dumps(sink.records[-1].to_json()))).extra["rollout"]
     assert back == status
+
+
+def test_calls_taken_in_one_batch_give_the_evidence_of_calls_taken_one_by_one():
+    from torchwatch.rollout.ledger import Ledger
+
+    def ledger() -> Ledger:
+        return Ledger("v2", "canary", ("confidence", "entropy", "class_mix", "errors"), {}, alpha_rollback=0.01,
+                      alpha_promote=0.05, abstain_below=None, max_traces=16, warn=lambda key, message: None)  # fmt: skip
+
+    gen = torch.Generator().manual_seed(0)
+    versions = ["candidate" if v < 0.3 else "primary" for v in torch.rand(400, generator=gen).tolist()]
+    calls = [(v, None, torch.randn(int(r), 5, generator=gen) * (1.5 if v == "candidate" else 1.0), 0.01)
+             for v, r in zip(versions, torch.randint(1, 20, (400,), generator=gen), strict=True)]  # fmt: skip
+    calls[7][2][0, 0] = float("nan")  # a bad call among them
+    together, alone = ledger(), ledger()
+    together.canary_calls(calls)
+    for call in calls:
+        alone.canary_calls([call])
+    a = together.verdict({}, 0, 0).metrics
+    b = alone.verdict({}, 0, 0).metrics
+    assert [(m.name, m.samples, m.decision) for m in a] == [(m.name, m.samples, m.decision) for m in b]
+    np.testing.assert_allclose([m.estimate for m in a], [m.estimate for m in b], rtol=1e-12)

@@ -58,6 +58,27 @@ def _rows(logits: torch.Tensor, abstain_below: float | None) -> _Rows:
                  not bool(finite_rows.all()))  # fmt: skip
 
 
+def _rows_many(logits: list[torch.Tensor], abstain_below: float | None) -> list[_Rows]:
+    """:func:`_rows` of many calls at once (one numpy pass per number of classes), split back."""
+    out: list[_Rows | None] = [None] * len(logits)
+    by_classes: dict[int, list[int]] = {}
+    for i, x in enumerate(logits):
+        by_classes.setdefault(x.shape[-1], []).append(i)
+    for index in by_classes.values():
+        parts = [logits[i].detach().to("cpu", torch.float64).reshape(-1, logits[i].shape[-1]) for i in index]
+        joined = torch.cat(parts) if len(parts) > 1 else parts[0]
+        both = _rows(joined, abstain_below)
+        finite = np.isfinite(joined.numpy()).all(-1) if len(parts) > 1 else None
+        start = 0
+        for i, part in zip(index, parts, strict=True):
+            end = start + part.shape[0]
+            bad = both.bad if finite is None else not bool(finite[start:end].all())
+            out[i] = _Rows(both.confidence[start:end], both.entropy[start:end], both.pred[start:end],
+                           both.abstain[start:end], bad)  # fmt: skip
+            start = end
+    return out  # type: ignore[return-value]
+
+
 def _count_rows(logits: torch.Tensor) -> int:
     return logits.numel() // max(logits.shape[-1], 1) if logits.dim() else 0
 
@@ -119,9 +140,9 @@ class Ledger:
         self._max_traces = max_traces
         self._decided_order: list[str] = []
         self.labels_unmatched = 0
-        # primary calls not read yet (canary without labels): (logits on the host), newest last
+        # primary calls not paired yet (canary without labels), newest last
         self._lazy = mode == "canary" and not set(LABELS) & set(metrics)
-        self._unread: collections.deque[torch.Tensor] = collections.deque()
+        self._unread: collections.deque[_Rows] = collections.deque()
         self._unread_rows = 0
         self._deferred: dict[str, list[np.ndarray]] = collections.defaultdict(list)
 
@@ -150,41 +171,44 @@ class Ledger:
             if pairs:
                 self._add("errors", np.array([c - p for c, p in pairs]))
 
-    def canary_call(self, version: str, trace: str | None, logits: torch.Tensor | None, seconds: float) -> None:
-        """One call served by ``version`` (canary): its latency and, when it gave logits, its rows."""
+    def canary_calls(self, calls: list[tuple[str, str | None, torch.Tensor | None, float]]) -> None:
+        """Calls served (canary), in the order they were served: ``(version, trace, logits or None,
+        seconds)``. Latencies go to the quantile metrics; rows are computed for all calls at once,
+        then paired call by call as they came."""
         for m in self.metrics.values():
             if isinstance(m, QuantileMetric):
-                m.add(version, np.array([seconds]))
-        if logits is None:
-            return
-        if version == "primary" and self._lazy and not self._pairs["rows"].waiting("candidate"):
-            # most primary rows never meet a candidate row: read only when one needs a partner
-            x = logits.detach().to("cpu")
-            self.call_error("primary", not bool(np.isfinite(x.numpy()).all()))
-            self._unread.append(x)
-            self._unread_rows += _count_rows(x)
-            while self._unread and self._unread_rows - _count_rows(self._unread[0]) >= PAIR_BACKLOG:
-                self._unread_rows -= _count_rows(self._unread.popleft())  # older than any pairing needs
-            return
-        rows = _rows(logits, self.abstain_below)
-        if version == "candidate":
-            self._read_unread(len(rows.pred))
-        self._canary_rows(version, rows)
-        self._remember(trace, {version: rows})
+                for version in ("primary", "candidate"):
+                    seconds = [c[3] for c in calls if c[0] == version]
+                    if seconds:
+                        m.add(version, np.array(seconds))
+        with_rows = [c for c in calls if c[2] is not None]
+        for (version, trace, _, _), rows in zip(with_rows, _rows_many([c[2] for c in with_rows], self.abstain_below),
+                                                strict=True):  # fmt: skip
+            if version == "primary" and self._lazy and not self._pairs["rows"].waiting("candidate"):
+                # most primary rows never meet a candidate row: paired only when one needs a partner
+                self.call_error("primary", rows.bad)
+                self._unread.append(rows)
+                self._unread_rows += len(rows.pred)
+                while self._unread and self._unread_rows - len(self._unread[0].pred) >= PAIR_BACKLOG:
+                    self._unread_rows -= len(self._unread.popleft().pred)  # older than any pairing needs
+                continue
+            if version == "candidate":
+                self._read_unread(len(rows.pred))
+            self._canary_rows(version, rows)
+            self._remember(trace, {version: rows})
 
     def _read_unread(self, needed: int) -> None:
-        """Read the most recent unread primary calls, enough for ``needed`` rows, oldest first (all
-        newer than any primary row already waiting, so the pairing order is what reading every call
-        at once would give)."""
-        taken: list[torch.Tensor] = []
-        rows = 0
-        while self._unread and rows < needed:
-            x = self._unread.pop()
-            taken.append(x)
-            rows += _count_rows(x)
-        self._unread_rows -= rows
-        for x in reversed(taken):
-            self._canary_rows("primary", _rows(x, self.abstain_below), count_call=False)
+        """Pair-ready the most recent unread primary calls, enough for ``needed`` rows, oldest first
+        (all newer than any primary row already waiting, so the pairing order is what taking every
+        call at once would give)."""
+        taken: list[_Rows] = []
+        count = 0
+        while self._unread and count < needed:
+            taken.append(self._unread.pop())
+            count += len(taken[-1].pred)
+        self._unread_rows -= count
+        for rows in reversed(taken):
+            self._canary_rows("primary", rows, count_call=False)
 
     def _canary_rows(self, version: str, rows: _Rows, *, count_call: bool = True) -> None:
         if count_call:

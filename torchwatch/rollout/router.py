@@ -213,10 +213,7 @@ class Rollout:
     def _handle(self, item: tuple[Any, ...]) -> None:
         kind, ledger = item[0], self._ledger
         if kind == "call":
-            _, version, trace, logits, seconds, event = item
-            if event is not None:
-                event.synchronize()
-            ledger.canary_call(version, trace, logits, seconds)
+            self._handle_calls([item])
         elif kind == "error":
             ledger.call_error(item[1])
         elif kind == "pair":
@@ -235,6 +232,14 @@ class Rollout:
             ledger.shadow_pair(trace, prim, cand)
         elif kind == "labels":
             ledger.labels(item[1], item[2])
+
+    def _handle_calls(self, items: list[tuple[Any, ...]]) -> None:
+        for item in items:
+            if item[5] is not None:  # the logits' copy was queued on the serving thread's stream
+                item[5].synchronize()
+        self._ledger.canary_calls(
+            [(version, trace, logits, seconds) for _, version, trace, logits, seconds, _ in items]
+        )
 
     def _decide(self) -> None:
         if self._final is not None or not self._ledger.final():
@@ -344,9 +349,19 @@ def _work(ref: weakref.ref[Rollout], pending: collections.deque[Any], stop: thre
 
 
 def _take(owner: Rollout, batch: list[tuple[Any, ...]]) -> None:
+    # runs of served calls are taken together (one pass over their rows); the rest one by one, in order
+    runs: list[list[tuple[Any, ...]]] = []
     for item in batch:
+        if item[0] == "call" and runs and runs[-1][0][0] == "call":
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    for run in runs:
         try:
-            owner._handle(item)
+            if run[0][0] == "call":
+                owner._handle_calls(run)
+            else:
+                owner._handle(run[0])
         except Exception as exc:  # noqa: BLE001 - one bad item must not stop the evidence
             owner.callback_errors += 1
             owner._warnings.warn_once("evidence", f"rollout {owner.name!r}: evidence not taken: {exc!r}")
