@@ -211,7 +211,7 @@ MUTATIONS = (
              "lo, hi = self._lower_edge + 1, len(self.edges)", "lo, hi = self._lower_edge + 1, self._lower_edge + 1",
              (ROLLOUT_TESTS + "::test_quantile_bounds_cover_the_true_quantile_whenever_read",)),
     Mutation("rollout: confidence compared the wrong way round", "torchwatch/rollout/ledger.py",
-             'm["confidence"].add(pc - cc)', 'm["confidence"].add(cc - pc)',
+             'self._add("confidence", pc - cc)', 'self._add("confidence", cc - pc)',
              (ROLLOUT_TESTS
               + "::test_a_less_confident_candidate_is_rolled_back_on_confidence_and_a_more_confident_one_is_not",)),
     Mutation("rollout: one metric's promotion promotes", "torchwatch/rollout/ledger.py",
@@ -219,7 +219,7 @@ MUTATIONS = (
              'if not missing and evidence and any(e.decision == "promote" for e in evidence):',
              (ROLLOUT_TESTS + "::test_the_verdict_promotes_only_once_every_metric_has",)),
     Mutation("rollout: accuracy compared the wrong way round", "torchwatch/rollout/ledger.py",
-             'self.metrics["accuracy"].add(pc - cc)', 'self.metrics["accuracy"].add(cc - pc)',
+             'self._add("accuracy", pc - cc)', 'self._add("accuracy", cc - pc)',
              (ROLLOUT_TESTS + "::test_with_labels_a_better_candidate_is_promoted_and_a_worse_one_rolled_back",)),
     Mutation("rollout: the canary keeps routing to a rolled-back candidate", "torchwatch/rollout/router.py",
              'use_candidate = self._final is None or self._final.decision != "rollback"', "use_candidate = True",
