@@ -469,3 +469,46 @@ def test_calls_taken_in_one_batch_give_the_evidence_of_calls_taken_one_by_one():
     b = alone.verdict({}, 0, 0).metrics
     assert [(m.name, m.samples, m.decision) for m in a] == [(m.name, m.samples, m.decision) for m in b]
     np.testing.assert_allclose([m.estimate for m in a], [m.estimate for m in b], rtol=1e-12)
+
+
+def test_a_canary_counts_every_class_the_logits_have_not_only_those_predicted_first():
+    from torchwatch.rollout.ledger import Ledger
+
+    ledger = Ledger("v2", "canary", ("class_mix",), {}, alpha_rollback=0.01, alpha_promote=0.05,
+                    abstain_below=None, max_traces=16, warn=lambda key, message: None)  # fmt: skip
+    first = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]])  # only classes 0 and 1 at first
+    ledger.canary_calls([("primary", None, first, 0.01), ("candidate", None, first.clone(), 0.01)])
+    to_three = torch.tensor([[0.0, 0.0, 0.0, 5.0]] * 16)  # later the candidate says class 3 where the primary says 2
+    to_two = torch.tensor([[0.0, 0.0, 5.0, 0.0]] * 16)
+    for _ in range(20):
+        ledger.canary_calls([("primary", None, to_two, 0.01), ("candidate", None, to_three, 0.01)])
+    v = ledger.verdict({}, 0, 0)
+    assert v.decision == "rollback" and v.metric in ("class_mix[2]", "class_mix[3]")
+    (mix,) = v.metrics
+    assert mix.estimate == pytest.approx(320 / 322)  # class 3's share moved on all but the first rows
+
+
+def test_verdicts_read_while_serving_lose_no_evidence():
+    import threading
+
+    primary = _classifier(14)
+    stop = threading.Event()
+    # errors (one sample per call) cannot promote within 300 calls: the verdict stays open, so it
+    # shows every sample taken (a final verdict is kept as it was)
+    with tw.rollout(primary, copy.deepcopy(primary), mode="shadow", share=1.0, seed=0,
+                    metrics=["agreement", "confidence", "errors"], max_pending=1 << 14) as ro:  # fmt: skip
+
+        def read() -> None:
+            while not stop.is_set():
+                ro.verdict()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        with torch.inference_mode():
+            for _ in range(300):
+                ro(torch.randn(16, 8))
+        ro.wait()
+        stop.set()
+        reader.join()
+        samples = {m.name: m.samples for m in ro.verdict().metrics}
+    assert samples == {"agreement": 300 * 16, "confidence": 300 * 16, "errors": 300}

@@ -33,7 +33,15 @@ class _Rows:
     entropy: np.ndarray
     pred: np.ndarray
     abstain: np.ndarray
-    bad: bool  # the call's output had non-finite values
+    finite: np.ndarray  # rows whose logits are all finite
+
+    @property
+    def bad(self) -> bool:
+        """The call's output had non-finite values."""
+        return not bool(self.finite.all())
+
+    def __getitem__(self, rows: slice) -> _Rows:
+        return _Rows(self.confidence[rows], self.entropy[rows], self.pred[rows], self.abstain[rows], self.finite[rows])
 
 
 def _rows(logits: torch.Tensor, abstain_below: float | None) -> _Rows:
@@ -54,8 +62,7 @@ def _rows(logits: torch.Tensor, abstain_below: float | None) -> _Rows:
     confidence = np.where(finite_rows, confidence, 0.0)
     entropy = np.where(finite_rows, entropy, 1.0)
     threshold = 1.0 / math.sqrt(classes) if abstain_below is None else abstain_below
-    return _Rows(confidence, entropy, pred.astype(np.int64), (confidence < threshold).astype(np.float64),
-                 not bool(finite_rows.all()))  # fmt: skip
+    return _Rows(confidence, entropy, pred.astype(np.int64), (confidence < threshold).astype(np.float64), finite_rows)
 
 
 def _rows_many(logits: list[torch.Tensor], abstain_below: float | None) -> list[_Rows]:
@@ -65,22 +72,13 @@ def _rows_many(logits: list[torch.Tensor], abstain_below: float | None) -> list[
     for i, x in enumerate(logits):
         by_classes.setdefault(x.shape[-1], []).append(i)
     for index in by_classes.values():
-        parts = [logits[i].detach().to("cpu", torch.float64).reshape(-1, logits[i].shape[-1]) for i in index]
-        joined = torch.cat(parts) if len(parts) > 1 else parts[0]
-        both = _rows(joined, abstain_below)
-        finite = np.isfinite(joined.numpy()).all(-1) if len(parts) > 1 else None
+        parts = [logits[i].detach().reshape(-1, logits[i].shape[-1]) for i in index]
+        both = _rows(torch.cat(parts) if len(parts) > 1 else parts[0], abstain_below)
         start = 0
         for i, part in zip(index, parts, strict=True):
-            end = start + part.shape[0]
-            bad = both.bad if finite is None else not bool(finite[start:end].all())
-            out[i] = _Rows(both.confidence[start:end], both.entropy[start:end], both.pred[start:end],
-                           both.abstain[start:end], bad)  # fmt: skip
-            start = end
+            out[i] = both[start : start + part.shape[0]]
+            start += part.shape[0]
     return out  # type: ignore[return-value]
-
-
-def _count_rows(logits: torch.Tensor) -> int:
-    return logits.numel() // max(logits.shape[-1], 1) if logits.dim() else 0
 
 
 class _Pairs:
@@ -182,6 +180,8 @@ class Ledger:
                     if seconds:
                         m.add(version, np.array(seconds))
         with_rows = [c for c in calls if c[2] is not None]
+        if with_rows and self._classes is None:
+            self._classes = with_rows[0][2].shape[-1]  # class_mix counts every class the logits have
         for (version, trace, _, _), rows in zip(with_rows, _rows_many([c[2] for c in with_rows], self.abstain_below),
                                                 strict=True):  # fmt: skip
             if version == "primary" and self._lazy and not self._pairs["rows"].waiting("candidate"):
@@ -218,10 +218,9 @@ class Ledger:
         if pairs:
             c = np.array([p[0] for p in pairs])
             p = np.array([p[1] for p in pairs])
-            self._row_metrics(c[:, 0], c[:, 1], c[:, 2], c[:, 3], p[:, 0], p[:, 1], p[:, 2], p[:, 3],
-                              classes=None)  # fmt: skip
+            self._row_metrics(c[:, 0], c[:, 1], c[:, 2], c[:, 3], p[:, 0], p[:, 1], p[:, 2], p[:, 3])
 
-    def _row_metrics(self, cc, ce, cp, ca, pc, pe, pp, pa, *, classes: int | None) -> None:
+    def _row_metrics(self, cc, ce, cp, ca, pc, pe, pp, pa) -> None:
         m = self.metrics
         if "confidence" in m:
             self._add("confidence", pc - cc)
@@ -231,8 +230,7 @@ class Ledger:
             self._add("abstention", ca - pa)
         if "class_mix" in m:
             if m["class_mix"] is None:
-                k = classes or int(max(cp.max(), pp.max())) + 1
-                k = self._classes or k
+                k = self._classes or int(max(cp.max(), pp.max())) + 1
                 if k > MAX_CLASS_MIX:
                     del m["class_mix"]
                     self._warn("class-mix", f"rollout {self.name!r}: {k} classes, more than "
@@ -254,8 +252,7 @@ class Ledger:
         self._call_errors_paired(float(c.bad), float(p.bad))
         if "agreement" in self.metrics:
             self._add("agreement", (c.pred != p.pred).astype(np.float64))
-        self._row_metrics(c.confidence, c.entropy, c.pred, c.abstain, p.confidence, p.entropy, p.pred, p.abstain,
-                          classes=prim.shape[-1])  # fmt: skip
+        self._row_metrics(c.confidence, c.entropy, c.pred, c.abstain, p.confidence, p.entropy, p.pred, p.abstain)
         if isinstance(trace, str):
             self._remember(trace, {"candidate": c, "primary": p})
 
@@ -264,7 +261,7 @@ class Ledger:
             self._add("errors", np.array([c - p]))
 
     def _remember(self, trace: str | None, rows: dict[str, _Rows]) -> None:
-        if trace is None or not {"accuracy", "calibration"} & set(self.metrics):
+        if trace is None or not set(LABELS) & set(self.metrics):
             return
         self._traces[trace] = rows
         while len(self._traces) > self._max_traces:
@@ -273,8 +270,9 @@ class Ledger:
         if labels is not None:
             self.labels(trace, labels)
 
-    def labels(self, trace: str, y: np.ndarray) -> None:
-        """The true classes of a request's rows (held a while if its call is not in yet)."""
+    def labels(self, trace: str, labels: Any) -> None:
+        """The true classes of a request's rows, integers (held a while if its call is not in yet)."""
+        y = np.asarray(labels.to("cpu") if isinstance(labels, torch.Tensor) else labels).reshape(-1).astype(np.int64)
         rows = self._traces.pop(trace, None)
         if rows is None:  # the call's evidence may still be on its way: held a while
             self._pending_labels[trace] = y

@@ -18,7 +18,6 @@ Prometheus sink exports, with bounded labels (``rollout``, ``metric`` from a fix
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +73,6 @@ class RolloutMonitor(Monitor):
 
     def __init__(self, rollout: Any) -> None:
         self._rollout = rollout
-        self._lock = threading.Lock()
 
     def bind(self, binding: Binding) -> None:
         pass

@@ -62,13 +62,12 @@ from ..errors import ConfigError
 from ..monitors.outputs import OutputError, OutputMonitor
 from ..shadow import shadow as start_shadow
 from .evidence import DEFAULT_TOLERANCES, Verdict
-from .ledger import Ledger
+from .ledger import LABELS, Ledger
 from .monitor import RolloutMonitor
 
 __all__ = ["DEFAULT_TOLERANCES", "Rollout", "Verdict", "rollout"]
 
 MODES = ("canary", "shadow")
-LABEL_METRICS = ("accuracy", "calibration")
 
 
 class Rollout:
@@ -94,7 +93,9 @@ class Rollout:
         self._select = select
         self._on_verdict = on_verdict
         self._rng = random.Random(seed)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the counters, from serving threads
+        # the ledger: taken by the evidence thread for a batch, by verdict() from any thread
+        self._evidence = threading.RLock()
         self.calls = {"primary": 0, "candidate": 0}
         self.errors = self.dropped = self.callback_errors = 0
         self._warnings = AlertBus("warn")
@@ -199,22 +200,25 @@ class Rollout:
 
     def record_labels(self, trace_id: str, labels: Any) -> None:
         """The true classes of a served request's rows, once known (one per row, ints)."""
-        if not set(LABEL_METRICS) & set(self.metric_names):
+        if not set(LABELS) & set(self.metric_names):
             raise ConfigError(f"rollout {self.name!r} keeps no label metrics: rollout(..., labels=True)")
         if not isinstance(trace_id, str):
             raise ConfigError(f"record_labels: trace_id must be a str, got {type(trace_id).__name__}")
-        y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
-        if y.size and not np.issubdtype(y.dtype, np.integer):
-            raise ConfigError(f"record_labels: labels must be integer classes, got {y.dtype}")
-        self._put(("labels", trace_id, y.astype(np.int64)))
+        if isinstance(labels, torch.Tensor):  # read to the host on the evidence thread, not here
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ConfigError(f"record_labels: labels must be integer classes, got {labels.dtype}")
+            labels = labels.detach().clone()  # the caller may reuse its buffer
+        else:
+            labels = np.asarray(labels)
+            if labels.size and not np.issubdtype(labels.dtype, np.integer):
+                raise ConfigError(f"record_labels: labels must be integer classes, got {labels.dtype}")
+        self._put(("labels", trace_id, labels))
 
     # ---- evidence thread ---------------------------------------------------------------------
 
     def _handle(self, item: tuple[Any, ...]) -> None:
         kind, ledger = item[0], self._ledger
-        if kind == "call":
-            self._handle_calls([item])
-        elif kind == "error":
+        if kind == "error":
             ledger.call_error(item[1])
         elif kind == "pair":
             _, trace, expected, got, error = item
@@ -267,7 +271,8 @@ class Rollout:
             return self._final
         with self._lock:
             calls, dropped, errors = dict(self.calls), self.dropped, self.errors
-        return self._ledger.verdict(calls, dropped, errors)
+        with self._evidence:
+            return self._ledger.verdict(calls, dropped, errors)
 
     @property
     def labels_unmatched(self) -> int:
@@ -349,6 +354,11 @@ def _work(ref: weakref.ref[Rollout], pending: collections.deque[Any], stop: thre
 
 
 def _take(owner: Rollout, batch: list[tuple[Any, ...]]) -> None:
+    with owner._evidence:
+        _take_locked(owner, batch)
+
+
+def _take_locked(owner: Rollout, batch: list[tuple[Any, ...]]) -> None:
     # runs of served calls are taken together (one pass over their rows); the rest one by one, in order
     runs: list[list[tuple[Any, ...]]] = []
     for item in batch:
@@ -453,7 +463,7 @@ def rollout(
     supported = ["confidence", "entropy", "class_mix", "errors"]
     supported += ["agreement"] if mode == "shadow" else ["latency_p50", "latency_p99"]
     supported += ["abstention"] if abstain_below is not None else []
-    supported += list(LABEL_METRICS) if labels else []
+    supported += list(LABELS) if labels else []
     if metrics is None:
         chosen = tuple(supported)
     else:
