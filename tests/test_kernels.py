@@ -165,14 +165,21 @@ def test_large_tensors_match_the_oracle_and_do_not_depend_on_the_thread_count(dt
                     results[threads, level] = host_stats(x, plan)
             with cpu.threads(False):
                 results[threads, "serial"] = host_stats(x, plan)
+            # more shares than threads: a thread that finishes its own takes what is left of the others'
+            with cpu.shares(7):
+                results[threads, "shares"] = host_stats(x, plan)
+        with cpu.threads(False), cpu.shares(5):
+            results[1, "serial shares"] = host_stats(x, plan)
     finally:
         torch.set_num_threads(before)
     for level in LEVELS:  # bit for bit: chunks are merged in one order whatever runs them
         assert results[1, level] == results[2, level] == results[4, level], level
+    shared = [results[t, "shares"] for t in (1, 2, 4)] + [results[1, "serial shares"]]
+    assert all(raw == results[1, LEVELS[-1]] for raw in shared)
     # the serial runs use the best level too, on the calling thread alone
     assert results[1, LEVELS[-1]] == results[1, "serial"] == results[4, "serial"] == results[4, LEVELS[-1]]
     for (_, level), raw in results.items():
-        if level != "serial":
+        if level in LEVELS:
             assert_matches(stats_from_raw(1, raw, NAMES), oracle(x, NAMES))
 
 

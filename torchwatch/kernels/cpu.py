@@ -94,6 +94,15 @@ def threads(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def shares(count: int) -> Iterator[None]:
+    """Cut each large call into at least ``count`` contiguous shares inside the block (one per
+    thread by default; tests use more shares than threads, so that threads finish their own and
+    take the others'). Process-wide, like :func:`simd_level`. Results are the same bit for bit."""
+    with _switched("set_shares", count):
+        yield
+
+
+@contextlib.contextmanager
 def _switched(setter: str, value: object) -> Iterator[None]:
     """A process-wide kernel setting (``_cstats.<setter>`` returns the one before) for a block."""
     if not available:
