@@ -10,6 +10,7 @@ type: milliseconds per forward in the hooks and their ratio, and the kernel's bl
 (their shift guess was poor) per forward.
 
     .venv/bin/python benchmarks/in_forward.py --model efficientnet --rounds 8
+    .venv/bin/python benchmarks/in_forward.py --model bert --level avx2   # the AVX2 path on an AVX-512 CPU
 """
 
 from __future__ import annotations
@@ -99,13 +100,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("bert", "efficientnet", "resnet50"), default="efficientnet")
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--level", choices=cpu.LEVELS, help="the kernel's vector path (default: this CPU's best)")
     args = p.parse_args()
     if not cpu.available:
         sys.exit("the C kernel was not built: nothing to compare")
     model, x = build(args.model)
     model.eval()
-    per_kind, info, again = measure(model, x, args.rounds)
-    level, _ = cpu.simd_levels()
+    best = cpu.simd_levels()[1]
+    with cpu.simd_level(cpu.LEVELS.index(args.level) if args.level else best):
+        per_kind, info, again = measure(model, x, args.rounds)
+        level, _ = cpu.simd_levels()
     runtime, threads = cpu.parallel_info()
     print(f"{args.model}, batch 8, fp32; kernel {cpu.LEVELS[level]}, {threads} thread(s) ({runtime}); "
           f"{args.rounds} forwards each, alternating")  # fmt: skip

@@ -303,7 +303,7 @@ static void fused_tail(const float *x, int i, int n, float tinl, float scale, fl
    gives the smallest nonzero one. Sums of d stay in float lanes for 256 elements, then go to
    double. */
 TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
-    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, const int SCALED, fused_t *r) {
+    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, const int SCALED, const int SHIFTED, fused_t *r) {
     const __m256i absmask = _mm256_set1_epi32(0x7fffffff), izero = _mm256_setzero_si256();
     const __m256i one = _mm256_set1_epi32(1);
     const __m256 tin = _mm256_set1_ps(tinl), vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-shift * scale);
@@ -318,8 +318,8 @@ TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
         for (; i + 16 <= end; i += 16) {
             _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
             __m256 v = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
-            __m256 a = SCALED ? _mm256_fmadd_ps(v, vscale, vshift) : _mm256_sub_ps(v, vsub);
-            __m256 b = SCALED ? _mm256_fmadd_ps(w, vscale, vshift) : _mm256_sub_ps(w, vsub);
+            __m256 a = SCALED ? _mm256_fmadd_ps(v, vscale, vshift) : SHIFTED ? _mm256_sub_ps(v, vsub) : v;
+            __m256 b = SCALED ? _mm256_fmadd_ps(w, vscale, vshift) : SHIFTED ? _mm256_sub_ps(w, vsub) : w;
             d0 = _mm256_add_ps(d0, a);
             d1 = _mm256_add_ps(d1, b);
             q0 = _mm256_fmadd_ps(a, a, q0);
@@ -353,16 +353,18 @@ TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
     fused_tail(x, i, n, tinl, scale, shift, ZEROS, r);
 }
 
-/* The body specialised for its two switches. Unscaled (scale 1), x - shift is one subtraction,
+/* The body specialised for its three switches. Unscaled (scale 1), x - shift is one subtraction,
    which on AVX2 CPUs that split 256-bit operations (AMD Zen 1) leaves the multiply ports to the
-   squares, minimum and maximum. */
+   squares, minimum and maximum; with shift 0 (a block centred near 0) it is none. */
 #define TW_FUSED_DISPATCH(BODY)                                                                 \
     do {                                                                                        \
-        int scaled = scale != 1.0f;                                                             \
-        if (zeros && scaled) BODY(x, n, tinl, scale, shift, 1, 1, r);                           \
-        else if (zeros) BODY(x, n, tinl, scale, shift, 1, 0, r);                                \
-        else if (scaled) BODY(x, n, tinl, scale, shift, 0, 1, r);                               \
-        else BODY(x, n, tinl, scale, shift, 0, 0, r);                                           \
+        int scaled = scale != 1.0f, shifted = shift != 0.0f;                                    \
+        if (zeros && scaled) BODY(x, n, tinl, scale, shift, 1, 1, 1, r);                        \
+        else if (zeros && shifted) BODY(x, n, tinl, scale, shift, 1, 0, 1, r);                  \
+        else if (zeros) BODY(x, n, tinl, scale, shift, 1, 0, 0, r);                             \
+        else if (scaled) BODY(x, n, tinl, scale, shift, 0, 1, 1, r);                            \
+        else if (shifted) BODY(x, n, tinl, scale, shift, 0, 0, 1, r);                           \
+        else BODY(x, n, tinl, scale, shift, 0, 0, 0, r);                                        \
     } while (0)
 
 TW_AVX2 static void fused_avx2(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
@@ -398,7 +400,7 @@ TW_AVX2 static void pass_b_avx2(const float *x, int n, float scale, float shift,
    counts come from compare masks. Same results as the AVX2 passes up to the order of float
    additions in the shift and the moments. */
 TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
-    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, const int SCALED, fused_t *r) {
+    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, const int SCALED, const int SHIFTED, fused_t *r) {
     const __m512i absmask = _mm512_set1_epi32(0x7fffffff), izero = _mm512_setzero_si512();
     const __m512i minus1 = _mm512_set1_epi32(-1);
     const __m512 tin = _mm512_set1_ps(tinl), vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(-shift * scale);
@@ -414,8 +416,8 @@ TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
         for (; i + 32 <= end; i += 32) {
             _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
             __m512 v = _mm512_loadu_ps(x + i), w = _mm512_loadu_ps(x + i + 16);
-            __m512 a = SCALED ? _mm512_fmadd_ps(v, vscale, vshift) : _mm512_sub_ps(v, vsub);
-            __m512 b = SCALED ? _mm512_fmadd_ps(w, vscale, vshift) : _mm512_sub_ps(w, vsub);
+            __m512 a = SCALED ? _mm512_fmadd_ps(v, vscale, vshift) : SHIFTED ? _mm512_sub_ps(v, vsub) : v;
+            __m512 b = SCALED ? _mm512_fmadd_ps(w, vscale, vshift) : SHIFTED ? _mm512_sub_ps(w, vsub) : w;
             d0 = _mm512_add_ps(d0, a);
             d1 = _mm512_add_ps(d1, b);
             q0 = _mm512_fmadd_ps(a, a, q0);
@@ -586,6 +588,10 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     if (n == TW_BLOCK && TW_SAMPLES % 16 == 0 && level >= TW_LEVEL_AVX512) sample_block_avx512(x, &shift, &top);
     else if (n == TW_BLOCK && TW_SAMPLES % 8 == 0) sample_block_avx2(x, &shift, &top);
     else sample_block(x, n, &shift, &top);
+    /* Samples centred near 0 (|mean| <= 1/16 of their largest |x|: for normal data about a sixth
+       of their sd) take no shift: the pass saves a subtraction per vector, and the block's own
+       check below re-reads it in the rare case its mean proves to be more than half its sd. */
+    if (16.0f * fabsf(shift) <= top) shift = 0.0f;
     if (!g->set) {
         g->e = 0;
         if (top > 0) frexpf(top, &g->e);
@@ -774,6 +780,7 @@ typedef void (*omp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
 static omp_parallel_t omp_parallel;  /* GOMP_parallel(fn, data, num_threads, flags), or NULL */
 static int (*omp_max_threads)(void);
 static int (*omp_in_parallel)(void);
+static int (*omp_thread_num)(void);
 static char omp_runtime[512];        /* the runtime's file, for parallel_info() */
 static int use_threads = 1;          /* 0: the calling thread alone (benchmarks compare) */
 static int min_shares = 1;           /* shares per call at least (tests: more shares than threads) */
@@ -784,7 +791,8 @@ typedef struct {
     int dtype, level, nchunks, elsize;
     const plan_t *p;
     acc_t *accs;
-    int next;                        /* the next share to take (atomic) */
+    int next;                        /* the next share to take (atomic), outside torch's team */
+    int team;                        /* run by omp_parallel: shares by OpenMP thread number */
     int threads;                     /* shares: one per thread running the job, or more */
     char claimed[TW_MAXCHUNKS];      /* chunks taken (atomic test-and-set) */
 } job_t;
@@ -807,14 +815,22 @@ static void run_chunk(job_t *j, int c) {
 /* Each thread takes a contiguous share of the chunks and reads it front to back, so its reads
    are one stream that the prefetches run ahead of, across chunk boundaries; a thread done with
    its share takes what is left of the others' from their far end (a thread held up by the OS
-   does not hold the call up). Which thread reads a chunk changes nothing in its result. */
+   does not hold the call up). Which thread reads a chunk changes nothing in its result. In
+   torch's team, thread i takes the i-th share: torch's own operators split a tensor the same
+   way, so the part of an activation a core just wrote (and will read next) is the part it reads
+   here, from its own L2. */
 static void job_run(void *arg) {
     job_t *j = (job_t *)arg;
+    int slot;
+    if (j->team) {
+        slot = omp_thread_num();
+    } else {
 #if defined(__GNUC__) || defined(__clang__)
-    int slot = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        slot = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
 #else
-    int slot = j->next++;
+        slot = j->next++;
 #endif
+    }
     if (slot >= j->threads) slot = j->threads - 1;
     int lo = (int)((long long)j->nchunks * slot / j->threads), hi = (int)((long long)j->nchunks * (slot + 1) / j->threads);
     for (int c = lo; c < hi && claim(j, c); c++) run_chunk(j, c);
@@ -846,7 +862,7 @@ static void run(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int 
     }
     acc_t accs[TW_MAXCHUNKS];
     int threads = threads_for(nchunks), shares = threads > min_shares ? threads : min_shares;
-    job_t job = {(const char *)data, n, chunk, dtype, level, nchunks, ELSIZE[dtype], p, accs, 0,
+    job_t job = {(const char *)data, n, chunk, dtype, level, nchunks, ELSIZE[dtype], p, accs, 0, threads > 1,
                  shares < nchunks ? shares : nchunks, {0}};
     if (threads > 1) omp_parallel(job_run, &job, (unsigned)threads, 0);
     else job_run(&job);
@@ -888,7 +904,9 @@ static void find_omp_runtime(void) {
     omp_parallel_t par = (omp_parallel_t)dlsym(handle, "GOMP_parallel");
     int (*max_threads)(void) = (int (*)(void))dlsym(handle, "omp_get_max_threads");
     int (*in_parallel)(void) = (int (*)(void))dlsym(handle, "omp_in_parallel");
-    if (par == NULL || max_threads == NULL || in_parallel == NULL) { omp_runtime[0] = 0; return; }
+    int (*thread_num)(void) = (int (*)(void))dlsym(handle, "omp_get_thread_num");
+    if (par == NULL || max_threads == NULL || in_parallel == NULL || thread_num == NULL) { omp_runtime[0] = 0; return; }
+    omp_thread_num = thread_num;
     omp_max_threads = max_threads;
     omp_in_parallel = in_parallel;
     omp_parallel = par;
