@@ -492,9 +492,10 @@ TW_AVX512 static void pass_b_avx512(const float *x, int n, float scale, float sh
    scale is the power of two near the largest |x| of the block before (or of the samples, for a
    chunk's first block); within 2^+-TW_SCALE_SLACK of 1 the moments are taken unscaled. A block
    checks the guess afterwards and re-reads itself (from L1) with its own mean and scale where it
-   was poor. The samples of a whole block are gathered into vectors, from lines the block before
-   prefetched (fetching them one by one from L3 as the block began had cost ~20% of the reading
-   rate of activations that come from L3). */
+   was poor. The samples are read from lines the block before prefetched (prefetching them on
+   their own, a block ahead, had cost ~20% of the reading rate of activations coming from L3:
+   32 scattered lines at once held up the stream's own; gathering them into vectors gained a
+   further 3-5% only, and gathers are slow on Intel CPUs with the GDS microcode mitigation). */
 #define TW_SAMPLES 32
 
 typedef struct {
@@ -522,52 +523,6 @@ static void sample_block(const float *x, int n, float *mean, float *top) {
     *top = (float)t;
 }
 
-/* sample_block for a full block, the samples gathered into vectors (the same mean up to the order
-   of its double additions, the same top). */
-TW_AVX512 static void sample_block_avx512(const float *x, float *mean, float *top) {
-    const int stride = TW_BLOCK / TW_SAMPLES;
-    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(stride / 2),
-                                         _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                            _mm512_set1_epi32(stride)));
-    const __m512 fmax = _mm512_set1_ps(FLT_MAX);
-    __m512d s = _mm512_setzero_pd();
-    __m512 t = _mm512_setzero_ps();
-    int m = 0;
-    for (int g = 0; g < TW_SAMPLES / 16; g++) {
-        __m512 v = _mm512_i32gather_ps(idx, x + g * 16 * stride, 4), a = _mm512_abs_ps(v);
-        __mmask16 fin = _mm512_cmp_ps_mask(a, fmax, _CMP_LE_OQ);
-        m += __builtin_popcount((unsigned)fin);
-        v = _mm512_maskz_mov_ps(fin, v);
-        s = _mm512_add_pd(s, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-        s = _mm512_add_pd(s, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-        t = _mm512_max_ps(t, _mm512_maskz_mov_ps(fin, a));
-    }
-    *mean = m ? (float)(_mm512_reduce_add_pd(s) / m) : 0.0f;
-    *top = _mm512_reduce_max_ps(t);
-}
-
-TW_AVX2 static void sample_block_avx2(const float *x, float *mean, float *top) {
-    const int stride = TW_BLOCK / TW_SAMPLES;
-    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(stride / 2),
-                                         _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(stride)));
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), fmax = _mm256_set1_ps(FLT_MAX);
-    __m256d s = _mm256_setzero_pd();
-    __m256 t = _mm256_setzero_ps();
-    int m = 0;
-    for (int g = 0; g < TW_SAMPLES / 8; g++) {
-        __m256 v = _mm256_i32gather_ps(x + g * 8 * stride, idx, 4), a = _mm256_and_ps(v, absmask);
-        __m256 fin = _mm256_cmp_ps(a, fmax, _CMP_LE_OQ);
-        m += __builtin_popcount((unsigned)_mm256_movemask_ps(fin));
-        v = _mm256_and_ps(v, fin);
-        s = _mm256_add_pd(s, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-        s = _mm256_add_pd(s, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-        t = _mm256_max_ps(t, _mm256_and_ps(a, fin));
-    }
-    *mean = m ? (float)(hsum_pd(s) / m) : 0.0f;
-    *top = hmax_ps(t);
-}
-
-
 /* The guessed scale may be off by this many powers of two, and the shift by this fraction of
    the block's standard deviation, before the block is read again with its own: then the sums
    of squares are at most 1 + 1/4 times what the block's own mean would give, so rounding in
@@ -585,9 +540,7 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     const int inl = p->inline_under;
     const float tinl = inl >= 0 ? p->underf[inl] : -1.0f;
     float shift, top;
-    if (n == TW_BLOCK && TW_SAMPLES % 16 == 0 && level >= TW_LEVEL_AVX512) sample_block_avx512(x, &shift, &top);
-    else if (n == TW_BLOCK && TW_SAMPLES % 8 == 0) sample_block_avx2(x, &shift, &top);
-    else sample_block(x, n, &shift, &top);
+    sample_block(x, n, &shift, &top);
     /* Samples centred near 0 (|mean| <= 1/16 of their largest |x|: for normal data about a sixth
        of their sd) take no shift: the pass saves a subtraction per vector, and the block's own
        check below re-reads it in the rare case its mean proves to be more than half its sd. */
