@@ -45,7 +45,7 @@ MUTATIONS = (
     Mutation("kernel: a chunk skipped", KERNEL, "    for (int c = lo; c < hi && claim(j, c); c++) run_chunk(j, c);",
              "    for (int c = lo; c < hi - (hi - lo > 2) && claim(j, c); c++) run_chunk(j, c);",
              ("tests/test_kernels.py",)),
-    Mutation("kernel: a share no thread started is never taken", KERNEL, "    for (int t = 1; t < j->threads; t++) {",
+    Mutation("kernel: a share no thread started is never taken", KERNEL, "    for (int t = 1; t < j->shares; t++) {",
              "    for (int t = 1; t < 1; t++) {", ("tests/test_kernels.py",)),
     Mutation("kernel: the samples cover half the block", KERNEL,
              "    for (int i = stride / 2; i < n; i += stride) {",

@@ -746,7 +746,7 @@ typedef struct {
     acc_t *accs;
     int next;                        /* the next share to take (atomic), outside torch's team */
     int team;                        /* run by omp_parallel: shares by OpenMP thread number */
-    int threads;                     /* shares: one per thread running the job, or more */
+    int shares;                      /* contiguous shares: one per thread running the job, or more */
     char claimed[TW_MAXCHUNKS];      /* chunks taken (atomic test-and-set) */
 } job_t;
 
@@ -784,12 +784,12 @@ static void job_run(void *arg) {
         slot = j->next++;
 #endif
     }
-    if (slot >= j->threads) slot = j->threads - 1;
-    int lo = (int)((long long)j->nchunks * slot / j->threads), hi = (int)((long long)j->nchunks * (slot + 1) / j->threads);
+    if (slot >= j->shares) slot = j->shares - 1;
+    int lo = (int)((long long)j->nchunks * slot / j->shares), hi = (int)((long long)j->nchunks * (slot + 1) / j->shares);
     for (int c = lo; c < hi && claim(j, c); c++) run_chunk(j, c);
-    for (int t = 1; t < j->threads; t++) {
-        int other = (slot + t) % j->threads;
-        int olo = (int)((long long)j->nchunks * other / j->threads), ohi = (int)((long long)j->nchunks * (other + 1) / j->threads);
+    for (int t = 1; t < j->shares; t++) {
+        int other = (slot + t) % j->shares;
+        int olo = (int)((long long)j->nchunks * other / j->shares), ohi = (int)((long long)j->nchunks * (other + 1) / j->shares);
         for (int c = ohi - 1; c >= olo; c--)
             if (claim(j, c)) run_chunk(j, c);
     }
