@@ -24,6 +24,15 @@ overhead plus what torchwatch adds to a floor forward, over the floor's overhead
 carry the noise of two separate plain blocks, which on a shared VM can move one median by several
 points.
 
+Page faults: glibc's allocator gives the memory of large activations back to the system between
+forwards (chunks above its mmap threshold, and the top of its heap beyond its trim threshold), and
+the kernel zeroes every page again on first touch. The benchmark reports the minor page faults of
+one plain forward: where they are many (EfficientNet-Lite0 batch 8: ~82,000 here, 320 MB a forward,
+a third of its CPU time in the kernel), the plain forward is slow and noisy and every percentage
+small. ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000`` in the environment
+(or jemalloc / tcmalloc, as PyTorch's CPU tuning guide advises) keeps most of them on the heap;
+RESULTS.md says which runs used it.
+
 ``every=16`` is timed in blocks of 16 consecutive calls (one of which is measured), so its ratio
 is the amortised cost per call. torchwatch runs as in production: a TensorBoard sink flushing on
 its own thread every 100 calls (``flush_every=100``).
@@ -44,6 +53,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -235,6 +245,9 @@ def run_case(base: nn.Module, x: torch.Tensor, configs: list[tuple]) -> dict:
                 print(f"  round {r + 1}/{n_rounds} {name}: {100 * (t_cfg / t_plain - 1):+.2f}%", file=sys.stderr,
                       flush=True)  # fmt: skip
         rss_growth = _rss_mb() - rss_before
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        plain(x)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         before = cpu.rereads()
         models[WATCHED][0](x)
         rereads = cpu.rereads() - before
@@ -255,6 +268,7 @@ def run_case(base: nn.Module, x: torch.Tensor, configs: list[tuple]) -> dict:
             handle.detach()
     return {
         "rss_growth_mb_during_runs": round(rss_growth, 1),
+        "plain_minor_page_faults_per_forward": faults,
         "kernel_blocks_read_again_per_forward": rereads,
         "torchwatch_errors": watch.errors,
         "configs": summary,
@@ -309,8 +323,9 @@ def _print_table(results: dict) -> None:
     for case, res in results["cases"].items():
         growth = res["rss_growth_mb_during_runs"]
         again = res["kernel_blocks_read_again_per_forward"]
+        faults = res["plain_minor_page_faults_per_forward"]
         print(f"\n{case} (fp32, CPU; RSS growth during runs: {growth} MB; kernel blocks read again per forward: "
-              f"{again})")  # fmt: skip
+              f"{again}; page faults per plain forward: {faults})")  # fmt: skip
         head = f"{'configuration':<36} {'rounds':>6} {'plain ms':>10} {'with ms':>10} {'overhead':>9} {'x floor':>8}"
         print(head + "  IQR")
         for name, s in res["configs"].items():

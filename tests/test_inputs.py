@@ -15,6 +15,7 @@ from _oracle import assert_matches, false_alarm_bound, gamma, id_counts, oracle
 from torch import nn
 
 import torchwatch as tw
+from torchwatch.monitors.inputs import channel_layout
 
 
 def test_root_inputs_are_measured_by_name_with_oracles(quiet):
@@ -331,3 +332,73 @@ def test_edge_chart_false_alarms_on_clean_classifier_traffic(quiet):
     series = len(chart._series)
     assert series == 8 + 1 + 4 + 1  # channel means, log RMS, four output signals, class mix
     assert alarms / (series * (intervals - chart.warmup)) < 1e-3
+
+
+def _channel_sums_oracle(x: torch.Tensor) -> np.ndarray:
+    return x.double().sum(dim=[d for d in range(x.dim()) if d != 1]).numpy()
+
+
+LAYOUTS = [  # (shape, memory format): long rows, short rows (< 16 per channel), outer not a multiple of 8
+    ((8, 3, 224, 224), torch.contiguous_format),
+    ((8, 3, 224, 224), torch.channels_last),
+    ((5, 7, 3), torch.contiguous_format),
+    ((11, 4), torch.contiguous_format),
+    ((3, 5, 17, 3, 2), torch.contiguous_format),
+    ((3, 5, 7, 3, 2), torch.channels_last_3d),
+    ((13, 6, 3, 5), torch.channels_last),
+    ((2, 9, 33), torch.contiguous_format),
+]
+
+
+@pytest.mark.skipif(not tw.kernels.cpu.available, reason="the C kernel was not built")
+@pytest.mark.parametrize(("shape", "fmt"), LAYOUTS)
+@pytest.mark.parametrize("level", range(tw.kernels.cpu.simd_levels()[1] + 1))
+def test_channel_sums_of_the_c_kernel_match_the_oracle_in_every_layout(shape, fmt, level):
+    """Integers times powers of two sum exactly in float64 whatever the order, so the C loops
+    must equal the oracle bit for bit: an element skipped, doubled or put in the wrong channel
+    shows. Random normals then stay within float64's summation bound (gamma_n x sum |x|)."""
+    g = torch.Generator().manual_seed(len(shape))
+    exact = (torch.randint(-1000, 1000, shape, generator=g) * 2.0 ** torch.randint(-8, 8, shape, generator=g)).float()
+    normal = torch.randn(shape, generator=g) * 3 + 1
+    for x, bound in ((exact, 0.0), (normal, 1.0)):
+        x = x.contiguous(memory_format=fmt)
+        layout = channel_layout(x)
+        assert layout is not None and (x.is_contiguous() or layout[2] == 1)
+        sums = torch.full((shape[1],), 0.5, dtype=torch.float64)  # added to, not overwritten
+        with tw.kernels.cpu.simd_level(level):
+            tw.kernels.cpu.channel_sums(x.data_ptr(), *layout, sums.data_ptr(), False)
+        expected = _channel_sums_oracle(x) + 0.5
+        n = x.numel() // shape[1]
+        tol = (
+            bound
+            * 2
+            * gamma(n, 2.0**-53)
+            * (x.double().abs().sum(dim=[d for d in range(x.dim()) if d != 1]).numpy() + 0.5)
+        )
+        assert np.all(np.abs(sums.numpy() - expected) <= tol), (shape, fmt, level)
+
+
+def test_channel_means_are_the_same_through_the_c_loops_and_torch(monkeypatch, quiet):
+    """The input monitor's channel means with the C loops and with torch's reduction (the path
+    for other dtypes, devices and layouts), for row-major, channels-last and permuted inputs."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(4, 3, 20, 18, generator=g) * 2 - 0.3 for _ in range(3)]
+    inputs = {
+        "rows": batches,
+        "channels_last": [b.contiguous(memory_format=torch.channels_last) for b in batches],
+        "permuted": [b.permute(0, 1, 3, 2) for b in batches],  # neither layout: torch sums it
+    }
+    for label, xs in inputs.items():
+        means = []
+        for kernel in (tw.kernels.cpu.channel_sums, None):
+            monkeypatch.setattr(tw.kernels.cpu, "channel_sums", kernel)
+            with tw.attach(model) as watch:
+                for x in xs:
+                    model(x)
+                means.append(np.array(watch.snapshot().inputs["<input>"].channel_means))
+        every = torch.cat(xs)
+        expected = _channel_sums_oracle(every) / (every.numel() // 3)
+        bound = 2 * gamma(every.numel() // 3, 2.0**-53) * every.double().abs().mean(dim=(0, 2, 3)).numpy()
+        for got in means:
+            assert np.all(np.abs(got - expected) <= bound), label

@@ -1153,6 +1153,112 @@ static PyObject *id_counts(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Per-channel float64 sums of a float32 input (the input monitor's channel means). Every value
+   is converted exactly and added in float64, as torch's sum(dtype=float64) does, in a fixed order
+   for a given layout and vector level: the error stays within float64's summation bound. torch's
+   own reduction over dims (0, 2, 3) of an image batch ran at ~3.5 GB/s here, about seven times
+   the cost of reading the batch once; these loops run at the rate of the read. */
+
+#ifdef TW_X86
+/* Sum of n contiguous values, sixteen float64 lanes at a time. */
+TW_AVX2 static double row_sum_avx2(const float *x, Py_ssize_t n) {
+    __m256d a = _mm256_setzero_pd(), b = a, c = a, d = a;
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+        a = _mm256_add_pd(a, _mm256_cvtps_pd(_mm256_castps256_ps128(u)));
+        b = _mm256_add_pd(b, _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1)));
+        c = _mm256_add_pd(c, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        d = _mm256_add_pd(d, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(_mm256_add_pd(a, b), _mm256_add_pd(c, d)));
+    double s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    for (; i < n; i++) s += (double)x[i];
+    return s;
+}
+#endif
+
+static double row_sum(const float *x, Py_ssize_t n, int level) {
+#ifdef TW_X86
+    if (level) return row_sum_avx2(x, n);
+#else
+    (void)level;
+#endif
+    double p[4] = {0, 0, 0, 0};
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) p[j] += (double)x[i + j];
+    double s = (p[0] + p[1]) + (p[2] + p[3]);
+    for (; i < n; i++) s += (double)x[i];
+    return s;
+}
+
+/* acc[j] += x[j]: element by element (no reassociation), so the compiler's vectors at either
+   level give the same sums. */
+#ifdef TW_X86
+TW_AVX2 static void add_span_avx2(double *acc, const float *x, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n; j++) acc[j] += (double)x[j];
+}
+#endif
+
+static void add_span(double *acc, const float *x, Py_ssize_t n, int level) {
+#ifdef TW_X86
+    if (level) { add_span_avx2(acc, x, n); return; }
+#else
+    (void)level;
+#endif
+    for (Py_ssize_t j = 0; j < n; j++) acc[j] += (double)x[j];
+}
+
+#define TW_CHANNEL_SETS 8   /* interleaved partial sums per channel when channels are innermost */
+
+PyDoc_STRVAR(channel_sums_doc,
+"channel_sums(address, outer, channels, inner, sums_address, exact)\n"
+"Add to float64 sums[channels] the sums over o and i of the float32 values x[(o * channels + c)\n"
+"* inner + i] at `address`: (N, C, prod(rest)) for a contiguous tensor, (N * H * W, C, 1) for a\n"
+"channels-last one. float64 accumulation of exactly converted values; `exact`: the portable path.");
+
+static PyObject *channel_sums(PyObject *self, PyObject *args) {
+    unsigned long long address, sums_address;
+    Py_ssize_t outer, channels, inner;
+    int exact;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnnKp", &address, &outer, &channels, &inner, &sums_address, &exact))
+        return NULL;
+    if (outer < 0 || channels < 1 || inner < 1)
+        return PyErr_Format(PyExc_ValueError, "channel_sums: bad sizes (outer %zd, channels %zd, inner %zd)",
+                            outer, channels, inner);
+    const float *x = (const float *)(uintptr_t)address;
+    double *sums = (double *)(uintptr_t)sums_address;
+    int level = exact ? TW_LEVEL_PORTABLE : simd_level;
+    double *sets = NULL;
+    if (inner < 16) {   /* short rows: interleave whole rows into TW_CHANNEL_SETS partial sums */
+        sets = (double *)calloc((size_t)channels * inner * TW_CHANNEL_SETS, sizeof(double));
+        if (sets == NULL) return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (sets == NULL) {
+        for (Py_ssize_t o = 0; o < outer; o++)
+            for (Py_ssize_t c = 0; c < channels; c++)
+                sums[c] += row_sum(x + (o * channels + c) * inner, inner, level);
+    } else {
+        const Py_ssize_t row = channels * inner, span = row * TW_CHANNEL_SETS;
+        Py_ssize_t o = 0;
+        for (; o + TW_CHANNEL_SETS <= outer; o += TW_CHANNEL_SETS) add_span(sets, x + o * row, span, level);
+        for (; o < outer; o++) add_span(sets + (o % TW_CHANNEL_SETS) * row, x + o * row, row, level);
+        for (Py_ssize_t c = 0; c < channels; c++) {
+            double s = 0;
+            for (int k = 0; k < TW_CHANNEL_SETS; k++)
+                for (Py_ssize_t i = 0; i < inner; i++) s += sets[k * row + c * inner + i];
+            sums[c] += s;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(sets);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(logit_quality_doc,
 "logit_quality(address, rows, classes, abstain_below, sums_address, pred_address, conf_address)\n"
 "For `rows` x `classes` float32 logits: per row the softmax confidence (max probability), margin\n"
@@ -1284,6 +1390,7 @@ static PyMethodDef methods[] = {
      "Blocks whose moments were read a second time since import (their shift or scale guess was poor)."},
     {"id_counts", id_counts, METH_VARARGS, id_counts_doc},
     {"logit_quality", logit_quality, METH_VARARGS, logit_quality_doc},
+    {"channel_sums", channel_sums, METH_VARARGS, channel_sums_doc},
     {NULL, NULL, 0, NULL},
 };
 

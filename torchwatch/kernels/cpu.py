@@ -26,6 +26,8 @@ tensor_stats = _cstats.tensor_stats if available else None
 # The id sketch and logit-quality passes of the input and output monitors (None without the kernel).
 id_counts = _cstats.id_counts if available else None
 logit_quality = _cstats.logit_quality if available else None
+# Per-channel float64 sums of float32 inputs (the input monitor's channel means).
+channel_sums = _cstats.channel_sums if available else None
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 

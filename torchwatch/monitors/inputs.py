@@ -23,6 +23,7 @@ from .._pytree import tensors_in
 from .._schema import Fields, entries
 from .._transfer import copy_to_host, state_mode
 from ..kernels import PLAIN_TENSOR_TYPES
+from ..kernels import cpu as cpu_kernel
 from ..values import Export, Scalar, Series
 from .base import Call, Collect, Monitor
 from .ids import ID_DTYPES, IdAccumulator, IdStats
@@ -108,6 +109,21 @@ class InputStats:
         return out
 
 
+def channel_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(outer, channels, inner)`` of a float32 CPU tensor whose memory is contiguous with dim 1
+    as the channels (``cpu.channel_sums``: row-major, or channels-last where channels are
+    innermost); None where the C kernel is absent or the layout is another (torch sums it)."""
+    if cpu_kernel.channel_sums is None or x.dtype is not torch.float32 or not x.is_cpu:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    if x.is_contiguous():
+        return n, c, x.numel() // (n * c)
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and x.is_contiguous(memory_format=last):
+        return x.numel() // c, c, 1
+    return None
+
+
 class InputAccumulators:
     """Per input position: channel sums (float) or an id sketch (integer), on the input's device."""
 
@@ -121,15 +137,19 @@ class InputAccumulators:
     def add_float(self, name: str, x: torch.Tensor) -> None:
         if x.dim() < 2 or not 2 <= x.shape[1] <= self.config.channels or x.numel() == 0:
             return
-        dims = [d for d in range(x.dim()) if d != 1]
-        sums = x.detach().sum(dim=dims, dtype=torch.float64)
+        layout = channel_layout(x)
+        if layout is None:
+            sums = x.detach().sum(dim=[d for d in range(x.dim()) if d != 1], dtype=torch.float64)
         with self._lock:
             slot = self._channels.get(name)
-            if slot is None or slot[1].numel() != sums.numel() or slot[1].device != sums.device:
+            if slot is None or slot[1].numel() != x.shape[1] or slot[1].device != x.device:
                 with state_mode():
-                    slot = self._channels[name] = [0, torch.zeros(sums.shape, dtype=sums.dtype, device=sums.device)]
+                    slot = self._channels[name] = [0, torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)]
             slot[0] += x.numel() // x.shape[1]
-            slot[1] += sums
+            if layout is None:
+                slot[1] += sums
+            else:  # the C loop adds into the slot itself (a contiguous float64 CPU tensor)
+                cpu_kernel.channel_sums(x.data_ptr(), *layout, slot[1].data_ptr(), False)
 
     def add_ids(self, name: str, x: torch.Tensor) -> None:
         with self._lock:
