@@ -7,9 +7,11 @@ from __future__ import annotations
 import email.parser
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 
 import pytest
@@ -96,7 +98,6 @@ def test_the_c_kernel_is_built_wherever_a_c_compiler_is():
     installs (the torch-ops path, tested by test_kernels' fallback test). Where a compiler exists,
     a kernel that did not build is a bug the suite must not pass over: every kernel test would
     skip and the stats tests would lose their vector paths."""
-    import sysconfig
 
     from torchwatch.kernels import cpu
 
@@ -107,3 +108,30 @@ def test_the_c_kernel_is_built_wherever_a_c_compiler_is():
         f"{cc} is here but torchwatch/kernels/_cstats.c was not built; "
         "TORCHWATCH_REQUIRE_KERNEL=1 pip install -e . shows the compiler's error"
     )
+
+
+def test_the_kernel_loop_benchmark_builds_and_runs(tmp_path):
+    """benchmarks/kernel_loop.c includes the kernel's source: it must build with the command in its
+    header and run (on a CPU without AVX-512 it says so and exits), or RESULTS.md's figures from it
+    could no longer be reproduced."""
+    if platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux" or shutil.which("gcc") is None:
+        pytest.skip("the loop benchmark is for x86-64 Linux with gcc")
+    include = sysconfig.get_paths()["include"]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    version = sysconfig.get_config_var("LDVERSION")
+    if not libdir or not (pathlib.Path(libdir) / f"libpython{version}.so").exists():
+        pytest.skip("no shared libpython to link against")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    exe = tmp_path / "kernel_loop"
+    build = subprocess.run(
+        ["gcc", "-O3", f"-I{include}", str(repo / "benchmarks" / "kernel_loop.c"), "-o", str(exe),
+         f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}", "-lm"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe), "4096"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines == ["this CPU has no AVX-512F"] or (
+        len([line for line in lines if line.startswith("kernel loop")]) == 4 and lines[-1].startswith("plain sum")
+    ), run.stdout
