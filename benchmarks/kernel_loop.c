@@ -1,12 +1,13 @@
 /* The CPU kernel's inner loop on data already in L1 (or L2): its arithmetic cost alone, beside a
- * plain AVX-512 sum of the same data, in ns per 32 float32 elements (two 512-bit vectors).
+ * plain sum of the same data at the same vector width, in ns per 32 float32 elements.
  *
  * On data in L1 nothing but the loop's instructions limits it, so this is the compute floor the
  * kernel reaches inside a forward where an activation is still in a core's L2 (benchmarks/
  * in_forward.py): the loop issues about 18 vector operations per 32 elements (24 in blocks with
- * zeros and a shift) where a sum issues 2, and 512-bit operations share two ports.
+ * zeros and a shift) where a sum issues 2, and 512-bit operations share two ports. The AVX2 loop
+ * runs too (on AVX2-only CPUs such as AMD Zen 1, alone), beside a plain AVX2 sum.
  *
- * Build and run (x86-64 with AVX-512F; it includes the kernel's source, so it links libpython):
+ * Build and run (x86-64 with AVX2; it includes the kernel's source, so it links libpython):
  *   gcc -O3 $(python3-config --includes) benchmarks/kernel_loop.c -o /tmp/kernel_loop \
  *       $(python3-config --embed --ldflags) -Wl,-rpath,$(python3-config --prefix)/lib
  *   /tmp/kernel_loop 4096      # elements in the buffer: 16 KB, in L1
@@ -33,40 +34,70 @@ TW_AVX512 static float sum512(const float *x, int n) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
 }
 
+TW_AVX2 static float sum256(const float *x, int n) {
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+    for (int i = 0; i + 32 <= n; i += 32) {
+        a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
+        b = _mm256_add_ps(b, _mm256_loadu_ps(x + i + 8));
+        c = _mm256_add_ps(c, _mm256_loadu_ps(x + i + 16));
+        d = _mm256_add_ps(d, _mm256_loadu_ps(x + i + 24));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+}
+
+typedef void (*loop_t)(const float *, int, float, float, float, int, fused_t *);
+
+static double time_loop(loop_t loop, const float *x, size_t total, int zeros, int shifted, double *sink) {
+    const int n = TW_BLOCK;
+    fused_t r = {0};
+    long blocks = 0;
+    double t0 = now();
+    while (now() - t0 < 0.5)
+        for (size_t off = 0; off + n <= total; off += n, blocks++) {
+            loop(x + off, n, 0.001f, 1.0f, shifted ? 0.3f : 0.0f, zeros, &r);
+            *sink += r.sd;
+        }
+    return (now() - t0) / (blocks * n / 32.0);  /* seconds per 32 elements */
+}
+
+static double time_sum(float (*sum)(const float *, int), const float *x, size_t total, double *sink) {
+    const int n = TW_BLOCK;
+    long blocks = 0;
+    double t0 = now();
+    while (now() - t0 < 0.5)
+        for (size_t off = 0; off + n <= total; off += n, blocks++) *sink += sum(x + off, n);
+    return (now() - t0) / (blocks * n / 32.0);
+}
+
+static void report(const char *what, double t) {
+    printf("%-40s %5.2f ns / 32 elements, %5.1f GB/s\n", what, t * 1e9, 128.0 / t / 1e9);
+}
+
 int main(int argc, char **argv) {
-    if (cpu_simd_level() < TW_LEVEL_AVX512) {
-        printf("this CPU has no AVX-512F\n");
+    int level = cpu_simd_level();
+    if (level < TW_LEVEL_AVX2) {
+        printf("this CPU has no AVX2\n");
         return 0;
     }
-    const int n = TW_BLOCK;
     size_t total = argc > 1 ? (size_t)atol(argv[1]) : 4096;
-    if (total < (size_t)n) total = n;
+    if (total < TW_BLOCK) total = TW_BLOCK;
     float *x = aligned_alloc(64, total * sizeof(float));
     for (size_t i = 0; i < total; i++)  /* values in [0, 1), a third of them zero */
         x[i] = (float)((i * 2654435761u) % 1000) / 1000.0f * ((i % 3) ? 1.0f : 0.0f);
     printf("buffer %zu KB\n", total * sizeof(float) / 1024);
     double sink = 0;
-    for (int zeros = 0; zeros < 2; zeros++) {
-        for (int shifted = 0; shifted < 2; shifted++) {
-            fused_t r = {0};
-            long blocks = 0;
-            double t0 = now();
-            while (now() - t0 < 0.5)
-                for (size_t off = 0; off + n <= total; off += n, blocks++) {
-                    fused_avx512(x + off, n, 0.001f, 1.0f, shifted ? 0.3f : 0.0f, zeros, &r);
-                    sink += r.sd;
-                }
-            double t = now() - t0;
-            printf("kernel loop, zeros %d shifted %d: %5.2f ns / 32 elements, %5.1f GB/s\n", zeros, shifted,
-                   t / (blocks * n / 32.0) * 1e9, blocks * n * 4.0 / t / 1e9);
-        }
+    char what[64];
+    for (int l = level; l >= TW_LEVEL_AVX2; l--) {
+        const char *name = l == TW_LEVEL_AVX512 ? "avx512" : "avx2";
+        for (int zeros = 0; zeros < 2; zeros++)
+            for (int shifted = 0; shifted < 2; shifted++) {
+                snprintf(what, sizeof what, "%s kernel loop, zeros %d shifted %d:", name, zeros, shifted);
+                report(what, time_loop(l == TW_LEVEL_AVX512 ? fused_avx512 : fused_avx2, x, total, zeros, shifted, &sink));
+            }
+        snprintf(what, sizeof what, "%s plain sum:", name);
+        report(what, time_sum(l == TW_LEVEL_AVX512 ? sum512 : sum256, x, total, &sink));
     }
-    long blocks = 0;
-    double t0 = now();
-    while (now() - t0 < 0.5)
-        for (size_t off = 0; off + n <= total; off += n, blocks++) sink += sum512(x + off, n);
-    double t = now() - t0;
-    printf("plain sum:                     %5.2f ns / 32 elements, %5.1f GB/s\n", t / (blocks * n / 32.0) * 1e9,
-           blocks * n * 4.0 / t / 1e9);
     return sink == 12345.678;  /* keeps the results live */
 }
