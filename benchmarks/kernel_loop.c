@@ -49,6 +49,13 @@ TW_AVX2 static float sum256(const float *x, int n) {
 
 typedef void (*loop_t)(const float *, int, float, float, float, int, fused_t *);
 
+/* zeros blocks after one without negative values (ReLU outputs): x taken as its own |x| */
+TW_AVX512 static void nonneg_loop(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
+    (void)scale;
+    (void)zeros;
+    fused_avx512_nonneg(x, n, tinl, shift, r);
+}
+
 static double time_loop(loop_t loop, const float *x, size_t total, int zeros, int shifted, double *sink) {
     const int n = TW_BLOCK;
     fused_t r = {0};
@@ -95,6 +102,11 @@ int main(int argc, char **argv) {
             for (int shifted = 0; shifted < 2; shifted++) {
                 snprintf(what, sizeof what, "%s kernel loop, zeros %d shifted %d:", name, zeros, shifted);
                 report(what, time_loop(l == TW_LEVEL_AVX512 ? fused_avx512 : fused_avx2, x, total, zeros, shifted, &sink));
+            }
+        if (l == TW_LEVEL_AVX512)
+            for (int shifted = 0; shifted < 2; shifted++) {
+                snprintf(what, sizeof what, "avx512 ReLU loop, zeros 1 shifted %d:", shifted);
+                report(what, time_loop(nonneg_loop, x, total, 1, shifted, &sink));
             }
         snprintf(what, sizeof what, "%s plain sum:", name);
         report(what, time_sum(l == TW_LEVEL_AVX512 ? sum512 : sum256, x, total, &sink));

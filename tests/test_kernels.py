@@ -299,3 +299,26 @@ def test_the_shift_from_samples_suits_convolution_outputs():
         again = cpu.rereads() - before
     assert_matches(stats_from_raw(1, raw, NAMES), oracle(x, NAMES))
     assert again <= 0.02 * blocks, (again, blocks)
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=[cpu.LEVELS[level] for level in LEVELS])
+def test_relu_blocks_holding_a_negative_value_are_measured_with_their_absolute_values(level):
+    """After a block with zeros and no negative value (ReLU outputs), the AVX-512 loop takes x as its
+    own |x|; a block that then holds negatives must be read again with |x|. Here block 4 of a ReLU
+    output holds the smallest |x| (a negative subnormal), a negative fp8 underflow and a large
+    negative value; later blocks hold -0.0, which is a zero, not a negative value. Every count and
+    extreme must equal the float64 oracle's."""
+    from _oracle import assert_matches, oracle
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(8 * 2048, generator=g).clamp(min=0)  # one chunk: its blocks run in order on one thread
+    block4 = slice(4 * 2048, 5 * 2048)
+    x[block4][7] = -1e-39  # the smallest nonzero |x| of the tensor: a subnormal
+    x[block4][300] = -1e-4  # below fp8 e4m3's underflow threshold
+    x[block4][1500] = -5.0  # a plain negative value: not an underflow
+    x[6 * 2048 + 3 : 6 * 2048 + 40] = -0.0
+    assert (x[: 4 * 2048] == 0).any() and (x[: 4 * 2048] >= 0).all()
+    plan = cast_plan(torch.float32, NAMES)
+    with cpu.simd_level(level):
+        raw = host_stats(x, plan)
+    assert_matches(stats_from_raw(1, raw, NAMES), oracle(x, NAMES))
