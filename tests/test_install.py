@@ -112,8 +112,8 @@ def test_the_c_kernel_is_built_wherever_a_c_compiler_is():
 
 def test_the_kernel_loop_benchmark_builds_and_runs(tmp_path):
     """benchmarks/kernel_loop.c includes the kernel's source: it must build with the command in its
-    header and run each vector level the CPU has (without AVX2 it says so and exits), or RESULTS.md's figures from it
-    could no longer be reproduced."""
+    header and run each vector level the CPU has (without AVX2 it says so and exits), or the
+    figures RESULTS.md takes from it could no longer be reproduced."""
     if platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux" or shutil.which("gcc") is None:
         pytest.skip("the loop benchmark is for x86-64 Linux with gcc")
     include = sysconfig.get_paths()["include"]

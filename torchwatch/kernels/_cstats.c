@@ -575,11 +575,8 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     fused_t a = {0};
     if (level >= TW_LEVEL_AVX512 && g->zeros && g->nonneg && e_used == 0) {
         fused_avx512_nonneg(x, n, tinl, shift, &a);
-        if (a.mn < 0) {                         /* a negative value after all: with |x| again */
-            fused_t again = {0};
-            a = again;
-            fused_avx512(x, n, tinl, scale, shift, g->zeros, &a);
-        }
+        if (a.mn < 0)                           /* a negative value after all: with |x| again */
+            fused_avx512(x, n, tinl, scale, shift, g->zeros, &a);   /* (every field is assigned) */
     } else if (level >= TW_LEVEL_AVX512) {
         fused_avx512(x, n, tinl, scale, shift, g->zeros, &a);
     } else {
