@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -20,6 +21,29 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow-worker", type=float, default=0.0, metavar="SECONDS",
+        help="delay every job on torchwatch's worker thread by SECONDS, as on a loaded machine: the worker falls "
+        "behind and merges records (a test must not assume one record per flush unless it waits for each)",
+    )  # fmt: skip
+
+
+def pytest_configure(config):
+    delay = config.getoption("--slow-worker")
+    if delay > 0:
+        from torchwatch.engine import worker
+
+        run_job = worker.Worker._run_job
+
+        def slow_job(self, job):
+            time.sleep(delay)
+            return run_job(self, job)
+
+        worker.Worker._run_job = slow_job
+
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -18,7 +18,10 @@ import torchwatch as tw
 from torchwatch.cli import report, report_html
 
 
-def _logs(tmp_path, *, fault_from: int | None) -> str:
+def _logs(tmp_path, *, fault_from: int | None, flush_each_call: bool = False) -> str:
+    """80 calls of a small model, with module "2" faulty from ``fault_from`` on. The writer merges records
+    when its worker falls behind (a loaded machine), so which steps are logged varies, unless
+    ``flush_each_call``: then every call is flushed (and waited for) by the test, one record per call."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     calls = {"n": 0}
@@ -31,6 +34,8 @@ def _logs(tmp_path, *, fault_from: int | None) -> str:
         for _ in range(80):
             model(torch.randn(16, 4))
             calls["n"] += 1
+            if flush_each_call:
+                watch.flush()
         watch.flush()
     return str(tmp_path)
 
@@ -80,7 +85,8 @@ def test_clean_logs_say_nothing_needs_attention_and_the_page_is_self_contained(t
 
 
 def test_phases_in_the_run_marker_are_dashed_lines_on_every_chart_and_named_once(tmp_path):
-    logdir = _logs(tmp_path, fault_from=40)
+    # one record per call, so the first is at step 1 and "bad batch" (call 40) lies inside the axis
+    logdir = _logs(tmp_path, fault_from=40, flush_each_call=True)
     phases = [
         {"name": "warm-up", "call": 0, "time": 1.0},  # before the first record: drawn at the left edge
         {"name": "bad batch", "call": 40, "time": 2.0},
@@ -95,6 +101,7 @@ def test_phases_in_the_run_marker_are_dashed_lines_on_every_chart_and_named_once
     summary = report.summarize(data)
     page = report_html.html_page(summary, data)
     axis = report_html.Axis(data, summary["alerts"], summary["phases"])
+    assert axis.lo == 1
     svgs = re.findall(r"<svg.*?</svg>", page, re.S)
     for svg in svgs:
         dashed = re.findall(r'<line x1="([\d.]+)"[^>]*stroke-dasharray="4 3"><title>phase: ([^<]+)</title>', svg)
