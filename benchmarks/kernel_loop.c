@@ -61,10 +61,16 @@ TW_AVX2 static void sum256_loop(const float *x, int n, float tinl, float scale, 
 }
 
 /* zeros blocks after one without negative values (ReLU outputs): x taken as its own |x| */
-TW_AVX512 static void nonneg_loop(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
+TW_AVX512 static void nonneg512_loop(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
     (void)scale;
     (void)zeros;
     fused_avx512_nonneg(x, n, tinl, shift, r);
+}
+
+TW_AVX2 static void nonneg256_loop(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
+    (void)scale;
+    (void)zeros;
+    fused_avx2_nonneg(x, n, tinl, shift, r);
 }
 
 static double time_loop(loop_t loop, const float *x, size_t total, int zeros, int shifted, double *sink) {
@@ -105,11 +111,10 @@ int main(int argc, char **argv) {
                 snprintf(what, sizeof what, "%s kernel loop, zeros %d shifted %d:", name, zeros, shifted);
                 report(what, time_loop(l == TW_LEVEL_AVX512 ? fused_avx512 : fused_avx2, x, total, zeros, shifted, &sink));
             }
-        if (l == TW_LEVEL_AVX512)
-            for (int shifted = 0; shifted < 2; shifted++) {
-                snprintf(what, sizeof what, "avx512 ReLU loop, zeros 1 shifted %d:", shifted);
-                report(what, time_loop(nonneg_loop, x, total, 1, shifted, &sink));
-            }
+        for (int shifted = 0; shifted < 2; shifted++) {
+            snprintf(what, sizeof what, "%s ReLU loop, zeros 1 shifted %d:", name, shifted);
+            report(what, time_loop(l == TW_LEVEL_AVX512 ? nonneg512_loop : nonneg256_loop, x, total, 1, shifted, &sink));
+        }
         snprintf(what, sizeof what, "%s plain sum:", name);
         report(what, time_loop(l == TW_LEVEL_AVX512 ? sum512_loop : sum256_loop, x, total, 0, 0, &sink));
     }

@@ -303,8 +303,8 @@ def test_the_shift_from_samples_suits_convolution_outputs():
 
 @pytest.mark.parametrize("level", LEVELS, ids=[cpu.LEVELS[level] for level in LEVELS])
 def test_relu_blocks_holding_a_negative_value_are_measured_with_their_absolute_values(level):
-    """After a block with zeros and no negative value (ReLU outputs), the AVX-512 loop takes x as its
-    own |x|; a block that then holds negatives must be read again with |x|. Here block 4 of a ReLU
+    """After a block with zeros and no negative value (ReLU outputs), the AVX2 and AVX-512 loops take
+    x as its own |x|; a block that then holds negatives must be read again with |x|. Here block 4 of a ReLU
     output holds the smallest |x| (a negative subnormal), a negative fp8 underflow and a large
     negative value; later blocks hold -0.0, which is a zero, not a negative value. Every count and
     extreme must equal the float64 oracle's."""

@@ -303,9 +303,11 @@ static void fused_tail(const float *x, int i, int n, float tinl, float scale, fl
    gives the smallest nonzero one. Sums of d stay in float lanes for 256 elements, then go to
    double. */
 TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
-    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, const int SCALED, const int SHIFTED, fused_t *r) {
+    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, const int SCALED, const int SHIFTED,
+    const int NONNEG, fused_t *r) {
     const __m256i absmask = _mm256_set1_epi32(0x7fffffff), izero = _mm256_setzero_si256();
     const __m256i one = _mm256_set1_epi32(1);
+    const __m256 fzero = _mm256_setzero_ps();
     const __m256 tin = _mm256_set1_ps(tinl), vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-shift * scale);
     const __m256 vsub = _mm256_set1_ps(shift);
     __m256 vmn = _mm256_set1_ps(INFINITY), vmx = _mm256_set1_ps(-INFINITY);
@@ -324,14 +326,19 @@ TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
             d1 = _mm256_add_ps(d1, b);
             q0 = _mm256_fmadd_ps(a, a, q0);
             q1 = _mm256_fmadd_ps(b, b, q1);
-            __m256i av = _mm256_and_si256(_mm256_castps_si256(v), absmask);
-            __m256i aw = _mm256_and_si256(_mm256_castps_si256(w), absmask);
+            /* NONNEG: no negative value expected (the caller checks the min after): |x| is x */
+            __m256i av = NONNEG ? _mm256_castps_si256(v) : _mm256_and_si256(_mm256_castps_si256(v), absmask);
+            __m256i aw = NONNEG ? _mm256_castps_si256(w) : _mm256_and_si256(_mm256_castps_si256(w), absmask);
             /* pair first, then fold into the running value: one dependent op per iteration */
             vmn = _mm256_min_ps(_mm256_min_ps(v, w), vmn);
             vmx = _mm256_max_ps(_mm256_max_ps(v, w), vmx);
             if (ZEROS) {
+                /* with NONNEG a -0.0 keeps its sign bit: its bits - 1 (0x7fffffff) lose the min to
+                   every other value, and the float compare counts it as the zero it is */
                 amin = _mm256_min_epu32(_mm256_min_epu32(_mm256_sub_epi32(av, one), _mm256_sub_epi32(aw, one)), amin);
-                nz = _mm256_sub_epi32(nz, _mm256_add_epi32(_mm256_cmpeq_epi32(av, izero), _mm256_cmpeq_epi32(aw, izero)));
+                __m256i zv = NONNEG ? _mm256_castps_si256(_mm256_cmp_ps(v, fzero, _CMP_EQ_OQ)) : _mm256_cmpeq_epi32(av, izero);
+                __m256i zw = NONNEG ? _mm256_castps_si256(_mm256_cmp_ps(w, fzero, _CMP_EQ_OQ)) : _mm256_cmpeq_epi32(aw, izero);
+                nz = _mm256_sub_epi32(nz, _mm256_add_epi32(zv, zw));
             } else {
                 amin = _mm256_min_epu32(_mm256_min_epu32(av, aw), amin);
             }
@@ -367,8 +374,18 @@ TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
         else BODY(x, n, tinl, scale, shift, 0, 0, 0, r);                                        \
     } while (0)
 
+#define TW_AVX2_BODY(x, n, tinl, scale, shift, ZEROS, SCALED, SHIFTED, r) \
+    fused_avx2_body(x, n, tinl, scale, shift, ZEROS, SCALED, SHIFTED, 0, r)
+
 TW_AVX2 static void fused_avx2(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
-    TW_FUSED_DISPATCH(fused_avx2_body);
+    TW_FUSED_DISPATCH(TW_AVX2_BODY);
+}
+
+/* fused_avx2_body for a ReLU block: as fused_avx512_nonneg below (two operations fewer per 16
+   elements; -0.0 needs no mask here, see the body). */
+TW_AVX2 static void fused_avx2_nonneg(const float *x, int n, float tinl, float shift, fused_t *r) {
+    if (shift != 0.0f) fused_avx2_body(x, n, tinl, 1.0f, shift, 1, 0, 1, 1, r);
+    else fused_avx2_body(x, n, tinl, 1.0f, shift, 1, 0, 0, 1, r);
 }
 
 /* Pass B: sums of d and d*d for d = x * scale - shift * scale (f32 lanes, folded into double
@@ -466,7 +483,7 @@ TW_AVX512 static void fused_avx512(const float *x, int n, float tinl, float scal
 }
 
 /* An unscaled zeros block after a block with no negative value (ReLU outputs): x is taken as its
-   own |x|, two operations fewer per 32 elements (the loop 7-11% faster in L1, benchmarks/
+   own |x|, two operations fewer per 32 elements (per 16 on AVX2) (the loop 7-11% faster in L1, benchmarks/
    kernel_loop.c; ReLU6 outputs ~5% faster inside EfficientNet-Lite0's forward). Valid only if the
    block holds no negative value: the caller checks its min (-0.0 is not below 0, and counts as a
    zero here as everywhere) and reads the block again if not. A NaN can hide a negative value from
@@ -573,14 +590,12 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     int e_used = abs(g->e) <= TW_SCALE_SLACK ? 0 : g->e;  /* 0: unscaled */
     float scale = ldexpf(1.0f, -e_used);
     fused_t a = {0};
-    if (level >= TW_LEVEL_AVX512 && g->zeros && g->nonneg && e_used == 0) {
-        fused_avx512_nonneg(x, n, tinl, shift, &a);
-        if (a.mn < 0)                           /* a negative value after all: with |x| again */
-            fused_avx512(x, n, tinl, scale, shift, g->zeros, &a);   /* (every field is assigned) */
-    } else if (level >= TW_LEVEL_AVX512) {
-        fused_avx512(x, n, tinl, scale, shift, g->zeros, &a);
-    } else {
-        fused_avx2(x, n, tinl, scale, shift, g->zeros, &a);
+    const int relu = g->zeros && g->nonneg && e_used == 0;     /* x taken as its own |x| */
+    if (relu && level >= TW_LEVEL_AVX512) fused_avx512_nonneg(x, n, tinl, shift, &a);
+    else if (relu) fused_avx2_nonneg(x, n, tinl, shift, &a);
+    if (!relu || a.mn < 0) {        /* or a negative value after all: with |x| (every field is assigned) */
+        if (level >= TW_LEVEL_AVX512) fused_avx512(x, n, tinl, scale, shift, g->zeros, &a);
+        else fused_avx2(x, n, tinl, scale, shift, g->zeros, &a);
     }
     float mn = a.mn, mx = a.mx;
     uint32_t abits = a.abits;
