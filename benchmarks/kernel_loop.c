@@ -60,17 +60,26 @@ TW_AVX2 static void sum256_loop(const float *x, int n, float tinl, float scale, 
     r->sd = sum256(x, n);
 }
 
+/* the kernel's float32 loops */
+TW_AVX512 static void kernel512_loop(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
+    fused_avx512(x, TW_F32, n, tinl, scale, shift, zeros, r);
+}
+
+TW_AVX2 static void kernel256_loop(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
+    fused_avx2(x, TW_F32, n, tinl, scale, shift, zeros, r);
+}
+
 /* zeros blocks after one without negative values (ReLU outputs): x taken as its own |x| */
 TW_AVX512 static void nonneg512_loop(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
     (void)scale;
     (void)zeros;
-    fused_avx512_nonneg(x, n, tinl, shift, r);
+    fused_avx512_nonneg(x, TW_F32, n, tinl, shift, r);
 }
 
 TW_AVX2 static void nonneg256_loop(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
     (void)scale;
     (void)zeros;
-    fused_avx2_nonneg(x, n, tinl, shift, r);
+    fused_avx2_nonneg(x, TW_F32, n, tinl, shift, r);
 }
 
 static double time_loop(loop_t loop, const float *x, size_t total, int zeros, int shifted, double *sink) {
@@ -109,7 +118,7 @@ int main(int argc, char **argv) {
         for (int zeros = 0; zeros < 2; zeros++)
             for (int shifted = 0; shifted < 2; shifted++) {
                 snprintf(what, sizeof what, "%s kernel loop, zeros %d shifted %d:", name, zeros, shifted);
-                report(what, time_loop(l == TW_LEVEL_AVX512 ? fused_avx512 : fused_avx2, x, total, zeros, shifted, &sink));
+                report(what, time_loop(l == TW_LEVEL_AVX512 ? kernel512_loop : kernel256_loop, x, total, zeros, shifted, &sink));
             }
         for (int shifted = 0; shifted < 2; shifted++) {
             snprintf(what, sizeof what, "%s ReLU loop, zeros 1 shifted %d:", name, shifted);

@@ -15,6 +15,7 @@ import sysconfig
 import zipfile
 
 import pytest
+import torch
 
 import torchwatch
 
@@ -138,3 +139,59 @@ def test_the_kernel_loop_benchmark_builds_and_runs(tmp_path):
         and len([line for line in lines if "kernel loop" in line]) == 4 * len(levels)
         and len([line for line in lines if "ReLU loop" in line]) == 2 * len(levels)
     ), run.stdout
+
+
+PORTABLE_RUN = """
+import importlib.util, pickle, sys
+spec = importlib.util.spec_from_file_location("torchwatch.kernels._cstats", sys.argv[1])
+kernel = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernel)
+sys.modules["torchwatch.kernels._cstats"] = kernel  # in place of the installed build
+import torch
+from torchwatch._casts import cast_plan
+from torchwatch.kernels import cpu, host_stats
+from torchwatch.stats import DEFAULT_CAST_DTYPES
+x = torch.load(sys.argv[2])
+raws = {str(t.dtype): host_stats(t, cast_plan(t.dtype, DEFAULT_CAST_DTYPES)) for t in x}
+pickle.dump((cpu.simd_levels(), raws), open(sys.argv[3], "wb"))
+"""
+
+
+def test_the_kernel_builds_for_cpus_without_x86_vector_code(tmp_path):
+    """On ARM servers and Apple silicon the kernel is its portable exact path alone. CI runs on x86-64,
+    so the kernel is built here as those CPUs' preprocessor sees it (TW_PORTABLE_ONLY leaves out every
+    x86 intrinsic), loaded in place of the installed build, and must give the oracle's statistics for
+    float32/float16/bfloat16/float64 tensors with NaN, infinities, zeros and subnormals."""
+    import pickle
+
+    from _oracle import assert_matches, oracle
+
+    from torchwatch._accumulators import stats_from_raw
+    from torchwatch.stats import DEFAULT_CAST_DTYPES
+
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None or sys.platform == "win32":
+        pytest.skip(f"no C compiler ({cc})")
+    built = tmp_path / f"_cstats{sysconfig.get_config_var('EXT_SUFFIX')}"
+    build = subprocess.run(
+        [cc, "-O2", "-std=c11", "-shared", "-fPIC", "-DTW_PORTABLE_ONLY", f"-I{sysconfig.get_paths()['include']}",
+         str(REPO / "torchwatch" / "kernels" / "_cstats.c"), "-o", str(built), "-lm"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(5 * 2048 + 7, generator=g, dtype=torch.float64)
+    base[::97] = 0.0
+    base[5::101] = 1e-41
+    base[[3, 4000, 9000]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+    tensors = [base.to(dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
+    torch.save(tensors, tmp_path / "x.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", PORTABLE_RUN, str(built), str(tmp_path / "x.pt"), str(tmp_path / "out.pkl")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    levels, raws = pickle.loads((tmp_path / "out.pkl").read_bytes())  # noqa: S301 - our own subprocess wrote it
+    assert levels == (0, 0)  # no vector path in this build
+    for x in tensors:
+        assert_matches(stats_from_raw(1, raws[str(x.dtype)], DEFAULT_CAST_DTYPES), oracle(x, DEFAULT_CAST_DTYPES))

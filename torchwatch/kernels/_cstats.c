@@ -29,9 +29,30 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* TW_PORTABLE_ONLY builds the kernel as on a CPU that is not x86-64 (ARM): the exact path only
+   (a test builds it so, since CI runs on x86-64). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(TW_PORTABLE_ONLY)
 #include <immintrin.h>
 #define TW_X86 1
+#endif
+
+/* torch.set_flush_denormal(True) sets DAZ and FTZ on the thread that calls it: a subnormal input
+   would read as 0 there (so be neither counted nor summed), and not on torch's other threads, so
+   the statistics would depend on which thread read which chunk. The kernel reads with both off,
+   and gives each thread its mode back. */
+#ifdef TW_X86
+#define TW_DAZ_FTZ 0x8040u
+static inline unsigned exact_fp_begin(void) {
+    unsigned mode = _mm_getcsr();
+    if (mode & TW_DAZ_FTZ) _mm_setcsr(mode & ~TW_DAZ_FTZ);
+    return mode;
+}
+static inline void exact_fp_end(unsigned mode) {
+    if (mode & TW_DAZ_FTZ) _mm_setcsr(mode);
+}
+#else
+static inline unsigned exact_fp_begin(void) { return 0; }
+static inline void exact_fp_end(unsigned mode) { (void)mode; }
 #endif
 
 #define TW_BLOCK 2048
@@ -136,20 +157,22 @@ static void NAME(const T *x, int n, const plan_t *p, acc_t *acc) {              
 TW_EXACT_BLOCK(exact_block_f32, float, fabsf, FLT_MAX)
 TW_EXACT_BLOCK(exact_block_f64, double, fabs, DBL_MAX)
 
+/* A float16 as float32. Finite values by rebasing the exponent with one exact multiplication
+   (2^112; a subnormal float16 lands on a float32 subnormal first, so the kernel must read with
+   denormals kept: see exact_fp_begin). */
 static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else {                      /* subnormal half: normalise into a float */
-        exp = 113;
-        while (!(man & 0x400u)) { man <<= 1; exp--; }
-        bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-    }
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, rest = h & 0x7fffu, bits;
     float f;
+    if (rest >= 0x7c00u) {                      /* Inf, NaN (its payload kept) */
+        bits = sign | 0x7f800000u | ((rest & 0x3ffu) << 13);
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    bits = rest << 13;
+    memcpy(&f, &bits, sizeof f);
+    f *= 0x1p112f;
+    memcpy(&bits, &f, sizeof bits);
+    bits |= sign;                               /* (no branch on the sign: it is random in real data) */
     memcpy(&f, &bits, sizeof f);
     return f;
 }
@@ -160,6 +183,42 @@ static float bf16_to_float(uint16_t h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+
+/* Element i of a float32 or bfloat16 array, as float32. */
+static inline float load_one(const void *x, int dtype, int i) {
+    return dtype == TW_BF16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* A block of n elements of a float32 or bfloat16 tensor (float16 blocks are converted to float32
+   first: see run_range). The pass reads it as it is; the rarer passes after it read float32,
+   which a bfloat16 block gets on first need (f32()). */
+typedef struct {
+    const void *src;
+    int dtype, n, level;
+    float *scratch;                             /* TW_BLOCK floats */
+    const float *x;                             /* the block as float32, once there is one */
+} block_t;
+
+static void to_f32(const void *src, int dtype, int n, int level, float *dst);
+
+static const float *f32(block_t *b) {
+    if (b->x == NULL) {
+        to_f32(b->src, b->dtype, b->n, b->level, b->scratch);
+        b->x = b->scratch;
+    }
+    return b->x;
+}
+
+typedef struct {
+    int e;
+    int set;
+    int zeros;                                  /* the block before held a zero: count them inline */
+    int nonneg;                                 /* ... and no negative value (x is |x|) */
+} guess_t;      /* what a chunk's vector pass learned from its block before (see simd_block) */
+
+/* Blocks whose moments were read again since import (benchmarks report it, tests check the
+   guess); relaxed atomic: the count is exact, its order with other memory irrelevant. */
+static long long rereads;
 
 /* ---- AVX2 path ----------------------------------------------------------------------- */
 
@@ -281,9 +340,10 @@ typedef struct {
 } fused_t;
 
 /* The tail of the pass, and the reference for its vector bodies. */
-static void fused_tail(const float *x, int i, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
+static void fused_tail(const void *x, int dtype, int i, int n, float tinl, float scale, float shift, int zeros,
+                       fused_t *r) {
     for (; i < n; i++) {
-        float v = x[i];
+        float v = load_one(x, dtype, i);
         uint32_t bits;
         memcpy(&bits, &v, sizeof bits);
         bits &= 0x7fffffffu;
@@ -297,14 +357,29 @@ static void fused_tail(const float *x, int i, int n, float tinl, float scale, fl
     }
 }
 
+/* 16 elements from x[i] as float32, in two vectors. bfloat16 blocks are read as they are (no
+   float32 copy first), as the top halves of 32-bit lanes: the even elements shifted up and the odd
+   ones masked, one operation per 8 (the statistics do not depend on the elements' order). */
+TW_AVX2 static inline __attribute__((always_inline)) void load16_avx2(const void *x, int i, const int SRC, __m256 *v,
+                                                                     __m256 *w) {
+    if (SRC == TW_BF16) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+        *v = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+        *w = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000u)));
+    } else {
+        *v = _mm256_loadu_ps((const float *)x + i);
+        *w = _mm256_loadu_ps((const float *)x + i + 8);
+    }
+}
+
 /* min_ps(a, m) returns m when a is NaN, so NaN never reaches the running min/max (a block
    holding NaN or Inf is caught by its sums). |x| bits compare like |x|, so an integer min gives
    the smallest |x|; with ZEROS, the min of |x| bits - 1 as unsigned (a zero wraps to the top)
    gives the smallest nonzero one. Sums of d stay in float lanes for 256 elements, then go to
    double. */
 TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
-    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, const int SCALED, const int SHIFTED,
-    const int NONNEG, fused_t *r) {
+    const void *x, int n, float tinl, float scale, float shift, const int SRC, const int ZEROS, const int SCALED,
+    const int SHIFTED, const int NONNEG, fused_t *r) {
     const __m256i absmask = _mm256_set1_epi32(0x7fffffff), izero = _mm256_setzero_si256();
     const __m256i one = _mm256_set1_epi32(1);
     const __m256 fzero = _mm256_setzero_ps();
@@ -318,8 +393,9 @@ TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
         __m256 d0 = _mm256_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
         int end = i + 256 < n ? i + 256 : n;
         for (; i + 16 <= end; i += 16) {
-            _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
-            __m256 v = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
+            _mm_prefetch((const char *)x + (size_t)(i + TW_PREFETCH) * (SRC == TW_F32 ? 4 : 2), _MM_HINT_T0);
+            __m256 v, w;
+            load16_avx2(x, i, SRC, &v, &w);
             __m256 a = SCALED ? _mm256_fmadd_ps(v, vscale, vshift) : SHIFTED ? _mm256_sub_ps(v, vsub) : v;
             __m256 b = SCALED ? _mm256_fmadd_ps(w, vscale, vshift) : SHIFTED ? _mm256_sub_ps(w, vsub) : w;
             d0 = _mm256_add_ps(d0, a);
@@ -357,35 +433,45 @@ TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
     r->abits = hmin_epu32(amin) + (ZEROS ? 1u : 0u);
     r->nsmall = hsum_epi32(small);
     r->nzero = ZEROS ? hsum_epi32(nz) : 0;
-    fused_tail(x, i, n, tinl, scale, shift, ZEROS, r);
+    fused_tail(x, SRC, i, n, tinl, scale, shift, ZEROS, r);
 }
 
 /* The body specialised for its three switches. Unscaled (scale 1), x - shift is one subtraction,
    which on AVX2 CPUs that split 256-bit operations (AMD Zen 1) leaves the multiply ports to the
    squares, minimum and maximum; with shift 0 (a block centred near 0) it is none. */
-#define TW_FUSED_DISPATCH(BODY)                                                                 \
+#define TW_FUSED_SWITCHES(BODY, SRC)                                                            \
     do {                                                                                        \
         int scaled = scale != 1.0f, shifted = shift != 0.0f;                                    \
-        if (zeros && scaled) BODY(x, n, tinl, scale, shift, 1, 1, 1, r);                        \
-        else if (zeros && shifted) BODY(x, n, tinl, scale, shift, 1, 0, 1, r);                  \
-        else if (zeros) BODY(x, n, tinl, scale, shift, 1, 0, 0, r);                             \
-        else if (scaled) BODY(x, n, tinl, scale, shift, 0, 1, 1, r);                            \
-        else if (shifted) BODY(x, n, tinl, scale, shift, 0, 0, 1, r);                           \
-        else BODY(x, n, tinl, scale, shift, 0, 0, 0, r);                                        \
+        if (zeros && scaled) BODY(x, n, tinl, scale, shift, SRC, 1, 1, 1, 0, r);                \
+        else if (zeros && shifted) BODY(x, n, tinl, scale, shift, SRC, 1, 0, 1, 0, r);          \
+        else if (zeros) BODY(x, n, tinl, scale, shift, SRC, 1, 0, 0, 0, r);                     \
+        else if (scaled) BODY(x, n, tinl, scale, shift, SRC, 0, 1, 1, 0, r);                    \
+        else if (shifted) BODY(x, n, tinl, scale, shift, SRC, 0, 0, 1, 0, r);                   \
+        else BODY(x, n, tinl, scale, shift, SRC, 0, 0, 0, 0, r);                                \
+    } while (0)
+#define TW_FUSED_DISPATCH(BODY)                                                                 \
+    do {                                                                                        \
+        if (dtype == TW_BF16) TW_FUSED_SWITCHES(BODY, TW_BF16);                                 \
+        else TW_FUSED_SWITCHES(BODY, TW_F32);                                                   \
+    } while (0)
+/* The ReLU block's body (x taken as its own |x|: zeros, unscaled, NONNEG) per dtype and shift. */
+#define TW_NONNEG_DISPATCH(BODY)                                                                \
+    do {                                                                                        \
+        if (dtype == TW_BF16 && shift != 0.0f) BODY(x, n, tinl, 1.0f, shift, TW_BF16, 1, 0, 1, 1, r); \
+        else if (dtype == TW_BF16) BODY(x, n, tinl, 1.0f, shift, TW_BF16, 1, 0, 0, 1, r);             \
+        else if (shift != 0.0f) BODY(x, n, tinl, 1.0f, shift, TW_F32, 1, 0, 1, 1, r);                 \
+        else BODY(x, n, tinl, 1.0f, shift, TW_F32, 1, 0, 0, 1, r);                                    \
     } while (0)
 
-#define TW_AVX2_BODY(x, n, tinl, scale, shift, ZEROS, SCALED, SHIFTED, r) \
-    fused_avx2_body(x, n, tinl, scale, shift, ZEROS, SCALED, SHIFTED, 0, r)
-
-TW_AVX2 static void fused_avx2(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
-    TW_FUSED_DISPATCH(TW_AVX2_BODY);
+TW_AVX2 static void fused_avx2(const void *x, int dtype, int n, float tinl, float scale, float shift, int zeros,
+                               fused_t *r) {
+    TW_FUSED_DISPATCH(fused_avx2_body);
 }
 
 /* fused_avx2_body for a ReLU block: as fused_avx512_nonneg below (two operations fewer per 16
    elements; -0.0 needs no mask here, see the body). */
-TW_AVX2 static void fused_avx2_nonneg(const float *x, int n, float tinl, float shift, fused_t *r) {
-    if (shift != 0.0f) fused_avx2_body(x, n, tinl, 1.0f, shift, 1, 0, 1, 1, r);
-    else fused_avx2_body(x, n, tinl, 1.0f, shift, 1, 0, 0, 1, r);
+TW_AVX2 static void fused_avx2_nonneg(const void *x, int dtype, int n, float tinl, float shift, fused_t *r) {
+    TW_NONNEG_DISPATCH(fused_avx2_body);
 }
 
 /* Pass B: sums of d and d*d for d = x * scale - shift * scale (f32 lanes, folded into double
@@ -413,12 +499,25 @@ TW_AVX2 static void pass_b_avx2(const float *x, int n, float scale, float shift,
     }
 }
 
+/* 32 elements from x[i] as float32, in two vectors, as load16_avx2 does. */
+TW_AVX512 static inline __attribute__((always_inline)) void load32_avx512(const void *x, int i, const int SRC,
+                                                                         __m512 *v, __m512 *w) {
+    if (SRC == TW_BF16) {
+        __m512i raw = _mm512_loadu_si512((const void *)((const uint16_t *)x + i));
+        *v = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+        *w = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)));
+    } else {
+        *v = _mm512_loadu_ps((const float *)x + i);
+        *w = _mm512_loadu_ps((const float *)x + i + 16);
+    }
+}
+
 /* The same two passes, 32 elements per iteration in 512-bit registers, for CPUs with AVX-512F;
    counts come from compare masks. Same results as the AVX2 passes up to the order of float
    additions in the shift and the moments. */
 TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
-    const float *x, int n, float tinl, float scale, float shift, const int ZEROS, const int SCALED, const int SHIFTED,
-    const int NONNEG, fused_t *r) {
+    const void *x, int n, float tinl, float scale, float shift, const int SRC, const int ZEROS, const int SCALED,
+    const int SHIFTED, const int NONNEG, fused_t *r) {
     const __m512i absmask = _mm512_set1_epi32(0x7fffffff), izero = _mm512_setzero_si512();
     const __m512i minus1 = _mm512_set1_epi32(-1);
     const __m512 tin = _mm512_set1_ps(tinl), vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(-shift * scale);
@@ -432,8 +531,9 @@ TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
         __m512 d0 = _mm512_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
         int end = i + 512 < n ? i + 512 : n;  /* 16 terms per float lane, as on AVX2 */
         for (; i + 32 <= end; i += 32) {
-            _mm_prefetch((const char *)(x + i + TW_PREFETCH), _MM_HINT_T0);
-            __m512 v = _mm512_loadu_ps(x + i), w = _mm512_loadu_ps(x + i + 16);
+            _mm_prefetch((const char *)x + (size_t)(i + TW_PREFETCH) * (SRC == TW_F32 ? 4 : 2), _MM_HINT_T0);
+            __m512 v, w;
+            load32_avx512(x, i, SRC, &v, &w);
             __m512 a = SCALED ? _mm512_fmadd_ps(v, vscale, vshift) : SHIFTED ? _mm512_sub_ps(v, vsub) : v;
             __m512 b = SCALED ? _mm512_fmadd_ps(w, vscale, vshift) : SHIFTED ? _mm512_sub_ps(w, vsub) : w;
             d0 = _mm512_add_ps(d0, a);
@@ -472,14 +572,12 @@ TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
     if (ZEROS && r->abits == 0xffffffffu) r->abits = 0;   /* no nonzero element */
     r->nsmall = (uint32_t)_mm512_reduce_add_epi32(small);
     r->nzero = ZEROS ? i - (uint32_t)_mm512_reduce_add_epi32(nz) : 0;
-    fused_tail(x, i, n, tinl, scale, shift, ZEROS, r);
+    fused_tail(x, SRC, i, n, tinl, scale, shift, ZEROS, r);
 }
 
-#define TW_AVX512_BODY(x, n, tinl, scale, shift, ZEROS, SCALED, SHIFTED, r) \
-    fused_avx512_body(x, n, tinl, scale, shift, ZEROS, SCALED, SHIFTED, 0, r)
-
-TW_AVX512 static void fused_avx512(const float *x, int n, float tinl, float scale, float shift, int zeros, fused_t *r) {
-    TW_FUSED_DISPATCH(TW_AVX512_BODY);
+TW_AVX512 static void fused_avx512(const void *x, int dtype, int n, float tinl, float scale, float shift, int zeros,
+                                   fused_t *r) {
+    TW_FUSED_DISPATCH(fused_avx512_body);
 }
 
 /* An unscaled zeros block after a block with no negative value (ReLU outputs): x is taken as its
@@ -488,9 +586,8 @@ TW_AVX512 static void fused_avx512(const float *x, int n, float tinl, float scal
    block holds no negative value: the caller checks its min (-0.0 is not below 0, and counts as a
    zero here as everywhere) and reads the block again if not. A NaN can hide a negative value from
    the min, but then the sums are NaN and the block is measured again by the exact path anyway. */
-TW_AVX512 static void fused_avx512_nonneg(const float *x, int n, float tinl, float shift, fused_t *r) {
-    if (shift != 0.0f) fused_avx512_body(x, n, tinl, 1.0f, shift, 1, 0, 1, 1, r);
-    else fused_avx512_body(x, n, tinl, 1.0f, shift, 1, 0, 0, 1, r);
+TW_AVX512 static void fused_avx512_nonneg(const void *x, int dtype, int n, float tinl, float shift, fused_t *r) {
+    TW_NONNEG_DISPATCH(fused_avx512_body);
 }
 
 TW_AVX512 static void pass_b_avx512(const float *x, int n, float scale, float shift, double *sd, double *sq) {
@@ -532,24 +629,17 @@ TW_AVX512 static void pass_b_avx512(const float *x, int n, float scale, float sh
    further 3-5% only, and gathers are slow on Intel CPUs with the GDS microcode mitigation). */
 #define TW_SAMPLES 32
 
-typedef struct {
-    int e;
-    int set;
-    int zeros;                                  /* the block before held a zero: count them inline */
-    int nonneg;                                 /* ... and no negative value (AVX-512: x is |x|) */
-} guess_t;
-
 /* Every stride-th element of x[0:n], from stride / 2, is a sample: TW_SAMPLES of a full block. */
 static inline int sample_stride(int n) {
     return n / TW_SAMPLES > 0 ? n / TW_SAMPLES : 1;
 }
 
 /* The mean and the largest |x| of the finite samples of x[0:n] (0, 0 if none is finite). */
-static void sample_block(const float *x, int n, float *mean, float *top) {
+static void sample_block(const void *x, int dtype, int n, float *mean, float *top) {
     int stride = sample_stride(n), m = 0;
     double s = 0, t = 0;
     for (int i = stride / 2; i < n; i += stride) {
-        double v = x[i];
+        double v = load_one(x, dtype, i);
         if (!(fabs(v) <= FLT_MAX)) continue;
         s += v; m++;
         if (fabs(v) > t) t = fabs(v);
@@ -565,17 +655,15 @@ static void sample_block(const float *x, int n, float *mean, float *top) {
 #define TW_SCALE_SLACK 24
 #define TW_SHIFT_SLACK 0.25
 
-/* Blocks whose moments were read again since import (benchmarks report it, tests check the
-   guess); relaxed atomic: the count is exact, its order with other memory irrelevant. */
-static long long rereads;
-
-TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t *acc, int level, guess_t *g) {
+TW_AVX2 static void simd_block(block_t *b, const plan_t *p, acc_t *acc, guess_t *g) {
+    const void *x = b->src;
+    const int n = b->n, dtype = b->dtype, level = b->level;
     /* The largest underflow threshold (fp8's, if any) is hit by almost every block of real
        activations, so it is counted inline; the rarer ones get a pass only when needed. */
     const int inl = p->inline_under;
     const float tinl = inl >= 0 ? p->underf[inl] : -1.0f;
     float shift, top;
-    sample_block(x, n, &shift, &top);
+    sample_block(x, dtype, n, &shift, &top);
     /* Samples centred near 0 (|mean| <= 1/16 of their largest |x|: for normal data about a sixth
        of their sd) take no shift: the pass saves a subtraction per vector, and the block's own
        check below re-reads it in the rare case its mean proves to be more than half its sd. */
@@ -591,11 +679,11 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     float scale = ldexpf(1.0f, -e_used);
     fused_t a = {0};
     const int relu = g->zeros && g->nonneg && e_used == 0;     /* x taken as its own |x| */
-    if (relu && level >= TW_LEVEL_AVX512) fused_avx512_nonneg(x, n, tinl, shift, &a);
-    else if (relu) fused_avx2_nonneg(x, n, tinl, shift, &a);
+    if (relu && level >= TW_LEVEL_AVX512) fused_avx512_nonneg(x, dtype, n, tinl, shift, &a);
+    else if (relu) fused_avx2_nonneg(x, dtype, n, tinl, shift, &a);
     if (!relu || a.mn < 0) {        /* or a negative value after all: with |x| (every field is assigned) */
-        if (level >= TW_LEVEL_AVX512) fused_avx512(x, n, tinl, scale, shift, g->zeros, &a);
-        else fused_avx2(x, n, tinl, scale, shift, g->zeros, &a);
+        if (level >= TW_LEVEL_AVX512) fused_avx512(x, dtype, n, tinl, scale, shift, g->zeros, &a);
+        else fused_avx2(x, dtype, n, tinl, scale, shift, g->zeros, &a);
     }
     float mn = a.mn, mx = a.mx;
     uint32_t abits = a.abits;
@@ -604,7 +692,7 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     /* Finite sums mean no NaN/Inf (they would propagate); the exact path counts them. */
     if (!(fabs(sd) <= DBL_MAX && sq <= DBL_MAX)) {
         g->set = 0;
-        exact_block_f32(x, n, p, acc);
+        exact_block_f32(f32(b), n, p, acc);
         return;
     }
     float amax = -mn > mx ? -mn : mx;
@@ -616,7 +704,7 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         return;
     }
     if (amax < TW_FAST_MIN) {                   /* squares would fall below float range */
-        exact_block_f32(x, n, p, acc);
+        exact_block_f32(f32(b), n, p, acc);
         return;
     }
     int e;
@@ -638,8 +726,8 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
         for (int round = 0; round < 2; round++) {
             shift = round ? (float)(sd / dn * ldexp(1.0, e)) : 0.0f;
             sd = sq = 0;
-            if (level >= TW_LEVEL_AVX512) pass_b_avx512(x, n, scale, shift, &sd, &sq);
-            else pass_b_avx2(x, n, scale, shift, &sd, &sq);
+            if (level >= TW_LEVEL_AVX512) pass_b_avx512(f32(b), n, scale, shift, &sd, &sq);
+            else pass_b_avx2(f32(b), n, scale, shift, &sd, &sq);
         }
     }
     const double inv = ldexp(1.0, e_used);
@@ -652,24 +740,23 @@ TW_AVX2 static void simd_block_f32(const float *x, int n, const plan_t *p, acc_t
     /* Zeros are counted inline after a block that held one (ReLU outputs, padding), else only
        when the smallest |x| is 0; elsewhere the smallest |x| is the smallest nonzero one. */
     int64_t nzero = a.nzero;
-    if (!g->zeros && abits == 0) nzero = count_zeros(x, n, &abits);
+    if (!g->zeros && abits == 0) nzero = count_zeros(f32(b), n, &abits);
     g->zeros = nzero > 0;
     g->nonneg = mn >= 0;
     float minabs_nz;
     memcpy(&minabs_nz, &abits, sizeof minabs_nz);
     acc->zeros += nzero;
-    if (minabs_nz < p->tinyf) acc->subnormal += count_small(x, n, p->tinyf, 1);
+    if (minabs_nz < p->tinyf) acc->subnormal += count_small(f32(b), n, p->tinyf, 1);
     for (int k = 0; k < p->k; k++) {
         if (k == inl) acc->under[k] += nsmall - nzero;
-        else if (minabs_nz <= p->underf[k]) acc->under[k] += count_small(x, n, p->underf[k], 0);
-        if (amax > p->overf[k]) acc->over[k] += count_large(x, n, p->overf[k]);
+        else if (minabs_nz <= p->underf[k]) acc->under[k] += count_small(f32(b), n, p->underf[k], 0);
+        if (amax > p->overf[k]) acc->over[k] += count_large(f32(b), n, p->overf[k]);
     }
 }
 
 TW_AVX2 static void simd_half_to_float(const uint16_t *src, float *dst, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) {
-        _mm_prefetch((const char *)(src + i + TW_PREFETCH), _MM_HINT_T0);
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
     }
     for (; i < n; i++) dst[i] = half_to_float(src[i]);
@@ -678,7 +765,6 @@ TW_AVX2 static void simd_half_to_float(const uint16_t *src, float *dst, int n) {
 TW_AVX512 static void simd512_half_to_float(const uint16_t *src, float *dst, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16) {
-        _mm_prefetch((const char *)(src + i + TW_PREFETCH), _MM_HINT_T0);
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
     }
     for (; i < n; i++) dst[i] = half_to_float(src[i]);
@@ -687,7 +773,6 @@ TW_AVX512 static void simd512_half_to_float(const uint16_t *src, float *dst, int
 TW_AVX512 static void simd512_bf16_to_float(const uint16_t *src, float *dst, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16) {
-        _mm_prefetch((const char *)(src + i + TW_PREFETCH), _MM_HINT_T0);
         __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
         _mm512_storeu_si512((void *)(dst + i), _mm512_slli_epi32(w, 16));
     }
@@ -697,7 +782,6 @@ TW_AVX512 static void simd512_bf16_to_float(const uint16_t *src, float *dst, int
 TW_AVX2 static void simd_bf16_to_float(const uint16_t *src, float *dst, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) {
-        _mm_prefetch((const char *)(src + i + TW_PREFETCH), _MM_HINT_T0);
         __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
         _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(w, 16));
     }
@@ -719,36 +803,46 @@ static int cpu_simd_level(void) {
 #endif
 }
 
+/* n elements of a float16 or bfloat16 array as float32, into dst. */
+static void to_f32(const void *data, int dtype, int n, int level, float *dst) {
+    const uint16_t *src = (const uint16_t *)data;
+#ifdef TW_X86
+    if (level >= TW_LEVEL_AVX512 && dtype == TW_F16) simd512_half_to_float(src, dst, n);
+    else if (level >= TW_LEVEL_AVX512) simd512_bf16_to_float(src, dst, n);
+    else if (level && dtype == TW_F16) simd_half_to_float(src, dst, n);
+    else if (level) simd_bf16_to_float(src, dst, n);
+    else
+#endif
+    for (int i = 0; i < n; i++)
+        dst[i] = dtype == TW_F16 ? half_to_float(src[i]) : bf16_to_float(src[i]);
+}
+
 /* One chunk's blocks, one after another, into acc. */
 static void run_range(const void *data, Py_ssize_t n, int dtype, const plan_t *p, int level, acc_t *acc) {
+    const unsigned mode = exact_fp_begin();
     float scratch[TW_BLOCK];
+#ifdef TW_X86
     guess_t guess = {0, 0, 0, 0};
+#endif
+    const int elsize = dtype == TW_F64 ? 8 : dtype == TW_F32 ? 4 : 2;
     for (Py_ssize_t off = 0; off < n; off += TW_BLOCK) {
-        int b = (int)(n - off < TW_BLOCK ? n - off : TW_BLOCK);
+        int nb = (int)(n - off < TW_BLOCK ? n - off : TW_BLOCK);
+        const char *at = (const char *)data + off * elsize;
         if (dtype == TW_F64) {
-            exact_block_f64((const double *)data + off, b, p, acc);
+            exact_block_f64((const double *)at, nb, p, acc);
             continue;
         }
-        const float *x = scratch;
-        if (dtype == TW_F32) {
-            x = (const float *)data + off;
-        } else {
-            const uint16_t *src = (const uint16_t *)data + off;
-#ifdef TW_X86
-            if (level >= TW_LEVEL_AVX512 && dtype == TW_F16) simd512_half_to_float(src, scratch, b);
-            else if (level >= TW_LEVEL_AVX512) simd512_bf16_to_float(src, scratch, b);
-            else if (level && dtype == TW_F16) simd_half_to_float(src, scratch, b);
-            else if (level) simd_bf16_to_float(src, scratch, b);
-            else
-#endif
-            for (int i = 0; i < b; i++)
-                scratch[i] = dtype == TW_F16 ? half_to_float(src[i]) : bf16_to_float(src[i]);
+        block_t b = {at, dtype, nb, level, scratch, dtype == TW_F32 ? (const float *)at : NULL};
+        if (dtype == TW_F16) {      /* F16C inside the pass ran at 0.6x of converting first (Xeon, AVX2 and AVX-512) */
+            b.src = f32(&b);
+            b.dtype = TW_F32;
         }
 #ifdef TW_X86
-        if (level) { simd_block_f32(x, b, p, acc, level, &guess); continue; }
+        if (level) { simd_block(&b, p, acc, &guess); continue; }
 #endif
-        exact_block_f32(x, b, p, acc);
+        exact_block_f32(f32(&b), nb, p, acc);
     }
+    exact_fp_end(mode);
 }
 
 
@@ -1279,6 +1373,7 @@ static PyObject *channel_sums(PyObject *self, PyObject *args) {
         if (sets == NULL) return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
+    const unsigned mode = exact_fp_begin();
     if (sets == NULL) {
         for (Py_ssize_t o = 0; o < outer; o++)
             for (Py_ssize_t c = 0; c < channels; c++)
@@ -1295,6 +1390,7 @@ static PyObject *channel_sums(PyObject *self, PyObject *args) {
             sums[c] += s;
         }
     }
+    exact_fp_end(mode);
     Py_END_ALLOW_THREADS
     free(sets);
     Py_RETURN_NONE;
