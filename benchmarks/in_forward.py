@@ -11,6 +11,7 @@ type: milliseconds per forward in the hooks and their ratio, and the kernel's bl
 
     .venv/bin/python benchmarks/in_forward.py --model efficientnet --rounds 8
     .venv/bin/python benchmarks/in_forward.py --model bert --level avx2   # the AVX2 path on an AVX-512 CPU
+    .venv/bin/python benchmarks/in_forward.py --model bert --dtype bfloat16 --rounds 4   # a bfloat16 model
 """
 
 from __future__ import annotations
@@ -42,24 +43,25 @@ def build(model: str) -> tuple[nn.Module, torch.Tensor]:
     return make(), convnets.images(8)
 
 
-def measure(model: nn.Module, x: torch.Tensor, rounds: int) -> tuple[dict, dict, int]:
-    """Per leaf: the median seconds per forward its hook spent in ``out.sum()`` and in the kernel;
-    and the kernel's blocks read again in one forward."""
-    plan = cast_plan(torch.float32, DEFAULT_CAST_DTYPES)
+def measure(model: nn.Module, x: torch.Tensor, rounds: int, dtype: torch.dtype) -> tuple[dict, dict, int]:
+    """Per leaf: the median seconds per forward its hook spent in ``out.sum()`` and in the kernel, on
+    its ``dtype`` outputs; and the kernel's blocks read again in one forward."""
+    plan = cast_plan(dtype, DEFAULT_CAST_DTYPES)
+    code = cpu.DTYPE_CODES[dtype]
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     times: dict[str, dict[str, list[float]]] = {how: collections.defaultdict(list) for how in ("sum", "kernel")}
     kinds: dict[str, str] = {}
 
     def hook(name: str, how: str):
         def run(module: nn.Module, args: object, out: object) -> None:
-            if not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.is_contiguous()):
+            if not (isinstance(out, torch.Tensor) and out.dtype == dtype and out.is_contiguous()):
                 return
             kinds[name] = type(module).__name__
             start = time.perf_counter()
             if how == "sum":
                 out.sum()
             else:
-                cpu.raw_stats(out.data_ptr(), out.numel(), 0, plan)
+                cpu.raw_stats(out.data_ptr(), out.numel(), code, plan)
             times[how][name].append(time.perf_counter() - start)
 
         return run
@@ -101,17 +103,20 @@ def main() -> None:
     p.add_argument("--model", choices=("bert", "efficientnet", "resnet50"), default="efficientnet")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--level", choices=cpu.LEVELS, help="the kernel's vector path (default: this CPU's best)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the model's dtype")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     if not cpu.available:
         sys.exit("the C kernel was not built: nothing to compare")
     model, x = build(args.model)
-    model.eval()
+    model.eval().to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
     best = cpu.simd_levels()[1]
     with cpu.simd_level(cpu.LEVELS.index(args.level) if args.level else best):
-        per_kind, info, again = measure(model, x, args.rounds)
+        per_kind, info, again = measure(model, x, args.rounds, dtype)
         level, _ = cpu.simd_levels()
     runtime, threads = cpu.parallel_info()
-    print(f"{args.model}, batch 8, fp32; kernel {cpu.LEVELS[level]}, {threads} thread(s) ({runtime}); "
+    print(f"{args.model}, batch 8, {args.dtype}; kernel {cpu.LEVELS[level]}, {threads} thread(s) ({runtime}); "
           f"{args.rounds} forwards each, alternating")  # fmt: skip
     print(f"{'module type':<20} {'modules':>7} {'floor ms':>9} {'kernel ms':>10} {'x floor':>8}")
     total = [0.0, 0.0]
