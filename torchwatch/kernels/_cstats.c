@@ -14,6 +14,9 @@
  *              block can hold any (its smallest nonzero |x| or its largest |x| crosses a
  *              threshold).
  *
+ * bfloat16 blocks are read as they are (each 32-bit lane holds two elements); float16 blocks are
+ * converted to float32 first (F16C inside the pass measured slower), float64 takes the exact path.
+ *
  * Blocks are merged with Chan's parallel formula. A block holding NaN/Inf, or only values
  * near the bottom of the float range, takes the portable exact path (double arithmetic), which is
  * also the whole kernel on CPUs without AVX2 and the reference the tests compare against.
@@ -436,7 +439,8 @@ TW_AVX2 static inline __attribute__((always_inline)) void fused_avx2_body(
     fused_tail(x, SRC, i, n, tinl, scale, shift, ZEROS, r);
 }
 
-/* The body specialised for its three switches. Unscaled (scale 1), x - shift is one subtraction,
+/* The body specialised for its switches: the source dtype (float32 or bfloat16), zeros, scaled,
+   shifted (and NONNEG for ReLU blocks, below). Unscaled (scale 1), x - shift is one subtraction,
    which on AVX2 CPUs that split 256-bit operations (AMD Zen 1) leaves the multiply ports to the
    squares, minimum and maximum; with shift 0 (a block centred near 0) it is none. */
 #define TW_FUSED_SWITCHES(BODY, SRC)                                                            \
@@ -581,8 +585,8 @@ TW_AVX512 static void fused_avx512(const void *x, int dtype, int n, float tinl, 
 }
 
 /* An unscaled zeros block after a block with no negative value (ReLU outputs): x is taken as its
-   own |x|, two operations fewer per 32 elements (per 16 on AVX2) (the loop 7-11% faster in L1, benchmarks/
-   kernel_loop.c; ReLU6 outputs ~5% faster inside EfficientNet-Lite0's forward). Valid only if the
+   own |x|: two operations fewer per 32 elements, per 16 on AVX2 (the loop 7-11% faster in L1,
+   benchmarks/kernel_loop.c; ReLU6 outputs ~5% faster inside EfficientNet-Lite0's forward). Valid only if the
    block holds no negative value: the caller checks its min (-0.0 is not below 0, and counts as a
    zero here as everywhere) and reads the block again if not. A NaN can hide a negative value from
    the min, but then the sums are NaN and the block is measured again by the exact path anyway. */

@@ -8,6 +8,7 @@ results match the single-pass CPU kernel exactly in every count and to rounding 
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -30,20 +31,23 @@ def device_stats(x: torch.Tensor, plan: CastPlan) -> tuple[torch.Tensor, torch.T
     v = x.reshape(-1)
     if v.dtype not in (torch.float32, torch.float64):
         v = v.to(torch.float32)
-    a = v.abs()
+    # |x| compared as its bit pattern (ordered like |x| for floats): a CPU thread on which
+    # torch.set_flush_denormal(True) is on would compare a subnormal as zero.
+    ints = torch.int64 if v.dtype == torch.float64 else torch.int32
+    mag = v.view(ints) & torch.iinfo(ints).max
     finite = torch.isfinite(v)
-    nonzero = a != 0
+    nonzero = mag != 0
     n_finite = finite.sum()
     counts = [
         n_finite,
         torch.isnan(v).sum(),
         (v == _INF).sum(),
         (v == -_INF).sum(),
-        (v == 0).sum(),
-        ((a < plan.tiny) & nonzero).sum(),
+        (~nonzero).sum(),
+        ((mag < _bits(plan.tiny, v.dtype)) & nonzero).sum(),
     ]
-    counts += [((a <= t) & nonzero).sum() for t in plan.under]
-    counts += [((a > t) & finite).sum() for t in plan.over]
+    counts += [((mag <= _bits(t, v.dtype)) & nonzero).sum() for t in plan.under]
+    counts += [((mag > _bits(t, v.dtype)) & finite).sum() for t in plan.over]
 
     # Two passes in float64 over finite values: no sum/sum-of-squares cancellation.
     vd = torch.where(finite, v, 0.0).to(torch.float64)
@@ -59,6 +63,13 @@ def device_stats(x: torch.Tensor, plan: CastPlan) -> tuple[torch.Tensor, torch.T
         )
     )
     return torch.stack(counts), floats
+
+
+def _bits(value: float, dtype: torch.dtype) -> int:
+    """The bit pattern of ``value`` in ``dtype`` (float32 or float64), as an integer: a threshold of
+    the source dtype is exact in either, so comparing patterns compares the values."""
+    wide = dtype == torch.float64
+    return struct.unpack("<q" if wide else "<i", struct.pack("<d" if wide else "<f", value))[0]
 
 
 def _at_most(t: torch.Tensor, bound: int | torch.Tensor) -> torch.Tensor:
