@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import torchwatch as tw
-from torchwatch._casts import cast_plan, float_dtypes, normalize_cast_dtypes, underflow_threshold
+from torchwatch._casts import (
+    cast_plan,
+    float32_bits,
+    float32_value,
+    float_dtypes,
+    normalize_cast_dtypes,
+    underflow_threshold,
+)
 
 SOURCES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
 TARGETS = tuple(getattr(torch, n) for n in float_dtypes())
@@ -69,3 +79,29 @@ def test_normalize_accepts_names_and_dtypes_and_drops_repeats():
 def test_bad_cast_dtypes_are_rejected_with_the_fix(value, message):
     with pytest.raises(tw.ConfigError, match=message):
         normalize_cast_dtypes(value)
+
+
+@given(bits=st.integers(0, 0x7F7FFFFF), negative=st.booleans())
+def test_float32_bit_patterns_round_trip_without_hardware_conversions(bits, negative):
+    """float32_bits/float32_value (integer arithmetic, so a thread flushing denormals cannot turn a
+    subnormal threshold into 0) agree with numpy's own view of the same bits, subnormals included."""
+    value = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    assert float32_value(bits) == value
+    signed = -value if negative else value
+    assert float32_bits(signed) == bits | (0x80000000 if negative else 0)
+
+
+def test_thresholds_learned_on_a_thread_that_flushes_denormals_are_the_same():
+    """torch.set_flush_denormal(True) before the first plan (a CPU service's start-up) once made the
+    float32 -> bfloat16 threshold 0.0: no bfloat16 underflow was ever counted. Pairs through float64
+    follow the thread's own conversions (documented), so they are left out."""
+    pairs = [(s, d) for s, d in itertools.product(SOURCES, TARGETS) if torch.float64 not in (s, d)]
+    expected = {pair: underflow_threshold.__wrapped__(*pair) for pair in pairs}
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no denormal flushing (not x86 with SSE3)")
+    try:
+        learned = {pair: underflow_threshold.__wrapped__(*pair) for pair in pairs}
+    finally:
+        torch.set_flush_denormal(False)
+    assert learned == expected
+    assert learned[torch.float32, torch.bfloat16] == 2.0**-134  # half bfloat16's smallest subnormal

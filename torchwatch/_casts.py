@@ -12,6 +12,8 @@ Overflow follows DESIGN.md: finite elements with ``|x| > finfo(dst).max``.
 from __future__ import annotations
 
 import functools
+import math
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -103,8 +105,49 @@ def _bits_of(value: float, dtype: torch.dtype) -> int:
     return int(torch.tensor([value], dtype=torch.float64).to(dtype).view(_INT_OF_WIDTH[torch.finfo(dtype).bits]))
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+# Thresholds near the bottom of the float range are subnormal in float32. On a thread where
+# torch.set_flush_denormal(True) is on, every hardware conversion of a subnormal (float32 <->
+# float64, float32 <- double) reads or writes it as 0, so the conversions below are integer arithmetic.
+
+
+def float32_bits(value: float) -> int:
+    """The float32 bit pattern of ``value`` (a threshold: a value float32 holds exactly, else cut
+    toward zero; beyond float32's range, infinity's)."""
+    a = abs(value)
+    sign = 0x80000000 if math.copysign(1.0, value) < 0 else 0
+    if a == 0 or a > _FLOAT32_MAX:
+        return sign | (0x7F800000 if a else 0)
+    m, e = math.frexp(a)  # a = m * 2**e, 1/2 <= m < 1
+    if e - 1 >= -126:  # a normal float32: 1.f * 2**(e - 1)
+        return sign | ((e + 126) << 23) | (int(math.ldexp(m, 24)) - (1 << 23))
+    return sign | int(math.ldexp(a, 149))  # a subnormal: f * 2**-149
+
+
+def float32_value(bits: int) -> float:
+    """The value of a float32 bit pattern of a finite number."""
+    e, f = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    value = math.ldexp(f + (1 << 23 if e else 0), (e or 1) - 150)
+    return -value if bits & 0x80000000 else value
+
+
+def _value_of(bits: int, src: torch.dtype) -> float:
+    """The value of a finite ``src`` bit pattern as a Python float."""
+    if src == torch.float64:
+        return struct.unpack("<d", struct.pack("<q", bits))[0]  # a copy of the bits, no conversion
+    # every narrower format widens to float32 by integer operations in torch (float16 and float8
+    # subnormals are float32 normals, bfloat16 shifts its bits)
+    return float32_value(int(_from_bits(bits, src).to(torch.float32).view(torch.int32)))
+
+
 def _casts_to_zero(bits: int, src: torch.dtype, dst: torch.dtype) -> bool:
-    return float(_from_bits(bits, src).to(dst).to(torch.float64)) == 0.0
+    # the result's bits, widened as _value_of widens (float8_e8m0fnu has no zero: its pattern 0 is
+    # 2**-127), since a flushing thread would read a subnormal result as 0
+    out = _from_bits(bits, src).to(dst)
+    if dst == torch.float64:
+        return int(out.view(torch.int64)) & 0x7FFFFFFFFFFFFFFF == 0
+    return int(out.to(torch.float32).view(torch.int32)) & 0x7FFFFFFF == 0
 
 
 @functools.cache
@@ -120,7 +163,7 @@ def underflow_threshold(src: torch.dtype, dst: torch.dtype) -> float:
             lo = mid
         else:
             hi = mid
-    return float(_from_bits(lo, src).to(torch.float64))
+    return _value_of(lo, src)
 
 
 @functools.cache

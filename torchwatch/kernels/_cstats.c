@@ -1049,6 +1049,7 @@ static int plan_init(PlanObject *self, PyObject *args, PyObject *kwds) {
     }
     p->k = ku;
     p->tiny = tiny;
+    const unsigned mode = exact_fp_begin();     /* a subnormal threshold must not become 0 */
     p->tinyf = (float)tiny;
     p->inline_under = -1;
     for (int k = 0; k < p->k; k++) {
@@ -1057,6 +1058,7 @@ static int plan_init(PlanObject *self, PyObject *args, PyObject *kwds) {
         if (p->under[k] > 0 && (p->inline_under < 0 || p->under[k] > p->under[p->inline_under]))
             p->inline_under = k;
     }
+    exact_fp_end(mode);
     return 0;
 }
 

@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-from .._casts import CastPlan
+from .._casts import CastPlan, float32_bits
 from .._table import ACTIVE, C_FINITE, CALL_NONFINITE, ENABLED
 from .descriptors import GROUPED_BYTES
 
@@ -68,8 +68,9 @@ def device_stats(x: torch.Tensor, plan: CastPlan) -> tuple[torch.Tensor, torch.T
 def _bits(value: float, dtype: torch.dtype) -> int:
     """The bit pattern of ``value`` in ``dtype`` (float32 or float64), as an integer: a threshold of
     the source dtype is exact in either, so comparing patterns compares the values."""
-    wide = dtype == torch.float64
-    return struct.unpack("<q" if wide else "<i", struct.pack("<d" if wide else "<f", value))[0]
+    if dtype == torch.float64:
+        return struct.unpack("<q", struct.pack("<d", value))[0]  # a copy of the bits
+    return float32_bits(value)  # no hardware conversion, which a flushing thread would make 0
 
 
 def _at_most(t: torch.Tensor, bound: int | torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.compiler import ASTSource
 
-from .._casts import CastPlan
+from .._casts import CastPlan, float32_bits
 from .._table import ENABLED, NO_CALL, mark_static
 from .descriptors import GROUPED_BYTES, DescriptorRing
 from .triton_tile import N_PART_FIXED, measure_share
@@ -147,7 +147,7 @@ class Workspace:
             self.thresholds = {
                 id(plan): (_bits(plan.under, table.device), _bits(plan.over, table.device)) for plan in plans
             }
-        self.tiny_bits = {id(plan): _bits_of(plan.tiny) for plan in plans}
+        self.tiny_bits = {id(plan): float32_bits(plan.tiny) for plan in plans}
         self.live = {id(plan): live_columns(plan) for plan in plans}
         self.gate = {id(plan): gate(plan) for plan in plans}
         self.ring = DescriptorRing(table.device, GROUPED_ROWS, DESCRIPTOR)
@@ -155,11 +155,7 @@ class Workspace:
 
 
 def _bits(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor((*values, 0.0), dtype=torch.float32).view(torch.int32).to(device)
-
-
-def _bits_of(value: float) -> int:
-    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32))
+    return torch.tensor([*map(float32_bits, values), 0], dtype=torch.int32).to(device)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
