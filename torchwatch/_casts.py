@@ -7,6 +7,11 @@ double rounding through float32 and the fp8 variants subtly wrong), it is found 
 over the source dtype's bit patterns with the real cast, once per pair.
 
 Overflow follows DESIGN.md: finite elements with ``|x| > finfo(dst).max``.
+
+A thread on which ``torch.set_flush_denormal(True)`` is on reads and writes subnormals as 0 in
+hardware conversions, so zeros and threshold values are read by their bits here: the thresholds
+are the same in either mode, except for casts to or from float64, whose conversion torch does in
+hardware on that thread.
 """
 
 from __future__ import annotations
