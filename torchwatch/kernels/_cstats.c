@@ -527,7 +527,12 @@ TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
     const __m512 tin = _mm512_set1_ps(tinl), vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(-shift * scale);
     const __m512 vsub = _mm512_set1_ps(shift);
     __m512 vmn = _mm512_set1_ps(INFINITY), vmx = _mm512_set1_ps(-INFINITY);
-    __m512i amin = _mm512_set1_epi32(ZEROS ? -1 : 0x7fffffff);
+    /* NONNEG: the bits as signed integers. A negative nonzero value is a negative integer and wins
+       the (signed) min of the nonzero lanes, which tells the caller to read the block again; without
+       one, that min is the smallest nonzero x, the max of the bits is the largest x (-0.0, the most
+       negative integer, never wins it), and the min of x is 0 if there is a zero: no float min/max. */
+    __m512i imax = _mm512_set1_epi32(INT32_MIN);
+    __m512i amin = _mm512_set1_epi32(ZEROS && !NONNEG ? -1 : 0x7fffffff);
     __m512i small = izero, nz = izero;      /* per-lane counts, from compare masks */
     __m512d sdv = _mm512_setzero_pd(), sqv = sdv;
     int i = 0;
@@ -547,13 +552,17 @@ TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
             /* NONNEG: no negative value expected (the caller checks the min after): |x| is x */
             __m512i av = NONNEG ? _mm512_castps_si512(v) : _mm512_and_si512(_mm512_castps_si512(v), absmask);
             __m512i aw = NONNEG ? _mm512_castps_si512(w) : _mm512_and_si512(_mm512_castps_si512(w), absmask);
-            vmn = _mm512_min_ps(_mm512_min_ps(v, w), vmn);
-            vmx = _mm512_max_ps(_mm512_max_ps(v, w), vmx);
+            if (NONNEG) {
+                imax = _mm512_max_epi32(_mm512_max_epi32(av, aw), imax);
+            } else {
+                vmn = _mm512_min_ps(_mm512_min_ps(v, w), vmn);
+                vmx = _mm512_max_ps(_mm512_max_ps(v, w), vmx);
+            }
             if (ZEROS) {                    /* nonzero lanes: the smallest |x| among them, and their count */
                 __mmask16 fv = _mm512_test_epi32_mask(av, NONNEG ? absmask : av);  /* -0.0 is a zero */
                 __mmask16 fw = _mm512_test_epi32_mask(aw, NONNEG ? absmask : aw);
-                amin = _mm512_mask_min_epu32(amin, fv, amin, av);
-                amin = _mm512_mask_min_epu32(amin, fw, amin, aw);
+                amin = NONNEG ? _mm512_mask_min_epi32(amin, fv, amin, av) : _mm512_mask_min_epu32(amin, fv, amin, av);
+                amin = NONNEG ? _mm512_mask_min_epi32(amin, fw, amin, aw) : _mm512_mask_min_epu32(amin, fw, amin, aw);
                 nz = _mm512_mask_sub_epi32(nz, fv, nz, minus1);
                 nz = _mm512_mask_sub_epi32(nz, fw, nz, minus1);
             } else {
@@ -570,12 +579,23 @@ TW_AVX512 static inline __attribute__((always_inline)) void fused_avx512_body(
     }
     r->sd = _mm512_reduce_add_pd(sdv);
     r->sq = _mm512_reduce_add_pd(sqv);
-    r->mn = _mm512_reduce_min_ps(vmn);
-    r->mx = _mm512_reduce_max_ps(vmx);
-    r->abits = (uint32_t)_mm512_reduce_min_epu32(amin);
-    if (ZEROS && r->abits == 0xffffffffu) r->abits = 0;   /* no nonzero element */
     r->nsmall = (uint32_t)_mm512_reduce_add_epi32(small);
     r->nzero = ZEROS ? i - (uint32_t)_mm512_reduce_add_epi32(nz) : 0;
+    if (NONNEG) {
+        int32_t lo = _mm512_reduce_min_epi32(amin), hi = _mm512_reduce_max_epi32(imax);
+        float lo_f, hi_f;
+        memcpy(&lo_f, &lo, sizeof lo_f);
+        memcpy(&hi_f, &hi, sizeof hi_f);
+        r->abits = lo == INT32_MAX ? 0 : (uint32_t)lo;          /* 0: no nonzero element */
+        r->mn = lo < 0 ? -1.0f                                 /* a negative value: read again */
+              : r->nzero ? 0.0f : lo == INT32_MAX ? INFINITY : lo_f;
+        r->mx = hi >= 0 ? hi_f : i ? 0.0f : -INFINITY;        /* (hi < 0: only -0.0, or nothing) */
+    } else {
+        r->mn = _mm512_reduce_min_ps(vmn);
+        r->mx = _mm512_reduce_max_ps(vmx);
+        r->abits = (uint32_t)_mm512_reduce_min_epu32(amin);
+        if (ZEROS && r->abits == 0xffffffffu) r->abits = 0;   /* no nonzero element */
+    }
     fused_tail(x, SRC, i, n, tinl, scale, shift, ZEROS, r);
 }
 
@@ -586,7 +606,8 @@ TW_AVX512 static void fused_avx512(const void *x, int dtype, int n, float tinl, 
 
 /* An unscaled zeros block after a block with no negative value (ReLU outputs): x is taken as its
    own |x|: two operations fewer per 32 elements, per 16 on AVX2 (the loop 7-11% faster in L1,
-   benchmarks/kernel_loop.c; ReLU6 outputs ~5% faster inside EfficientNet-Lite0's forward). Valid only if the
+   benchmarks/kernel_loop.c; ReLU6 outputs ~5% faster inside EfficientNet-Lite0's forward), and on
+   AVX-512 two more: its min and max come from integer ones it needs anyway (see the body). Valid only if the
    block holds no negative value: the caller checks its min (-0.0 is not below 0, and counts as a
    zero here as everywhere) and reads the block again if not. A NaN can hide a negative value from
    the min, but then the sums are NaN and the block is measured again by the exact path anyway. */
