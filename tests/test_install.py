@@ -7,6 +7,7 @@ from __future__ import annotations
 import email.parser
 import os
 import pathlib
+import pickle
 import platform
 import shutil
 import subprocess
@@ -16,8 +17,11 @@ import zipfile
 
 import pytest
 import torch
+from _oracle import assert_matches, oracle
 
 import torchwatch
+from torchwatch._accumulators import stats_from_raw
+from torchwatch.stats import DEFAULT_CAST_DTYPES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # what a clean clone holds besides the source: local environments and build outputs stay behind
@@ -162,13 +166,6 @@ def test_the_kernel_builds_for_cpus_without_x86_vector_code(tmp_path):
     so the kernel is built here as those CPUs' preprocessor sees it (TW_PORTABLE_ONLY leaves out every
     x86 intrinsic), loaded in place of the installed build, and must give the oracle's statistics for
     float32/float16/bfloat16/float64 tensors with NaN, infinities, zeros and subnormals."""
-    import pickle
-
-    from _oracle import assert_matches, oracle
-
-    from torchwatch._accumulators import stats_from_raw
-    from torchwatch.stats import DEFAULT_CAST_DTYPES
-
     cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None or sys.platform == "win32":
         pytest.skip(f"no C compiler ({cc})")
