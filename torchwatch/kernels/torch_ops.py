@@ -7,6 +7,7 @@ results match the single-pass CPU kernel exactly in every count and to rounding 
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -44,10 +45,11 @@ def device_stats(x: torch.Tensor, plan: CastPlan) -> tuple[torch.Tensor, torch.T
         (v == _INF).sum(),
         (v == -_INF).sum(),
         (~nonzero).sum(),
-        ((mag < _bits(plan.tiny, v.dtype)) & nonzero).sum(),
     ]
-    counts += [((mag <= _bits(t, v.dtype)) & nonzero).sum() for t in plan.under]
-    counts += [((mag > _bits(t, v.dtype)) & finite).sum() for t in plan.over]
+    tiny, under, over = _threshold_bits(plan, v.dtype)
+    counts.append(((mag < tiny) & nonzero).sum())
+    counts += [((mag <= t) & nonzero).sum() for t in under]
+    counts += [((mag > t) & finite).sum() for t in over]
 
     # Two passes in float64 over finite values: no sum/sum-of-squares cancellation.
     vd = torch.where(finite, v, 0.0).to(torch.float64)
@@ -63,6 +65,17 @@ def device_stats(x: torch.Tensor, plan: CastPlan) -> tuple[torch.Tensor, torch.T
         )
     )
     return torch.stack(counts), floats
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold_bits(plan: CastPlan, dtype: torch.dtype) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """``plan``'s subnormal, underflow and overflow thresholds as bit patterns in ``dtype`` (worked out
+    once per plan, not on every call)."""
+    return (
+        _bits(plan.tiny, dtype),
+        tuple(_bits(t, dtype) for t in plan.under),
+        tuple(_bits(t, dtype) for t in plan.over),
+    )
 
 
 def _bits(value: float, dtype: torch.dtype) -> int:
