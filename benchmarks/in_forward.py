@@ -83,7 +83,7 @@ def measure(model: nn.Module, x: torch.Tensor, rounds: int, dtype: torch.dtype) 
         row[0] += statistics.median(times["sum"][name])
         row[1] += statistics.median(times["kernel"][name])
         row[2] += 1
-    blocks = sum(-(-o // 2048) for o in _numels(model, x, leaves))
+    blocks = sum(-(-o // cpu.BLOCK) for o in _numels(model, x, leaves))
     return dict(per_kind), {"blocks": blocks}, again
 
 

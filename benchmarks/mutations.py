@@ -40,7 +40,7 @@ REPLAY_TESTS = "tests/test_replay.py"
 FLEET_TESTS = "tests/test_fleet.py"
 ROLLOUT_TESTS = "tests/test_rollout.py"
 MUTATIONS = (
-    Mutation("kernel does not compile", KERNEL, "#define TW_BLOCK 2048", "#define TW_BLOCK 2048 +",
+    Mutation("kernel does not compile", KERNEL, "#define TW_BLOCK 4096", "#define TW_BLOCK 4096 +",
              ("tests/test_install.py::test_the_c_kernel_is_built_wherever_a_c_compiler_is",)),
     Mutation("kernel: a chunk skipped", KERNEL, "    for (int c = lo; c < hi && claim(j, c); c++) run_chunk(j, c);",
              "    for (int c = lo; c < hi - (hi - lo > 2) && claim(j, c); c++) run_chunk(j, c);",
@@ -70,6 +70,13 @@ MUTATIONS = (
              "    double s = (p[0] + p[1]) + (p[2] + p[3]);\n    for (; i < n - 1; i++)", ("tests/test_inputs.py",)),
     Mutation("kernel: a ReLU block holding a negative value is not read again", KERNEL,
              "    if (!relu || a.mn < 0) {", "    if (!relu) {", ("tests/test_kernels.py",)),
+    Mutation("kernel: a zero among the samples does not turn the pass's zero count on", KERNEL,
+             "    const int zeros = g->zeros || sample_zero;", "    const int zeros = g->zeros;",
+             ("tests/test_kernels.py",)),
+    Mutation("kernel: a negative sample does not keep a block off the ReLU route", KERNEL,
+             "        ng |= v < 0;", "        ng |= v < -1e30;", ("tests/test_kernels.py",)),
+    Mutation("kernel: a chunk's first block never takes the ReLU route", KERNEL,
+             "(!g->set || g->nonneg);", "(g->set && g->nonneg);", ("tests/test_kernels.py",)),
     Mutation("kernel: -0.0 counted as nonzero where x is taken as |x| (AVX2)", KERNEL,
              "NONNEG ? _mm256_castps_si256(_mm256_cmp_ps(v, fzero, _CMP_EQ_OQ)) : _mm256_cmpeq_epi32(av, izero);",
              "_mm256_cmpeq_epi32(av, izero);", ("tests/test_kernels.py",)),

@@ -8,9 +8,12 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
+from torchwatch.kernels import cpu
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Block boundaries of the CPU kernel (2048) and SIMD tails (8, 16) are in here on purpose.
-SHAPES = ((), (0,), (1,), (7,), (16,), (3, 5), (2, 0, 3), (2047,), (2049,), (4100,), (33, 65), (2, 3, 700))
+# Block boundaries of the CPU kernel (cpu.BLOCK elements) and SIMD tails (8, 16) are in here on purpose.
+_B = cpu.BLOCK or 4096
+SHAPES = ((), (0,), (1,), (7,), (16,), (3, 5), (2, 0, 3), (_B - 1,), (_B + 1,), (2 * _B + 4,), (33, 65), (2, 3, 700))
 
 
 def special_values(dtype: torch.dtype) -> list[float]:

@@ -19,7 +19,7 @@ from torchwatch.stats import DEFAULT_CAST_DTYPES
 pytestmark = pytest.mark.skipif(not cpu.available, reason="the C kernel was not built")
 NAMES = DEFAULT_CAST_DTYPES
 ALL_LEVELS = list(range(cpu.simd_levels()[1] + 1))  # the portable path and every vector path this CPU has
-BLOCK = 2048
+BLOCK = cpu.BLOCK  # elements per block of the kernel
 
 
 def _blocks_of_every_kind(dtype: torch.dtype) -> torch.Tensor:

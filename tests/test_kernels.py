@@ -129,7 +129,7 @@ def test_simd_path_is_used_where_the_cpu_has_avx2():
 
 # ---- chunks on torch's threads, and the single pass's guessed shift and scale --------------
 
-CHUNK = 8 * 2048  # _cstats.c: TW_CHUNK elements per chunk at least (TW_BLOCK = 2048)
+BLOCK, CHUNK = cpu.BLOCK, cpu.CHUNK  # elements per block, and per chunk at least (_cstats.c)
 
 
 def _large(dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -220,13 +220,15 @@ def test_a_poor_guess_from_the_block_before_is_corrected(level, blocks):
 
     mean_a, sd_a, mean_b, sd_b = blocks
     g = torch.Generator().manual_seed(5)
-    x = torch.cat([torch.randn(2048, generator=g) * sd_a + mean_a, torch.randn(2048 + 37, generator=g) * sd_b + mean_b])
+    x = torch.cat(
+        [torch.randn(BLOCK, generator=g) * sd_a + mean_a, torch.randn(BLOCK + 37, generator=g) * sd_b + mean_b]
+    )
     plan = cast_plan(torch.float32, NAMES)
     with cpu.simd_level(level):
         raw = host_stats(x, plan)
     assert_matches(stats_from_raw(1, raw, NAMES), oracle(x, NAMES))
-    second = host_stats(x[2048:], plan)  # the second block alone, with its own guess
-    assert_matches(stats_from_raw(1, second, NAMES), oracle(x[2048:], NAMES))
+    second = host_stats(x[BLOCK:], plan)  # the second block alone, with its own guess
+    assert_matches(stats_from_raw(1, second, NAMES), oracle(x[BLOCK:], NAMES))
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=[cpu.LEVELS[level] for level in LEVELS])
@@ -248,7 +250,7 @@ def test_a_block_after_a_poor_shift_guess_is_as_exact_as_one_measured_alone(leve
 
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
-        a, b = torch.randn(2048, generator=g), torch.randn(2085, generator=g) + jump
+        a, b = torch.randn(BLOCK, generator=g), torch.randn(BLOCK + 37, generator=g) + jump
         (_, _, m2), (na, ma, m2a), (nb, mb, m2b) = measured(torch.cat([a, b])), measured(a), measured(b)
         merged = m2a + m2b + (mb - ma) ** 2 * na * nb / (na + nb)
         assert abs(m2 - merged) <= 1e-5 * (m2a + m2b) + 1e-13 * merged, (seed, m2, merged)
@@ -266,7 +268,7 @@ def test_a_block_whose_samples_mislead_the_shift_is_read_again_with_its_own_mean
     own mean, the block's m2 is within 16 float32 ulps of the float64 oracle's (each lane sums 16
     positive squares before going to float64): 1e-6 allows it."""
     g = torch.Generator().manual_seed(period)
-    base = torch.randn(2048, generator=g)
+    base = torch.randn(BLOCK, generator=g)
     plan = cast_plan(torch.float32, NAMES)
     before = cpu.rereads()
     for phase in range(period):
@@ -277,14 +279,14 @@ def test_a_block_whose_samples_mislead_the_shift_is_read_again_with_its_own_mean
         x64 = x.double()
         m2 = ((x64 - x64.mean()) ** 2).sum().item()
         assert abs(s.std**2 * s.count - m2) <= 1e-6 * m2, (phase, s.std**2 * s.count, m2)
-        assert abs(s.mean - x64.mean().item()) <= 1e-6 * math.sqrt(m2 / 2048), phase
+        assert abs(s.mean - x64.mean().item()) <= 1e-6 * math.sqrt(m2 / BLOCK), phase
     assert cpu.rereads() > before  # some phase fooled the samples, and the block was read again
 
 
 def test_the_shift_from_samples_suits_convolution_outputs():
-    """In an NCHW output a 2,048-element block often spans two channels whose means differ by
-    several of their sd, so the block before is a poor shift (28% of EfficientNet-Lite0's blocks
-    at batch 8); the mean of samples spread over the block itself is poor for ~0.3% of them. Here
+    """In an NCHW output a block often spans two channels or more whose means differ by several
+    of their sd, so the block before is a poor shift (28% of EfficientNet-Lite0's 2,048-element
+    blocks at batch 8); the mean of samples spread over the block itself is poor for ~0.3% of them. Here
     144 channels of 56 x 56 with means ~ N(0, 3^2) and sd in [0.5, 2]: at most 2% may be read
     again, and the result matches the oracle."""
     from _oracle import assert_matches, oracle
@@ -292,7 +294,7 @@ def test_the_shift_from_samples_suits_convolution_outputs():
     g = torch.Generator().manual_seed(0)
     means, sds = torch.randn(1, 144, 1, 1, generator=g) * 3, torch.rand(1, 144, 1, 1, generator=g) * 1.5 + 0.5
     x = torch.randn(2, 144, 56, 56, generator=g) * sds + means
-    blocks = -(-x.numel() // 2048)
+    blocks = -(-x.numel() // BLOCK)
     with cpu.simd_level(LEVELS[-1]):
         before = cpu.rereads()
         raw = host_stats(x, cast_plan(torch.float32, NAMES))
@@ -311,14 +313,57 @@ def test_relu_blocks_holding_a_negative_value_are_measured_with_their_absolute_v
     from _oracle import assert_matches, oracle
 
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(8 * 2048, generator=g).clamp(min=0)  # one chunk: its blocks run in order on one thread
-    block4 = slice(4 * 2048, 5 * 2048)
+    x = torch.randn(CHUNK, generator=g).clamp(min=0)  # one chunk: its blocks run in order on one thread
+    block4 = slice(4 * BLOCK, 5 * BLOCK)
     x[block4][7] = -1e-39  # the smallest nonzero |x| of the tensor: a subnormal
     x[block4][300] = -1e-4  # below fp8 e4m3's underflow threshold
     x[block4][1500] = -5.0  # a plain negative value: not an underflow
-    x[6 * 2048 + 3 : 6 * 2048 + 40] = -0.0
-    assert (x[: 4 * 2048] == 0).any() and (x[: 4 * 2048] >= 0).all()
+    x[6 * BLOCK + 3 : 6 * BLOCK + 40] = -0.0
+    assert CHUNK >= 8 * BLOCK and (x[: 4 * BLOCK] == 0).any() and (x[: 4 * BLOCK] >= 0).all()
     plan = cast_plan(torch.float32, NAMES)
+    before = cpu.route_misses()
     with cpu.simd_level(level):
         raw = host_stats(x, plan)
     assert_matches(stats_from_raw(1, raw, NAMES), oracle(x, NAMES))
+    assert cpu.route_misses() - before == (1 if level else 0)  # block 4 alone was read twice
+
+
+def _sample_positions(n: int) -> list[int]:
+    """The elements whose mean is a full block's shift guess (``_cstats.c``: TW_SAMPLES = 32)."""
+    stride = n // 32
+    return list(range(stride // 2, n, stride))
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=[cpu.LEVELS[level] for level in LEVELS])
+def test_a_chunks_first_block_takes_its_route_from_its_samples(level):
+    """A chunk's first block has no block before it to learn from: its samples tell whether to count
+    zeros in the pass and take x as its own |x|. A ReLU output of several chunks is then read once
+    everywhere (before, each chunk's first block took a second pass for its zeros); a first block
+    whose samples are zeros and positive values but which holds a negative value elsewhere is read
+    again with |x| (one route miss), and one with a negative sample is not taken for a ReLU block at
+    all. Every count and extreme must equal the float64 oracle's, whatever the number of threads."""
+    from _oracle import assert_matches, oracle
+
+    g = torch.Generator().manual_seed(12)
+    relu = torch.randn(4 * CHUNK, generator=g).clamp(min=0)
+    plan = cast_plan(torch.float32, NAMES)
+    with cpu.simd_level(level):
+        before = cpu.route_misses()
+        assert_matches(stats_from_raw(1, host_stats(relu, plan), NAMES), oracle(relu, NAMES))
+        assert cpu.route_misses() == before
+
+        x = relu.clone()
+        samples = set(_sample_positions(BLOCK))
+        hidden = [i for i in (7, 300, 1500) if i not in samples]
+        x[CHUNK + torch.tensor(hidden)] = torch.tensor([-1e-39, -1e-4, -5.0])[: len(hidden)]
+        assert len(hidden) == 3 and (x[CHUNK + torch.tensor(sorted(samples))] >= 0).all()
+        x[2 * CHUNK + _sample_positions(BLOCK)[5]] = -2.0  # seen by the samples: no ReLU route
+        threads_before = torch.get_num_threads()
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                before = cpu.route_misses()
+                assert_matches(stats_from_raw(1, host_stats(x, plan), NAMES), oracle(x, NAMES))
+                assert cpu.route_misses() - before == (1 if level else 0)
+        finally:
+            torch.set_num_threads(threads_before)

@@ -29,6 +29,11 @@ logit_quality = _cstats.logit_quality if available else None
 # Per-channel float64 sums of float32 inputs (the input monitor's channel means).
 channel_sums = _cstats.channel_sums if available else None
 
+# Elements per block (each block's moments take their own shift and scale; the counts' rare
+# passes re-read a block) and per chunk at least (the unit of work torch's threads share).
+BLOCK = _cstats.BLOCK if available else 0
+CHUNK = _cstats.CHUNK if available else 0
+
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 _native: dict[int, tuple[CastPlan, object]] = {}
@@ -81,10 +86,18 @@ def parallel_info() -> tuple[str | None, int]:
 
 
 def rereads() -> int:
-    """Blocks (``_cstats.c``: 2,048 elements) whose moments the kernel read a second time since
+    """Blocks (:data:`BLOCK` elements) whose moments the kernel read a second time since
     import, because the shift it took from a few samples of the block, or the scale from the
     block before, proved poor; 0 without the kernel. Benchmarks report it per forward."""
-    return _cstats.rereads() if available else 0
+    return _cstats.read_again()[0] if available else 0
+
+
+def route_misses() -> int:
+    """Blocks the kernel's pass read a second time since import because the route it guessed from
+    the block before and the block's samples was wrong: a block taken for a ReLU output (x read as
+    its own |x|) that held a negative value, or a block whose zeros the pass did not count (none
+    before it, none among its samples) and that held one; 0 without the kernel."""
+    return _cstats.read_again()[1] if available else 0
 
 
 @contextlib.contextmanager
@@ -126,7 +139,7 @@ def raw_stats(address: int, numel: int, code: int, plan: CastPlan, exact: bool =
         plan: thresholds for that dtype.
         exact: use the portable scalar path (tests compare both paths).
 
-    Tensors of more than one chunk (``_cstats.c``: 16,384 elements) are measured on torch's
+    Tensors of more than one chunk (:data:`CHUNK` elements) are measured on torch's
     own OpenMP threads, the same ones its operators use (:func:`parallel_info`); chunks are merged
     in a fixed order, so the result does not depend on the number of threads.
     """
