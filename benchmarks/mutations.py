@@ -70,6 +70,8 @@ MUTATIONS = (
              "    double s = (p[0] + p[1]) + (p[2] + p[3]);\n    for (; i < n - 1; i++)", ("tests/test_inputs.py",)),
     Mutation("kernel: a ReLU block holding a negative value is not read again", KERNEL,
              "    if (!relu || a.mn < 0) {", "    if (!relu) {", ("tests/test_kernels.py",)),
+    Mutation("kernel: the samples' stride is even (same features of every row)", KERNEL,
+             "(n / TW_SAMPLES) | 1 : 1;", "(n / TW_SAMPLES) : 1;", ("tests/test_kernels.py",)),
     Mutation("kernel: a zero among the samples does not turn the pass's zero count on", KERNEL,
              "    const int zeros = g->zeros || sample_zero;", "    const int zeros = g->zeros;",
              ("tests/test_kernels.py",)),
