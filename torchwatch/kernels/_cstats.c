@@ -871,6 +871,8 @@ static void to_f32(const void *data, int dtype, int n, int level, float *dst) {
     else if (level && dtype == TW_F16) simd_half_to_float(src, dst, n);
     else if (level) simd_bf16_to_float(src, dst, n);
     else
+#else
+    (void)level;                                /* one path only */
 #endif
     for (int i = 0; i < n; i++)
         dst[i] = dtype == TW_F16 ? half_to_float(src[i]) : bf16_to_float(src[i]);
