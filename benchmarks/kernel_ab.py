@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from in_forward import build
 
 from torchwatch._casts import cast_plan
+from torchwatch.kernels.cpu import LEVELS
 from torchwatch.stats import DEFAULT_CAST_DTYPES
 
 CODES = {torch.float32: 0, torch.bfloat16: 3}
@@ -126,9 +127,13 @@ def main() -> None:
     how.add_argument("--model", choices=("bert", "efficientnet", "resnet50"), help="inside this model's forwards")
     p.add_argument("--kinds", default="randn,relu,shifted,bf16", help="--calls: tensors (randn, relu, shifted, bf16)")
     p.add_argument("--rounds", type=int, default=12, help="--model: forwards of each of floor, A and B")
+    p.add_argument("--level", choices=LEVELS, help="both builds' vector path (default: this CPU's best)")
     args = p.parse_args()
     torch.manual_seed(0)
     builds = [load(args.a, "build_a"), load(args.b, "build_b")]
+    if args.level:
+        for b in builds:
+            b.set_simd_level(LEVELS.index(args.level))
     if args.calls:
         torch.set_num_threads(1)
         calls(builds, args.kinds.split(","))
