@@ -286,7 +286,7 @@ def test_periodic_data_does_not_mislead_the_samples(level, period):
     base = torch.randn(BLOCK, generator=g)
     plan = cast_plan(torch.float32, NAMES)
     before = cpu.rereads()
-    for phase in range(0, period, max(1, period // 64)):
+    for phase in range(period):
         x = base.clone()
         x[phase::period] += 30.0
         with cpu.simd_level(level):
@@ -374,10 +374,9 @@ def test_a_chunks_first_block_takes_its_route_from_its_samples(level):
         assert cpu.route_misses() == before
 
         x = relu.clone()
-        samples = set(_sample_positions(BLOCK))
-        hidden = [i for i in (7, 300, 1500) if i not in samples]
-        x[CHUNK + torch.tensor(hidden)] = torch.tensor([-1e-39, -1e-4, -5.0])[: len(hidden)]
-        assert len(hidden) == 3 and (x[CHUNK + torch.tensor(sorted(samples))] >= 0).all()
+        hidden = [7, 300, 1500]  # no sample among them
+        x[CHUNK + torch.tensor(hidden)] = torch.tensor([-1e-39, -1e-4, -5.0])
+        assert not set(hidden) & set(_sample_positions(BLOCK))
         x[2 * CHUNK + _sample_positions(BLOCK)[5]] = -2.0  # seen by the samples: no ReLU route
         threads_before = torch.get_num_threads()
         try:
