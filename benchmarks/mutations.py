@@ -39,6 +39,8 @@ CAPTURE_TESTS = "tests/test_capture.py"
 REPLAY_TESTS = "tests/test_replay.py"
 FLEET_TESTS = "tests/test_fleet.py"
 ROLLOUT_TESTS = "tests/test_rollout.py"
+BENCH_STATS = "benchmarks/interleaved.py"
+BENCH_TESTS = "tests/test_bench_interleaved.py"
 MUTATIONS = (
     Mutation("kernel does not compile", KERNEL, "#define TW_BLOCK 4096", "#define TW_BLOCK 4096 +",
              ("tests/test_install.py::test_the_c_kernel_is_built_wherever_a_c_compiler_is",)),
@@ -292,6 +294,17 @@ MUTATIONS = (
     Mutation("rollout: class shares counted twice where both versions agree", "torchwatch/rollout/evidence.py",
              "plus, minus = plus - same, minus - same", "pass",
              (ROLLOUT_TESTS + "::test_class_mix_decides_when_per_row_tests_of_each_class_would",)),
+    Mutation("bench intervals: processes never resampled", BENCH_STATS,
+             "drawn = rng.choices(groups, k=len(groups)) if len(groups) > 1 else groups", "drawn = groups",
+             (BENCH_TESTS,)),
+    Mutation("bench intervals: a 50% interval called 95%", BENCH_STATS,
+             "values[int(0.025 * BOOTSTRAPS)], values[int(0.975 * BOOTSTRAPS) - 1]",
+             "values[int(0.25 * BOOTSTRAPS)], values[int(0.75 * BOOTSTRAPS) - 1]", (BENCH_TESTS,)),
+    Mutation("bench intervals: a vanished floor gives a bound", BENCH_STATS,
+             'return float("inf") if value != value else value', "return value", (BENCH_TESTS,)),
+    Mutation("bench x floor: a zero floor divides", BENCH_STATS,
+             "return median_overhead(plain, watched) / f if f > 0",
+             "return median_overhead(plain, watched) / f if f >= 0", (BENCH_TESTS,)),
 )  # fmt: skip
 
 
