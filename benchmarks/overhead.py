@@ -27,7 +27,9 @@ of the same length.
 
 Earlier versions timed the floor and torchwatch in separate rounds, each after its own plain block,
 and printed a "paired" ratio from an extra back-to-back pair; on a shared VM their ``x floor`` moved
-by 0.1–0.2 between runs (benchmarks/RESULTS.md), which this design brings to a few hundredths.
+by 0.1–0.2 between runs (benchmarks/RESULTS.md). It still does from one process to the next (0.9 to
+1.3 for EfficientNet-Lite0 on a 2-vCPU VM): the intervals say how far one process's figure can be
+trusted, and ``--processes N`` pools several so that the spread between them enters the interval.
 
 Page faults: glibc's allocator gives the memory of large activations back to the system between
 forwards (chunks above its mmap threshold, and the top of its heap beyond its trim threshold), and
