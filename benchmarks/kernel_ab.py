@@ -38,10 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from in_forward import build
 
 from torchwatch._casts import cast_plan
-from torchwatch.kernels.cpu import LEVELS
+from torchwatch.kernels.cpu import DTYPE_CODES, LEVELS
 from torchwatch.stats import DEFAULT_CAST_DTYPES
-
-CODES = {torch.float32: 0, torch.bfloat16: 3}
 
 
 def load(path: str, name: str) -> ModuleType:
@@ -64,7 +62,7 @@ def calls(builds: list[ModuleType], kinds: list[str]) -> None:
             x = tensor(kind, n)
             plan = cast_plan(x.dtype, DEFAULT_CAST_DTYPES)
             plans = [b.Plan(plan.tiny, plan.under, plan.over) for b in builds]
-            address, code, reps = x.data_ptr(), CODES[x.dtype], max(1, 2_000_000 // n)
+            address, code, reps = x.data_ptr(), DTYPE_CODES[x.dtype], max(1, 2_000_000 // n)
             ns: list[list[float]] = [[], []]
             for turn in range(60):
                 for k in (0, 1) if turn % 2 else (1, 0):

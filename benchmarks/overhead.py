@@ -289,7 +289,10 @@ def run_case(base: nn.Module, x: torch.Tensor, configs: list[tuple]) -> dict:
     for name, s in summary.items():
         if name.startswith("torchwatch") and floor > 0:
             s["x_floor"] = round(s["overhead_pct"] / floor, 2)
+    # torchwatch every forward shares the floor's rounds: its ratio from the unrounded medians, as
+    # --processes pools it (the others' from their own rounds' percentages, above)
     core_rounds = [(p, f, w) for (p, f), (_, w) in zip(times[FLOOR], times[WATCHED], strict=True)]
+    summary[WATCHED]["x_floor"] = round(interleaved.x_floor(core_rounds), 2)
     interval = interleaved.x_floor_interval([core_rounds])
     summary[WATCHED]["x_floor_ci95"] = [round(v, 2) for v in interval] if interval else None
     summary[WATCHED]["beyond_floor_pct"] = round(100 * (statistics.median(beyond) - 1), 2)
